@@ -1,0 +1,50 @@
+"""``openseg``: the command line over ``napari_openseg.core``.
+
+Each subcommand lives in its own module with a ``register(subparsers)`` function that adds its parser
+and sets ``handler``; the list below is the only place that knows them all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .. import __version__
+from ..errors import OpenSegError
+
+SUBCOMMAND_MODULES = ("info", "support", "segment")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="openseg", description="Segmentation by example (UniverSeg-style in-context segmentation)."
+    )
+    parser.add_argument("--version", action="version", version=f"napari-openseg {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(f"{__name__}.{name}").register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.handler(args) or 0)
+    except OpenSegError as err:
+        print(f"openseg: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("openseg: cancelled; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,32 @@
+"""Showing a core progress generator as a tqdm bar on stderr."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Generator
+from typing import TypeVar
+
+from ..core.progress import Progress
+
+Result = TypeVar("Result")
+
+
+def with_progress_bar(generator: Generator[Progress, None, Result], description: str) -> Result:
+    """Drain ``generator`` while a bar counts its units; returns the generator's result."""
+    from tqdm import tqdm
+
+    bar = tqdm(desc=description, unit="step", file=sys.stderr, dynamic_ncols=True, leave=True)
+    try:
+        while True:
+            try:
+                step = next(generator)
+            except StopIteration as stop:
+                return stop.value
+            if bar.total != step.total:
+                bar.total = step.total
+            bar.set_postfix_str(step.stage, refresh=False)
+            bar.n = step.done
+            bar.refresh()
+    finally:
+        generator.close()
+        bar.close()

@@ -1,0 +1,67 @@
+"""``openseg info`` and ``openseg weights``: what is installed, and fetching named weights."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers) -> None:
+    info = subparsers.add_parser("info", help="version, devices, weights and cache folder")
+    info.set_defaults(handler=run_info)
+    weights = subparsers.add_parser("weights", help="list or download named weights")
+    actions = weights.add_subparsers(dest="action", metavar="ACTION", required=True)
+    actions.add_parser("list", help="named weights and whether they are present").set_defaults(
+        handler=run_list
+    )
+    download = actions.add_parser("download", help="download named weights into the cache folder")
+    download.add_argument("name", help="e.g. universeg-v1")
+    download.add_argument("--url", help="download from this address instead (a mirror or file://)")
+    download.set_defaults(handler=run_download)
+
+
+def run_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import __version__
+    from ..core.device import available_devices, resolve_device
+    from ..model.registry import cache_dir
+
+    print(f"napari-openseg {__version__}")
+    print(f"torch {torch.__version__}; devices: {', '.join(available_devices())}; auto -> {resolve_device('auto')}")
+    print(f"weights cache: {cache_dir()}  (set OPENSEG_CACHE_DIR to move it)")
+    return run_list(args)
+
+
+def run_list(args: argparse.Namespace) -> int:
+    from ..model.registry import DEFAULT_WEIGHTS, REGISTRY
+
+    for entry in REGISTRY.values():
+        state = "present" if entry.path.is_file() else ("missing" if entry.bundled else "not downloaded")
+        default = " (default)" if entry.name == DEFAULT_WEIGHTS else ""
+        print(f"  {entry.name}{default}: {state}; {entry.description}")
+        print(f"      licence: {entry.licence}; file: {entry.path}")
+    return 0
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ..model.registry import REGISTRY, download_weights
+
+    entry = REGISTRY.get(args.name)
+    if entry is not None and entry.research_only:
+        print(f"{entry.name}: licence: {entry.licence}", file=sys.stderr)
+    bar = tqdm(unit="B", unit_scale=True, desc=args.name, file=sys.stderr)
+
+    def progress(done: int, total: int | None) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    try:
+        path = download_weights(args.name, url=args.url, progress=progress)
+    finally:
+        bar.close()
+    print(path)
+    return 0

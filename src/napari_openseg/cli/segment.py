@@ -1,0 +1,99 @@
+"""``openseg segment``: support set + image file(s) -> label file(s)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+OUTPUT_SUFFIX = {"nifti": ".nii.gz", "tiff": ".tif", "npy": ".npy", "picture": ".tif"}
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that runs the in-context network."""
+    parser.add_argument("--weights", help="weights name (openseg-default, universeg-v1) or file path")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--support-size", type=int, default=16, help="S: entries per prediction")
+    parser.add_argument("--ensemble", type=int, default=1, help="K: predictions averaged per task")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the support subsets")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("segment", help="segment images or volumes from a support set")
+    parser.add_argument("images", nargs="+", help="image or volume files (NIfTI, TIFF, NPY, PNG)")
+    parser.add_argument("--support", required=True, help="support-set file (.npz)")
+    out = parser.add_mutually_exclusive_group(required=True)
+    out.add_argument("--out", help="output file (one input only)")
+    out.add_argument("--out-dir", help="folder for outputs named <input>_openseg.<ext>")
+    parser.add_argument("--axis", type=int, default=0, help="slice axis of 3D volumes (default 0)")
+    parser.add_argument("--label-values", type=int, nargs="+", help="only these tasks")
+    parser.add_argument("--threshold", type=float, default=0.5, help="background below this probability")
+    parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
+    parser.add_argument("--probabilities", action="store_true", help="also write <output>_prob (float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    add_model_options(parser)
+    parser.set_defaults(handler=run)
+
+
+def output_paths(args: argparse.Namespace) -> list[Path]:
+    from ..errors import OpenSegError
+    from ..io import image_format, strip_suffix
+
+    if args.out:
+        if len(args.images) != 1:
+            raise OpenSegError("--out takes one input; use --out-dir for several")
+        return [Path(args.out)]
+    folder = Path(args.out_dir)
+    if not folder.is_dir():
+        raise OpenSegError(f"output folder {folder} does not exist")
+    return [folder / f"{strip_suffix(p)}_openseg{OUTPUT_SUFFIX[image_format(p)]}" for p in args.images]
+
+
+def probability_path(path: Path) -> Path:
+    from ..io import strip_suffix
+
+    suffix = path.name[len(strip_suffix(path)) :]
+    return path.with_name(f"{strip_suffix(path)}_prob{suffix}")
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..core.inference import iter_segment
+    from ..core.support import SupportSet
+    from ..io import check_writable, read_image, write_image
+    from ._progress import with_progress_bar
+
+    support = SupportSet.load(args.support)
+    outputs = output_paths(args)
+    for path in outputs:  # refuse before any work is done
+        check_writable(path, args.overwrite)
+        if args.probabilities:
+            check_writable(probability_path(path), args.overwrite)
+    for image_path, out_path in zip(args.images, outputs):
+        image = read_image(image_path)
+        result = with_progress_bar(
+            iter_segment(
+                image.data,
+                support,
+                args.weights,
+                axis=args.axis,
+                label_values=args.label_values,
+                support_size=args.support_size,
+                ensemble=args.ensemble,
+                threshold=args.threshold,
+                batch_size=args.batch_size,
+                device=args.device,
+                precision=args.precision,
+                seed=args.seed,
+                keep_probabilities=args.probabilities,
+            ),
+            f"segment {image.name}",
+        )
+        write_image(out_path, result.labels, image, overwrite=args.overwrite)
+        if args.probabilities:
+            write_image(probability_path(out_path), result.probabilities.astype(np.float32), image,
+                        overwrite=args.overwrite)
+        counts = {v: int((result.labels == v).sum()) for v in result.label_values}
+        print(f"{out_path}: voxels per label {counts}")
+    return 0

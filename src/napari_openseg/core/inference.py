@@ -1,0 +1,206 @@
+"""In-context segmentation of 2D images and 3D volumes (slice by slice) from a support set.
+
+For every task (label value) the network sees the query slice and a support subset of S entries of
+that task; K subsets drawn independently (seeded) are averaged (support-set ensembling). Tasks are
+combined into one label map by argmax, with voxels whose best probability is below ``threshold``
+left as background. The work is done in batches of slices; after each batch the generator yields a
+:class:`~napari_openseg.core.progress.Progress` whose payload holds that batch's labels, and that is
+where a consumer can stop it (cancel).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import OpenSegError
+from .device import resolve_device, resolve_precision
+from .preprocess import Aspect, from_grid, masks_to_grid, normalize_intensity, to_grid
+from .progress import Progress, run_to_end
+from .support import SupportEntry, SupportSet, check_image
+
+log = logging.getLogger(__name__)
+
+#: Memory the encoded support sets of one run may keep between batches.
+ENCODED_SUPPORT_BUDGET = 2 * 1024**3
+
+
+@dataclass
+class SegmentationResult:
+    """Label map with the image's shape, and per-task probabilities ``"C *shape"`` if kept."""
+
+    labels: np.ndarray
+    label_values: list[int]
+    probabilities: np.ndarray | None = None
+
+    def probability(self, label: int) -> np.ndarray:
+        if self.probabilities is None:
+            raise OpenSegError("probabilities were not kept; run with keep_probabilities=True")
+        return self.probabilities[self.label_values.index(label)]
+
+
+def label_dtype(max_label: int) -> np.dtype:
+    """Smallest unsigned type that holds every label value."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if max_label <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    return np.dtype(np.int64)
+
+
+def support_tensors(
+    entries: Sequence[SupportEntry], grid: int, aspect: Aspect, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entries -> ``images "1 S 1 g g"`` and ``labels "1 S 1 g g"`` on the model grid."""
+    images, masks = [], []
+    for entry in entries:
+        image = torch.from_numpy(np.ascontiguousarray(entry.image, dtype=np.float32)).to(device)
+        mask = torch.from_numpy(np.ascontiguousarray(entry.mask)).to(device)
+        images.append(to_grid(image[None], grid, aspect)[0])
+        masks.append(masks_to_grid(mask[None], grid, aspect))
+    as_batch = lambda xs: torch.cat(xs).unsqueeze(0).to(dtype)  # noqa: E731
+    return as_batch(images), as_batch(masks)
+
+
+def _draw_subsets(
+    support: SupportSet, label: int, size: int, ensemble: int, seed: int
+) -> list[list[SupportEntry]]:
+    """K support subsets for one task; identical subsets (a task with <= S entries) collapse to one."""
+    rng = np.random.default_rng([seed, label])
+    subsets = [support.sample(label, size, rng) for _ in range(ensemble)]
+    if len(support.task(label)) <= size:
+        return subsets[:1]
+    return subsets
+
+
+def _auto_batch(support_size: int, device: torch.device) -> int:
+    budget = 512 if device.type == "cuda" else 48
+    return int(max(1, min(64, budget // max(1, support_size))))
+
+
+def iter_segment(
+    image: np.ndarray,
+    support: SupportSet,
+    model=None,
+    *,
+    axis: int = 0,
+    label_values: Sequence[int] | None = None,
+    support_size: int = 16,
+    ensemble: int = 1,
+    threshold: float = 0.5,
+    batch_size: int | None = None,
+    device: str | torch.device = "auto",
+    precision: str = "float32",
+    aspect: Aspect = "pad",
+    seed: int = 0,
+    rgb: bool | None = None,
+    keep_probabilities: bool = True,
+) -> Generator[Progress, None, SegmentationResult]:
+    """Segment ``image`` (``"H W"`` or a volume with slices along ``axis``) from ``support``.
+
+    Parameters
+    ----------
+    model
+        A weights name, a weights file path, or a ``UniverSeg`` network; ``None`` is the default
+        weights.
+    support_size, ensemble
+        S entries per prediction and K predictions averaged per task.
+    threshold
+        Minimum probability of the winning task for a voxel to be labelled.
+    batch_size
+        Query slices per forward pass; ``None`` picks one from S and the device.
+
+    Yields progress per batch (``payload``: ``start``, ``stop`` slice indices and ``labels``, that
+    batch's label map ``"b H W"``); returns a :class:`SegmentationResult`.
+    """
+    from ..model.fast import encode_support, fast_forward, prepare_for_inference
+    from ..model.registry import load_model
+    from ..model.universeg import UniverSeg
+
+    image = check_image(image, rgb)
+    if support_size < 1 or ensemble < 1:
+        raise OpenSegError(f"support size and ensemble must be >= 1, got S={support_size}, K={ensemble}")
+    if not 0.0 <= threshold <= 1.0:
+        raise OpenSegError(f"threshold must lie in [0, 1], got {threshold}")
+    values = support.validate(label_values)
+    torch_device = resolve_device(device)
+    dtype = resolve_precision(precision, torch_device)
+    net = model if isinstance(model, UniverSeg) else load_model(model, "cpu")
+    net = prepare_for_inference(net, torch_device, dtype)
+    grid = net.config.grid_size
+
+    volume = normalize_intensity(image)
+    if image.ndim == 2:
+        stack = volume[None]
+    else:
+        if not -3 <= axis < 3:
+            raise OpenSegError(f"slice axis must be 0, 1 or 2 for a 3D volume, got {axis}")
+        stack = np.moveaxis(volume, axis, 0)
+    n_slices, height, width = stack.shape
+    batch = batch_size or _auto_batch(support_size, torch_device)
+
+    subsets = {v: _draw_subsets(support, v, support_size, ensemble, seed) for v in values}
+    bytes_per_entry = net.config.encoder_channels[0] * grid * grid * torch.finfo(dtype).bits // 8
+    encoded_bytes = sum(len(subset) * bytes_per_entry for subs in subsets.values() for subset in subs)
+    keep_encoded = encoded_bytes <= ENCODED_SUPPORT_BUDGET
+    encoded_cache: dict[tuple[int, int], object] = {}
+
+    def encoded(value: int, k: int):
+        if (value, k) in encoded_cache:
+            return encoded_cache[(value, k)]
+        with torch.inference_mode():
+            images, masks = support_tensors(subsets[value][k], grid, aspect, torch_device, dtype)
+            result = encode_support(net, images, masks)
+        if keep_encoded:
+            encoded_cache[(value, k)] = result
+        return result
+
+    out_dtype = label_dtype(max(values))
+    labels_out = np.zeros((n_slices, height, width), out_dtype)
+    probs_out = np.zeros((len(values), n_slices, height, width), np.float32) if keep_probabilities else None
+    log.info("segmenting %d slice(s) of %dx%d, tasks %s, S=%d, K=%d on %s (%s)",
+             n_slices, height, width, values, support_size, ensemble, torch_device, precision)
+    yield Progress(0, n_slices, "segmenting")
+    for start in range(0, n_slices, batch):
+        stop = min(n_slices, start + batch)
+        with torch.inference_mode():
+            slices = torch.from_numpy(np.ascontiguousarray(stack[start:stop])).to(torch_device)
+            query, mapping = to_grid(slices, grid, aspect)
+            query = query.to(dtype).contiguous(memory_format=torch.channels_last)
+            task_probs = []
+            for value in values:
+                total = None
+                for k in range(len(subsets[value])):
+                    prob = torch.sigmoid(fast_forward(net, query, encoded=encoded(value, k)).float())
+                    total = prob if total is None else total + prob
+                task_probs.append(total / len(subsets[value]))
+            probs = from_grid(torch.cat(task_probs, dim=1), mapping).clamp_(0, 1).cpu().numpy()
+        best = probs.argmax(axis=1)
+        best_prob = np.take_along_axis(probs, best[:, None], axis=1)[:, 0]
+        chunk_labels = np.where(best_prob >= threshold, np.asarray(values, out_dtype)[best], 0).astype(out_dtype)
+        labels_out[start:stop] = chunk_labels
+        if probs_out is not None:
+            probs_out[:, start:stop] = probs.transpose(1, 0, 2, 3)
+        yield Progress(stop, n_slices, "segmenting", {"start": start, "stop": stop, "labels": chunk_labels})
+
+    if image.ndim == 2:
+        labels_final = labels_out[0]
+        probs_final = probs_out[:, 0] if probs_out is not None else None
+    else:
+        labels_final = np.moveaxis(labels_out, 0, axis)
+        probs_final = np.moveaxis(probs_out, 1, axis % 3 + 1) if probs_out is not None else None
+    return SegmentationResult(labels=labels_final, label_values=list(values), probabilities=probs_final)
+
+
+def segment(image: np.ndarray, support: SupportSet, model=None, **kwargs) -> SegmentationResult:
+    """Run :func:`iter_segment` to the end and return its result."""
+    return run_to_end(iter_segment(image, support, model, **kwargs))
+
+
+def load_support(support: SupportSet | str | Path) -> SupportSet:
+    """A support set, or the one stored in a file."""
+    return support if isinstance(support, SupportSet) else SupportSet.load(support)

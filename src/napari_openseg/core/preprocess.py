@@ -1,0 +1,120 @@
+"""Intensity normalisation and the mapping between any slice size and the model's square grid.
+
+Aspect ratio: by default (``aspect="pad"``) a slice is zero-padded, centred, to a square and then
+resized, so shapes are never distorted; the inverse resizes back to the square and crops the padding
+off. ``aspect="stretch"`` resizes each axis independently instead (UniverSeg's MegaMedical
+convention). Images are resized bilinearly with antialiasing; masks the same way and then
+thresholded at 0.5, so a structure thinner than about one grid pixel can vanish on a small grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import OpenSegError
+
+Aspect = Literal["pad", "stretch"]
+RGB_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def to_single_channel(image: np.ndarray, rgb: bool | None = None) -> np.ndarray:
+    """Collapse a trailing RGB(A) axis to luminance.
+
+    ``rgb=None`` treats a 2D image with a last axis of 3 or 4 as RGB(A); ``True`` forces it for any
+    number of leading axes; ``False`` leaves the array alone.
+    """
+    image = np.asarray(image)
+    if rgb is None:
+        rgb = image.ndim == 3 and image.shape[-1] in (3, 4) and min(image.shape[:2]) > 4
+    if not rgb:
+        return image
+    if image.shape[-1] not in (3, 4):
+        raise OpenSegError(f"an RGB image needs 3 or 4 channels on its last axis, got shape {image.shape}")
+    return image[..., :3].astype(np.float32) @ RGB_WEIGHTS
+
+
+def normalize_intensity(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
+    """Map intensities of any dtype into ``[0, 1]`` (float32) by robust percentiles of the whole array.
+
+    NaN and -inf become 0, +inf becomes 1. One normalisation per array (not per slice) keeps the
+    slices of a volume comparable with each other.
+    """
+    values = np.asarray(array)
+    if values.dtype == bool:
+        return values.astype(np.float32)
+    values = values.astype(np.float32, copy=False)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, np.float32)
+    sample = values[finite]
+    if sample.size > 2_000_000:  # percentiles of a strided subsample are as good and much faster
+        sample = sample[:: sample.size // 1_000_000]
+    lo, hi = np.percentile(sample, [low, high])
+    if hi <= lo:
+        lo, hi = float(sample.min()), float(sample.max())
+    scale = 1.0 / (hi - lo) if hi > lo else 0.0
+    out = np.where(finite, (values - lo) * scale, np.where(values > 0, 1.0, 0.0))
+    return np.clip(out, 0.0, 1.0).astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class GridMapping:
+    """How slices of ``shape`` (H, W) were placed on a ``grid`` x ``grid`` model input."""
+
+    shape: tuple[int, int]
+    grid: int
+    aspect: Aspect = "pad"
+
+    @property
+    def padded_shape(self) -> tuple[int, int]:
+        if self.aspect == "stretch":
+            return self.shape
+        side = max(self.shape)
+        return side, side
+
+    @property
+    def offsets(self) -> tuple[int, int]:
+        padded = self.padded_shape
+        return (padded[0] - self.shape[0]) // 2, (padded[1] - self.shape[1]) // 2
+
+
+def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of ``"N C H W"``; antialiased when shrinking."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    shrinking = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    dtype = x.dtype
+    y = F.interpolate(x.float(), size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+    return y.to(dtype)
+
+
+def to_grid(slices: torch.Tensor, grid: int, aspect: Aspect = "pad") -> tuple[torch.Tensor, GridMapping]:
+    """``"N H W"`` float slices -> ``"N 1 grid grid"`` and the mapping that undoes it."""
+    if slices.dim() != 3:
+        raise ValueError(f'slices must be "N H W", got {tuple(slices.shape)}')
+    if aspect not in ("pad", "stretch"):
+        raise OpenSegError(f"aspect must be 'pad' or 'stretch', got {aspect!r}")
+    mapping = GridMapping((int(slices.shape[1]), int(slices.shape[2])), int(grid), aspect)
+    x = slices.unsqueeze(1)
+    if aspect == "pad":
+        (ph, pw), (oy, ox) = mapping.padded_shape, mapping.offsets
+        x = F.pad(x, (ox, pw - mapping.shape[1] - ox, oy, ph - mapping.shape[0] - oy))
+    return _resize(x, (grid, grid)), mapping
+
+
+def masks_to_grid(masks: torch.Tensor, grid: int, aspect: Aspect = "pad") -> torch.Tensor:
+    """``"N H W"`` binary masks -> ``"N 1 grid grid"`` binary float masks."""
+    soft, _ = to_grid(masks.float(), grid, aspect)
+    return (soft > 0.5).to(soft.dtype)
+
+
+def from_grid(values: torch.Tensor, mapping: GridMapping) -> torch.Tensor:
+    """Exact inverse placement of :func:`to_grid`: ``"N C grid grid"`` -> ``"N C H W"``."""
+    y = _resize(values, mapping.padded_shape)
+    (oy, ox), (h, w) = mapping.offsets, mapping.shape
+    return y[..., oy : oy + h, ox : ox + w]

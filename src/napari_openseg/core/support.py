@@ -1,0 +1,294 @@
+"""Support sets: labelled example slices, one binary task per label value, with provenance.
+
+A support set is built from an image and a labels array of the same shape (2D, or 3D with a slice
+axis): every slice that contains a label value becomes an (image, mask) entry for that value. Images
+are stored normalised to ``[0, 1]`` with the statistics of their whole source array, so that entries
+from a volume match the way its other slices are normalised at segmentation time.
+
+File format (``.npz``, read with ``allow_pickle=False`` so loading never runs code): arrays
+``image_<i>`` (float32) and ``mask_<i>`` (bool), plus ``openseg_support`` holding a JSON string with
+the format name, version and per-entry metadata. Files are written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import zipfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__
+from ..errors import OpenSegError
+from ..io import atomic_path
+from .preprocess import normalize_intensity, to_single_channel
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "napari-openseg support set"
+FORMAT_VERSION = 1
+METADATA_KEY = "openseg_support"
+
+
+@dataclass
+class SupportEntry:
+    """One example: ``image "H W"`` float32 in [0, 1] and ``mask "H W"`` bool for ``label``."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    label: int
+    source: str = "image"
+    slice_index: int | None = None
+    axis: int | None = None
+
+    def describe(self) -> dict:
+        return {
+            "label": int(self.label),
+            "source": self.source,
+            "slice_index": None if self.slice_index is None else int(self.slice_index),
+            "axis": None if self.axis is None else int(self.axis),
+            "shape": list(self.image.shape),
+            "foreground": int(self.mask.sum()),
+        }
+
+
+@dataclass
+class SupportSet:
+    """An ordered collection of :class:`SupportEntry`; each label value is one task."""
+
+    entries: list[SupportEntry] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    @property
+    def labels(self) -> list[int]:
+        """Label values that have at least one entry, ascending."""
+        return sorted({e.label for e in self.entries})
+
+    def counts(self) -> dict[int, int]:
+        """Number of entries per label value."""
+        counts: dict[int, int] = {}
+        for entry in self.entries:
+            counts[entry.label] = counts.get(entry.label, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def task(self, label: int) -> list[SupportEntry]:
+        """Entries of one task (label value)."""
+        return [e for e in self.entries if e.label == label]
+
+    def extend(self, entries: Iterable[SupportEntry]) -> None:
+        self.entries.extend(entries)
+
+    def remove(self, index: int) -> SupportEntry:
+        if not 0 <= index < len(self.entries):
+            raise OpenSegError(f"no support entry {index}; the set has {len(self.entries)}")
+        return self.entries.pop(index)
+
+    def validate(self, labels: Sequence[int] | None = None) -> list[int]:
+        """Check the set is usable for ``labels`` (default: all); return the task label values."""
+        if not self.entries:
+            raise OpenSegError("the support set is empty: add labelled slices (or load a support file) first")
+        wanted = self.labels if labels is None else [int(v) for v in labels]
+        for value in wanted:
+            task = self.task(value)
+            if not task:
+                raise OpenSegError(
+                    f"the support set has no entries for label {value}; it has labels {self.labels}"
+                )
+            if not any(e.mask.any() for e in task):
+                raise OpenSegError(
+                    f"task {value} has no foreground in any of its {len(task)} entries; "
+                    "paint the structure on at least one slice"
+                )
+        return wanted
+
+    def sample(self, label: int, size: int, rng: np.random.Generator) -> list[SupportEntry]:
+        """``size`` entries of task ``label`` drawn without replacement (all of them if fewer)."""
+        task = self.task(label)
+        if size >= len(task):
+            return task
+        return [task[i] for i in sorted(rng.choice(len(task), size=size, replace=False))]
+
+    def save(self, path: str | Path, overwrite: bool = False) -> Path:
+        """Write the set to one ``.npz`` file, atomically."""
+        if not self.entries:
+            raise OpenSegError("refusing to save an empty support set")
+        path = Path(path)
+        meta = {
+            "format": FORMAT_NAME,
+            "version": FORMAT_VERSION,
+            "written_by": f"napari-openseg {__version__}",
+            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "metadata": self.metadata,
+            "entries": [e.describe() for e in self.entries],
+        }
+        arrays = {METADATA_KEY: np.array(json.dumps(meta))}
+        for i, entry in enumerate(self.entries):
+            arrays[f"image_{i}"] = entry.image.astype(np.float32, copy=False)
+            arrays[f"mask_{i}"] = entry.mask.astype(bool, copy=False)
+        with atomic_path(path, overwrite) as tmp, open(tmp, "wb") as handle:
+            np.savez_compressed(handle, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> SupportSet:
+        """Read a file written by :meth:`save`; foreign or damaged files raise ``OpenSegError``."""
+        path = Path(path)
+        if not path.is_file():
+            raise OpenSegError(f"{path}: no such support-set file")
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                if METADATA_KEY not in archive.files:
+                    raise OpenSegError(f"{path} is not a napari-openseg support-set file")
+                meta = json.loads(str(archive[METADATA_KEY]))
+                _check_format(meta, path)
+                entries = [
+                    _entry_from_file(archive, i, info, path) for i, info in enumerate(meta["entries"])
+                ]
+        except OpenSegError:
+            raise
+        except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError) as err:
+            raise OpenSegError(
+                f"{path} is not a readable napari-openseg support-set file ({err}); "
+                "it may be damaged or of another kind"
+            ) from err
+        return cls(entries=entries, metadata=dict(meta.get("metadata", {})))
+
+
+def _check_format(meta: dict, path: Path) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise OpenSegError(f"{path} is not a napari-openseg support-set file")
+    version = meta.get("version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise OpenSegError(
+            f"{path} is support-set format version {version}; this napari-openseg reads up to "
+            f"{FORMAT_VERSION}: upgrade napari-openseg"
+        )
+
+
+def _entry_from_file(archive, index: int, info: dict, path: Path) -> SupportEntry:
+    image = np.asarray(archive[f"image_{index}"], dtype=np.float32)
+    mask = np.asarray(archive[f"mask_{index}"]).astype(bool)
+    if image.ndim != 2 or image.shape != mask.shape:
+        raise OpenSegError(f"{path}: entry {index} has image {image.shape} and mask {mask.shape}")
+    return SupportEntry(
+        image=image,
+        mask=mask,
+        label=int(info["label"]),
+        source=str(info.get("source", "image")),
+        slice_index=info.get("slice_index"),
+        axis=info.get("axis"),
+    )
+
+
+def check_labels(labels: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Return ``labels`` as a non-negative integer array, or explain what is wrong with it."""
+    labels = np.asarray(labels)
+    if shape is not None and labels.shape != tuple(shape):
+        raise OpenSegError(
+            f"labels of shape {labels.shape} do not match the image of shape {tuple(shape)}; "
+            "pick the labels layer painted on this image"
+        )
+    if labels.dtype == bool:
+        return labels.astype(np.uint8)
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.issubdtype(labels.dtype, np.floating) or not np.all(np.isfinite(labels)):
+            raise OpenSegError(f"labels must hold integer label values, got dtype {labels.dtype}")
+        if not np.all(np.mod(labels, 1) == 0):
+            raise OpenSegError(
+                "labels must hold whole-number label values; this array has fractional values "
+                "(is it a probability map or an image?)"
+            )
+        labels = labels.astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise OpenSegError("label values must be 0 (background) or positive")
+    return labels
+
+
+def check_image(image: np.ndarray, rgb: bool | None = None) -> np.ndarray:
+    """A single-channel 2D or 3D array, or an ``OpenSegError`` that says what was expected."""
+    image = to_single_channel(np.asarray(image), rgb)
+    if image.ndim not in (2, 3):
+        raise OpenSegError(
+            f"expected a 2D image (H W) or a 3D volume (Z H W), got an array of shape {image.shape}; "
+            "split channels or time points into separate images first"
+        )
+    if np.issubdtype(image.dtype, np.complexfloating) or image.dtype == object:
+        raise OpenSegError(f"images must be real-valued, got dtype {image.dtype}")
+    return image
+
+
+def entries_from_arrays(
+    image: np.ndarray,
+    labels: np.ndarray,
+    *,
+    axis: int = 0,
+    source: str = "image",
+    label_values: Sequence[int] | None = None,
+    slice_indices: Sequence[int] | None = None,
+    rgb: bool | None = None,
+) -> list[SupportEntry]:
+    """Entries for every (slice, label value) pair where the value occurs.
+
+    ``image`` and ``labels`` are ``"H W"`` or ``"Z H W"`` (any axis order, chosen by ``axis``).
+    ``label_values`` restricts the tasks; ``slice_indices`` restricts the slices (e.g. the one on
+    screen). Raises ``OpenSegError`` for shapes, dtypes or empty labels.
+    """
+    image = check_image(image, rgb)
+    labels = check_labels(labels, image.shape)
+    normalized = normalize_intensity(image)
+    if image.ndim == 2:
+        stack_img, stack_lab, indices, axis_used = normalized[None], labels[None], [None], None
+    else:
+        if not -3 <= axis < 3:
+            raise OpenSegError(f"slice axis must be 0, 1 or 2 for a 3D volume, got {axis}")
+        axis_used = axis % 3
+        stack_img = np.moveaxis(normalized, axis_used, 0)
+        stack_lab = np.moveaxis(labels, axis_used, 0)
+        indices = list(range(stack_img.shape[0]))
+    if slice_indices is not None:
+        if image.ndim == 2:
+            raise OpenSegError("slice indices only apply to 3D volumes")
+        bad = [i for i in slice_indices if not 0 <= int(i) < stack_img.shape[0]]
+        if bad:
+            raise OpenSegError(f"slice index {bad[0]} is outside 0..{stack_img.shape[0] - 1}")
+        indices = sorted({int(i) for i in slice_indices})
+    present = set(np.unique(labels).tolist()) - {0}
+    if not present:
+        raise OpenSegError("the labels contain no foreground (all zero): paint at least one slice")
+    wanted = sorted(present) if label_values is None else [int(v) for v in label_values]
+    missing = [v for v in wanted if v not in present]
+    if missing:
+        raise OpenSegError(f"label value {missing[0]} does not occur in the labels; present: {sorted(present)}")
+    entries = []
+    for position, index in enumerate(indices):
+        plane_index = 0 if index is None else index
+        plane_labels = stack_lab[plane_index]
+        for value in wanted:
+            mask = plane_labels == value
+            if mask.any():
+                entries.append(
+                    SupportEntry(
+                        image=np.ascontiguousarray(stack_img[plane_index]),
+                        mask=mask,
+                        label=value,
+                        source=source,
+                        slice_index=index,
+                        axis=axis_used,
+                    )
+                )
+    if not entries:
+        raise OpenSegError("the chosen slices contain none of the chosen label values")
+    log.info("built %d support entries from %s (positions %d)", len(entries), source, position + 1)
+    return entries
+
+
+def build_support_set(image: np.ndarray, labels: np.ndarray, **kwargs) -> SupportSet:
+    """A new :class:`SupportSet` from one image and its labels; see :func:`entries_from_arrays`."""
+    return SupportSet(entries=entries_from_arrays(image, labels, **kwargs))

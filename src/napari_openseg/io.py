@@ -1,0 +1,227 @@
+"""Reading and writing images, volumes and label maps: NIfTI, TIFF, NumPy and 2D PNG/JPEG.
+
+Array order: NIfTI volumes are returned with their voxel axes *reversed* (nibabel's ``i, j, k`` becomes
+``k, j, i``), so that axis 0 is the slice axis of an axial acquisition and the last two axes are rows
+and columns, as napari and TIFF stacks expect. Writing reverses them back, so a round trip keeps the
+file's affine and header. Every write goes to a temporary file in the target folder that is renamed
+into place only when complete: a failed or cancelled write leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import OpenSegError
+
+log = logging.getLogger(__name__)
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+TIFF_SUFFIXES = (".tif", ".tiff")
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+
+
+@dataclass
+class ImageData:
+    """An array with the geometry it came with.
+
+    ``spacing`` is per axis of ``data`` (after the NIfTI axis reversal); ``affine`` and ``header`` are
+    the NIfTI originals (nibabel axis order) and are reused when a result is written as NIfTI.
+    """
+
+    data: np.ndarray
+    spacing: tuple[float, ...] = ()
+    affine: np.ndarray | None = None
+    header: Any = None
+    path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.spacing:
+            self.spacing = (1.0,) * self.data.ndim
+
+    @property
+    def name(self) -> str:
+        return strip_suffix(self.path) if self.path else "image"
+
+
+def strip_suffix(path: str | Path) -> str:
+    """File name without its image suffix (``.nii.gz`` counts as one)."""
+    name = Path(path).name
+    for suffix in NIFTI_SUFFIXES + TIFF_SUFFIXES + PICTURE_SUFFIXES + (".npy", ".npz"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return Path(name).stem
+
+
+def image_format(path: str | Path) -> str:
+    """``"nifti" | "tiff" | "npy" | "picture"``, or an ``OpenSegError`` naming the supported suffixes."""
+    name = str(path).lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(TIFF_SUFFIXES):
+        return "tiff"
+    if name.endswith(".npy"):
+        return "npy"
+    if name.endswith(PICTURE_SUFFIXES):
+        return "picture"
+    raise OpenSegError(
+        f"{path}: unsupported file type; use .nii/.nii.gz, .tif/.tiff, .npy or .png/.jpg"
+    )
+
+
+def read_image(path: str | Path) -> ImageData:
+    """Read an image or label file into an :class:`ImageData`."""
+    path = Path(path)
+    if not path.is_file():
+        raise OpenSegError(f"{path}: no such file")
+    kind = image_format(path)
+    try:
+        if kind == "nifti":
+            return _read_nifti(path)
+        if kind == "tiff":
+            return _read_tiff(path)
+        if kind == "npy":
+            return ImageData(np.load(path, allow_pickle=False), path=path)
+        return _read_picture(path)
+    except OpenSegError:
+        raise
+    except Exception as err:  # nibabel/tifffile/imageio raise many types for a damaged file
+        raise OpenSegError(f"{path}: could not be read as {kind} ({err})") from err
+
+
+def _read_nifti(path: Path) -> ImageData:
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    data = np.asanyarray(img.dataobj)
+    zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
+    return ImageData(
+        data=np.ascontiguousarray(data.transpose(tuple(range(data.ndim))[::-1])),
+        spacing=zooms[::-1],
+        affine=np.asarray(img.affine, dtype=np.float64),
+        header=img.header,
+        path=path,
+    )
+
+
+def _read_tiff(path: Path) -> ImageData:
+    import tifffile
+
+    with tifffile.TiffFile(str(path)) as tif:
+        data = tif.asarray()
+        spacing = [1.0] * data.ndim
+        meta = tif.imagej_metadata or {}
+        page = tif.pages[0]
+        res = page.tags.get("XResolution"), page.tags.get("YResolution")
+        if all(r is not None for r in res) and data.ndim >= 2:
+            for axis, tag in zip((-1, -2), res):
+                num, den = tag.value
+                if num:
+                    spacing[axis] = den / num
+        if "spacing" in meta and data.ndim >= 3:
+            spacing[-3] = float(meta["spacing"])
+    return ImageData(data=data, spacing=tuple(spacing), path=path)
+
+
+def _read_picture(path: Path) -> ImageData:
+    import imageio.v3 as iio
+
+    return ImageData(data=np.asarray(iio.imread(path)), path=path)
+
+
+def check_writable(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuse an existing output unless ``overwrite``; refuse a missing folder."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OpenSegError(f"{path} exists; choose another name or pass --overwrite")
+    if not path.parent.exists():
+        raise OpenSegError(f"folder {path.parent} does not exist")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` with the same suffix; rename it into place on success.
+
+    On any exception (including a cancelled run) the temporary file is removed and ``path`` is left
+    as it was.
+    """
+    path = check_writable(path, overwrite)
+    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_image(
+    path: str | Path,
+    data: np.ndarray,
+    reference: ImageData | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``data`` (in this module's array order) to NIfTI, TIFF or NPY, atomically.
+
+    For NIfTI, the reference's affine and header are kept (with the header's data type set to
+    ``data``'s); without a reference the spacing is 1 and the affine the identity.
+    """
+    path = Path(path)
+    kind = image_format(path)
+    with atomic_path(path, overwrite) as tmp:
+        if kind == "nifti":
+            _write_nifti(tmp, data, reference)
+        elif kind == "tiff":
+            _write_tiff(tmp, data, reference)
+        elif kind == "npy":
+            with open(tmp, "wb") as handle:
+                np.save(handle, data, allow_pickle=False)
+        else:
+            raise OpenSegError(f"{path}: results are written as .nii.gz, .tif or .npy, not pictures")
+    log.info("wrote %s", path)
+    return path
+
+
+def _write_nifti(tmp: Path, data: np.ndarray, reference: ImageData | None) -> None:
+    import nibabel as nib
+
+    native = np.ascontiguousarray(np.asarray(data).transpose(tuple(range(data.ndim))[::-1]))
+    if reference is not None and reference.affine is not None:
+        header = reference.header.copy() if reference.header is not None else None
+        img = nib.Nifti1Image(native, reference.affine, header=header)
+    else:
+        affine = np.eye(4)
+        spacing = (reference.spacing if reference else (1.0,) * data.ndim)[::-1]
+        for axis, step in enumerate(spacing[:3]):
+            affine[axis, axis] = step
+        img = nib.Nifti1Image(native, affine)
+    img.set_data_dtype(native.dtype)
+    img.header.set_slope_inter(1.0, 0.0)
+    nib.save(img, str(tmp))
+
+
+def _write_tiff(tmp: Path, data: np.ndarray, reference: ImageData | None) -> None:
+    import tifffile
+
+    spacing = reference.spacing if reference is not None else (1.0,) * data.ndim
+    kwargs: dict[str, Any] = {}
+    if data.ndim >= 2 and all(s > 0 for s in spacing[-2:]):
+        kwargs["resolution"] = (1.0 / spacing[-1], 1.0 / spacing[-2])
+    if data.ndim == 3:
+        kwargs["imagej"] = data.dtype in (np.uint8, np.uint16, np.float32)
+        if kwargs["imagej"]:
+            kwargs["metadata"] = {"spacing": float(spacing[0]), "axes": "ZYX"}
+    tifffile.imwrite(str(tmp), data, **kwargs)

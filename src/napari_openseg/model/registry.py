@@ -1,0 +1,275 @@
+"""Named weights: where they come from, their licence, and loading them (cached per name and device).
+
+Weights are resolved lazily, never at import time. Two kinds of file are read, both with
+``torch.load(weights_only=True)`` so that loading never runs code from the file:
+
+* a bare state dict in the official UniverSeg layout (the widths are read off the tensor shapes);
+* napari-openseg's own file: ``{"format": "napari-openseg weights", "version": 1, "config": {...},
+  "state_dict": {...}, "info": {...}}``.
+
+Downloads go to one cache folder, ``$OPENSEG_CACHE_DIR`` or ``~/.cache/napari-openseg``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import pickle
+import threading
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import OpenSegError
+from .universeg import UniverSeg, UniverSegConfig, config_from_state_dict
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FORMAT = "napari-openseg weights"
+DEFAULT_WEIGHTS = "openseg-default"
+CACHE_ENV = "OPENSEG_CACHE_DIR"
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "weights"
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    """A named set of weights and what a user must know before using them."""
+
+    name: str
+    description: str
+    licence: str
+    filename: str
+    url: str | None = None
+    sha256: str | None = None
+    bundled: bool = False
+    research_only: bool = False
+
+    @property
+    def path(self) -> Path:
+        return BUNDLED_DIR / self.filename if self.bundled else cache_dir() / self.filename
+
+
+REGISTRY: dict[str, WeightsEntry] = {
+    "openseg-default": WeightsEntry(
+        name="openseg-default",
+        description="napari-openseg's own weights, trained by its training code (see docs/model-card.md)",
+        licence="BSD-3-Clause (same as napari-openseg); see docs/model-card.md for the training data",
+        filename="openseg-default.pt",
+        bundled=True,
+    ),
+    "universeg-v1": WeightsEntry(
+        name="universeg-v1",
+        description="official UniverSeg v1 weights (Butoi et al., 2023), 64 features, support size 64",
+        licence="research use only (UniverSeg authors' release); not for clinical or commercial use",
+        filename="universeg_v1_nf64_ss64_STA.pt",
+        url="https://github.com/JJGO/UniverSeg/releases/download/weights/universeg_v1_nf64_ss64_STA.pt",
+        # The release publishes no checksum; the file is checked by its strict state-dict layout.
+        sha256=None,
+        research_only=True,
+    ),
+}
+
+_CACHE: dict[tuple[str, str], UniverSeg] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def cache_dir() -> Path:
+    """Folder for downloaded weights; ``$OPENSEG_CACHE_DIR`` moves it."""
+    custom = os.environ.get(CACHE_ENV)
+    if custom:
+        return Path(custom).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "napari-openseg"
+
+
+def is_available(name: str) -> bool:
+    """Whether named weights can be loaded without a download."""
+    return name in REGISTRY and REGISTRY[name].path.is_file()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def download_weights(
+    name: str,
+    url: str | None = None,
+    progress: Callable[[int, int | None], None] | None = None,
+    timeout: float = 30.0,
+) -> Path:
+    """Fetch named weights into the cache folder (atomically) and return the file's path.
+
+    ``url`` overrides the entry's address (a mirror, or a ``file://`` URL). Offline or failed
+    downloads raise ``OpenSegError`` with what to do instead.
+    """
+    entry = _entry(name)
+    if entry.bundled:
+        return entry.path
+    source = url or entry.url
+    if not source:
+        raise OpenSegError(f"weights {name!r} have no download address")
+    if entry.research_only:
+        log.warning("%s: licence: %s", name, entry.licence)
+    target = entry.path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    try:
+        with urllib.request.urlopen(source, timeout=timeout) as response, open(partial, "wb") as out:
+            total = response.headers.get("Content-Length")
+            total = int(total) if total else None
+            done = 0
+            for block in iter(lambda: response.read(1 << 20), b""):
+                out.write(block)
+                done += len(block)
+                if progress:
+                    progress(done, total)
+    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        partial.unlink(missing_ok=True)
+        raise OpenSegError(
+            f"could not download {name} from {source} ({err}). Without internet, download the file "
+            f"elsewhere and put it at {target}, or pass its path with --weights PATH"
+        ) from err
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    if entry.sha256 and _sha256(partial) != entry.sha256:
+        partial.unlink(missing_ok=True)
+        raise OpenSegError(f"the download of {name} is damaged (checksum mismatch); try again")
+    os.replace(partial, target)
+    return target
+
+
+def read_weights_file(path: str | Path) -> tuple[UniverSegConfig, dict[str, torch.Tensor], dict]:
+    """Read a weights file safely; returns (architecture, state dict, info)."""
+    path = Path(path)
+    if not path.is_file():
+        raise OpenSegError(f"weights file {path} does not exist")
+    try:
+        content = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise OpenSegError(
+            f"{path} is not a loadable weights file: only plain tensors are accepted, never pickled "
+            f"code ({str(err).splitlines()[0]})"
+        ) from err
+    if isinstance(content, dict) and content.get("format") == WEIGHTS_FORMAT:
+        state_dict = content.get("state_dict", {})
+        config = UniverSegConfig(**_config_kwargs(content.get("config", {}), path))
+        return config, state_dict, dict(content.get("info", {}))
+    if isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
+        try:
+            config = config_from_state_dict(content)
+        except ValueError as err:
+            raise OpenSegError(f"{path}: not a UniverSeg state dict ({err})") from err
+        return config, content, {}
+    raise OpenSegError(f"{path} holds neither a napari-openseg weights file nor a UniverSeg state dict")
+
+
+def _config_kwargs(config: dict, path: Path) -> dict:
+    allowed = {"encoder_channels", "decoder_channels", "grid_size"}
+    unknown = set(config) - allowed
+    if unknown:
+        raise OpenSegError(f"{path}: unknown architecture fields {sorted(unknown)}; upgrade napari-openseg")
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+def network_from_file(path: str | Path) -> UniverSeg:
+    """A network with the file's weights loaded strictly; layout mismatches name the keys."""
+    config, state_dict, info = read_weights_file(path)
+    net = UniverSeg(config)
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {_few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys {_few(unexpected)}")
+        if wrong:
+            parts.append(f"keys with other shapes {_few(wrong)}")
+        raise OpenSegError(f"{path} is not in the UniverSeg layout: " + "; ".join(parts))
+    net.load_state_dict(state_dict, strict=True)
+    net.weights_info = dict(info, source=str(path))
+    return net.eval()
+
+
+def _few(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)} in all)"
+
+
+def save_weights(net: UniverSeg, path: str | Path, info: dict | None = None, half: bool = False) -> Path:
+    """Write ``net`` as a napari-openseg weights file (optionally stored in float16)."""
+    from ..io import atomic_path
+
+    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+             for k, v in net.state_dict().items()}
+    payload = {
+        "format": WEIGHTS_FORMAT,
+        "version": 1,
+        "config": net.config.to_dict(),
+        "state_dict": state,
+        "info": dict(info or {}),
+    }
+    with atomic_path(path, overwrite=True) as tmp:
+        torch.save(payload, tmp)
+    return Path(path)
+
+
+def _entry(name: str) -> WeightsEntry:
+    if name not in REGISTRY:
+        raise OpenSegError(f"unknown weights {name!r}; known: {', '.join(REGISTRY)} (or give a file path)")
+    return REGISTRY[name]
+
+
+def resolve_weights_path(spec: str | Path | None) -> Path:
+    """A weights name or path -> an existing file, or an ``OpenSegError`` that says how to get it."""
+    spec = DEFAULT_WEIGHTS if spec is None else spec
+    if str(spec) in REGISTRY:
+        entry = REGISTRY[str(spec)]
+        if entry.path.is_file():
+            return entry.path
+        if entry.bundled:
+            raise OpenSegError(
+                f"the bundled weights {entry.name} are missing from this installation; reinstall "
+                "napari-openseg or pass --weights PATH"
+            )
+        raise OpenSegError(
+            f"weights {entry.name} are not downloaded yet (licence: {entry.licence}). Run "
+            f"`openseg weights download {entry.name}` once with internet, or put the file at {entry.path}"
+        )
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise OpenSegError(f"{spec!r} is neither a known weights name ({', '.join(REGISTRY)}) nor a file")
+    return path
+
+
+def load_model(spec: str | Path | None = None, device: torch.device | str = "cpu") -> UniverSeg:
+    """The network for a weights name or file on ``device``, in eval mode, cached per (spec, device).
+
+    The cached network is shared: callers must not modify it (inference works on a prepared copy).
+    """
+    path = resolve_weights_path(spec)
+    key = (str(path.resolve()), str(torch.device(device)))
+    with _CACHE_LOCK:
+        if key not in _CACHE:
+            net = network_from_file(path).to(device)
+            net.requires_grad_(False)
+            _CACHE[key] = net
+        return _CACHE[key]
+
+
+def clear_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
