@@ -14,7 +14,7 @@ import sys
 from .. import __version__
 from ..errors import OpenSegError
 
-SUBCOMMAND_MODULES = ("info", "support", "segment")
+SUBCOMMAND_MODULES = ("info", "support", "segment", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:

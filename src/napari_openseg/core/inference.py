@@ -52,6 +52,20 @@ def label_dtype(max_label: int) -> np.dtype:
     return np.dtype(np.int64)
 
 
+def combine_tasks(
+    probabilities: np.ndarray, label_values: Sequence[int], threshold: float, dtype: np.dtype
+) -> np.ndarray:
+    """``"N C H W"`` per-task probabilities -> ``"N H W"`` label map.
+
+    Each pixel takes the label value of its most probable task, or 0 where that probability is
+    below ``threshold``.
+    """
+    best = probabilities.argmax(axis=1)
+    best_prob = np.take_along_axis(probabilities, best[:, None], axis=1)[:, 0]
+    values = np.asarray(label_values, dtype)
+    return np.where(best_prob >= threshold, values[best], 0).astype(dtype)
+
+
 def support_tensors(
     entries: Sequence[SupportEntry], grid: int, aspect: Aspect, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,9 +193,7 @@ def iter_segment(
                     total = prob if total is None else total + prob
                 task_probs.append(total / len(subsets[value]))
             probs = from_grid(torch.cat(task_probs, dim=1), mapping).clamp_(0, 1).cpu().numpy()
-        best = probs.argmax(axis=1)
-        best_prob = np.take_along_axis(probs, best[:, None], axis=1)[:, 0]
-        chunk_labels = np.where(best_prob >= threshold, np.asarray(values, out_dtype)[best], 0).astype(out_dtype)
+        chunk_labels = combine_tasks(probs, values, threshold, out_dtype)
         labels_out[start:stop] = chunk_labels
         if probs_out is not None:
             probs_out[:, start:stop] = probs.transpose(1, 0, 2, 3)

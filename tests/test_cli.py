@@ -1,0 +1,109 @@
+"""The ``openseg`` command line: support build, segment, info, weights, and its error handling."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_openseg.cli import main
+from napari_openseg.training.splits import shared_data_dir
+
+from .conftest import needs_shared
+
+
+@pytest.fixture
+def nifti_pair(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.normal(50, 10, (20, 24, 6)).astype(np.float32)
+    labels = np.zeros((20, 24, 6), np.uint8)
+    labels[4:10, 5:15, :] = 1
+    labels[12:18, 3:9, 2:5] = 2
+    affine = np.diag([0.7, 0.7, 3.0, 1.0])
+    affine[:3, 3] = (10, -5, 2)
+    paths = tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz"
+    nib.save(nib.Nifti1Image(image, affine), str(paths[0]))
+    nib.save(nib.Nifti1Image(labels, affine), str(paths[1]))
+    return paths
+
+
+def test_support_build_then_segment_keeps_shape_and_affine(tmp_path, nifti_pair, tiny_weights, capsys):
+    image, labels = nifti_pair
+    support = tmp_path / "support.npz"
+    assert main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)]) == 0
+    assert "label 1: 6, label 2: 3" in capsys.readouterr().out
+    out = tmp_path / "seg.nii.gz"
+    code = main(["segment", str(image), "--support", str(support), "--out", str(out),
+                 "--weights", str(tiny_weights), "--support-size", "2", "--probabilities"])
+    assert code == 0
+    written, source = nib.load(str(out)), nib.load(str(image))
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+    assert set(np.unique(np.asarray(written.dataobj))) <= {0, 1, 2}
+    assert nib.load(str(tmp_path / "seg_prob.nii.gz")).shape == (*source.shape, 2)
+
+
+def test_several_inputs_go_to_an_output_folder(tmp_path, nifti_pair, tiny_weights):
+    image, labels = nifti_pair
+    support = tmp_path / "support.npz"
+    main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)])
+    second = tmp_path / "second.nii.gz"
+    second.write_bytes(image.read_bytes())
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    assert main(["segment", str(image), str(second), "--support", str(support), "--out-dir", str(outdir),
+                 "--weights", str(tiny_weights), "--label-values", "1"]) == 0
+    assert sorted(p.name for p in outdir.iterdir()) == ["img_openseg.nii.gz", "second_openseg.nii.gz"]
+
+
+def test_existing_output_is_refused_before_any_work(tmp_path, nifti_pair, tiny_weights, capsys):
+    image, labels = nifti_pair
+    support = tmp_path / "support.npz"
+    main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)])
+    out = tmp_path / "seg.nii.gz"
+    out.write_bytes(b"precious")
+    args = ["segment", str(image), "--support", str(support), "--out", str(out), "--weights", str(tiny_weights)]
+    assert main(args) == 2
+    assert "exists; choose another name or pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"precious"
+    assert main(args + ["--overwrite"]) == 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["support", "build", "--image", "IMG", "--labels", "IMG", "--out", "OUT"], "whole-number label values"),
+        (["support", "build", "--image", "IMG", "--labels", "IMG", "--labels", "LAB", "--out", "OUT"],
+         "give one --labels per --image"),
+        (["segment", "IMG", "--support", "IMG", "--out", "OUT"], "support-set file"),
+        (["segment", "IMG", "--support", "SUP", "--out", "OUT", "--weights", "nope"], "neither a known"),
+        (["segment", "IMG", "--support", "SUP", "--out", "OUT", "--device", "cuda:3"], "cuda"),
+    ],
+)
+def test_mistakes_exit_2_with_a_message(tmp_path, nifti_pair, args, message, capsys):
+    image, labels = nifti_pair
+    support = tmp_path / "s.npz"
+    main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)])
+    capsys.readouterr()
+    names = {"IMG": str(image), "LAB": str(labels), "SUP": str(support), "OUT": str(tmp_path / "o.nii.gz")}
+    assert main([names.get(a, a) for a in args]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_info_and_weights_list(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "napari-openseg" in out and "universeg-v1" in out and "research use only" in out
+
+
+@needs_shared
+def test_hippocampus_volume_from_shared_data(tmp_path, tiny_weights):
+    data = shared_data_dir() / "msd_task04_hippocampus"
+    image, labels = data / "imagesTr" / "hippocampus_001.nii.gz", data / "labelsTr" / "hippocampus_001.nii.gz"
+    query = data / "imagesTr" / "hippocampus_003.nii.gz"
+    support, out = tmp_path / "hippo.npz", tmp_path / "hippo_003.nii.gz"
+    assert main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)]) == 0
+    assert main(["segment", str(query), "--support", str(support), "--out", str(out),
+                 "--weights", str(tiny_weights), "--support-size", "4"]) == 0
+    written, source = nib.load(str(out)), nib.load(str(query))
+    assert written.shape == source.shape and np.allclose(written.affine, source.affine)

@@ -1,0 +1,81 @@
+"""Image files: NIfTI keeps geometry (with reversed axes), TIFF keeps spacing, writes are atomic."""
+
+from __future__ import annotations
+
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_openseg import io
+from napari_openseg.errors import OpenSegError
+
+
+def nifti_volume(path, shape=(10, 12, 14), dtype=np.int16):
+    data = np.arange(np.prod(shape)).reshape(shape).astype(dtype)
+    affine = np.array([[0, 0, 1.5, 3], [0, 2.0, 0, -4], [-0.8, 0, 0, 7], [0, 0, 0, 1]], float)
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_zooms((0.8, 2.0, 1.5))
+    nib.save(img, str(path))
+    return data, affine
+
+
+def test_nifti_is_read_slice_first_and_written_back_identically(tmp_path):
+    data, affine = nifti_volume(tmp_path / "in.nii.gz")
+    image = io.read_image(tmp_path / "in.nii.gz")
+    assert image.data.shape == (14, 12, 10)
+    assert np.array_equal(image.data, data.transpose(2, 1, 0))
+    assert np.allclose(image.spacing, (1.5, 2.0, 0.8))
+    assert np.allclose(image.affine, affine) and image.name == "in"
+    labels = (image.data > 500).astype(np.uint8)
+    io.write_image(tmp_path / "out.nii.gz", labels, image)
+    written = nib.load(str(tmp_path / "out.nii.gz"))
+    assert written.shape == data.shape and np.allclose(written.affine, affine)
+    assert written.get_data_dtype() == np.uint8
+    assert np.array_equal(np.asarray(written.dataobj), labels.transpose(2, 1, 0))
+
+
+def test_tiff_keeps_spacing(tmp_path):
+    data = np.random.default_rng(0).integers(0, 1000, (5, 6, 7)).astype(np.uint16)
+    reference = io.ImageData(data, spacing=(3.0, 0.5, 0.25))
+    io.write_image(tmp_path / "stack.tif", data, reference)
+    back = io.read_image(tmp_path / "stack.tif")
+    assert np.array_equal(back.data, data)
+    assert np.allclose(back.spacing, (3.0, 0.5, 0.25))
+
+
+def test_npy_round_trip_without_pickle(tmp_path):
+    data = np.arange(12, dtype=np.float32).reshape(3, 4)
+    io.write_image(tmp_path / "a.npy", data)
+    assert np.array_equal(io.read_image(tmp_path / "a.npy").data, data)
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(OpenSegError, match="could not be read"):
+        io.read_image(tmp_path / "obj.npy")
+
+
+def test_existing_outputs_and_missing_folders_are_refused(tmp_path):
+    io.write_image(tmp_path / "a.npy", np.zeros(3))
+    with pytest.raises(OpenSegError, match="exists; choose another name or pass --overwrite"):
+        io.write_image(tmp_path / "a.npy", np.ones(3))
+    io.write_image(tmp_path / "a.npy", np.ones(3), overwrite=True)
+    with pytest.raises(OpenSegError, match="does not exist"):
+        io.write_image(tmp_path / "nowhere" / "a.npy", np.zeros(3))
+
+
+def test_a_failed_write_leaves_no_file(tmp_path):
+    with pytest.raises(RuntimeError):
+        with io.atomic_path(tmp_path / "out.nii.gz") as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("cancelled")
+    assert os.listdir(tmp_path) == []
+
+
+def test_unknown_and_damaged_files(tmp_path):
+    with pytest.raises(OpenSegError, match="unsupported file type"):
+        io.read_image(__file__)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not gzip")
+    with pytest.raises(OpenSegError, match="could not be read as nifti"):
+        io.read_image(broken)
+    assert io.strip_suffix("a/b/scan.nii.gz") == "scan"

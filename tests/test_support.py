@@ -1,0 +1,188 @@
+"""Support sets: building, validation, sampling, and the file format (atomic, versioned, no pickle)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from napari_openseg.core import support as support_module
+from napari_openseg.core.support import SupportEntry, SupportSet, build_support_set, entries_from_arrays
+from napari_openseg.errors import OpenSegError
+
+
+def labelled_volume():
+    """A 6-slice volume: label 1 on slices 1-2, label 2 on slice 4, label 3 on slices 2 and 5."""
+    rng = np.random.default_rng(0)
+    image = rng.normal(100, 20, (6, 20, 24)).astype(np.float32)
+    labels = np.zeros((6, 20, 24), np.uint8)
+    labels[1, 2:6, 3:8] = 1
+    labels[2, 4:9, 5:9] = 1
+    labels[4, 10:15, 10:20] = 2
+    labels[2, 15:18, 1:4] = 3
+    labels[5, 0:2, 0:2] = 3
+    return image, labels
+
+
+def test_every_labelled_slice_becomes_an_entry_per_value():
+    image, labels = labelled_volume()
+    support = build_support_set(image, labels, source="vol")
+    assert support.counts() == {1: 2, 2: 1, 3: 2}
+    assert [(e.label, e.slice_index) for e in support.entries] == [(1, 1), (1, 2), (3, 2), (2, 4), (3, 5)]
+    entry = support.entries[0]
+    assert entry.source == "vol" and entry.axis == 0
+    assert entry.image.dtype == np.float32 and 0.0 <= entry.image.min() and entry.image.max() <= 1.0
+    assert np.array_equal(entry.mask, labels[1] == 1)
+
+
+def test_slice_axis_label_values_and_slice_indices():
+    image, labels = labelled_volume()
+    along_rows = entries_from_arrays(image, labels, axis=1, label_values=[2])
+    assert {e.slice_index for e in along_rows} == set(range(10, 15))
+    assert all(e.image.shape == (6, 24) and e.axis == 1 for e in along_rows)
+    only_two = entries_from_arrays(image, labels, slice_indices=[2])
+    assert sorted(e.label for e in only_two) == [1, 3]
+
+
+def test_two_dimensional_image():
+    image = np.random.default_rng(1).random((30, 40))
+    labels = np.zeros((30, 40), np.int32)
+    labels[5:10, 5:10] = 7
+    (entry,) = entries_from_arrays(image, labels)
+    assert entry.label == 7 and entry.slice_index is None and entry.axis is None
+
+
+def test_whole_number_float_labels_are_accepted():
+    image, labels = labelled_volume()
+    assert len(entries_from_arrays(image, labels.astype(np.float32))) == 5
+
+
+@pytest.mark.parametrize(
+    "image, labels, message",
+    [
+        (np.zeros(10), np.zeros(10), "expected a 2D image"),
+        (np.zeros((2, 3, 8, 8)), np.zeros((2, 3, 8, 8)), "expected a 2D image"),
+        (np.zeros((4, 8, 8)), np.ones((4, 8, 9), np.uint8), "do not match the image"),
+        (np.zeros((8, 8)), np.full((8, 8), 0.5), "whole-number"),
+        (np.zeros((8, 8)), np.full((8, 8), -1), "0 \\(background\\) or positive"),
+        (np.zeros((8, 8)), np.zeros((8, 8), np.uint8), "no foreground"),
+        (np.zeros((8, 8), complex), np.ones((8, 8), np.uint8), "real-valued"),
+    ],
+)
+def test_bad_inputs_are_explained(image, labels, message):
+    with pytest.raises(OpenSegError, match=message):
+        entries_from_arrays(image, labels)
+
+
+def test_missing_label_value_and_bad_slice_are_explained():
+    image, labels = labelled_volume()
+    with pytest.raises(OpenSegError, match="label value 9 does not occur"):
+        entries_from_arrays(image, labels, label_values=[9])
+    with pytest.raises(OpenSegError, match="outside 0..5"):
+        entries_from_arrays(image, labels, slice_indices=[6])
+
+
+def test_validate_names_empty_sets_and_empty_tasks():
+    with pytest.raises(OpenSegError, match="support set is empty"):
+        SupportSet().validate()
+    empty_task = SupportSet([SupportEntry(np.zeros((4, 4), np.float32), np.zeros((4, 4), bool), 5)])
+    with pytest.raises(OpenSegError, match="task 5 has no foreground"):
+        empty_task.validate()
+    image, labels = labelled_volume()
+    with pytest.raises(OpenSegError, match="no entries for label 4"):
+        build_support_set(image, labels).validate([4])
+
+
+def test_sampling_is_seeded_and_without_replacement():
+    image, labels = labelled_volume()
+    support = build_support_set(np.repeat(image, 3, axis=0), np.repeat(labels, 3, axis=0))
+    first = support.sample(1, 4, np.random.default_rng(3))
+    again = support.sample(1, 4, np.random.default_rng(3))
+    assert [e.slice_index for e in first] == [e.slice_index for e in again]
+    assert len({e.slice_index for e in first}) == 4
+    assert len(support.sample(1, 100, np.random.default_rng(0))) == len(support.task(1))
+
+
+def test_save_and_load_round_trip(tmp_path):
+    image, labels = labelled_volume()
+    support = build_support_set(image, labels, source="vol")
+    support.metadata["note"] = "hand painted"
+    path = support.save(tmp_path / "set.npz")
+    loaded = SupportSet.load(path)
+    assert loaded.counts() == support.counts() and loaded.metadata == {"note": "hand painted"}
+    for a, b in zip(support.entries, loaded.entries):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
+        assert (a.label, a.source, a.slice_index, a.axis) == (b.label, b.source, b.slice_index, b.axis)
+
+
+def test_existing_file_is_not_overwritten_without_asking(tmp_path):
+    image, labels = labelled_volume()
+    support = build_support_set(image, labels)
+    path = support.save(tmp_path / "set.npz")
+    with pytest.raises(OpenSegError, match="exists"):
+        support.save(path)
+    support.save(path, overwrite=True)
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    image, labels = labelled_volume()
+    support = build_support_set(image, labels)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(support_module.np, "savez_compressed", broken)
+    with pytest.raises(OSError, match="disk full"):
+        support.save(tmp_path / "set.npz")
+    assert os.listdir(tmp_path) == []
+
+
+def test_foreign_and_damaged_files_are_refused(tmp_path):
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, a=np.zeros(3))
+    with pytest.raises(OpenSegError, match="not a napari-openseg support-set file"):
+        SupportSet.load(foreign)
+    damaged = tmp_path / "damaged.npz"
+    damaged.write_bytes(b"PK\x03\x04 this is not a zip archive")
+    with pytest.raises(OpenSegError, match="not a readable"):
+        SupportSet.load(damaged)
+    with pytest.raises(OpenSegError, match="no such"):
+        SupportSet.load(tmp_path / "missing.npz")
+
+
+def test_newer_format_version_is_refused(tmp_path):
+    meta = {"format": support_module.FORMAT_NAME, "version": 99, "entries": []}
+    path = tmp_path / "future.npz"
+    np.savez(path, openseg_support=np.array(json.dumps(meta)))
+    with pytest.raises(OpenSegError, match="upgrade napari-openseg"):
+        SupportSet.load(path)
+
+
+class WritesMarker:
+    """Unpickling this would create a file: proof that code ran."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_crafted_pickle_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    # an npz whose metadata array holds a pickled object
+    payload = np.empty(1, dtype=object)
+    payload[0] = WritesMarker(marker)
+    crafted = tmp_path / "crafted.npz"
+    np.savez(crafted, openseg_support=payload)
+    with pytest.raises(OpenSegError):
+        SupportSet.load(crafted)
+    # a bare pickle with the support-set suffix
+    bare = tmp_path / "bare.npz"
+    bare.write_bytes(pickle.dumps(WritesMarker(marker)))
+    with pytest.raises(OpenSegError):
+        SupportSet.load(bare)
+    assert not marker.exists()
