@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import io
+
 import zipfile
 from pathlib import Path
 

@@ -136,3 +136,10 @@ def test_bad_options_are_explained(tiny_net, support, kwargs, message):
 def test_a_4d_image_is_refused(tiny_net, support):
     with pytest.raises(OpenSegError, match="expected a 2D image"):
         segment(np.zeros((2, 2, 16, 16)), support, tiny_net)
+
+
+def test_direct_formulation_gives_the_same_result(tiny_net, support):
+    image, _ = volume_with_labels((3, 20, 20), seed=8)
+    fast = segment(image, support, tiny_net, support_size=3, ensemble=2).probabilities
+    direct = segment(image, support, tiny_net, support_size=3, ensemble=2, formulation="direct").probabilities
+    assert np.abs(fast - direct).max() < 1e-4

@@ -11,11 +11,13 @@ from ..core.progress import Progress
 Result = TypeVar("Result")
 
 
-def with_progress_bar(generator: Generator[Progress, None, Result], description: str) -> Result:
+def with_progress_bar(
+    generator: Generator[Progress, None, Result], description: str, unit: str = "step"
+) -> Result:
     """Drain ``generator`` while a bar counts its units; returns the generator's result."""
     from tqdm import tqdm
 
-    bar = tqdm(desc=description, unit="step", file=sys.stderr, dynamic_ncols=True, leave=True)
+    bar = tqdm(desc=description, unit=unit, file=sys.stderr, dynamic_ncols=True, leave=True)
     try:
         while True:
             try:

@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
                      ensemble=args.ensemble, device=args.device, precision=args.precision, seed=args.seed,
                      keep_probabilities=False),
         "segment sample",
+        unit="slice",
     )
     write_image(result_path, result.labels, image, overwrite=args.overwrite)
 

@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
                 keep_probabilities=args.probabilities,
             ),
             f"segment {image.name}",
+            unit="slice",
         )
         write_image(out_path, result.labels, image, overwrite=args.overwrite)
         if args.probabilities:

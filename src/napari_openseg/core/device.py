@@ -37,7 +37,7 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         if device.index is not None and device.index >= count:
             raise OpenSegError(f"device {name!r} does not exist: this machine has {count} CUDA GPU(s)")
     elif device.type == "mps" and not _mps_available():
-        raise OpenSegError(f"device 'mps' was asked for but is not available; use cpu or auto")
+        raise OpenSegError("device 'mps' was asked for but is not available; use cpu or auto")
     elif device.type not in ("cpu", "cuda", "mps"):
         raise OpenSegError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return device

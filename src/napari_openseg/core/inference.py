@@ -96,6 +96,59 @@ def _auto_batch(support_size: int, device: torch.device) -> int:
     return int(max(1, min(64, budget // max(1, support_size))))
 
 
+class _EnsemblePredictor:
+    """Per-task probabilities, averaged over K support subsets, for batches of query slices.
+
+    ``formulation="fast"`` (default) encodes each subset once and reuses it for every batch while
+    the encodings fit in ``ENCODED_SUPPORT_BUDGET``; ``"direct"`` runs the paper's formulation one
+    slice at a time (a reference for benchmarks and tests).
+    """
+
+    def __init__(self, net, support: SupportSet, values: list[int], support_size: int, ensemble: int,
+                 seed: int, aspect: Aspect, device: torch.device, dtype: torch.dtype, formulation: str):
+        if formulation not in ("fast", "direct"):
+            raise OpenSegError(f"formulation must be 'fast' or 'direct', got {formulation!r}")
+        self.net, self.values, self.aspect = net, values, aspect
+        self.device, self.dtype, self.formulation = device, dtype, formulation
+        self.subsets = {v: _draw_subsets(support, v, support_size, ensemble, seed) for v in values}
+        grid = net.config.grid_size
+        bytes_per_entry = net.config.encoder_channels[0] * grid * grid * torch.finfo(dtype).bits // 8
+        total = sum(len(subset) * bytes_per_entry for subs in self.subsets.values() for subset in subs)
+        self.keep = total <= ENCODED_SUPPORT_BUDGET
+        self.cache: dict[tuple[int, int], object] = {}
+
+    def _support(self, value: int, k: int):
+        from ..model.fast import encode_support
+
+        if (value, k) in self.cache:
+            return self.cache[(value, k)]
+        grid = self.net.config.grid_size
+        tensors = support_tensors(self.subsets[value][k], grid, self.aspect, self.device, self.dtype)
+        prepared = tensors if self.formulation == "direct" else encode_support(self.net, *tensors)
+        if self.keep:
+            self.cache[(value, k)] = prepared
+        return prepared
+
+    def _logits(self, query: torch.Tensor, value: int, k: int) -> torch.Tensor:
+        from ..model.fast import fast_forward
+
+        prepared = self._support(value, k)
+        if self.formulation == "fast":
+            return fast_forward(self.net, query, encoded=prepared)
+        images, masks = prepared
+        return torch.cat([self.net(query[i : i + 1], images, masks) for i in range(query.shape[0])])
+
+    @torch.inference_mode()
+    def __call__(self, query: torch.Tensor) -> torch.Tensor:
+        """``query "B 1 g g"`` -> probabilities ``"B C g g"`` (float32), C = number of tasks."""
+        per_task = []
+        for value in self.values:
+            subsets = range(len(self.subsets[value]))
+            total = sum(torch.sigmoid(self._logits(query, value, k).float()) for k in subsets)
+            per_task.append(total / len(subsets))
+        return torch.cat(per_task, dim=1)
+
+
 def iter_segment(
     image: np.ndarray,
     support: SupportSet,
@@ -113,6 +166,7 @@ def iter_segment(
     seed: int = 0,
     rgb: bool | None = None,
     keep_probabilities: bool = True,
+    formulation: str = "fast",
 ) -> Generator[Progress, None, SegmentationResult]:
     """Segment ``image`` (``"H W"`` or a volume with slices along ``axis``) from ``support``.
 
@@ -127,11 +181,13 @@ def iter_segment(
         Minimum probability of the winning task for a voxel to be labelled.
     batch_size
         Query slices per forward pass; ``None`` picks one from S and the device.
+    formulation
+        ``"fast"`` (default) or ``"direct"`` (the paper's, one slice at a time; same result, slower).
 
     Yields progress per batch (``payload``: ``start``, ``stop`` slice indices and ``labels``, that
     batch's label map ``"b H W"``); returns a :class:`SegmentationResult`.
     """
-    from ..model.fast import encode_support, fast_forward, prepare_for_inference
+    from ..model.fast import prepare_for_inference
     from ..model.registry import load_model
     from ..model.universeg import UniverSeg
 
@@ -143,36 +199,17 @@ def iter_segment(
     values = support.validate(label_values)
     torch_device = resolve_device(device)
     dtype = resolve_precision(precision, torch_device)
+    if image.ndim == 3 and not -3 <= axis < 3:
+        raise OpenSegError(f"slice axis must be 0, 1 or 2 for a 3D volume, got {axis}")
     net = model if isinstance(model, UniverSeg) else load_model(model, "cpu")
     net = prepare_for_inference(net, torch_device, dtype)
-    grid = net.config.grid_size
+    predict = _EnsemblePredictor(net, support, values, support_size, ensemble, seed, aspect,
+                                 torch_device, dtype, formulation)
 
     volume = normalize_intensity(image)
-    if image.ndim == 2:
-        stack = volume[None]
-    else:
-        if not -3 <= axis < 3:
-            raise OpenSegError(f"slice axis must be 0, 1 or 2 for a 3D volume, got {axis}")
-        stack = np.moveaxis(volume, axis, 0)
+    stack = volume[None] if image.ndim == 2 else np.moveaxis(volume, axis, 0)
     n_slices, height, width = stack.shape
     batch = batch_size or _auto_batch(support_size, torch_device)
-
-    subsets = {v: _draw_subsets(support, v, support_size, ensemble, seed) for v in values}
-    bytes_per_entry = net.config.encoder_channels[0] * grid * grid * torch.finfo(dtype).bits // 8
-    encoded_bytes = sum(len(subset) * bytes_per_entry for subs in subsets.values() for subset in subs)
-    keep_encoded = encoded_bytes <= ENCODED_SUPPORT_BUDGET
-    encoded_cache: dict[tuple[int, int], object] = {}
-
-    def encoded(value: int, k: int):
-        if (value, k) in encoded_cache:
-            return encoded_cache[(value, k)]
-        with torch.inference_mode():
-            images, masks = support_tensors(subsets[value][k], grid, aspect, torch_device, dtype)
-            result = encode_support(net, images, masks)
-        if keep_encoded:
-            encoded_cache[(value, k)] = result
-        return result
-
     out_dtype = label_dtype(max(values))
     labels_out = np.zeros((n_slices, height, width), out_dtype)
     probs_out = np.zeros((len(values), n_slices, height, width), np.float32) if keep_probabilities else None
@@ -183,16 +220,9 @@ def iter_segment(
         stop = min(n_slices, start + batch)
         with torch.inference_mode():
             slices = torch.from_numpy(np.ascontiguousarray(stack[start:stop])).to(torch_device)
-            query, mapping = to_grid(slices, grid, aspect)
+            query, mapping = to_grid(slices, net.config.grid_size, aspect)
             query = query.to(dtype).contiguous(memory_format=torch.channels_last)
-            task_probs = []
-            for value in values:
-                total = None
-                for k in range(len(subsets[value])):
-                    prob = torch.sigmoid(fast_forward(net, query, encoded=encoded(value, k)).float())
-                    total = prob if total is None else total + prob
-                task_probs.append(total / len(subsets[value]))
-            probs = from_grid(torch.cat(task_probs, dim=1), mapping).clamp_(0, 1).cpu().numpy()
+            probs = from_grid(predict(query), mapping).clamp_(0, 1).cpu().numpy()
         chunk_labels = combine_tasks(probs, values, threshold, out_dtype)
         labels_out[start:stop] = chunk_labels
         if probs_out is not None:
@@ -200,12 +230,9 @@ def iter_segment(
         yield Progress(stop, n_slices, "segmenting", {"start": start, "stop": stop, "labels": chunk_labels})
 
     if image.ndim == 2:
-        labels_final = labels_out[0]
-        probs_final = probs_out[:, 0] if probs_out is not None else None
-    else:
-        labels_final = np.moveaxis(labels_out, 0, axis)
-        probs_final = np.moveaxis(probs_out, 1, axis % 3 + 1) if probs_out is not None else None
-    return SegmentationResult(labels=labels_final, label_values=list(values), probabilities=probs_final)
+        return SegmentationResult(labels_out[0], list(values), probs_out[:, 0] if probs_out is not None else None)
+    probs_final = np.moveaxis(probs_out, 1, axis % 3 + 1) if probs_out is not None else None
+    return SegmentationResult(np.moveaxis(labels_out, 0, axis), list(values), probs_final)
 
 
 def segment(image: np.ndarray, support: SupportSet, model=None, **kwargs) -> SegmentationResult:

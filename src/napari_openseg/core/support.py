@@ -267,7 +267,7 @@ def entries_from_arrays(
     if missing:
         raise OpenSegError(f"label value {missing[0]} does not occur in the labels; present: {sorted(present)}")
     entries = []
-    for position, index in enumerate(indices):
+    for index in indices:
         plane_index = 0 if index is None else index
         plane_labels = stack_lab[plane_index]
         for value in wanted:
@@ -285,7 +285,7 @@ def entries_from_arrays(
                 )
     if not entries:
         raise OpenSegError("the chosen slices contain none of the chosen label values")
-    log.info("built %d support entries from %s (positions %d)", len(entries), source, position + 1)
+    log.info("built %d support entries from %s", len(entries), source)
     return entries
 
 

@@ -1,0 +1,154 @@
+"""Engine speed and memory: the direct formulation against the fast path, on one 3D volume.
+
+The volume has 64 slices of 256x256 (smooth random shapes, two label values); the support set comes
+from a second volume drawn the same way. For S = 8, 16, 64 it measures, through ``iter_segment``:
+
+* ``direct``: the paper's formulation, one slice at a time, float32 (concatenate, then convolve);
+* ``fast f32`` / ``fast bf16``: the fast path (query share once, first-block support terms once per
+  volume, the last block on the support mean, batches of slices, channels-last) in float32/bfloat16.
+
+Each configuration runs in a fresh subprocess so that its peak memory (resident set growth over the
+state after loading) is its own. Masks are compared with the direct formulation on the slices both
+ran (Dice, per task, averaged). With random weights the probabilities sit near 0.5, so the masks are
+thresholded at the median of the direct probabilities; with trained weights (``--weights``) at 0.5.
+
+    python benchmarks/bench_segment.py                      # official architecture, random weights
+    python benchmarks/bench_segment.py --weights openseg-default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+VARIANTS = {"direct": ("direct", "float32"), "fast f32": ("fast", "float32"), "fast bf16": ("fast", "bfloat16")}
+
+
+def synthetic_volume(seed: int, slices: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Smooth blobs with two label values and an intensity per label, plus noise."""
+    from scipy.ndimage import gaussian_filter
+
+    rng = np.random.default_rng(seed)
+    field = gaussian_filter(rng.normal(size=(slices, size, size)), sigma=(3, 12, 12))
+    labels = np.zeros(field.shape, np.uint8)
+    labels[field > np.quantile(field, 0.85)] = 1
+    labels[field < np.quantile(field, 0.1)] = 2
+    image = 100 + 60 * (labels == 1) - 40 * (labels == 2) + rng.normal(0, 15, field.shape)
+    return gaussian_filter(image, 1.0).astype(np.float32), labels
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from napari_openseg.core.inference import iter_segment
+    from napari_openseg.core.progress import run_to_end
+    from napari_openseg.core.support import build_support_set
+    from napari_openseg.model.registry import load_model, network_from_file
+    from napari_openseg.model.universeg import UniverSeg
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    formulation, precision = VARIANTS[args.worker]
+    query, _ = synthetic_volume(1, args.slices, args.size)
+    support_image, support_labels = synthetic_volume(2, args.slices, args.size)
+    support = build_support_set(support_image, support_labels)
+    if args.weights == "random-v1":
+        refs = Path(__file__).resolve().parents[2] / "shared" / "refs" / "universeg_random_state.pt"
+        torch.manual_seed(0)
+        net = network_from_file(refs) if refs.is_file() else UniverSeg().eval()
+    else:
+        net = load_model(args.weights, "cpu")
+    slices = args.direct_slices if formulation == "direct" else args.slices
+    volume = query[:slices]
+    options = dict(support_size=args.support_size, device=args.device, precision=precision,
+                   formulation=formulation, batch_size=1 if formulation == "direct" else None)
+    run_to_end(iter_segment(volume[:1], support, net, **options))  # warm-up: allocator, kernels
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = current_rss_mb()
+    start = time.perf_counter()
+    result = run_to_end(iter_segment(volume, support, net, **options))
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if args.device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before
+    np.save(args.out, result.probabilities[:, : args.direct_slices])
+    print(json.dumps({"seconds": seconds, "slices": slices, "peak_mb": peak}))
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else 2.0 * np.logical_and(a, b).sum() / total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--support-sizes", type=int, nargs="+", default=[8, 16, 64])
+    parser.add_argument("--slices", type=int, default=64)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--direct-slices", type=int, default=8, help="slices the (slow) direct path runs")
+    parser.add_argument("--weights", default="random-v1", help="random-v1 (default), a name or a file")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    parser.add_argument("--support-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+
+    import torch
+
+    print(f"# bench_segment: {args.slices} slices of {args.size}x{args.size}, weights {args.weights}, "
+          f"device {args.device}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"threads {args.threads or torch.get_num_threads()}")
+    print("| S | variant | slices timed | slices/s | speed-up vs direct | peak memory (MB) | mask Dice vs direct |")
+    print("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.support_sizes:
+            rows, probs = {}, {}
+            for name in VARIANTS:
+                out = Path(tmp) / f"{name.replace(' ', '_')}_{size}.npy"
+                command = [sys.executable, __file__, "--worker", name, "--support-size", str(size),
+                           "--out", str(out), "--slices", str(args.slices), "--size", str(args.size),
+                           "--direct-slices", str(args.direct_slices), "--weights", args.weights,
+                           "--device", args.device, "--threads", str(args.threads)]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"{name} S={size} failed:\n{done.stderr}")
+                rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+                probs[name] = np.load(out)
+            reference = probs["direct"]
+            threshold = float(np.median(reference)) if args.weights == "random-v1" else 0.5
+            direct_rate = rows["direct"]["slices"] / rows["direct"]["seconds"]
+            for name, row in rows.items():
+                rate = row["slices"] / row["seconds"]
+                agree = np.mean([dice(reference[c] > threshold, probs[name][c] > threshold)
+                                 for c in range(reference.shape[0])])
+                print(f"| {size} | {name} | {row['slices']} | {rate:.2f} | {rate / direct_rate:.2f}x | "
+                      f"{row['peak_mb']:.0f} | {agree:.4f} |", flush=True)
+    if args.weights == "random-v1":
+        print("\nmask threshold: median of the direct probabilities (random weights)")
+
+
+if __name__ == "__main__":
+    main()
