@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gzip
-
 import zipfile
 from pathlib import Path
 

@@ -19,8 +19,8 @@ from typing import Any
 from napari.utils import progress as napari_progress
 from napari.utils.notifications import show_error, show_info
 
-from ..core.progress import Progress
-from ..errors import OpenSegError
+from napari_openseg.core.progress import Progress
+from napari_openseg.errors import OpenSegError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,8 @@ class WorkHandle:
         self.finished = False
         self.worker = None  # the napari GeneratorWorker, when threaded
         self._bar = None
+        self._showing = False
+        self._stage = ""
 
     def cancel(self) -> None:
         """Stop at the next progress record; ``on_done`` will not be called."""
@@ -52,20 +54,47 @@ class WorkHandle:
         return not self.finished
 
     def _show(self, step: Progress) -> None:
-        if self._bar is None:
-            self._bar = napari_progress(total=step.total, desc=self.description)
-        if self._bar.total != step.total:
-            self._bar.total = step.total
-        self._bar.n = step.done
-        if step.stage:
-            self._bar.set_description(f"{self.description}: {step.stage}")
-        self._bar.refresh()
+        # Updating napari's progress bar processes pending Qt events, so the next steps and even
+        # ``finish`` may run inside this method: nested calls return at once (the bar is cosmetic;
+        # the next step updates it) and a bar is never made or kept after the end.
+        if self._showing or self.finished:
+            return
+        self._showing = True
+        try:
+            bar = self._bar
+            if bar is None:
+                bar = napari_progress(total=step.total, desc=self.description)
+                if self.finished:  # ended while the bar was being made
+                    bar.close()
+                    return
+                self._bar = bar
+            if bar.total != step.total:
+                bar.total = step.total
+            if step.stage and step.stage != self._stage and not self.finished:
+                self._stage = step.stage  # each description change repaints the window: only on change
+                bar.set_description(f"{self.description}: {step.stage}")
+            if step.done != bar.n and not self.finished:
+                bar.update(step.done - bar.n)  # update() (not n=) is what moves napari's Qt bar
+        finally:
+            self._showing = False
 
     def _close(self) -> None:
         self.finished = True
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class _Failure:
+    """An exception raised by the work, carried out of the worker as its return value.
+
+    Letting it propagate would make napari's worker show a second, raw notification with a
+    traceback, and superqt's worker drops ``RuntimeError`` (torch's usual error type) without
+    emitting ``errored`` or ``finished`` at all, which would leave a widget busy forever.
+    """
+
+    def __init__(self, error: Exception):
+        self.error = error
 
 
 def report_error(err: BaseException, what: str) -> None:
@@ -93,9 +122,13 @@ def run_in_background(
     handle = WorkHandle(description)
 
     def progress(step: Progress) -> None:
-        handle._show(step)
+        if handle.finished or handle.cancelled:  # a step that was queued before Cancel or the end
+            return
         if on_progress is not None:
             on_progress(step)
+        # last: napari's bar processes pending Qt events when it updates, which can run the next
+        # signals (more steps, the result, the end) before this call returns
+        handle._show(step)
 
     def finish() -> None:
         handle._close()
@@ -111,14 +144,23 @@ def run_in_background(
     from napari.qt.threading import create_worker
 
     def body():
-        gen = generator() if callable(generator) and not hasattr(generator, "send") else generator
-        result = yield from gen
+        try:
+            gen = generator() if callable(generator) and not hasattr(generator, "send") else generator
+            result = yield from gen
+        except Exception as err:  # reported on the main thread, see _Failure
+            return _Failure(err)
         return result
+
+    def returned(result) -> None:
+        if isinstance(result, _Failure):
+            report_error(result.error, description)
+        elif not handle.cancelled:
+            on_done(result)
 
     worker = create_worker(body, _start_thread=False)
     handle.worker = worker
     worker.yielded.connect(progress)
-    worker.returned.connect(lambda result: None if handle.cancelled else on_done(result))
+    worker.returned.connect(returned)
     worker.errored.connect(lambda err: report_error(err, description))
     worker.finished.connect(finish)
     worker.start()

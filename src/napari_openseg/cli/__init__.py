@@ -14,7 +14,7 @@ import sys
 from .. import __version__
 from ..errors import OpenSegError
 
-SUBCOMMAND_MODULES = ("info", "support", "segment", "demo")
+SUBCOMMAND_MODULES = ("info", "support", "segment", "demo", "train", "evaluate", "novelty", "propagate")
 
 
 def build_parser() -> argparse.ArgumentParser:

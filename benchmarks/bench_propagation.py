@@ -1,0 +1,267 @@
+"""Prompt propagation with a self-sorting memory bank against three baselines, the correction step,
+the confidence/Dice correlation, one-prompt segmentation of a 2D stack, and speed.
+
+Protocol (needs ../shared/data). Every object is propagated alone: its prompt is the true mask on the
+slice (along ``--axis``) where the object is largest, zeros elsewhere; the score is the 3D Dice of the
+object. Variants, all with the same network, bank size M, and stopping rule:
+
+* (a) ``self-sorting``: the published admission/eviction rules and similarity-weighted retrieval;
+* (b) ``fifo``: the last M predicted slices (plus the prompt), the whole bank as support;
+* (c) ``prompt-only``: the prompt slice is the only support;
+* (d) ``admit-all``: (a) without confidence control (every prediction enters, replacing the most
+  redundant entry).
+
+Correction: after (a), the least confident slice is replaced by its true mask and marked complete
+(``PropagationResult.with_corrections``) and the object is propagated again. Confidence: Spearman
+correlation between each predicted slice's confidence and its true 2D Dice, over slices where the
+prediction or the truth has foreground, pooled over objects, for variant (a) and for all variants
+together (their slices span a wider range of quality), for each measure. 2D stack: per label,
+the slice where it is largest in each subject of the split, each normalised with its own volume and
+centred on a common canvas, shuffled; one image is prompted (three different prompts, averaged) and
+the others are segmented in order of similarity (``unordered=True``), against prompt-only.
+
+Data: ``hippocampus`` (MSD Task04 subjects of ``--split``, default the 19 test subjects, labels 1 and
+2) and ``brain`` (the VoxelMorph scan, FreeSurfer structures ``--structures``). Note that the default
+weights were trained on slices of the VoxelMorph scan (it is a single subject; see the model card),
+so only the hippocampus rows are held out.
+
+Run: ``nice -n 10 python benchmarks/bench_propagation.py [--weights NAME|PATH] [--split test]
+[--max-minutes 90] [--json OUT]``; it prints Markdown tables (docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from napari_openseg.core import confidence
+from napari_openseg.core.memory import DEFAULT_FLOOR, DEFAULT_TEMPERATURE
+from napari_openseg.core.metrics import dice_score
+from napari_openseg.core.preprocess import normalize_intensity
+from napari_openseg.core.propagate import DEFAULT_DRAWS, DEFAULT_SUPPORT_SIZE, iter_propagate
+from napari_openseg.io import read_image
+from napari_openseg.model.registry import load_model
+from napari_openseg.training.splits import hippocampus_splits, shared_data_dir
+
+log = logging.getLogger("bench_propagation")
+VARIANTS = {"a": "self-sorting", "b": "fifo", "c": "prompt-only", "d": "admit-all"}
+BRAIN_STRUCTURES = (10, 11, 12, 17, 49, 50, 51, 53)  # thalamus, caudate, putamen, hippocampus (L, R)
+MEASURES = ("confidence", "sharpness", "agreement", "consistency")
+
+
+@dataclass
+class Case:
+    dataset: str
+    name: str
+    image: np.ndarray
+    truth: np.ndarray  # "Z H W" bool, slices along axis 0
+
+
+def hippocampus_cases(split: str, limit: int | None):
+    data = shared_data_dir() / "msd_task04_hippocampus"
+    for subject in hippocampus_splits()[split][:limit]:
+        image = read_image(data / "imagesTr" / f"{subject}.nii.gz").data
+        labels = read_image(data / "labelsTr" / f"{subject}.nii.gz").data
+        for value in (1, 2):
+            yield Case("hippocampus", f"{subject}/{value}", image, labels == value)
+
+
+def brain_cases(structures):
+    folder = shared_data_dir() / "voxelmorph_test_scan"
+    image = read_image(folder / "vol_uint8.nii.gz").data
+    labels = read_image(folder / "seg_freesurfer_labels.nii.gz").data
+    for value in structures:
+        yield Case("brain", f"label {value}", image, labels == value)
+
+
+def prompt_of(truth: np.ndarray) -> tuple[np.ndarray, int]:
+    z = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(axis=1)))
+    prompt = np.zeros(truth.shape, np.uint8)
+    prompt[z] = truth[z]
+    return prompt, z
+
+
+def run(image, prompt, net, settings, **kwargs):
+    """Propagate; returns (result, per-slice records, predicted slice count, seconds)."""
+    began = time.perf_counter()
+    generator = iter_propagate(image, prompt, net, **settings, **kwargs)
+    records = []
+    while True:
+        try:
+            step = next(generator)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        if step.payload:
+            records.append({"slice": step.payload["slice"], **step.payload["measures"]})
+    return result, records, len(records), time.perf_counter() - began
+
+
+def propagation(cases, net, settings, variants, deadline):
+    rows, slices = [], []
+    for case in cases:
+        if time.monotonic() > deadline:
+            log.warning("time budget spent; stopping before %s", case.name)
+            break
+        prompt, _ = prompt_of(case.truth)
+        row = {"dataset": case.dataset, "case": case.name}
+        for key in variants:
+            result, records, steps, seconds = run(case.image, prompt, net, settings, policy=VARIANTS[key])
+            row[key] = dice_score(result.labels == 1, case.truth)
+            row[f"{key}_steps"], row[f"{key}_seconds"] = steps, seconds
+            for record in records:
+                s = record["slice"]
+                predicted, truth = result.labels[s] == 1, case.truth[s]
+                if predicted.any() or truth.any():
+                    slices.append({"dataset": case.dataset, "variant": key, "dice": dice_score(predicted, truth),
+                                   **{m: record[m] for m in MEASURES}})
+            if key == "a":
+                weakest = result.least_confident_slice()
+                if weakest is not None:
+                    edited = result.labels.copy()
+                    edited[weakest] = case.truth[weakest]
+                    new_prompt, complete = result.with_corrections(prompt, edited, slices=[weakest])
+                    fixed, *_ = run(case.image, new_prompt, net, settings, complete_slices=complete)
+                    row["a+1"] = dice_score(fixed.labels == 1, case.truth)
+                else:
+                    row["a+1"] = row["a"]
+        log.info("%s: %s", case.name, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)})
+        rows.append(row)
+    return rows, slices
+
+
+def stack_cases(split: str, limit: int | None, value: int):
+    data = shared_data_dir() / "msd_task04_hippocampus"
+    images, masks = [], []
+    for subject in hippocampus_splits()[split][:limit]:
+        volume = normalize_intensity(read_image(data / "imagesTr" / f"{subject}.nii.gz").data)
+        truth = read_image(data / "labelsTr" / f"{subject}.nii.gz").data == value
+        z = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(axis=1)))
+        images.append(volume[z])
+        masks.append(truth[z])
+    height, width = max(i.shape[0] for i in images), max(i.shape[1] for i in images)
+    stack_image = np.zeros((len(images), height, width), np.float32)
+    stack_truth = np.zeros((len(images), height, width), bool)
+    for k, (image, mask) in enumerate(zip(images, masks)):
+        top, left = (height - image.shape[0]) // 2, (width - image.shape[1]) // 2
+        stack_image[k, top : top + image.shape[0], left : left + image.shape[1]] = image
+        stack_truth[k, top : top + image.shape[0], left : left + image.shape[1]] = mask
+    order = np.random.default_rng(value).permutation(len(images))
+    return stack_image[order], stack_truth[order]
+
+
+def one_prompt_stack(split, limit, net, settings, prompts=3):
+    rows = []
+    for value in (1, 2):
+        image, truth = stack_cases(split, limit, value)
+        for k in range(min(prompts, len(image))):
+            prompt = np.zeros(truth.shape, np.uint8)
+            prompt[k] = truth[k]
+            row = {"label": value, "prompt": k}
+            for name, policy in (("self-sorting", "self-sorting"), ("prompt-only", "prompt-only")):
+                result, *_ = run(image, prompt, net, settings, policy=policy, unordered=True)
+                others = [i for i in range(len(image)) if i != k]
+                row[name] = float(np.mean([dice_score(result.labels[i] == 1, truth[i]) for i in others]))
+            rows.append(row)
+    return rows
+
+
+def spearman(x, y) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic) if len(x) > 2 else float("nan")
+
+
+def report(rows, slices, stack_rows, variants, settings) -> str:
+    lines = [f"settings: {settings}", ""]
+    lines += ["| data | objects | " + " | ".join(f"({k}) {VARIANTS[k]}" for k in variants)
+              + " | (a) + 1 correction |", "|---" * (len(variants) + 3) + "|"]
+    for dataset in sorted({r["dataset"] for r in rows}):
+        sub = [r for r in rows if r["dataset"] == dataset]
+        cells = [f"{100 * np.mean([r[k] for r in sub]):.1f} ± {100 * np.std([r[k] for r in sub]):.1f}"
+                 for k in [*variants, "a+1"] if k in sub[0]]
+        lines.append(f"| {dataset} | {len(sub)} | " + " | ".join(cells) + " |")
+    lines += ["", "3D Dice (%) per object, mean ± sd.", "", "| variant | slices/s |", "|---|---|"]
+    for k in variants:
+        steps = sum(r[f"{k}_steps"] for r in rows)
+        seconds = sum(r[f"{k}_seconds"] for r in rows)
+        lines.append(f"| ({k}) {VARIANTS[k]} | {steps / seconds:.1f} |")
+    lines += ["", "| data | variants | slices | " + " | ".join(f"Spearman({m}, Dice)" for m in MEASURES) + " |",
+              "|---" * (len(MEASURES) + 3) + "|"]
+    for dataset in sorted({s["dataset"] for s in slices}):
+        for subset in ("a", "".join(variants)):
+            sub = [s for s in slices if s["dataset"] == dataset and s["variant"] in subset]
+            dice = [s["dice"] for s in sub]
+            lines.append(f"| {dataset} | {subset} | {len(sub)} | "
+                         + " | ".join(f"{spearman([s[m] for s in sub], dice):.3f}" for m in MEASURES) + " |")
+    if stack_rows:
+        lines += ["", "| 2D stack, label | prompts | self-sorting (unordered) | prompt-only |", "|---|---|---|---|"]
+        for value in (1, 2):
+            sub = [r for r in stack_rows if r["label"] == value]
+            lines.append(f"| {value} | {len(sub)} | {100 * np.mean([r['self-sorting'] for r in sub]):.1f} | "
+                         f"{100 * np.mean([r['prompt-only'] for r in sub]):.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--weights", default="openseg-default")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--subjects", type=int, help="only the first N subjects of the split")
+    parser.add_argument("--structures", type=int, nargs="*", default=list(BRAIN_STRUCTURES))
+    parser.add_argument("--variants", default="abcd")
+    parser.add_argument("--axis", type=int, default=0)
+    parser.add_argument("--bank-size", type=int, default=16)
+    parser.add_argument("--draws", type=int, default=DEFAULT_DRAWS)
+    parser.add_argument("--support-size", type=int, default=DEFAULT_SUPPORT_SIZE)
+    parser.add_argument("--floor", type=float, default=DEFAULT_FLOOR)
+    parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    parser.add_argument("--stop-after", type=int, default=2)
+    parser.add_argument("--min-area", type=float, default=0.02)
+    parser.add_argument("--confidence-terms", nargs="+", choices=["sharpness", "agreement", "consistency"],
+                        help="measures whose product is the confidence (default: the library's)")
+    parser.add_argument("--no-stack", action="store_true", help="skip the one-prompt 2D stack")
+    parser.add_argument("--max-minutes", type=float, default=90.0, help="start no new case after this")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="write every number to this file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if shared_data_dir() is None:
+        raise SystemExit("../shared/data is not present")
+    torch.set_num_threads(args.threads)
+    if args.confidence_terms:
+        confidence.CONFIDENCE_TERMS = tuple(args.confidence_terms)
+    net = load_model(args.weights)
+    settings = {"bank_size": args.bank_size, "draws": args.draws, "support_size": args.support_size,
+                "floor": args.floor, "temperature": args.temperature, "stop_after": args.stop_after,
+                "min_area": args.min_area, "device": "cpu"}
+    deadline = time.monotonic() + 60 * args.max_minutes
+    began = time.perf_counter()
+
+    def cases():  # alternate the datasets, so that a time limit cuts both alike
+        for pair in itertools.zip_longest(hippocampus_cases(args.split, args.subjects), brain_cases(args.structures)):
+            yield from (case for case in pair if case is not None)
+
+    moved = (Case(c.dataset, c.name, np.moveaxis(c.image, args.axis, 0), np.moveaxis(c.truth, args.axis, 0))
+             for c in cases())
+    rows, slices = propagation(moved, net, settings, list(args.variants), deadline)
+    stack_rows = [] if args.no_stack else one_prompt_stack(args.split, args.subjects, net, settings)
+    shown = {k: v for k, v in settings.items() if k != "device"}
+    shown.update(weights=args.weights, split=args.split, axis=args.axis, threads=args.threads,
+                 confidence=confidence.CONFIDENCE_TERMS)
+    print(report(rows, slices, stack_rows, list(args.variants), shown))
+    print(f"\n{len(rows)} objects in {(time.perf_counter() - began) / 60:.1f} min")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump({"settings": shown, "objects": rows, "slices": slices, "stack": stack_rows}, handle)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The background job behind the segmentation widget: several query images, one support set.
+
+It only sequences core calls (:func:`~napari_openseg.core.inference.iter_segment` per image) and
+re-counts their progress in slices across all images; no Qt, no layers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from napari_openseg.core.inference import SegmentationResult, iter_segment
+from napari_openseg.core.progress import Progress
+from napari_openseg.core.support import SupportSet
+
+
+@dataclass
+class Query:
+    """One image to segment: ``image`` is ``"H W"``, ``"H W 3"`` (``rgb``) or ``"Z H W"`` (any
+    slice ``axis``)."""
+
+    name: str
+    image: np.ndarray
+    rgb: bool = False
+    axis: int = 0
+
+    @property
+    def n_slices(self) -> int:
+        spatial = np.ndim(self.image) - (1 if self.rgb else 0)
+        return 1 if spatial == 2 else int(np.shape(self.image)[self.axis])
+
+
+def iter_segment_queries(
+    queries: Sequence[Query],
+    support: SupportSet,
+    weights,
+    **options,
+) -> Generator[Progress, None, list[SegmentationResult]]:
+    """Segment every query with the same support set and weights (loaded here, lazily).
+
+    Progress counts slices over all queries; each record's ``payload`` carries the core's batch
+    (``start``, ``stop``, ``labels``) plus ``query``, the index of the image it belongs to.
+    ``options`` go to :func:`iter_segment` (device, support_size, ensemble, threshold, ...).
+    """
+    from napari_openseg.model.registry import load_model
+    from napari_openseg.model.universeg import UniverSeg
+
+    total = sum(query.n_slices for query in queries)
+    yield Progress(0, total, "loading weights")
+    net = weights if isinstance(weights, UniverSeg) else load_model(weights, "cpu")
+    results: list[SegmentationResult] = []
+    done = 0
+    with leave_a_core_free():
+        for index, query in enumerate(queries):
+            stage = query.name if len(queries) == 1 else f"{query.name} ({index + 1}/{len(queries)})"
+            steps = iter_segment(query.image, support, net, axis=query.axis, rgb=query.rgb, **options)
+            while True:
+                try:
+                    step = next(steps)
+                except StopIteration as stop:
+                    results.append(stop.value)
+                    break
+                payload = dict(step.payload, query=index) if step.payload else {}
+                yield Progress(done + step.done, total, stage, payload)
+            done += query.n_slices
+    return results
+
+
+@contextlib.contextmanager
+def leave_a_core_free() -> Iterator[int]:
+    """Run torch's CPU work on one core fewer than the machine has while the block runs, so that
+    napari's main thread (and a software OpenGL renderer) always finds a free core; the thread count
+    is put back afterwards. On a 2-core machine this also avoids two compute threads fighting the
+    display for two cores, which measured several times slower (docs/performance.md)."""
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = max(1, min(before, (os.cpu_count() or 1) - 1))
+    torch.set_num_threads(wanted)
+    try:
+        yield wanted
+    finally:
+        torch.set_num_threads(before)

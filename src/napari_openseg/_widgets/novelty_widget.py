@@ -1,0 +1,324 @@
+"""Dock widget: novelty maps from a prototype memory bank (MedOpenSeg) or, with no training, from the
+support set.
+
+Train (or Load) a model on image + labels pairs whose labels hold the known classes, then Compute
+on any volume: an image layer "novelty" (0-1 heat map), optional cosine and distance layers, a labels
+layer of novel regions whose threshold the slider moves live (starting at the adaptive one), and the
+known-class segmentation. "Seed unknown" sets the unknown prototype from one painted instance of an
+unseen structure. Training and mapping run in the background (progress with the loss, Cancel).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QPushButton,
+    QSlider,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_openseg.core.novelty import NoveltyMaps
+from napari_openseg.core.novelty_free import iter_training_free_novelty
+from napari_openseg.core.novelty_map import iter_novelty_map, unknown_seed_embeddings
+from napari_openseg.core.novelty_model import NoveltyModel
+from napari_openseg.core.progress import Progress
+from napari_openseg.errors import OpenSegError
+from napari_openseg.training.novelty_train import NoveltyTrainSettings, iter_train_novelty
+
+from ._controls import LayerCombo, form_row, is_image, is_user_labels
+from ._layers import layer_image, put_output_layer, slice_axis
+from ._session import get_session, unwrap_viewer
+from ._threading import WorkHandle, report_error, run_in_background
+
+TRAINED, FREE = "trained model", "support set (no training)"
+SLIDER_STEPS = 1000
+
+
+class NoveltyWidget(QWidget):
+    """Train or load a novelty model, seed its unknown prototype, and compute novelty maps.
+
+    Signal ``run_finished(str)``: ``"<action> done"``, ``"<action> cancelled"`` or ``"<action> failed"``.
+    """
+
+    run_finished = Signal(str)
+
+    def __init__(self, napari_viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer = unwrap_viewer(napari_viewer)
+        self.session = get_session(napari_viewer)
+        self.model: NoveltyModel | None = None
+        self.maps: NoveltyMaps | None = None
+        self.losses: list[float] = []
+        self.pairs: list[tuple] = []
+        self._handle: WorkHandle | None = None
+        self._action, self._outcome = "", "failed"
+        self._source = None
+        self._novel_layer = None
+
+        form = QFormLayout()
+        self.image_combo = form_row(form, "Image", LayerCombo(napari_viewer, is_image), "volume to train on or map")
+        self.labels_combo = form_row(form, "Known classes", LayerCombo(napari_viewer, is_user_labels),
+                                     "labels layer with the known classes painted (0 = background)")
+        self.pair_list = QListWidget()
+        self.pair_list.setMaximumHeight(60)
+        self.add_pair_button = QPushButton("Add image + labels pair")
+        self.epochs = form_row(form, "Epochs", QSpinBox(), "training passes (4 patches per volume each)")
+        self.epochs.setRange(1, 10_000)
+        self.epochs.setValue(20)
+        self.mode = form_row(form, "Embeddings from", QComboBox(),
+                             "a trained MedOpenSeg model, or the in-context network with the support set")
+        self.mode.addItems([TRAINED, FREE])
+        self.seed_combo = form_row(form, "Unknown seed", LayerCombo(napari_viewer, is_user_labels),
+                                   "labels layer with ONE unseen structure painted (optional)")
+        self.adapt = form_row(form, "Adapt unknown", QSpinBox(), "steps adapting the unknown prototype on the volume")
+        self.adapt.setRange(0, 50)
+        self.extra_maps = form_row(form, "", QCheckBox("Also show cosine and distance maps"), "two more image layers")
+
+        self.train_button, self.load_button = QPushButton("Train"), QPushButton("Load model…")
+        self.save_button, self.seed_button = QPushButton("Save model…"), QPushButton("Seed unknown")
+        self.compute_button, self.cancel_button = QPushButton("Compute"), QPushButton("Cancel")
+        self.threshold = QSlider(Qt.Horizontal)
+        self.threshold.setRange(0, SLIDER_STEPS)
+        self.threshold_label = QLabel("threshold: -")
+        self.status = QLabel("Train or load a model, or choose the support set.")
+        self.status.setWordWrap(True)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(QLabel("Training pairs (empty: the image and labels above)"))
+        layout.addWidget(self.pair_list)
+        layout.addWidget(self.add_pair_button)
+        for row in ((self.train_button, self.load_button, self.save_button),
+                    (self.seed_button, self.compute_button, self.cancel_button)):
+            line = QHBoxLayout()
+            for button in row:
+                line.addWidget(button)
+            layout.addLayout(line)
+        layout.addWidget(self.threshold_label)
+        layout.addWidget(self.threshold)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.add_pair_button.clicked.connect(self.add_pair)
+        self.train_button.clicked.connect(lambda: self.train())
+        self.load_button.clicked.connect(lambda: self.load_model())
+        self.save_button.clicked.connect(lambda: self.save_model())
+        self.seed_button.clicked.connect(lambda: self.seed_unknown())
+        self.compute_button.clicked.connect(lambda: self.compute())
+        self.cancel_button.clicked.connect(self.cancel)
+        self.threshold.valueChanged.connect(self._threshold_moved)
+        self._set_running(False)
+
+    # --- inputs --------------------------------------------------------------------------------
+
+    def _volume(self):
+        source = self.image_combo.current()
+        if source is None:
+            raise OpenSegError("open a volume first (File > Open)")
+        data, _ = layer_image(source)
+        return source, np.asarray(data)
+
+    def add_pair(self) -> None:
+        """Remember the chosen image and labels layers as one training pair."""
+        image, labels = self.image_combo.current(), self.labels_combo.current()
+        if image is None or labels is None:
+            report_error(OpenSegError("choose an image and a labels layer first"), "Novelty")
+            return
+        self.pairs.append((image, labels))
+        self.pair_list.addItem(f"{image.name} + {labels.name}")
+
+    def _training_pairs(self) -> tuple[list, list]:
+        pairs = [(i, lab) for i, lab in self.pairs if i in self.viewer.layers and lab in self.viewer.layers]
+        if not pairs:
+            image, labels = self.image_combo.current(), self.labels_combo.current()
+            if image is None or labels is None:
+                raise OpenSegError("choose an image and its labels layer with the known classes painted")
+            pairs = [(image, labels)]
+        return ([np.asarray(layer_image(i)[0]) for i, _ in pairs], [np.asarray(lab.data) for _, lab in pairs])
+
+    # --- actions -------------------------------------------------------------------------------
+
+    def _start(self, action: str, factory, on_done) -> WorkHandle | None:
+        if self._handle is not None and self._handle.running:
+            report_error(OpenSegError("a run is in progress: wait for it or press Cancel"), "Novelty")
+            return None
+        self._action, self._outcome = action, "failed"
+        self._set_running(True)
+        self._handle = run_in_background(factory, f"Novelty: {action}", on_done=on_done,
+                                         on_progress=self._show_step, on_finished=self._finished)
+        return self._handle
+
+    def train(self) -> WorkHandle | None:
+        """Train a new model on the training pairs (known classes only)."""
+        try:
+            images, labels = self._training_pairs()
+            settings = NoveltyTrainSettings(epochs=self.epochs.value())
+        except OpenSegError as err:
+            report_error(err, "Novelty")
+            return None
+        self.losses = []
+        self.status.setText(f"Training on {len(images)} volume(s)…")
+        device = self.session.device
+        return self._start("train", lambda: iter_train_novelty(images, labels, settings, device=device),
+                           self._trained)
+
+    def load_model(self, path: str | None = None) -> bool:
+        """Load a model file (asks for one when ``path`` is None)."""
+        if path is None:
+            path, _ = QFileDialog.getOpenFileName(self, "Load novelty model", "", "Novelty model (*.pt)")
+            if not path:
+                return False
+        try:
+            self.model = NoveltyModel.load(path)
+        except OpenSegError as err:
+            report_error(err, "Novelty")
+            return False
+        self.mode.setCurrentText(TRAINED)
+        self.status.setText(f"Loaded {Path(path).name}: classes {self.model.class_values}.")
+        self._set_running(False)
+        return True
+
+    def save_model(self, path: str | None = None) -> Path | None:
+        if self.model is None:
+            report_error(OpenSegError("train or load a model first"), "Novelty")
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Save novelty model", "novelty.pt", "Novelty model (*.pt)")
+            if not path:
+                return None
+        try:  # the dialog already asked before replacing a file
+            return self.model.save(path, overwrite=True)
+        except OpenSegError as err:
+            report_error(err, "Novelty")
+            return None
+
+    def seed_unknown(self) -> WorkHandle | None:
+        """Seed the model's unknown prototype from the structure painted in the "Unknown seed" layer."""
+        try:
+            if self.model is None:
+                raise OpenSegError("train or load a model first; the training-free mode seeds at Compute")
+            _, image = self._volume()
+            seed = self.seed_combo.current()
+            if seed is None:
+                raise OpenSegError("paint one instance of the unseen structure in a labels layer and choose it")
+            mask = np.asarray(seed.data) != 0
+        except OpenSegError as err:
+            report_error(err, "Novelty")
+            return None
+        model, device = self.model, self.session.device
+
+        def work():
+            yield Progress(0, 1, "seeding")
+            return unknown_seed_embeddings(image, mask, model, device)
+
+        return self._start("seed", work, lambda emb: self._seeded(emb, int(mask.sum())))
+
+    def compute(self) -> WorkHandle | None:
+        """Novelty maps of the chosen image."""
+        try:
+            source, image = self._volume()
+            if self.mode.currentText() == TRAINED:
+                if self.model is None:
+                    raise OpenSegError("train or load a model first, or choose 'support set (no training)'")
+                model, adapt, device = self.model, self.adapt.value(), self.session.device
+                factory = lambda: iter_novelty_map(image, model, adapt_unknown=adapt, device=device)  # noqa: E731
+            else:
+                support, weights, device = self.session.support, self.session.weights, self.session.device
+                seed_layer = self.seed_combo.current()
+                seed = (image, np.asarray(seed_layer.data) != 0) if seed_layer is not None else None
+                if seed is not None and not seed[1].any():
+                    seed = None
+                axis = slice_axis(self.viewer, source)
+                factory = lambda: iter_training_free_novelty(  # noqa: E731
+                    image, support, weights, axis=axis, unknown_seed=seed, device=device)
+        except OpenSegError as err:
+            report_error(err, "Novelty")
+            return None
+        self._source = source
+        self.status.setText(f"Computing the novelty of '{source.name}'…")
+        return self._start("compute", factory, self._show_maps)
+
+    def cancel(self) -> None:
+        if self._handle is not None and self._handle.running:
+            self._handle.cancel()
+            self._outcome = "cancelled"
+            self.status.setText("Cancelling at the next step…")
+
+    # --- results -------------------------------------------------------------------------------
+
+    def _show_step(self, step: Progress) -> None:
+        if "loss" in step.payload:
+            self.losses.append(step.payload["loss"])
+            self.status.setText(f"Training: step {step.done}/{step.total}, loss {step.payload['loss']:.4f}")
+
+    def _trained(self, result) -> None:
+        self.model = result.model
+        self._outcome = "done"
+        self.status.setText(f"Trained {result.steps} steps; final loss {result.losses[-1]:.4f}. "
+                            "Save the model, seed the unknown prototype, or Compute.")
+
+    def _seeded(self, embeddings, voxels: int) -> None:
+        self.model.bank.seed_unknown(embeddings, "painted in napari")
+        self._outcome = "done"
+        self.status.setText(f"Unknown prototype seeded from {voxels} painted voxels.")
+
+    def _show_maps(self, maps: NoveltyMaps) -> None:
+        source = self._source
+        if source not in self.viewer.layers:
+            self.status.setText(f"'{source.name}' was closed during the run; nothing was added")
+            return
+        self.maps = maps
+        heat = {"layer_type": "image", "colormap": "inferno", "contrast_limits": (0.0, 1.0), "blending": "additive"}
+        put_output_layer(self.viewer, source, maps.fused, role="novelty", name="novelty", **heat)
+        if self.extra_maps.isChecked():
+            put_output_layer(self.viewer, source, maps.cosine, role="novelty:cosine", name="novelty cosine", **heat)
+            put_output_layer(self.viewer, source, maps.distance, role="novelty:distance", name="novelty distance",
+                             **heat)
+        if maps.segmentation is not None:
+            put_output_layer(self.viewer, source, maps.segmentation, role="novelty:known",
+                             name=f"{source.name} known classes", opacity=0.4)
+        self._novel_layer = put_output_layer(self.viewer, source, maps.novel_regions().astype(np.uint8),
+                                             role="novelty:regions", name="novel regions")
+        self.threshold.blockSignals(True)
+        self.threshold.setValue(int(round(maps.threshold * SLIDER_STEPS)))
+        self.threshold.blockSignals(False)
+        self._threshold_moved(self.threshold.value())
+        self._outcome = "done"
+
+    def _threshold_moved(self, value: int) -> None:
+        if self.maps is None:
+            return
+        level = value / SLIDER_STEPS
+        regions = self.maps.novel_regions(level)
+        self.threshold_label.setText(f"threshold: {level:.3f} (adaptive {self.maps.threshold:.3f})")
+        if self._novel_layer is not None and self._novel_layer in self.viewer.layers:
+            self._novel_layer.data = regions.astype(np.uint8)
+        share = regions.sum() / max(1, int(self.maps.mask.sum()))
+        self.status.setText(f"Novel regions: {100 * share:.1f}% of the body at threshold {level:.3f}.")
+
+    def _finished(self) -> None:
+        if self._outcome == "cancelled":
+            self.status.setText(f"{self._action.capitalize()} cancelled; nothing was changed.")
+        elif self._outcome == "failed":
+            self.status.setText(f"{self._action.capitalize()} failed; see the notification.")
+        self._set_running(False)
+        self.run_finished.emit(f"{self._action} {self._outcome}")
+
+    def _set_running(self, running: bool) -> None:
+        for button in (self.train_button, self.load_button, self.compute_button, self.add_pair_button):
+            button.setEnabled(not running)
+        self.save_button.setEnabled(not running and self.model is not None)
+        self.seed_button.setEnabled(not running and self.model is not None)
+        self.cancel_button.setEnabled(running)

@@ -1,0 +1,280 @@
+"""Dock widget: paint an object on one slice of a volume and carry it through the whole volume.
+
+It reads an image layer and the user's labels layer holding the painted prompt(s), runs
+:func:`~napari_openseg.core.propagate.iter_propagate` in a worker (progress bar, Cancel), and writes
+the result into the plugin's own labels layer ``"<image> propagated"``, never into the painted layer.
+While it runs, a preview layer fills in slice by slice and the confidence plot grows. Correction
+loop: fix any slice of the output layer (start with "Go to least confident slice"), then press
+"Run again with corrections": the fixed slices become pinned prompts. Weights and device are the
+viewer's session choice (set in the Segment widget).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_openseg.core.fronts import DIRECTIONS
+from napari_openseg.core.memory import DEFAULT_CAPACITY
+from napari_openseg.core.propagate import PropagationResult, iter_propagate
+from napari_openseg.errors import OpenSegError
+
+from ._confidence_plot import ConfidencePlot
+from ._controls import LayerCombo, form_row, is_image, is_user_labels
+from ._layers import current_slice, layer_image, put_output_layer, remove_owned_layers, slice_axis
+from ._session import get_session, unwrap_viewer
+from ._threading import WorkHandle, report_error, run_in_background
+
+AXIS_AUTO = "auto (the viewer's slider)"
+ROLE, PREVIEW_ROLE = "propagation", "propagation-preview"
+
+
+class PropagationWidget(QWidget):
+    """Propagate painted prompts through a volume.
+
+    Signals: ``run_finished(str)`` with ``"done"``, ``"cancelled"`` or ``"failed"``;
+    ``preview_updated(int)`` with the number of steps shown so far.
+    """
+
+    run_finished = Signal(str)
+    preview_updated = Signal(int)
+
+    def __init__(self, napari_viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer = unwrap_viewer(napari_viewer)
+        self.session = get_session(napari_viewer)
+        self.result: PropagationResult | None = None
+        self.output = None
+        self._handle: WorkHandle | None = None
+        self._run: dict = {}
+        self._preview = None
+        self._outcome = "failed"
+
+        form = QFormLayout()
+        self.image_combo = form_row(form, "Image", LayerCombo(napari_viewer, is_image), "the volume to segment")
+        self.prompt_combo = form_row(
+            form, "Painted prompt", LayerCombo(napari_viewer, is_user_labels),
+            "your labels layer with the object painted on one or more slices (it is never changed)",
+        )
+        self.label_values = form_row(
+            form, "Label values", QLineEdit(), "comma-separated label values to propagate (empty: every painted one)"
+        )
+        self.label_values.setPlaceholderText("all painted labels")
+        self.bank_size = form_row(form, "Memory bank size", QSpinBox(), "M: slices remembered per object")
+        self.bank_size.setRange(1, 256)
+        self.bank_size.setValue(DEFAULT_CAPACITY)
+        self.axis_combo = form_row(form, "Slice axis", QComboBox(), "the axis to propagate along")
+        self.axis_combo.addItems([AXIS_AUTO, "0", "1", "2"])
+        self.direction_combo = form_row(
+            form, "Direction", QComboBox(), "from each painted slice: both ways, or towards higher/lower indices"
+        )
+        self.direction_combo.addItems(list(DIRECTIONS))
+        self.unordered = form_row(
+            form, "", QCheckBox("Slices are unrelated 2D images"),
+            "one-prompt segmentation of a stack: images are taken in order of similarity, not stack order",
+        )
+
+        self.run_button = QPushButton("Run")
+        self.again_button = QPushButton("Run again with corrections")
+        self.again_button.setToolTip("fix slices in the output layer first; they become pinned prompts")
+        self.cancel_button = QPushButton("Cancel")
+        self.weakest_button = QPushButton("Go to least confident slice")
+        self.plot = ConfidencePlot()
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        buttons = QHBoxLayout()
+        for button in (self.run_button, self.again_button, self.cancel_button):
+            buttons.addWidget(button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(QLabel("Confidence per slice"))
+        layout.addWidget(self.plot)
+        layout.addWidget(self.weakest_button)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.run_button.clicked.connect(lambda: self.run())
+        self.again_button.clicked.connect(lambda: self.run(corrections=True))
+        self.cancel_button.clicked.connect(self.cancel)
+        self.weakest_button.clicked.connect(self.go_to_least_confident)
+        self.plot.slice_clicked.connect(self.go_to_slice)
+        napari_viewer.dims.events.current_step.connect(self._follow_slider)
+        self.destroyed.connect(lambda *_: napari_viewer.dims.events.current_step.disconnect(self._follow_slider))
+        self._set_running(False)
+
+    # --- running -----------------------------------------------------------------------------
+
+    def _inputs(self, corrections: bool) -> dict:
+        source = self.image_combo.current()
+        painted = self.prompt_combo.current()
+        if source is None:
+            raise OpenSegError("open a volume (File > Open) to propagate through")
+        image, rgb = layer_image(source)
+        axis = slice_axis(self.viewer, source) if self.axis_combo.currentText() == AXIS_AUTO else int(
+            self.axis_combo.currentText())
+        text = self.label_values.text().replace(",", " ").split()
+        try:
+            values = [int(v) for v in text] or None
+        except ValueError as err:
+            raise OpenSegError(f"label values must be whole numbers separated by commas, got {self.label_values.text()!r}") from err
+        if corrections:
+            if self.result is None or self.output is None or self.output not in self.viewer.layers:
+                raise OpenSegError("run once first, then fix slices in the output layer and run again")
+            if self._run.get("source") is not source:
+                raise OpenSegError(f"the last run was on '{self._run['source'].name}': choose that image again")
+            prompt, complete = self.result.with_corrections(self._run["prompt"], np.asarray(self.output.data))
+            if complete == self.result.complete_slices:
+                raise OpenSegError(
+                    f"no slice of '{self.output.name}' was changed: fix a slice there first "
+                    "(try 'Go to least confident slice')"
+                )
+            axis = self.result.axis
+        else:
+            if painted is None:
+                raise OpenSegError("add a labels layer and paint the object on one slice (the prompt)")
+            prompt, complete = np.array(painted.data), []
+        return {"source": source, "image": np.asarray(image), "rgb": rgb, "prompt": prompt,
+                "complete": complete, "axis": axis, "values": values}
+
+    def run(self, corrections: bool = False) -> WorkHandle | None:
+        """Start a run (returns its handle), or show what is missing and return ``None``."""
+        if self._handle is not None and self._handle.running:
+            report_error(OpenSegError("a run is in progress: wait for it or press Cancel"), "Propagate")
+            return None
+        try:
+            self._run = self._inputs(corrections)
+        except OpenSegError as err:
+            report_error(err, "Propagate")
+            return None
+        run = self._run
+        run["started"] = time.perf_counter()
+        run["live"] = np.full(np.shape(run["image"])[run["axis"]] if run["image"].ndim > 2 else 0, np.nan)
+        options = {
+            "axis": run["axis"], "label_values": run["values"], "complete_slices": run["complete"],
+            "bank_size": self.bank_size.value(), "direction": self.direction_combo.currentText(),
+            "unordered": self.unordered.isChecked(), "device": self.session.device, "rgb": run["rgb"],
+        }
+        weights = self.session.weights
+        self._outcome = "failed"
+        self._set_running(True)
+        self.status.setText(f"Propagating through '{run['source'].name}' with {weights}…")
+        self._handle = run_in_background(
+            lambda: iter_propagate(run["image"], run["prompt"], weights, **options),
+            "Propagate",
+            on_done=self._show_result,
+            on_progress=self._show_step,
+            on_finished=self._finished,
+        )
+        return self._handle
+
+    def cancel(self) -> None:
+        """Stop after the slice in progress; no layer is changed."""
+        if self._handle is not None and self._handle.running:
+            self._handle.cancel()
+            self._outcome = "cancelled"
+            self.status.setText("Cancelling after the current slice…")
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.again_button.setEnabled(not running and self.result is not None)
+        self.cancel_button.setEnabled(running)
+        self.weakest_button.setEnabled(not running and self.result is not None)
+
+    def _show_step(self, step) -> None:
+        payload = step.payload
+        source = self._run.get("source")
+        if "slice" not in payload or source not in self.viewer.layers:
+            return
+        s, live = payload["slice"], self._run["live"]
+        live[s] = np.fmin(live[s], payload["confidence"]) if np.isfinite(live[s]) else payload["confidence"]
+        self.plot.set_values(live)
+        if self._preview is None:
+            shape = np.shape(self._run["prompt"])
+            self._preview = put_output_layer(self.viewer, source, np.zeros(shape, np.uint32), role=PREVIEW_ROLE,
+                                             name=f"{source.name} (propagating)", opacity=0.5)
+        plane = np.moveaxis(self._preview.data, self._run["axis"], 0)[s]
+        plane[payload["mask"]] = payload["label"]
+        self._preview.refresh()
+        self.preview_updated.emit(step.done)
+
+    def _show_result(self, result: PropagationResult) -> None:
+        self._drop_preview()
+        source = self._run["source"]
+        if source not in self.viewer.layers:
+            self.status.setText(f"'{source.name}' was closed during the run; nothing was added")
+            return
+        self.result = result
+        # A copy: painting on the layer must not change the result that corrections are found against.
+        self.output = put_output_layer(self.viewer, source, result.labels.copy(), role=ROLE,
+                                       name=f"{source.name} propagated")
+        self.plot.set_values(result.slice_confidence())
+        self._outcome = "done"
+        seconds = time.perf_counter() - self._run["started"]
+        weakest = result.least_confident_slice()
+        text = f"Done in {seconds:.1f} s: '{self.output.name}'."
+        if weakest is not None:
+            text += (f" Least confident: slice {weakest} ({result.slice_confidence()[weakest]:.2f}). Fix slices "
+                     f"in '{self.output.name}', then press 'Run again with corrections'.")
+        self.status.setText(text)
+
+    def _finished(self) -> None:
+        self._drop_preview()
+        if self._outcome == "cancelled":
+            self.status.setText("Cancelled; no layer was changed.")
+            self.plot.set_values(self.result.slice_confidence() if self.result is not None else [])
+        elif self._outcome == "failed":
+            self.status.setText("The run failed; see the notification.")
+        self._set_running(False)
+        self.run_finished.emit(self._outcome)
+
+    def _drop_preview(self) -> None:
+        remove_owned_layers(self.viewer, [self._preview])
+        self._preview = None
+
+    # --- navigation --------------------------------------------------------------------------
+
+    def go_to_least_confident(self) -> int | None:
+        """Move the viewer to the weakest slice and select the output layer for fixing."""
+        weakest = self.result.least_confident_slice() if self.result is not None else None
+        if weakest is None:
+            report_error(OpenSegError("no confidence yet: run a propagation first"), "Propagate")
+            return None
+        self.go_to_slice(weakest)
+        if self.output is not None and self.output in self.viewer.layers:
+            self.viewer.layers.selection.active = self.output
+        return weakest
+
+    def go_to_slice(self, index: int) -> None:
+        source = self._run.get("source")
+        if self.result is None or source not in self.viewer.layers:
+            return
+        axis = self.result.axis
+        offset = self.viewer.dims.ndim - source.ndim
+        point = np.asarray(source.world_to_data(np.asarray(self.viewer.dims.point)[offset:]), float)
+        point[axis] = index
+        self.viewer.dims.set_point(offset + axis, float(np.asarray(source.data_to_world(point))[axis]))
+        self.plot.set_current(index)
+
+    def _follow_slider(self, event=None) -> None:
+        source = self._run.get("source")
+        if self.result is None or source not in self.viewer.layers:
+            return
+        try:
+            self.plot.set_current(current_slice(self.viewer, source, self.result.axis))
+        except OpenSegError:
+            self.plot.set_current(None)

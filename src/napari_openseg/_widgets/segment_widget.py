@@ -1,0 +1,336 @@
+"""Dock widget that segments one image layer, or every open image layer, from the support set.
+
+The run happens in a worker thread (:mod:`._threading`) with a progress bar counting slices.
+While it runs, the slices fill in batch by batch in a read-only preview (see :mod:`._preview`): a new
+``"<name> (running)"`` layer that becomes the output ``"<name> openseg"`` at the end, or, when
+the plugin's earlier output is to be replaced, that output layer itself. The result counts only
+when the whole run has finished: Cancel or an error removes the new layer, or gives the earlier
+output its earlier array back, so every layer ends as it was. Probability layers (optional) are
+added at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from napari_openseg.core.device import available_devices
+from napari_openseg.core.support import SupportSet
+from napari_openseg.errors import OpenSegError
+from napari_openseg.model.registry import DEFAULT_WEIGHTS, REGISTRY, is_available
+
+from ._controls import LayerCombo, form_row, is_image
+from ._layers import layer_image, put_output_layer, slice_axis
+from ._preview import Preview
+from ._segment_job import Query, iter_segment_queries
+from ._session import connect_widget, get_session, unwrap_viewer
+from ._threading import WorkHandle, report_error, run_in_background
+
+BATCH = "All open image layers"
+WEIGHTS_FILE = "Weights file…"
+AXIS_AUTO = "auto (the viewer's slider)"
+
+
+class SegmentationWidget(QWidget):
+    """Segment query layers with the viewer's support set.
+
+    Signals: ``run_finished(str)`` with ``"done"``, ``"cancelled"`` or ``"failed"``;
+    ``preview_updated(int)`` with the number of slices shown so far.
+    """
+
+    run_finished = Signal(str)
+    preview_updated = Signal(int)
+
+    def __init__(self, napari_viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.viewer = napari_viewer = unwrap_viewer(napari_viewer)
+        self.session = get_session(napari_viewer)
+        self._handle: WorkHandle | None = None
+        self._preview = Preview(napari_viewer, output_role="segmentation")
+        self._sources: list = []
+        self._axes: list[int] = []
+        self._cancel_requested = False
+        self._outcome = "failed"
+        self._started = 0.0
+
+        form = QFormLayout()
+        self.query_combo = form_row(
+            form, "Query", LayerCombo(napari_viewer, is_image, extra_items=(BATCH,)),
+            "the image to segment, or all open image layers (one output each)",
+        )
+        self.weights_combo = form_row(form, "Weights", QComboBox(), "network weights used for the run")
+        self.weights_path = QLineEdit()
+        self.weights_path.setPlaceholderText("path to a .pt weights file")
+        browse = QPushButton("…")
+        browse.setMaximumWidth(30)
+        browse.clicked.connect(self._browse_weights)
+        self._file_row = QWidget()
+        row = QHBoxLayout(self._file_row)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.weights_path)
+        row.addWidget(browse)
+        form.addRow("", self._file_row)
+        self.weights_note = QLabel()
+        self.weights_note.setWordWrap(True)
+        form.addRow("", self.weights_note)
+        self.device_combo = form_row(form, "Device", QComboBox(), "where the network runs")
+        self.device_combo.addItems(["auto", *available_devices()])
+        self.support_size = form_row(
+            form, "Support size S", QSpinBox(), "examples shown to the network per prediction"
+        )
+        self.support_size.setRange(1, 256)
+        self.support_size.setValue(16)
+        self.ensemble = form_row(
+            form, "Ensemble K", QSpinBox(), "predictions from different support subsets, averaged"
+        )
+        self.ensemble.setRange(1, 32)
+        self.threshold = form_row(
+            form, "Threshold", QDoubleSpinBox(), "minimum probability for a pixel to be labelled"
+        )
+        self.threshold.setRange(0.0, 1.0)
+        self.threshold.setSingleStep(0.05)
+        self.threshold.setValue(0.5)
+        self.axis_combo = form_row(form, "Slice axis", QComboBox(), "axis of a volume to segment along")
+        self.axis_combo.addItems([AXIS_AUTO, "0", "1", "2"])
+        self.probabilities = form_row(
+            form, "", QCheckBox("Add probability layers"), "one image layer per task with its probability"
+        )
+
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self._fill_weights()
+        self.weights_combo.currentIndexChanged.connect(self._weights_changed)
+        self.weights_path.editingFinished.connect(self._weights_changed)
+        self.device_combo.currentIndexChanged.connect(self._weights_changed)
+        connect_widget(self.session.support_changed, self, self._support_changed)
+        self._weights_changed()
+        self._support_changed(self.session.support)
+
+    # --- weights -----------------------------------------------------------------------------
+
+    def _fill_weights(self) -> None:
+        self.weights_combo.addItem(DEFAULT_WEIGHTS)
+        if is_available("universeg-v1"):
+            self.weights_combo.addItem("universeg-v1")
+        self.weights_combo.addItem(WEIGHTS_FILE)
+        chosen = self.session.weights
+        if chosen in REGISTRY and self.weights_combo.findText(chosen) >= 0:
+            self.weights_combo.setCurrentText(chosen)
+        elif chosen not in REGISTRY:
+            self.weights_combo.setCurrentText(WEIGHTS_FILE)
+            self.weights_path.setText(chosen)
+
+    def set_weights(self, spec: str | Path) -> None:
+        """Choose weights by registry name or file path (for scripts and tests)."""
+        spec = str(spec)
+        if self.weights_combo.findText(spec) >= 0 and spec != WEIGHTS_FILE:
+            self.weights_combo.setCurrentText(spec)
+        else:
+            self.weights_path.setText(spec)
+            self.weights_combo.setCurrentText(WEIGHTS_FILE)
+        self._weights_changed()
+
+    def _weights_changed(self, *_args) -> None:
+        from_file = self.weights_combo.currentText() == WEIGHTS_FILE
+        self._file_row.setVisible(from_file)
+        spec = self.weights_path.text().strip() if from_file else self.weights_combo.currentText()
+        if spec:
+            self.session.set_model(weights=spec, device=self.device_combo.currentText())
+        if from_file:
+            note = "" if not spec or Path(spec).is_file() else "this file does not exist"
+        elif is_available(spec):
+            entry = REGISTRY[spec]
+            short_licence = entry.licence.split(";")[0].split(" (")[0]
+            note = f"{'bundled' if entry.bundled else 'downloaded'}; licence: {short_licence}"
+            self.weights_note.setToolTip(f"{entry.description}.\nLicence: {entry.licence}")
+        else:
+            note = (
+                f"'{spec}' is not installed in this copy of napari-openseg: choose '{WEIGHTS_FILE}' and "
+                "pick a .pt file"
+            )
+        self.weights_note.setText(note)
+
+    def weights_spec(self) -> str:
+        """The chosen weights as a name or a path, or an ``OpenSegError`` saying how to get some."""
+        if self.weights_combo.currentText() == WEIGHTS_FILE:
+            path = self.weights_path.text().strip()
+            if not path:
+                raise OpenSegError("choose a weights file (the … button next to Weights)")
+            if not Path(path).expanduser().is_file():
+                raise OpenSegError(f"weights file {path} does not exist; choose another file")
+            return str(Path(path).expanduser())
+        name = self.weights_combo.currentText()
+        if not is_available(name):
+            raise OpenSegError(
+                f"the weights '{name}' are not installed in this copy of napari-openseg; choose "
+                f"'{WEIGHTS_FILE}' under Weights and pick a .pt file (or reinstall napari-openseg)"
+            )
+        return name
+
+    def _browse_weights(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Weights file", "", "PyTorch weights (*.pt *.pth)")
+        if path:
+            self.set_weights(path)
+
+    # --- running -----------------------------------------------------------------------------
+
+    def _queries(self) -> tuple[list, list[Query]]:
+        choice = self.query_combo.current()
+        layers = self.query_combo.layers() if choice == BATCH else [choice]
+        if not layers or layers[0] is None:
+            raise OpenSegError("open an image (File > Open, or File > Open Sample > OpenSeg) to segment")
+        queries = []
+        for layer in layers:
+            data, rgb = layer_image(layer)
+            if self.axis_combo.currentText() == AXIS_AUTO:
+                axis = slice_axis(self.viewer, layer)
+            else:
+                axis = int(self.axis_combo.currentText())
+                if layer.ndim < 3:
+                    axis = 0
+                elif axis >= layer.ndim:
+                    raise OpenSegError(f"layer '{layer.name}' has no axis {axis}; choose 0, 1 or 2")
+            queries.append(Query(layer.name, data, rgb, axis))
+        return layers, queries
+
+    def run(self) -> WorkHandle | None:
+        """Start a run (returns its handle), or show what is missing and return ``None``."""
+        if self._handle is not None and self._handle.running:
+            report_error(OpenSegError("a run is in progress: wait for it or press Cancel"), "Segment")
+            return None
+        try:
+            support = self.session.support
+            if not len(support):
+                raise OpenSegError(
+                    "no support set yet: paint a structure, then press 'Add current slice' in the "
+                    "Support set widget"
+                )
+            support.validate()
+            layers, queries = self._queries()
+            weights = self.weights_spec()
+        except OpenSegError as err:
+            report_error(err, "Segment")
+            return None
+        # a snapshot, so that editing the support set during the run does not change it
+        snapshot = SupportSet(entries=list(support.entries), metadata=dict(support.metadata))
+        options = {
+            "device": self.device_combo.currentText(),
+            "support_size": self.support_size.value(),
+            "ensemble": self.ensemble.value(),
+            "threshold": self.threshold.value(),
+            "keep_probabilities": self.probabilities.isChecked(),
+        }
+        self._sources = layers
+        self._axes = [query.axis for query in queries]
+        self._cancel_requested = False
+        self._outcome = "failed"
+        self._started = time.perf_counter()
+        self._set_running(True)
+        self._preview.prepare(0, layers[0])
+        self.status.setText(f"Segmenting {len(layers)} image{'s' if len(layers) != 1 else ''}…")
+        self._handle = run_in_background(
+            lambda: iter_segment_queries(queries, snapshot, weights, **options),
+            "Segment",
+            on_done=self._write_outputs,
+            on_progress=self._show_batch,
+            on_finished=self._finished,
+        )
+        return self._handle
+
+    def cancel(self) -> None:
+        """Stop the run after the batch in progress; nothing is written."""
+        if self._handle is not None and self._handle.running:
+            self._cancel_requested = True
+            self._handle.cancel()
+            self.status.setText("Cancelling after the current batch…")
+
+    def _set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.cancel_button.setEnabled(running)
+
+    def _show_batch(self, step) -> None:
+        payload = step.payload
+        if "labels" not in payload:
+            return
+        index = payload["query"]
+        source = self._sources[index]
+        if source not in self.viewer.layers:
+            return
+        self._preview.write(index, source, self._axes[index], payload["start"], payload["stop"], payload["labels"])
+        self.preview_updated.emit(step.done)
+
+    def _write_outputs(self, results) -> None:
+        written, missing = [], []
+        for index, (source, result) in enumerate(zip(self._sources, results, strict=True)):
+            if source not in self.viewer.layers:  # closed during the run: nothing to attach it to
+                missing.append(source.name)
+                continue
+            name = f"{source.name} openseg"
+            layer = self._preview.promote(index, source, result.labels, name=name)
+            if layer is None:
+                layer = put_output_layer(self.viewer, source, result.labels, role="segmentation", name=name)
+            written.append(layer)
+            if result.probabilities is not None:
+                for value in result.label_values:
+                    put_output_layer(
+                        self.viewer, source, result.probability(value), role=f"probability:{value}",
+                        name=f"{source.name} p(label {value})", layer_type="image",
+                        colormap="magma", contrast_limits=(0.0, 1.0), blending="additive", visible=False,
+                    )
+        self._preview.drop()
+        self._outcome = "done"
+        seconds = time.perf_counter() - self._started
+        text = f"Done in {seconds:.1f} s: {', '.join(layer.name for layer in written) or 'no layer'}"
+        if missing:
+            text += f" (skipped closed layers: {', '.join(missing)})"
+        self.status.setText(text)
+
+    def _finished(self) -> None:
+        self._preview.drop()
+        if self._cancel_requested and self._outcome != "done":
+            self._outcome = "cancelled"
+            self.status.setText("Cancelled; no layer was changed.")
+        elif self._outcome == "failed":
+            self.status.setText("The run failed; see the notification.")
+        self._set_running(False)
+        self.run_finished.emit(self._outcome)
+
+    def _support_changed(self, support: SupportSet) -> None:
+        if self._handle is not None and self._handle.running:
+            return
+        counts = support.counts()
+        self.status.setText(
+            "No support set yet: build one in the support-set widget."
+            if not counts
+            else f"Support set: {len(support)} entries, tasks {', '.join(map(str, counts))}."
+        )

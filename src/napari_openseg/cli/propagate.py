@@ -1,0 +1,77 @@
+"""``openseg propagate``: a volume and its painted slice(s) -> the whole volume's labels.
+
+The prompt file holds the painted slice(s) and zeros elsewhere, with the image's shape. To correct a
+run, paint the fixed slice into the prompt file (or copy it from the output) and run again; list a
+slice with ``--complete-slices`` when an object was erased there, so that it stops there.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+BANK_SIZE = 16  # core.memory.DEFAULT_CAPACITY, spelled out so that building the parser imports no torch
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "propagate", help="carry objects painted on one or more slices through a volume"
+    )
+    parser.add_argument("--image", required=True, metavar="VOL", help="volume or 2D stack (NIfTI, TIFF, NPY)")
+    parser.add_argument("--prompt", required=True, metavar="LABELS", help="labels of the image's shape: painted slice(s), zeros elsewhere")
+    parser.add_argument("--out", required=True, metavar="OUT", help="output labels file (.nii.gz, .tif, .npy)")
+    parser.add_argument("--axis", type=int, default=0, metavar="A", help="slice axis (default 0)")
+    parser.add_argument("--bank-size", type=int, default=BANK_SIZE, metavar="M", help="M: memory bank size per object (default %(default)s)")
+    parser.add_argument("--weights", metavar="NAME|PATH", help="weights name (openseg-default, universeg-v1) or file path")
+    parser.add_argument("--json", metavar="OUT", help="also write the per-slice confidence to this JSON file")
+    parser.add_argument("--label-values", type=int, nargs="+", metavar="V", help="only these painted labels")
+    parser.add_argument("--complete-slices", type=int, nargs="+", default=[], metavar="S",
+                        help="slices whose labels are complete: an object absent there stops there")
+    parser.add_argument("--unordered", action="store_true",
+                        help="the slices are an unordered stack of 2D images (one-prompt segmentation)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the support draws")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from ..core.propagate import iter_propagate
+    from ..io import atomic_path, check_writable, read_image, write_image
+    from ._progress import with_progress_bar
+
+    check_writable(args.out, args.overwrite)  # refuse before any work is done
+    if args.json:
+        check_writable(args.json, args.overwrite)
+    image = read_image(args.image)
+    prompt = read_image(args.prompt)
+    result = with_progress_bar(
+        iter_propagate(
+            image.data,
+            prompt.data,
+            args.weights,
+            axis=args.axis,
+            label_values=args.label_values,
+            complete_slices=args.complete_slices,
+            bank_size=args.bank_size,
+            unordered=args.unordered,
+            device=args.device,
+            seed=args.seed,
+        ),
+        f"propagate {image.name}",
+    )
+    write_image(args.out, result.labels, image, overwrite=args.overwrite)
+    summary = result.summary()
+    if args.json:
+        report = {"image": str(args.image), "prompt": str(args.prompt), "out": str(args.out),
+                  "weights": args.weights or "openseg-default", **summary}
+        with atomic_path(args.json, args.overwrite) as tmp:
+            tmp.write_text(json.dumps(report, indent=1) + "\n")
+    counts = {v: int((result.labels == v).sum()) for v in result.label_values}
+    print(f"{args.out}: voxels per label {counts}")
+    weakest = summary["least_confident_slice"]
+    if weakest is not None:
+        print(f"mean confidence {summary['mean_confidence']:.3f}; least confident slice {weakest} "
+              f"({summary['slices'][weakest]['confidence']:.3f}): check it first")
+    return 0

@@ -1,0 +1,77 @@
+"""The order in which propagation visits slices.
+
+Ordered volumes: from every painted slice of an object a *front* moves away, one slice at a time, in
+each chosen direction. Between two painted slices whose fronts come towards each other, each slice
+belongs to the nearer one (a tie goes to the lower slice), so they meet half-way; a front ends at a
+blocked slice (another painted slice, or a complete slice where the object is absent). All fronts
+advance together: every front's first slice, then every front's second, and so on.
+
+Unordered stacks: each object in turn takes the remaining image most similar to an entry of its
+memory bank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import dataclass
+
+import torch
+
+from .memory import MemoryBank
+
+#: Steps along the slice axis that each direction takes from a prompt.
+DIRECTIONS = {"both": (-1, 1), "forward": (1,), "backward": (-1,)}
+
+
+@dataclass
+class Front:
+    """Slices one object's front visits, in order, and how many it has seen vanish in a row."""
+
+    label: int
+    slices: list[int]
+    vanished: int = 0
+    stopped: bool = False
+
+
+def make_fronts(label: int, pinned: list[int], blocked: set[int], n_slices: int, steps: tuple[int, ...]) -> list[Front]:
+    """A front per prompt slice and direction in ``steps`` (-1, +1); each slice goes to the nearer
+    prompt; blocked slices end fronts."""
+    fronts = []
+    for k, start in enumerate(pinned):
+        for step in steps:
+            # The next prompt's front comes the other way only when both directions run.
+            meets = 0 <= k + step < len(pinned) and -step in steps
+            neighbour = pinned[k + step] if meets else None
+            slices = []
+            s = start + step
+            while 0 <= s < n_slices and s not in blocked:
+                if neighbour is not None:
+                    mine, theirs = abs(s - start), abs(neighbour - s)
+                    if mine > theirs or (mine == theirs and step < 0):
+                        break
+                slices.append(s)
+                s += step
+            if slices:
+                fronts.append(Front(label, slices))
+    return fronts
+
+
+def ordered_schedule(fronts: list[Front]) -> Generator[tuple[Front, int], None, None]:
+    """All fronts advance together: every front's 1st slice, then every front's 2nd, ..."""
+    longest = max((len(f.slices) for f in fronts), default=0)
+    for t in range(longest):
+        for front in fronts:
+            if t < len(front.slices) and not front.stopped:
+                yield front, front.slices[t]
+
+
+def similarity_schedule(
+    remaining: dict[int, list[int]], banks: dict[int, MemoryBank], embeddings: torch.Tensor
+) -> Generator[tuple[int, int], None, None]:
+    """Unordered stacks: each object in turn takes the image most similar to an entry of its bank."""
+    while any(remaining.values()):
+        for label, left in remaining.items():
+            if not left:
+                continue
+            similarity = embeddings[left] @ banks[label].embeddings().T
+            yield label, left.pop(int(torch.argmax(similarity.max(dim=1).values)))

@@ -1,0 +1,219 @@
+"""Training-free novelty maps: prototypes of the in-context network's features, from a support set.
+
+No network is trained. For every known task ``t`` (a label value of the support set) the in-context
+network sees a query slice with a support subset of task ``t`` and yields its last decoder features
+``"C g g"`` (:func:`~napari_openseg.model.fast.fast_features`); a pixel's embedding is the
+concatenation over tasks, ``"(T C)"``. Prototypes: up to ``prototype_slices`` distinct support slices
+are embedded the same way (each with a context that leaves its own slice out, so the network cannot
+copy the answer), and every class's prototype (background = pixels of those slices that no entry
+marks) is the mean direction of its pixels' embeddings. The embedding scale is set so that those
+embeddings have unit mean length, as a trained network's are (see :mod:`~napari_openseg.core.novelty`).
+
+Scores are computed on the model grid per slice and resized back with the inverse grid mapping; the
+known-class segmentation is the nearest prototype.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator
+
+import numpy as np
+import torch
+
+from ..errors import OpenSegError
+from .device import resolve_device
+from .inference import label_dtype, support_tensors
+from .novelty import NoveltyMaps, maps_from_raw, nearest_class, score_channels
+from .novelty_model import body_mask, check_volume
+from .preprocess import from_grid, masks_to_grid, normalize_intensity, to_grid
+from .progress import Progress, run_to_end
+from .prototypes import PrototypeBank
+from .support import SupportSet
+
+log = logging.getLogger(__name__)
+
+
+def slice_key(entry) -> tuple:
+    """Which slice an entry was cut from (entries of one slice share it)."""
+    if entry.slice_index is None:
+        return (entry.source, id(entry.image))
+    return (entry.source, entry.axis, entry.slice_index)
+
+
+class InContextEmbedder:
+    """Embeds slices with the in-context network, one fixed support subset per known task."""
+
+    def __init__(self, support: SupportSet, model=None, *, support_size: int = 16, seed: int = 0,
+                 device: str | torch.device = "auto", batch_size: int = 8):
+        from ..model.fast import prepare_for_inference
+        from ..model.registry import load_model
+        from ..model.universeg import UniverSeg
+
+        self.tasks = support.validate()
+        self.support = support
+        self.device = resolve_device(device)
+        net = model if isinstance(model, UniverSeg) else load_model(model, "cpu")
+        self.net = prepare_for_inference(net, self.device, torch.float32)
+        self.grid = self.net.config.grid_size
+        self.batch_size = max(1, int(batch_size))
+        rng = np.random.default_rng(seed)
+        self.subsets = {t: support.sample(t, support_size, rng) for t in self.tasks}
+        self._encoded = {t: self._encode(self.subsets[t]) for t in self.tasks}
+
+    def _encode(self, entries):
+        from ..model.fast import encode_support
+
+        with torch.inference_mode():
+            images, masks = support_tensors(entries, self.grid, "pad", self.device, torch.float32)
+            return encode_support(self.net, images, masks)
+
+    @property
+    def dim(self) -> int:
+        return len(self.tasks) * self.net.config.decoder_channels[-1]
+
+    def embed(self, query: torch.Tensor, encoded: dict | None = None) -> torch.Tensor:
+        """``query "B 1 g g"`` -> embeddings ``"B (T C) g g"``."""
+        from ..model.fast import fast_features
+
+        encoded = encoded or self._encoded
+        with torch.inference_mode():
+            return torch.cat([fast_features(self.net, query, encoded=encoded[t]) for t in self.tasks], dim=1)
+
+    def leave_out(self, key: tuple) -> dict:
+        """Encoded supports without the entries of slice ``key`` (kept if nothing else is left)."""
+        result = {}
+        for t in self.tasks:
+            others = [e for e in self.subsets[t] if slice_key(e) != key]
+            if len(others) == len(self.subsets[t]):
+                result[t] = self._encoded[t]
+            else:
+                rest = [e for e in self.support.task(t) if slice_key(e) != key][: len(self.subsets[t])]
+                result[t] = self._encode(rest) if rest else self._encoded[t]
+        return result
+
+
+def _prototype_slices(support: SupportSet, limit: int, seed: int) -> list[tuple[tuple, np.ndarray, np.ndarray]]:
+    """Distinct support slices ``(key, image "H W", class label map "H W")``; unmarked pixels are 0."""
+    by_image: dict[tuple, list] = {}
+    for entry in support.entries:
+        by_image.setdefault(slice_key(entry), []).append(entry)
+    groups = list(by_image.values())
+    rng = np.random.default_rng(seed)
+    if len(groups) > limit:
+        groups = [groups[i] for i in sorted(rng.choice(len(groups), limit, replace=False))]
+    slices = []
+    for group in groups:
+        labels = np.zeros(group[0].image.shape, np.int64)
+        for entry in group:
+            labels[entry.mask] = entry.label
+        slices.append((slice_key(group[0]), group[0].image, labels))
+    return slices
+
+
+def build_bank(embedder: InContextEmbedder, prototype_slices: int = 16, seed: int = 0) -> PrototypeBank:
+    """Prototype bank of the support's classes (background 0 included) in the embedder's space."""
+    values = [0] + list(embedder.tasks)
+    bank = PrototypeBank(values, embedder.dim, momentum=0.0)
+    all_emb, all_cls = [], []
+    for key, image, labels in _prototype_slices(embedder.support, prototype_slices, seed):
+        query, _ = to_grid(torch.from_numpy(image[None]).float().to(embedder.device), embedder.grid)
+        emb = embedder.embed(query, embedder.leave_out(key))[0]  # "E g g"
+        for index, value in enumerate(values):
+            cls_mask = masks_to_grid(torch.from_numpy(labels[None] == value).to(embedder.device), embedder.grid)
+            picked = cls_mask[0, 0].bool()
+            if picked.any():
+                all_emb.append(emb[:, picked].T.cpu())
+                all_cls.append(torch.full((int(picked.sum()),), index))
+    embeddings, classes = torch.cat(all_emb), torch.cat(all_cls)
+    bank.set_from_means(embeddings, classes)
+    if not bank.ready:
+        raise OpenSegError(f"no support pixels for classes {bank.missing_classes()}")
+    bank.embedding_scale = float(1.0 / embeddings.norm(dim=1).mean().clamp_min(1e-8))
+    return bank
+
+
+def _slices(volume: np.ndarray, axis: int) -> np.ndarray:
+    if not -3 <= axis < 3:
+        raise OpenSegError(f"slice axis must be 0, 1 or 2, got {axis}")
+    return np.moveaxis(volume, axis, 0)
+
+
+def seed_unknown_from(embedder: InContextEmbedder, bank: PrototypeBank, image: np.ndarray,
+                      seed_mask: np.ndarray, axis: int = 0) -> None:
+    """Seed ``bank``'s unknown prototype from one painted instance (``seed_mask``) in ``image``."""
+    image = check_volume(image)
+    seed_mask = np.asarray(seed_mask, bool)
+    if seed_mask.shape != image.shape or not seed_mask.any():
+        raise OpenSegError("the unknown seed must be a non-empty mask of the seed image's shape")
+    stack, masks = _slices(normalize_intensity(image), axis), _slices(seed_mask, axis)
+    found = []
+    for index in np.flatnonzero(masks.any(axis=(1, 2))):
+        query, _ = to_grid(torch.from_numpy(stack[index][None]).to(embedder.device), embedder.grid)
+        picked = masks_to_grid(torch.from_numpy(masks[index][None]).to(embedder.device), embedder.grid)[0, 0].bool()
+        if picked.any():
+            found.append(embedder.embed(query)[0][:, picked].T.cpu())
+    if not found:
+        raise OpenSegError("the unknown seed is thinner than one model-grid pixel; paint a larger region")
+    bank.seed_unknown(torch.cat(found), "one painted instance (training-free)")
+
+
+def iter_training_free_novelty(
+    image: np.ndarray,
+    support: SupportSet,
+    model=None,
+    *,
+    axis: int = 0,
+    support_size: int = 16,
+    seed: int = 0,
+    mask: np.ndarray | None = None,
+    unknown_seed: tuple[np.ndarray, np.ndarray] | None = None,
+    prototype_slices: int = 16,
+    cosine_weight: float = 0.5,
+    batch_size: int = 8,
+    device: str | torch.device = "auto",
+    keep_raw: bool = False,
+) -> Generator[Progress, None, NoveltyMaps]:
+    """Novelty maps of a ``"D H W"`` volume from a support set, with no training.
+
+    ``model``: in-context weights name, file or network (default weights when None);
+    ``unknown_seed``: optional ``(image, mask)`` with one painted instance of an unseen structure
+    (adapting it on unlabelled embeddings is offered for trained models only).
+    Yields progress per batch of slices; returns :class:`~napari_openseg.core.novelty.NoveltyMaps`.
+    """
+    image = check_volume(image)
+    mask = body_mask(image) if mask is None else np.asarray(mask, bool)
+    if mask.shape != image.shape:
+        raise OpenSegError(f"mask of shape {mask.shape} does not match the volume of shape {image.shape}")
+    embedder = InContextEmbedder(support, model, support_size=support_size, seed=seed, device=device,
+                                 batch_size=batch_size)
+    bank = build_bank(embedder, prototype_slices, seed)
+    if unknown_seed is not None:
+        seed_unknown_from(embedder, bank, unknown_seed[0], unknown_seed[1], axis)
+    stack = _slices(normalize_intensity(image), axis)
+    n = stack.shape[0]
+    raw = np.zeros((4, *stack.shape), np.float32)
+    nearest = np.zeros(stack.shape, np.int64)
+    yield Progress(0, n, "training-free novelty")
+    for start in range(0, n, embedder.batch_size):
+        stop = min(n, start + embedder.batch_size)
+        query, mapping = to_grid(torch.from_numpy(np.ascontiguousarray(stack[start:stop])).to(embedder.device),
+                                 embedder.grid)
+        emb = embedder.embed(query)  # "b E g g"
+        flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
+        scores = score_channels(flat, bank).reshape(emb.shape[0], *emb.shape[2:], 4).permute(0, 3, 1, 2)
+        raw[:, start:stop] = from_grid(scores, mapping).permute(1, 0, 2, 3).cpu().numpy()
+        near = nearest_class(flat, bank).reshape(emb.shape[0], 1, *emb.shape[2:]).float()
+        nearest[start:stop] = from_grid(near, mapping)[:, 0].round().long().cpu().numpy()
+        yield Progress(stop, n, "training-free novelty")
+    raw = np.moveaxis(raw, 1, axis % 3 + 1)
+    values = np.asarray(bank.class_values, dtype=label_dtype(max(bank.class_values)))
+    segmentation = np.moveaxis(values[nearest], 0, axis)
+    return maps_from_raw(raw, mask, bank.num_classes, bank.unknown is not None, cosine_weight, segmentation,
+                         keep_raw)
+
+
+def training_free_novelty(image: np.ndarray, support: SupportSet, model=None, **kwargs) -> NoveltyMaps:
+    """Run :func:`iter_training_free_novelty` to the end."""
+    return run_to_end(iter_training_free_novelty(image, support, model, **kwargs))
+

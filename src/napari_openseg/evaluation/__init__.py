@@ -1,0 +1,1 @@
+"""Evaluation of in-context segmentation weights against baselines on labelled folders."""

@@ -1,0 +1,243 @@
+"""Training a MedOpenSeg novelty model on the user's labelled volumes (known classes only).
+
+Each step draws ``batch_size`` patches of ``roi_size`` with MONAI transforms (class-balanced crop
+centres, intensity scale/shift, optional flips), runs the network, updates the prototype bank by its
+moving average from the batch's (detached) embeddings, and minimises Dice-CE on the segmentation head
+plus ``pgr_weight`` times the prototype-guided loss on the embedding head. Voxels whose label value is
+in ``ignore_values`` (for example structures held out as unseen) take part in no loss and no prototype.
+
+The random state of the transforms is reset from ``(seed, step)`` at every step, so a run resumed from
+a checkpoint draws the same patches as an uninterrupted one. Checkpoints (a model file plus optimizer
+state and step, :mod:`~napari_openseg.core.novelty_model`) are written atomically after every epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.device import resolve_device
+from ..core.novelty_model import (
+    NoveltyModel,
+    check_volume,
+    class_indices,
+    labels_to_working,
+    model_from_payload,
+    read_model_file,
+    to_working,
+)
+from ..core.preprocess import normalize_intensity
+from ..core.progress import Progress, run_to_end
+from ..core.prototypes import PrototypeBank
+from ..core.support import check_labels
+from ..errors import OpenSegError
+from .novelty_losses import IGNORE, dice_ce_loss, prototype_guided_loss
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NoveltyTrainSettings:
+    """Everything that defines a training run (stored in the model file's ``info``)."""
+
+    epochs: int = 20
+    samples_per_volume: int = 4
+    batch_size: int = 2
+    learning_rate: float = 3e-4
+    weight_decay: float = 1e-5
+    momentum: float = 0.9
+    pgr_weight: float = 1.0
+    lambda_pc: float = 0.01
+    feature_size: int = 12
+    embedding_dim: int = 128
+    roi_size: tuple[int, int, int] = (64, 64, 64)
+    depths: tuple[int, ...] = (2, 2, 2, 2)
+    num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    downsample: int = 1
+    flips: bool = False
+    ignore_values: tuple[int, ...] = ()
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.roi_size = tuple(int(r) for r in self.roi_size)
+        self.depths = tuple(int(d) for d in self.depths)
+        self.num_heads = tuple(int(h) for h in self.num_heads)
+        self.ignore_values = tuple(int(v) for v in self.ignore_values)
+        for name in ("epochs", "samples_per_volume", "batch_size", "downsample"):
+            if getattr(self, name) < 1:
+                raise OpenSegError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise OpenSegError(f"the learning rate must be > 0, got {self.learning_rate}")
+        from ..model.medopenseg import MedOpenSegConfig
+
+        try:  # refuse a bad architecture before any data is read
+            MedOpenSegConfig(feature_size=self.feature_size, embedding_dim=self.embedding_dim,
+                             roi_size=self.roi_size, depths=self.depths, num_heads=self.num_heads)
+        except ValueError as err:
+            raise OpenSegError(str(err)) from err
+
+
+@dataclass
+class TrainingResult:
+    """The trained model and the loss after every step."""
+
+    model: NoveltyModel
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+
+
+def _prepare(images, labels, settings: NoveltyTrainSettings) -> tuple[list[dict], list[int]]:
+    if len(images) != len(labels) or not images:
+        raise OpenSegError(f"give one labels volume per image: got {len(images)} image(s) and {len(labels)} labels")
+    pairs = []
+    for image, label in zip(images, labels):
+        image = check_volume(image)
+        label = check_labels(label, image.shape)
+        pairs.append((image, label))
+    present = sorted(set().union(*(np.unique(lab).tolist() for _, lab in pairs)) - set(settings.ignore_values))
+    values = sorted(set(present) | {0})
+    if len(values) < 2:
+        raise OpenSegError("the labels hold no known class besides background: paint at least one structure")
+    data = []
+    for image, label in pairs:
+        vol = to_working(normalize_intensity(image), settings.downsample)[0, 0].numpy()
+        small = labels_to_working(label, settings.downsample)
+        classes = class_indices(small, values, IGNORE)
+        for ignored in settings.ignore_values:
+            classes[small == ignored] = IGNORE
+        data.append({"image": vol, "classes": classes[None].astype(np.int64)})
+    return data, values
+
+
+def _transforms(settings: NoveltyTrainSettings, num_classes: int):
+    from monai import transforms as T
+
+    # Class index K stands for ignored voxels during cropping: never chosen as a patch centre.
+    keys = ["image", "crop_classes"]
+    steps = [
+        T.SpatialPadd(keys=[*keys, "classes"], spatial_size=settings.roi_size, mode="constant"),
+        T.ClassesToIndicesd(keys="crop_classes", num_classes=num_classes + 1),
+        T.RandCropByLabelClassesd(
+            keys=["image", "classes"], label_key="crop_classes", spatial_size=settings.roi_size,
+            num_classes=num_classes + 1, ratios=[1.0] * num_classes + [0.0],
+            num_samples=settings.batch_size, indices_key="crop_classes_cls_indices",
+            allow_smaller=False,
+        ),
+        T.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+        T.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+    ]
+    if settings.flips:
+        steps += [T.RandFlipd(keys=["image", "classes"], prob=0.5, spatial_axis=axis) for axis in range(3)]
+    return T.Compose(steps)
+
+
+def _batch(data: list[dict], step: int, transform, settings: NoveltyTrainSettings, k: int, device):
+    item = data[step % len(data)]
+    crop = np.where(item["classes"] == IGNORE, k, item["classes"])
+    transform.set_random_state(seed=(settings.seed * 1_000_003 + step) % (2**32))
+    samples = transform({"image": item["image"][None], "classes": item["classes"], "crop_classes": crop})
+    images = torch.stack([torch.as_tensor(np.asarray(s["image"]), dtype=torch.float32) for s in samples])
+    targets = torch.stack([torch.as_tensor(np.asarray(s["classes"]))[0].long() for s in samples])
+    return images.to(device), targets.to(device)
+
+
+def iter_train_novelty(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    settings: NoveltyTrainSettings | None = None,
+    *,
+    checkpoint: str | Path | None = None,
+    resume: bool = False,
+    device: str | torch.device = "auto",
+) -> Generator[Progress, None, TrainingResult]:
+    """Train on ``images`` (``"D H W"`` volumes) with ``labels`` of the same shapes.
+
+    Every label value present (except ``settings.ignore_values``) is a known class; 0 is background.
+    ``checkpoint``: file written after each epoch; with ``resume`` an existing one is continued
+    (its settings win, except ``epochs``). Yields progress per step with the loss in ``payload``.
+    """
+    from ..model.medopenseg import MedOpenSeg, MedOpenSegConfig
+
+    settings = settings or NoveltyTrainSettings()
+    torch_device = resolve_device(device)
+    state = None
+    if resume and checkpoint is not None and Path(checkpoint).is_file():
+        state = read_model_file(checkpoint)
+        if "training" not in state:
+            raise OpenSegError(f"{checkpoint} holds a finished model, not a training checkpoint")
+        saved = dict(state["training"]["settings"], epochs=settings.epochs)
+        settings = NoveltyTrainSettings(**saved)
+    data, values = _prepare(images, labels, settings)
+    k = len(values)
+    if state is not None:
+        model = model_from_payload(state, torch_device)
+        if model.class_values != values:
+            raise OpenSegError(f"{checkpoint} was trained on classes {model.class_values}, these labels hold {values}")
+    else:
+        torch.manual_seed(settings.seed)
+        config = MedOpenSegConfig(num_classes=k, feature_size=settings.feature_size,
+                                  embedding_dim=settings.embedding_dim, roi_size=settings.roi_size,
+                                  depths=settings.depths, num_heads=settings.num_heads)
+        bank = PrototypeBank(values, settings.embedding_dim, settings.momentum)
+        model = NoveltyModel(MedOpenSeg(config).to(torch_device), bank, values, settings.downsample)
+    net = model.network.train()
+    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    start, losses = 0, []
+    if state is not None:
+        optimizer.load_state_dict(state["training"]["optimizer"])
+        start, losses = int(state["training"]["step"]), list(state["training"]["losses"])
+    steps_per_epoch = math.ceil(len(data) * settings.samples_per_volume / settings.batch_size)
+    total = settings.epochs * steps_per_epoch
+    transform = _transforms(settings, k)
+    model.info = {"trained_steps": start, "settings": _settings_dict(settings), "class_values": values}
+    log.info("training %d classes %s on %d volume(s): %d steps on %s", k, values, len(data), total, torch_device)
+    yield Progress(start, total, "training")
+    began = time.perf_counter()
+    for step in range(start, total):
+        images_t, targets = _batch(data, step, transform, settings, k, torch_device)
+        logits, embeddings = net(images_t)
+        valid = targets != IGNORE
+        model.bank.update(embeddings.detach().permute(0, 2, 3, 4, 1)[valid], targets[valid])
+        seg = dice_ce_loss(logits, targets)
+        pgr, _, _ = prototype_guided_loss(embeddings, targets, model.bank.prototypes.to(torch_device),
+                                          settings.lambda_pc)
+        loss = seg + settings.pgr_weight * pgr
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        done = step + 1
+        epoch = math.ceil(done / steps_per_epoch)
+        if checkpoint is not None and (done % steps_per_epoch == 0 or done == total):
+            model.info["trained_steps"] = done
+            model.save(checkpoint, training={"optimizer": optimizer.state_dict(), "step": done,
+                                             "losses": losses, "settings": _settings_dict(settings)})
+        yield Progress(done, total, f"epoch {epoch}/{settings.epochs} loss {losses[-1]:.3f}",
+                       {"loss": losses[-1], "segmentation_loss": float(seg.detach()),
+                        "prototype_loss": float(pgr.detach()), "epoch": epoch, "step": done})
+    log.info("trained %d steps in %.0f s", total - start, time.perf_counter() - began)
+    model.info["trained_steps"] = total
+    model.network.eval()
+    return TrainingResult(model=model, losses=losses, steps=total)
+
+
+def _settings_dict(settings: NoveltyTrainSettings) -> dict:
+    data = asdict(settings)
+    data["roi_size"] = list(settings.roi_size)
+    data["ignore_values"] = list(settings.ignore_values)
+    data["depths"] = list(settings.depths)
+    data["num_heads"] = list(settings.num_heads)
+    return data
+
+
+def train_novelty(images, labels, settings: NoveltyTrainSettings | None = None, **kwargs) -> TrainingResult:
+    """Run :func:`iter_train_novelty` to the end."""
+    return run_to_end(iter_train_novelty(images, labels, settings, **kwargs))

@@ -1,0 +1,305 @@
+"""Episodic training of a UniverSeg network, resumable and seeded.
+
+Each step draws a batch of episodes (:func:`~napari_openseg.training.episodes.training_batch`, a pure
+function of ``(seed, step)``), runs the fast formulation (:func:`~napari_openseg.model.fast.fast_forward`),
+and takes an Adam step on the soft Dice loss. Mixed precision (bfloat16, or float16 with a gradient
+scaler where bfloat16 is unsupported) is used on CUDA only.
+
+Run folder (``out_dir``): ``checkpoint.pt`` (model, optimiser, step, RNG state, config, history; written
+atomically), ``weights.pt`` (latest weights, napari-openseg weights format), ``best.pt`` (best mean
+validation Dice) and ``log.jsonl`` (one JSON record per logged step and per validation).
+Resuming loads ``checkpoint.pt`` and continues the same run: same batches, same optimiser state.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Generator
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from ..core.device import resolve_device
+from ..core.progress import Progress, run_to_end
+from ..errors import OpenSegError
+from ..io import atomic_path
+from ..model.fast import fast_forward
+from ..model.registry import network_from_file, save_weights
+from ..model.universeg import UniverSeg, build_network
+from .episodes import EpisodeConfig, Episodes, episode_loss, hard_dice, training_batch, validation_episodes
+from .synth import SynthConfig
+from .tasks import TaskBank, build_bank, shared_volumes
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "napari-openseg training checkpoint"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; stored in its checkpoint."""
+
+    steps: int = 20000
+    widths: tuple[int, ...] = (32, 32, 32, 32)
+    grid: int = 64
+    lr: float = 5e-4
+    warmup: int = 200
+    decay_start: int | None = None
+    grad_clip: float = 1.0
+    bce_weight: float = 0.0
+    seed: int = 0
+    episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
+    real_families: tuple[str, ...] = ("hippocampus",)
+    init_weights: str | None = None
+    val_every: int = 500
+    val_support: int = 8
+    val_per_task: int = 8
+    val_synthetic: int = 48
+    checkpoint_every: int = 100
+    log_every: int = 10
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["widths"] = list(self.widths)
+        data["real_families"] = list(self.real_families)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        data = dict(data)
+        data["episodes"] = EpisodeConfig(**data.get("episodes", {}))
+        data["widths"] = tuple(data.get("widths", cls.widths))
+        data["real_families"] = tuple(data.get("real_families", ()))
+        return cls(**data)
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, constant, then (from ``decay_start``) cosine decay to zero at ``steps``."""
+    lr = config.lr * min(1.0, (step + 1) / max(1, config.warmup))
+    if config.decay_start is not None and step >= config.decay_start:
+        span = max(1, config.steps - config.decay_start)
+        lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, (step - config.decay_start) / span)))
+    return lr
+
+
+def real_banks(config: TrainConfig, data_dir: Path | None) -> tuple[TaskBank | None, TaskBank | None]:
+    """Training bank (train split of ``real_families``) and validation bank (hippocampus val split)."""
+    if not config.real_families or config.episodes.real_fraction <= 0:
+        return None, None
+    if data_dir is None:
+        raise OpenSegError("real training tasks need ../shared/data (or $OPENSEG_SHARED_DATA); "
+                           "pass --real-fraction 0 to train on synthetic tasks only")
+    train_volumes, val_volumes = shared_volumes(data_dir, "train"), shared_volumes(data_dir, "val")
+    unknown = set(config.real_families) - set(train_volumes)
+    if unknown:
+        raise OpenSegError(f"unknown real families {sorted(unknown)}; known: {sorted(train_volumes)}")
+    every = config.episodes.empty_fraction > 0  # empty queries also come from a volume's unlabelled ends
+    train = build_bank([v for f in config.real_families for v in train_volumes[f]], config.grid, all_slices=every)
+    val = (build_bank(val_volumes["hippocampus"], config.grid, all_slices=every)
+           if "hippocampus" in config.real_families else None)
+    return train, val
+
+
+def _validation_sets(config: TrainConfig, val_bank: TaskBank | None) -> dict[str, Episodes]:
+    empty = config.val_per_task // 2 if config.episodes.empty_fraction > 0 else 0
+    return validation_episodes(val_bank, config.val_support, config.val_per_task, config.val_synthetic,
+                               synth=SynthConfig(size=config.grid), empty_per_task=empty)
+
+
+def _new_network(config: TrainConfig) -> UniverSeg:
+    torch.manual_seed(config.seed)
+    if config.init_weights:
+        source = network_from_file(config.init_weights)
+        net = build_network(source.config.encoder_channels, grid_size=config.grid)
+        net.load_state_dict(source.state_dict())
+        return net
+    return build_network(config.widths, grid_size=config.grid)
+
+
+def _to_device(episodes: Episodes, device: torch.device) -> tuple[torch.Tensor, ...]:
+    cl = torch.channels_last
+    return (episodes.query.to(device).contiguous(memory_format=cl), episodes.query_masks.to(device),
+            episodes.support_images.to(device), episodes.support_masks.to(device))
+
+
+@torch.no_grad()
+def validate(net: UniverSeg, sets: dict[str, Episodes], device: torch.device, batch: int = 16) -> dict[str, float]:
+    """Mean hard Dice (threshold 0.5) per family of fixed validation episodes."""
+    net.eval()
+    scores = {}
+    for family, episodes in sets.items():
+        query, masks, images, labels = _to_device(episodes, device)
+        dice = []
+        for start in range(0, len(query), batch):
+            sl = slice(start, start + batch)
+            logits = fast_forward(net, query[sl], images[sl], labels[sl])
+            dice.append(hard_dice(logits > 0, masks[sl]))
+        scores[family] = float(torch.cat(dice).mean())
+    net.train()
+    return scores
+
+
+class _Run:
+    """Mutable state of a run and how it is saved."""
+
+    def __init__(self, config: TrainConfig, out_dir: Path, device: torch.device):
+        self.config, self.out_dir, self.device = config, out_dir, device
+        self.net = _new_network(config).to(device).to(memory_format=torch.channels_last)
+        self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr)
+        self.step = 0
+        self.history: list[dict] = []
+        self.best = -1.0
+
+    def save(self) -> None:
+        payload = {
+            "format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "step": self.step,
+            "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(), "history": self.history, "best": self.best,
+        }
+        with atomic_path(self.out_dir / CHECKPOINT, overwrite=True) as tmp:
+            torch.save(payload, tmp)
+        save_weights(self.net, self.out_dir / "weights.pt", self.info())
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history, self.best = int(state["step"]), list(state["history"]), float(state["best"])
+        torch.set_rng_state(state["torch_rng"].cpu())
+        # The log may hold records past the checkpoint (a killed run); the checkpoint's history wins.
+        with atomic_path(self.out_dir / "log.jsonl", overwrite=True) as tmp:
+            tmp.write_text("".join(json.dumps(entry) + "\n" for entry in self.history))
+
+    def info(self, **extra) -> dict:
+        return {"trained_by": "napari-openseg training.trainer", "step": self.step, "seed": self.config.seed,
+                "train_config": json.dumps(self.config.to_dict()), **extra}
+
+    def record(self, entry: dict) -> None:
+        self.history.append(entry)
+        with open(self.out_dir / "log.jsonl", "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+
+def read_checkpoint_config(out_dir: Path) -> TrainConfig:
+    """The config stored in a run folder's checkpoint."""
+    path = Path(out_dir) / CHECKPOINT
+    if not path.is_file():
+        raise OpenSegError(f"{path} does not exist: nothing to resume; start a run without --resume")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise OpenSegError(f"{path} is not a napari-openseg training checkpoint")
+    return TrainConfig.from_dict(state["config"])
+
+
+def iter_train(
+    config: TrainConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    device: str = "auto",
+    data_dir: Path | None = None,
+    stop_after: int | None = None,
+) -> Generator[Progress, None, dict]:
+    """Train (or resume) the run in ``out_dir``; yields :class:`Progress` per step.
+
+    ``payload`` holds ``step``, ``loss``, ``lr``, ``images_per_s`` and, after a validation, ``val``
+    (Dice per family). ``stop_after`` ends this call after that many steps (checkpointed), as an
+    interruption would. Returns the last record.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch_device = resolve_device(device)
+    # Subnormal floats (tiny gradients, Adam moments) make CPU convolutions many times slower.
+    torch.set_flush_denormal(True)
+    if resume:
+        # A resumed run keeps its stored settings; only its length and decay may change.
+        stored = read_checkpoint_config(out_dir)
+        config = replace(stored, steps=config.steps or stored.steps,
+                         decay_start=stored.decay_start if config.decay_start is None else config.decay_start)
+    elif (out_dir / CHECKPOINT).exists():
+        raise OpenSegError(f"{out_dir} already holds a run; pass --resume to continue it or pick another folder")
+    elif config.init_weights:  # fine-tuning keeps the source's architecture
+        config = replace(config, widths=network_from_file(config.init_weights).config.encoder_channels)
+    run = _Run(config, out_dir, torch_device)
+    if resume:
+        run.load(out_dir / CHECKPOINT)
+    bank, val_bank = real_banks(config, data_dir)
+    synth = SynthConfig(size=config.grid)
+    val_sets = _validation_sets(config, val_bank)
+    amp_dtype, scaler = _amp(torch_device)
+    last: dict = {}
+    end = config.steps if stop_after is None else min(config.steps, run.step + stop_after)
+    yield Progress(run.step, config.steps, "training")
+    tick, images_seen, losses = time.perf_counter(), 0, []
+    try:
+        while run.step < end:
+            batch = training_batch(run.step, config.seed, config.episodes, bank, synth)
+            query, masks, images, labels = _to_device(batch, torch_device)
+            for group in run.optimizer.param_groups:
+                group["lr"] = learning_rate(config, run.step)
+            with torch.autocast(torch_device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = fast_forward(run.net, query, images, labels)
+            loss = episode_loss(logits, masks, config.bce_weight)
+            run.optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(run.optimizer)
+            torch.nn.utils.clip_grad_norm_(run.net.parameters(), config.grad_clip)
+            scaler.step(run.optimizer)
+            scaler.update()
+            run.step += 1
+            losses.append(loss.item())
+            images_seen += query.shape[0] * (1 + images.shape[1])
+            payload = {"step": run.step, "loss": losses[-1], "lr": learning_rate(config, run.step - 1)}
+            if run.step % config.log_every == 0 or run.step == end:
+                elapsed = time.perf_counter() - tick
+                payload.update(loss=sum(losses) / len(losses), images_per_s=images_seen / max(elapsed, 1e-9),
+                               seconds_per_step=elapsed / len(losses), support_size=int(images.shape[1]))
+                run.record(dict(payload, time=time.time()))
+                tick, images_seen, losses = time.perf_counter(), 0, []
+            if run.step % config.val_every == 0 or run.step == config.steps:
+                scores = validate(run.net, val_sets, torch_device)
+                mean = sum(scores.values()) / len(scores)
+                payload["val"] = dict(scores, mean=mean)
+                run.record({"step": run.step, "val": payload["val"], "time": time.time()})
+                if mean > run.best:
+                    run.best = mean
+                    save_weights(run.net, out_dir / "best.pt", run.info(val_dice=payload["val"]))
+            if run.step % config.checkpoint_every == 0 or run.step == end or "val" in payload:
+                run.save()
+            last = payload
+            yield Progress(run.step, config.steps, "training", payload)
+    except BaseException:
+        # Keep what was learnt since the last checkpoint (also on Ctrl-C), then let the error through.
+        run.save()
+        raise
+    return last
+
+
+def _amp(device: torch.device):
+    """Autocast dtype (None on CPU) and a gradient scaler (a no-op unless float16)."""
+    if device.type != "cuda":
+        return None, torch.amp.GradScaler("cpu", enabled=False)
+    if torch.cuda.is_bf16_supported():
+        return torch.bfloat16, torch.amp.GradScaler("cuda", enabled=False)
+    return torch.float16, torch.amp.GradScaler("cuda")
+
+
+def train(config: TrainConfig, out_dir: str | Path, **kwargs) -> dict:
+    """Run :func:`iter_train` to the end; returns the last record."""
+    return run_to_end(iter_train(config, out_dir, **kwargs))
+
+
+def validation_dice(weights: str | Path, data_dir: Path | None, config: TrainConfig | None = None) -> dict[str, float]:
+    """The run's validation Dice (hippocampus val split, held-out synthetic families) of a weights file."""
+    config = config or TrainConfig()
+    net = network_from_file(weights)
+    config = replace(config, grid=net.config.grid_size)
+    _, val_bank = real_banks(config, data_dir)
+    sets = _validation_sets(config, val_bank)
+    scores = validate(net, sets, torch.device("cpu"))
+    return dict(scores, mean=sum(scores.values()) / len(scores))

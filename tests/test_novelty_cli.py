@@ -1,0 +1,103 @@
+"""``openseg novelty train | seed | map`` on tiny NIfTI files."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from napari_openseg.cli import main
+from napari_openseg.core.novelty_model import NoveltyModel
+from napari_openseg.io import ImageData, read_image, write_image
+
+from ._novelty_data import sphere_volume
+
+AFFINE = np.diag([1.5, 2.0, 2.5, 1.0])
+AFFINE[:3, 3] = [10.0, -20.0, 5.0]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    image, labels = sphere_volume()
+    reference = ImageData(image, affine=AFFINE, header=nib.Nifti1Header())
+    write_image(folder / "vol.nii.gz", image, reference)
+    write_image(folder / "lab.nii.gz", labels, reference)
+    blob = (image > 0.9).astype(np.uint8)
+    write_image(folder / "seed.nii.gz", blob, reference)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_file(files):
+    torch.set_num_threads(2)
+    code = main(["novelty", "train", "--image", str(files / "vol.nii.gz"), "--labels", str(files / "lab.nii.gz"),
+                 "--out", str(files / "model.pt"), "--epochs", "1", "--samples-per-volume", "1",
+                 "--batch-size", "1", "--roi", "32", "32", "64", "--embedding-dim", "8", "--device", "cpu"])
+    assert code == 0
+    return files / "model.pt"
+
+
+def test_train_writes_a_model_and_a_checkpoint(model_file, capsys):
+    model = NoveltyModel.load(model_file)
+    assert model.class_values == [0, 1, 2] and model.info["trained_steps"] == 1
+    assert (model_file.parent / "model.ckpt.pt").is_file()
+    assert "training" not in torch.load(model_file, weights_only=True)
+
+
+def test_map_writes_fused_scores_and_segmentation_with_the_input_affine(model_file, files, capsys):
+    scores = files / "scores"
+    scores.mkdir()
+    out = files / "novelty.nii.gz"
+    assert main(["novelty", "map", "--model", str(model_file), "--image", str(files / "vol.nii.gz"),
+                 "--out", str(out), "--scores-out", str(scores), "--device", "cpu"]) == 0
+    assert "adaptive threshold" in capsys.readouterr().out
+    for path in (out, *(scores / f"novelty_{k}.nii.gz" for k in ("cosine", "distance", "segmentation", "novel"))):
+        assert np.allclose(nib.load(str(path)).affine, AFFINE), path
+    fused = read_image(out).data
+    assert fused.shape == (32, 32, 64) and fused.dtype == np.float32
+    assert 0 <= fused.min() and fused.max() <= 1
+    assert set(np.unique(read_image(scores / "novelty_segmentation.nii.gz").data)) <= {0, 1, 2}
+    # an existing output is refused unless --overwrite
+    assert main(["novelty", "map", "--model", str(model_file), "--image", str(files / "vol.nii.gz"),
+                 "--out", str(out), "--device", "cpu"]) == 2
+    assert "exists" in capsys.readouterr().err
+
+
+def test_seed_then_map_with_the_unknown_prototype(model_file, files, capsys):
+    seeded = files / "seeded.pt"
+    assert main(["novelty", "seed", "--model", str(model_file), "--image", str(files / "vol.nii.gz"),
+                 "--mask", str(files / "seed.nii.gz"), "--out", str(seeded), "--device", "cpu"]) == 0
+    assert NoveltyModel.load(seeded).bank.unknown is not None
+    assert NoveltyModel.load(model_file).bank.unknown is None  # the input model is untouched
+    out = files / "seeded_novelty.npy"
+    assert main(["novelty", "map", "--model", str(seeded), "--image", str(files / "vol.nii.gz"),
+                 "--out", str(out), "--adapt-unknown", "2", "--device", "cpu"]) == 0
+    blob = read_image(files / "seed.nii.gz").data > 0
+    fused = np.load(out)
+    assert fused[blob].mean() > fused[~blob & (fused > 0)].mean()
+
+
+def test_training_free_map_from_a_support_file(files, tiny_weights, capsys):
+    from napari_openseg.core.support import build_support_set
+
+    image, labels = sphere_volume()
+    build_support_set(image, labels, axis=0).save(files / "support.npz")
+    out = files / "free.nii.gz"
+    assert main(["novelty", "map", "--support", str(files / "support.npz"), "--weights", str(tiny_weights),
+                 "--image", str(files / "vol.nii.gz"), "--out", str(out), "--device", "cpu"]) == 0
+    assert read_image(out).data.shape == (32, 32, 64)
+
+
+def test_user_mistakes_get_a_message(files, capsys):
+    assert main(["novelty", "train", "--image", str(files / "vol.nii.gz"), "--image", str(files / "vol.nii.gz"),
+                 "--labels", str(files / "lab.nii.gz"), "--out", str(files / "x.pt")]) == 2
+    assert "one --labels per --image" in capsys.readouterr().err
+    assert main(["novelty", "train", "--image", str(files / "vol.nii.gz"), "--labels", str(files / "lab.nii.gz"),
+                 "--out", str(files / "x.pt"), "--roi", "30", "32", "64"]) == 2
+    assert "divisible by 32" in capsys.readouterr().err
+    assert main(["novelty", "map", "--model", str(files / "missing.pt"), "--image", str(files / "vol.nii.gz"),
+                 "--out", str(files / "y.nii.gz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (files / "x.pt").exists() and not (files / "y.nii.gz").exists()

@@ -1,0 +1,150 @@
+"""MedOpenSeg network, losses, training (with resume), model files and whole-volume maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_openseg.core.novelty_map import novelty_map, unknown_seed_embeddings, window_starts
+from napari_openseg.core.novelty_model import NoveltyModel, body_mask, class_indices
+from napari_openseg.errors import OpenSegError
+from napari_openseg.model.medopenseg import MedOpenSeg, MedOpenSegConfig
+from napari_openseg.training.novelty_losses import dice_ce_loss, prototype_guided_loss
+from napari_openseg.training.novelty_train import _batch, _prepare, _transforms, train_novelty
+
+from ._novelty_data import SHAPE, sphere_volume, tiny_settings
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two training steps on the synthetic volume, with a checkpoint."""
+    torch.set_num_threads(2)
+    folder = tmp_path_factory.mktemp("novelty")
+    image, labels = sphere_volume()
+    result = train_novelty([image], [labels], tiny_settings(), checkpoint=folder / "ckpt.pt", device="cpu")
+    return result, folder / "ckpt.pt"
+
+
+def test_network_heads_have_the_documented_shapes():
+    torch.manual_seed(0)
+    config = MedOpenSegConfig(num_classes=3, embedding_dim=5, roi_size=(32, 32, 64), depths=(1, 1, 1, 1),
+                              num_heads=(1, 1, 1, 1))
+    net = MedOpenSeg(config).eval()
+    with torch.no_grad():
+        logits, embeddings = net(torch.rand(2, 1, 32, 32, 64))
+    assert logits.shape == (2, 3, 32, 32, 64) and embeddings.shape == (2, 5, 32, 32, 64)
+    assert net.embed.kernel_size == (1, 1, 1)
+    with pytest.raises(ValueError, match="divisible by 32"):
+        net(torch.rand(1, 1, 32, 32, 48))
+    with pytest.raises(ValueError, match="feature_size must be a multiple of 12"):
+        MedOpenSegConfig(feature_size=16)
+    with pytest.raises(ValueError, match="at least one side >= 64"):
+        MedOpenSegConfig(roi_size=(32, 32, 32))
+
+
+def test_dice_ce_ignores_voxels_marked_minus_one():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 3, 2, 4, 4)
+    target = torch.randint(0, 3, (1, 2, 4, 4))
+    target[..., :2] = -1
+    changed = logits.clone()
+    changed[..., :2] = 100 * torch.randn(1, 3, 2, 4, 2)  # only ignored voxels differ
+    assert torch.allclose(dice_ce_loss(logits, target), dice_ce_loss(changed, target))
+    perfect = 50 * torch.nn.functional.one_hot(target.clamp_min(0), 3).permute(0, 4, 1, 2, 3).float()
+    assert dice_ce_loss(perfect, target) < 0.05 < dice_ce_loss(-perfect, target)
+    assert dice_ce_loss(logits, torch.full_like(target, -1)) == 0
+
+
+def test_prototype_guided_loss_matches_the_formula():
+    prototypes = torch.eye(2)
+    emb = torch.tensor([[1.0, 0.0], [0.0, 2.0]]).T.reshape(1, 2, 1, 1, 2)  # voxel 0 = (1, 0), voxel 1 = (0, 2)
+    target = torch.tensor([0, 1]).reshape(1, 1, 1, 2)
+    total, ca, pc = prototype_guided_loss(emb, target, prototypes, lambda_pc=0.5)
+    # squared distances: voxel 0 -> (0, 2); voxel 1 -> (5, 1)
+    expected_ca = (-torch.log_softmax(torch.tensor([0.0, -2.0]), 0)[0]
+                   - torch.log_softmax(torch.tensor([-5.0, -1.0]), 0)[1]) / 2
+    assert ca == pytest.approx(float(expected_ca), abs=1e-6)
+    assert pc == pytest.approx((0.0 + 1.0) / 2)
+    assert total == pytest.approx(float(expected_ca) + 0.25, abs=1e-6)
+
+
+def test_patches_depend_only_on_seed_and_step():
+    image, labels = sphere_volume()
+    settings = tiny_settings(roi_size=(32, 32, 64))
+    data, values = _prepare([image], [labels], settings)
+    assert values == [0, 1, 2]
+    transform = _transforms(settings, len(values))
+    a = _batch(data, 3, transform, settings, 3, "cpu")
+    _batch(data, 4, transform, settings, 3, "cpu")
+    b = _batch(data, 3, _transforms(settings, len(values)), settings, 3, "cpu")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_training_writes_a_resumable_checkpoint_that_carries_the_prototypes(trained, tmp_path):
+    result, checkpoint = trained
+    assert result.steps == 2 and len(result.losses) == 2 and all(np.isfinite(result.losses))
+    model = NoveltyModel.load(checkpoint)  # weights_only loading of a checkpoint works
+    assert model.class_values == [0, 1, 2] and model.bank.ready
+    assert torch.allclose(model.bank.prototypes.norm(dim=1), torch.ones(3))
+    assert torch.equal(model.bank.prototypes, result.model.bank.prototypes)
+    image, labels = sphere_volume()
+    resumed = train_novelty([image], [labels], tiny_settings(epochs=3), checkpoint=checkpoint, resume=True,
+                            device="cpu")
+    assert resumed.steps == 3 and resumed.losses[:2] == result.losses
+    assert NoveltyModel.load(checkpoint).info["trained_steps"] == 3
+    with pytest.raises(OpenSegError, match="trained on classes"):
+        train_novelty([image], [np.minimum(labels, 1)], tiny_settings(epochs=4), checkpoint=checkpoint,
+                      resume=True, device="cpu")
+
+
+def test_model_file_round_trip_and_refusals(trained, tmp_path):
+    model = trained[0].model
+    path = model.save(tmp_path / "model.pt")
+    content = torch.load(path, weights_only=True)
+    assert "training" not in content and content["class_values"] == [0, 1, 2]
+    loaded = NoveltyModel.load(path)
+    for key, value in model.network.state_dict().items():
+        assert torch.equal(loaded.network.state_dict()[key], value.cpu())
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    with pytest.raises(OpenSegError, match="not a loadable novelty model"):
+        NoveltyModel.load(tmp_path / "junk.pt")
+    torch.save({"format": "something else"}, tmp_path / "other.pt")
+    with pytest.raises(OpenSegError, match="not a napari-openseg novelty model"):
+        NoveltyModel.load(tmp_path / "other.pt")
+    with pytest.raises(OpenSegError, match="does not exist"):
+        NoveltyModel.load(tmp_path / "missing.pt")
+
+
+def test_whole_volume_map_has_the_input_shape_and_uses_the_unknown_prototype(trained):
+    model = NoveltyModel.load(trained[1])
+    image, labels = sphere_volume()
+    big = np.pad(image, ((0, 0), (0, 0), (0, 20)))  # larger than one window: two windows along x
+    maps = novelty_map(big, model, device="cpu", keep_raw=True)
+    assert maps.fused.shape == big.shape == maps.segmentation.shape
+    assert maps.raw.shape == (4, *big.shape)
+    assert 0 <= maps.fused.min() and maps.fused.max() <= 1 and not maps.used_unknown
+    assert set(np.unique(maps.segmentation)) <= {0, 1, 2}
+    assert np.all(maps.fused[~maps.mask] == 0)
+    blob = np.zeros(big.shape, bool)
+    blob[..., 47:58] = (big[..., 47:58] > 0.9)
+    seeded = model.bank.copy()
+    seeded.seed_unknown(unknown_seed_embeddings(big, blob, model, device="cpu"))
+    with_unknown = novelty_map(big, NoveltyModel(model.network, seeded, model.class_values), device="cpu",
+                               adapt_unknown=2)
+    assert with_unknown.used_unknown
+    # seeded on the blob itself, the unknown prototype must make the blob the most novel region
+    assert with_unknown.fused[blob].mean() > with_unknown.fused[maps.mask & ~blob].mean()
+    with pytest.raises(OpenSegError, match="3D volume"):
+        novelty_map(image[0], model)
+
+
+def test_helpers():
+    assert window_starts(100, 64, 0.25) == [0, 36]
+    assert window_starts(64, 64, 0.5) == [0] and window_starts(10, 64, 0.5) == [0]
+    labels = np.array([0, 3, 7, 9])
+    assert class_indices(labels, [0, 3, 7]).tolist() == [0, 1, 2, -1]
+    image, _ = sphere_volume()
+    mask = body_mask(image)
+    assert mask[16, 16, 24] and mask[16, 16, 52] and not mask[0, 0, 0]
+    assert SHAPE == image.shape

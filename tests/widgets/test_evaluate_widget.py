@@ -1,0 +1,75 @@
+"""The evaluation widget: runs `iter_evaluate` on a folder with the session's weights, shows the table,
+saves the JSON report, refuses a missing folder, and can be cancelled."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_openseg._widgets._session import get_session
+from napari_openseg._widgets.evaluate_widget import EvaluateWidget
+
+pytestmark = pytest.mark.qt
+iio = pytest.importorskip("imageio.v3")
+pytest.importorskip("sklearn")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "pictures"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    for i in range(6):
+        labels = np.zeros((24, 24), np.uint8)
+        labels[6:16, 5 + i % 2 : 15 + i % 2] = 1
+        image = (60 + 120 * labels + 10 * rng.standard_normal(labels.shape)).clip(0, 255).astype(np.uint8)
+        iio.imwrite(root / "images" / f"c{i}.png", image)
+        iio.imwrite(root / "masks" / f"c{i}.png", labels)
+    return root
+
+
+@pytest.fixture
+def widget(viewer, qtbot, tiny_weights):
+    get_session(viewer).set_model(weights=str(tiny_weights), device="cpu")
+    w = EvaluateWidget(viewer)
+    qtbot.addWidget(w)
+    return w
+
+
+def test_evaluates_a_folder_and_saves_the_report(widget, folder, tmp_path, inline):
+    widget.folder.setText(str(folder))
+    widget.support_size.setValue(2)
+    widget.max_queries.setValue(0)
+    finished = []
+    widget.run_finished.connect(finished.append)
+    widget.run()
+    assert finished == ["done"]
+    text = widget.output.toPlainText()
+    assert "label_1" in text and "pixel_classifier" in text and "S=2" in text
+    assert widget.report.settings["weights"].endswith("tiny.pt")
+    assert widget.report.task_scores("label_1")["pixel_classifier"]["mean"] > 0.8
+    out = widget.save(tmp_path / "report.json")
+    assert json.loads(out.read_text())["tasks"]["label_1"]["label_prior"]["n"] == 1
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_missing_folder_is_reported(widget, inline, errors):
+    finished = []
+    widget.run_finished.connect(finished.append)
+    widget.run()
+    assert finished == ["failed"] and "choose a labelled folder" in errors[0]
+    widget.folder.setText("/no/such/folder")
+    widget.run()
+    assert "is not a folder" in errors[-1] and widget.report is None
+    assert widget.save("/tmp/never.json") is None and "nothing to save" in errors[-1]
+
+
+def test_cancel_in_a_worker(widget, folder, qtbot, threaded):
+    widget.folder.setText(str(folder))
+    with qtbot.waitSignal(widget.run_finished, timeout=60000) as blocker:
+        widget.run()
+        widget.cancel()
+    assert blocker.args == ["cancelled"] and widget.report is None

@@ -1,0 +1,120 @@
+"""The novelty widget: train (loss shown, Cancel), load/save, seed, compute layers, live threshold."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_openseg._widgets import novelty_widget
+from napari_openseg._widgets._layers import owner_info
+from napari_openseg._widgets._session import get_session
+from napari_openseg._widgets.novelty_widget import FREE, NoveltyWidget
+from napari_openseg.core.novelty_model import NoveltyModel
+from napari_openseg.core.support import build_support_set
+from napari_openseg.training.novelty_train import train_novelty
+
+from .._novelty_data import sphere_volume, tiny_settings
+
+pytestmark = pytest.mark.qt
+
+
+@pytest.fixture(scope="module")
+def model_path(tmp_path_factory):
+    torch.set_num_threads(2)
+    image, labels = sphere_volume()
+    path = tmp_path_factory.mktemp("novelty_widget") / "model.pt"
+    return train_novelty([image], [labels], tiny_settings(), device="cpu").model.save(path)
+
+
+@pytest.fixture
+def scene(viewer, qtbot, monkeypatch):
+    image, labels = sphere_volume()
+    image_layer = viewer.add_image(image, name="vol", scale=(2.0, 1.0, 1.0))
+    labels_layer = viewer.add_labels(labels.copy(), name="known", scale=(2.0, 1.0, 1.0))
+    seed_layer = viewer.add_labels((image > 0.9).astype(np.uint8), name="seed", scale=(2.0, 1.0, 1.0))
+    get_session(viewer).set_model(device="cpu")
+    monkeypatch.setattr(novelty_widget, "NoveltyTrainSettings", lambda epochs: tiny_settings(epochs=epochs))
+    widget = NoveltyWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.image_combo.select(image_layer)
+    widget.labels_combo.select(labels_layer)
+    widget.seed_combo.select(seed_layer)
+    return widget, image_layer, labels_layer, labels
+
+
+def run(qtbot, action) -> str:
+    widget = action.__self__
+    with qtbot.waitSignal(widget.run_finished, timeout=120_000) as blocker:
+        assert action() is not None
+    return blocker.args[0]
+
+
+def test_train_shows_the_loss_and_keeps_the_model(scene, qtbot, inline, tmp_path):
+    widget, *_ = scene
+    widget.epochs.setValue(1)
+    assert run(qtbot, widget.train) == "train done"
+    assert widget.model is not None and widget.model.class_values == [0, 1, 2]
+    assert len(widget.losses) == 1 and "loss" in widget.status.text()
+    path = widget.save_model(str(tmp_path / "saved.pt"))
+    assert NoveltyModel.load(path).class_values == [0, 1, 2]
+
+
+def test_cancel_stops_training_without_a_model(scene, qtbot, threaded):
+    widget, *_ = scene
+    widget.epochs.setValue(50)
+    with qtbot.waitSignal(widget.run_finished, timeout=120_000) as blocker:
+        assert widget.train() is not None
+        widget.cancel()
+    assert blocker.args[0] == "train cancelled" and widget.model is None
+    assert "cancelled" in widget.status.text()
+
+
+def test_compute_adds_heat_map_regions_and_segmentation_and_the_slider_moves_the_threshold(
+        scene, qtbot, inline, model_path, viewer):
+    widget, image_layer, labels_layer, labels = scene
+    assert widget.load_model(str(model_path))
+    widget.extra_maps.setChecked(True)
+    assert run(qtbot, widget.compute) == "compute done"
+    heat = viewer.layers["novelty"]
+    assert owner_info(heat)["role"] == "novelty" and heat.colormap.name == "inferno"
+    assert tuple(heat.contrast_limits) == (0.0, 1.0) and heat.data.shape == labels.shape
+    assert np.allclose(heat.scale, image_layer.scale)
+    for name in ("novelty cosine", "novelty distance", "vol known classes", "novel regions"):
+        assert name in viewer.layers
+    regions = viewer.layers["novel regions"]
+    start = widget.threshold.value() / 1000  # the slider starts at the adaptive threshold
+    assert start == pytest.approx(widget.maps.threshold, abs=1e-3)
+    assert np.array_equal(regions.data.astype(bool), widget.maps.novel_regions(start))
+    widget.threshold.setValue(950)  # a higher threshold flags fewer voxels, at once
+    assert np.array_equal(regions.data.astype(bool), widget.maps.novel_regions(0.95))
+    widget.threshold.setValue(0)
+    assert regions.data.sum() >= widget.maps.novel_regions(0.95).sum()
+    assert np.array_equal(labels_layer.data, labels)  # the user's layer is untouched
+
+
+def test_seed_unknown_then_compute_uses_it(scene, qtbot, inline, model_path):
+    widget, *_ = scene
+    assert widget.load_model(str(model_path))
+    assert run(qtbot, widget.seed_unknown) == "seed done"
+    assert widget.model.bank.unknown is not None
+    assert run(qtbot, widget.compute) == "compute done" and widget.maps.used_unknown
+
+
+def test_training_free_mode_uses_the_session_support_set(scene, qtbot, inline, tiny_weights, viewer):
+    widget, _, _, labels = scene
+    image, _ = sphere_volume()
+    session = get_session(viewer)
+    session.set_model(weights=str(tiny_weights), device="cpu")
+    session.replace_support(build_support_set(image, labels, axis=0))
+    widget.mode.setCurrentText(FREE)
+    assert run(qtbot, widget.compute) == "compute done"
+    assert viewer.layers["novelty"].data.shape == labels.shape and widget.maps.used_unknown
+
+
+def test_mistakes_are_reported(scene, errors):
+    widget, *_ = scene
+    assert widget.compute() is None
+    assert "train or load a model first" in errors[-1]
+    assert widget.save_model("unused.pt") is None and "train or load" in errors[-1]
+    assert not widget.load_model("/no/such/model.pt") and "does not exist" in errors[-1]

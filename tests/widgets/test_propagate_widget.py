@@ -1,0 +1,149 @@
+"""The propagation widget: run, output layer (never the painted one), confidence plot, "Go to least
+confident slice", the correction loop, Cancel and errors."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from napari_openseg._widgets import propagate_widget
+from napari_openseg._widgets._layers import current_slice, owner_info
+from napari_openseg._widgets._session import get_session
+from napari_openseg._widgets.propagate_widget import PropagationWidget
+
+from .._blobs import disc_volume, largest_slice, one_thread
+
+pytestmark = [pytest.mark.qt, pytest.mark.usefixtures(one_thread.__name__)]
+
+
+@pytest.fixture
+def scene(viewer, qtbot, tiny_weights):
+    """A disc volume with geometry, a painted prompt on its largest slice, and the widget."""
+    image, truth = disc_volume((14, 24, 28), first=2, last=11)
+    z = largest_slice(truth)
+    painted = np.zeros_like(truth)
+    painted[z] = truth[z]
+    geometry = {"scale": (2.0, 0.5, 0.5), "translate": (4.0, 0.0, 0.0)}
+    image_layer = viewer.add_image(image, name="vol", **geometry)
+    painted_layer = viewer.add_labels(painted.copy(), name="painted", **geometry)
+    get_session(viewer).set_model(weights=str(tiny_weights), device="cpu")
+    widget = PropagationWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.image_combo.select(image_layer)
+    widget.prompt_combo.select(painted_layer)
+    widget.axis_combo.setCurrentText("0")
+    widget.bank_size.setValue(4)
+    return widget, image_layer, painted_layer, painted, z
+
+
+def run_and_wait(qtbot, widget: PropagationWidget, corrections: bool = False) -> str:
+    with qtbot.waitSignal(widget.run_finished, timeout=60_000) as blocker:
+        assert widget.run(corrections=corrections) is not None
+    return blocker.args[0]
+
+
+def names(viewer) -> list[str]:
+    return [layer.name for layer in viewer.layers]
+
+
+def test_run_writes_a_new_labels_layer_and_plots_the_confidence(viewer, qtbot, scene, threaded):
+    widget, image_layer, painted_layer, painted, z = scene
+    shown = []
+    widget.preview_updated.connect(shown.append)
+    assert run_and_wait(qtbot, widget) == "done"
+    assert names(viewer) == ["vol", "painted", "vol propagated"]  # the preview is gone
+    output = viewer.layers["vol propagated"]
+    assert owner_info(output)["role"] == "propagation"
+    assert output.data.shape == painted.shape and np.array_equal(output.data[z], painted[z])
+    assert np.allclose(output.scale, image_layer.scale) and np.allclose(output.translate, image_layer.translate)
+    assert np.array_equal(painted_layer.data, painted)  # the user's layer is untouched
+    assert shown and shown == sorted(shown)
+    values = widget.plot.values
+    assert values.shape == (14,) and np.isnan(values[z]) and np.isfinite(values).sum() >= 2
+    weakest = widget.result.least_confident_slice()
+    assert widget.plot.weakest() == weakest
+    assert f"Least confident: slice {weakest}" in widget.status.text()
+
+
+def test_go_to_least_confident_slice_then_correct_it_and_run_again(viewer, qtbot, scene, inline, errors):
+    widget, image_layer, painted_layer, painted, z = scene
+    assert run_and_wait(qtbot, widget) == "done"
+    output = widget.output
+    assert widget.run(corrections=True) is None  # nothing was fixed yet
+    assert "no slice of 'vol propagated' was changed" in errors[-1]
+
+    weakest = widget.go_to_least_confident()
+    assert current_slice(viewer, image_layer, 0) == weakest
+    assert viewer.layers.selection.active is output and widget.plot.current == weakest
+    fixed = np.zeros(output.data.shape[1:], output.data.dtype)
+    fixed[5:12, 6:14] = 1
+    output.data[weakest] = fixed  # the user's fix, painted on the output layer
+    assert run_and_wait(qtbot, widget, corrections=True) == "done"
+    assert widget.result.complete_slices == [weakest]
+    assert widget.result.prompt_slices == {1: sorted({z, weakest})}
+    assert np.array_equal(widget.output.data[weakest], fixed)
+    assert np.isnan(widget.plot.values[weakest])
+    assert np.array_equal(painted_layer.data, painted)
+
+
+def test_clicking_the_plot_moves_the_slider(viewer, qtbot, scene, inline):
+    widget, image_layer, *_ = scene
+    assert run_and_wait(qtbot, widget) == "done"
+    widget.plot.slice_clicked.emit(3)
+    assert current_slice(viewer, image_layer, 0) == 3
+    viewer.dims.set_point(0, image_layer.data_to_world((9, 0, 0))[0])
+    assert widget.plot.current == 9
+
+
+def test_cancel_changes_nothing(viewer, qtbot, scene, threaded, monkeypatch):
+    widget, _, painted_layer, painted, _ = scene
+    release = threading.Event()
+    real = propagate_widget.iter_propagate
+
+    def gated(*args, **kwargs):
+        for step in real(*args, **kwargs):
+            yield step
+            if step.payload:
+                release.wait(10)
+
+    monkeypatch.setattr(propagate_widget, "iter_propagate", gated)
+
+    def on_preview(done):
+        widget.cancel()
+        release.set()
+
+    widget.preview_updated.connect(on_preview)
+    assert run_and_wait(qtbot, widget) == "cancelled"
+    assert names(viewer) == ["vol", "painted"]
+    assert np.array_equal(painted_layer.data, painted)
+    assert widget.result is None and "Cancelled" in widget.status.text()
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_errors_are_notified(viewer, qtbot, scene, inline, errors):
+    widget, *_ = scene
+    widget.label_values.setText("1, x")
+    assert widget.run() is None and "whole numbers" in errors[-1]
+    widget.label_values.setText("4")
+    assert run_and_wait(qtbot, widget) == "failed"
+    assert "label 4 is not painted" in errors[-1]
+    widget.label_values.setText("")
+    assert widget.go_to_least_confident() is None and "run a propagation first" in errors[-1]
+    viewer.layers.remove("painted")
+    assert widget.run() is None and "paint the object" in errors[-1]
+
+
+def test_docked_from_the_plugin_menu_it_runs_on_the_real_layers(viewer, qtbot, tiny_weights, inline):
+    _, widget = viewer.window.add_plugin_dock_widget("napari-openseg", "Propagate")
+    assert widget.session is get_session(viewer)
+    image, truth = disc_volume((8, 20, 20), first=1, last=6)
+    painted = np.zeros_like(truth)
+    painted[4] = truth[4]
+    image_layer = viewer.add_image(image, name="vol")
+    viewer.add_labels(painted, name="painted")
+    assert widget.image_combo.current() is image_layer
+    get_session(viewer).set_model(weights=str(tiny_weights), device="cpu")
+    assert run_and_wait(qtbot, widget) == "done"
+    assert widget.output is viewer.layers["vol propagated"]

@@ -1,0 +1,225 @@
+"""The segmentation widget: the painted-labels workflow, Cancel, batch mode, outputs and errors."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from napari_openseg._widgets import _segment_job, segment_widget
+from napari_openseg._widgets._layers import owner_info
+from napari_openseg._widgets._session import get_session
+from napari_openseg._widgets.segment_widget import BATCH, SegmentationWidget
+from napari_openseg._widgets.support_widget import SupportSetWidget
+from napari_openseg.core.support import build_support_set
+
+from .conftest import disc_volume
+
+pytestmark = pytest.mark.qt
+
+
+def run_and_wait(qtbot, widget: SegmentationWidget) -> str:
+    with qtbot.waitSignal(widget.run_finished, timeout=60_000) as blocker:
+        assert widget.run() is not None
+    return blocker.args[0]
+
+
+def make_segmenter(viewer, qtbot, weights) -> SegmentationWidget:
+    widget = SegmentationWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.set_weights(weights)
+    return widget
+
+
+def names(viewer) -> list[str]:
+    return [layer.name for layer in viewer.layers]
+
+
+def test_workflow_paint_two_slices_build_support_segment(viewer, qtbot, tiny_weights, threaded):
+    image, mask = disc_volume(depth=12, size=32)
+    painted = np.zeros_like(mask)
+    painted[3], painted[8] = mask[3], mask[8]
+    before = painted.copy()
+    image_layer = viewer.add_image(image, name="vol", scale=(2.5, 0.5, 0.5), translate=(10.0, 0.0, 0.0))
+    labels_layer = viewer.add_labels(painted, name="painted", scale=(2.5, 0.5, 0.5), translate=(10.0, 0.0, 0.0))
+
+    support_widget = SupportSetWidget(viewer)
+    qtbot.addWidget(support_widget)
+    with qtbot.waitSignal(get_session(viewer).support_changed, timeout=30_000):
+        support_widget.add_all_slices()
+    assert [e.slice_index for e in get_session(viewer).support.entries] == [3, 8]
+
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    widget.query_combo.select(image_layer)
+    assert run_and_wait(qtbot, widget) == "done"
+
+    assert names(viewer) == ["vol", "painted", "vol openseg"]
+    output = viewer.layers["vol openseg"]
+    assert output.data.shape == image.shape and output.data.dtype == np.uint8
+    assert set(np.unique(output.data)) <= {0, 1}
+    np.testing.assert_array_equal(output.scale, image_layer.scale)
+    np.testing.assert_array_equal(output.translate, image_layer.translate)
+    np.testing.assert_array_equal(output.affine.affine_matrix, image_layer.affine.affine_matrix)
+    np.testing.assert_array_equal(labels_layer.data, before)  # the painted layer is untouched
+    assert owner_info(output)["role"] == "segmentation"
+
+    # running again replaces the layer the plugin made, and only that one
+    first = output.data
+    assert run_and_wait(qtbot, widget) == "done"
+    assert names(viewer) == ["vol", "painted", "vol openseg"]
+    assert viewer.layers["vol openseg"] is output and output.data is not first
+
+    # once the user paints on the output it is theirs: the next run makes a new layer
+    output.paint((0, 0, 0), 3, refresh=False)  # a value no run produces
+    edited = output.data.copy()
+    assert run_and_wait(qtbot, widget) == "done"
+    assert len(viewer.layers) == 4
+    np.testing.assert_array_equal(viewer.layers["vol openseg"].data, edited)
+    np.testing.assert_array_equal(labels_layer.data, before)
+
+
+@pytest.mark.parametrize("earlier_output", [False, True], ids=["first-run", "rerun"])
+def test_cancel_stops_within_a_batch_and_changes_nothing(
+    viewer, qtbot, tiny_weights, threaded, monkeypatch, earlier_output
+):
+    image, mask = disc_volume(depth=40, size=32)
+    image_layer = viewer.add_image(image, name="vol")
+    get_session(viewer).replace_support(build_support_set(image, mask, slice_indices=[5, 30]))
+    earlier = viewer.add_labels(np.full(image.shape, 7, np.uint8), name="earlier")
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    widget.query_combo.select(image_layer)
+    widget.support_size.setValue(16)  # 3 slices per CPU batch -> 14 batches
+    output = None
+    if earlier_output:
+        assert run_and_wait(qtbot, widget) == "done"
+        output = viewer.layers["vol openseg"]
+        output.name = "my result"  # renamed by the user: still the plugin's to replace
+        kept = output.data
+        kept_values = kept.copy()
+    before = names(viewer)
+
+    # hold the worker after each batch until the main thread has seen it, so the test is exact
+    release = threading.Event()
+    batches = []
+    real = _segment_job.iter_segment
+
+    def gated(*args, **kwargs):
+        for step in real(*args, **kwargs):
+            yield step
+            if step.payload:
+                batches.append(step.payload["stop"])
+                release.wait(10)
+
+    monkeypatch.setattr(_segment_job, "iter_segment", gated)
+    seen_preview = []
+
+    def on_preview(done):
+        widget.cancel()
+        release.set()
+        preview = viewer.layers["vol (running)"]
+        seen_preview.append((done, preview.editable, preview is output))
+
+
+    widget.preview_updated.connect(on_preview)
+    assert run_and_wait(qtbot, widget) == "cancelled"
+    # one batch shown, in a read-only layer: the old output itself on a rerun
+    assert seen_preview == [(3, False, earlier_output)]
+    assert len(batches) <= 2  # the batch in flight when Cancel came, at most one more
+    assert names(viewer) == before  # no preview left, no output made
+    assert np.all(earlier.data == 7)
+    if earlier_output:
+        assert output.data is kept and output.editable  # the earlier result is back, untouched
+        np.testing.assert_array_equal(output.data, kept_values)
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+    assert "Cancelled" in widget.status.text()
+
+
+def test_batch_mode_one_output_per_open_image(viewer, qtbot, tiny_weights, threaded):
+    a, mask = disc_volume(depth=6, size=32, seed=1)
+    b, _ = disc_volume(depth=9, size=40, seed=2)
+    c = a[2]
+    viewer.add_image(a, name="a", scale=(2.0, 1.0, 1.0))
+    viewer.add_image(b, name="b")
+    viewer.add_image(c, name="c 2d")
+    viewer.add_labels(mask, name="reference")  # labels are never queries
+    get_session(viewer).replace_support(build_support_set(a, mask, slice_indices=[1, 4]))
+
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    widget.query_combo.select(BATCH)
+    widget.probabilities.setChecked(True)
+    totals = []
+    widget.preview_updated.connect(totals.append)
+    assert run_and_wait(qtbot, widget) == "done"
+
+    for name, shape in (("a", a.shape), ("b", b.shape), ("c 2d", c.shape)):
+        output = viewer.layers[f"{name} openseg"]
+        assert output.data.shape == shape
+        np.testing.assert_array_equal(output.scale, viewer.layers[name].scale)
+        probability = viewer.layers[f"{name} p(label 1)"]
+        assert probability.data.shape == shape and probability.data.dtype == np.float32
+        assert 0.0 <= probability.data.min() and probability.data.max() <= 1.0
+    assert totals[-1] == 6 + 9 + 1  # progress counts slices over all images
+    assert totals == sorted(totals)
+    assert not any("(running)" in name for name in names(viewer))  # the preview is gone
+    # probability maps are not queries next time, and running again adds nothing new
+    count = len(viewer.layers)
+    assert widget.query_combo.layers() == [viewer.layers[n] for n in ("a", "b", "c 2d")]
+    assert run_and_wait(qtbot, widget) == "done"
+    assert len(viewer.layers) == count
+
+
+def test_slice_axis_choice(viewer, qtbot, tiny_weights, inline):
+    image, mask = disc_volume(depth=8, size=32)
+    viewer.add_image(image, name="vol")
+    get_session(viewer).replace_support(build_support_set(image, mask, axis=2, slice_indices=[10, 20]))
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    widget.axis_combo.setCurrentText("2")
+    counts = []
+    widget.preview_updated.connect(counts.append)
+    assert run_and_wait(qtbot, widget) == "done"
+    assert counts[-1] == 32  # 32 slices along axis 2
+    assert viewer.layers["vol openseg"].data.shape == image.shape
+
+
+def test_errors_are_notified(viewer, qtbot, tiny_weights, inline, errors, monkeypatch, tmp_path):
+    image, mask = disc_volume(depth=6, size=32)
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    assert widget.run() is None
+    assert "no support set yet" in errors[-1] and "Add current slice" in errors[-1]
+
+    get_session(viewer).replace_support(build_support_set(image, mask))
+    assert widget.run() is None
+    assert "open an image" in errors[-1]
+
+    viewer.add_image(np.zeros((4, 16, 16, 3), np.uint8), name="rgb volume", rgb=True)
+    assert widget.run() is None
+    assert "is an RGB volume" in errors[-1]
+    viewer.layers.clear()
+    viewer.add_image(image, name="vol")
+
+    monkeypatch.setattr(segment_widget, "is_available", lambda name: False)
+    widget.weights_combo.setCurrentText("openseg-default")
+    assert widget.run() is None
+    assert "are not installed" in errors[-1] and "Weights file" in errors[-1]
+    assert "not installed" in widget.weights_note.text()
+
+    widget.set_weights(tmp_path / "nowhere.pt")
+    assert widget.run() is None
+    assert "does not exist" in errors[-1]
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a weights file")
+    widget.set_weights(bad)
+    assert run_and_wait(qtbot, widget) == "failed"
+    assert "not a loadable weights file" in errors[-1]
+    assert names(viewer) == ["vol"]
+    assert widget.run_button.isEnabled()
+
+
+def test_session_records_the_model_choice(viewer, qtbot, tiny_weights):
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    session = get_session(viewer)
+    assert session.weights == str(tiny_weights)
+    widget.device_combo.setCurrentText("cpu")
+    assert session.device == "cpu"
