@@ -21,9 +21,8 @@ centred on a common canvas, shuffled; one image is prompted (three different pro
 the others are segmented in order of similarity (``unordered=True``), against prompt-only.
 
 Data: ``hippocampus`` (MSD Task04 subjects of ``--split``, default the 19 test subjects, labels 1 and
-2) and ``brain`` (the VoxelMorph scan, FreeSurfer structures ``--structures``). Note that the default
-weights were trained on slices of the VoxelMorph scan (it is a single subject; see the model card),
-so only the hippocampus rows are held out.
+2) and ``brain`` (the VoxelMorph scan, FreeSurfer structures ``--structures``). The default weights
+never saw the VoxelMorph scan or the hippocampus test subjects (see the model card).
 
 Run: ``nice -n 10 python benchmarks/bench_propagation.py [--weights NAME|PATH] [--split test]
 [--max-minutes 90] [--json OUT]``; it prints Markdown tables (docs/performance.md).

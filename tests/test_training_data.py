@@ -125,3 +125,42 @@ def test_real_tasks_cover_every_label_and_axis():
         assert np.all(np.abs(mni.tasks[0].slices[picked[1:]] - mni.tasks[0].slices[picked[0]]) >= 3)
         picked = episode_indices(bank.tasks[0], 6, rng)
         assert not np.isin(bank.tasks[0].subjects[picked[1:]], bank.tasks[0].subjects[picked[0]]).any()
+
+
+@needs_shared
+def test_empty_target_episodes_take_slices_without_the_label():
+    from napari_openseg.training.episodes import EpisodeConfig, training_batch
+    from napari_openseg.training.tasks import build_bank, sample_episode, shared_volumes
+
+    volumes = shared_volumes(SHARED_DATA, "val")["hippocampus"][:2]
+    labelled_only = build_bank(volumes, grid=32)
+    bank = build_bank(volumes, grid=32, all_slices=True)
+    assert len(bank.images) > len(labelled_only.images)  # the unlabelled ends are kept too
+    for task in bank.tasks:
+        # Every kept slice of the task's volumes and axis either holds the label or is listed as absent.
+        assert len(task.absent_ids) > 0 and not np.isin(task.absent_ids, task.image_ids).any()
+    task = bank.tasks[0]
+    images, masks = sample_episode(bank, task, 3, np.random.default_rng(0), empty_query=True)
+    assert float(masks[0].sum()) == 0 and bool(masks[1:].flatten(1).any(1).all())
+    assert any(torch.equal(images[0], bank.images[i].float()) for i in task.absent_ids)
+    batch = training_batch(0, 0, EpisodeConfig(batch_size=4, real_fraction=1.0, empty_fraction=1.0), bank)
+    assert all(s.endswith(":empty") for s in batch.sources) and float(batch.query_masks.sum()) == 0
+    plain = training_batch(0, 0, EpisodeConfig(batch_size=4, real_fraction=1.0), bank)
+    assert not any(s.endswith(":empty") for s in plain.sources) and bool(plain.query_masks.flatten(1).any(1).all())
+
+
+def test_cross_entropy_term_pushes_a_blob_off_an_empty_target():
+    from napari_openseg.training.episodes import episode_loss
+
+    target = torch.zeros(1, 1, 16, 16)
+
+    def blob_gradient(bce_weight: float) -> float:
+        logits = torch.full((1, 1, 16, 16), -8.0)
+        logits[..., 4:12, 4:12] = 8.0
+        logits.requires_grad_(True)
+        episode_loss(logits, target, bce_weight).backward()
+        return float(logits.grad[..., 4:12, 4:12].mean())
+
+    # Soft Dice alone hardly moves a confident blob (its gradient vanishes); cross-entropy does.
+    assert 0 < blob_gradient(0.0) < 1e-6
+    assert blob_gradient(1.0) > 1e-3

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QFormLayout, QLabel, QWidget
 
-from ._layers import owner_info
+from ..errors import OpenSegError
+from ._layers import owner_info, slice_axis
 
 
 class LayerCombo(QComboBox):
@@ -112,3 +113,24 @@ def form_row(form: QFormLayout, label: str, widget: QWidget, tip: str) -> QWidge
     text.setToolTip(tip)
     form.addRow(text, widget)
     return widget
+
+
+class AxisCombo(QComboBox):
+    """Slice-axis choice: "auto" (the axis the viewer's slider moves along) or 0, 1, 2."""
+
+    AUTO = "auto (the viewer's slider)"
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.addItems([self.AUTO, "0", "1", "2"])
+
+    def axis_for(self, viewer, layer) -> int:
+        """The chosen axis for ``layer``; a 2D layer always uses 0."""
+        if self.currentText() == self.AUTO:
+            return slice_axis(viewer, layer)
+        axis = int(self.currentText())
+        if layer.ndim < 3:
+            return 0
+        if axis >= layer.ndim:
+            raise OpenSegError(f"layer '{layer.name}' has no axis {axis}; choose 0, 1 or 2")
+        return axis

@@ -34,12 +34,11 @@ from napari_openseg.core.propagate import PropagationResult, iter_propagate
 from napari_openseg.errors import OpenSegError
 
 from ._confidence_plot import ConfidencePlot
-from ._controls import LayerCombo, form_row, is_image, is_user_labels
-from ._layers import current_slice, layer_image, put_output_layer, remove_owned_layers, slice_axis
+from ._controls import AxisCombo, LayerCombo, form_row, is_image, is_user_labels
+from ._layers import current_slice, layer_image, put_output_layer, remove_owned_layers
 from ._session import get_session, unwrap_viewer
 from ._threading import WorkHandle, report_error, run_in_background
 
-AXIS_AUTO = "auto (the viewer's slider)"
 ROLE, PREVIEW_ROLE = "propagation", "propagation-preview"
 
 
@@ -77,8 +76,7 @@ class PropagationWidget(QWidget):
         self.bank_size = form_row(form, "Memory bank size", QSpinBox(), "M: slices remembered per object")
         self.bank_size.setRange(1, 256)
         self.bank_size.setValue(DEFAULT_CAPACITY)
-        self.axis_combo = form_row(form, "Slice axis", QComboBox(), "the axis to propagate along")
-        self.axis_combo.addItems([AXIS_AUTO, "0", "1", "2"])
+        self.axis_combo = form_row(form, "Slice axis", AxisCombo(), "the axis to propagate along")
         self.direction_combo = form_row(
             form, "Direction", QComboBox(), "from each painted slice: both ways, or towards higher/lower indices"
         )
@@ -125,8 +123,7 @@ class PropagationWidget(QWidget):
         if source is None:
             raise OpenSegError("open a volume (File > Open) to propagate through")
         image, rgb = layer_image(source)
-        axis = slice_axis(self.viewer, source) if self.axis_combo.currentText() == AXIS_AUTO else int(
-            self.axis_combo.currentText())
+        axis = self.axis_combo.axis_for(self.viewer, source)
         text = self.label_values.text().replace(",", " ").split()
         try:
             values = [int(v) for v in text] or None

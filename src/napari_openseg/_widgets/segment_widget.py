@@ -35,8 +35,8 @@ from napari_openseg.core.support import SupportSet
 from napari_openseg.errors import OpenSegError
 from napari_openseg.model.registry import DEFAULT_WEIGHTS, REGISTRY, is_available
 
-from ._controls import LayerCombo, form_row, is_image
-from ._layers import layer_image, put_output_layer, slice_axis
+from ._controls import AxisCombo, LayerCombo, form_row, is_image
+from ._layers import layer_image, put_output_layer
 from ._preview import Preview
 from ._segment_job import Query, iter_segment_queries
 from ._session import connect_widget, get_session, unwrap_viewer
@@ -44,7 +44,6 @@ from ._threading import WorkHandle, report_error, run_in_background
 
 BATCH = "All open image layers"
 WEIGHTS_FILE = "Weights file…"
-AXIS_AUTO = "auto (the viewer's slider)"
 
 
 class SegmentationWidget(QWidget):
@@ -106,8 +105,7 @@ class SegmentationWidget(QWidget):
         self.threshold.setRange(0.0, 1.0)
         self.threshold.setSingleStep(0.05)
         self.threshold.setValue(0.5)
-        self.axis_combo = form_row(form, "Slice axis", QComboBox(), "axis of a volume to segment along")
-        self.axis_combo.addItems([AXIS_AUTO, "0", "1", "2"])
+        self.axis_combo = form_row(form, "Slice axis", AxisCombo(), "axis of a volume to segment along")
         self.probabilities = form_row(
             form, "", QCheckBox("Add probability layers"), "one image layer per task with its probability"
         )
@@ -212,14 +210,7 @@ class SegmentationWidget(QWidget):
         queries = []
         for layer in layers:
             data, rgb = layer_image(layer)
-            if self.axis_combo.currentText() == AXIS_AUTO:
-                axis = slice_axis(self.viewer, layer)
-            else:
-                axis = int(self.axis_combo.currentText())
-                if layer.ndim < 3:
-                    axis = 0
-                elif axis >= layer.ndim:
-                    raise OpenSegError(f"layer '{layer.name}' has no axis {axis}; choose 0, 1 or 2")
+            axis = self.axis_combo.axis_for(self.viewer, layer)
             queries.append(Query(layer.name, data, rgb, axis))
         return layers, queries
 
