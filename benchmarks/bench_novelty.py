@@ -136,6 +136,7 @@ def _save(args, stage: str, result: dict) -> None:
     path = args.out_dir / "results.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     data[stage] = result
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=1, default=float))
 
 

@@ -44,7 +44,12 @@ from napari_openseg.core import confidence
 from napari_openseg.core.memory import DEFAULT_FLOOR, DEFAULT_TEMPERATURE
 from napari_openseg.core.metrics import dice_score
 from napari_openseg.core.preprocess import normalize_intensity
-from napari_openseg.core.propagate import DEFAULT_DRAWS, DEFAULT_SUPPORT_SIZE, iter_propagate
+from napari_openseg.core.propagate import (
+    DEFAULT_DRAWS,
+    DEFAULT_STOP_CONFIDENCE,
+    DEFAULT_SUPPORT_SIZE,
+    iter_propagate,
+)
 from napari_openseg.io import read_image
 from napari_openseg.model.registry import load_model
 from napari_openseg.training.splits import hippocampus_splits, shared_data_dir
@@ -224,6 +229,7 @@ def main() -> None:
     parser.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
     parser.add_argument("--stop-after", type=int, default=2)
     parser.add_argument("--min-area", type=float, default=0.02)
+    parser.add_argument("--stop-confidence", type=float, default=DEFAULT_STOP_CONFIDENCE)
     parser.add_argument("--confidence-terms", nargs="+", choices=["sharpness", "agreement", "consistency"],
                         help="measures whose product is the confidence (default: the library's)")
     parser.add_argument("--no-stack", action="store_true", help="skip the one-prompt 2D stack")
@@ -240,7 +246,7 @@ def main() -> None:
     net = load_model(args.weights)
     settings = {"bank_size": args.bank_size, "draws": args.draws, "support_size": args.support_size,
                 "floor": args.floor, "temperature": args.temperature, "stop_after": args.stop_after,
-                "min_area": args.min_area, "device": "cpu"}
+                "min_area": args.min_area, "stop_confidence": args.stop_confidence, "device": "cpu"}
     deadline = time.monotonic() + 60 * args.max_minutes
     began = time.perf_counter()
 

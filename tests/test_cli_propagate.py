@@ -82,6 +82,16 @@ def test_a_prompt_of_another_shape_is_an_error_that_says_so(tmp_path, volume_fil
         "prompt.nii.gz", "tiny.pt", "vol.nii.gz", "wrong.npy"]
 
 
+def test_stop_confidence_one_leaves_only_the_painted_slice(tmp_path, volume_files, tiny_weights):
+    (image, prompt_path), prompt, _ = volume_files
+    out = tmp_path / "out.npy"
+    args = ["propagate", "--image", str(image), "--prompt", str(prompt_path), "--out", str(out),
+            "--weights", str(tiny_weights), "--device", "cpu"]
+    assert main([*args, "--stop-confidence", "1.0"]) == 0
+    assert np.array_equal(np.load(out), prompt)  # every front ended on its first two, undone, slices
+    assert main([*args, "--stop-confidence", "1.5", "--overwrite"]) == 2
+
+
 def test_the_cli_default_bank_size_is_the_library_default():
     from napari_openseg.cli.propagate import BANK_SIZE
     from napari_openseg.core.memory import DEFAULT_CAPACITY

@@ -142,6 +142,22 @@ def test_erasing_the_object_on_a_slice_stops_it_there(blob_net, disc):
     assert np.isnan(second.confidence[0, z + 4 :]).all()
 
 
+def test_a_run_of_low_confidence_slices_ends_a_front_and_is_left_empty(blob_net, disc):
+    image, truth, prompt, z = disc
+    # Every prediction's confidence is below 1: each front stops after `stop_after` slices, and the
+    # slices of that run are undone, so only the painted slice remains.
+    for stop_after in (2, 3):
+        steps, result = drain(iter_propagate(image, prompt, blob_net, stop_confidence=1.0, stop_after=stop_after,
+                                             **FAST))
+        predicted = sorted(s.payload["slice"] for s in steps[1:])
+        assert predicted == [z + d for d in range(-stop_after, stop_after + 1) if d != 0]
+        assert np.array_equal(result.labels, prompt)
+    # A floor below every confidence on the disc changes nothing there.
+    plain = propagate(image, prompt, blob_net, **FAST)
+    low = propagate(image, prompt, blob_net, stop_confidence=0.05, **FAST)
+    assert np.array_equal(plain.labels[5:19], low.labels[5:19])
+
+
 def test_one_prompt_segmentation_of_an_unordered_stack(blob_net, disc):
     image, truth, _, _ = disc
     keep = np.arange(5, 19)  # slices that show the disc
@@ -269,6 +285,8 @@ def test_bad_options_say_what_to_do(tiny_net):
         propagate(image, prompt, tiny_net, direction="up", device="cpu")
     with pytest.raises(OpenSegError, match="unknown memory policy"):
         propagate(image, prompt, tiny_net, policy="newest", device="cpu")
+    with pytest.raises(OpenSegError, match="stop_confidence in \\[0, 1\\], got 0.02, 0.5, 1.5"):
+        propagate(image, prompt, tiny_net, stop_confidence=1.5, device="cpu")
 
 
 def test_stopping_the_generator_cancels_without_a_result(tiny_net, disc):

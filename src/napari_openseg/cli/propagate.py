@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     parser.add_argument("--label-values", type=int, nargs="+", metavar="V", help="only these painted labels")
     parser.add_argument("--complete-slices", type=int, nargs="+", default=[], metavar="S",
                         help="slices whose labels are complete: an object absent there stops there")
+    parser.add_argument("--stop-confidence", type=float, metavar="C",
+                        help="slices less confident than C count towards ending an object (default 0.7; 0 = off)")
     parser.add_argument("--unordered", action="store_true",
                         help="the slices are an unordered stack of 2D images (one-prompt segmentation)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
@@ -42,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from ._progress import with_progress_bar
 
     check_writable(args.out, args.overwrite)  # refuse before any work is done
+    options = {} if args.stop_confidence is None else {"stop_confidence": args.stop_confidence}
     if args.json:
         check_writable(args.json, args.overwrite)
     image = read_image(args.image)
@@ -58,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
             unordered=args.unordered,
             device=args.device,
             seed=args.seed,
+            **options,
         ),
         f"propagate {image.name}",
     )

@@ -13,7 +13,7 @@ memory bank.
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,12 +25,16 @@ DIRECTIONS = {"both": (-1, 1), "forward": (1,), "backward": (-1,)}
 
 @dataclass
 class Front:
-    """Slices one object's front visits, in order, and how many it has seen vanish in a row."""
+    """Slices one object's front visits, in order, and how many it has seen vanish in a row.
+
+    ``doubtful`` holds the (slice, voxels written) of the current run of vanished slices whose
+    prediction was kept because only its confidence was low: if the front stops, they are undone."""
 
     label: int
     slices: list[int]
     vanished: int = 0
     stopped: bool = False
+    doubtful: list = field(default_factory=list)
 
 
 def make_fronts(label: int, pinned: list[int], blocked: set[int], n_slices: int, steps: tuple[int, ...]) -> list[Front]:
