@@ -12,6 +12,7 @@ from napari_openseg._widgets import propagate_widget
 from napari_openseg._widgets._layers import current_slice, owner_info
 from napari_openseg._widgets._session import get_session
 from napari_openseg._widgets.propagate_widget import PropagationWidget
+from napari_openseg.core.propagate import DEFAULT_STOP_CONFIDENCE
 
 from .._blobs import disc_volume, largest_slice, one_thread
 
@@ -65,6 +66,14 @@ def test_run_writes_a_new_labels_layer_and_plots_the_confidence(viewer, qtbot, s
     weakest = widget.result.least_confident_slice()
     assert widget.plot.weakest() == weakest
     assert f"Least confident: slice {weakest}" in widget.status.text()
+
+
+def test_stop_confidence_control_ends_objects_at_the_painted_slice(viewer, qtbot, scene, inline):
+    widget, _, _, painted, _ = scene
+    assert widget.stop_confidence.value() == pytest.approx(DEFAULT_STOP_CONFIDENCE)
+    widget.stop_confidence.setValue(1.0)  # every prediction is doubtful: each front ends, undone
+    assert run_and_wait(qtbot, widget) == "done"
+    assert np.array_equal(viewer.layers["vol propagated"].data, painted)
 
 
 def test_go_to_least_confident_slice_then_correct_it_and_run_again(viewer, qtbot, scene, inline, errors):

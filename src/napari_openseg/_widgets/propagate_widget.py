@@ -18,6 +18,7 @@ from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -30,7 +31,7 @@ from qtpy.QtWidgets import (
 
 from napari_openseg.core.fronts import DIRECTIONS
 from napari_openseg.core.memory import DEFAULT_CAPACITY
-from napari_openseg.core.propagate import PropagationResult, iter_propagate
+from napari_openseg.core.propagate import DEFAULT_STOP_CONFIDENCE, PropagationResult, iter_propagate
 from napari_openseg.errors import OpenSegError
 
 from ._confidence_plot import ConfidencePlot
@@ -81,6 +82,14 @@ class PropagationWidget(QWidget):
             form, "Direction", QComboBox(), "from each painted slice: both ways, or towards higher/lower indices"
         )
         self.direction_combo.addItems(list(DIRECTIONS))
+        self.stop_confidence = form_row(
+            form, "Stop below confidence", QDoubleSpinBox(),
+            "an object ends after two slices less confident than this (0: only where it vanishes); "
+            "lower it if a large structure stops too early",
+        )
+        self.stop_confidence.setRange(0.0, 1.0)
+        self.stop_confidence.setSingleStep(0.05)
+        self.stop_confidence.setValue(DEFAULT_STOP_CONFIDENCE)
         self.unordered = form_row(
             form, "", QCheckBox("Slices are unrelated 2D images"),
             "one-prompt segmentation of a stack: images are taken in order of similarity, not stack order",
@@ -164,7 +173,8 @@ class PropagationWidget(QWidget):
         options = {
             "axis": run["axis"], "label_values": run["values"], "complete_slices": run["complete"],
             "bank_size": self.bank_size.value(), "direction": self.direction_combo.currentText(),
-            "unordered": self.unordered.isChecked(), "device": self.session.device, "rgb": run["rgb"],
+            "stop_confidence": self.stop_confidence.value(), "unordered": self.unordered.isChecked(),
+            "device": self.session.device, "rgb": run["rgb"],
         }
         weights = self.session.weights
         self._outcome = "failed"

@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     parser.add_argument("--complete-slices", type=int, nargs="+", default=[], metavar="S",
                         help="slices whose labels are complete: an object absent there stops there")
     parser.add_argument("--stop-confidence", type=float, metavar="C",
-                        help="slices less confident than C count towards ending an object (default 0.7; 0 = off)")
+                        help="slices less confident than C count towards ending an object (default 0.6; 0 = off)")
     parser.add_argument("--unordered", action="store_true",
                         help="the slices are an unordered stack of 2D images (one-prompt segmentation)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")

@@ -52,8 +52,9 @@ GRID_CHUNK = 64
 #: Support sets drawn per slice and entries per set. On the hippocampus validation subjects 2 x 8
 #: gave the same Dice as 3 x 16 at 2.3 times the speed (docs/performance.md).
 DEFAULT_DRAWS, DEFAULT_SUPPORT_SIZE = 2, 8
-#: Slices less confident than this count towards stopping a front (chosen on validation subjects).
-DEFAULT_STOP_CONFIDENCE = 0.7
+#: Slices less confident than this count towards stopping a front (chosen on hippocampus validation
+#: subjects and the white matter of the bundled sample; see docs/propagation.md).
+DEFAULT_STOP_CONFIDENCE = 0.6
 #: Painted voxels get this "probability" so no prediction overwrites them.
 PAINTED = 2.0
 
