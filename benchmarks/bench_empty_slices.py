@@ -20,6 +20,7 @@ import sys
 import numpy as np
 import torch
 
+from napari_openseg.core.metrics import dice_score
 from napari_openseg.model.fast import fast_forward
 from napari_openseg.model.registry import network_from_file
 from napari_openseg.training.splits import shared_data_dir
@@ -40,7 +41,7 @@ def measure(weights: str, bank, episodes: int, support_size: int, seed: int) -> 
                         false_area.append(float(predicted.sum()))
                         continue
                     truth = masks[0] > 0.5
-                    dice.append(float(2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())))
+                    dice.append(dice_score(predicted.numpy(), truth.numpy()))
                     true_area.append(float(truth.sum()))
     false_area = np.asarray(false_area)
     return {"mean": false_area.mean(), "median": float(np.median(false_area)),
