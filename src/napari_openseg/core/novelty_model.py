@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..errors import OpenSegError
 from .preprocess import normalize_intensity
 from .prototypes import PrototypeBank
+from .tensor_files import load_format_file
 
 log = logging.getLogger(__name__)
 
@@ -89,18 +90,12 @@ def _plain(value):
 
 def read_model_file(path: str | Path) -> dict:
     """The raw content of a novelty model or checkpoint file, checked for its format."""
-    path = Path(path)
-    if not path.is_file():
-        raise OpenSegError(f"novelty model {path} does not exist; train one with `openseg novelty train`")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # damaged or foreign files raise many types
-        raise OpenSegError(
-            f"{path} is not a loadable novelty model: only plain tensors are accepted "
-            f"({str(err).splitlines()[0] if str(err) else type(err).__name__})"
-        ) from err
-    if not isinstance(content, dict) or content.get("format") != MODEL_FORMAT:
-        raise OpenSegError(f"{path} is not a napari-openseg novelty model (train one with `openseg novelty train`)")
+    content = load_format_file(
+        path, MODEL_FORMAT,
+        missing="novelty model {path} does not exist; train one with `openseg novelty train`",
+        unreadable="{path} is not a loadable novelty model: only plain tensors are accepted ({detail})",
+        foreign="{path} is not a napari-openseg novelty model (train one with `openseg novelty train`)",
+    )
     if int(content.get("version", 0)) > MODEL_VERSION:
         raise OpenSegError(f"{path} is a newer novelty-model format; upgrade napari-openseg")
     return content

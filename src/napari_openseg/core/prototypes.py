@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import OpenSegError
+from .tensor_files import load_format_file
 
 BANK_FORMAT = "napari-openseg prototype bank"
 
@@ -220,13 +221,9 @@ class PrototypeBank:
     @classmethod
     def load(cls, path: str | Path) -> PrototypeBank:
         """Read a file written by :meth:`save` (plain tensors only)."""
-        path = Path(path)
-        if not path.is_file():
-            raise OpenSegError(f"{path}: no such prototype-bank file")
-        try:
-            content = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # damaged or foreign files raise many types
-            raise OpenSegError(f"{path} is not a readable prototype-bank file ({err})") from err
-        if not isinstance(content, dict) or content.get("format") != BANK_FORMAT:
-            raise OpenSegError(f"{path} is not a napari-openseg prototype-bank file")
+        content = load_format_file(
+            path, BANK_FORMAT, missing="{path}: no such prototype-bank file",
+            unreadable="{path} is not a readable prototype-bank file ({detail})",
+            foreign="{path} is not a napari-openseg prototype-bank file",
+        )
         return cls.from_state_dict(content["bank"])

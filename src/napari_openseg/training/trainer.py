@@ -25,6 +25,7 @@ import torch
 
 from ..core.device import resolve_device
 from ..core.progress import Progress, run_to_end
+from ..core.tensor_files import load_format_file
 from ..errors import OpenSegError
 from ..io import atomic_path
 from ..model.fast import fast_forward
@@ -187,12 +188,12 @@ class _Run:
 
 def read_checkpoint_config(out_dir: Path) -> TrainConfig:
     """The config stored in a run folder's checkpoint."""
-    path = Path(out_dir) / CHECKPOINT
-    if not path.is_file():
-        raise OpenSegError(f"{path} does not exist: nothing to resume; start a run without --resume")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("format") != CHECKPOINT_FORMAT:
-        raise OpenSegError(f"{path} is not a napari-openseg training checkpoint")
+    state = load_format_file(
+        Path(out_dir) / CHECKPOINT, CHECKPOINT_FORMAT,
+        missing="{path} does not exist: nothing to resume; start a run without --resume",
+        unreadable="{path} is not a loadable training checkpoint ({detail})",
+        foreign="{path} is not a napari-openseg training checkpoint",
+    )
     return TrainConfig.from_dict(state["config"])
 
 
