@@ -248,6 +248,7 @@ class SegmentationWidget(QWidget):
         self._started = time.perf_counter()
         self._set_running(True)
         self._preview.prepare(0, layers[0])
+        self._preview.draw_now()
         self.status.setText(f"Segmenting {len(layers)} image{'s' if len(layers) != 1 else ''}…")
         self._handle = run_in_background(
             lambda: iter_segment_queries(queries, snapshot, weights, **options),
