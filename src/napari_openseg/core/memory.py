@@ -50,7 +50,7 @@ POLICIES: tuple[str, ...] = ("self-sorting", "fifo", "admit-all", "prompt-only")
 #: Side of the pooled image that forms an embedding.
 EMBEDDING_GRID = 16
 DEFAULT_CAPACITY = 16
-DEFAULT_FLOOR = 0.8
+DEFAULT_FLOOR = 0.5
 DEFAULT_MARGIN = 0.1
 DEFAULT_TEMPERATURE = 0.05
 
