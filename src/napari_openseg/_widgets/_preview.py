@@ -105,7 +105,7 @@ class Preview:
     @staticmethod
     def draw_now() -> None:
         """Draw what ``prepare`` changed before the worker starts. Drawn later, the first paint of a
-        new layer shared the GIL with the worker's start-up and stalled the window for 110-180 ms."""
+        new layer shared the GIL with the worker's start-up and stalled the window for 108-153 ms."""
         QApplication.processEvents(QEventLoop.ExcludeUserInputEvents)
 
     def write(self, index: int, source, axis: int, start: int, stop: int, labels: np.ndarray) -> None:
