@@ -4,8 +4,8 @@ Adding or removing a napari layer costs hundreds of milliseconds of main-thread 
 display and every refresh repaints the canvas, so the preview does each as rarely as possible:
 
 * first run on a query: one read-only ``"<name> (running)"`` layer, made and drawn when Run is
-  pressed (not while the network runs) and reused for each query of a batch. On success it *becomes* the output
-  layer; on cancel or error it is removed.
+  pressed (not while the network runs) and reused for each query of a batch. On success it
+  *becomes* the output layer; on cancel or error it is removed.
 * a run that will replace this plugin's earlier output: the batches are shown in that output layer
   itself (made read-only, its earlier array kept aside). On success it keeps the new result; on
   cancel or error the earlier array is put back, untouched.
