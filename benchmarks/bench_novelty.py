@@ -244,7 +244,7 @@ def main() -> int:
     parser.add_argument("--adapt-steps", type=int, default=5, help="adaptation steps of the unknown prototype")
     parser.add_argument("--axis", type=int, default=2, help="slice axis of the training-free option (2: sagittal)")
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--epochs", type=int, default=84, help="2 steps each (default: the 168 measured)")
+    parser.add_argument("--epochs", type=int, default=300, help="2 steps each (default: the 600 measured)")
     parser.add_argument("--samples-per-volume", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--roi", type=int, nargs=3, default=[64, 64, 32], help="training patch (z y x)")

@@ -21,7 +21,9 @@ centred on a common canvas, shuffled; one image is prompted (three different pro
 the others are segmented in order of similarity (``unordered=True``), against prompt-only.
 
 Data: ``hippocampus`` (MSD Task04 subjects of ``--split``, default the 19 test subjects, labels 1 and
-2) and ``brain`` (the VoxelMorph scan, FreeSurfer structures ``--structures``). The default weights
+2) and ``brain`` (the VoxelMorph scan, FreeSurfer structures ``--structures``: by default the 8 deep
+grey structures of :data:`BRAIN_STRUCTURES` with the test split, and 8 other structures of the same
+scan, :data:`VALIDATION_STRUCTURES`, with ``--split val``, for choices made before reporting). The default weights
 never saw the VoxelMorph scan or the hippocampus test subjects (see the model card).
 
 Run: ``nice -n 10 python benchmarks/bench_propagation.py [--weights NAME|PATH] [--split test]
@@ -57,6 +59,9 @@ from napari_openseg.training.splits import hippocampus_splits, shared_data_dir
 log = logging.getLogger("bench_propagation")
 VARIANTS = {"a": "self-sorting", "b": "fifo", "c": "prompt-only", "d": "admit-all"}
 BRAIN_STRUCTURES = (10, 11, 12, 17, 49, 50, 51, 53)  # thalamus, caudate, putamen, hippocampus (L, R)
+#: Other structures of the same scan, for choices made on validation (never the reported ones):
+#: lateral ventricle, pallidum, amygdala, ventral diencephalon (L, R).
+VALIDATION_STRUCTURES = (4, 43, 13, 52, 18, 54, 28, 60)
 MEASURES = ("confidence", "sharpness", "agreement", "consistency")
 
 
@@ -219,7 +224,8 @@ def main() -> None:
     parser.add_argument("--weights", default="openseg-default")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--subjects", type=int, help="only the first N subjects of the split")
-    parser.add_argument("--structures", type=int, nargs="*", default=list(BRAIN_STRUCTURES))
+    parser.add_argument("--structures", type=int, nargs="*",
+                        help="brain labels (default: the reported ones for --split test, else the validation ones)")
     parser.add_argument("--variants", default="abcd")
     parser.add_argument("--axis", type=int, default=0)
     parser.add_argument("--bank-size", type=int, default=16)
@@ -240,6 +246,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if shared_data_dir() is None:
         raise SystemExit("../shared/data is not present")
+    if args.structures is None:
+        args.structures = list(BRAIN_STRUCTURES if args.split == "test" else VALIDATION_STRUCTURES)
     torch.set_num_threads(args.threads)
     if args.confidence_terms:
         confidence.CONFIDENCE_TERMS = tuple(args.confidence_terms)

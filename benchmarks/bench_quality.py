@@ -42,6 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from napari_openseg.core.ensemble import RULES  # noqa: E402
 from napari_openseg.core.progress import run_to_end  # noqa: E402
 from napari_openseg.evaluation.evaluate import iter_evaluate_tasks, load_tasks, networks  # noqa: E402
 from napari_openseg.training.splits import hippocampus_splits, shared_data_dir  # noqa: E402
@@ -129,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", nargs="+", help="only these families")
     parser.add_argument("--support-sizes", type=int, nargs="+", default=list(SUPPORT_SIZES))
     parser.add_argument("--ensembles", type=int, nargs="+", default=list(ENSEMBLES))
+    parser.add_argument("--ensemble-rule", default="area-matched", choices=RULES,
+                        help="how the K predictions are combined (napari_openseg.core.ensemble)")
     parser.add_argument("--skip-pixel-classifier", action="store_true", help="a quicker run without it")
     parser.add_argument("--grid", type=int, help="run the weights on this grid instead of their own")
     parser.add_argument("--selection", action="store_true",
@@ -167,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                     tick = time.perf_counter()
                     scores = run_to_end(iter_evaluate_tasks(
                         tasks, nets, grid, methods=methods, support_size=size, ensemble=ensemble,
-                        seed=args.seed, max_queries=queries, device=device))
+                        seed=args.seed, max_queries=queries, device=device, ensemble_rule=args.ensemble_rule))
                     means = {m: float(np.mean([np.mean(t["dice"][m]) for t in scores.values()])) for m in methods}
                     results.setdefault(family, {})[f"S{size}_K{ensemble}"] = {
                         "means": means, "tasks": len(scores),
@@ -191,7 +194,8 @@ def cell(results: dict, family: str, key: str, method: str) -> str:
 def print_tables(results: dict, args, info: dict, seconds: float, elapsed: float) -> None:
     families = list(results)
     print(f"weights: {info.get('source', args.weights)} (step {info.get('step', '?')}); seed {args.seed}; "
-          f"torch threads {args.threads}; Dice in points (0-100), mean over tasks of the mean over query slices\n")
+          f"torch threads {args.threads}; K = 5 combined by the {args.ensemble_rule} rule; "
+          "Dice in points (0-100), mean over tasks of the mean over query slices\n")
     header = "| family | S | model K=1 | model K=5 | random K=1 | random K=5 | label prior K=1 | label prior K=5 | pixel classifier |"
     print(header)
     print("|" + "|".join(["---"] * 9) + "|")

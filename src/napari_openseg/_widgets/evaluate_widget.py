@@ -62,7 +62,7 @@ class EvaluateWidget(QWidget):
         holder.setLayout(folder_row)
         form_row(form, "Labelled folder", holder, "2D pictures paired by stem, or NIfTI volumes (MSD layout)")
         self.support_size = self._spin(form, "Support size S", 1, 256, 16, "support entries per prediction")
-        self.ensemble = self._spin(form, "Ensemble K", 1, 32, 1, "support subsets averaged per prediction")
+        self.ensemble = self._spin(form, "Ensemble K", 1, 32, 1, "support subsets combined per prediction")
         self.seed = self._spin(form, "Seed", 0, 2**31 - 1, 0, "seed of the support subsets and query samples")
         self.max_queries = self._spin(form, "Queries per task", 0, 100000, 20,
                                       "a seeded sample of at most this many query slices per task (0: all)")

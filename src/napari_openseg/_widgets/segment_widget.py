@@ -96,7 +96,7 @@ class SegmentationWidget(QWidget):
         self.support_size.setRange(1, 256)
         self.support_size.setValue(16)
         self.ensemble = form_row(
-            form, "Ensemble K", QSpinBox(), "predictions from different support subsets, averaged"
+            form, "Ensemble K", QSpinBox(), "predictions from different support subsets, combined"
         )
         self.ensemble.setRange(1, 32)
         self.threshold = form_row(

@@ -15,7 +15,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("dir", help="labelled folder")
     parser.add_argument("--support-size", type=int, default=16, help="S: support entries per prediction")
-    parser.add_argument("--ensemble", type=int, default=1, help="K: support subsets averaged per prediction")
+    parser.add_argument("--ensemble", type=int, default=1, help="K: support subsets combined per prediction")
     parser.add_argument("--weights", help="weights name (openseg-default, universeg-v1) or file path")
     parser.add_argument("--seed", type=int, default=0, help="seed of the support subsets and query samples")
     parser.add_argument("--json", help="write per-task Dice (mean, std, n) for every method to this file")

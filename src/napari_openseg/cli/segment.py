@@ -14,7 +14,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--support-size", type=int, default=16, help="S: entries per prediction")
-    parser.add_argument("--ensemble", type=int, default=1, help="K: predictions averaged per task")
+    parser.add_argument("--ensemble", type=int, default=1, help="K: predictions combined per task (area-matched mean)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the support subsets")
 
 

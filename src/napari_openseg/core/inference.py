@@ -1,9 +1,9 @@
 """In-context segmentation of 2D images and 3D volumes (slice by slice) from a support set.
 
 For every task (label value) the network sees the query slice and a support subset of S entries of
-that task; K subsets drawn independently (seeded) are averaged (support-set ensembling). Tasks are
-combined into one label map by argmax, with voxels whose best probability is below ``threshold``
-left as background. The work is done in batches of slices; after each batch the generator yields a
+that task; the predictions from K subsets drawn independently (seeded) are combined (support-set
+ensembling, :mod:`.ensemble`). Tasks are combined into one label map by argmax, with voxels whose
+best probability is below ``threshold`` left as background. The work is done in batches of slices; after each batch the generator yields a
 :class:`~napari_openseg.core.progress.Progress` whose payload holds that batch's labels, and that is
 where a consumer can stop it (cancel).
 """
@@ -20,6 +20,7 @@ import torch
 
 from ..errors import OpenSegError
 from .device import resolve_device, resolve_precision
+from .ensemble import EnsembleMean
 from .preprocess import Aspect, from_grid, masks_to_grid, normalize_intensity, to_grid
 from .progress import Progress, run_to_end
 from .support import SupportEntry, SupportSet, check_image
@@ -97,7 +98,7 @@ def _auto_batch(support_size: int, device: torch.device) -> int:
 
 
 class _EnsemblePredictor:
-    """Per-task probabilities, averaged over K support subsets, for batches of query slices.
+    """Per-task probabilities, combined over K support subsets (:mod:`.ensemble`), for batches of query slices.
 
     ``formulation="fast"`` (default) encodes each subset once and reuses it for every batch while
     the encodings fit in ``ENCODED_SUPPORT_BUDGET``; ``"direct"`` runs the paper's formulation one
@@ -105,11 +106,13 @@ class _EnsemblePredictor:
     """
 
     def __init__(self, net, support: SupportSet, values: list[int], support_size: int, ensemble: int,
-                 seed: int, aspect: Aspect, device: torch.device, dtype: torch.dtype, formulation: str):
+                 seed: int, aspect: Aspect, device: torch.device, dtype: torch.dtype, formulation: str,
+                 threshold: float):
         if formulation not in ("fast", "direct"):
             raise OpenSegError(f"formulation must be 'fast' or 'direct', got {formulation!r}")
         self.net, self.values, self.aspect = net, values, aspect
         self.device, self.dtype, self.formulation = device, dtype, formulation
+        self.threshold = threshold
         self.subsets = {v: _draw_subsets(support, v, support_size, ensemble, seed) for v in values}
         grid = net.config.grid_size
         bytes_per_entry = net.config.encoder_channels[0] * grid * grid * torch.finfo(dtype).bits // 8
@@ -143,9 +146,10 @@ class _EnsemblePredictor:
         """``query "B 1 g g"`` -> probabilities ``"B C g g"`` (float32), C = number of tasks."""
         per_task = []
         for value in self.values:
-            subsets = range(len(self.subsets[value]))
-            total = sum(torch.sigmoid(self._logits(query, value, k).float()) for k in subsets)
-            per_task.append(total / len(subsets))
+            members = EnsembleMean(self.threshold)
+            for k in range(len(self.subsets[value])):
+                members.add(torch.sigmoid(self._logits(query, value, k).float()))
+            per_task.append(members.result())
         return torch.cat(per_task, dim=1)
 
 
@@ -176,7 +180,8 @@ def iter_segment(
         A weights name, a weights file path, or a ``UniverSeg`` network; ``None`` is the default
         weights.
     support_size, ensemble
-        S entries per prediction and K predictions averaged per task.
+        S entries per prediction and K predictions combined per task (area-matched mean, see
+        :mod:`.ensemble`).
     threshold
         Minimum probability of the winning task for a voxel to be labelled.
     batch_size
@@ -204,7 +209,7 @@ def iter_segment(
     net = model if isinstance(model, UniverSeg) else load_model(model, "cpu")
     net = prepare_for_inference(net, torch_device, dtype)
     predict = _EnsemblePredictor(net, support, values, support_size, ensemble, seed, aspect,
-                                 torch_device, dtype, formulation)
+                                 torch_device, dtype, formulation, threshold)
 
     volume = normalize_intensity(image)
     stack = volume[None] if image.ndim == 2 else np.moveaxis(volume, axis, 0)

@@ -4,8 +4,9 @@ For each task (label value, and axis for volumes; see :mod:`.data`) the queries 
 batches of up to ``batch_size`` slices of one case. Each batch gets K support subsets of S entries,
 drawn (seeded) from the task's support pool; every method sees the same subsets:
 
-* ``model``: the weights, exactly as at inference (grid placement, fast formulation, mean of the K
-  sigmoid outputs, mapped back to the query's shape, foreground where >= 0.5);
+* ``model``: the weights, exactly as at inference (grid placement, fast formulation, the K sigmoid
+  outputs combined by the area-matched mean of :mod:`~napari_openseg.core.ensemble`, mapped back to
+  the query's shape, foreground where >= 0.5);
 * ``random_init``: a network of the same architecture with random weights (seeded);
 * ``label_prior``: the mean of the support masks (of all K subsets), >= 0.5;
 * ``pixel_classifier``: a random forest on multi-scale filter features fitted to the subset's pixels
@@ -26,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.ensemble import EnsembleMean
 from ..core.inference import support_tensors
 from ..core.metrics import dice_score
 from ..core.preprocess import from_grid, to_grid
@@ -110,19 +112,20 @@ def _subsets(task: EvalTask, size: int, ensemble: int, rng: np.random.Generator)
 
 
 @torch.no_grad()
-def network_probabilities(net, images: np.ndarray, subsets: list[list], device: torch.device) -> np.ndarray:
-    """Mean foreground probability ``"b H W"`` of the network over the support subsets."""
+def network_probabilities(
+    net, images: np.ndarray, subsets: list[list], device: torch.device, rule: str = "area-matched"
+) -> np.ndarray:
+    """Foreground probability ``"b H W"`` of the network, combined over the support subsets by ``rule``."""
     from ..model.fast import encode_support, fast_forward
 
     grid = net.config.grid_size
     query, mapping = to_grid(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device), grid)
     query = query.contiguous(memory_format=torch.channels_last)
-    total = None
+    members = EnsembleMean(0.5, rule)
     for subset in subsets:
         support_images, support_masks = support_tensors(subset, grid, "pad", device, torch.float32)
-        prob = torch.sigmoid(fast_forward(net, query, encoded=encode_support(net, support_images, support_masks)))
-        total = prob if total is None else total + prob
-    return from_grid(total / len(subsets), mapping)[:, 0].clamp(0, 1).cpu().numpy()
+        members.add(torch.sigmoid(fast_forward(net, query, encoded=encode_support(net, support_images, support_masks))))
+    return from_grid(members.result(), mapping)[:, 0].clamp(0, 1).cpu().numpy()
 
 
 def networks(model, methods: Sequence[str], seed: int, device: torch.device) -> tuple[dict, int]:
@@ -172,8 +175,11 @@ def iter_evaluate_tasks(
     max_queries: int | None = None,
     batch_size: int = 8,
     device: torch.device | None = None,
+    ensemble_rule: str = "area-matched",
 ) -> Generator[Progress, None, dict[str, dict]]:
-    """Dice lists per method for every task; ``nets`` maps ``model``/``random_init`` to prepared networks."""
+    """Dice lists per method for every task; ``nets`` maps ``model``/``random_init`` to prepared networks.
+
+    ``ensemble_rule`` combines the networks' K predictions (:mod:`~napari_openseg.core.ensemble`)."""
     device = device or torch.device("cpu")
     results: dict[str, dict] = {}
     for number, task in enumerate(tasks):
@@ -188,7 +194,7 @@ def iter_evaluate_tasks(
             probs: dict[str, np.ndarray] = {}
             for name in ("model", "random_init"):
                 if name in methods:
-                    probs[name] = network_probabilities(nets[name], images, subsets, device)
+                    probs[name] = network_probabilities(nets[name], images, subsets, device, ensemble_rule)
             if "label_prior" in methods:
                 prior = label_prior([e for s in subsets for e in s], images.shape[1:], grid)
                 probs["label_prior"] = np.broadcast_to(prior, images.shape)
