@@ -23,8 +23,8 @@ the others are segmented in order of similarity (``unordered=True``), against pr
 Data: ``hippocampus`` (MSD Task04 subjects of ``--split``, default the 19 test subjects, labels 1 and
 2) and ``brain`` (the VoxelMorph scan, FreeSurfer structures ``--structures``: by default the 8 deep
 grey structures of :data:`BRAIN_STRUCTURES` with the test split, and 8 other structures of the same
-scan, :data:`VALIDATION_STRUCTURES`, with ``--split val``, for choices made before reporting). The default weights
-never saw the VoxelMorph scan or the hippocampus test subjects (see the model card).
+scan, :data:`VALIDATION_STRUCTURES`, with ``--split val``, for choices made before reporting). The
+default weights never saw the VoxelMorph scan or the hippocampus test subjects (see the model card).
 
 Run: ``nice -n 10 python benchmarks/bench_propagation.py [--weights NAME|PATH] [--split test]
 [--max-minutes 90] [--json OUT]``; it prints Markdown tables (docs/performance.md).

@@ -3,9 +3,9 @@
 For every task (label value) the network sees the query slice and a support subset of S entries of
 that task; the predictions from K subsets drawn independently (seeded) are combined (support-set
 ensembling, :mod:`.ensemble`). Tasks are combined into one label map by argmax, with voxels whose
-best probability is below ``threshold`` left as background. The work is done in batches of slices; after each batch the generator yields a
-:class:`~napari_openseg.core.progress.Progress` whose payload holds that batch's labels, and that is
-where a consumer can stop it (cancel).
+best probability is below ``threshold`` left as background. The work is done in batches of slices;
+after each batch the generator yields a :class:`~napari_openseg.core.progress.Progress` whose
+payload holds that batch's labels, and that is where a consumer can stop it (cancel).
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def _auto_batch(support_size: int, device: torch.device) -> int:
 
 
 class _EnsemblePredictor:
-    """Per-task probabilities, combined over K support subsets (:mod:`.ensemble`), for batches of query slices.
+    """Per-task probabilities for batches of query slices, combined over K support subsets
+    (:mod:`.ensemble`).
 
     ``formulation="fast"`` (default) encodes each subset once and reuses it for every batch while
     the encodings fit in ``ENCODED_SUPPORT_BUDGET``; ``"direct"`` runs the paper's formulation one
