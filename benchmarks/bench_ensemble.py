@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from bench_quality import SUPPORT_SIZES, family_folders
-from napari_openseg.core.ensemble import EnsembleMean
+from napari_openseg.core.ensemble import combine_members
 from napari_openseg.core.inference import support_tensors
 from napari_openseg.core.metrics import dice_score
 from napari_openseg.core.preprocess import from_grid, to_grid
@@ -32,8 +32,9 @@ from napari_openseg.training.splits import shared_data_dir
 RULES = ("K=1", "mean", "logit mean", "median", "area-matched")
 
 
-def member_logits(net, images: np.ndarray, subsets: list[list]) -> torch.Tensor:
-    """``"K b g g"`` logits of the query batch from each support subset, on the model grid."""
+def member_logits(net, images: np.ndarray, subsets: list[list]) -> tuple[torch.Tensor, object]:
+    """``"K b g g"`` logits of the query batch from each support subset, on the model grid, and the
+    mapping back to the images' shape."""
     from napari_openseg.model.fast import encode_support, fast_forward
 
     grid = net.config.grid_size
@@ -49,11 +50,8 @@ def member_logits(net, images: np.ndarray, subsets: list[list]) -> torch.Tensor:
 def combined(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each rule's probabilities ``"b g g"`` (thresholded at 0.5 afterwards)."""
     probs = torch.sigmoid(logits)
-    matched = EnsembleMean(0.5, "area-matched")
-    for member in probs:
-        matched.add(member)
     return {"K=1": probs[0], "mean": probs.mean(0), "logit mean": torch.sigmoid(logits.mean(0)),
-            "median": probs.median(0).values, "area-matched": matched.result()}
+            "median": probs.median(0).values, "area-matched": combine_members(probs, 0.5, "area-matched")}
 
 
 def main() -> None:

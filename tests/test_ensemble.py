@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from napari_openseg.core.ensemble import EnsembleMean, area_matched
+from napari_openseg.core.ensemble import EnsembleMean, area_matched, combine_members
 
 
 def blob(centre_y: float, centre_x: float, radius: float = 4.0, size: int = 20) -> torch.Tensor:
@@ -60,3 +60,12 @@ def test_one_member_is_returned_unchanged_and_no_member_is_an_error():
         EnsembleMean().result()
     with pytest.raises(ValueError, match="ensemble rule"):
         EnsembleMean(rule="median")
+
+
+def test_combine_members_of_a_stack_equals_adding_them_one_by_one():
+    stack = torch.stack([blob(9.6, 8.1), blob(10.3, 11.7), blob(10.0, 9.0)])
+    ensemble = EnsembleMean(0.4)
+    for member in stack:
+        ensemble.add(member)
+    assert torch.equal(combine_members(stack, 0.4), ensemble.result())
+    assert torch.equal(combine_members(stack, rule="mean"), stack.mean(0))

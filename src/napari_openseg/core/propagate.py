@@ -3,11 +3,11 @@ the volume, with a self-sorting memory bank (:mod:`.memory`) as its support set.
 
 Every label value is a separate object with its own bank. An object's *prompts* are the slices where
 it is painted; they are pinned in its bank. Fronts move away from each prompt slice by slice
-(:mod:`.fronts` says in which order). For each slice the bank draws
-``draws`` support sets by similarity, the network predicts the slice from each, and their
-combination (:mod:`.ensemble`) is the prediction; the prediction and its confidence are then offered to the bank. A
-front stops when its object has vanished (less than ``min_area`` of the prompt's area) on
-``stop_after`` consecutive slices. Objects are combined by the highest probability; painted voxels
+(:mod:`.fronts` says in which order). For each slice the bank draws ``draws`` support sets by
+similarity, the network predicts the slice from each, and their combination (:mod:`.ensemble`) is
+the prediction; the prediction and its confidence are then offered to the bank. A front stops
+when its object has vanished (less than ``min_area`` of the prompt's area) on ``stop_after``
+consecutive slices. Objects are combined by the highest probability; painted voxels
 are kept as painted.
 
 ``complete_slices`` are slices whose labels are complete (a corrected slice): an object absent
@@ -30,7 +30,7 @@ import torch
 from ..errors import OpenSegError
 from .confidence import combine, consistency, draw_measures
 from .device import resolve_device, resolve_precision
-from .ensemble import EnsembleMean
+from .ensemble import combine_members
 from .fronts import DIRECTIONS, Front, make_fronts, ordered_schedule, similarity_schedule
 from .inference import ENCODED_SUPPORT_BUDGET, label_dtype
 from .memory import (
@@ -353,10 +353,7 @@ def iter_propagate(
         bank = banks[value]
         count = draws if policy in ("self-sorting", "admit-all") else 1
         probs = _predict(net, bank, bank.draw(embeddings[s], size, count, rng), grid_images[s], keep)
-        members = EnsembleMean(threshold)
-        for member in probs:
-            members.add(member)
-        mean = members.result()
+        mean = combine_members(probs, threshold)
         full = from_grid(mean[None, None], mapping)[0, 0].clamp(0, 1).cpu().numpy()
         mask = full >= threshold
         grid_mask = (mean > threshold).to(dtype)
