@@ -9,7 +9,11 @@ object. Variants, all with the same network, bank size M, and stopping rule:
 * (b) ``fifo``: the last M predicted slices (plus the prompt), the whole bank as support;
 * (c) ``prompt-only``: the prompt slice is the only support;
 * (d) ``admit-all``: (a) without confidence control (every prediction enters, replacing the most
-  redundant entry).
+  redundant entry);
+* (e) (a) with the published retrieval alone: every support set drawn by similarity, no prompt set
+  (``prompt_set=False``).
+
+(a) and (d) draw the same way: ``draws`` sets per slice, the last of them the painted slice alone.
 
 Correction: after (a), the least confident slice is replaced by its true mask and marked complete
 (``PropagationResult.with_corrections``) and the object is propagated again. Confidence: Spearman
@@ -57,7 +61,10 @@ from napari_openseg.model.registry import load_model
 from napari_openseg.training.splits import hippocampus_splits, shared_data_dir
 
 log = logging.getLogger("bench_propagation")
-VARIANTS = {"a": "self-sorting", "b": "fifo", "c": "prompt-only", "d": "admit-all"}
+VARIANTS = {"a": "self-sorting", "b": "fifo", "c": "prompt-only", "d": "admit-all", "e": "self-sorting"}
+#: Variant (e) is (a) with the published retrieval alone (no prompt set; see core/memory.py).
+VARIANT_NAMES = {**VARIANTS, "e": "self-sorting, no prompt set"}
+VARIANT_OPTIONS = {"e": {"prompt_set": False}}
 BRAIN_STRUCTURES = (10, 11, 12, 17, 49, 50, 51, 53)  # thalamus, caudate, putamen, hippocampus (L, R)
 #: Other structures of the same scan, for choices made on validation (never the reported ones):
 #: lateral ventricle, pallidum, amygdala, ventral diencephalon (L, R).
@@ -122,7 +129,8 @@ def propagation(cases, net, settings, variants, deadline):
         prompt, _ = prompt_of(case.truth)
         row = {"dataset": case.dataset, "case": case.name}
         for key in variants:
-            result, records, steps, seconds = run(case.image, prompt, net, settings, policy=VARIANTS[key])
+            result, records, steps, seconds = run(case.image, prompt, net, settings, policy=VARIANTS[key],
+                                                   **VARIANT_OPTIONS.get(key, {}))
             row[key] = dice_score(result.labels == 1, case.truth)
             row[f"{key}_steps"], row[f"{key}_seconds"] = steps, seconds
             for record in records:
@@ -190,7 +198,7 @@ def spearman(x, y) -> float:
 
 def report(rows, slices, stack_rows, variants, settings) -> str:
     lines = [f"settings: {settings}", ""]
-    lines += ["| data | objects | " + " | ".join(f"({k}) {VARIANTS[k]}" for k in variants)
+    lines += ["| data | objects | " + " | ".join(f"({k}) {VARIANT_NAMES[k]}" for k in variants)
               + " | (a) + 1 correction |", "|---" * (len(variants) + 3) + "|"]
     for dataset in sorted({r["dataset"] for r in rows}):
         sub = [r for r in rows if r["dataset"] == dataset]
@@ -201,7 +209,7 @@ def report(rows, slices, stack_rows, variants, settings) -> str:
     for k in variants:
         steps = sum(r[f"{k}_steps"] for r in rows)
         seconds = sum(r[f"{k}_seconds"] for r in rows)
-        lines.append(f"| ({k}) {VARIANTS[k]} | {steps / seconds:.1f} |")
+        lines.append(f"| ({k}) {VARIANT_NAMES[k]} | {steps / seconds:.1f} |")
     lines += ["", "| data | variants | slices | " + " | ".join(f"Spearman({m}, Dice)" for m in MEASURES) + " |",
               "|---" * (len(MEASURES) + 3) + "|"]
     for dataset in sorted({s["dataset"] for s in slices}):
@@ -226,7 +234,7 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, help="only the first N subjects of the split")
     parser.add_argument("--structures", type=int, nargs="*",
                         help="brain labels (default: the reported ones for --split test, else the validation ones)")
-    parser.add_argument("--variants", default="abcd")
+    parser.add_argument("--variants", default="abcde")
     parser.add_argument("--axis", type=int, default=0)
     parser.add_argument("--bank-size", type=int, default=16)
     parser.add_argument("--draws", type=int, default=DEFAULT_DRAWS)

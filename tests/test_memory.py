@@ -163,6 +163,27 @@ def test_draws_are_with_replacement_seeded_and_follow_the_probabilities():
     assert any(len(set(row)) < 3 for row in small.tolist())
 
 
+def test_the_prompt_set_is_the_most_similar_painted_entry_alone():
+    # Pinned x (0) and y (1), predicted z (2); the query lies nearest to y, so the last of the 3
+    # sets is entry 1 repeated; the other sets are drawn as without the prompt set (same seed).
+    bank = MemoryBank(capacity=4, temperature=0.5)
+    bank.pin(entry(unit(1, 0, 0), name=0))
+    bank.pin(entry(unit(0, 1, 0), name=1))
+    bank.offer(entry(unit(0, 0, 1), name=2))
+    query = unit(0.2, 1, 0.5)
+    sets = bank.draw(query, size=5, count=3, rng=np.random.default_rng(3), prompt_set=True)
+    plain = bank.draw(query, size=5, count=3, rng=np.random.default_rng(3))
+    assert sets[-1].tolist() == [1] * 5
+    assert np.array_equal(sets[:-1], plain[:-1])
+    # One set only: nothing to compare it with, so it is drawn as usual.
+    single = bank.draw(query, size=5, count=1, rng=np.random.default_rng(3), prompt_set=True)
+    assert np.array_equal(single, bank.draw(query, size=5, count=1, rng=np.random.default_rng(3)))
+    # FIFO and prompt-only banks return the whole bank in every set, prompt set or not.
+    fifo = MemoryBank(capacity=4, policy="fifo")
+    fifo.entries = list(bank.entries)
+    assert fifo.draw(query, 5, 2, np.random.default_rng(0), prompt_set=True).tolist() == [[0, 1, 2], [0, 1, 2]]
+
+
 def test_slice_embeddings_ignore_brightness_offsets_and_are_unit_length():
     gen = torch.Generator().manual_seed(0)
     images = torch.rand(3, 1, 64, 64, generator=gen)

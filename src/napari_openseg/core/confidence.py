@@ -5,7 +5,8 @@ Three measures, each in [0, 1], from what the network has:
 * ``sharpness``: the soft Dice between the mean probability ``p`` of the slice and its own
   thresholded mask: 1 when every pixel is clearly in or out, lower when many pixels sit near 0.5;
 * ``agreement``: the mean pairwise Dice between the masks predicted from the K support sets drawn
-  from the bank (1 with one draw): support sets that disagree mean an uncertain slice;
+  from the bank (1 with one draw): support sets that disagree mean an uncertain slice (propagation
+  makes one of them the painted slice alone, so drift away from the painted object lowers it);
 * ``consistency``: the prediction is used as the only support to segment the most similar painted
   slice back, and the result is compared with what was painted there (Dice). A mask that does not
   show the object faithfully cannot give the painted mask back; this catches confident mistakes that

@@ -23,6 +23,9 @@ Rules (``policy="self-sorting"``):
   one of its most redundant entries for one that adds diversity at a comparable confidence.
 * Retrieval: before each slice, ``count`` support sets of ``size`` entries are drawn with
   replacement with probabilities ``softmax(cos(embedding, e_k) / temperature)``.
+* Prompt set (our addition, ``prompt_set=True``): the last of the ``count`` sets is replaced by the
+  painted entry most similar to the slice. Its prediction joins the others, so a bank that drifts
+  away from what was painted disagrees with it and its confidence falls (docs/propagation.md).
 
 The other policies are the baselines of the benchmark: ``"fifo"`` (every prediction with foreground
 is admitted and the oldest unpinned entry leaves; retrieval returns the whole bank), ``"admit-all"``
@@ -204,10 +207,13 @@ class MemoryBank:
 
     def most_similar_pinned(self, embedding: torch.Tensor) -> MemoryEntry:
         """The pinned (painted) entry whose embedding is most similar to ``embedding "D"``."""
-        pinned = [e for e in self.entries if e.pinned]
+        return self.entries[self._most_similar_pinned_index(embedding)]
+
+    def _most_similar_pinned_index(self, embedding: torch.Tensor) -> int:
+        pinned = [k for k, e in enumerate(self.entries) if e.pinned]
         if not pinned:
             raise OpenSegError("the memory bank has no painted entry: paint the object on at least one slice")
-        return max(pinned, key=lambda e: float(e.embedding @ embedding))
+        return max(pinned, key=lambda k: float(self.entries[k].embedding @ embedding))
 
     def retrieval_probabilities(self, embedding: torch.Tensor) -> np.ndarray:
         """``"M"``: softmax of the cosine similarity of each entry to ``embedding "D"`` / temperature."""
@@ -216,15 +222,22 @@ class MemoryBank:
         logits = (self.embeddings() @ embedding.to(torch.float32)) / self.temperature
         return torch.softmax(logits.double(), dim=0).cpu().numpy()
 
-    def draw(self, embedding: torch.Tensor, size: int, count: int, rng: np.random.Generator) -> np.ndarray:
+    def draw(
+        self, embedding: torch.Tensor, size: int, count: int, rng: np.random.Generator, prompt_set: bool = False
+    ) -> np.ndarray:
         """``"count size"`` entry indices: the support sets for the slice with ``embedding "D"``.
 
         Self-sorting and admit-all banks resample with replacement by similarity; FIFO and
         prompt-only banks return every entry in each set (``size`` is then the bank's length).
+        With ``prompt_set`` (self-sorting and admit-all, ``count`` > 1) the last set is the painted
+        entry most similar to the slice alone, repeated (see the module docstring).
         """
         if size < 1 or count < 1:
             raise OpenSegError(f"support size and number of draws must be >= 1, got {size}, {count}")
         if self.policy in ("fifo", "prompt-only"):
             return np.tile(np.arange(len(self.entries)), (count, 1))
         probabilities = self.retrieval_probabilities(embedding)
-        return rng.choice(len(self.entries), size=(count, size), replace=True, p=probabilities)
+        sets = rng.choice(len(self.entries), size=(count, size), replace=True, p=probabilities)
+        if prompt_set and count > 1:
+            sets[-1] = self._most_similar_pinned_index(embedding)
+        return sets

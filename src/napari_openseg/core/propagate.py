@@ -4,7 +4,8 @@ the volume, with a self-sorting memory bank (:mod:`.memory`) as its support set.
 Every label value is a separate object with its own bank. An object's *prompts* are the slices where
 it is painted; they are pinned in its bank. Fronts move away from each prompt slice by slice
 (:mod:`.fronts` says in which order). For each slice the bank draws ``draws`` support sets by
-similarity, the network predicts the slice from each, and their combination (:mod:`.ensemble`) is
+similarity (the last one is the most similar painted slice, see ``prompt_set``), the network
+predicts the slice from each, and their combination (:mod:`.ensemble`) is
 the prediction; the prediction and its confidence are then offered to the bank. A front stops
 when its object has vanished (less than ``min_area`` of the prompt's area) on ``stop_after``
 consecutive slices. Objects are combined by the highest probability; painted voxels
@@ -234,6 +235,7 @@ def iter_propagate(
     support_size: int = DEFAULT_SUPPORT_SIZE,
     floor: float = DEFAULT_FLOOR,
     temperature: float = DEFAULT_TEMPERATURE,
+    prompt_set: bool = True,
     stop_after: int = 2,
     min_area: float = 0.02,
     stop_confidence: float = DEFAULT_STOP_CONFIDENCE,
@@ -261,8 +263,12 @@ def iter_propagate(
     bank_size, policy, floor, temperature
         The memory bank (see :class:`~napari_openseg.core.memory.MemoryBank`).
     draws, support_size
-        Support sets drawn per slice (their predictions are averaged and give the confidence) and
+        Support sets drawn per slice (their predictions are combined and give the confidence) and
         entries per set (drawn with replacement, so it may exceed the bank's size).
+    prompt_set
+        Make the last of the ``draws`` sets the painted slice most similar to the slice being
+        predicted (self-sorting and admit-all banks, ``draws`` > 1): drift away from what was
+        painted then shows as disagreement between the sets.
     stop_after, min_area, stop_confidence
         A front stops after ``stop_after`` consecutive slices where its object covers less than
         ``min_area`` times its mean painted area or the slice's confidence is below
@@ -352,7 +358,7 @@ def iter_propagate(
     for value, s, front in schedule:
         bank = banks[value]
         count = draws if policy in ("self-sorting", "admit-all") else 1
-        probs = _predict(net, bank, bank.draw(embeddings[s], size, count, rng), grid_images[s], keep)
+        probs = _predict(net, bank, bank.draw(embeddings[s], size, count, rng, prompt_set), grid_images[s], keep)
         mean = combine_members(probs, threshold)
         full = from_grid(mean[None, None], mapping)[0, 0].clamp(0, 1).cpu().numpy()
         mask = full >= threshold
