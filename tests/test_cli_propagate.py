@@ -82,13 +82,15 @@ def test_a_prompt_of_another_shape_is_an_error_that_says_so(tmp_path, volume_fil
         "prompt.nii.gz", "tiny.pt", "vol.nii.gz", "wrong.npy"]
 
 
-def test_stop_confidence_one_leaves_only_the_painted_slice(tmp_path, volume_files, tiny_weights):
+def test_stop_confidence_one_leaves_only_the_painted_slice(tmp_path, volume_files, tiny_weights, capsys):
     (image, prompt_path), prompt, _ = volume_files
     out = tmp_path / "out.npy"
     args = ["propagate", "--image", str(image), "--prompt", str(prompt_path), "--out", str(out),
             "--weights", str(tiny_weights), "--device", "cpu"]
     assert main([*args, "--stop-confidence", "1.0"]) == 0
     assert np.array_equal(np.load(out), prompt)  # every front ended on its first two, undone, slices
+    printed = capsys.readouterr().out
+    assert "Fronts ended on low confidence (label" in printed and "lower --stop-confidence" in printed
     assert main([*args, "--stop-confidence", "1.5", "--overwrite"]) == 2
 
 

@@ -152,10 +152,14 @@ def test_a_run_of_low_confidence_slices_ends_a_front_and_is_left_empty(blob_net,
         predicted = sorted(s.payload["slice"] for s in steps[1:])
         assert predicted == [z + d for d in range(-stop_after, stop_after + 1) if d != 0]
         assert np.array_equal(result.labels, prompt)
+        # Both fronts ended on confidence, at the first slice of their run, next to the prompt.
+        assert result.confidence_stops == {1: [z - 1, z + 1]}
+        assert result.summary()["confidence_stops"] == {"1": [z - 1, z + 1]}
     # A floor below every confidence on the disc changes nothing there.
     plain = propagate(image, prompt, blob_net, **FAST)
     low = propagate(image, prompt, blob_net, stop_confidence=0.05, **FAST)
     assert np.array_equal(plain.labels[5:19], low.labels[5:19])
+    assert low.confidence_stops == {}  # the disc vanished: no front ended on confidence
 
 
 def test_one_prompt_segmentation_of_an_unordered_stack(blob_net, disc):

@@ -74,6 +74,8 @@ def test_stop_confidence_control_ends_objects_at_the_painted_slice(viewer, qtbot
     widget.stop_confidence.setValue(1.0)  # every prediction is doubtful: each front ends, undone
     assert run_and_wait(qtbot, widget) == "done"
     assert np.array_equal(viewer.layers["vol propagated"].data, painted)
+    assert "Fronts ended on low confidence" in widget.status.text()
+    assert "lower 'Stop below confidence'" in widget.status.text()
 
 
 def test_go_to_least_confident_slice_then_correct_it_and_run_again(viewer, qtbot, scene, inline, errors):

@@ -78,4 +78,7 @@ def run(args: argparse.Namespace) -> int:
     if weakest is not None:
         print(f"mean confidence {summary['mean_confidence']:.3f}; least confident slice {weakest} "
               f"({summary['slices'][weakest]['confidence']:.3f}): check it first")
+    hint = result.confidence_stop_hint()
+    if hint:
+        print(hint.replace("the stop confidence", "--stop-confidence"))
     return 0

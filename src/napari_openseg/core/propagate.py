@@ -75,6 +75,9 @@ class PropagationResult:
     axis: int
     prompt_slices: dict[int, list[int]]
     complete_slices: list[int] = field(default_factory=list)
+    #: Per label, the slices where a front stopped because its confidence fell below the stop
+    #: threshold while the object was still drawn; a large structure may go on past them.
+    confidence_stops: dict[int, list[int]] = field(default_factory=dict)
 
     def slice_confidence(self) -> np.ndarray:
         """``"N"``: the weakest object's confidence on each slice (NaN where none was predicted)."""
@@ -90,6 +93,14 @@ class PropagationResult:
             return None
         return int(np.nanargmin(per_slice))
 
+    def confidence_stop_hint(self) -> str | None:
+        """A sentence naming the slices where fronts ended on low confidence, or None."""
+        if not self.confidence_stops:
+            return None
+        where = "; ".join(f"label {v}: slice {', '.join(map(str, s))}" for v, s in self.confidence_stops.items())
+        return (f"Fronts ended on low confidence ({where}). If an object goes on past there, lower the stop "
+                "confidence and run again.")
+
     def summary(self) -> dict:
         """A JSON-ready description: per-slice confidences, prompts, the weakest slice."""
         per_slice = self.slice_confidence()
@@ -100,6 +111,7 @@ class PropagationResult:
             "prompt_slices": {str(v): s for v, s in self.prompt_slices.items()},
             "complete_slices": self.complete_slices,
             "least_confident_slice": self.least_confident_slice(),
+            "confidence_stops": {str(v): s for v, s in self.confidence_stops.items()},
             "mean_confidence": None if np.all(np.isnan(per_slice)) else round(float(np.nanmean(per_slice)), 4),
             "slices": [
                 {
@@ -325,6 +337,7 @@ def iter_propagate(
     best = np.zeros(stack.shape, np.float32)
     confidence = np.full((len(values), n_slices), np.nan, np.float32)
     pinned: dict[int, list[int]] = {}
+    confidence_stops: dict[int, list[int]] = {}
     prompt_area: dict[int, float] = {}
     fronts: list[Front] = []
     remaining: dict[int, list[int]] = {}
@@ -391,6 +404,8 @@ def iter_propagate(
         done += 1
         if front is not None and front.vanished >= stop_after:
             front.stopped = True
+            if len(front.doubtful) == front.vanished:  # every slice of the run drawn, none confident
+                confidence_stops.setdefault(value, []).append(front.doubtful[0][0])
             for index, written in front.doubtful:  # the object had ended there after all
                 undo = written & (labels[index] == value)
                 labels[index][undo] = 0
@@ -408,6 +423,7 @@ def iter_propagate(
         axis=axis,
         prompt_slices=pinned,
         complete_slices=complete,
+        confidence_stops={v: sorted(stops) for v, stops in confidence_stops.items()},
     )
 
 
