@@ -41,6 +41,7 @@ import itertools
 import json
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,7 +117,7 @@ def run(image, prompt, net, settings, **kwargs):
             result = stop.value
             break
         if step.payload:
-            records.append({"slice": step.payload["slice"], **step.payload["measures"]})
+            records.append({"slice": step.payload["slice"], "bank": step.payload["bank"], **step.payload["measures"]})
     return result, records, len(records), time.perf_counter() - began
 
 
@@ -133,6 +134,7 @@ def propagation(cases, net, settings, variants, deadline):
                                                    **VARIANT_OPTIONS.get(key, {}))
             row[key] = dice_score(result.labels == 1, case.truth)
             row[f"{key}_steps"], row[f"{key}_seconds"] = steps, seconds
+            row[f"{key}_bank"] = dict(Counter(record["bank"] for record in records))
             for record in records:
                 s = record["slice"]
                 predicted, truth = result.labels[s] == 1, case.truth[s]
@@ -218,6 +220,12 @@ def report(rows, slices, stack_rows, variants, settings) -> str:
             dice = [s["dice"] for s in sub]
             lines.append(f"| {dataset} | {subset} | {len(sub)} | "
                          + " | ".join(f"{spearman([s[m] for s in sub], dice):.3f}" for m in MEASURES) + " |")
+    lines += ["", "| data | variant | offers to the bank | what the bank did |", "|---|---|---|---|"]
+    for dataset in sorted({r["dataset"] for r in rows}):
+        for k in (k for k in variants if VARIANTS[k] in ("self-sorting", "admit-all")):
+            actions = sum((Counter(r[f"{k}_bank"]) for r in rows if r["dataset"] == dataset), Counter())
+            lines.append(f"| {dataset} | ({k}) | {sum(actions.values())} | "
+                         + ", ".join(f"{n} {action}" for action, n in actions.most_common()) + " |")
     if stack_rows:
         lines += ["", "| 2D stack, label | prompts | self-sorting (unordered) | prompt-only |", "|---|---|---|---|"]
         for value in (1, 2):
