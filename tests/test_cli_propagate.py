@@ -94,11 +94,13 @@ def test_stop_confidence_one_leaves_only_the_painted_slice(tmp_path, volume_file
     assert main([*args, "--stop-confidence", "1.5", "--overwrite"]) == 2
 
 
-def test_the_cli_default_bank_size_is_the_library_default():
-    from napari_openseg.cli.propagate import BANK_SIZE
+def test_the_cli_defaults_are_the_library_defaults():
+    from napari_openseg.cli.propagate import BANK_SIZE, STOP_CONFIDENCE
     from napari_openseg.core.memory import DEFAULT_CAPACITY
+    from napari_openseg.core.propagate import DEFAULT_STOP_CONFIDENCE
 
     assert BANK_SIZE == DEFAULT_CAPACITY
+    assert STOP_CONFIDENCE == DEFAULT_STOP_CONFIDENCE
 
 
 def test_unordered_stack_from_tiff(tmp_path, tiny_weights):

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import argparse
 
-BANK_SIZE = 16  # core.memory.DEFAULT_CAPACITY, spelled out so that building the parser imports no torch
+# core.memory.DEFAULT_CAPACITY and core.propagate.DEFAULT_STOP_CONFIDENCE, spelled out so that
+# building the parser imports no torch (a test keeps them equal).
+BANK_SIZE = 16
+STOP_CONFIDENCE = 0.6
 
 
 def register(subparsers) -> None:
@@ -27,7 +30,7 @@ def register(subparsers) -> None:
     parser.add_argument("--complete-slices", type=int, nargs="+", default=[], metavar="S",
                         help="slices whose labels are complete: an object absent there stops there")
     parser.add_argument("--stop-confidence", type=float, metavar="C",
-                        help="slices less confident than C count towards ending an object (default 0.6; 0 = off)")
+                        help=f"slices less confident than C count towards ending an object (default {STOP_CONFIDENCE}; 0 = off)")
     parser.add_argument("--unordered", action="store_true",
                         help="the slices are an unordered stack of 2D images (one-prompt segmentation)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
