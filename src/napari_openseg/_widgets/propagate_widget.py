@@ -237,9 +237,9 @@ class PropagationWidget(QWidget):
         if weakest is not None:
             text += (f" Least confident: slice {weakest} ({result.slice_confidence()[weakest]:.2f}). Fix slices "
                      f"in '{self.output.name}', then press 'Run again with corrections'.")
-        hint = result.confidence_stop_hint()
+        hint = result.confidence_stop_hint("'Stop below confidence'")
         if hint:
-            text += " " + hint.replace("the stop confidence", "'Stop below confidence'")
+            text += " " + hint
         self.status.setText(text)
 
     def _finished(self) -> None:

@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     if weakest is not None:
         print(f"mean confidence {summary['mean_confidence']:.3f}; least confident slice {weakest} "
               f"({summary['slices'][weakest]['confidence']:.3f}): check it first")
-    hint = result.confidence_stop_hint()
+    hint = result.confidence_stop_hint("--stop-confidence")
     if hint:
-        print(hint.replace("the stop confidence", "--stop-confidence"))
+        print(hint)
     return 0

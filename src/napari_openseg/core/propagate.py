@@ -93,13 +93,13 @@ class PropagationResult:
             return None
         return int(np.nanargmin(per_slice))
 
-    def confidence_stop_hint(self) -> str | None:
-        """A sentence naming the slices where fronts ended on low confidence, or None."""
+    def confidence_stop_hint(self, setting: str = "the stop confidence") -> str | None:
+        """A sentence naming the slices where fronts ended on low confidence, or None; ``setting``
+        is what the caller's user knows the stop threshold as (a widget control, a CLI option)."""
         if not self.confidence_stops:
             return None
         where = "; ".join(f"label {v}: slice {', '.join(map(str, s))}" for v, s in self.confidence_stops.items())
-        return (f"Fronts ended on low confidence ({where}). If an object goes on past there, lower the stop "
-                "confidence and run again.")
+        return f"Fronts ended on low confidence ({where}). If an object goes on past there, lower {setting} and run again."
 
     def summary(self) -> dict:
         """A JSON-ready description: per-slice confidences, prompts, the weakest slice."""
