@@ -12,6 +12,7 @@ from napari_openseg.cli import main
 from napari_openseg.errors import OpenSegError
 from napari_openseg.training.episodes import (
     EpisodeConfig,
+    draw_support_size,
     hard_dice,
     soft_dice_loss,
     training_batch,
@@ -27,7 +28,7 @@ from napari_openseg.training.trainer import (
 )
 
 TINY = ["--widths", "8", "8", "8", "--grid", "32", "--batch-size", "2", "--support-min", "1",
-        "--support-max", "3", "--real-fraction", "0", "--val-every", "3", "--checkpoint-every", "1",
+        "--support-max", "3", "--support-sampling", "log-uniform", "--real-fraction", "0", "--val-every", "3", "--checkpoint-every", "1",
         "--log-every", "1", "--device", "cpu", "--lr", "0.003"]
 
 
@@ -55,6 +56,20 @@ def test_batches_depend_only_on_seed_and_step():
     assert not torch.equal(a.query, c.query)
     assert float(a.query.min()) >= 0 and float(a.query.max()) <= 1
     assert set(torch.unique(a.support_masks).tolist()) <= {0.0, 1.0}
+
+
+def test_log_uniform_support_sizes_give_every_doubling_the_same_share():
+    config = EpisodeConfig(support_min=1, support_max=63, support_sampling="log-uniform")
+    rng = np.random.default_rng(0)
+    sizes = np.array([draw_support_size(rng, config) for _ in range(20000)])
+    assert sizes.min() == 1 and sizes.max() == 63
+    # [1, 2), [2, 4), ..., [32, 64): six doublings, one sixth of the draws each.
+    shares = np.histogram(sizes, bins=[1, 2, 4, 8, 16, 32, 64])[0] / len(sizes)
+    assert np.allclose(shares, 1 / 6, atol=0.015)
+    uniform = EpisodeConfig(support_min=1, support_max=63)
+    assert abs(np.mean([draw_support_size(rng, uniform) for _ in range(20000)]) - 32) < 0.5
+    with pytest.raises(ValueError, match="support_sampling"):
+        draw_support_size(rng, EpisodeConfig(support_sampling="normal"))
 
 
 def test_soft_dice_loss_and_hard_dice_values():
@@ -126,6 +141,7 @@ def test_cli_train_resumes_the_same_run(tmp_path, capsys):
     assert main(["train", str(parts), "--steps", "5", "--stop-after", "2", *TINY]) == 0
     assert torch.load(parts / CHECKPOINT, weights_only=True)["step"] == 2
     assert main(["train", str(parts), "--resume", *TINY]) == 0  # the stored length (5) is kept
+    assert read_checkpoint_config(parts).episodes.support_sampling == "log-uniform"
     out = capsys.readouterr().out
     assert "validation Dice" in out and "step       5" in out
 

@@ -9,7 +9,7 @@ import torch
 from napari_openseg._widgets import novelty_widget
 from napari_openseg._widgets._layers import owner_info
 from napari_openseg._widgets._session import get_session
-from napari_openseg._widgets.novelty_widget import FREE, NoveltyWidget
+from napari_openseg._widgets.novelty_widget import FREE, NO_SEED, TRAINED, NoveltyWidget
 from napari_openseg.core.novelty_model import NoveltyModel
 from napari_openseg.core.support import build_support_set
 from napari_openseg.training.novelty_train import train_novelty
@@ -110,6 +110,36 @@ def test_training_free_mode_uses_the_session_support_set(scene, qtbot, inline, t
     widget.mode.setCurrentText(FREE)
     assert run(qtbot, widget.compute) == "compute done"
     assert viewer.layers["novelty"].data.shape == labels.shape and widget.maps.used_unknown
+
+
+def test_no_labels_layer_is_a_seed_unless_chosen(viewer, qtbot, inline, tiny_weights):
+    """Opening a labels layer (say, the sample's) must not make it the unknown seed behind the user's back."""
+    image, labels = sphere_volume()
+    viewer.add_image(image, name="vol")
+    widget = NoveltyWidget(viewer)
+    qtbot.addWidget(widget)
+    seed_layer = viewer.add_labels(labels.copy(), name="some labels")
+    assert widget.seed_combo.currentText() == NO_SEED and widget._seed_layer() is None
+    session = get_session(viewer)
+    session.set_model(weights=str(tiny_weights), device="cpu")
+    session.replace_support(build_support_set(image, labels, axis=0))
+    widget.mode.setCurrentText(FREE)
+    assert run(qtbot, widget.compute) == "compute done" and not widget.maps.used_unknown
+    widget.seed_combo.select(seed_layer)
+    viewer.layers.remove(seed_layer)  # a chosen seed that goes away falls back to none
+    assert widget.seed_combo.currentText() == NO_SEED
+
+
+def test_training_controls_follow_the_mode(scene):
+    widget, *_ = scene
+    training = (widget.train_button, widget.load_button, widget.add_pair_button, widget.labels_combo,
+                widget.epochs, widget.adapt)
+    assert all(control.isEnabled() for control in training)
+    widget.mode.setCurrentText(FREE)
+    assert not any(control.isEnabled() for control in training)
+    assert widget.compute_button.isEnabled() and widget.seed_combo.isEnabled()
+    widget.mode.setCurrentText(TRAINED)
+    assert all(control.isEnabled() for control in training)
 
 
 def test_mistakes_are_reported(scene, errors):

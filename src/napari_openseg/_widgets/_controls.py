@@ -16,7 +16,8 @@ class LayerCombo(QComboBox):
     move or are renamed. The selection follows the layer object, not its name.
 
     ``extra_items`` are fixed entries listed first (for example "All open image layers"); they are
-    returned by :meth:`current` as their text.
+    returned by :meth:`current` as their text. ``default_extra`` names the one chosen when nothing
+    (or a layer since removed) was chosen; without it the newest matching layer is.
     """
 
     selection_changed = Signal()
@@ -27,12 +28,14 @@ class LayerCombo(QComboBox):
         accept: Callable[[object], bool],
         extra_items: tuple[str, ...] = (),
         placeholder: str = "(no suitable layer)",
+        default_extra: str | None = None,
         parent: QWidget | None = None,
     ):
         super().__init__(parent)
         self._viewer = viewer
         self._accept = accept
         self._extra = extra_items
+        self._default_extra = default_extra
         self._placeholder = placeholder
         self._layers: list = []
         self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
@@ -55,6 +58,8 @@ class LayerCombo(QComboBox):
         if self.count() == 0:
             self.addItem(self._placeholder)
         position = self._position_of(previous)
+        if position is None and self._default_extra is not None:
+            position = self._position_of(self._default_extra)
         if position is None and self._layers:  # default: the newest matching layer
             position = len(self._extra) + len(self._layers) - 1
         self.setCurrentIndex(position or 0)

@@ -43,6 +43,8 @@ from ._session import get_session, unwrap_viewer
 from ._threading import WorkHandle, report_error, run_in_background
 
 TRAINED, FREE = "trained model", "support set (no training)"
+#: The seed is optional: a labels layer is used as one only when the user picks it.
+NO_SEED = "(none)"
 SLIDER_STEPS = 1000
 
 
@@ -80,8 +82,9 @@ class NoveltyWidget(QWidget):
         self.mode = form_row(form, "Embeddings from", QComboBox(),
                              "a trained MedOpenSeg model, or the in-context network with the support set")
         self.mode.addItems([TRAINED, FREE])
-        self.seed_combo = form_row(form, "Unknown seed", LayerCombo(napari_viewer, is_user_labels),
-                                   "labels layer with ONE unseen structure painted (optional)")
+        self.seed_combo = form_row(
+            form, "Unknown seed", LayerCombo(napari_viewer, is_user_labels, (NO_SEED,), default_extra=NO_SEED),
+            "labels layer with ONE unseen structure painted (optional)")
         self.adapt = form_row(form, "Adapt unknown", QSpinBox(), "steps adapting the unknown prototype on the volume")
         self.adapt.setRange(0, 50)
         self.extra_maps = form_row(form, "", QCheckBox("Also show cosine and distance maps"), "two more image layers")
@@ -119,6 +122,7 @@ class NoveltyWidget(QWidget):
         self.compute_button.clicked.connect(lambda: self.compute())
         self.cancel_button.clicked.connect(self.cancel)
         self.threshold.valueChanged.connect(self._threshold_moved)
+        self.mode.currentTextChanged.connect(lambda _text: self._set_running(False))
         self._set_running(False)
 
     # --- inputs --------------------------------------------------------------------------------
@@ -129,6 +133,10 @@ class NoveltyWidget(QWidget):
             raise OpenSegError("open a volume first (File > Open)")
         data, _ = layer_image(source)
         return source, np.asarray(data)
+
+    def _seed_layer(self):
+        chosen = self.seed_combo.current()
+        return None if isinstance(chosen, str) else chosen
 
     def add_pair(self) -> None:
         """Remember the chosen image and labels layers as one training pair."""
@@ -210,9 +218,10 @@ class NoveltyWidget(QWidget):
             if self.model is None:
                 raise OpenSegError("train or load a model first; the training-free mode seeds at Compute")
             _, image = self._volume()
-            seed = self.seed_combo.current()
+            seed = self._seed_layer()
             if seed is None:
-                raise OpenSegError("paint one instance of the unseen structure in a labels layer and choose it")
+                raise OpenSegError("paint one instance of the unseen structure in a labels layer and choose it "
+                                   "as 'Unknown seed'")
             mask = np.asarray(seed.data) != 0
         except OpenSegError as err:
             report_error(err, "Novelty")
@@ -236,7 +245,7 @@ class NoveltyWidget(QWidget):
                 factory = lambda: iter_novelty_map(image, model, adapt_unknown=adapt, device=device)  # noqa: E731
             else:
                 support, weights, device = self.session.support, self.session.weights, self.session.device
-                seed_layer = self.seed_combo.current()
+                seed_layer = self._seed_layer()
                 seed = (image, np.asarray(seed_layer.data) != 0) if seed_layer is not None else None
                 if seed is not None and not seed[1].any():
                     seed = None
@@ -317,8 +326,13 @@ class NoveltyWidget(QWidget):
         self.run_finished.emit(f"{self._action} {self._outcome}")
 
     def _set_running(self, running: bool) -> None:
-        for button in (self.train_button, self.load_button, self.compute_button, self.add_pair_button):
-            button.setEnabled(not running)
-        self.save_button.setEnabled(not running and self.model is not None)
-        self.seed_button.setEnabled(not running and self.model is not None)
+        """Enable what can be used now: nothing but Cancel while running, and the training
+        controls only in the trained-model mode (the training-free mode uses the support set)."""
+        trained = self.mode.currentText() == TRAINED
+        self.compute_button.setEnabled(not running)
+        for control in (self.train_button, self.load_button, self.add_pair_button, self.labels_combo,
+                        self.epochs, self.pair_list, self.adapt):
+            control.setEnabled(not running and trained)
+        self.save_button.setEnabled(not running and trained and self.model is not None)
+        self.seed_button.setEnabled(not running and trained and self.model is not None)
         self.cancel_button.setEnabled(running)

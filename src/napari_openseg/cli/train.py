@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="episodes per step (default 8)")
     parser.add_argument("--support-min", type=int, default=1, help="smallest support size S (default 1)")
     parser.add_argument("--support-max", type=int, default=16, help="largest support size S (default 16)")
+    parser.add_argument("--support-sampling", choices=("uniform", "log-uniform"), default="uniform",
+                        help="how S is drawn per step: uniform, or log-uniform (as many steps at S = 1-2 "
+                             "as at 32-64; default uniform)")
     parser.add_argument("--real-fraction", type=float, default=0.3,
                         help="share of episodes from real tasks (default 0.3; 0 = synthetic only)")
     parser.add_argument("--real-families", nargs="*", default=["hippocampus"],
@@ -54,7 +57,7 @@ def config_from_args(args: argparse.Namespace):
 
     episodes = EpisodeConfig(
         batch_size=args.batch_size, support_min=args.support_min, support_max=args.support_max,
-        real_fraction=args.real_fraction, empty_fraction=args.empty_fraction, in_task_augment=not args.no_in_task_augment,
+        support_sampling=args.support_sampling, real_fraction=args.real_fraction, empty_fraction=args.empty_fraction, in_task_augment=not args.no_in_task_augment,
         task_augment=not args.no_task_augment,
     )
     # steps=0 on --resume means "as stored in the checkpoint".

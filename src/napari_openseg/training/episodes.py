@@ -28,6 +28,9 @@ class EpisodeConfig:
     batch_size: int = 8
     support_min: int = 1
     support_max: int = 16
+    #: How S is drawn per step: ``"uniform"`` over [min, max], or ``"log-uniform"``, which gives small
+    #: support sets as many steps as large ones (each doubling of S is equally likely).
+    support_sampling: str = "uniform"
     real_fraction: float = 0.3
     #: Share of the real-task episodes whose query is a slice without the label (empty target).
     empty_fraction: float = 0.0
@@ -54,6 +57,16 @@ def stack_episodes(items: list[tuple[torch.Tensor, torch.Tensor]], sources: list
     return Episodes(images[:, 0], masks[:, 0], images[:, 1:], masks[:, 1:], sources)
 
 
+def draw_support_size(rng: np.random.Generator, config: EpisodeConfig) -> int:
+    """The support size S of one step, drawn as ``config.support_sampling`` says."""
+    low, high = config.support_min, config.support_max
+    if config.support_sampling == "uniform":
+        return int(rng.integers(low, high + 1))
+    if config.support_sampling == "log-uniform":
+        return min(high, int(np.exp(rng.uniform(np.log(low), np.log(high + 1)))))
+    raise ValueError(f"support_sampling must be 'uniform' or 'log-uniform', got {config.support_sampling!r}")
+
+
 def training_batch(
     step: int,
     seed: int,
@@ -66,7 +79,7 @@ def training_batch(
     """The batch of training step ``step``; one support size S for the whole batch."""
     rng = np.random.default_rng([seed, step, 1])
     gen = torch.Generator().manual_seed(_seed_int((seed, step, 2)))
-    size = int(rng.integers(config.support_min, config.support_max + 1))
+    size = draw_support_size(rng, config)
     items, sources = [], []
     for row in range(config.batch_size):
         if bank is not None and bank.tasks and rng.random() < config.real_fraction:
