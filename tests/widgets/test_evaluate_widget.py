@@ -16,19 +16,24 @@ iio = pytest.importorskip("imageio.v3")
 pytest.importorskip("sklearn")
 
 
-@pytest.fixture
-def folder(tmp_path):
+def picture_folder(root, with_second_label: bool = False):
     rng = np.random.default_rng(0)
-    root = tmp_path / "pictures"
     (root / "images").mkdir(parents=True)
     (root / "masks").mkdir()
     for i in range(6):
         labels = np.zeros((24, 24), np.uint8)
         labels[6:16, 5 + i % 2 : 15 + i % 2] = 1
+        if with_second_label:
+            labels[18:22, 4:20] = 2
         image = (60 + 120 * labels + 10 * rng.standard_normal(labels.shape)).clip(0, 255).astype(np.uint8)
         iio.imwrite(root / "images" / f"c{i}.png", image)
         iio.imwrite(root / "masks" / f"c{i}.png", labels)
     return root
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return picture_folder(tmp_path / "pictures")
 
 
 @pytest.fixture
@@ -54,6 +59,19 @@ def test_evaluates_a_folder_and_saves_the_report(widget, folder, tmp_path, inlin
     out = widget.save(tmp_path / "report.json")
     assert json.loads(out.read_text())["tasks"]["label_1"]["label_prior"]["n"] == 1
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_label_values_choose_the_tasks(widget, tmp_path, inline, errors):
+    widget.folder.setText(str(picture_folder(tmp_path / "two", with_second_label=True)))
+    widget.support_size.setValue(2)
+    widget.label_values.setText("2")
+    widget.run()
+    assert set(widget.report.to_dict()["tasks"]) == {"label_2"}
+    widget.label_values.setText("")
+    widget.run()
+    assert set(widget.report.to_dict()["tasks"]) == {"label_1", "label_2"}
+    widget.label_values.setText("1, two")
+    assert widget.run() is None and "whole numbers" in errors[-1]
 
 
 def test_missing_folder_is_reported(widget, inline, errors):

@@ -11,6 +11,14 @@ from ..errors import OpenSegError
 from ._layers import owner_info, slice_axis
 
 
+def parse_label_values(text: str) -> list[int] | None:
+    """Label values typed as ``"1, 3"`` (commas or spaces); ``None`` for an empty field (every value)."""
+    try:
+        return [int(v) for v in text.replace(",", " ").split()] or None
+    except ValueError as err:
+        raise OpenSegError(f"label values must be whole numbers separated by commas, got {text!r}") from err
+
+
 class LayerCombo(QComboBox):
     """A combo box of the viewer's layers that pass ``accept``, kept current as layers come, go,
     move or are renamed. The selection follows the layer object, not its name.

@@ -29,7 +29,7 @@ from qtpy.QtWidgets import (
 from napari_openseg.errors import OpenSegError
 from napari_openseg.evaluation.evaluate import EvaluationReport, iter_evaluate
 
-from ._controls import form_row
+from ._controls import form_row, parse_label_values
 from ._session import get_session, unwrap_viewer
 from ._threading import WorkHandle, report_error, run_in_background
 
@@ -68,6 +68,8 @@ class EvaluateWidget(QWidget):
                                       "a seeded sample of at most this many query slices per task (0: all)")
         self.support_split = form_row(form, "Support from", QComboBox(), "cases the support entries come from")
         self.support_split.addItems(["val", "train+val"])
+        self.label_values = form_row(form, "Label values", QLineEdit(),
+                                     "comma-separated label values to evaluate (empty: every one in the folder)")
 
         self.run_button = QPushButton("Evaluate")
         self.run_button.clicked.connect(self.run)
@@ -105,11 +107,16 @@ class EvaluateWidget(QWidget):
     def run(self) -> WorkHandle | None:
         """Start the evaluation in the background; the table replaces the text when it is done."""
         folder = self.folder.text().strip()
-        if not folder:
-            report_error(OpenSegError("choose a labelled folder first"), "Evaluate")
+        try:
+            if not folder:
+                raise OpenSegError("choose a labelled folder first")
+            label_values = parse_label_values(self.label_values.text())
+        except OpenSegError as err:
+            report_error(err, "Evaluate")
             self.run_finished.emit("failed")
             return None
         settings = dict(
+            label_values=label_values,
             support_size=self.support_size.value(), ensemble=self.ensemble.value(), seed=self.seed.value(),
             support_split=self.support_split.currentText(), max_queries=self.max_queries.value() or None,
             device=self.session.device if self.session.device != "auto" else "cpu",

@@ -35,7 +35,7 @@ from napari_openseg.core.propagate import DEFAULT_STOP_CONFIDENCE, PropagationRe
 from napari_openseg.errors import OpenSegError
 
 from ._confidence_plot import ConfidencePlot
-from ._controls import AxisCombo, LayerCombo, form_row, is_image, is_user_labels
+from ._controls import AxisCombo, LayerCombo, form_row, is_image, is_user_labels, parse_label_values
 from ._layers import current_slice, layer_image, put_output_layer, remove_owned_layers
 from ._session import get_session, unwrap_viewer
 from ._threading import WorkHandle, report_error, run_in_background
@@ -133,11 +133,7 @@ class PropagationWidget(QWidget):
             raise OpenSegError("open a volume (File > Open) to propagate through")
         image, rgb = layer_image(source)
         axis = self.axis_combo.axis_for(self.viewer, source)
-        text = self.label_values.text().replace(",", " ").split()
-        try:
-            values = [int(v) for v in text] or None
-        except ValueError as err:
-            raise OpenSegError(f"label values must be whole numbers separated by commas, got {self.label_values.text()!r}") from err
+        values = parse_label_values(self.label_values.text())
         if corrections:
             if self.result is None or self.output is None or self.output not in self.viewer.layers:
                 raise OpenSegError("run once first, then fix slices in the output layer and run again")
