@@ -142,6 +142,18 @@ def test_training_controls_follow_the_mode(scene):
     assert all(control.isEnabled() for control in training)
 
 
+def test_switching_mode_during_training_keeps_the_controls_locked(scene, qtbot, threaded):
+    widget, *_ = scene
+    widget.epochs.setValue(50)
+    with qtbot.waitSignal(widget.run_finished, timeout=120_000):
+        assert widget.train() is not None
+        widget.mode.setCurrentText(FREE)
+        widget.mode.setCurrentText(TRAINED)
+        assert not widget.train_button.isEnabled() and not widget.compute_button.isEnabled()
+        widget.cancel()
+    assert widget.train_button.isEnabled()
+
+
 def test_mistakes_are_reported(scene, errors):
     widget, *_ = scene
     assert widget.compute() is None

@@ -122,7 +122,8 @@ class NoveltyWidget(QWidget):
         self.compute_button.clicked.connect(lambda: self.compute())
         self.cancel_button.clicked.connect(self.cancel)
         self.threshold.valueChanged.connect(self._threshold_moved)
-        self.mode.currentTextChanged.connect(lambda _text: self._set_running(False))
+        self.mode.currentTextChanged.connect(
+            lambda _text: self._set_running(self._handle is not None and self._handle.running))
         self._set_running(False)
 
     # --- inputs --------------------------------------------------------------------------------
