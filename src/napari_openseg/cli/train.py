@@ -29,9 +29,10 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="episodes per step (default 8)")
     parser.add_argument("--support-min", type=int, default=1, help="smallest support size S (default 1)")
     parser.add_argument("--support-max", type=int, default=16, help="largest support size S (default 16)")
+    # The names training.episodes.draw_support_size knows (not imported here: the CLI starts without torch).
     parser.add_argument("--support-sampling", choices=("uniform", "log-uniform"), default="uniform",
-                        help="how S is drawn per step: uniform, or log-uniform (as many steps at S = 1-2 "
-                             "as at 32-64; default uniform)")
+                        help="how S is drawn per step: uniform, or log-uniform (each doubling of S as likely: "
+                             "as many steps at S = 1 as at 32-64; default uniform)")
     parser.add_argument("--real-fraction", type=float, default=0.3,
                         help="share of episodes from real tasks (default 0.3; 0 = synthetic only)")
     parser.add_argument("--real-families", nargs="*", default=["hippocampus"],
