@@ -13,7 +13,7 @@ the brain scan (``bench_propagation.VALIDATION_STRUCTURES``), seven large struct
 (:data:`LARGE_STRUCTURES`) and the bundled sample's white and grey matter; prompt = the true mask on
 the slice where the object is largest, as in ``bench_propagation.py``.
 
-Run: ``nice -n 10 python benchmarks/bench_stop_rules.py [--threads 2] [--json OUT]`` (about 15
+Run: ``nice -n 10 python benchmarks/bench_stop_rules.py [--threads 2] [--weights W] [--json OUT]`` (about 15
 minutes on 2 cores); it prints a Markdown table (docs/propagation.md).
 """
 
@@ -107,6 +107,7 @@ def report(objects: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--weights", default="openseg-default", help="weights name or path (default: %(default)s)")
     parser.add_argument("--json", help="write the per-slice records to this file")
     parser.add_argument("--records", help="replay records written earlier with --json instead of propagating")
     args = parser.parse_args()
@@ -118,7 +119,7 @@ def main() -> None:
         if shared_data_dir() is None:
             raise SystemExit("../shared/data is not present")
         torch.set_num_threads(args.threads)
-        net, began = load_model("openseg-default"), time.perf_counter()
+        net, began = load_model(args.weights), time.perf_counter()
         objects = [record(case, net) for case in validation_cases()]
         print(f"{len(objects)} objects recorded in {(time.perf_counter() - began) / 60:.1f} min\n")
         if args.json:

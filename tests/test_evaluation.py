@@ -74,6 +74,7 @@ def test_evaluate_picture_folder_writes_the_json_contract(picture_folder, tiny_w
     assert "mean over tasks" in capsys.readouterr().out
     report = json.loads(out.read_text())
     assert report["settings"]["layout"] == "2d" and report["settings"]["support_size"] == 2
+    assert report["settings"]["cases"] == 8 and report["settings"]["split"] == "by case"
     assert set(report["tasks"]) == {"label_1", "label_2"}
     support, queries = split_cases([f"case{i}" for i in range(8)])
     for task in report["tasks"].values():
@@ -121,6 +122,8 @@ def test_single_volume_is_split_by_disjoint_slice_ranges(tmp_path, tiny_weights)
     assert report.tasks["label_1/axis_2"]["support_pool"] == 6  # slices 3-5 and 24-26
     # Along the 14-slice axes no support slice lies far enough from the queries: no task, no leak.
     assert "label_1/axis_0" not in report.tasks
+    assert report.settings["cases"] == 1 and report.settings["split"] == "by slice"
+    assert "support split does not apply" in report.split_note()
 
 
 def test_baselines_directly():

@@ -54,6 +54,8 @@ def test_evaluates_a_folder_and_saves_the_report(widget, folder, tmp_path, inlin
     assert finished == ["done"]
     text = widget.output.toPlainText()
     assert "label_1" in text and "pixel_classifier" in text and "S=2" in text
+    assert text.startswith("pictures: S=2") and str(folder) not in text  # the folder's name, not its path
+    assert "support from the val cases" in text
     assert widget.report.settings["weights"].endswith("tiny.pt")
     assert widget.report.task_scores("label_1")["pixel_classifier"]["mean"] > 0.8
     out = widget.save(tmp_path / "report.json")

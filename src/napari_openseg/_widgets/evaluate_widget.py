@@ -66,7 +66,9 @@ class EvaluateWidget(QWidget):
         self.seed = self._spin(form, "Seed", 0, 2**31 - 1, 0, "seed of the support subsets and query samples")
         self.max_queries = self._spin(form, "Queries per task", 0, 100000, 20,
                                       "a seeded sample of at most this many query slices per task (0: all)")
-        self.support_split = form_row(form, "Support from", QComboBox(), "cases the support entries come from")
+        self.support_split = form_row(
+            form, "Support from", QComboBox(),
+            "cases the support entries come from (a folder with one case is split by slices instead)")
         self.support_split.addItems(["val", "train+val"])
         self.label_values = form_row(form, "Label values", QLineEdit(),
                                      "comma-separated label values to evaluate (empty: every one in the folder)")
@@ -139,8 +141,10 @@ class EvaluateWidget(QWidget):
     def _show(self, report: EvaluationReport) -> None:
         self.report = report
         s = report.settings
-        header = f"{s['folder']}: S={s['support_size']} K={s['ensemble']} seed={s['seed']}, weights {s['weights']}"
+        header = (f"{Path(s['folder']).name}: S={s['support_size']} K={s['ensemble']} seed={s['seed']}, "
+                  f"weights {Path(str(s['weights'])).name}\n{report.split_note()}")
         self.output.setPlainText(header + "\n" + report.table())
+        self.output.setToolTip(f"folder: {s['folder']}\nweights: {s['weights']}")
         self.save_button.setEnabled(True)
         self._outcome = "done"
 

@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
                       device=args.device),
         f"evaluate {args.dir}",
     )
-    print(f"S={args.support_size} K={args.ensemble} seed={args.seed}; Dice per task (mean ± std over queries)")
+    print(f"S={args.support_size} K={args.ensemble} seed={args.seed}; {report.split_note()}")
+    print("Dice per task (mean ± std over queries)")
     print(report.table())
     if args.json:
         report.write_json(args.json, overwrite=args.overwrite)

@@ -75,6 +75,13 @@ class EvaluationReport:
             tmp.write_text(json.dumps(self.to_dict(), indent=2))
         return Path(path)
 
+    def split_note(self) -> str:
+        """One line on where support and queries came from (the support split does not apply to one case)."""
+        if self.settings.get("split") == "by slice":
+            return ("one case in the folder: support and queries are different slices of it "
+                    "(the support split does not apply)")
+        return f"support from the {self.settings.get('support_split', 'val')} cases, queries from the test cases"
+
     def table(self) -> str:
         """Plain-text table: one row per task, one column (mean ± std) per method."""
         methods = list(self.summary())
@@ -242,8 +249,10 @@ def iter_evaluate(
     torch_device = resolve_device(device)
     nets, grid = networks(model, methods, seed, torch_device)
     layout, tasks = yield from load_tasks(folder, support_split, label_values, axes)
+    cases = len(find_folder(folder).pairs)
     settings = {
-        "folder": str(folder), "layout": layout, "support_size": support_size,
+        "folder": str(folder), "layout": layout, "cases": cases,
+        "split": "by slice" if cases == 1 else "by case", "support_size": support_size,
         "ensemble": ensemble, "seed": seed, "support_split": support_split, "max_queries": max_queries,
         "weights": "default" if model is None else str(getattr(model, "weights_info", {}).get("source", model)),
         "grid": grid, "methods": list(methods),
