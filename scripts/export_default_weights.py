@@ -1,6 +1,7 @@
 """Copy weights from a training run into the package as ``openseg-default`` (with provenance).
 
-    python scripts/export_default_weights.py runs/default64/best.pt [--note "interim"]
+    python scripts/export_default_weights.py runs/s64log/weights.pt --grid 128 [--note "interim"]
+    python scripts/export_default_weights.py runs/s64/weights.pt --grid 128 --name openseg-propagate
 
 ``--grid`` stores another model grid than the run's (the network is fully convolutional); the grid
 of the shipped file was chosen on the selection tasks of ``benchmarks/bench_quality.py --selection``.
@@ -35,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="weights file written by `openseg train` (best.pt or weights.pt)")
     parser.add_argument("--note", default="", help="free text stored in the file's info (e.g. interim)")
-    parser.add_argument("--target", default=str(REGISTRY["openseg-default"].path))
+    parser.add_argument("--name", default="openseg-default", choices=["openseg-default", "openseg-propagate"],
+                        help="which bundled weights to write (default: %(default)s)")
+    parser.add_argument("--target", help="write here instead of the package's file for --name")
     parser.add_argument("--grid", type=int, help="store this model grid instead of the run's (the network is "
                                                   "fully convolutional; choose it on the selection tasks)")
     args = parser.parse_args(argv)
@@ -48,12 +51,12 @@ def main(argv: list[str] | None = None) -> int:
         moved = UniverSeg(UniverSegConfig(config.encoder_channels, config.decoder_channels, args.grid))
         moved.load_state_dict(net.state_dict())
         net = moved
-    target = Path(args.target)
+    target = Path(args.target or REGISTRY[args.name].path)
     target.parent.mkdir(parents=True, exist_ok=True)
     save_weights(net, target, {})  # written first: the validation below runs the file as shipped
     val = validation_dice(target, shared_data_dir())
     info = {
-        "name": "openseg-default",
+        "name": args.name,
         "step": source_info.get("step"),
         "seed": source_info.get("seed"),
         "trained_grid": trained_grid,
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         "train_config": source_info.get("train_config"),
         "validation_dice": json.dumps({k: round(v, 4) for k, v in val.items()}),
         "training_data": TRAINING_DATA,
-        "licence": REGISTRY["openseg-default"].licence,
+        "licence": REGISTRY[args.name].licence,
         "model_card": "docs/model-card.md",
         "exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "note": args.note,

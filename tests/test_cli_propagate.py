@@ -117,3 +117,15 @@ def test_unordered_stack_from_tiff(tmp_path, tiny_weights):
     assert code == 0
     labels = tifffile.imread(out)
     assert labels.shape == image.shape and np.array_equal(labels[3], prompt[3])
+
+
+def test_without_weights_the_propagation_default_carries_the_disc(tmp_path, volume_files):
+    """No --weights: the bundled openseg-propagate weights run, and they follow a plain bright disc."""
+    (image, prompt_path), _, _ = volume_files
+    out, report = tmp_path / "out.nii.gz", tmp_path / "conf.json"
+    assert main(["propagate", "--image", str(image), "--prompt", str(prompt_path), "--out", str(out),
+                 "--json", str(report), "--device", "cpu"]) == 0
+    assert json.loads(report.read_text())["weights"] == "openseg-propagate"
+    _, truth = disc_volume((12, 20, 22), first=2, last=9)
+    labels = read_image(out).data > 0
+    assert 2 * (labels & truth).sum() / (labels.sum() + truth.sum()) > 0.7

@@ -1,28 +1,34 @@
-"""The bundled `openseg-default` weights: present, small, loadable, with their provenance."""
+"""The bundled weights (`openseg-default`, `openseg-propagate`): present, small, loadable, with their
+provenance; propagation runs with its own default."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import pytest
 
 from napari_openseg.model.registry import (
     DEFAULT_WEIGHTS,
+    PROPAGATION_WEIGHTS,
     REGISTRY,
     is_available,
     load_model,
+    propagation_weights,
     read_weights_file,
 )
 
 
-def test_default_weights_are_bundled_small_and_documented():
-    entry = REGISTRY[DEFAULT_WEIGHTS]
-    assert entry.bundled and is_available(DEFAULT_WEIGHTS), f"{entry.path} is missing"
+@pytest.mark.parametrize("name", [DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS])
+def test_default_weights_are_bundled_small_and_documented(name):
+    entry = REGISTRY[name]
+    assert entry.bundled and is_available(name), f"{entry.path} is missing"
     assert entry.path.stat().st_size < 5_000_000
     config, state, info = read_weights_file(entry.path)
     assert config.grid_size in (64, 96, 128) and config.encoder_channels == (32, 32, 32, 32)
     assert "CC BY-SA 4.0" in info["training_data"] and "synthetic" in info["training_data"]
     assert info["model_card"] == "docs/model-card.md" and int(info["step"]) > 0
+    assert info["name"] == name
     train_config = json.loads(info["train_config"])
     assert train_config["real_families"] == ["hippocampus"]  # nothing research-only was trained on
     assert all(np.isfinite(v.float().numpy()).all() for v in state.values())
@@ -43,3 +49,12 @@ def test_default_weights_segment_a_bright_square_from_one_example():
     truth = labels[1:] == 1
     dice = 2 * (result.labels.astype(bool) & truth).sum() / (result.labels.astype(bool).sum() + truth.sum())
     assert dice > 0.8
+
+
+def test_propagation_runs_with_its_own_default_unless_told_otherwise(tmp_path):
+    assert propagation_weights(None) == propagation_weights(DEFAULT_WEIGHTS) == PROPAGATION_WEIGHTS
+    assert propagation_weights("universeg-v1") == "universeg-v1"
+    assert propagation_weights(tmp_path / "mine.pt") == str(tmp_path / "mine.pt")
+    # Two different trainings: the names must not lead to the same file.
+    default, propagate = (read_weights_file(REGISTRY[n].path)[2] for n in (DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS))
+    assert (default["step"], default["seed"]) != (propagate["step"], propagate["seed"])

@@ -12,6 +12,7 @@ viewer's session choice (set in the Segment widget).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 from qtpy.QtCore import Signal
@@ -33,6 +34,7 @@ from napari_openseg.core.fronts import DIRECTIONS
 from napari_openseg.core.memory import DEFAULT_CAPACITY
 from napari_openseg.core.propagate import DEFAULT_STOP_CONFIDENCE, PropagationResult, iter_propagate
 from napari_openseg.errors import OpenSegError
+from napari_openseg.model.registry import propagation_weights
 
 from ._confidence_plot import ConfidencePlot
 from ._controls import AxisCombo, LayerCombo, form_row, is_image, is_user_labels, parse_label_values
@@ -172,10 +174,10 @@ class PropagationWidget(QWidget):
             "stop_confidence": self.stop_confidence.value(), "unordered": self.unordered.isChecked(),
             "device": self.session.device, "rgb": run["rgb"],
         }
-        weights = self.session.weights
+        weights = propagation_weights(self.session.weights)
         self._outcome = "failed"
         self._set_running(True)
-        self.status.setText(f"Propagating through '{run['source'].name}' with {weights}…")
+        self.status.setText(f"Propagating through '{run['source'].name}' with {Path(weights).name}…")
         self._handle = run_in_background(
             lambda: iter_propagate(run["image"], run["prompt"], weights, **options),
             "Propagate",

@@ -33,7 +33,7 @@ from qtpy.QtWidgets import (
 from napari_openseg.core.device import available_devices
 from napari_openseg.core.support import SupportSet
 from napari_openseg.errors import OpenSegError
-from napari_openseg.model.registry import DEFAULT_WEIGHTS, REGISTRY, is_available
+from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, REGISTRY, is_available
 
 from ._controls import AxisCombo, LayerCombo, form_row, is_image
 from ._layers import layer_image, put_output_layer
@@ -138,6 +138,8 @@ class SegmentationWidget(QWidget):
 
     def _fill_weights(self) -> None:
         self.weights_combo.addItem(DEFAULT_WEIGHTS)
+        if is_available(PROPAGATION_WEIGHTS):
+            self.weights_combo.addItem(PROPAGATION_WEIGHTS)
         if is_available("universeg-v1"):
             self.weights_combo.addItem("universeg-v1")
         self.weights_combo.addItem(WEIGHTS_FILE)

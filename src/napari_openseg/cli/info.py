@@ -34,11 +34,11 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from ..model.registry import DEFAULT_WEIGHTS, REGISTRY
+    from ..model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, REGISTRY
 
     for entry in REGISTRY.values():
         state = "present" if entry.path.is_file() else ("missing" if entry.bundled else "not downloaded")
-        default = " (default)" if entry.name == DEFAULT_WEIGHTS else ""
+        default = {DEFAULT_WEIGHTS: " (default)", PROPAGATION_WEIGHTS: " (propagation's default)"}.get(entry.name, "")
         print(f"  {entry.name}{default}: {state}; {entry.description}")
         print(f"      licence: {entry.licence}; file: {entry.path}")
     return 0

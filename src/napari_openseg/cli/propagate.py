@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="OUT", help="output labels file (.nii.gz, .tif, .npy)")
     parser.add_argument("--axis", type=int, default=0, metavar="A", help="slice axis (default 0)")
     parser.add_argument("--bank-size", type=int, default=BANK_SIZE, metavar="M", help="M: memory bank size per object (default %(default)s)")
-    parser.add_argument("--weights", metavar="NAME|PATH", help="weights name (openseg-default, universeg-v1) or file path")
+    parser.add_argument("--weights", metavar="NAME|PATH", help="weights name (default openseg-propagate; openseg-default means the same here; "
+                        "universeg-v1) or file path")
     parser.add_argument("--json", metavar="OUT", help="also write the per-slice confidence to this JSON file")
     parser.add_argument("--label-values", type=int, nargs="+", metavar="V", help="only these painted labels")
     parser.add_argument("--complete-slices", type=int, nargs="+", default=[], metavar="S",
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..core.propagate import iter_propagate
     from ..io import atomic_path, check_writable, read_image, write_image
+    from ..model.registry import propagation_weights
     from ._progress import with_progress_bar
 
     check_writable(args.out, args.overwrite)  # refuse before any work is done
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     summary = result.summary()
     if args.json:
         report = {"image": str(args.image), "prompt": str(args.prompt), "out": str(args.out),
-                  "weights": args.weights or "openseg-default", **summary}
+                  "weights": propagation_weights(args.weights), **summary}
         with atomic_path(args.json, args.overwrite) as tmp:
             tmp.write_text(json.dumps(report, indent=1) + "\n")
     counts = {v: int((result.labels == v).sum()) for v in result.label_values}

@@ -267,7 +267,8 @@ def iter_propagate(
     prompt
         Labels of the image's shape: the painted slice(s), zeros elsewhere.
     model
-        A weights name, a weights file path, or a ``UniverSeg`` network; ``None`` is the default.
+        A weights name, a weights file path, or a ``UniverSeg`` network; ``None`` (or
+        ``"openseg-default"``) runs the propagation default ``"openseg-propagate"``.
     label_values
         Objects to propagate (default: every label painted in ``prompt``).
     complete_slices
@@ -296,7 +297,7 @@ def iter_propagate(
     :class:`PropagationResult`.
     """
     from ..model.fast import prepare_for_inference
-    from ..model.registry import load_model
+    from ..model.registry import load_model, propagation_weights
     from ..model.universeg import UniverSeg
 
     image = check_image(image, rgb)
@@ -327,7 +328,7 @@ def iter_propagate(
 
     torch_device = resolve_device(device)
     dtype = resolve_precision(precision, torch_device)
-    net = model if isinstance(model, UniverSeg) else load_model(model, "cpu")
+    net = model if isinstance(model, UniverSeg) else load_model(propagation_weights(model), "cpu")
     net = prepare_for_inference(net, torch_device, dtype)
     grid = net.config.grid_size
     grid_images, mapping = _grid_stack(stack, grid, aspect, torch_device, dtype)

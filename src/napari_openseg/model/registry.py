@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 WEIGHTS_FORMAT = "napari-openseg weights"
 DEFAULT_WEIGHTS = "openseg-default"
+#: What propagation runs with when the default is asked for (chosen on validation, docs/model-card.md).
+PROPAGATION_WEIGHTS = "openseg-propagate"
 CACHE_ENV = "OPENSEG_CACHE_DIR"
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "weights"
 
@@ -61,6 +63,14 @@ REGISTRY: dict[str, WeightsEntry] = {
         description="napari-openseg's own weights, trained by its training code (see docs/model-card.md)",
         licence="BSD-3-Clause (same as napari-openseg); see docs/model-card.md for the training data",
         filename="openseg-default.pt",
+        bundled=True,
+    ),
+    "openseg-propagate": WeightsEntry(
+        name="openseg-propagate",
+        description="napari-openseg's own phase-3 weights, propagation's default: their confidence ends "
+                    "fronts where objects end (see docs/model-card.md)",
+        licence="BSD-3-Clause (same as napari-openseg); see docs/model-card.md for the training data",
+        filename="openseg-propagate.pt",
         bundled=True,
     ),
     "universeg-v1": WeightsEntry(
@@ -231,6 +241,11 @@ def _entry(name: str) -> WeightsEntry:
     if name not in REGISTRY:
         raise OpenSegError(f"unknown weights {name!r}; known: {', '.join(REGISTRY)} (or give a file path)")
     return REGISTRY[name]
+
+
+def propagation_weights(spec: str | Path | None) -> str:
+    """The weights propagation runs with: the default (``None`` or its name) means :data:`PROPAGATION_WEIGHTS`."""
+    return PROPAGATION_WEIGHTS if spec is None or str(spec) == DEFAULT_WEIGHTS else str(spec)
 
 
 def resolve_weights_path(spec: str | Path | None) -> Path:
