@@ -26,7 +26,7 @@ from napari_openseg.core.inference import support_tensors
 from napari_openseg.core.metrics import dice_score
 from napari_openseg.core.preprocess import from_grid, to_grid
 from napari_openseg.core.progress import run_to_end
-from napari_openseg.evaluation.evaluate import _batches, _subsets, load_tasks, networks
+from napari_openseg.evaluation.evaluate import load_tasks, networks, query_batches, support_subsets
 from napari_openseg.training.splits import shared_data_dir
 
 RULES = ("K=1", "mean", "logit mean", "median", "area-matched")
@@ -79,8 +79,8 @@ def main() -> None:
                     if len(queries) > max_queries:
                         queries = [queries[i] for i in sorted(rng.choice(len(queries), max_queries, replace=False))]
                     dice = {rule: [] for rule in RULES}
-                    for batch in _batches(queries, 8):
-                        subsets = _subsets(task, size, args.ensemble, rng)
+                    for batch in query_batches(queries, 8):
+                        subsets = support_subsets(task, size, args.ensemble, rng)
                         logits, mapping = member_logits(net, np.stack([q.image for q in batch]), subsets)
                         for rule, probs in combined(logits).items():
                             masks = from_grid(probs[:, None], mapping)[:, 0].numpy() >= 0.5

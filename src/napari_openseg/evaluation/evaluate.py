@@ -99,7 +99,7 @@ def _stats(values: Sequence[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
 
 
-def _batches(queries: list[Query], size: int) -> list[list[Query]]:
+def query_batches(queries: list[Query], size: int) -> list[list[Query]]:
     """Consecutive queries of one case and one shape, at most ``size`` per batch."""
     batches: list[list[Query]] = []
     for query in queries:
@@ -111,7 +111,8 @@ def _batches(queries: list[Query], size: int) -> list[list[Query]]:
     return batches
 
 
-def _subsets(task: EvalTask, size: int, ensemble: int, rng: np.random.Generator) -> list[list]:
+def support_subsets(task: EvalTask, size: int, ensemble: int, rng: np.random.Generator) -> list[list]:
+    """K seeded subsets of S support entries (the whole pool once when it holds at most S)."""
     pool = task.support
     if len(pool) <= size:
         return [pool]
@@ -195,8 +196,8 @@ def iter_evaluate_tasks(
         if max_queries is not None and len(queries) > max_queries:
             queries = [queries[i] for i in sorted(rng.choice(len(queries), max_queries, replace=False))]
         dice: dict[str, list[float]] = {m: [] for m in methods}
-        for batch in _batches(queries, batch_size):
-            subsets = _subsets(task, support_size, ensemble, rng)
+        for batch in query_batches(queries, batch_size):
+            subsets = support_subsets(task, support_size, ensemble, rng)
             images = np.stack([q.image for q in batch])
             probs: dict[str, np.ndarray] = {}
             for name in ("model", "random_init"):
