@@ -58,7 +58,7 @@ from napari_openseg.core.propagate import (
     iter_propagate,
 )
 from napari_openseg.io import read_image
-from napari_openseg.model.registry import load_model
+from napari_openseg.model.registry import load_model, propagation_weights
 from napari_openseg.training.splits import hippocampus_splits, shared_data_dir
 
 log = logging.getLogger("bench_propagation")
@@ -237,7 +237,7 @@ def report(rows, slices, stack_rows, variants, settings) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--weights", default="openseg-default")
+    parser.add_argument("--weights", help="weights name or path (default: propagation's, openseg-propagate)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
     parser.add_argument("--subjects", type=int, help="only the first N subjects of the split")
     parser.add_argument("--structures", type=int, nargs="*",
@@ -267,7 +267,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.confidence_terms:
         confidence.CONFIDENCE_TERMS = tuple(args.confidence_terms)
-    net = load_model(args.weights)
+    net = load_model(propagation_weights(args.weights))
     settings = {"bank_size": args.bank_size, "draws": args.draws, "support_size": args.support_size,
                 "floor": args.floor, "temperature": args.temperature, "stop_after": args.stop_after,
                 "min_area": args.min_area, "stop_confidence": args.stop_confidence, "device": "cpu"}
@@ -283,7 +283,7 @@ def main() -> None:
     rows, slices = propagation(moved, net, settings, list(args.variants), deadline)
     stack_rows = [] if args.no_stack else one_prompt_stack(args.split, args.subjects, net, settings)
     shown = {k: v for k, v in settings.items() if k != "device"}
-    shown.update(weights=args.weights, split=args.split, axis=args.axis, threads=args.threads,
+    shown.update(weights=propagation_weights(args.weights), split=args.split, axis=args.axis, threads=args.threads,
                  confidence=confidence.CONFIDENCE_TERMS)
     print(report(rows, slices, stack_rows, list(args.variants), shown))
     print(f"\n{len(rows)} objects in {(time.perf_counter() - began) / 60:.1f} min")

@@ -29,7 +29,7 @@ import torch
 
 from bench_propagation import VALIDATION_STRUCTURES, Case, brain_cases, hippocampus_cases, prompt_of
 from napari_openseg.core.propagate import iter_propagate
-from napari_openseg.model.registry import load_model
+from napari_openseg.model.registry import load_model, propagation_weights
 from napari_openseg.sample import load_sample
 from napari_openseg.training.splits import shared_data_dir
 
@@ -107,7 +107,7 @@ def report(objects: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--weights", default="openseg-default", help="weights name or path (default: %(default)s)")
+    parser.add_argument("--weights", help="weights name or path (default: propagation's, openseg-propagate)")
     parser.add_argument("--json", help="write the per-slice records to this file")
     parser.add_argument("--records", help="replay records written earlier with --json instead of propagating")
     args = parser.parse_args()
@@ -119,7 +119,7 @@ def main() -> None:
         if shared_data_dir() is None:
             raise SystemExit("../shared/data is not present")
         torch.set_num_threads(args.threads)
-        net, began = load_model(args.weights), time.perf_counter()
+        net, began = load_model(propagation_weights(args.weights)), time.perf_counter()
         objects = [record(case, net) for case in validation_cases()]
         print(f"{len(objects)} objects recorded in {(time.perf_counter() - began) / 60:.1f} min\n")
         if args.json:
