@@ -223,3 +223,8 @@ def test_session_records_the_model_choice(viewer, qtbot, tiny_weights):
     assert session.weights == str(tiny_weights)
     widget.device_combo.setCurrentText("cpu")
     assert session.device == "cpu"
+    # Both bundled weights are offered by name; choosing one records its name, not a path.
+    names = [widget.weights_combo.itemText(i) for i in range(widget.weights_combo.count())]
+    assert names[:2] == ["openseg-default", "openseg-propagate"]
+    widget.set_weights("openseg-propagate")
+    assert session.weights == "openseg-propagate" and "bundled" in widget.weights_note.text()
