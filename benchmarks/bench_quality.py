@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         for family, (folder, subset, queries) in folders.items():
             if args.families and family not in args.families:
                 continue
-            layout, tasks = run_to_end(load_tasks(folder, "val", subset))
+            _, tasks = run_to_end(load_tasks(folder, "val", subset))
             if family == "hippocampus" and not args.selection:  # the evaluation split is the training code's
                 support_cases = {e.source for t in tasks for e in t.support}
                 query_cases = {q.case for t in tasks for q in t.queries}

@@ -34,7 +34,7 @@ from ..core.preprocess import from_grid, to_grid
 from ..core.progress import Progress, run_to_end
 from ..errors import OpenSegError
 from .baselines import PixelClassifier, label_prior
-from .data import EvalTask, Query, build_tasks, find_folder
+from .data import EvalFolder, EvalTask, Query, build_tasks, find_folder
 
 log = logging.getLogger(__name__)
 
@@ -157,8 +157,8 @@ def load_tasks(
     support_split: str = "val",
     label_values: Sequence[int] | None = None,
     axes: Sequence[int] | None = None,
-) -> Generator[Progress, None, tuple[str, list[EvalTask]]]:
-    """Read a labelled folder into tasks (yields progress per case); returns ``(layout, tasks)``."""
+) -> Generator[Progress, None, tuple[EvalFolder, list[EvalTask]]]:
+    """Read a labelled folder into tasks (yields progress per case); returns ``(folder, tasks)``."""
     evaluation_folder = find_folder(folder)
     tasks: list[EvalTask] = []
     for stage, found in build_tasks(evaluation_folder, support_split, label_values):
@@ -168,7 +168,7 @@ def load_tasks(
              and (axes is None or t.axis is None or t.axis in axes)]
     if not tasks:
         raise OpenSegError(f"no task left after choosing labels {label_values} and axes {axes}")
-    return evaluation_folder.layout, tasks
+    return evaluation_folder, tasks
 
 
 def iter_evaluate_tasks(
@@ -249,10 +249,10 @@ def iter_evaluate(
         raise OpenSegError(f"--max-queries must be >= 1, got {max_queries}")
     torch_device = resolve_device(device)
     nets, grid = networks(model, methods, seed, torch_device)
-    layout, tasks = yield from load_tasks(folder, support_split, label_values, axes)
-    cases = len(find_folder(folder).pairs)
+    found, tasks = yield from load_tasks(folder, support_split, label_values, axes)
+    cases = len(found.pairs)
     settings = {
-        "folder": str(folder), "layout": layout, "cases": cases,
+        "folder": str(folder), "layout": found.layout, "cases": cases,
         "split": "by slice" if cases == 1 else "by case", "support_size": support_size,
         "ensemble": ensemble, "seed": seed, "support_split": support_split, "max_queries": max_queries,
         "weights": "default" if model is None else str(getattr(model, "weights_info", {}).get("source", model)),
