@@ -52,9 +52,11 @@ def test_workflow_paint_two_slices_build_support_segment(viewer, qtbot, tiny_wei
 
     widget = make_segmenter(viewer, qtbot, tiny_weights)
     widget.query_combo.select(image_layer)
+    viewer.mouse_over_canvas = True  # so that the status bar names the layer under the cursor
     assert run_and_wait(qtbot, widget) == "done"
 
     assert names(viewer) == ["vol", "painted", "vol openseg"]
+    assert "vol openseg" in str(viewer.status) and "(running)" not in str(viewer.status)
     output = viewer.layers["vol openseg"]
     assert output.data.shape == image.shape and output.data.dtype == np.uint8
     assert set(np.unique(output.data)) <= {0, 1}

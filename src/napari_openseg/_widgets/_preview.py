@@ -143,6 +143,7 @@ class Preview:
             borrowed.layer.data = data
             borrowed.layer.name = borrowed.name
             borrowed.layer.editable = borrowed.editable
+            self._refresh_status()
             return borrowed.layer
         entry = self._layers.get(index)
         if entry is None or entry[0] not in self.viewer.layers:
@@ -156,6 +157,7 @@ class Preview:
         layer.name = name
         layer.opacity = 0.7
         layer.editable = True
+        self._refresh_status()
         return layer
 
     def drop(self) -> None:
@@ -170,6 +172,14 @@ class Preview:
             borrowed.layer.editable = borrowed.editable
         self._borrowed.clear()
         self._layers.clear()
+        self._refresh_status()
+
+    def _refresh_status(self) -> None:
+        # napari recomputes the status bar (which names the layer under the cursor) only when the
+        # mouse moves; without this it keeps showing the preview's "(running)" name.
+        update = getattr(self.viewer, "update_status_from_cursor", None)
+        if update is not None:
+            update()
 
     def _is_borrowed(self, layer) -> bool:
         return any(borrowed.layer is layer for borrowed in self._borrowed.values())
