@@ -123,7 +123,7 @@ class NoveltyWidget(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.threshold.valueChanged.connect(self._threshold_moved)
         self.mode.currentTextChanged.connect(
-            lambda _text: self._set_running(self._handle is not None and self._handle.running))
+            lambda _text: self._set_running(self._busy))
         self._set_running(False)
 
     # --- inputs --------------------------------------------------------------------------------
@@ -159,8 +159,12 @@ class NoveltyWidget(QWidget):
 
     # --- actions -------------------------------------------------------------------------------
 
+    @property
+    def _busy(self) -> bool:
+        return self._handle is not None and self._handle.running
+
     def _start(self, action: str, factory, on_done) -> WorkHandle | None:
-        if self._handle is not None and self._handle.running:
+        if self._busy:
             report_error(OpenSegError("a run is in progress: wait for it or press Cancel"), "Novelty")
             return None
         self._action, self._outcome = action, "failed"
@@ -261,7 +265,7 @@ class NoveltyWidget(QWidget):
         return self._start("compute", factory, self._show_maps)
 
     def cancel(self) -> None:
-        if self._handle is not None and self._handle.running:
+        if self._busy:
             self._handle.cancel()
             self._outcome = "cancelled"
             self.status.setText("Cancelling at the next step…")
