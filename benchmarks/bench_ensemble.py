@@ -47,6 +47,17 @@ def member_logits(net, images: np.ndarray, subsets: list[list]) -> tuple[torch.T
     return torch.stack([logit[:, 0] for logit in logits]), mapping
 
 
+def episode_batches(task, size: int, ensemble: int, max_queries: int, seed: int = 0):
+    """``(query batch, K support subsets)`` pairs of one task, drawn exactly as
+    ``evaluate.iter_evaluate_tasks`` draws them (same seeding), so they are bench_quality's."""
+    rng = np.random.default_rng([seed, task.label, 0 if task.axis is None else task.axis + 1])
+    queries = task.queries
+    if len(queries) > max_queries:
+        queries = [queries[i] for i in sorted(rng.choice(len(queries), max_queries, replace=False))]
+    for batch in query_batches(queries, 8):
+        yield batch, support_subsets(task, size, ensemble, rng)
+
+
 def combined(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each rule's probabilities ``"b g g"`` (thresholded at 0.5 afterwards)."""
     probs = torch.sigmoid(logits)
@@ -73,14 +84,8 @@ def main() -> None:
             for size in args.support_sizes:
                 per_rule = {rule: [] for rule in RULES}
                 for task in tasks:
-                    # The same seeding as evaluate.iter_evaluate_tasks, so the subsets are bench_quality's.
-                    rng = np.random.default_rng([0, task.label, 0 if task.axis is None else task.axis + 1])
-                    queries = task.queries
-                    if len(queries) > max_queries:
-                        queries = [queries[i] for i in sorted(rng.choice(len(queries), max_queries, replace=False))]
                     dice = {rule: [] for rule in RULES}
-                    for batch in query_batches(queries, 8):
-                        subsets = support_subsets(task, size, args.ensemble, rng)
+                    for batch, subsets in episode_batches(task, size, args.ensemble, max_queries):
                         logits, mapping = member_logits(net, np.stack([q.image for q in batch]), subsets)
                         for rule, probs in combined(logits).items():
                             masks = from_grid(probs[:, None], mapping)[:, 0].numpy() >= 0.5
