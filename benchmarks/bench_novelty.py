@@ -43,7 +43,7 @@ def train(args) -> None:
     settings = NoveltyTrainSettings(
         epochs=args.epochs, samples_per_volume=args.samples_per_volume, batch_size=args.batch_size,
         learning_rate=args.learning_rate, downsample=args.downsample, ignore_values=(protocol.IGNORED,),
-        roi_size=tuple(args.roi), seed=0,
+        roi_size=tuple(args.roi), seed=0, flips=args.flips,
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
@@ -250,6 +250,7 @@ def main() -> int:
     parser.add_argument("--roi", type=int, nargs=3, default=[64, 64, 32], help="training patch (z y x)")
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--downsample", type=int, default=2)
+    parser.add_argument("--flips", action="store_true", help="train with random flips along every axis")
     parser.add_argument("--weights", help="in-context weights for the training-free option (default: openseg-default)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
