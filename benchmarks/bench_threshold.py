@@ -76,7 +76,7 @@ def slice_dice(net, data: Path, sizes: list[int]) -> list[tuple[str, int, dict[s
     return rows
 
 
-def volume_dice(net, data: Path) -> list[tuple[str, dict[str, float]]]:
+def volume_dice(data: Path) -> list[tuple[str, dict[str, float]]]:
     import nibabel as nib
 
     from napari_openseg.core.inference import segment
@@ -132,15 +132,15 @@ def main() -> None:
         raise SystemExit("../shared/data is not present")
     parts = [args.only] if args.only else ["slices", "volumes"]
     torch.set_num_threads(args.threads)
-    net = networks(None, ["model"], 0, torch.device("cpu"))[0]["model"]
     if "slices" in parts:
+        net = networks(None, ["model"], 0, torch.device("cpu"))[0]["model"]
         rows = slice_dice(net, data, args.support_sizes)
         means = [(f"mean of families, S = {s}", {d: float(np.mean([r[d] for _, size, r in rows if size == s]))
                                                  for d in DECISIONS}) for s in args.support_sizes]
         print_table("Slice Dice on the selection tasks, K = 1 (points)",
                     [(f"{f}, S = {s}", r) for f, s, r in rows] + means)
     if "volumes" in parts:
-        print_table("Whole-volume 3D Dice, S = 16, K = 1 (points)", volume_dice(net, data))
+        print_table("Whole-volume 3D Dice, S = 16, K = 1 (points)", volume_dice(data))
 
 
 if __name__ == "__main__":
