@@ -34,7 +34,7 @@ def scene(viewer, qtbot, monkeypatch):
     labels_layer = viewer.add_labels(labels.copy(), name="known", scale=(2.0, 1.0, 1.0))
     seed_layer = viewer.add_labels((image > 0.9).astype(np.uint8), name="seed", scale=(2.0, 1.0, 1.0))
     get_session(viewer).set_model(device="cpu")
-    monkeypatch.setattr(novelty_widget, "NoveltyTrainSettings", lambda epochs: tiny_settings(epochs=epochs))
+    monkeypatch.setattr(novelty_widget, "NoveltyTrainSettings", tiny_settings)
     widget = NoveltyWidget(viewer)
     qtbot.addWidget(widget)
     widget.image_combo.select(image_layer)
@@ -58,6 +58,15 @@ def test_train_shows_the_loss_and_keeps_the_model(scene, qtbot, inline, tmp_path
     assert len(widget.losses) == 1 and "loss" in widget.status.text()
     path = widget.save_model(str(tmp_path / "saved.pt"))
     assert NoveltyModel.load(path).class_values == [0, 1, 2]
+    assert widget.model.info["settings"]["flips"] is False
+
+
+def test_random_flips_checkbox_reaches_the_training_settings(scene, qtbot, inline):
+    widget, *_ = scene
+    widget.epochs.setValue(1)
+    widget.flips.setChecked(True)
+    assert run(qtbot, widget.train) == "train done"
+    assert widget.model.info["settings"]["flips"] is True
 
 
 def test_cancel_stops_training_without_a_model(scene, qtbot, threaded):
@@ -133,7 +142,7 @@ def test_no_labels_layer_is_a_seed_unless_chosen(viewer, qtbot, inline, tiny_wei
 def test_training_controls_follow_the_mode(scene):
     widget, *_ = scene
     training = (widget.train_button, widget.load_button, widget.add_pair_button, widget.labels_combo,
-                widget.epochs, widget.adapt)
+                widget.epochs, widget.flips, widget.adapt)
     assert all(control.isEnabled() for control in training)
     widget.mode.setCurrentText(FREE)
     assert not any(control.isEnabled() for control in training)

@@ -79,6 +79,10 @@ class NoveltyWidget(QWidget):
         self.epochs = form_row(form, "Epochs", QSpinBox(), "training passes (4 patches per volume each)")
         self.epochs.setRange(1, 10_000)
         self.epochs.setValue(20)
+        self.flips = form_row(
+            form, "", QCheckBox("Random flips"),
+            "flip training patches along every axis: known classes segment much better on unseen parts "
+            "(for example the other hemisphere), the novelty map is a little weaker (docs/novelty.md)")
         self.mode = form_row(form, "Embeddings from", QComboBox(),
                              "a trained MedOpenSeg model, or the in-context network with the support set")
         self.mode.addItems([TRAINED, FREE])
@@ -177,7 +181,7 @@ class NoveltyWidget(QWidget):
         """Train a new model on the training pairs (known classes only)."""
         try:
             images, labels = self._training_pairs()
-            settings = NoveltyTrainSettings(epochs=self.epochs.value())
+            settings = NoveltyTrainSettings(epochs=self.epochs.value(), flips=self.flips.isChecked())
         except OpenSegError as err:
             report_error(err, "Novelty")
             return None
@@ -336,7 +340,7 @@ class NoveltyWidget(QWidget):
         trained = self.mode.currentText() == TRAINED
         self.compute_button.setEnabled(not running)
         for control in (self.train_button, self.load_button, self.add_pair_button, self.labels_combo,
-                        self.epochs, self.pair_list, self.adapt):
+                        self.epochs, self.flips, self.pair_list, self.adapt):
             control.setEnabled(not running and trained)
         self.save_button.setEnabled(not running and trained and self.model is not None)
         self.seed_button.setEnabled(not running and trained and self.model is not None)
