@@ -26,7 +26,7 @@ from napari_openseg.core.inference import support_tensors
 from napari_openseg.core.metrics import dice_score
 from napari_openseg.core.preprocess import from_grid, to_grid
 from napari_openseg.core.progress import run_to_end
-from napari_openseg.evaluation.evaluate import load_tasks, networks, query_batches, support_subsets
+from napari_openseg.evaluation.evaluate import load_tasks, networks, task_episodes
 from napari_openseg.training.splits import shared_data_dir
 
 RULES = ("K=1", "mean", "logit mean", "median", "area-matched")
@@ -45,17 +45,6 @@ def member_logits(net, images: np.ndarray, subsets: list[list]) -> tuple[torch.T
                                                                                           torch.float32)))
                   for s in subsets]
     return torch.stack([logit[:, 0] for logit in logits]), mapping
-
-
-def episode_batches(task, size: int, ensemble: int, max_queries: int, seed: int = 0):
-    """``(query batch, K support subsets)`` pairs of one task, drawn exactly as
-    ``evaluate.iter_evaluate_tasks`` draws them (same seeding), so they are bench_quality's."""
-    rng = np.random.default_rng([seed, task.label, 0 if task.axis is None else task.axis + 1])
-    queries = task.queries
-    if len(queries) > max_queries:
-        queries = [queries[i] for i in sorted(rng.choice(len(queries), max_queries, replace=False))]
-    for batch in query_batches(queries, 8):
-        yield batch, support_subsets(task, size, ensemble, rng)
 
 
 def combined(logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -85,7 +74,7 @@ def main() -> None:
                 per_rule = {rule: [] for rule in RULES}
                 for task in tasks:
                     dice = {rule: [] for rule in RULES}
-                    for batch, subsets in episode_batches(task, size, args.ensemble, max_queries):
+                    for batch, subsets in task_episodes(task, size, args.ensemble, 0, max_queries):
                         logits, mapping = member_logits(net, np.stack([q.image for q in batch]), subsets)
                         for rule, probs in combined(logits).items():
                             masks = from_grid(probs[:, None], mapping)[:, 0].numpy() >= 0.5

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from bench_ensemble import episode_batches, member_logits
+from bench_ensemble import member_logits
 from bench_quality import SUPPORT_SIZES, family_folders
 from napari_openseg.core.metrics import dice_per_label, dice_score
 from napari_openseg.core.preprocess import from_grid
 from napari_openseg.core.progress import run_to_end
-from napari_openseg.evaluation.evaluate import load_tasks, networks
+from napari_openseg.evaluation.evaluate import load_tasks, networks, task_episodes
 from napari_openseg.training.splits import shared_data_dir
 
 DECISIONS = ("0.5", "0.4", "0.3", "0.2", "h0.3", "h0.2")
@@ -64,7 +64,7 @@ def slice_dice(net, data: Path, sizes: list[int]) -> list[tuple[str, int, dict[s
                 per_task = {d: [] for d in DECISIONS}
                 for task in tasks:
                     dice = {d: [] for d in DECISIONS}
-                    for batch, subsets in episode_batches(task, size, 1, max_queries):
+                    for batch, subsets in task_episodes(task, size, 1, 0, max_queries):
                         logits, mapping = member_logits(net, np.stack([q.image for q in batch]), subsets)
                         probs = from_grid(torch.sigmoid(logits[0])[:, None], mapping)[:, 0].numpy()
                         for d in DECISIONS:
@@ -86,8 +86,10 @@ def volume_dice(data: Path) -> list[tuple[str, dict[str, float]]]:
 
     root, splits = data / "msd_task04_hippocampus", hippocampus_splits(data)
 
-    def read(subject: str) -> tuple[np.ndarray, np.ndarray]:
-        return tuple(np.asarray(nib.load(root / sub / f"{subject}.nii.gz").dataobj) for sub in ("imagesTr", "labelsTr"))
+    support_subjects, query_subjects = splits["train"][:12], splits["val"][:10]
+    volumes = {subject: tuple(np.asarray(nib.load(root / sub / f"{subject}.nii.gz").dataobj)
+                              for sub in ("imagesTr", "labelsTr"))
+               for subject in support_subjects + query_subjects}  # read once, used along every axis
 
     def scores(image, labels, support, axis) -> dict[str, dict[int, float]]:
         result = segment(image, support, None, axis=axis, support_size=16, device="cpu")
@@ -98,9 +100,9 @@ def volume_dice(data: Path) -> list[tuple[str, dict[str, float]]]:
     rows = []
     for axis in (0, 1, 2):
         support = SupportSet()
-        for subject in splits["train"][:12]:
-            support.extend(build_support_set(*read(subject), axis=axis, source=subject).entries)
-        found = [scores(*read(subject), support, axis) for subject in splits["val"][:10]]
+        for subject in support_subjects:
+            support.extend(build_support_set(*volumes[subject], axis=axis, source=subject).entries)
+        found = [scores(*volumes[subject], support, axis) for subject in query_subjects]
         for value, name in ((1, "anterior"), (2, "posterior")):
             rows.append((f"hippocampus {name}, axis {axis}",
                          {d: 100 * float(np.mean([f[d][value] for f in found])) for d in DECISIONS}))

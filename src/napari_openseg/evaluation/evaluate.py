@@ -152,6 +152,19 @@ def networks(model, methods: Sequence[str], seed: int, device: torch.device) -> 
     return nets, net.config.grid_size
 
 
+def task_episodes(
+    task: EvalTask, support_size: int, ensemble: int, seed: int, max_queries: int | None = None, batch_size: int = 8
+) -> Generator[tuple[list[Query], list[list]], None, None]:
+    """``(query batch, K support subsets)`` of one task, seeded by ``(seed, label, axis)``: every method
+    (and every benchmark that calls this) sees the same query sample and the same support draws."""
+    rng = np.random.default_rng([seed, task.label, 0 if task.axis is None else task.axis + 1])
+    queries = task.queries
+    if max_queries is not None and len(queries) > max_queries:
+        queries = [queries[i] for i in sorted(rng.choice(len(queries), max_queries, replace=False))]
+    for batch in query_batches(queries, batch_size):
+        yield batch, support_subsets(task, support_size, ensemble, rng)
+
+
 def load_tasks(
     folder: str | Path,
     support_split: str = "val",
@@ -191,13 +204,8 @@ def iter_evaluate_tasks(
     device = device or torch.device("cpu")
     results: dict[str, dict] = {}
     for number, task in enumerate(tasks):
-        rng = np.random.default_rng([seed, task.label, 0 if task.axis is None else task.axis + 1])
-        queries = task.queries
-        if max_queries is not None and len(queries) > max_queries:
-            queries = [queries[i] for i in sorted(rng.choice(len(queries), max_queries, replace=False))]
         dice: dict[str, list[float]] = {m: [] for m in methods}
-        for batch in query_batches(queries, batch_size):
-            subsets = support_subsets(task, support_size, ensemble, rng)
+        for batch, subsets in task_episodes(task, support_size, ensemble, seed, max_queries, batch_size):
             images = np.stack([q.image for q in batch])
             probs: dict[str, np.ndarray] = {}
             for name in ("model", "random_init"):
