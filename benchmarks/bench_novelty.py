@@ -178,21 +178,24 @@ TIMING_CASES = {
 
 
 def timing(args) -> None:
-    print("\n### Time and peak memory of one map of the whole 160x192x224 volume (CPU, "
+    where = "CPU" if args.device == "cpu" else f"{args.device}, peak GPU memory allocated"
+    print(f"\n### Time and peak memory of one map of the whole 160x192x224 volume ({where}, "
           f"{args.threads} threads, fresh process each)\n")
-    print("| configuration | windows or slices | seconds | peak RSS (GiB) | RSS before the map (GiB) |")
-    print("|---|---|---|---|---|")
+    gpu = "" if args.device == "cpu" else " peak GPU (GiB) |"
+    print(f"| configuration | windows or slices | seconds | peak RSS (GiB) | RSS before the map (GiB) |{gpu}")
+    print("|---|---|---|---|---|" + ("---|" if gpu else ""))
     results = {}
     for label, kind in TIMING_CASES.items():
         command = [sys.executable, __file__, "_time_one", "--kind", kind, "--out-dir", str(args.out_dir),
-                   "--threads", str(args.threads)] + (["--weights", args.weights] if args.weights else [])
+                   "--threads", str(args.threads), "--device", args.device] + (["--weights", args.weights] if args.weights else [])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"| {label} | failed: {done.stderr.strip().splitlines()[-1:]} | | | |")
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
         results[label] = r
-        print(f"| {label} | {r['units']} | {r['seconds']:.1f} | {r['peak_gib']:.2f} | {r['before_gib']:.2f} |")
+        cell = f" {r['gpu_peak_gib']:.2f} |" if gpu else ""
+        print(f"| {label} | {r['units']} | {r['seconds']:.1f} | {r['peak_gib']:.2f} | {r['before_gib']:.2f} |{cell}")
     _save(args, "timing", results)
 
 
@@ -201,6 +204,8 @@ def _rss_gib() -> float:
 
 
 def _time_one(args) -> None:
+    import torch
+
     from napari_openseg.core.novelty_free import iter_training_free_novelty
     from napari_openseg.core.novelty_map import iter_novelty_map
     from napari_openseg.core.novelty_model import NoveltyModel
@@ -215,7 +220,7 @@ def _time_one(args) -> None:
         image[16:240, 32:224, 48:208] = case["image"].data  # the brain inside a 256^3 field of view
     if args.kind == "free":
         support = build_support_set(protocol.train_half(image), protocol.train_half(case["known"]), axis=0)
-        gen = iter_training_free_novelty(image, support, args.weights, axis=0, device="cpu")
+        gen = iter_training_free_novelty(image, support, args.weights, axis=0, device=args.device)
     else:
         model = NoveltyModel.load(_model_path(args))
         if args.kind == "native":  # timing only: the trained weights at full resolution, 64^3 windows
@@ -223,7 +228,7 @@ def _time_one(args) -> None:
             net = MedOpenSeg(config)
             net.load_state_dict(model.network.state_dict())
             model = NoveltyModel(net.eval(), model.bank, model.class_values, 1)
-        gen = iter_novelty_map(image, model, device="cpu")
+        gen = iter_novelty_map(image, model, device=args.device)
     before = _rss_gib()
     began = time.perf_counter()
     units = 0
@@ -233,8 +238,12 @@ def _time_one(args) -> None:
             units = step.total
     except StopIteration:
         pass
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - began
-    print(json.dumps({"seconds": seconds, "peak_gib": _rss_gib(), "before_gib": before, "units": units}))
+    gpu_peak = torch.cuda.max_memory_allocated() / 1024**3 if args.device.startswith("cuda") else 0.0
+    print(json.dumps({"seconds": seconds, "peak_gib": _rss_gib(), "before_gib": before, "units": units,
+                      "gpu_peak_gib": gpu_peak}))
 
 
 def main() -> int:
@@ -253,6 +262,7 @@ def main() -> int:
     parser.add_argument("--flips", action="store_true", help="train with random flips along every axis")
     parser.add_argument("--weights", help="in-context weights for the training-free option (default: openseg-default)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="device of the timing stage's maps (cpu, cuda, ...)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)

@@ -157,6 +157,17 @@ def test_cli_train_resumes_the_same_run(tmp_path, capsys):
     assert np.isfinite(losses(whole)).all()
 
 
+def test_batches_built_in_worker_processes_give_the_same_run(tmp_path):
+    """Workers only move batch building elsewhere: losses and weights equal the serial run's."""
+    serial = train(tiny_config(steps=3), tmp_path / "serial", device="cpu")
+    pooled = train(tiny_config(steps=3), tmp_path / "pooled", device="cpu", workers=2)
+    assert serial["step"] == pooled["step"] == 3
+    assert losses(tmp_path / "serial") == losses(tmp_path / "pooled")
+    a = torch.load(tmp_path / "serial" / CHECKPOINT, weights_only=True)["model"]
+    b = torch.load(tmp_path / "pooled" / CHECKPOINT, weights_only=True)["model"]
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_resume_without_checkpoint_says_what_to_do(tmp_path, capsys):
     assert main(["train", str(tmp_path / "none"), "--resume", *TINY]) == 2
     assert "nothing to resume" in capsys.readouterr().err

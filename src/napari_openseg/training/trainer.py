@@ -9,6 +9,8 @@ Run folder (``out_dir``): ``checkpoint.pt`` (model, optimiser, step, RNG state, 
 atomically), ``weights.pt`` (latest weights, napari-openseg weights format), ``best.pt`` (best mean
 validation Dice) and ``log.jsonl`` (one JSON record per logged step and per validation).
 Resuming loads ``checkpoint.pt`` and continues the same run: same batches, same optimiser state.
+Batches can be built in worker processes (``workers``): on a GPU, building them on one core is the
+bottleneck, and since a batch depends only on ``(seed, step)`` the run stays the same.
 """
 
 from __future__ import annotations
@@ -122,6 +124,29 @@ def _new_network(config: TrainConfig) -> UniverSeg:
     return build_network(config.widths, grid_size=config.grid)
 
 
+class _StepBatches(torch.utils.data.Dataset):
+    """The training batches of steps ``first .. end - 1``, in order; item ``i`` is step ``first + i``."""
+
+    def __init__(self, first: int, end: int, config: TrainConfig, bank: TaskBank | None, synth: SynthConfig):
+        self.first, self.end, self.config, self.bank, self.synth = first, end, config, bank, synth
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.first)
+
+    def __getitem__(self, index: int) -> Episodes:
+        return training_batch(self.first + index, self.config.seed, self.config.episodes, self.bank, self.synth)
+
+
+def step_batches(batches: _StepBatches, workers: int):
+    """Iterate over ``batches`` in step order, built here (``workers == 0``) or in worker processes."""
+    if workers <= 0:
+        return (batches[i] for i in range(len(batches)))
+    # batch_size=None: each item already is a whole batch; workers build the next steps ahead.
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
+                                         prefetch_factor=4, persistent_workers=False)
+    return iter(loader)
+
+
 def _to_device(episodes: Episodes, device: torch.device) -> tuple[torch.Tensor, ...]:
     cl = torch.channels_last
     return (episodes.query.to(device).contiguous(memory_format=cl), episodes.query_masks.to(device),
@@ -205,8 +230,12 @@ def iter_train(
     device: str = "auto",
     data_dir: Path | None = None,
     stop_after: int | None = None,
+    workers: int = 0,
 ) -> Generator[Progress, None, dict]:
     """Train (or resume) the run in ``out_dir``; yields :class:`Progress` per step.
+
+    ``workers`` processes build the batches ahead of the step that needs them (0: built in this
+    process); the batches, and so the run, are the same either way.
 
     ``payload`` holds ``step``, ``loss``, ``lr``, ``images_per_s`` and, after a validation, ``val``
     (Dice per family). ``stop_after`` ends this call after that many steps (checkpointed), as an
@@ -237,9 +266,9 @@ def iter_train(
     end = config.steps if stop_after is None else min(config.steps, run.step + stop_after)
     yield Progress(run.step, config.steps, "training")
     tick, images_seen, losses = time.perf_counter(), 0, []
+    batches = step_batches(_StepBatches(run.step, end, config, bank, synth), workers)
     try:
-        while run.step < end:
-            batch = training_batch(run.step, config.seed, config.episodes, bank, synth)
+        for batch in batches:
             query, masks, images, labels = _to_device(batch, torch_device)
             for group in run.optimizer.param_groups:
                 group["lr"] = learning_rate(config, run.step)
