@@ -137,7 +137,7 @@ class _StepBatches(torch.utils.data.Dataset):
         return training_batch(self.first + index, self.config.seed, self.config.episodes, self.bank, self.synth)
 
 
-def step_batches(batches: _StepBatches, workers: int):
+def _step_batches(batches: _StepBatches, workers: int):
     """Iterate over ``batches`` in step order, built here (``workers == 0``) or in worker processes."""
     if workers <= 0:
         return (batches[i] for i in range(len(batches)))
@@ -266,7 +266,7 @@ def iter_train(
     end = config.steps if stop_after is None else min(config.steps, run.step + stop_after)
     yield Progress(run.step, config.steps, "training")
     tick, images_seen, losses = time.perf_counter(), 0, []
-    batches = step_batches(_StepBatches(run.step, end, config, bank, synth), workers)
+    batches = _step_batches(_StepBatches(run.step, end, config, bank, synth), workers)
     try:
         for batch in batches:
             query, masks, images, labels = _to_device(batch, torch_device)
