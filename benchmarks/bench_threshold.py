@@ -81,7 +81,7 @@ def volume_dice(data: Path) -> list[tuple[str, dict[str, float]]]:
 
     from napari_openseg.core.inference import segment
     from napari_openseg.core.support import SupportSet, build_support_set
-    from napari_openseg.sample import load_sample
+    from napari_openseg.sample import evenly_spaced_slices, load_sample
     from napari_openseg.training.splits import hippocampus_splits
 
     root, splits = data / "msd_task04_hippocampus", hippocampus_splits(data)
@@ -108,8 +108,7 @@ def volume_dice(data: Path) -> list[tuple[str, dict[str, float]]]:
                          {d: 100 * float(np.mean([f[d][value] for f in found])) for d in DECISIONS}))
             print(f"# {rows[-1]}", flush=True)
     image, labels = load_sample()
-    inside = np.flatnonzero(labels.data.reshape(labels.data.shape[0], -1).any(axis=1))
-    painted = np.unique(np.linspace(inside[0], inside[-1], 10).round().astype(int)[1:-1])  # the demo's
+    painted = evenly_spaced_slices(labels.data, 0, 8)  # the demo's support
     support = build_support_set(image.data, labels.data, axis=0, slice_indices=painted.tolist())
     found = scores(image.data, labels.data, support, 0)
     for value, name in ((1, "grey matter"), (2, "white matter")):

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from ..core.support import build_support_set
     from ..errors import OpenSegError
     from ..io import check_writable, write_image
-    from ..sample import SAMPLE_LABEL_NAMES, load_sample
+    from ..sample import SAMPLE_LABEL_NAMES, evenly_spaced_slices, load_sample
     from ._progress import with_progress_bar
 
     image, labels = load_sample()
@@ -44,9 +44,7 @@ def run(args: argparse.Namespace) -> int:
     for path in (support_path, result_path):
         check_writable(path, args.overwrite)
 
-    # A user who painted a few evenly spaced slices inside the brain.
-    inside = np.flatnonzero(np.moveaxis(labels.data, args.axis, 0).reshape(n_slices, -1).any(axis=1))
-    chosen = np.unique(np.linspace(inside[0], inside[-1], args.labelled_slices + 2).round().astype(int)[1:-1])
+    chosen = evenly_spaced_slices(labels.data, args.axis, args.labelled_slices)
     support = build_support_set(image.data, labels.data, axis=args.axis, source="mni152_2mm",
                                 slice_indices=chosen.tolist())
     support.save(support_path, overwrite=args.overwrite)
