@@ -178,10 +178,11 @@ TIMING_CASES = {
 
 
 def timing(args) -> None:
-    where = "CPU" if args.device == "cpu" else f"{args.device}, peak GPU memory allocated"
+    on_cuda = args.device.startswith("cuda")  # the only device whose peak memory torch reports here
+    where = f"{args.device}, peak GPU memory allocated" if on_cuda else args.device.upper()
     print(f"\n### Time and peak memory of one map of the whole 160x192x224 volume ({where}, "
           f"{args.threads} threads, fresh process each)\n")
-    gpu = "" if args.device == "cpu" else " peak GPU (GiB) |"
+    gpu = " peak GPU (GiB) |" if on_cuda else ""
     print(f"| configuration | windows or slices | seconds | peak RSS (GiB) | RSS before the map (GiB) |{gpu}")
     print("|---|---|---|---|---|" + ("---|" if gpu else ""))
     results = {}
@@ -238,10 +239,11 @@ def _time_one(args) -> None:
             units = step.total
     except StopIteration:
         pass
-    if args.device.startswith("cuda"):
+    on_cuda = args.device.startswith("cuda")
+    if on_cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - began
-    gpu_peak = torch.cuda.max_memory_allocated() / 1024**3 if args.device.startswith("cuda") else 0.0
+    gpu_peak = torch.cuda.max_memory_allocated() / 1024**3 if on_cuda else 0.0
     print(json.dumps({"seconds": seconds, "peak_gib": _rss_gib(), "before_gib": before, "units": units,
                       "gpu_peak_gib": gpu_peak}))
 
