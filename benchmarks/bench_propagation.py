@@ -22,7 +22,8 @@ prediction or the truth has foreground, pooled over objects, for variant (a) and
 together (their slices span a wider range of quality), for each measure. 2D stack: per label,
 the slice where it is largest in each subject of the split, each normalised with its own volume and
 centred on a common canvas, shuffled; one image is prompted (three different prompts, averaged) and
-the others are segmented in order of similarity (``unordered=True``), against prompt-only.
+the others are segmented in order of similarity (``unordered=True``) with each bank policy
+(:data:`STACK_POLICIES`).
 
 Data: ``hippocampus`` (MSD Task04 subjects of ``--split``, default the 19 test subjects, labels 1 and
 2) and ``brain`` (the VoxelMorph scan, FreeSurfer structures ``--structures``: by default the 8 deep
@@ -70,6 +71,8 @@ BRAIN_STRUCTURES = (10, 11, 12, 17, 49, 50, 51, 53)  # thalamus, caudate, putame
 #: Other structures of the same scan, for choices made on validation (never the reported ones):
 #: lateral ventricle, pallidum, amygdala, ventral diencephalon (L, R).
 VALIDATION_STRUCTURES = (4, 43, 13, 52, 18, 54, 28, 60)
+#: Bank policies compared on the one-prompt 2D stack.
+STACK_POLICIES = ("self-sorting", "fifo", "prompt-only", "admit-all")
 MEASURES = ("confidence", "sharpness", "agreement", "consistency")
 
 
@@ -184,10 +187,10 @@ def one_prompt_stack(split, limit, net, settings, prompts=3):
             prompt = np.zeros(truth.shape, np.uint8)
             prompt[k] = truth[k]
             row = {"label": value, "prompt": k}
-            for name, policy in (("self-sorting", "self-sorting"), ("prompt-only", "prompt-only")):
+            for policy in STACK_POLICIES:
                 result, *_ = run(image, prompt, net, settings, policy=policy, unordered=True)
                 others = [i for i in range(len(image)) if i != k]
-                row[name] = float(np.mean([dice_score(result.labels[i] == 1, truth[i]) for i in others]))
+                row[policy] = float(np.mean([dice_score(result.labels[i] == 1, truth[i]) for i in others]))
             rows.append(row)
     return rows
 
@@ -200,7 +203,20 @@ def spearman(x, y) -> float:
 
 def report(rows, slices, stack_rows, variants, settings) -> str:
     lines = [f"settings: {settings}", ""]
-    lines += ["| data | objects | " + " | ".join(f"({k}) {VARIANT_NAMES[k]}" for k in variants)
+    if rows:
+        lines += _object_tables(rows, slices, variants)
+    if stack_rows:
+        lines += ["", "| 2D stack, label | prompts | " + " | ".join(STACK_POLICIES) + " |",
+                  "|---" * (len(STACK_POLICIES) + 2) + "|"]
+        for value in (1, 2):
+            sub = [r for r in stack_rows if r["label"] == value]
+            lines.append(f"| {value} | {len(sub)} | "
+                         + " | ".join(f"{100 * np.mean([r[p] for r in sub]):.1f}" for p in STACK_POLICIES) + " |")
+    return "\n".join(lines)
+
+
+def _object_tables(rows, slices, variants) -> list[str]:
+    lines = ["| data | objects | " + " | ".join(f"({k}) {VARIANT_NAMES[k]}" for k in variants)
               + " | (a) + 1 correction |", "|---" * (len(variants) + 3) + "|"]
     for dataset in sorted({r["dataset"] for r in rows}):
         sub = [r for r in rows if r["dataset"] == dataset]
@@ -226,13 +242,7 @@ def report(rows, slices, stack_rows, variants, settings) -> str:
             actions = sum((Counter(r[f"{k}_bank"]) for r in rows if r["dataset"] == dataset), Counter())
             lines.append(f"| {dataset} | ({k}) | {sum(actions.values())} | "
                          + ", ".join(f"{n} {action}" for action, n in actions.most_common()) + " |")
-    if stack_rows:
-        lines += ["", "| 2D stack, label | prompts | self-sorting (unordered) | prompt-only |", "|---|---|---|---|"]
-        for value in (1, 2):
-            sub = [r for r in stack_rows if r["label"] == value]
-            lines.append(f"| {value} | {len(sub)} | {100 * np.mean([r['self-sorting'] for r in sub]):.1f} | "
-                         f"{100 * np.mean([r['prompt-only'] for r in sub]):.1f} |")
-    return "\n".join(lines)
+    return lines
 
 
 def main() -> None:
@@ -255,6 +265,7 @@ def main() -> None:
     parser.add_argument("--confidence-terms", nargs="+", choices=["sharpness", "agreement", "consistency"],
                         help="measures whose product is the confidence (default: the library's)")
     parser.add_argument("--no-stack", action="store_true", help="skip the one-prompt 2D stack")
+    parser.add_argument("--only-stack", action="store_true", help="run the one-prompt 2D stack alone")
     parser.add_argument("--max-minutes", type=float, default=90.0, help="start no new case after this")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write every number to this file")
@@ -280,12 +291,13 @@ def main() -> None:
 
     moved = (Case(c.dataset, c.name, np.moveaxis(c.image, args.axis, 0), np.moveaxis(c.truth, args.axis, 0))
              for c in cases())
-    rows, slices = propagation(moved, net, settings, list(args.variants), deadline)
+    variants = [] if args.only_stack else list(args.variants)
+    rows, slices = propagation(moved, net, settings, variants, deadline) if variants else ([], [])
     stack_rows = [] if args.no_stack else one_prompt_stack(args.split, args.subjects, net, settings)
     shown = {k: v for k, v in settings.items() if k != "device"}
     shown.update(weights=propagation_weights(args.weights), split=args.split, axis=args.axis, threads=args.threads,
                  confidence=confidence.CONFIDENCE_TERMS)
-    print(report(rows, slices, stack_rows, list(args.variants), shown))
+    print(report(rows, slices, stack_rows, variants, shown))
     print(f"\n{len(rows)} objects in {(time.perf_counter() - began) / 60:.1f} min")
     if args.json:
         with open(args.json, "w") as handle:

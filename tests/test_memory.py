@@ -130,6 +130,24 @@ def test_admit_all_takes_every_prediction_in_place_of_j():
     assert sorted(names(bank)) == [0, 2, 3]
 
 
+def test_on_ordered_fronts_the_similarity_condition_always_holds_so_admit_all_evicts_alike():
+    # Two fronts leave a prompt at 0 deg in 7-degree steps (slices of a volume), alternating sides.
+    # With the bank full (P, +7, -7, +14, -14), the newcomer +21 is least like -14 (35 deg): i = -14,
+    # j = -7 (7 deg from i), and sim(new, i) = cos 35 < sim(i, j) = cos 7, so the newcomer replaces
+    # -7, as admit-all does. Every later offer repeats the pattern (the far end of the other front is
+    # i, its neighbour is j): with equal confidences the two banks make the same choices and end with
+    # the prompt, +7 (never next to a far end) and the last three slices (docs/performance.md).
+    banks = {policy: MemoryBank(capacity=5, policy=policy) for policy in ("self-sorting", "admit-all")}
+    for bank in banks.values():
+        bank.pin(entry(at_angle(0), 1.0, name=0))
+    offers = [sign * 7 * step for step in range(1, 9) for sign in (1, -1)]
+    actions = {policy: [bank.offer(entry(at_angle(a), 0.9, name=a)) for a in offers]
+               for policy, bank in banks.items()}
+    assert actions["self-sorting"] == actions["admit-all"]
+    assert actions["self-sorting"][4:] == ["replaced"] * (len(offers) - 4)
+    assert sorted(names(banks["self-sorting"])) == sorted(names(banks["admit-all"])) == [-56, -49, 0, 7, 56]
+
+
 def test_prompt_only_bank_holds_the_prompts_alone():
     bank = MemoryBank(capacity=3, policy="prompt-only")
     bank.pin(entry(at_angle(0), 1.0, name=0))
