@@ -161,6 +161,12 @@ def free(args) -> None:
     raw, k = maps.raw, len(protocol.KNOWN) + 1
     rows = [_auroc_rows("no unknown prototype", raw, maps.mask, k, False, truth),
             _auroc_rows("unknown: one-shot seed", raw, maps.mask, k, True, truth)]
+    if args.adapt_steps:
+        adapted = training_free_novelty(test, support, str(weights), axis=args.axis, device="cpu", keep_raw=True,
+                                        unknown_seed=(train_image, protocol.train_half(case["seed"])),
+                                        adapt_unknown=args.adapt_steps)
+        rows.append(_auroc_rows(f"unknown: seed + {args.adapt_steps} adaptation steps", adapted.raw, adapted.mask,
+                                k, True, truth))
     dice = dice_per_label(maps.segmentation, truth["labels"], sorted(protocol.KNOWN))
     print(f"\n### Training-free (in-context features, weights {weights.name}, axis {args.axis}, "
           f"{len(support)} support entries); map {seconds:.1f} s\n")

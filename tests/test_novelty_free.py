@@ -65,3 +65,24 @@ def test_prototype_slices_merge_the_entries_of_one_slice(case):
     assert len(slices) == len({slice_key(e) for e in support.entries}) < len(support)
     for key, _, label_map in slices:
         assert np.array_equal(label_map, labels[:, :, key[2]])  # both classes marked, the rest background
+
+
+def test_adapting_the_unknown_prototype_moves_it_and_needs_a_seed(case, monkeypatch):
+    from napari_openseg.core import novelty_free
+
+    # Sample every slice and pixel: on this tiny grid the default strides keep only a few blob pixels.
+    monkeypatch.setattr(novelty_free, "ADAPT_SLICE_STRIDE", 1)
+    monkeypatch.setattr(novelty_free, "ADAPT_STRIDE", 1)
+    net, image, _, support = case
+    blob = image > 0.9
+    seeded = training_free_novelty(image, support, net, axis=0, support_size=4, device="cpu",
+                                   unknown_seed=(image, blob), keep_raw=True)
+    adapted = training_free_novelty(image, support, net, axis=0, support_size=4, device="cpu",
+                                    unknown_seed=(image, blob), adapt_unknown=3, keep_raw=True)
+    assert adapted.used_unknown and adapted.fused.shape == image.shape
+    # The known-class columns do not depend on the unknown prototype; its cosine column moves with it.
+    assert np.allclose(adapted.raw[:2], seeded.raw[:2], atol=1e-5)
+    assert not np.allclose(adapted.raw[2], seeded.raw[2], atol=1e-3)
+    assert adapted.fused[blob].mean() > adapted.fused[adapted.mask & ~blob].mean()
+    with pytest.raises(OpenSegError, match="needs an unknown seed"):
+        training_free_novelty(image, support, net, device="cpu", adapt_unknown=3)

@@ -119,6 +119,10 @@ def test_training_free_mode_uses_the_session_support_set(scene, qtbot, inline, t
     widget.mode.setCurrentText(FREE)
     assert run(qtbot, widget.compute) == "compute done"
     assert viewer.layers["novelty"].data.shape == labels.shape and widget.maps.used_unknown
+    seeded = widget.maps.fused.copy()
+    widget.adapt.setValue(3)  # the seeded unknown prototype adapts on the volume
+    assert run(qtbot, widget.compute) == "compute done" and widget.maps.used_unknown
+    assert viewer.layers["novelty"].data.shape == labels.shape and not np.array_equal(widget.maps.fused, seeded)
 
 
 def test_no_labels_layer_is_a_seed_unless_chosen(viewer, qtbot, inline, tiny_weights):
@@ -142,11 +146,11 @@ def test_no_labels_layer_is_a_seed_unless_chosen(viewer, qtbot, inline, tiny_wei
 def test_training_controls_follow_the_mode(scene):
     widget, *_ = scene
     training = (widget.train_button, widget.load_button, widget.add_pair_button, widget.labels_combo,
-                widget.epochs, widget.flips, widget.adapt)
+                widget.epochs, widget.flips)
     assert all(control.isEnabled() for control in training)
     widget.mode.setCurrentText(FREE)
     assert not any(control.isEnabled() for control in training)
-    assert widget.compute_button.isEnabled() and widget.seed_combo.isEnabled()
+    assert widget.compute_button.isEnabled() and widget.seed_combo.isEnabled() and widget.adapt.isEnabled()
     widget.mode.setCurrentText(TRAINED)
     assert all(control.isEnabled() for control in training)
 

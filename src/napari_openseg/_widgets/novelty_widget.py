@@ -259,8 +259,9 @@ class NoveltyWidget(QWidget):
                 if seed is not None and not seed[1].any():
                     seed = None
                 axis = slice_axis(self.viewer, source)
+                adapt = self.adapt.value() if seed is not None else 0  # as for a model without a seed
                 factory = lambda: iter_training_free_novelty(  # noqa: E731
-                    image, support, weights, axis=axis, unknown_seed=seed, device=device)
+                    image, support, weights, axis=axis, unknown_seed=seed, adapt_unknown=adapt, device=device)
         except OpenSegError as err:
             report_error(err, "Novelty")
             return None
@@ -340,8 +341,9 @@ class NoveltyWidget(QWidget):
         trained = self.mode.currentText() == TRAINED
         self.compute_button.setEnabled(not running)
         for control in (self.train_button, self.load_button, self.add_pair_button, self.labels_combo,
-                        self.epochs, self.flips, self.pair_list, self.adapt):
+                        self.epochs, self.flips, self.pair_list):
             control.setEnabled(not running and trained)
+        self.adapt.setEnabled(not running)  # both modes adapt a seeded unknown prototype
         self.save_button.setEnabled(not running and trained and self.model is not None)
         self.seed_button.setEnabled(not running and trained and self.model is not None)
         self.cancel_button.setEnabled(running)

@@ -11,6 +11,11 @@ embeddings have unit mean length, as a trained network's are (see :mod:`~napari_
 
 Scores are computed on the model grid per slice and resized back with the inverse grid mapping; the
 known-class segmentation is the nearest prototype.
+
+With an unknown seed and ``adapt_unknown`` > 0, a first pass embeds every ``ADAPT_SLICE_STRIDE``-th
+slice and keeps every ``ADAPT_STRIDE``-th grid pixel inside the body (no labels); the unknown
+prototype is adapted on that sample (:meth:`~napari_openseg.core.prototypes.PrototypeBank.adapt_unknown`,
+moving average 0.9) before the scoring pass, as for trained models.
 """
 
 from __future__ import annotations
@@ -32,6 +37,11 @@ from .prototypes import PrototypeBank
 from .support import SupportSet
 
 log = logging.getLogger(__name__)
+
+#: The adaptation sample: every ADAPT_SLICE_STRIDE-th slice, every ADAPT_STRIDE-th grid pixel per axis.
+ADAPT_SLICE_STRIDE, ADAPT_STRIDE = 4, 4
+#: Moving-average weight of the unknown prototype while it adapts (the bank built here uses 0).
+ADAPT_MOMENTUM = 0.9
 
 
 def slice_key(entry) -> tuple:
@@ -158,6 +168,15 @@ def seed_unknown_from(embedder: InContextEmbedder, bank: PrototypeBank, image: n
     bank.seed_unknown(torch.cat(found), "one painted instance (training-free)")
 
 
+def _body_embeddings(embedder: InContextEmbedder, slices: np.ndarray, body: np.ndarray) -> torch.Tensor:
+    """Embeddings ``"N E"`` of every ``ADAPT_STRIDE``-th grid pixel inside ``body`` of ``slices "B H W"``."""
+    query, _ = to_grid(torch.from_numpy(np.ascontiguousarray(slices)).to(embedder.device), embedder.grid)
+    inside = masks_to_grid(torch.from_numpy(np.ascontiguousarray(body)).to(embedder.device), embedder.grid)
+    s = ADAPT_STRIDE
+    emb = embedder.embed(query)[:, :, ::s, ::s]  # "B E g/s g/s"
+    return emb.permute(0, 2, 3, 1)[inside[:, 0, ::s, ::s].bool()].float().cpu()
+
+
 def iter_training_free_novelty(
     image: np.ndarray,
     support: SupportSet,
@@ -168,6 +187,7 @@ def iter_training_free_novelty(
     seed: int = 0,
     mask: np.ndarray | None = None,
     unknown_seed: tuple[np.ndarray, np.ndarray] | None = None,
+    adapt_unknown: int = 0,
     prototype_slices: int = 16,
     cosine_weight: float = 0.5,
     batch_size: int = 8,
@@ -177,14 +197,16 @@ def iter_training_free_novelty(
     """Novelty maps of a ``"D H W"`` volume from a support set, with no training.
 
     ``model``: in-context weights name, file or network (default weights when None);
-    ``unknown_seed``: optional ``(image, mask)`` with one painted instance of an unseen structure
-    (adapting it on unlabelled embeddings is offered for trained models only).
+    ``unknown_seed``: optional ``(image, mask)`` with one painted instance of an unseen structure;
+    ``adapt_unknown``: steps adapting it on this volume's unlabelled embeddings (needs the seed).
     Yields progress per batch of slices; returns :class:`~napari_openseg.core.novelty.NoveltyMaps`.
     """
     image = check_volume(image)
     mask = body_mask(image) if mask is None else np.asarray(mask, bool)
     if mask.shape != image.shape:
         raise OpenSegError(f"mask of shape {mask.shape} does not match the volume of shape {image.shape}")
+    if adapt_unknown and unknown_seed is None:
+        raise OpenSegError("adapting the unknown prototype needs an unknown seed: paint one unseen structure")
     embedder = InContextEmbedder(support, model, support_size=support_size, seed=seed, device=device,
                                  batch_size=batch_size)
     bank = build_bank(embedder, prototype_slices, seed)
@@ -192,9 +214,21 @@ def iter_training_free_novelty(
         seed_unknown_from(embedder, bank, unknown_seed[0], unknown_seed[1], axis)
     stack = _slices(normalize_intensity(image), axis)
     n = stack.shape[0]
+    sampled = list(range(0, n, ADAPT_SLICE_STRIDE)) if adapt_unknown else []
+    adapt_batches = range(0, len(sampled), embedder.batch_size)
+    total = n + len(adapt_batches)
+    yield Progress(0, total, "training-free novelty")
+    if adapt_unknown:
+        sample, body = [], _slices(mask, axis)
+        for done, first in enumerate(adapt_batches, start=1):
+            picked = sampled[first : first + embedder.batch_size]
+            sample.append(_body_embeddings(embedder, stack[picked], body[picked]))
+            yield Progress(done, total, "adapting the unknown prototype")
+        won = bank.adapt_unknown(torch.cat(sample), steps=adapt_unknown, momentum=ADAPT_MOMENTUM)
+        log.info("unknown prototype adapted on %d embeddings; it wins %.2f%% of them",
+                 sum(len(x) for x in sample), 100 * won)
     raw = np.zeros((4, *stack.shape), np.float32)
     nearest = np.zeros(stack.shape, np.int64)
-    yield Progress(0, n, "training-free novelty")
     for start in range(0, n, embedder.batch_size):
         stop = min(n, start + embedder.batch_size)
         query, mapping = to_grid(torch.from_numpy(np.ascontiguousarray(stack[start:stop])).to(embedder.device),
@@ -205,7 +239,7 @@ def iter_training_free_novelty(
         raw[:, start:stop] = from_grid(scores, mapping).permute(1, 0, 2, 3).cpu().numpy()
         near = nearest_class(flat, bank).reshape(emb.shape[0], 1, *emb.shape[2:]).float()
         nearest[start:stop] = from_grid(near, mapping)[:, 0].round().long().cpu().numpy()
-        yield Progress(stop, n, "training-free novelty")
+        yield Progress(len(adapt_batches) + stop, total, "training-free novelty")
     raw = np.moveaxis(raw, 1, axis % 3 + 1)
     values = np.asarray(bank.class_values, dtype=label_dtype(max(bank.class_values)))
     segmentation = np.moveaxis(values[nearest], 0, axis)
