@@ -89,6 +89,25 @@ def test_training_free_map_from_a_support_file(files, tiny_weights, capsys):
                  "--image", str(files / "vol.nii.gz"), "--out", str(out), "--device", "cpu"]) == 0
     assert read_image(out).data.shape == (32, 32, 64)
 
+    # One unseen structure painted on the mapped volume seeds the unknown prototype, which adapts on it.
+    seeded = files / "free_seeded.nii.gz"
+    assert main(["novelty", "map", "--support", str(files / "support.npz"), "--weights", str(tiny_weights),
+                 "--image", str(files / "vol.nii.gz"), "--out", str(seeded), "--device", "cpu",
+                 "--seed-mask", str(files / "seed.nii.gz"), "--adapt-unknown", "2"]) == 0
+    fused, blob = read_image(seeded).data, read_image(files / "seed.nii.gz").data != 0
+    assert not np.allclose(fused, read_image(out).data)
+    assert fused[blob].mean() > fused[~blob & (fused > 0)].mean()
+    assert np.allclose(read_image(seeded).affine, AFFINE)
+
+    half = np.zeros((32, 32, 64), np.uint8)
+    half[:, :, :32] = 1
+    write_image(files / "half.nii.gz", half, read_image(files / "vol.nii.gz"))
+    masked = files / "free_masked.nii.gz"
+    assert main(["novelty", "map", "--support", str(files / "support.npz"), "--weights", str(tiny_weights),
+                 "--image", str(files / "vol.nii.gz"), "--out", str(masked), "--device", "cpu",
+                 "--mask", str(files / "half.nii.gz")]) == 0
+    assert np.all(read_image(masked).data[:, :, 32:] == 0) and read_image(masked).data[:, :, :32].max() > 0
+
 
 def test_user_mistakes_get_a_message(files, capsys):
     assert main(["novelty", "train", "--image", str(files / "vol.nii.gz"), "--image", str(files / "vol.nii.gz"),
@@ -100,4 +119,10 @@ def test_user_mistakes_get_a_message(files, capsys):
     assert main(["novelty", "map", "--model", str(files / "missing.pt"), "--image", str(files / "vol.nii.gz"),
                  "--out", str(files / "y.nii.gz")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert main(["novelty", "map", "--support", str(files / "missing.npz"), "--image", str(files / "vol.nii.gz"),
+                 "--out", str(files / "y.nii.gz"), "--adapt-unknown", "3"]) == 2
+    assert "needs --seed-mask" in capsys.readouterr().err
+    assert main(["novelty", "map", "--model", str(files / "missing.pt"), "--image", str(files / "vol.nii.gz"),
+                 "--out", str(files / "y.nii.gz"), "--seed-mask", str(files / "seed.nii.gz")]) == 2
+    assert "openseg novelty seed" in capsys.readouterr().err
     assert not (files / "x.pt").exists() and not (files / "y.nii.gz").exists()

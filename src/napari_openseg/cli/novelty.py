@@ -59,7 +59,10 @@ def register(subparsers) -> None:
     novelty_map.add_argument("--mask", help="foreground mask file (default: the body found by intensity)")
     novelty_map.add_argument("--no-unknown", action="store_true", help="ignore the model's unknown prototype")
     novelty_map.add_argument("--adapt-unknown", type=int, default=0, metavar="N",
-                             help="adapt the unknown prototype on this volume for N steps (trained models)")
+                             help="adapt the unknown prototype on this volume for N steps")
+    novelty_map.add_argument("--seed-mask", help="for --support: mask (non-zero = one unseen structure) "
+                             "that seeds the unknown prototype")
+    novelty_map.add_argument("--seed-image", help="volume the --seed-mask was painted on (default: --image)")
     novelty_map.add_argument("--weights", help="in-context weights for --support (name or file)")
     novelty_map.add_argument("--axis", type=int, default=0, help="slice axis for --support (default 0)")
     novelty_map.add_argument("--support-size", type=int, default=16, help="S for --support")
@@ -148,8 +151,18 @@ def run_map(args: argparse.Namespace) -> int:
         extra = score_paths(out, folder)
         for path in extra.values():
             check_writable(path, args.overwrite)
+    if args.model and (args.seed_mask or args.seed_image):
+        raise OpenSegError("--seed-mask is for --support; seed a trained model with `openseg novelty seed`")
+    if args.seed_image and not args.seed_mask:
+        raise OpenSegError("--seed-image needs --seed-mask, the unseen structure painted on it")
+    if args.support and args.adapt_unknown and not args.seed_mask:
+        raise OpenSegError("--adapt-unknown with --support needs --seed-mask (one unseen structure painted)")
     image = read_image(args.image)
     mask = read_image(args.mask).data != 0 if args.mask else None
+    seed = None
+    if args.seed_mask:
+        seed_image = read_image(args.seed_image).data if args.seed_image else image.data
+        seed = (seed_image, read_image(args.seed_mask).data != 0)
     if args.model:
         maps = with_progress_bar(
             iter_novelty_map(image.data, args.model, mask=mask, use_unknown=not args.no_unknown,
@@ -157,11 +170,10 @@ def run_map(args: argparse.Namespace) -> int:
             f"novelty {image.name}",
         )
     else:
-        if args.adapt_unknown:
-            raise OpenSegError("--adapt-unknown needs a trained --model")
         maps = with_progress_bar(
             iter_training_free_novelty(image.data, load_support(args.support), args.weights, axis=args.axis,
-                                       support_size=args.support_size, device=args.device),
+                                       support_size=args.support_size, mask=mask, unknown_seed=seed,
+                                       adapt_unknown=args.adapt_unknown, device=args.device),
             f"novelty {image.name}",
         )
     write_image(out, maps.fused, image, overwrite=args.overwrite)
