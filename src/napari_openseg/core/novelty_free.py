@@ -30,18 +30,18 @@ from ..errors import OpenSegError
 from .device import resolve_device
 from .inference import label_dtype, support_tensors
 from .novelty import NoveltyMaps, maps_from_raw, nearest_class, score_channels
+from .novelty_map import ADAPT_STRIDE
 from .novelty_model import body_mask, check_volume
 from .preprocess import from_grid, masks_to_grid, normalize_intensity, to_grid
 from .progress import Progress, run_to_end
-from .prototypes import PrototypeBank
+from .prototypes import DEFAULT_MOMENTUM, PrototypeBank
 from .support import SupportSet
 
 log = logging.getLogger(__name__)
 
-#: The adaptation sample: every ADAPT_SLICE_STRIDE-th slice, every ADAPT_STRIDE-th grid pixel per axis.
-ADAPT_SLICE_STRIDE, ADAPT_STRIDE = 4, 4
-#: Moving-average weight of the unknown prototype while it adapts (the bank built here uses 0).
-ADAPT_MOMENTUM = 0.9
+#: The adaptation sample: every ADAPT_SLICE_STRIDE-th slice and, as for trained models, every
+#: ADAPT_STRIDE-th grid pixel per axis.
+ADAPT_SLICE_STRIDE = ADAPT_STRIDE
 
 
 def slice_key(entry) -> tuple:
@@ -224,7 +224,9 @@ def iter_training_free_novelty(
             picked = sampled[first : first + embedder.batch_size]
             sample.append(_body_embeddings(embedder, stack[picked], body[picked]))
             yield Progress(done, total, "adapting the unknown prototype")
-        won = bank.adapt_unknown(torch.cat(sample), steps=adapt_unknown, momentum=ADAPT_MOMENTUM)
+        # The bank built here replaces prototypes by their means (momentum 0); the unknown one adapts
+        # with the usual moving average.
+        won = bank.adapt_unknown(torch.cat(sample), steps=adapt_unknown, momentum=DEFAULT_MOMENTUM)
         log.info("unknown prototype adapted on %d embeddings; it wins %.2f%% of them",
                  sum(len(x) for x in sample), 100 * won)
     raw = np.zeros((4, *stack.shape), np.float32)

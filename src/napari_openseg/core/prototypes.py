@@ -37,6 +37,10 @@ from .tensor_files import load_format_file
 BANK_FORMAT = "napari-openseg prototype bank"
 
 
+#: ``a`` of the moving-average update (the issue's default).
+DEFAULT_MOMENTUM = 0.9
+
+
 def _as_tensor(values, dtype=torch.float32) -> torch.Tensor:
     if isinstance(values, torch.Tensor):
         return values.detach().to(dtype)
@@ -58,7 +62,7 @@ class PrototypeBank:
         move it slowly.
     """
 
-    def __init__(self, class_values: Sequence[int], dim: int, momentum: float = 0.9):
+    def __init__(self, class_values: Sequence[int], dim: int, momentum: float = DEFAULT_MOMENTUM):
         values = [int(v) for v in class_values]
         if len(values) < 1 or len(set(values)) != len(values):
             raise OpenSegError(f"a prototype bank needs distinct class values, got {values}")

@@ -35,7 +35,7 @@ from ..core.novelty_model import (
 )
 from ..core.preprocess import normalize_intensity
 from ..core.progress import Progress, run_to_end
-from ..core.prototypes import PrototypeBank
+from ..core.prototypes import DEFAULT_MOMENTUM, PrototypeBank
 from ..core.support import check_labels
 from ..errors import OpenSegError
 from .novelty_losses import IGNORE, dice_ce_loss, prototype_guided_loss
@@ -52,7 +52,7 @@ class NoveltyTrainSettings:
     batch_size: int = 2
     learning_rate: float = 3e-4
     weight_decay: float = 1e-5
-    momentum: float = 0.9
+    momentum: float = DEFAULT_MOMENTUM
     pgr_weight: float = 1.0
     lambda_pc: float = 0.01
     feature_size: int = 12
