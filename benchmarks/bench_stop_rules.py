@@ -2,11 +2,11 @@
 
 Each object is propagated once with the confidence stop off (fronts end only where the object
 vanishes), recording every predicted slice's confidence, predicted area and overlap with the truth.
-A stop rule is then replayed on those records, front by front, exactly as ``iter_propagate``
-applies it (``stop_after`` consecutive vanished or doubtful slices end a front; the doubtful slices
-of that final run are left empty), and the 3D Dice is recomputed. The replay ignores one thing: a
-front that stops earlier no longer feeds the shared bank, so the other front's later slices could
-differ; on the validation objects replayed and real runs agreed within 0.4 Dice points.
+A stop rule is then replayed on those records, front by front, with the rule ``iter_propagate``
+applies (``Front.observe``: ``stop_after`` consecutive vanished or doubtful slices end a front; the
+doubtful slices of that final run are left empty), and the 3D Dice is recomputed. The replay ignores
+one thing: a front that stops earlier no longer feeds the shared bank, so the other front's later
+slices could differ; on the validation objects replayed and real runs agreed within 0.4 Dice points.
 
 Objects (needs ../shared/data): the hippocampus validation subjects, the validation structures of
 the brain scan (``bench_propagation.VALIDATION_STRUCTURES``), seven large structures of that scan
@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from bench_propagation import VALIDATION_STRUCTURES, Case, brain_cases, hippocampus_cases, prompt_of
+from napari_openseg.core.fronts import Front
 from napari_openseg.core.propagate import iter_propagate
 from napari_openseg.model.registry import load_model, propagation_weights
 from napari_openseg.sample import load_sample
@@ -68,19 +69,16 @@ def replay(obj: dict, threshold_of, stop_after: int = 2) -> float:
     """3D Dice of ``obj`` had each front stopped by the rule ``threshold_of(front slices) -> float``."""
     overlap = predicted = obj["prompt_area"]
     for sign in (-1, 1):
-        front = [r for r in obj["slices"] if np.sign(r["slice"] - obj["prompt_slice"]) == sign]
-        threshold = threshold_of(front)
-        kept, doubtful, run = [], [], 0
-        for r in front:
+        records = [r for r in obj["slices"] if np.sign(r["slice"] - obj["prompt_slice"]) == sign]
+        threshold = threshold_of(records)
+        front, kept = Front(0, [r["slice"] for r in records]), []
+        for r in records:
             vanished = r["predicted"] == 0
-            if vanished or r["confidence"] < threshold:
-                run += 1
-                doubtful += [] if vanished else [r]
-            else:
-                run, doubtful = 0, []
+            front.observe(r["slice"], vanished, not vanished and r["confidence"] < threshold, r, stop_after)
             kept.append(r)
-            if run >= stop_after:
-                kept = [k for k in kept if k not in doubtful]
+            if front.stopped:  # iter_propagate undoes the doubtful slices of the final run
+                undone = [written for _, written in front.doubtful]
+                kept = [k for k in kept if not any(k is u for u in undone)]
                 break
         overlap += sum(r["overlap"] for r in kept)
         predicted += sum(r["predicted"] for r in kept)

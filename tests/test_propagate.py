@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from napari_openseg.core.fronts import Front
 from napari_openseg.core.memory import slice_embeddings
 from napari_openseg.core.metrics import dice_score
 from napari_openseg.core.preprocess import normalize_intensity, to_grid
@@ -160,6 +161,22 @@ def test_a_run_of_low_confidence_slices_ends_a_front_and_is_left_empty(blob_net,
     low = propagate(image, prompt, blob_net, stop_confidence=0.05, **FAST)
     assert np.array_equal(plain.labels[5:19], low.labels[5:19])
     assert low.confidence_stops == {}  # the disc vanished: no front ended on confidence
+
+
+def test_the_stop_rule_counts_runs_of_vanished_or_doubtful_slices():
+    # (vanished, doubtful) per slice, stop_after = 2
+    front = Front(1, [5, 6, 7, 8, 9])
+    for s, (vanished, doubtful) in zip((5, 6, 7), [(False, True), (False, False), (True, False)]):
+        front.observe(s, vanished, doubtful, f"written {s}", stop_after=2)
+        assert not front.stopped  # a confident slice broke the first run; the second is one long
+    front.observe(8, False, True, "written 8", stop_after=2)
+    assert front.stopped and not front.stopped_on_confidence  # slice 7 vanished: not a confidence stop
+    assert front.doubtful == [(8, "written 8")]  # what iter_propagate undoes
+
+    front = Front(1, [4, 3, 2])
+    front.observe(4, False, True, "a", stop_after=2)
+    front.observe(3, False, True, "b", stop_after=2)
+    assert front.stopped and front.stopped_on_confidence and front.doubtful == [(4, "a"), (3, "b")]
 
 
 def test_one_prompt_segmentation_of_an_unordered_stack(blob_net, disc):

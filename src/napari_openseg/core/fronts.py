@@ -36,6 +36,22 @@ class Front:
     stopped: bool = False
     doubtful: list = field(default_factory=list)
 
+    def observe(self, slice_index: int, vanished: bool, doubtful: bool, written, stop_after: int) -> None:
+        """Count one visited slice towards the stop rule: ``stop_after`` vanished or doubtful slices
+        in a row stop the front. ``written`` is what to undo for a doubtful slice if it stops."""
+        if vanished or doubtful:
+            self.vanished += 1
+            if doubtful:
+                self.doubtful.append((slice_index, written))
+        else:
+            self.vanished, self.doubtful = 0, []
+        self.stopped = self.vanished >= stop_after
+
+    @property
+    def stopped_on_confidence(self) -> bool:
+        """Stopped with every slice of the final run drawn but none confident (none vanished)."""
+        return self.stopped and len(self.doubtful) == self.vanished
+
 
 def make_fronts(label: int, pinned: list[int], blocked: set[int], n_slices: int, steps: tuple[int, ...]) -> list[Front]:
     """A front per prompt slice and direction in ``steps`` (-1, +1); each slice goes to the nearer

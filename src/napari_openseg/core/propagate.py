@@ -391,21 +391,16 @@ def iter_propagate(
         take = mask & (full > best[s])
         labels[s][take] = value
         best[s][take] = full[take]
-        if front is not None and (vanished or doubtful):
-            front.vanished += 1
-            if doubtful:
-                front.doubtful.append((s, take))
-        elif front is not None:
-            front.vanished, front.doubtful = 0, []
+        if front is not None:
+            front.observe(s, vanished, doubtful, take, stop_after)
         confidence[values.index(value), s] = measures["confidence"]
         if not mask.any():
             grid_mask = torch.zeros_like(grid_mask)
         action = bank.offer(MemoryEntry(grid_images[s, 0], grid_mask, measures["confidence"], embeddings[s],
                                         slice_index=s))
         done += 1
-        if front is not None and front.vanished >= stop_after:
-            front.stopped = True
-            if len(front.doubtful) == front.vanished:  # every slice of the run drawn, none confident
+        if front is not None and front.stopped:
+            if front.stopped_on_confidence:
                 confidence_stops.setdefault(value, []).append(front.doubtful[0][0])
             for index, written in front.doubtful:  # the object had ended there after all
                 undo = written & (labels[index] == value)
