@@ -11,7 +11,7 @@ from napari_openseg.cli import main
 from napari_openseg.errors import OpenSegError
 from napari_openseg.evaluation.baselines import PixelClassifier, label_prior, pixel_features
 from napari_openseg.evaluation.data import SINGLE_VOLUME_GAP, find_folder, single_volume_split, split_cases
-from napari_openseg.evaluation.evaluate import METHODS, evaluate
+from napari_openseg.evaluation.evaluate import METHODS, evaluate, iter_evaluate
 
 pytest.importorskip("sklearn")
 iio = pytest.importorskip("imageio.v3")
@@ -101,6 +101,22 @@ def test_evaluate_nifti_folder_slices_every_axis(nifti_folder, tiny_weights, tmp
         assert report.task_scores(f"label_2/axis_{axis}")["label_prior"]["mean"] > 0.9
     same = evaluate(nifti_folder, str(tiny_weights), support_size=3, max_queries=4, seed=0)
     assert same.to_dict() == report.to_dict()  # seeded
+
+
+def test_progress_comes_after_every_batch_so_that_cancel_stops_within_a_task(nifti_folder, tiny_weights):
+    steps = []
+    generator = iter_evaluate(nifti_folder, str(tiny_weights), support_size=2, batch_size=1, max_queries=3,
+                              methods=["model"], label_values=[1], axes=[0])
+    try:
+        while True:
+            steps.append(next(generator))
+    except StopIteration as stop:
+        report = stop.value
+    tasks = report.to_dict()["tasks"]
+    queries = sum(task["model"]["n"] for task in tasks.values())
+    within = [s for s in steps if s.stage.startswith("evaluating ")]
+    assert len(tasks) == 1 and queries == 3 and len(within) == queries  # one record per batch of one query
+    assert all(s.done == 0 for s in within)  # the task counts as done only at its end
 
 
 def test_single_volume_is_split_by_disjoint_slice_ranges(tmp_path, tiny_weights):

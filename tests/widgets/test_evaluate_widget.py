@@ -87,6 +87,20 @@ def test_missing_folder_is_reported(widget, inline, errors):
     assert widget.save("/tmp/never.json") is None and "nothing to save" in errors[-1]
 
 
+def test_a_failed_run_leaves_the_last_report_on_show(widget, folder, inline, errors):
+    widget.folder.setText(str(folder))
+    widget.support_size.setValue(2)
+    widget.run()
+    shown = widget.output.toPlainText()
+    assert shown.startswith("pictures:")
+    widget.folder.setText("/no/such/folder")
+    finished = []
+    widget.run_finished.connect(finished.append)
+    widget.run()
+    assert finished == ["failed"] and "is not a folder" in errors[-1]
+    assert widget.output.toPlainText() == shown and widget.save_button.isEnabled()  # Save writes what is shown
+
+
 def test_cancel_in_a_worker(widget, folder, qtbot, threaded):
     widget.folder.setText(str(folder))
     with qtbot.waitSignal(widget.run_finished, timeout=60000) as blocker:

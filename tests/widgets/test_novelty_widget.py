@@ -102,6 +102,35 @@ def test_compute_adds_heat_map_regions_and_segmentation_and_the_slider_moves_the
     assert np.array_equal(labels_layer.data, labels)  # the user's layer is untouched
 
 
+def test_the_slider_never_overwrites_regions_the_user_painted(scene, qtbot, inline, model_path, viewer):
+    widget, *_ = scene
+    assert widget.load_model(str(model_path))
+    assert run(qtbot, widget.compute) == "compute done"
+    regions = viewer.layers["novel regions"]
+    regions.paint((5, 10, 10), 9, refresh=False)  # the user's own mark, through napari's paint
+    painted = np.array(regions.data)
+    widget.threshold.setValue(950)
+    assert np.array_equal(regions.data, painted)  # kept as the user left it
+    fresh = widget._novel_layer
+    assert fresh is not regions and owner_info(fresh)["role"] == "novelty:regions"
+    assert np.array_equal(fresh.data.astype(bool), widget.maps.novel_regions(0.95))
+
+
+def test_closing_the_image_during_compute_says_so(scene, qtbot, threaded, model_path, viewer, monkeypatch):
+    widget, image_layer, *_ = scene
+    assert widget.load_model(str(model_path))
+    real = novelty_widget.NoveltyWidget._show_maps
+
+    def close_first(self, maps):
+        viewer.layers.remove(image_layer)
+        real(self, maps)
+
+    monkeypatch.setattr(novelty_widget.NoveltyWidget, "_show_maps", close_first)
+    assert run(qtbot, widget.compute) == "compute closed"
+    assert "'vol' was closed during the run; nothing was added" in widget.status.text()
+    assert "novelty" not in viewer.layers
+
+
 def test_seed_unknown_then_compute_uses_it(scene, qtbot, inline, model_path):
     widget, *_ = scene
     assert widget.load_model(str(model_path))

@@ -133,6 +133,60 @@ def test_cancel_changes_nothing(viewer, qtbot, scene, threaded, monkeypatch):
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
 
 
+def test_a_cancelled_run_on_another_image_keeps_the_last_finished_run(viewer, qtbot, scene, threaded):
+    widget, image_layer, *_ = scene
+    assert run_and_wait(qtbot, widget) == "done"
+    first = widget.result
+    other = viewer.add_image(np.zeros((16, 24, 28), np.float32), name="other")
+    prompt = viewer.add_labels(np.zeros((16, 24, 28), np.uint8), name="other prompt")
+    prompt.data[8, 5:10, 5:10] = 1
+    widget.image_combo.select(other)
+    widget.prompt_combo.select(prompt)
+    cancel_at_once = lambda done: widget.cancel()  # noqa: E731
+    widget.preview_updated.connect(cancel_at_once)
+    assert run_and_wait(qtbot, widget) == "cancelled" and widget.result is first
+    widget.preview_updated.disconnect(cancel_at_once)
+    widget.go_to_slice(3)  # still the first run's image
+    assert current_slice(viewer, image_layer, 0) == 3
+    widget.image_combo.select(image_layer)
+    widget.output.data[3] = 0
+    widget.output.data[3, 5:9, 5:9] = 1
+    assert run_and_wait(qtbot, widget, corrections=True) == "done"
+    assert 3 in widget.result.complete_slices
+
+
+def test_the_preview_cannot_be_painted_or_chosen_as_labels(viewer, qtbot, scene, threaded):
+    from napari_openseg._widgets.support_widget import SupportSetWidget
+
+    widget, *_ = scene
+    support = SupportSetWidget(viewer)
+    qtbot.addWidget(support)
+    seen = []
+
+    def check(done):
+        preview = widget._preview
+        seen.append((preview.editable, preview in support.labels_combo.layers()))
+
+    widget.preview_updated.connect(check)
+    assert run_and_wait(qtbot, widget) == "done"
+    assert seen and all(editable is False and offered is False for editable, offered in seen)
+
+
+def test_closing_the_image_during_a_run_says_so(viewer, qtbot, scene, threaded):
+    widget, image_layer, *_ = scene
+    closed = []
+
+    def close_once(done):
+        if not closed:
+            closed.append(done)
+            viewer.layers.remove(image_layer)
+
+    widget.preview_updated.connect(close_once)
+    assert run_and_wait(qtbot, widget) == "closed"
+    assert "'vol' was closed during the run; nothing was added" in widget.status.text()
+    assert "vol propagated" not in viewer.layers and widget.result is None
+
+
 def test_errors_are_notified(viewer, qtbot, scene, inline, errors):
     widget, *_ = scene
     widget.label_values.setText("1, x")

@@ -47,6 +47,19 @@ def test_add_current_slice_follows_the_viewer(viewer, painted, inline, qtbot):
     assert len(support) == 1
 
 
+def test_add_current_slice_refuses_an_axis_the_viewer_does_not_show(viewer, painted, inline, qtbot, errors):
+    widget = SupportSetWidget(viewer)
+    qtbot.addWidget(widget)
+    viewer.dims.set_point(0, 3 * 3.0)
+    widget.axis_combo.setCurrentText("1")  # the viewer slices along axis 0
+    assert widget.add_current_slice() is None
+    assert "the viewer shows slices along axis 0, not 1" in errors[-1]
+    assert len(get_session(viewer).support) == 0
+    widget.axis_combo.setCurrentText("0")
+    widget.add_current_slice()
+    assert [e.slice_index for e in get_session(viewer).support.entries] == [3]
+
+
 def test_add_all_labelled_slices_with_chosen_tasks(viewer, painted, inline, qtbot):
     widget = SupportSetWidget(viewer)
     qtbot.addWidget(widget)
@@ -158,6 +171,7 @@ def test_values_follow_painting(viewer, painted, qtbot):
     _, labels_layer = painted
     widget = SupportSetWidget(viewer)
     qtbot.addWidget(widget)
+    qtbot.waitUntil(lambda: widget.values_list.count() == 2, timeout=5000)  # read in the background
     widget.set_values([1])
     labels_layer.data = np.where(labels_layer.data > 0, labels_layer.data, 0).astype(np.uint8)
     labels_layer.data[0, 0, 0] = 5

@@ -46,6 +46,12 @@ def owner_info(layer) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
+def is_preview(layer) -> bool:
+    """A layer the plugin fills in while a job runs and removes at its end (never a layer to paint on)."""
+    info = owner_info(layer)
+    return info is not None and str(info.get("role", "")).endswith("preview")
+
+
 def layer_image(layer) -> tuple[np.ndarray, bool]:
     """The pixel array of an image layer and whether its last axis is RGB(A).
 

@@ -127,6 +127,7 @@ class EvaluateWidget(QWidget):
         self._outcome = "failed"
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
+        self.save_button.setEnabled(False)
         self.output.setPlainText(f"evaluating {folder} with {weights} ...")
         self._handle = run_in_background(
             lambda: iter_evaluate(folder, weights, **settings), "Evaluate", self._show, on_finished=self._finished
@@ -140,20 +141,29 @@ class EvaluateWidget(QWidget):
 
     def _show(self, report: EvaluationReport) -> None:
         self.report = report
+        self._outcome = "done"
+        self._show_report()
+
+    def _show_report(self) -> None:
+        """The last finished report's table (what Save JSON writes), or nothing."""
+        report = self.report
+        if report is None:
+            self.output.setPlainText("")
+            self.output.setToolTip("")
+            return
         s = report.settings
         header = (f"{Path(s['folder']).name}: S={s['support_size']} K={s['ensemble']} seed={s['seed']}, "
                   f"weights {Path(str(s['weights'])).name}\n{report.split_note()}")
         self.output.setPlainText(header + "\n" + report.table())
         self.output.setToolTip(f"folder: {s['folder']}\nweights: {s['weights']}")
-        self.save_button.setEnabled(True)
-        self._outcome = "done"
 
     def _finished(self) -> None:
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        self.save_button.setEnabled(self.report is not None)
         self._handle = None
-        if self._outcome == "failed" and self.report is None:
-            self.output.setPlainText("")
+        if self._outcome != "done":  # a failed or cancelled run leaves the last report on show
+            self._show_report()
         self.run_finished.emit(self._outcome)
 
     def _save_dialog(self) -> None:

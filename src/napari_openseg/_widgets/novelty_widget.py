@@ -38,7 +38,7 @@ from napari_openseg.errors import OpenSegError
 from napari_openseg.training.novelty_train import NoveltyTrainSettings, iter_train_novelty
 
 from ._controls import LayerCombo, form_row, is_image, is_user_labels
-from ._layers import layer_image, put_output_layer, slice_axis
+from ._layers import layer_image, owner_info, put_output_layer, slice_axis
 from ._session import get_session, unwrap_viewer
 from ._threading import WorkHandle, report_error, run_in_background
 
@@ -51,7 +51,8 @@ SLIDER_STEPS = 1000
 class NoveltyWidget(QWidget):
     """Train or load a novelty model, seed its unknown prototype, and compute novelty maps.
 
-    Signal ``run_finished(str)``: ``"<action> done"``, ``"<action> cancelled"`` or ``"<action> failed"``.
+    Signal ``run_finished(str)``: ``"<action> done"``, ``"<action> cancelled"``, ``"<action> failed"``
+    or ``"compute closed"`` (the image was closed during the run).
     """
 
     run_finished = Signal(str)
@@ -66,7 +67,8 @@ class NoveltyWidget(QWidget):
         self.pairs: list[tuple] = []
         self._handle: WorkHandle | None = None
         self._action, self._outcome = "", "failed"
-        self._source = None
+        self._source = None  # the image of the compute in progress
+        self._maps_source = None  # the image self.maps were computed from
         self._novel_layer = None
 
         form = QFormLayout()
@@ -296,9 +298,10 @@ class NoveltyWidget(QWidget):
     def _show_maps(self, maps: NoveltyMaps) -> None:
         source = self._source
         if source not in self.viewer.layers:
+            self._outcome = "closed"
             self.status.setText(f"'{source.name}' was closed during the run; nothing was added")
             return
-        self.maps = maps
+        self.maps, self._maps_source = maps, source
         heat = {"layer_type": "image", "colormap": "inferno", "contrast_limits": (0.0, 1.0), "blending": "additive"}
         put_output_layer(self.viewer, source, maps.fused, role="novelty", name="novelty", **heat)
         if self.extra_maps.isChecked():
@@ -322,8 +325,12 @@ class NoveltyWidget(QWidget):
         level = value / SLIDER_STEPS
         regions = self.maps.novel_regions(level)
         self.threshold_label.setText(f"threshold: {level:.3f} (adaptive {self.maps.threshold:.3f})")
-        if self._novel_layer is not None and self._novel_layer in self.viewer.layers:
-            self._novel_layer.data = regions.astype(np.uint8)
+        layer = self._novel_layer
+        if layer is not None and layer in self.viewer.layers and not (owner_info(layer) or {}).get("edited"):
+            layer.data = regions.astype(np.uint8)
+        elif self._maps_source in self.viewer.layers:  # the user painted on it (it is kept) or closed it
+            self._novel_layer = put_output_layer(self.viewer, self._maps_source, regions.astype(np.uint8),
+                                                 role="novelty:regions", name="novel regions")
         share = regions.sum() / max(1, int(self.maps.mask.sum()))
         self.status.setText(f"Novel regions: {100 * share:.1f}% of the body at threshold {level:.3f}.")
 

@@ -48,7 +48,8 @@ ROLE, PREVIEW_ROLE = "propagation", "propagation-preview"
 class PropagationWidget(QWidget):
     """Propagate painted prompts through a volume.
 
-    Signals: ``run_finished(str)`` with ``"done"``, ``"cancelled"`` or ``"failed"``;
+    Signals: ``run_finished(str)`` with ``"done"``, ``"cancelled"``, ``"failed"`` or ``"closed"`` (the
+    image was closed during the run);
     ``preview_updated(int)`` with the number of steps shown so far.
     """
 
@@ -62,7 +63,8 @@ class PropagationWidget(QWidget):
         self.result: PropagationResult | None = None
         self.output = None
         self._handle: WorkHandle | None = None
-        self._run: dict = {}
+        self._run: dict = {}  # inputs of the last finished run: corrections and navigation refer to it
+        self._pending: dict = {}  # inputs of the run in progress
         self._preview = None
         self._outcome = "failed"
 
@@ -161,11 +163,10 @@ class PropagationWidget(QWidget):
             report_error(OpenSegError("a run is in progress: wait for it or press Cancel"), "Propagate")
             return None
         try:
-            self._run = self._inputs(corrections)
+            self._pending = run = self._inputs(corrections)
         except OpenSegError as err:
             report_error(err, "Propagate")
             return None
-        run = self._run
         run["started"] = time.perf_counter()
         run["live"] = np.full(np.shape(run["image"])[run["axis"]] if run["image"].ndim > 2 else 0, np.nan)
         options = {
@@ -202,28 +203,30 @@ class PropagationWidget(QWidget):
 
     def _show_step(self, step) -> None:
         payload = step.payload
-        source = self._run.get("source")
+        source = self._pending.get("source")
         if "slice" not in payload or source not in self.viewer.layers:
             return
-        s, live = payload["slice"], self._run["live"]
+        s, live = payload["slice"], self._pending["live"]
         live[s] = np.fmin(live[s], payload["confidence"]) if np.isfinite(live[s]) else payload["confidence"]
         self.plot.set_values(live)
         if self._preview is None:
-            shape = np.shape(self._run["prompt"])
+            shape = np.shape(self._pending["prompt"])
             self._preview = put_output_layer(self.viewer, source, np.zeros(shape, np.uint32), role=PREVIEW_ROLE,
                                              name=f"{source.name} (propagating)", opacity=0.5)
-        plane = np.moveaxis(self._preview.data, self._run["axis"], 0)[s]
+            self._preview.editable = False  # strokes on a layer that is dropped at the end would be lost
+        plane = np.moveaxis(self._preview.data, self._pending["axis"], 0)[s]
         plane[payload["mask"]] = payload["label"]
         self._preview.refresh()
         self.preview_updated.emit(step.done)
 
     def _show_result(self, result: PropagationResult) -> None:
         self._drop_preview()
-        source = self._run["source"]
+        source = self._pending["source"]
         if source not in self.viewer.layers:
+            self._outcome = "closed"
             self.status.setText(f"'{source.name}' was closed during the run; nothing was added")
             return
-        self.result = result
+        self._run, self.result = self._pending, result
         # A copy: painting on the layer must not change the result that corrections are found against.
         self.output = put_output_layer(self.viewer, source, result.labels.copy(), role=ROLE,
                                        name=f"{source.name} propagated")

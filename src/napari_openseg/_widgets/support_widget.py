@@ -31,7 +31,7 @@ from napari_openseg.errors import OpenSegError
 
 from ._controls import LayerCombo, form_row, is_image
 from ._gallery import SupportGallery
-from ._layers import current_slice, layer_image, owner_info, slice_axis
+from ._layers import current_slice, is_preview, layer_image, slice_axis
 from ._session import connect_widget, get_session, unwrap_viewer
 from ._threading import WorkHandle, report_error, run_in_background
 
@@ -48,11 +48,16 @@ def present_values(labels: np.ndarray) -> list[int]:
     return [int(v) for v in values if v > 0 and float(v).is_integer()]
 
 
+def _value_scan(labels: np.ndarray):
+    """:func:`present_values` as background work; it reports no progress (so shows no bar)."""
+    yield from ()
+    return present_values(labels)
+
+
 def _is_paintable(layer) -> bool:
     from napari.layers import Labels
 
-    info = owner_info(layer)
-    return isinstance(layer, Labels) and (info is None or info.get("role") != "preview")
+    return isinstance(layer, Labels) and not is_preview(layer)
 
 
 class SupportSetWidget(QWidget):
@@ -63,6 +68,7 @@ class SupportSetWidget(QWidget):
         self.viewer = napari_viewer = unwrap_viewer(napari_viewer)
         self.session = get_session(napari_viewer)
         self._job: WorkHandle | None = None
+        self._scan: WorkHandle | None = None
 
         form = QFormLayout()
         self.image_combo = form_row(
@@ -144,18 +150,38 @@ class SupportSetWidget(QWidget):
     def _schedule_values(self, event=None) -> None:
         self._values_timer.start()
 
-    def refresh_values(self) -> None:
-        """List the label values present in the chosen labels layer, keeping unchecked ones off."""
+    def refresh_values(self) -> WorkHandle | None:
+        """Re-list the label values present in the chosen labels layer, keeping unchecked ones off.
+
+        The layer is read in the background: on a large volume that takes seconds, and it runs
+        after every brush stroke."""
+        if self._scan is not None and self._scan.running:
+            self._values_timer.start()  # read again once this read is over
+            return self._scan
         layer = self.labels_combo.current()
-        unchecked = {
+        if layer is None:
+            self._show_values([])
+            return None
+
+        def show(values: list[int]) -> None:
+            if self.labels_combo.current() is layer:  # else the new choice is being read
+                self._show_values(values)
+
+        data = layer.data
+        self._scan = run_in_background(lambda: _value_scan(data), "Reading label values", on_done=show)
+        return self._scan
+
+    def _unchecked_values(self) -> set[int]:
+        return {
             int(self.values_list.item(i).data(Qt.UserRole))
             for i in range(self.values_list.count())
             if self.values_list.item(i).checkState() != Qt.Checked
         }
+
+    def _show_values(self, values: list[int]) -> None:
+        unchecked = self._unchecked_values()
         self.values_list.clear()
-        if layer is None:
-            return
-        for value in present_values(layer.data):
+        for value in values:
             item = QListWidgetItem(f"label {value}")
             item.setData(Qt.UserRole, value)
             item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
@@ -196,24 +222,29 @@ class SupportSetWidget(QWidget):
             image_layer, labels_layer = self.image_combo.current(), self.labels_combo.current()
             if image_layer is None or labels_layer is None:
                 raise OpenSegError("choose an image layer and the labels layer painted on it first")
-            self.refresh_values()
-            values = self.chosen_values()
-            if not values:
-                raise OpenSegError(
-                    f"labels layer '{labels_layer.name}' has no checked label value: paint the structure "
-                    "with a label other than 0 (or tick a value under Tasks)"
-                )
             image, rgb = layer_image(image_layer)
             axis = self._axis_for(image_layer) if image_layer.ndim == 3 else 0
+            if current_only and image_layer.ndim == 3 and axis != slice_axis(self.viewer, image_layer):
+                raise OpenSegError(
+                    f"the viewer shows slices along axis {slice_axis(self.viewer, image_layer)}, not {axis}: "
+                    "set Slice axis to auto to add the slice on screen (or use Add all labelled slices)"
+                )
             slices = [current_slice(self.viewer, image_layer, axis)] if current_only and image_layer.ndim == 3 else None
             labels = np.array(labels_layer.data, copy=True)  # painting may go on while we read
         except OpenSegError as err:
             report_error(err, what)
             return None
-        source = image_layer.name
+        source, unchecked, name = image_layer.name, self._unchecked_values(), labels_layer.name
 
         def build():
             yield Progress(0, 1, "reading slices")
+            # read here, not from the list: values painted since it was last refreshed count too
+            values = [v for v in present_values(labels) if v not in unchecked]
+            if not values:
+                raise OpenSegError(
+                    f"labels layer '{name}' has no checked label value: paint the structure "
+                    "with a label other than 0 (or tick a value under Tasks)"
+                )
             entries = entries_from_arrays(
                 image, labels, axis=axis, source=source, label_values=values, slice_indices=slices, rgb=rgb
             )
@@ -222,9 +253,13 @@ class SupportSetWidget(QWidget):
 
         self._set_busy(True)
         self._job = run_in_background(
-            build, what, on_done=self.session.add_entries, on_finished=lambda: self._set_busy(False)
+            build, what, on_done=self.session.add_entries, on_finished=self._added
         )
         return self._job
+
+    def _added(self) -> None:
+        self._set_busy(False)
+        self.refresh_values()  # list what was painted since the last read
 
     def _set_busy(self, busy: bool) -> None:
         self.add_slice_button.setEnabled(not busy)

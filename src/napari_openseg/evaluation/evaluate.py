@@ -220,6 +220,7 @@ def iter_evaluate_tasks(
                     [np.mean([f.predict(q.image) for f in forests], axis=0) for q in batch])
             for name in methods:
                 dice[name].extend(dice_score(p >= 0.5, q.mask) for p, q in zip(probs[name], batch))
+            yield Progress(number, len(tasks), f"evaluating {task.name}")  # a task can take minutes: stop here
         results[task.key] = {"label": task.label, "axis": task.axis, "support_pool": len(task.support),
                              "queries_available": len(task.queries), "dice": dice}
         yield Progress(number + 1, len(tasks), f"evaluated {task.name}")
