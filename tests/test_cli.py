@@ -90,6 +90,58 @@ def test_mistakes_exit_2_with_a_message(tmp_path, nifti_pair, args, message, cap
     assert not (tmp_path / "o.nii.gz").exists()
 
 
+def test_inputs_that_would_share_an_output_name_are_refused(tmp_path, nifti_pair, tiny_weights, capsys):
+    image, labels = nifti_pair
+    support = tmp_path / "support.npz"
+    main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "out").mkdir()
+    for folder in ("a", "b"):
+        (tmp_path / folder / "img.nii.gz").write_bytes(image.read_bytes())
+    args = ["segment", str(tmp_path / "a" / "img.nii.gz"), str(tmp_path / "b" / "img.nii.gz"),
+            "--support", str(support), "--out-dir", str(tmp_path / "out"), "--weights", str(tiny_weights)]
+    assert main(args + ["--overwrite"]) == 2
+    assert "would share the output" in capsys.readouterr().err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--batch-size", "-3"], "batch size must be >= 1"),
+    (["--out", "OUT.png"], "not pictures"),
+])
+def test_bad_segment_options_are_refused_before_any_work(tmp_path, nifti_pair, tiny_weights, capsys,
+                                                         monkeypatch, option, message):
+    image, labels = nifti_pair
+    support = tmp_path / "support.npz"
+    main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)])
+    capsys.readouterr()
+    before = sorted(tmp_path.iterdir())
+    out = str(tmp_path / "seg.nii.gz")
+    args = ["segment", str(image), "--support", str(support), "--weights", str(tiny_weights)]
+    option = [str(tmp_path / "seg.png") if o == "OUT.png" else o for o in option]
+    assert main(args + (option if "--out" in option else ["--out", out, *option])) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_demo_refuses_a_bad_axis_and_a_failed_demo_leaves_nothing(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "d1"), "--axis", "5"]) == 2
+    assert "--axis must be 0, 1 or 2" in capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "d2"), "--support-size", "0"]) == 2
+    assert "support size and ensemble must be >= 1" in capsys.readouterr().err
+    assert list((tmp_path / "d2").iterdir()) == []  # so a corrected rerun is not refused
+
+
+def test_train_refuses_shares_outside_0_1_and_leaves_no_folder_for_a_refused_run(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "r1"), "--real-fraction", "1.5", "--steps", "1"]) == 2
+    assert "--real-fraction is a share of episodes, between 0 and 1" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "r2"), "--init-weights", str(tmp_path / "none.pt"), "--steps", "1",
+                 "--real-fraction", "0"]) == 2
+    capsys.readouterr()
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
+
+
 def test_info_and_weights_list(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

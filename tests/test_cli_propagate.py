@@ -69,6 +69,18 @@ def test_existing_outputs_are_refused_before_any_work(tmp_path, volume_files, ti
     assert json.loads(report.read_text())["label_values"] == [1]
 
 
+def test_json_and_out_must_be_two_files_and_out_a_writable_type(tmp_path, volume_files, tiny_weights, capsys):
+    (image, prompt_path), _, _ = volume_files
+    out = tmp_path / "out.npy"
+    args = ["propagate", "--image", str(image), "--prompt", str(prompt_path), "--weights", str(tiny_weights),
+            "--device", "cpu", "--overwrite"]
+    assert main([*args, "--out", str(out), "--json", str(out)]) == 2
+    assert "--json and --out name the same file" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "out.png")]) == 2
+    assert "not pictures" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "out.png").exists()
+
+
 def test_a_prompt_of_another_shape_is_an_error_that_says_so(tmp_path, volume_files, tiny_weights, capsys):
     (image, _), prompt, _ = volume_files
     wrong = tmp_path / "wrong.npy"

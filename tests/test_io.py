@@ -45,6 +45,31 @@ def test_tiff_keeps_spacing(tmp_path):
     assert np.allclose(back.spacing, (3.0, 0.5, 0.25))
 
 
+def test_per_task_probabilities_in_tiff_keep_the_z_spacing(tmp_path):
+    reference = io.ImageData(np.zeros((5, 6, 7), np.float32), spacing=(3.0, 0.5, 0.25))
+    probabilities = np.random.default_rng(0).random((2, 5, 6, 7)).astype(np.float32)
+    io.write_image(tmp_path / "prob.tif", probabilities, reference)
+    back = io.read_image(tmp_path / "prob.tif")
+    assert np.array_equal(back.data, probabilities)
+    assert np.allclose(back.spacing[-3:], (3.0, 0.5, 0.25))
+
+
+def test_outputs_get_the_mode_a_plain_open_would_give(tmp_path):
+    io.write_image(tmp_path / "a.npy", np.zeros(3))
+    assert (tmp_path / "a.npy").stat().st_mode & 0o777 == io.NEW_FILE_MODE
+    os.chmod(tmp_path / "a.npy", 0o640)  # a replaced file keeps the mode its owner gave it
+    io.write_image(tmp_path / "a.npy", np.ones(3), overwrite=True)
+    assert (tmp_path / "a.npy").stat().st_mode & 0o777 == 0o640
+
+
+def test_an_image_output_of_a_type_that_cannot_be_written_is_refused_up_front(tmp_path):
+    with pytest.raises(OpenSegError, match="not pictures"):
+        io.check_writable(tmp_path / "out.png", image=True)
+    with pytest.raises(OpenSegError, match="unsupported file type"):
+        io.check_writable(tmp_path / "out.xyz", image=True)
+    assert io.check_writable(tmp_path / "out.tif", image=True) == tmp_path / "out.tif"
+
+
 def test_npy_round_trip_without_pickle(tmp_path):
     data = np.arange(12, dtype=np.float32).reshape(3, 4)
     io.write_image(tmp_path / "a.npy", data)

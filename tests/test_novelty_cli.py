@@ -125,4 +125,40 @@ def test_user_mistakes_get_a_message(files, capsys):
     assert main(["novelty", "map", "--model", str(files / "missing.pt"), "--image", str(files / "vol.nii.gz"),
                  "--out", str(files / "y.nii.gz"), "--seed-mask", str(files / "seed.nii.gz")]) == 2
     assert "openseg novelty seed" in capsys.readouterr().err
+    free = ["novelty", "map", "--support", str(files / "missing.npz"), "--image", str(files / "vol.nii.gz"),
+            "--out", str(files / "y.nii.gz")]
+    assert main([*free, "--no-unknown", "--seed-mask", str(files / "seed.nii.gz")]) == 2
+    assert "--no-unknown and --seed-mask contradict" in capsys.readouterr().err
+    assert main([*free, "--adapt-unknown", "-2", "--seed-mask", str(files / "seed.nii.gz")]) == 2
+    assert "--adapt-unknown is a number of steps" in capsys.readouterr().err
+    assert main([*free[:-1], str(files / "y.png")]) == 2
+    assert "not pictures" in capsys.readouterr().err
     assert not (files / "x.pt").exists() and not (files / "y.nii.gz").exists()
+
+
+def test_training_free_map_refuses_a_support_size_of_0(files, tiny_weights, capsys, tmp_path):
+    from napari_openseg.core.support import build_support_set
+
+    image, labels = read_image(files / "vol.nii.gz").data, read_image(files / "lab.nii.gz").data
+    support = build_support_set(image, labels, axis=0, source="vol").save(tmp_path / "s.npz")
+    assert main(["novelty", "map", "--support", str(support), "--image", str(files / "vol.nii.gz"),
+                 "--out", str(tmp_path / "n.nii.gz"), "--weights", str(tiny_weights), "--support-size", "0",
+                 "--device", "cpu"]) == 2
+    assert "support size and batch size must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "n.nii.gz").exists()
+
+
+def test_train_overwrite_starts_again_and_resume_says_which_settings_it_ignores(files, caplog, tmp_path):
+    args = ["novelty", "train", "--image", str(files / "vol.nii.gz"), "--labels", str(files / "lab.nii.gz"),
+            "--out", str(tmp_path / "m.pt"), "--epochs", "1", "--samples-per-volume", "1", "--batch-size", "1",
+            "--roi", "32", "32", "64", "--embedding-dim", "8", "--device", "cpu"]
+    assert main(args) == 0
+    assert main(args) == 2  # the model and its checkpoint exist
+    assert main([*args, "--overwrite"]) == 0
+    assert NoveltyModel.load(tmp_path / "m.pt").info["trained_steps"] == 1  # a new run, not a continued one
+    with caplog.at_level("WARNING"):
+        assert main([*args[:-4], "--embedding-dim", "16", "--device", "cpu", "--epochs", "2", "--resume",
+                     "--overwrite"]) == 0
+    assert "ignoring the new {'embedding_dim': 16}" in caplog.text
+    model = NoveltyModel.load(tmp_path / "m.pt")
+    assert model.info["trained_steps"] == 2 and model.info["settings"]["embedding_dim"] == 8

@@ -138,9 +138,22 @@ def _read_picture(path: Path) -> ImageData:
     return ImageData(data=np.asarray(iio.imread(path)), path=path)
 
 
-def check_writable(path: str | Path, overwrite: bool = False) -> Path:
-    """Refuse an existing output unless ``overwrite``; refuse a missing folder."""
+def _new_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+#: The mode ``open()`` gives a new file under this process's umask (read once, at import).
+NEW_FILE_MODE = _new_file_mode()
+
+
+def check_writable(path: str | Path, overwrite: bool = False, image: bool = False) -> Path:
+    """Refuse an existing output unless ``overwrite``; refuse a missing folder; with ``image``, refuse
+    a file type :func:`write_image` cannot write (so that a run is refused before it starts)."""
     path = Path(path)
+    if image:
+        _writable_format(path)
     if path.exists() and not overwrite:
         raise OpenSegError(f"{path} exists; choose another name or pass --overwrite")
     if not path.parent.exists():
@@ -158,6 +171,8 @@ def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     path = check_writable(path, overwrite)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=suffix, dir=path.parent)
+    # mkstemp makes the file private (0600); give it the mode a plain open() would (or the replaced file's)
+    os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else NEW_FILE_MODE)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -180,19 +195,24 @@ def write_image(
     ``data``'s); without a reference the spacing is 1 and the affine the identity.
     """
     path = Path(path)
-    kind = image_format(path)
+    kind = _writable_format(path)
     with atomic_path(path, overwrite) as tmp:
         if kind == "nifti":
             _write_nifti(tmp, data, reference)
         elif kind == "tiff":
             _write_tiff(tmp, data, reference)
-        elif kind == "npy":
+        else:
             with open(tmp, "wb") as handle:
                 np.save(handle, data, allow_pickle=False)
-        else:
-            raise OpenSegError(f"{path}: results are written as .nii.gz, .tif or .npy, not pictures")
     log.info("wrote %s", path)
     return path
+
+
+def _writable_format(path: Path) -> str:
+    kind = image_format(path)
+    if kind == "picture":
+        raise OpenSegError(f"{path}: results are written as .nii.gz, .tif or .npy, not pictures")
+    return kind
 
 
 def _write_nifti(tmp: Path, data: np.ndarray, reference: ImageData | None) -> None:
@@ -214,14 +234,21 @@ def _write_nifti(tmp: Path, data: np.ndarray, reference: ImageData | None) -> No
 
 
 def _write_tiff(tmp: Path, data: np.ndarray, reference: ImageData | None) -> None:
+    """The last axes are the reference's spatial ones; one leading axis more (per-task probabilities)
+    is written as ImageJ's first hyperstack axis, T (ImageJ wants C after Z, which would reorder the
+    array), so that the Z spacing survives."""
     import tifffile
 
-    spacing = reference.spacing if reference is not None else (1.0,) * data.ndim
+    spatial = min(len(reference.spacing), data.ndim) if reference is not None else min(data.ndim, 3)
+    spacing = reference.spacing[-spatial:] if reference is not None else (1.0,) * spatial
+    channels = data.ndim - spatial
     kwargs: dict[str, Any] = {}
-    if data.ndim >= 2 and all(s > 0 for s in spacing[-2:]):
+    if spatial >= 2 and all(s > 0 for s in spacing[-2:]):
         kwargs["resolution"] = (1.0 / spacing[-1], 1.0 / spacing[-2])
-    if data.ndim == 3:
+    if data.ndim >= 3 and spatial in (2, 3) and channels <= 1:
         kwargs["imagej"] = data.dtype in (np.uint8, np.uint16, np.float32)
         if kwargs["imagej"]:
-            kwargs["metadata"] = {"spacing": float(spacing[0]), "axes": "ZYX"}
+            kwargs["metadata"] = {"axes": "T" * channels + "ZYX"[3 - spatial :]}
+            if spatial == 3:
+                kwargs["metadata"]["spacing"] = float(spacing[0])
     tifffile.imwrite(str(tmp), data, **kwargs)

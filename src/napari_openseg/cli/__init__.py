@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"openseg: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("openseg: cancelled; nothing was written", file=sys.stderr)
+        # outputs are written whole or not at all, but those finished before Ctrl-C stay
+        print("openseg: cancelled; no file was left half-written (outputs finished before stay)", file=sys.stderr)
         return 130
 
 

@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
     from ._progress import with_progress_bar
 
     image, labels = load_sample()
+    if not 0 <= args.axis < image.data.ndim:
+        raise OpenSegError(f"--axis must be 0, 1 or 2 (the sample is a volume), got {args.axis}")
     n_slices = image.data.shape[args.axis]
     if not 1 <= args.labelled_slices < n_slices:
         raise OpenSegError(f"--labelled-slices must be between 1 and {n_slices - 1}")
@@ -47,7 +49,6 @@ def run(args: argparse.Namespace) -> int:
     chosen = evenly_spaced_slices(labels.data, args.axis, args.labelled_slices)
     support = build_support_set(image.data, labels.data, axis=args.axis, source="mni152_2mm",
                                 slice_indices=chosen.tolist())
-    support.save(support_path, overwrite=args.overwrite)
     result = with_progress_bar(
         iter_segment(image.data, support, args.weights, axis=args.axis, support_size=args.support_size,
                      ensemble=args.ensemble, device=args.device, precision=args.precision, seed=args.seed,
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         "segment sample",
         unit="slice",
     )
+    support.save(support_path, overwrite=args.overwrite)  # only now: a failed run leaves nothing behind
     write_image(result_path, result.labels, image, overwrite=args.overwrite)
 
     held_out = np.setdiff1d(np.arange(n_slices), chosen)

@@ -34,10 +34,13 @@ def register(subparsers) -> None:
                        help="label value to leave out of training (repeatable)")
     train.add_argument("--flips", action="store_true", help="random flips along every axis")
     train.add_argument("--checkpoint", help="checkpoint file (default: MODEL with .ckpt.pt)")
-    train.add_argument("--resume", action="store_true", help="continue from the checkpoint if it exists")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from the checkpoint if it exists, with its stored settings (only --epochs "
+                            "may change)")
     train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--overwrite", action="store_true", help="replace an existing MODEL")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an existing MODEL; without --resume, also start a new checkpoint")
     train.set_defaults(handler=run_train)
 
     seed = commands.add_parser("seed", help="seed the unknown prototype from one painted unseen structure")
@@ -95,8 +98,9 @@ def run_train(args: argparse.Namespace) -> int:
         ignore_values=tuple(args.ignore_label), flips=args.flips, seed=args.seed,
     )
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(out)
-    if checkpoint.exists() and not args.resume:
-        raise OpenSegError(f"checkpoint {checkpoint} exists: pass --resume to continue it, or remove it")
+    if checkpoint.exists() and not (args.resume or args.overwrite):
+        raise OpenSegError(f"checkpoint {checkpoint} exists: pass --resume to continue it, or --overwrite to "
+                           "start again from scratch")
     result = with_progress_bar(
         iter_train_novelty(images, labels, settings, checkpoint=checkpoint, resume=args.resume, device=args.device),
         "novelty train",
@@ -142,7 +146,7 @@ def run_map(args: argparse.Namespace) -> int:
     from ._progress import with_progress_bar
 
     out = Path(args.out)
-    check_writable(out, args.overwrite)
+    check_writable(out, args.overwrite, image=True)
     extra = {}
     if args.scores_out:
         folder = Path(args.scores_out)
@@ -150,11 +154,16 @@ def run_map(args: argparse.Namespace) -> int:
             raise OpenSegError(f"scores folder {folder} does not exist")
         extra = score_paths(out, folder)
         for path in extra.values():
-            check_writable(path, args.overwrite)
+            check_writable(path, args.overwrite, image=True)
     if args.model and (args.seed_mask or args.seed_image):
         raise OpenSegError("--seed-mask is for --support; seed a trained model with `openseg novelty seed`")
     if args.seed_image and not args.seed_mask:
         raise OpenSegError("--seed-image needs --seed-mask, the unseen structure painted on it")
+    if args.adapt_unknown < 0:
+        raise OpenSegError(f"--adapt-unknown is a number of steps (0 or more), got {args.adapt_unknown}")
+    if args.support and args.no_unknown and args.seed_mask:
+        raise OpenSegError("--no-unknown and --seed-mask contradict each other: a training-free map has an "
+                           "unknown prototype only when --seed-mask seeds it; leave out one of them")
     if args.support and args.adapt_unknown and not args.seed_mask:
         raise OpenSegError("--adapt-unknown with --support needs --seed-mask (one unseen structure painted)")
     image = read_image(args.image)

@@ -8,6 +8,7 @@ slice with ``--complete-slices`` when an object was erased there, so that it sto
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 # core.memory.DEFAULT_CAPACITY and core.propagate.DEFAULT_STOP_CONFIDENCE, spelled out so that
 # building the parser imports no torch (a test keeps them equal).
@@ -44,14 +45,17 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     from ..core.propagate import iter_propagate
+    from ..errors import OpenSegError
     from ..io import atomic_path, check_writable, read_image, write_image
     from ..model.registry import propagation_weights
     from ._progress import with_progress_bar
 
-    check_writable(args.out, args.overwrite)  # refuse before any work is done
+    check_writable(args.out, args.overwrite, image=True)  # refuse before any work is done
     options = {} if args.stop_confidence is None else {"stop_confidence": args.stop_confidence}
     if args.json:
         check_writable(args.json, args.overwrite)
+        if Path(args.json).resolve() == Path(args.out).resolve():
+            raise OpenSegError("--json and --out name the same file: give the confidence report its own name")
     image = read_image(args.image)
     prompt = read_image(args.prompt)
     result = with_progress_bar(

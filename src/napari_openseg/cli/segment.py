@@ -46,7 +46,12 @@ def output_paths(args: argparse.Namespace) -> list[Path]:
     folder = Path(args.out_dir)
     if not folder.is_dir():
         raise OpenSegError(f"output folder {folder} does not exist")
-    return [folder / f"{strip_suffix(p)}_openseg{OUTPUT_SUFFIX[image_format(p)]}" for p in args.images]
+    paths = [folder / f"{strip_suffix(p)}_openseg{OUTPUT_SUFFIX[image_format(p)]}" for p in args.images]
+    clashes = sorted({str(p) for p in paths if paths.count(p) > 1})
+    if clashes:
+        raise OpenSegError(f"inputs with the same name would share the output {', '.join(clashes)}: "
+                           "segment them into different --out-dir folders")
+    return paths
 
 
 def probability_path(path: Path) -> Path:
@@ -67,9 +72,9 @@ def run(args: argparse.Namespace) -> int:
     support = SupportSet.load(args.support)
     outputs = output_paths(args)
     for path in outputs:  # refuse before any work is done
-        check_writable(path, args.overwrite)
+        check_writable(path, args.overwrite, image=True)
         if args.probabilities:
-            check_writable(probability_path(path), args.overwrite)
+            check_writable(probability_path(path), args.overwrite, image=True)
     for image_path, out_path in zip(args.images, outputs):
         image = read_image(image_path)
         result = with_progress_bar(

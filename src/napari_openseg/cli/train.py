@@ -92,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     if args.support_min < 1 or args.support_max < args.support_min:
         raise OpenSegError("support sizes need 1 <= --support-min <= --support-max")
+    for option in ("real_fraction", "empty_fraction"):
+        if not 0.0 <= getattr(args, option) <= 1.0:
+            raise OpenSegError(f"--{option.replace('_', '-')} is a share of episodes, between 0 and 1; "
+                               f"got {getattr(args, option)}")
     config = config_from_args(args)
     generator = iter_train(config, args.out_dir, resume=args.resume, device=args.device,
                            data_dir=shared_data_dir(), stop_after=args.stop_after, workers=args.workers)

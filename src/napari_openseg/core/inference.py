@@ -200,6 +200,8 @@ def iter_segment(
     image = check_image(image, rgb)
     if support_size < 1 or ensemble < 1:
         raise OpenSegError(f"support size and ensemble must be >= 1, got S={support_size}, K={ensemble}")
+    if batch_size is not None and batch_size < 1:
+        raise OpenSegError(f"batch size must be >= 1 (or left out for automatic), got {batch_size}")
     if not 0.0 <= threshold <= 1.0:
         raise OpenSegError(f"threshold must lie in [0, 1], got {threshold}")
     values = support.validate(label_values)

@@ -207,6 +207,9 @@ def iter_training_free_novelty(
         raise OpenSegError(f"mask of shape {mask.shape} does not match the volume of shape {image.shape}")
     if adapt_unknown and unknown_seed is None:
         raise OpenSegError("adapting the unknown prototype needs an unknown seed: paint one unseen structure")
+    if support_size < 1 or adapt_unknown < 0 or batch_size < 1:
+        raise OpenSegError(f"support size and batch size must be >= 1 and adaptation steps >= 0, got "
+                           f"S={support_size}, batch {batch_size}, {adapt_unknown} steps")
     embedder = InContextEmbedder(support, model, support_size=support_size, seed=seed, device=device,
                                  batch_size=batch_size)
     bank = build_bank(embedder, prototype_slices, seed)

@@ -110,6 +110,8 @@ def iter_novelty_map(
     image = check_volume(image)
     if not 0.0 <= overlap < 1.0:
         raise OpenSegError(f"window overlap must lie in [0, 1), got {overlap}")
+    if adapt_unknown < 0:
+        raise OpenSegError(f"adaptation steps must be >= 0, got {adapt_unknown}")
     if isinstance(model, (str, Path)):
         model = NoveltyModel.load(model)
     torch_device = resolve_device(device)

@@ -173,6 +173,9 @@ def iter_train_novelty(
         if "training" not in state:
             raise OpenSegError(f"{checkpoint} holds a finished model, not a training checkpoint")
         saved = dict(state["training"]["settings"], epochs=settings.epochs)
+        ignored = {k: v for k, v in _settings_dict(settings).items() if saved.get(k) != v}
+        if ignored:
+            log.warning("resuming %s with its stored settings; ignoring the new %s", checkpoint, ignored)
         settings = NoveltyTrainSettings(**saved)
     data, values = _prepare(images, labels, settings)
     k = len(values)

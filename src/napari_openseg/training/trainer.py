@@ -242,7 +242,6 @@ def iter_train(
     interruption would. Returns the last record.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     torch_device = resolve_device(device)
     # Subnormal floats (tiny gradients, Adam moments) make CPU convolutions many times slower.
     torch.set_flush_denormal(True)
@@ -261,6 +260,7 @@ def iter_train(
     bank, val_bank = real_banks(config, data_dir)
     synth = SynthConfig(size=config.grid)
     val_sets = _validation_sets(config, val_bank)
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: a refused run leaves no empty folder behind
     amp_dtype, scaler = _amp(torch_device)
     last: dict = {}
     end = config.steps if stop_after is None else min(config.steps, run.step + stop_after)
