@@ -70,6 +70,34 @@ def test_an_image_output_of_a_type_that_cannot_be_written_is_refused_up_front(tm
     assert io.check_writable(tmp_path / "out.tif", image=True) == tmp_path / "out.tif"
 
 
+@pytest.mark.parametrize("dtype", [np.uint32, np.int32, bool, np.float64])
+def test_tiff_keeps_the_z_spacing_for_types_imagej_cannot_read(tmp_path, dtype):
+    data = (np.arange(5 * 6 * 7).reshape(5, 6, 7) % 3).astype(dtype)
+    io.write_image(tmp_path / "out.tif", data, io.ImageData(data, spacing=(3.0, 0.25, 0.5)))
+    back = io.read_image(tmp_path / "out.tif")
+    assert np.array_equal(back.data, data) and np.allclose(back.spacing, (3.0, 0.25, 0.5))
+
+
+def test_an_rgb_tiff_has_its_pixel_size_on_the_image_axes(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((6, 7, 3), np.uint8), photometric="rgb",
+                     resolution=(1 / 0.5, 1 / 0.25))
+    assert np.allclose(io.read_image(tmp_path / "rgb.tif").spacing, (0.25, 0.5, 1.0))
+
+
+@pytest.mark.parametrize("dtype, stored", [(bool, np.uint8), (np.float16, np.float32), (np.int64, np.uint8)])
+def test_nifti_stores_types_that_nifti_tools_read(tmp_path, dtype, stored):
+    data = (np.arange(4 * 5 * 6).reshape(4, 5, 6) % 2).astype(dtype)
+    nifti_volume(tmp_path / "ref.nii.gz", (6, 5, 4))  # read back as (4, 5, 6)
+    for reference in (None, io.read_image(tmp_path / "ref.nii.gz")):
+        path = io.write_image(tmp_path / "out.nii.gz", data, reference, overwrite=True)
+        assert nib.load(str(path)).get_data_dtype() == stored
+        assert np.array_equal(io.read_image(path).data, data.astype(stored))
+    huge = np.array([[[0, 2**40]]], np.int64)  # beyond 32 bits: kept, and written all the same
+    assert np.array_equal(io.read_image(io.write_image(tmp_path / "huge.nii.gz", huge)).data, huge)
+
+
 def test_npy_round_trip_without_pickle(tmp_path):
     data = np.arange(12, dtype=np.float32).reshape(3, 4)
     io.write_image(tmp_path / "a.npy", data)

@@ -86,3 +86,18 @@ def test_adapting_the_unknown_prototype_moves_it_and_needs_a_seed(case, monkeypa
     assert adapted.fused[blob].mean() > adapted.fused[adapted.mask & ~blob].mean()
     with pytest.raises(OpenSegError, match="needs an unknown seed"):
         training_free_novelty(image, support, net, device="cpu", adapt_unknown=3)
+
+
+def test_the_segmentation_holds_only_predicted_classes_even_where_two_touch():
+    # label 3 touches label 1; resizing class indices instead of scores would draw 1s and 2s past it
+    image = np.zeros((4, 48, 48), np.float32)
+    labels = np.zeros((4, 48, 48), np.uint8)
+    for value, rows, cols in ((1, (8, 40), (4, 24)), (3, (8, 40), (24, 44)), (2, (42, 47), (4, 10))):
+        image[:, rows[0]:rows[1], cols[0]:cols[1]] = value
+        labels[:, rows[0]:rows[1], cols[0]:cols[1]] = value
+    image += np.random.default_rng(0).normal(0, 0.05, image.shape).astype(np.float32)
+    support = build_support_set(image, labels)
+    maps = training_free_novelty(image, support, support_size=4, device="cpu", prototype_slices=4)
+    segmentation = maps.segmentation  # the default weights tell these three apart
+    assert not (segmentation[:, 8:40] == 2).any()
+    assert not (segmentation[:, :, 44:] == 1).any()

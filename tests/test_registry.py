@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import socket
+import threading
 
 import pytest
 import torch
@@ -62,7 +64,7 @@ def test_a_crafted_pickle_is_refused_and_never_run(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"enc_blocks.0.cross.cross_conv.weight": WritesMarker(marker)}, path)
-    with pytest.raises(OpenSegError, match="never pickled code"):
+    with pytest.raises(OpenSegError, match="pickled code is never run"):
         registry.network_from_file(path)
     raw = tmp_path / "raw.pt"
     raw.write_bytes(pickle.dumps(WritesMarker(marker)))
@@ -89,6 +91,35 @@ def test_offline_download_fails_clearly_and_leaves_nothing(tmp_path):
     assert "--weights PATH" in str(info.value)
     target = registry.cache_dir() / "universeg_v1_nf64_ss64_STA.pt"
     assert not target.exists() and not target.with_name(target.name + ".partial").exists()
+
+
+def test_a_download_cut_short_is_refused_and_leaves_nothing():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def answer_a_tenth():
+        connection, _ = server.accept()
+        connection.recv(4096)
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 10000\r\n\r\n" + b"x" * 1000)
+        connection.close()  # the connection drops after a tenth of the promised bytes
+
+    thread = threading.Thread(target=answer_a_tenth, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/weights.pt"
+    with pytest.raises(OpenSegError, match="could not download universeg-v1"):
+        registry.download_weights("universeg-v1", url=url, timeout=5)
+    thread.join(5)
+    server.close()
+    target = registry.cache_dir() / "universeg_v1_nf64_ss64_STA.pt"
+    assert not target.exists() and not target.with_name(target.name + ".partial").exists()
+    assert not registry.is_available("universeg-v1")
+
+
+def test_an_empty_weights_file_gets_a_message(tmp_path):
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(OpenSegError, match="is not a loadable weights file"):
+        registry.load_model(str(tmp_path / "empty.pt"))
 
 
 def test_weights_that_are_not_downloaded_say_how_to_get_them():

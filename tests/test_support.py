@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -158,6 +159,36 @@ def test_newer_format_version_is_refused(tmp_path):
     path = tmp_path / "future.npz"
     np.savez(path, openseg_support=np.array(json.dumps(meta)))
     with pytest.raises(OpenSegError, match="upgrade napari-openseg"):
+        SupportSet.load(path)
+
+
+def hand_made(path, image, label=1, metadata=None, version=None):
+    meta = {"format": support_module.FORMAT_NAME, "version": support_module.FORMAT_VERSION if version is None
+            else version, "entries": [{"label": label}], "metadata": {} if metadata is None else metadata}
+    np.savez(path, openseg_support=np.array(json.dumps(meta)), image_0=image, mask_0=np.ones(image.shape, bool))
+    return path
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"image": np.full((4, 4), np.nan, np.float32)}, "NaN or infinite"),
+    ({"label": -3}, "task labels are positive"),
+    ({"metadata": [1, 2]}, "metadata is not a mapping"),
+    ({"version": "1"}, "no valid format version ('1')"),
+])
+def test_hand_made_files_with_impossible_content_are_refused(tmp_path, change, message):
+    arguments = {"image": np.zeros((4, 4), np.float32), **change}
+    with pytest.raises(OpenSegError, match=re.escape(message)):
+        SupportSet.load(hand_made(tmp_path / "made.npz", **arguments))
+    assert SupportSet.load(hand_made(tmp_path / "fine.npz", np.zeros((4, 4), np.float32))).counts() == {1: 1}
+
+
+def test_a_damaged_compressed_array_is_refused(tmp_path):
+    path = build_support_set(*labelled_volume()).save(tmp_path / "s.npz")
+    raw = bytearray(path.read_bytes())
+    for i in range(200, 600):  # flip the bytes of the first member's compressed data
+        raw[i] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(OpenSegError, match="not a readable"):
         SupportSet.load(path)
 
 

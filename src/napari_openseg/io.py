@@ -103,7 +103,8 @@ def _read_nifti(path: Path) -> ImageData:
 
     img = nib.load(str(path))
     data = np.asanyarray(img.dataobj)
-    zooms = tuple(float(z) for z in img.header.get_zooms()[: data.ndim])
+    # some converters store 0 for a 4th axis (no repetition time): a scale must be positive
+    zooms = tuple(float(z) if z > 0 else 1.0 for z in img.header.get_zooms()[: data.ndim])
     return ImageData(
         data=np.ascontiguousarray(data.transpose(tuple(range(data.ndim))[::-1])),
         spacing=zooms[::-1],
@@ -118,17 +119,22 @@ def _read_tiff(path: Path) -> ImageData:
 
     with tifffile.TiffFile(str(path)) as tif:
         data = tif.asarray()
+        if len(tif.series) > 1:
+            log.warning("%s holds %d image series; reading the first, of shape %s", path, len(tif.series),
+                        data.shape)
         spacing = [1.0] * data.ndim
-        meta = tif.imagej_metadata or {}
+        # ImageJ files keep the Z spacing in their description, and so do this module's other TIFFs
+        meta = tif.imagej_metadata or (tif.shaped_metadata or [{}])[0] or {}
         page = tif.pages[0]
+        offset = int(getattr(page, "samplesperpixel", 1) > 1 and data.ndim >= 3)  # RGB(A): colour comes last
         res = page.tags.get("XResolution"), page.tags.get("YResolution")
-        if all(r is not None for r in res) and data.ndim >= 2:
-            for axis, tag in zip((-1, -2), res):
+        if all(r is not None for r in res) and data.ndim >= 2 + offset:
+            for axis, tag in zip((-1 - offset, -2 - offset), res):
                 num, den = tag.value
                 if num:
                     spacing[axis] = den / num
-        if "spacing" in meta and data.ndim >= 3:
-            spacing[-3] = float(meta["spacing"])
+        if "spacing" in meta and data.ndim >= 3 + offset:
+            spacing[-3 - offset] = float(meta["spacing"])
     return ImageData(data=data, spacing=tuple(spacing), path=path)
 
 
@@ -218,19 +224,39 @@ def _writable_format(path: Path) -> str:
 def _write_nifti(tmp: Path, data: np.ndarray, reference: ImageData | None) -> None:
     import nibabel as nib
 
-    native = np.ascontiguousarray(np.asarray(data).transpose(tuple(range(data.ndim))[::-1]))
+    data = _nifti_array(np.asarray(data))
+    native = np.ascontiguousarray(data.transpose(tuple(range(data.ndim))[::-1]))
     if reference is not None and reference.affine is not None:
         header = reference.header.copy() if reference.header is not None else None
-        img = nib.Nifti1Image(native, reference.affine, header=header)
+        img = nib.Nifti1Image(native, reference.affine, header=header, dtype=native.dtype)
+        if header is None and data.ndim > 3:  # the affine holds 3 axes; the others' spacing goes in the zooms
+            zooms = list(img.header.get_zooms())
+            zooms[3:] = reference.spacing[::-1][3 : data.ndim]
+            img.header.set_zooms(zooms)
     else:
         affine = np.eye(4)
         spacing = (reference.spacing if reference else (1.0,) * data.ndim)[::-1]
         for axis, step in enumerate(spacing[:3]):
             affine[axis, axis] = step
-        img = nib.Nifti1Image(native, affine)
+        img = nib.Nifti1Image(native, affine, dtype=native.dtype)
     img.set_data_dtype(native.dtype)
     img.header.set_slope_inter(1.0, 0.0)
     nib.save(img, str(tmp))
+
+
+def _nifti_array(data: np.ndarray) -> np.ndarray:
+    """``data`` in a type NIfTI stores: bool as uint8, float16 as float32, and 64-bit integers in
+    the smallest type that holds them (NIfTI tools often cannot read 64-bit ones)."""
+    if data.dtype == bool:
+        return data.astype(np.uint8)
+    if data.dtype == np.float16:
+        return data.astype(np.float32)
+    if data.dtype in (np.int64, np.uint64) and data.size:
+        low, high = int(data.min()), int(data.max())
+        for kind in (np.uint8, np.uint16, np.uint32, np.int32) if low >= 0 else (np.int16, np.int32):
+            if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max:
+                return data.astype(kind)
+    return data
 
 
 def _write_tiff(tmp: Path, data: np.ndarray, reference: ImageData | None) -> None:
@@ -239,6 +265,7 @@ def _write_tiff(tmp: Path, data: np.ndarray, reference: ImageData | None) -> Non
     array), so that the Z spacing survives."""
     import tifffile
 
+    data = data.astype(np.uint8) if data.dtype == bool else data
     spatial = min(len(reference.spacing), data.ndim) if reference is not None else min(data.ndim, 3)
     spacing = reference.spacing[-spatial:] if reference is not None else (1.0,) * spatial
     channels = data.ndim - spatial
@@ -246,9 +273,9 @@ def _write_tiff(tmp: Path, data: np.ndarray, reference: ImageData | None) -> Non
     if spatial >= 2 and all(s > 0 for s in spacing[-2:]):
         kwargs["resolution"] = (1.0 / spacing[-1], 1.0 / spacing[-2])
     if data.ndim >= 3 and spatial in (2, 3) and channels <= 1:
+        # ImageJ reads only these types; the others keep the same description in tifffile's own form
         kwargs["imagej"] = data.dtype in (np.uint8, np.uint16, np.float32)
-        if kwargs["imagej"]:
-            kwargs["metadata"] = {"axes": "T" * channels + "ZYX"[3 - spatial :]}
-            if spatial == 3:
-                kwargs["metadata"]["spacing"] = float(spacing[0])
+        kwargs["metadata"] = {"axes": "T" * channels + "ZYX"[3 - spatial :]}
+        if spatial == 3:
+            kwargs["metadata"]["spacing"] = float(spacing[0])
     tifffile.imwrite(str(tmp), data, **kwargs)

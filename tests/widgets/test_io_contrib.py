@@ -57,6 +57,7 @@ def test_image_volume_geometry(tmp_path):
         ("mask.nii.gz", np.full((3, 4, 5), 0.5, np.float32), None, "image"),  # not whole numbers
         ("mask.nii.gz", np.ones((3, 4, 5), np.float32), None, "labels"),  # whole-number floats
         ("ct.nii.gz", -np.ones((3, 4, 5), np.int16), None, "image"),  # negative values
+        ("segment.nii", np.full((3, 4, 5), 0.7, np.float32), "label", "image"),  # intent, yet fractions
     ],
 )
 def test_labels_or_image(tmp_path, name, native, intent, kind):
@@ -96,11 +97,50 @@ def test_writer_without_a_source_uses_scale_and_translate(tmp_path):
     np.testing.assert_allclose(np.asarray(written.dataobj).transpose(2, 1, 0), data)
 
 
-def test_writer_refuses_rgb_and_other_suffixes(tmp_path):
+def test_writer_refuses_rgb_and_other_suffixes(tmp_path, monkeypatch):
+    from napari.utils import notifications
+
+    shown = []
+    monkeypatch.setattr(notifications, "show_error", shown.append)
     with pytest.raises(OpenSegError, match="split the RGB channels"):
         write_image(str(tmp_path / "x.nii"), np.zeros((4, 4, 3)), {"rgb": True})
+    # napari reports a writer's ValueError only as "not a valid writer": the reason is shown first
+    assert shown and "split the RGB channels" in shown[-1] and not (tmp_path / "x.nii").exists()
     assert write_labels(str(tmp_path / "x.tif"), np.zeros((4, 4), np.uint8), {}) == []
     assert not (tmp_path / "x.tif").exists()
+
+
+def test_napari_int64_labels_are_written_in_the_smallest_type(tmp_path):
+    data = np.random.default_rng(0).integers(0, 3, (4, 5, 6))  # what add_labels(integers) holds: int64
+    out = tmp_path / "labels.nii.gz"
+    assert write_labels(str(out), data, {"scale": (1.0, 1.0, 1.0), "metadata": {}}) == [str(out)]
+    written = nib.load(str(out))
+    assert written.get_data_dtype() == np.uint8
+    np.testing.assert_array_equal(np.asarray(written.dataobj).transpose(2, 1, 0), data)
+
+
+def test_a_4d_layer_keeps_the_spacing_of_every_axis_and_a_rotation_is_flagged(tmp_path, monkeypatch):
+    from napari.utils import notifications
+
+    warned = []
+    monkeypatch.setattr(notifications, "show_warning", warned.append)
+    out = tmp_path / "t.nii.gz"
+    meta = {"scale": (2.5, 3.0, 2.0, 0.5), "translate": (0, 0, 0, 0), "metadata": {}}
+    write_image(str(out), np.zeros((2, 3, 4, 5), np.float32), meta)
+    np.testing.assert_allclose(nib.load(str(out)).header.get_zooms(), (0.5, 2.0, 3.0, 2.5))
+    assert not warned
+    rotated = np.eye(3)
+    rotated[:2, :2] = [[0.0, -1.0], [1.0, 0.0]]
+    write_image(str(out), np.zeros((3, 4), np.float32), {"scale": (1.0, 1.0), "rotate": rotated, "metadata": {}})
+    assert warned and "rotation, shear or affine is not written" in warned[-1]
+
+
+def test_a_zero_spacing_on_a_4th_axis_opens_with_spacing_1(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 5, 6, 1), np.float32), AFFINE)
+    img.header.set_zooms((1.5, 2.0, 3.0, 0.0))
+    nib.save(img, str(tmp_path / "fmri.nii.gz"))
+    [(data, kwargs, _)] = read(tmp_path / "fmri.nii.gz")
+    assert data.shape == (1, 6, 5, 4) and kwargs["scale"] == (1.0, 3.0, 2.0, 1.5)
 
 
 def test_foreign_npz_and_tiff_are_declined(tmp_path):

@@ -31,6 +31,7 @@ import numpy as np
 
 from napari_openseg.core.inference import label_dtype
 from napari_openseg.core.support import FORMAT_NAME, METADATA_KEY
+from napari_openseg.errors import OpenSegError
 from napari_openseg.io import NIFTI_SUFFIXES, ImageData, read_image
 from napari_openseg.io import write_image as write_image_file
 
@@ -69,14 +70,14 @@ def has_label_name(path: str | Path) -> bool:
 def looks_like_labels(image: ImageData) -> bool:
     """Whether a NIfTI file holds a label map rather than intensities (see the module docstring)."""
     header = image.header
-    if header is not None and hasattr(header, "get_intent") and header.get_intent()[0] == "label":
-        return True
+    intent = header is not None and hasattr(header, "get_intent") and header.get_intent()[0] == "label"
     data = image.data
     if data.dtype == bool:
         return True
     if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.floating)):
         return False
-    hinted = image.path is not None and has_label_name(image.path)
+    # even a "label" intent needs whole numbers: labels are integers, and casting would lose the rest
+    hinted = intent or (image.path is not None and has_label_name(image.path))
     limit = 65535 if hinted else MAX_UNHINTED_LABELS
     sample = data.ravel()[:: max(1, data.size // 1_000_000)]  # cheap early rejection first
     for values in (sample, data):
@@ -161,26 +162,59 @@ def _reference(data: np.ndarray, meta: dict) -> ImageData:
     return ImageData(data=data, spacing=scale, affine=affine)
 
 
-def _write(path: str, data: Any, meta: dict) -> list[str]:
+def _write(path: str, data: Any, meta: dict, labels: bool = False) -> list[str]:
     if not str(path).lower().endswith(NIFTI_SUFFIXES):
         return []
-    array = np.asarray(data[0] if meta.get("multiscale") else data)
-    # napari's save dialog has already asked before replacing an existing file
-    write_image_file(path, array, _reference(array, meta), overwrite=True)
+    from napari.utils.notifications import show_error, show_warning
+
+    try:
+        if meta.get("rgb"):
+            raise OpenSegError("NIfTI holds single-channel images; split the RGB channels before saving")
+        array = np.asarray(data[0] if meta.get("multiscale") else data)
+        if labels:
+            array = _label_array(array)
+        reference = _reference(array, meta)
+        if reference.header is None and _is_rotated(meta):
+            show_warning(f"{Path(path).name}: the layer's rotation, shear or affine is not written, only "
+                         "its scale and translate")
+        # napari's save dialog has already asked before replacing an existing file
+        write_image_file(path, array, reference, overwrite=True)
+    except Exception as err:
+        # napari turns a writer's ValueError (OpenSegError is one) into "not a valid writer": say why first
+        show_error(f"Saving {Path(path).name} failed: {err}")
+        raise
     return [str(path)]
 
 
+def _label_array(array: np.ndarray) -> np.ndarray:
+    """Labels in the smallest type that holds them (napari makes int64 labels, which NIfTI tools dislike)."""
+    if not (array.dtype == bool or np.issubdtype(array.dtype, np.integer)) or array.size == 0:
+        return array
+    low, high = int(array.min()), int(array.max())
+    if low >= 0:
+        return array.astype(label_dtype(high), copy=False)
+    if np.iinfo(np.int32).min <= low and high <= np.iinfo(np.int32).max:
+        return array.astype(np.int32, copy=False)
+    return array
+
+
+def _is_rotated(meta: dict) -> bool:
+    rotate = np.asarray(meta.get("rotate", 0.0), float)
+    shear = np.asarray(meta.get("shear", 0.0), float)
+    affine = meta.get("affine")
+    affine = np.asarray(getattr(affine, "affine_matrix", affine) if affine is not None else np.eye(2), float)
+    return (rotate.ndim == 2 and not np.allclose(rotate, np.eye(len(rotate)))) or bool(np.any(shear != 0)) or (
+        affine.ndim == 2 and not np.allclose(affine, np.eye(len(affine))))
+
+
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:
-    """napari writer: a labels layer -> NIfTI, with its source's affine when it has one."""
-    return _write(path, data, meta)
+    """napari writer: a labels layer -> NIfTI in the smallest unsigned type that holds its values,
+    with its source's affine when it has one."""
+    return _write(path, data, meta, labels=True)
 
 
 def write_image(path: str, data: Any, meta: dict) -> list[str]:
     """napari writer: a single-channel image layer -> NIfTI (an RGB image is refused)."""
-    if meta.get("rgb"):
-        from napari_openseg.errors import OpenSegError
-
-        raise OpenSegError("NIfTI holds single-channel images; split the RGB channels before saving")
     return _write(path, data, meta)
 
 

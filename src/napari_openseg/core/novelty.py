@@ -71,14 +71,17 @@ def score_channels(embeddings: torch.Tensor, bank: PrototypeBank, chunk: int = S
     return out
 
 
+def class_similarities(embeddings: torch.Tensor, bank: PrototypeBank, chunk: int = SCORE_CHUNK) -> torch.Tensor:
+    """Cosine similarity ``"N K"`` of each of ``embeddings "N F"`` to each known prototype."""
+    protos = bank.prototypes.to(device=embeddings.device, dtype=torch.float32)
+    parts = [F.normalize(embeddings[s : s + chunk].float(), dim=1) @ protos.T
+             for s in range(0, embeddings.shape[0], chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, protos.shape[0], device=embeddings.device)
+
+
 def nearest_class(embeddings: torch.Tensor, bank: PrototypeBank, chunk: int = SCORE_CHUNK) -> torch.Tensor:
     """Index of the most similar known prototype (cosine) for each of ``embeddings "N F"``."""
-    protos = bank.prototypes.to(device=embeddings.device, dtype=torch.float32)
-    parts = [
-        (F.normalize(embeddings[s : s + chunk].float(), dim=1) @ protos.T).argmax(dim=1)
-        for s in range(0, embeddings.shape[0], chunk)
-    ]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=embeddings.device)
+    return class_similarities(embeddings, bank, chunk).argmax(dim=1)
 
 
 def novelty_components(

@@ -29,7 +29,7 @@ import torch
 from ..errors import OpenSegError
 from .device import resolve_device
 from .inference import label_dtype, support_tensors
-from .novelty import NoveltyMaps, maps_from_raw, nearest_class, score_channels
+from .novelty import NoveltyMaps, class_similarities, maps_from_raw, score_channels
 from .novelty_map import ADAPT_STRIDE
 from .novelty_model import body_mask, check_volume
 from .preprocess import from_grid, masks_to_grid, normalize_intensity, to_grid
@@ -242,8 +242,9 @@ def iter_training_free_novelty(
         flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
         scores = score_channels(flat, bank).reshape(emb.shape[0], *emb.shape[2:], 4).permute(0, 3, 1, 2)
         raw[:, start:stop] = from_grid(scores, mapping).permute(1, 0, 2, 3).cpu().numpy()
-        near = nearest_class(flat, bank).reshape(emb.shape[0], 1, *emb.shape[2:]).float()
-        nearest[start:stop] = from_grid(near, mapping)[:, 0].round().long().cpu().numpy()
+        # resize the similarities, not the class indices: indices 0 and 3 side by side would blend into 1
+        sims = class_similarities(flat, bank).reshape(emb.shape[0], *emb.shape[2:], -1).permute(0, 3, 1, 2)
+        nearest[start:stop] = from_grid(sims, mapping).argmax(dim=1).cpu().numpy()
         yield Progress(len(adapt_batches) + stop, total, "training-free novelty")
     raw = np.moveaxis(raw, 1, axis % 3 + 1)
     values = np.asarray(bank.class_values, dtype=label_dtype(max(bank.class_values)))

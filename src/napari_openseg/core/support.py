@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -151,21 +152,27 @@ class SupportSet:
                 entries = [
                     _entry_from_file(archive, i, info, path) for i, info in enumerate(meta["entries"])
                 ]
+                metadata = meta.get("metadata", {})
+                if not isinstance(metadata, dict):
+                    raise OpenSegError(f"{path}: its metadata is not a mapping; the file may be damaged")
         except OpenSegError:
             raise
-        except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile, json.JSONDecodeError) as err:
+        except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile, zlib.error) as err:
+            # json.JSONDecodeError is a ValueError; zlib.error comes from a damaged compressed array
             raise OpenSegError(
                 f"{path} is not a readable napari-openseg support-set file ({err}); "
                 "it may be damaged or of another kind"
             ) from err
-        return cls(entries=entries, metadata=dict(meta.get("metadata", {})))
+        return cls(entries=entries, metadata=dict(metadata))
 
 
 def _check_format(meta: dict, path: Path) -> None:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise OpenSegError(f"{path} is not a napari-openseg support-set file")
     version = meta.get("version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise OpenSegError(f"{path} has no valid format version ({version!r}); the file may be damaged")
+    if version > FORMAT_VERSION:
         raise OpenSegError(
             f"{path} is support-set format version {version}; this napari-openseg reads up to "
             f"{FORMAT_VERSION}: upgrade napari-openseg"
@@ -177,10 +184,15 @@ def _entry_from_file(archive, index: int, info: dict, path: Path) -> SupportEntr
     mask = np.asarray(archive[f"mask_{index}"]).astype(bool)
     if image.ndim != 2 or image.shape != mask.shape:
         raise OpenSegError(f"{path}: entry {index} has image {image.shape} and mask {mask.shape}")
+    if not np.all(np.isfinite(image)):
+        raise OpenSegError(f"{path}: entry {index}'s image holds NaN or infinite values; the file may be damaged")
+    label = int(info["label"])
+    if label < 1:
+        raise OpenSegError(f"{path}: entry {index} has label value {label}; task labels are positive")
     return SupportEntry(
         image=image,
         mask=mask,
-        label=int(info["label"]),
+        label=label,
         source=str(info.get("source", "image")),
         slice_index=info.get("slice_index"),
         axis=info.get("axis"),

@@ -13,13 +13,12 @@ Downloads go to one cache folder, ``$OPENSEG_CACHE_DIR`` or ``~/.cache/napari-op
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
-import pickle
 import threading
 import urllib.error
 import urllib.request
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +142,9 @@ def download_weights(
                 done += len(block)
                 if progress:
                     progress(done, total)
-    except (urllib.error.URLError, OSError, TimeoutError) as err:
+        if total is not None and done != total:  # the connection ended early; no checksum would tell
+            raise OSError(f"the connection ended after {done} of {total} bytes")
+    except (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError, ValueError) as err:
         partial.unlink(missing_ok=True)
         raise OpenSegError(
             f"could not download {name} from {source} ({err}). Without internet, download the file "
@@ -166,10 +167,11 @@ def read_weights_file(path: str | Path) -> tuple[UniverSegConfig, dict[str, torc
         raise OpenSegError(f"weights file {path} does not exist")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except Exception as err:  # torch raises many types for a damaged, empty or foreign file
+        detail = (str(err).splitlines() or [type(err).__name__])[0]
         raise OpenSegError(
-            f"{path} is not a loadable weights file: only plain tensors are accepted, never pickled "
-            f"code ({str(err).splitlines()[0]})"
+            f"{path} is not a loadable weights file: it is empty or damaged, or it holds more than plain "
+            f"tensors (pickled code is never run) ({detail})"
         ) from err
     if isinstance(content, dict) and content.get("format") == WEIGHTS_FORMAT:
         state_dict = content.get("state_dict", {})
