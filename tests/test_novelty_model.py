@@ -10,7 +10,7 @@ from napari_openseg.core.novelty_map import novelty_map, unknown_seed_embeddings
 from napari_openseg.core.novelty_model import NoveltyModel, body_mask, class_indices
 from napari_openseg.errors import OpenSegError
 from napari_openseg.model.medopenseg import MedOpenSeg, MedOpenSegConfig
-from napari_openseg.training.novelty_losses import dice_ce_loss, prototype_guided_loss
+from napari_openseg.training.novelty_losses import IGNORE, dice_ce_loss, prototype_guided_loss
 from napari_openseg.training.novelty_train import _batch, _prepare, _transforms, train_novelty
 
 from ._novelty_data import SHAPE, sphere_volume, tiny_settings
@@ -79,6 +79,19 @@ def test_patches_depend_only_on_seed_and_step():
     _batch(data, 4, transform, settings, 3, "cpu")
     b = _batch(data, 3, _transforms(settings, len(values)), settings, 3, "cpu")
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_padding_of_a_volume_smaller_than_the_patch_is_ignored_not_background():
+    image, labels = sphere_volume()
+    image, labels = image[:10, :20, :30], labels[:10, :20, :30]
+    settings = tiny_settings(roi_size=(32, 32, 64))  # larger than the volume on every side
+    data, values = _prepare([image], [labels], settings)
+    images, targets = _batch(data, 0, _transforms(settings, len(values)), settings, len(values), "cpu")
+    assert targets.shape == (1, 32, 32, 64)
+    assert int((targets != IGNORE).sum()) == labels.size  # the padded voxels take part in no loss
+    assert sorted(torch.unique(targets[targets != IGNORE]).tolist()) == sorted(np.unique(labels).tolist())
+    with pytest.raises(OpenSegError, match="0 is the background class and cannot be ignored"):
+        _prepare([image], [labels], tiny_settings(ignore_values=(0,)))
 
 
 def test_training_writes_a_resumable_checkpoint_that_carries_the_prototypes(trained, tmp_path):

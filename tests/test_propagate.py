@@ -179,6 +179,40 @@ def test_the_stop_rule_counts_runs_of_vanished_or_doubtful_slices():
     assert front.stopped and front.stopped_on_confidence and front.doubtful == [(4, "a"), (3, "b")]
 
 
+def test_a_stopped_front_gives_back_what_it_covered_not_background(blob_net):
+    image, truth = disc_volume((16, 40, 48), first=3, last=12)
+    both = np.zeros(truth.shape, np.uint8)
+    both[5] = truth[5]  # label 1: the whole disc on slice 5
+    part = truth[9].copy()
+    part[:, :26] = 0
+    both[9] = part * 2  # label 2: part of it on slice 9; its backward front reaches slice 3 and stops
+    options = dict(stop_confidence=0.7, stop_after=2, min_area=0.0, **FAST)
+    steps, result = drain(iter_propagate(image, both, blob_net, **options))
+    label_1 = {step.payload["slice"]: step.payload["mask"] for step in steps[1:] if step.payload["label"] == 1}
+    assert 2 in result.confidence_stops and not (result.labels[3] == 2).any()
+    assert label_1[3].sum() > 0 and (result.labels[3][label_1[3]] == 1).all()  # none of label 1's lost
+    alone = propagate(image, np.where(both == 1, 1, 0).astype(np.uint8), blob_net, **options)
+    assert np.array_equal(result.labels[3] == 1, alone.labels[3] == 1)
+
+
+def test_undoing_goes_back_through_labels_that_were_undone_themselves():
+    from napari_openseg.core.propagate import _undo, _Written
+
+    labels, best = np.zeros((1, 1, 3), np.uint8), np.zeros((1, 1, 3), np.float32)
+    labels[0, 0], best[0, 0] = [7, 7, 7], [0.6, 0.6, 0.6]  # label 7, kept
+    everywhere = np.ones((1, 3), bool)
+    by_3 = _Written(0, 3, everywhere, labels[0].copy(), best[0].copy())  # label 3 covers 7 (doubtful)
+    labels[0, 0], best[0, 0] = [3, 3, 3], [0.7, 0.7, 0.7]
+    left = np.array([[True, False, False]])
+    by_5 = _Written(0, 5, left, labels[0].copy(), best[0].copy())  # label 5 covers one of 3's (doubtful)
+    labels[0, 0, 0], best[0, 0, 0] = 5, 0.8
+    undone = {}
+    _undo(by_3, labels, best, undone)  # 3 stops: its two voxels go back to 7; the 5 stays
+    assert labels[0, 0].tolist() == [5, 7, 7]
+    _undo(by_5, labels, best, undone)  # 5 stops: its voxel would go back to 3, itself undone, so to 7
+    assert labels[0, 0].tolist() == [7, 7, 7] and np.allclose(best[0, 0], 0.6)
+
+
 def test_one_prompt_segmentation_of_an_unordered_stack(blob_net, disc):
     image, truth, _, _ = disc
     keep = np.arange(5, 19)  # slices that show the disc

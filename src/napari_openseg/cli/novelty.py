@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     train.add_argument("--feature-size", type=int, default=12, help="SwinUNETR width, a multiple of 12")
     train.add_argument("--embedding-dim", type=int, default=128, help="F, the embedding size")
     train.add_argument("--ignore-label", type=int, action="append", default=[],
-                       help="label value to leave out of training (repeatable)")
+                       help="label value to leave out of training (repeatable; not 0, the background)")
     train.add_argument("--flips", action="store_true", help="random flips along every axis")
     train.add_argument("--checkpoint", help="checkpoint file (default: MODEL with .ckpt.pt)")
     train.add_argument("--resume", action="store_true",

@@ -27,7 +27,7 @@ DIRECTIONS = {"both": (-1, 1), "forward": (1,), "backward": (-1,)}
 class Front:
     """Slices one object's front visits, in order, and how many it has seen vanish in a row.
 
-    ``doubtful`` holds the (slice, voxels written) of the current run of vanished slices whose
+    ``doubtful`` holds the (slice, what was written) of the current run of vanished slices whose
     prediction was kept because only its confidence was low: if the front stops, they are undone."""
 
     label: int

@@ -339,6 +339,7 @@ def iter_propagate(
     confidence = np.full((len(values), n_slices), np.nan, np.float32)
     pinned: dict[int, list[int]] = {}
     confidence_stops: dict[int, list[int]] = {}
+    undone: dict[int, list[_Written]] = {}
     prompt_area: dict[int, float] = {}
     fronts: list[Front] = []
     remaining: dict[int, list[int]] = {}
@@ -389,10 +390,11 @@ def iter_propagate(
             if vanished:
                 mask[:] = False
         take = mask & (full > best[s])
+        written = _Written(s, value, take, labels[s].copy(), best[s].copy()) if doubtful else None
         labels[s][take] = value
         best[s][take] = full[take]
         if front is not None:
-            front.observe(s, vanished, doubtful, take, stop_after)
+            front.observe(s, vanished, doubtful, written, stop_after)
         confidence[values.index(value), s] = measures["confidence"]
         if not mask.any():
             grid_mask = torch.zeros_like(grid_mask)
@@ -402,10 +404,8 @@ def iter_propagate(
         if front is not None and front.stopped:
             if front.stopped_on_confidence:
                 confidence_stops.setdefault(value, []).append(front.doubtful[0][0])
-            for index, written in front.doubtful:  # the object had ended there after all
-                undo = written & (labels[index] == value)
-                labels[index][undo] = 0
-                best[index][undo] = 0
+            for _, doubtful_write in front.doubtful:  # the object had ended there after all
+                _undo(doubtful_write, labels, best, undone)
             done += len(front.slices) - front.slices.index(s) - 1
             log.info("label %d vanished at slice %d; its front stops", value, s)
         payload = {"slice": s, "label": value, "mask": mask, "confidence": measures["confidence"],
@@ -421,6 +421,35 @@ def iter_propagate(
         complete_slices=complete,
         confidence_stops={v: sorted(stops) for v, stops in confidence_stops.items()},
     )
+
+
+@dataclass
+class _Written:
+    """What a doubtful slice's prediction wrote (``where``) and the labels and probabilities it covered
+    there, to give back if its front stops."""
+
+    slice: int
+    label: int
+    where: np.ndarray
+    labels: np.ndarray
+    best: np.ndarray
+
+
+def _undo(written: _Written, labels: np.ndarray, best: np.ndarray, undone: dict[int, list[_Written]]) -> None:
+    """Give a stopped front's voxels on one slice back to what they held before it wrote them. A label
+    given back that was itself undone on that slice since gets what it had covered, in turn."""
+    s = written.slice
+    region = written.where & (labels[s] == written.label)
+    labels[s][region], best[s][region] = written.labels[region], written.best[region]
+    earlier = undone.setdefault(s, [])
+    for _ in earlier:  # each pass goes one step back; a chain is never longer than the records
+        stale = [(r, region & r.where & (labels[s] == r.label)) for r in earlier]
+        stale = [(r, where) for r, where in stale if where.any()]
+        if not stale:
+            break
+        for r, where in stale:
+            labels[s][where], best[s][where] = r.labels[where], r.best[where]
+    earlier.append(written)
 
 
 def propagate(image: np.ndarray, prompt: np.ndarray, model=None, **kwargs) -> PropagationResult:

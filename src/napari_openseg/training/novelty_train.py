@@ -96,6 +96,9 @@ class TrainingResult:
 def _prepare(images, labels, settings: NoveltyTrainSettings) -> tuple[list[dict], list[int]]:
     if len(images) != len(labels) or not images:
         raise OpenSegError(f"give one labels volume per image: got {len(images)} image(s) and {len(labels)} labels")
+    if 0 in settings.ignore_values:
+        raise OpenSegError("0 is the background class and cannot be ignored: the novelty scores compare every "
+                           "voxel with a background prototype")
     pairs = []
     for image, label in zip(images, labels):
         image = check_volume(image)
@@ -119,10 +122,12 @@ def _prepare(images, labels, settings: NoveltyTrainSettings) -> tuple[list[dict]
 def _transforms(settings: NoveltyTrainSettings, num_classes: int):
     from monai import transforms as T
 
-    # Class index K stands for ignored voxels during cropping: never chosen as a patch centre.
-    keys = ["image", "crop_classes"]
+    # Class index K stands for ignored voxels during cropping: never chosen as a patch centre. Padding
+    # (a volume smaller than the patch) is no tissue: ignored by the loss, never a patch centre.
     steps = [
-        T.SpatialPadd(keys=[*keys, "classes"], spatial_size=settings.roi_size, mode="constant"),
+        T.SpatialPadd(keys="image", spatial_size=settings.roi_size, mode="constant"),
+        T.SpatialPadd(keys="classes", spatial_size=settings.roi_size, mode="constant", value=IGNORE),
+        T.SpatialPadd(keys="crop_classes", spatial_size=settings.roi_size, mode="constant", value=num_classes),
         T.ClassesToIndicesd(keys="crop_classes", num_classes=num_classes + 1),
         T.RandCropByLabelClassesd(
             keys=["image", "classes"], label_key="crop_classes", spatial_size=settings.roi_size,
