@@ -14,6 +14,10 @@ thresholded at the median of the direct probabilities; with trained weights (``-
 
     python benchmarks/bench_segment.py                      # official architecture, random weights
     python benchmarks/bench_segment.py --weights openseg-default
+    python benchmarks/bench_segment.py --batch-sizes 1 2 4 8  # fast f32 only: slices per forward pass
+
+``--batch-sizes`` times the fast float32 path with each batch size given, and the automatic one
+(``auto``), for every S: the automatic choice is checked against what it could have picked.
 """
 
 from __future__ import annotations
@@ -77,8 +81,9 @@ def worker(args: argparse.Namespace) -> None:
         net = load_model(args.weights, "cpu")
     slices = args.direct_slices if formulation == "direct" else args.slices
     volume = query[:slices]
+    batch = args.worker_batch or None  # 0: the automatic choice
     options = dict(support_size=args.support_size, device=args.device, precision=precision,
-                   formulation=formulation, batch_size=1 if formulation == "direct" else None)
+                   formulation=formulation, batch_size=1 if formulation == "direct" else batch)
     run_to_end(iter_segment(volume[:1], support, net, **options))  # warm-up: allocator, kernels
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -101,6 +106,37 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": seconds, "slices": slices, "peak_mb": peak}))
 
 
+def run_worker(args: argparse.Namespace, name: str, size: int, out: Path, batch: int = 0) -> dict:
+    command = [sys.executable, __file__, "--worker", name, "--support-size", str(size),
+               "--out", str(out), "--slices", str(args.slices), "--size", str(args.size),
+               "--direct-slices", str(args.direct_slices), "--weights", args.weights,
+               "--device", args.device, "--threads", str(args.threads), "--worker-batch", str(batch)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(f"{name} S={size} batch {batch or 'auto'} failed:\n{done.stderr}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def batch_table(args: argparse.Namespace) -> None:
+    """Fast float32 at each batch size (0 = automatic), each in a fresh process."""
+    import torch
+
+    from napari_openseg.core.inference import auto_batch_size
+
+    print(f"# bench_segment --batch-sizes: {args.slices} slices of {args.size}x{args.size}, weights "
+          f"{args.weights}, device {args.device}, threads {args.threads or torch.get_num_threads()}")
+    print("| S | batch | slices/s | peak memory (MB) |")
+    print("|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.support_sizes:
+            auto = auto_batch_size(size, torch.device(args.device))
+            for batch in [0, *args.batch_sizes]:
+                row = run_worker(args, "fast f32", size, Path(tmp) / "p.npy", batch)
+                label = f"auto ({auto})" if batch == 0 else str(batch)
+                print(f"| {size} | {label} | {row['slices'] / row['seconds']:.2f} | {row['peak_mb']:.0f} |",
+                      flush=True)
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else 2.0 * np.logical_and(a, b).sum() / total
@@ -117,10 +153,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     parser.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
     parser.add_argument("--support-size", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="time fast f32 with these batch sizes")
+    parser.add_argument("--worker-batch", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.batch_sizes:
+        batch_table(args)
         return
 
     import torch
@@ -137,14 +178,7 @@ def main() -> None:
                 if name in GPU_ONLY and not args.device.startswith("cuda"):
                     continue
                 out = Path(tmp) / f"{name.replace(' ', '_')}_{size}.npy"
-                command = [sys.executable, __file__, "--worker", name, "--support-size", str(size),
-                           "--out", str(out), "--slices", str(args.slices), "--size", str(args.size),
-                           "--direct-slices", str(args.direct_slices), "--weights", args.weights,
-                           "--device", args.device, "--threads", str(args.threads)]
-                done = subprocess.run(command, capture_output=True, text=True)
-                if done.returncode:
-                    sys.exit(f"{name} S={size} failed:\n{done.stderr}")
-                rows[name] = json.loads(done.stdout.strip().splitlines()[-1])
+                rows[name] = run_worker(args, name, size, out)
                 probs[name] = np.load(out)
             reference = probs["direct"]
             threshold = float(np.median(reference)) if args.weights == "random-v1" else 0.5

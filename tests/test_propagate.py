@@ -119,7 +119,8 @@ def test_correcting_the_least_confident_slice_pins_it(blob_net, disc):
     assert first.confidence[0, weakest] == np.nanmin(first.confidence)
     edited = first.labels.copy()
     edited[weakest] = truth[weakest]
-    assert not np.array_equal(edited[weakest], first.labels[weakest])  # a fix that changes something
+    edited[weakest, :3, :3] = 1  # the user's mark: a fix that changes something wherever the slice is
+    assert not np.array_equal(edited[weakest], first.labels[weakest])
     new_prompt, complete = first.with_corrections(prompt, edited)
     assert complete == [weakest]
     assert np.array_equal(new_prompt[weakest], edited[weakest])

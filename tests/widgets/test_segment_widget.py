@@ -91,7 +91,7 @@ def test_cancel_stops_within_a_batch_and_changes_nothing(
     earlier = viewer.add_labels(np.full(image.shape, 7, np.uint8), name="earlier")
     widget = make_segmenter(viewer, qtbot, tiny_weights)
     widget.query_combo.select(image_layer)
-    widget.support_size.setValue(16)  # 3 slices per CPU batch -> 14 batches
+    widget.support_size.setValue(16)  # 1 slice per CPU batch -> 40 batches
     output = None
     if earlier_output:
         assert run_and_wait(qtbot, widget) == "done"
@@ -126,7 +126,7 @@ def test_cancel_stops_within_a_batch_and_changes_nothing(
     widget.preview_updated.connect(on_preview)
     assert run_and_wait(qtbot, widget) == "cancelled"
     # one batch shown, in a read-only layer: the old output itself on a rerun
-    assert seen_preview == [(3, False, earlier_output)]
+    assert seen_preview == [(1, False, earlier_output)]
     assert len(batches) <= 2  # the batch in flight when Cancel came, at most one more
     assert names(viewer) == before  # no preview left, no output made
     assert np.all(earlier.data == 7)

@@ -92,8 +92,11 @@ def _draw_subsets(
     return subsets
 
 
-def _auto_batch(support_size: int, device: torch.device) -> int:
-    budget = 512 if device.type == "cuda" else 48
+def auto_batch_size(support_size: int, device: torch.device) -> int:
+    """Slices per forward pass: about ``budget / S``. On a CPU larger batches were no faster (within
+    the run-to-run noise) but cost 40-60 MB per slice more at S = 16 (``bench_segment.py --batch-sizes``,
+    docs/performance.md), so the CPU budget is small."""
+    budget = 512 if device.type == "cuda" else 4
     return int(max(1, min(64, budget // max(1, support_size))))
 
 
@@ -217,7 +220,7 @@ def iter_segment(
     volume = normalize_intensity(image)
     stack = volume[None] if image.ndim == 2 else np.moveaxis(volume, axis, 0)
     n_slices, height, width = stack.shape
-    batch = batch_size or _auto_batch(support_size, torch_device)
+    batch = batch_size or auto_batch_size(support_size, torch_device)
     out_dtype = label_dtype(max(values))
     labels_out = np.zeros((n_slices, height, width), out_dtype)
     probs_out = np.zeros((len(values), n_slices, height, width), np.float32) if keep_probabilities else None

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import OpenSegError
 from .device import resolve_device
-from .inference import label_dtype, support_tensors
+from .inference import auto_batch_size, label_dtype, support_tensors
 from .novelty import NoveltyMaps, class_similarities, maps_from_raw, score_channels
 from .novelty_map import ADAPT_STRIDE
 from .novelty_model import body_mask, check_volume
@@ -55,7 +55,7 @@ class InContextEmbedder:
     """Embeds slices with the in-context network, one fixed support subset per known task."""
 
     def __init__(self, support: SupportSet, model=None, *, support_size: int = 16, seed: int = 0,
-                 device: str | torch.device = "auto", batch_size: int = 8):
+                 device: str | torch.device = "auto", batch_size: int | None = None):
         from ..model.fast import prepare_for_inference
         from ..model.registry import load_model
         from ..model.universeg import UniverSeg
@@ -66,7 +66,7 @@ class InContextEmbedder:
         net = model if isinstance(model, UniverSeg) else load_model(model, "cpu")
         self.net = prepare_for_inference(net, self.device, torch.float32)
         self.grid = self.net.config.grid_size
-        self.batch_size = max(1, int(batch_size))
+        self.batch_size = batch_size or auto_batch_size(support_size, self.device)
         rng = np.random.default_rng(seed)
         self.subsets = {t: support.sample(t, support_size, rng) for t in self.tasks}
         self._encoded = {t: self._encode(self.subsets[t]) for t in self.tasks}
@@ -190,7 +190,7 @@ def iter_training_free_novelty(
     adapt_unknown: int = 0,
     prototype_slices: int = 16,
     cosine_weight: float = 0.5,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     device: str | torch.device = "auto",
     keep_raw: bool = False,
 ) -> Generator[Progress, None, NoveltyMaps]:
@@ -207,7 +207,7 @@ def iter_training_free_novelty(
         raise OpenSegError(f"mask of shape {mask.shape} does not match the volume of shape {image.shape}")
     if adapt_unknown and unknown_seed is None:
         raise OpenSegError("adapting the unknown prototype needs an unknown seed: paint one unseen structure")
-    if support_size < 1 or adapt_unknown < 0 or batch_size < 1:
+    if support_size < 1 or adapt_unknown < 0 or (batch_size is not None and batch_size < 1):
         raise OpenSegError(f"support size and batch size must be >= 1 and adaptation steps >= 0, got "
                            f"S={support_size}, batch {batch_size}, {adapt_unknown} steps")
     embedder = InContextEmbedder(support, model, support_size=support_size, seed=seed, device=device,
