@@ -225,7 +225,7 @@ def _write_nifti(tmp: Path, data: np.ndarray, reference: ImageData | None) -> No
     import nibabel as nib
 
     data = _nifti_array(np.asarray(data))
-    native = np.ascontiguousarray(data.transpose(tuple(range(data.ndim))[::-1]))
+    native = data.transpose(tuple(range(data.ndim))[::-1])  # a view: NIfTI stores this (Fortran) order anyway
     if reference is not None and reference.affine is not None:
         header = reference.header.copy() if reference.header is not None else None
         img = nib.Nifti1Image(native, reference.affine, header=header, dtype=native.dtype)

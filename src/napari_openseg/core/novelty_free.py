@@ -233,7 +233,7 @@ def iter_training_free_novelty(
         log.info("unknown prototype adapted on %d embeddings; it wins %.2f%% of them",
                  sum(len(x) for x in sample), 100 * won)
     raw = np.zeros((4, *stack.shape), np.float32)
-    nearest = np.zeros(stack.shape, np.int64)
+    nearest = np.zeros(stack.shape, np.min_scalar_type(bank.num_classes))  # class indices, not label values
     for start in range(0, n, embedder.batch_size):
         stop = min(n, start + embedder.batch_size)
         query, mapping = to_grid(torch.from_numpy(np.ascontiguousarray(stack[start:stop])).to(embedder.device),
