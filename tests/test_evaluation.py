@@ -13,6 +13,8 @@ from napari_openseg.evaluation.baselines import PixelClassifier, label_prior, pi
 from napari_openseg.evaluation.data import SINGLE_VOLUME_GAP, find_folder, single_volume_split, split_cases
 from napari_openseg.evaluation.evaluate import METHODS, evaluate, iter_evaluate
 
+from .conftest import needs_shared
+
 pytest.importorskip("sklearn")
 iio = pytest.importorskip("imageio.v3")
 
@@ -140,6 +142,49 @@ def test_single_volume_is_split_by_disjoint_slice_ranges(tmp_path, tiny_weights)
     assert "label_1/axis_0" not in report.tasks
     assert report.settings["cases"] == 1 and report.settings["split"] == "by slice"
     assert "support split does not apply" in report.split_note()
+
+
+def msd_folder(root, names, shape=(12, 20, 20), box=(slice(2, 10), slice(5, 15))):
+    nib = pytest.importorskip("nibabel")
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for k, name in enumerate(names):
+        labels = np.zeros(shape, np.uint8)
+        labels[(*box, slice(4 + k % 3, 14 + k % 3))] = 1
+        image = np.random.default_rng(k).random(shape).astype(np.float32) + labels
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(root / "imagesTr" / f"{name}.nii.gz"))
+        nib.save(nib.Nifti1Image(labels, np.eye(4)), str(root / "labelsTr" / f"{name}.nii.gz"))
+    return root
+
+
+def test_the_report_says_where_support_really_came_from_and_which_queries_are_not_new(tmp_path, tiny_weights):
+    # three cases: none falls in validation, so the support comes from train
+    three = evaluate(msd_folder(tmp_path / "three", ["a", "b", "c"]), str(tiny_weights), support_size=64,
+                     methods=["label_prior"], axes=[0])
+    assert three.settings["support_split"] == "val" and three.settings["support_from"] == "train"
+    note = three.split_note()
+    assert "support from the train cases" in note and "no case fell in val" in note
+    assert "used their whole pool once" in note  # S = 64 is more than any pool here
+    # a training subject of the bundled weights as the one case: flagged
+    one = msd_folder(tmp_path / "seen", ["hippocampus_001"], shape=(30, 20, 20), box=(slice(3, 27), slice(5, 15)))
+    seen = evaluate(one, str(tiny_weights), support_size=2, methods=["label_prior"])
+    assert seen.settings["queries_in_bundled_training"] == ["hippocampus_001"]
+    assert "1 query case(s) were training or selection cases of the bundled weights" in seen.split_note()
+    assert three.settings["queries_in_bundled_training"] == []
+
+
+def test_an_unsaved_network_is_named_by_its_kind(picture_folder, tiny_net):
+    report = evaluate(picture_folder, tiny_net, support_size=2, methods=["label_prior"])
+    assert report.settings["weights"] == "an unsaved UniverSeg network"
+
+
+@needs_shared
+def test_the_bundled_weights_cases_are_the_train_and_val_split_of_the_full_folder():
+    from napari_openseg.evaluation.data import BUNDLED_WEIGHTS_CASES
+    from napari_openseg.training.splits import hippocampus_splits
+
+    splits = hippocampus_splits()
+    assert BUNDLED_WEIGHTS_CASES == set(splits["train"]) | set(splits["val"])
 
 
 def test_baselines_directly():

@@ -140,15 +140,36 @@ def read_case(folder: EvalFolder, name: str) -> Case:
     return Case(name, image, labels)
 
 
+#: MSD Task04 subjects the bundled weights were trained on (train split) or chosen on (val split):
+#: the split of the full 130-subject folder (``training.splits.hippocampus_splits``), kept here because
+#: a folder with other subjects splits differently (tests check it against that folder).
+BUNDLED_WEIGHTS_CASES = frozenset(f"hippocampus_{i:03d}" for i in (
+    1, 3, 4, 7, 8, 11, 14, 15, 17, 19, 20, 23, 24, 25, 26, 33, 34, 36, 37, 39, 42, 44, 45, 46, 48,
+    50, 51, 52, 53, 57, 58, 60, 64, 65, 67, 68, 70, 74, 75, 77, 83, 84, 87, 89, 90, 91, 92, 93, 94,
+    95, 96, 97, 98, 99, 101, 102, 104, 107, 108, 109, 114, 123, 124, 125, 126, 127, 130, 132, 133,
+    135, 136, 138, 141, 142, 143, 144, 145, 146, 148, 149, 150, 152, 154, 158, 160, 161, 162, 164,
+    165, 166, 169, 170, 171, 172, 173, 175, 177, 178, 180, 181, 184, 185, 189, 190, 193, 194, 195,
+    197, 199, 204, 207
+))
+
+
 def split_cases(names: list[str], support_split: str = "val") -> tuple[list[str], list[str]]:
     """(support cases, query cases) of a folder with at least two cases; see the module docstring."""
+    support, queries, _ = split_roles(names, support_split)
+    return support, queries
+
+
+def split_roles(names: list[str], support_split: str = "val") -> tuple[list[str], list[str], str]:
+    """:func:`split_cases` and where the support really came from (``"train"`` when validation is empty)."""
     if support_split not in ("val", "train+val"):
         raise OpenSegError(f"support split must be 'val' or 'train+val', got {support_split!r}")
     parts = split_subjects(names)
     if not parts["test"]:
         parts["test"] = [parts["train"].pop()]
     support = parts["val"] if support_split == "val" else parts["train"] + parts["val"]
-    return sorted(support or parts["train"]), sorted(parts["test"])
+    if not support:
+        return sorted(parts["train"]), sorted(parts["test"]), "train"
+    return sorted(support), sorted(parts["test"]), support_split
 
 
 def single_volume_split(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

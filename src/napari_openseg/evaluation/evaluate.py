@@ -34,7 +34,7 @@ from ..core.preprocess import from_grid, to_grid
 from ..core.progress import Progress, run_to_end
 from ..errors import OpenSegError
 from .baselines import PixelClassifier, label_prior
-from .data import EvalFolder, EvalTask, Query, build_tasks, find_folder
+from .data import BUNDLED_WEIGHTS_CASES, EvalFolder, EvalTask, Query, build_tasks, find_folder, split_roles
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +76,27 @@ class EvaluationReport:
         return Path(path)
 
     def split_note(self) -> str:
-        """One line on where support and queries came from (the support split does not apply to one case)."""
-        if self.settings.get("split") == "by slice":
-            return ("one case in the folder: support and queries are different slices of it "
+        """Where support and queries came from (the support split does not apply to one case), and
+        what makes a number mean less than it seems: queries the bundled weights were trained on,
+        tasks whose support pool was smaller than S."""
+        s = self.settings
+        if s.get("split") == "by slice":
+            note = ("one case in the folder: support and queries are different slices of it "
                     "(the support split does not apply)")
-        return f"support from the {self.settings.get('support_split', 'val')} cases, queries from the test cases"
+        else:
+            source = s.get("support_from", s.get("support_split", "val"))
+            note = f"support from the {source} cases, queries from the test cases"
+            if source != s.get("support_split", source):
+                note += f" (no case fell in {s['support_split']}, so support came from {source})"
+        seen = s.get("queries_in_bundled_training") or []
+        if seen:
+            note += (f"\nwarning: {len(seen)} query case(s) were training or selection cases of the bundled "
+                     f"weights ({', '.join(seen[:4])}{', ...' if len(seen) > 4 else ''}): their Dice overstates")
+        small = [key for key, task in self.tasks.items() if task["support_pool"] <= s.get("support_size", 0)]
+        if small:
+            note += (f"\n{len(small)} task(s) had at most S support entries and used their whole pool once "
+                     f"(smaller S, K = 1): {', '.join(small[:4])}{', ...' if len(small) > 4 else ''}")
+        return note
 
     def table(self) -> str:
         """Plain-text table: one row per task, one column (mean ± std) per method."""
@@ -260,17 +276,28 @@ def iter_evaluate(
     nets, grid = networks(model, methods, seed, torch_device)
     found, tasks = yield from load_tasks(folder, support_split, label_values, axes)
     cases = len(found.pairs)
+    query_cases = sorted({q.case for t in tasks for q in t.queries})
     settings = {
         "folder": str(folder), "layout": found.layout, "cases": cases,
         "split": "by slice" if cases == 1 else "by case", "support_size": support_size,
-        "ensemble": ensemble, "seed": seed, "support_split": support_split, "max_queries": max_queries,
-        "weights": "default" if model is None else str(getattr(model, "weights_info", {}).get("source", model)),
-        "grid": grid, "methods": list(methods),
+        "ensemble": ensemble, "seed": seed, "support_split": support_split,
+        "support_from": split_roles(sorted(found.pairs), support_split)[2] if cases > 1 else None,
+        "queries_in_bundled_training": sorted(set(query_cases) & BUNDLED_WEIGHTS_CASES),
+        "max_queries": max_queries, "weights": _weights_name(model), "grid": grid, "methods": list(methods),
     }
     results = yield from iter_evaluate_tasks(
         tasks, nets, grid, methods=methods, support_size=support_size, ensemble=ensemble, seed=seed,
         max_queries=max_queries, batch_size=batch_size, device=torch_device)
     return EvaluationReport(settings, results)
+
+
+def _weights_name(model) -> str:
+    if model is None:
+        return "default"
+    if isinstance(model, (str, Path)):
+        return str(model)
+    source = getattr(model, "weights_info", {}).get("source")
+    return str(source) if source else f"an unsaved {type(model).__name__} network"
 
 
 def evaluate(folder: str | Path, model=None, **kwargs) -> EvaluationReport:
