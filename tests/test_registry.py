@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import socket
 import threading
@@ -134,6 +135,22 @@ def test_models_are_cached_per_file_and_device(tiny_weights):
     assert registry.load_model(str(tiny_weights), "cpu") is first
     registry.clear_cache()
     assert registry.load_model(tiny_weights, "cpu") is not first
+
+
+def test_a_weights_file_rewritten_in_place_is_read_again(tmp_path, tiny_net):
+    import copy
+
+    path = registry.save_weights(tiny_net, tmp_path / "best.pt")
+    first = registry.load_model(path, "cpu")
+    changed = copy.deepcopy(tiny_net)
+    with torch.no_grad():
+        for parameter in changed.parameters():
+            parameter.fill_(0.5)
+    registry.save_weights(changed, path)  # as training rewrites best.pt
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    second = registry.load_model(path, "cpu")
+    assert second is not first and all(torch.all(p == 0.5) for p in second.parameters())
+    assert len([k for k in registry._CACHE if k[0] == str(path.resolve())]) == 1  # the old one is let go
 
 
 def test_device_choice():

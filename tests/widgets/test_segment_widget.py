@@ -171,6 +171,65 @@ def test_batch_mode_one_output_per_open_image(viewer, qtbot, tiny_weights, threa
     assert len(viewer.layers) == count
 
 
+def test_batch_after_a_single_run_leaves_no_preview_and_follows_moved_sources(viewer, qtbot, tiny_weights,
+                                                                             threaded):
+    a, mask = disc_volume(depth=6, size=32, seed=1)
+    b, _ = disc_volume(depth=6, size=32, seed=2)
+    layer_a = viewer.add_image(a, name="A")
+    layer_b = viewer.add_image(b, name="B")
+    get_session(viewer).replace_support(build_support_set(a, mask, slice_indices=[1, 4]))
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    widget.query_combo.select(layer_b)
+    assert run_and_wait(qtbot, widget) == "done"  # B has an output; A not yet
+    layer_b.scale, layer_b.translate = (3.0, 0.5, 0.5), (10.0, 2.0, 2.0)  # B moved since
+    widget.query_combo.select(BATCH)
+    assert run_and_wait(qtbot, widget) == "done"
+    assert sorted(names(viewer)) == ["A", "A openseg", "B", "B openseg"]  # no "(running)" left
+    output = viewer.layers["B openseg"]
+    np.testing.assert_allclose(output.scale, layer_b.scale)
+    np.testing.assert_allclose(output.translate, layer_b.translate)
+    assert np.allclose(viewer.layers["A openseg"].scale, layer_a.scale)
+
+
+def test_batch_mode_leaves_out_images_that_are_not_2d_or_3d(viewer, qtbot, tiny_weights, threaded):
+    a, mask = disc_volume(depth=6, size=32, seed=1)
+    viewer.add_image(a, name="A")
+    viewer.add_image(np.stack([a, a]), name="time series")
+    get_session(viewer).replace_support(build_support_set(a, mask, slice_indices=[1, 4]))
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    widget.query_combo.select(BATCH)
+    assert run_and_wait(qtbot, widget) == "done"
+    assert "A openseg" in names(viewer) and "time series openseg" not in names(viewer)
+    assert "left out, neither 2D nor 3D: time series" in widget.status.text()
+
+
+def test_a_rerun_removes_probability_maps_it_no_longer_makes(viewer, qtbot, tiny_weights, threaded):
+    a, mask = disc_volume(depth=6, size=32, seed=1)
+    two = mask.astype(np.uint8)
+    two[:, :4, :4] = 2
+    viewer.add_image(a, name="A")
+    get_session(viewer).replace_support(build_support_set(a, two, slice_indices=[1, 4]))
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    widget.probabilities.setChecked(True)
+    assert run_and_wait(qtbot, widget) == "done"
+    assert {"A p(label 1)", "A p(label 2)"} <= set(names(viewer))
+    get_session(viewer).replace_support(build_support_set(a, mask, slice_indices=[1, 4]))  # label 1 only
+    assert run_and_wait(qtbot, widget) == "done"
+    assert "A p(label 1)" in names(viewer) and "A p(label 2)" not in names(viewer)
+    widget.probabilities.setChecked(False)
+    assert run_and_wait(qtbot, widget) == "done"
+    assert not any("p(label" in name for name in names(viewer))
+
+
+def test_a_second_segment_widget_keeps_the_chosen_device(viewer, qtbot, tiny_weights):
+    first = make_segmenter(viewer, qtbot, tiny_weights)
+    first.device_combo.setCurrentText("cpu")
+    assert get_session(viewer).device == "cpu"
+    second = SegmentationWidget(viewer)
+    qtbot.addWidget(second)
+    assert second.device_combo.currentText() == "cpu" and get_session(viewer).device == "cpu"
+
+
 def test_slice_axis_choice(viewer, qtbot, tiny_weights, inline):
     image, mask = disc_volume(depth=8, size=32)
     viewer.add_image(image, name="vol")

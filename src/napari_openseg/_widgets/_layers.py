@@ -93,6 +93,13 @@ def geometry_of(layer, ndim: int | None = None) -> dict[str, Any]:
     return geometry
 
 
+def place_like(layer, source) -> None:
+    """Give an existing ``layer`` the placement of ``source`` (see :func:`geometry_of`), rotation and
+    shear included."""
+    for key, value in geometry_of(source, layer.ndim).items():
+        setattr(layer, key, value)
+
+
 def output_metadata(source, role: str) -> dict:
     """Metadata of an output layer made from ``source``: ownership, and the source's NIfTI reference."""
     metadata = {OWNER_KEY: {"role": role, "source": str(source.unique_id)}}
@@ -149,12 +156,7 @@ def put_output_layer(
     existing = find_owned_layer(viewer, role, source)
     expected_type = "Labels" if layer_type == "labels" else "Image"
     if existing is not None and type(existing).__name__ == expected_type:
-        for key, value in geometry.items():
-            if key == "affine" or key == "rotate" or key == "shear":
-                continue  # set together below so that napari's checks see a consistent transform
-            setattr(existing, key, value)
-        if "affine" in geometry:
-            existing.affine = geometry["affine"]
+        place_like(existing, source)
         existing.data = data
         existing.metadata.update(metadata)
         for key, value in kwargs.items():

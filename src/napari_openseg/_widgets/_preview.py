@@ -27,6 +27,7 @@ from ._layers import (
     find_owned_layer,
     geometry_of,
     output_metadata,
+    place_like,
     put_output_layer,
     remove_owned_layers,
 )
@@ -43,6 +44,7 @@ class _Borrowed:
     data: np.ndarray
     name: str
     editable: bool
+    placement: dict  # its geometry before the run, given back with its data on cancel
 
 
 class Preview:
@@ -70,12 +72,15 @@ class Preview:
         if earlier is None:
             earlier = find_owned_layer(self.viewer, self.output_role, source)
             if earlier is not None and type(earlier).__name__ == "Labels" and earlier.ndim == len(shape):
-                self._borrowed[key] = _Borrowed(earlier, earlier.data, earlier.name, earlier.editable)
+                self._borrowed[key] = _Borrowed(earlier, earlier.data, earlier.name, earlier.editable,
+                                                geometry_of(earlier))
             else:
                 earlier = None
         if earlier is not None:
+            self._remove_made()  # the previous query's preview, if it made one: this one borrows instead
             layer = earlier
             layer.data = data
+            place_like(layer, source)  # the source may have moved since that output was made
             layer.name = name
             layer.editable = False  # after the data: napari recomputes editable when data is set
         else:
@@ -89,8 +94,7 @@ class Preview:
             if reusable:
                 layer = current
                 layer.data = data  # swap data and placement instead of making another layer
-                for attribute, value in geometry_of(source).items():
-                    setattr(layer, attribute, value)
+                place_like(layer, source)
                 layer.metadata.pop(NIFTI_KEY, None)
                 layer.metadata.update(output_metadata(source, PREVIEW_ROLE))
                 layer.name = name
@@ -168,6 +172,8 @@ class Preview:
         self._remove_made()
         for borrowed in self._borrowed.values():
             borrowed.layer.data = borrowed.data
+            for key, value in borrowed.placement.items():
+                setattr(borrowed.layer, key, value)
             borrowed.layer.name = borrowed.name
             borrowed.layer.editable = borrowed.editable
         self._borrowed.clear()

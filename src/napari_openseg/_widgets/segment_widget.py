@@ -14,6 +14,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -36,7 +37,7 @@ from napari_openseg.errors import OpenSegError
 from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, REGISTRY, is_available
 
 from ._controls import AxisCombo, LayerCombo, form_row, is_image
-from ._layers import layer_image, put_output_layer
+from ._layers import layer_image, owner_info, put_output_layer, remove_owned_layers
 from ._preview import Preview
 from ._segment_job import Query, iter_segment_queries
 from ._session import connect_widget, get_session, unwrap_viewer
@@ -63,6 +64,7 @@ class SegmentationWidget(QWidget):
         self._handle: WorkHandle | None = None
         self._preview = Preview(napari_viewer, output_role="segmentation")
         self._sources: list = []
+        self._left_out = ""
         self._axes: list[int] = []
         self._cancel_requested = False
         self._outcome = "failed"
@@ -127,6 +129,8 @@ class SegmentationWidget(QWidget):
         self.run_button.clicked.connect(self.run)
         self.cancel_button.clicked.connect(self.cancel)
         self._fill_weights()
+        if self.device_combo.findText(self.session.device) >= 0:  # a second Segment widget keeps the choice
+            self.device_combo.setCurrentText(self.session.device)
         self.weights_combo.currentIndexChanged.connect(self._weights_changed)
         self.weights_path.editingFinished.connect(self._weights_changed)
         self.device_combo.currentIndexChanged.connect(self._weights_changed)
@@ -204,17 +208,31 @@ class SegmentationWidget(QWidget):
 
     # --- running -----------------------------------------------------------------------------
 
-    def _queries(self) -> tuple[list, list[Query]]:
+    def _queries(self) -> tuple[list, list[Query], list[str]]:
+        """The layers to segment, their queries, and (batch mode) the names of the open images left
+        out: those that are neither 2D nor 3D (a single run refuses them with the reason)."""
         choice = self.query_combo.current()
-        layers = self.query_combo.layers() if choice == BATCH else [choice]
+        batch = choice == BATCH
+        layers = self.query_combo.layers() if batch else [choice]
         if not layers or layers[0] is None:
             raise OpenSegError("open an image (File > Open, or File > Open Sample > OpenSeg) to segment")
-        queries = []
+        kept, queries, skipped = [], [], []
         for layer in layers:
-            data, rgb = layer_image(layer)
+            try:
+                data, rgb = layer_image(layer)
+                if batch and not 2 <= np.ndim(data) - rgb <= 3:
+                    raise OpenSegError(f"layer '{layer.name}' is {np.ndim(data) - rgb}D")
+            except OpenSegError as err:
+                if not batch:
+                    raise
+                skipped.append((layer.name, str(err)))
+                continue
             axis = self.axis_combo.axis_for(self.viewer, layer)
+            kept.append(layer)
             queries.append(Query(layer.name, data, rgb, axis))
-        return layers, queries
+        if not kept:
+            raise OpenSegError("no open image can be segmented: " + "; ".join(reason for _, reason in skipped))
+        return kept, queries, [name for name, _ in skipped]
 
     def run(self) -> WorkHandle | None:
         """Start a run (returns its handle), or show what is missing and return ``None``."""
@@ -229,7 +247,7 @@ class SegmentationWidget(QWidget):
                     "Support set widget"
                 )
             support.validate()
-            layers, queries = self._queries()
+            layers, queries, skipped = self._queries()
             weights = self.weights_spec()
         except OpenSegError as err:
             report_error(err, "Segment")
@@ -251,7 +269,8 @@ class SegmentationWidget(QWidget):
         self._set_running(True)
         self._preview.prepare(0, layers[0])
         self._preview.draw_now()
-        self.status.setText(f"Segmenting {len(layers)} image{'s' if len(layers) != 1 else ''}…")
+        self._left_out = f" (left out, neither 2D nor 3D: {', '.join(skipped)})" if skipped else ""
+        self.status.setText(f"Segmenting {len(layers)} image{'s' if len(layers) != 1 else ''}…{self._left_out}")
         self._handle = run_in_background(
             lambda: iter_segment_queries(queries, snapshot, weights, **options),
             "Segment",
@@ -294,6 +313,13 @@ class SegmentationWidget(QWidget):
             if layer is None:
                 layer = put_output_layer(self.viewer, source, result.labels, role="segmentation", name=name)
             written.append(layer)
+            kept = set(result.label_values) if result.probabilities is not None else set()
+            remove_owned_layers(self.viewer, [  # an earlier run's maps of tasks this run has not mapped
+                other for other in self.viewer.layers
+                if (owner_info(other) or {}).get("source") == str(source.unique_id)
+                and str((owner_info(other) or {}).get("role", "")).startswith("probability:")
+                and int(owner_info(other)["role"].split(":")[1]) not in kept
+            ])
             if result.probabilities is not None:
                 for value in result.label_values:
                     put_output_layer(
@@ -307,7 +333,7 @@ class SegmentationWidget(QWidget):
         text = f"Done in {seconds:.1f} s: {', '.join(layer.name for layer in written) or 'no layer'}"
         if missing:
             text += f" (skipped closed layers: {', '.join(missing)})"
-        self.status.setText(text)
+        self.status.setText(text + self._left_out)
 
     def _finished(self) -> None:
         self._preview.drop()

@@ -84,7 +84,7 @@ REGISTRY: dict[str, WeightsEntry] = {
     ),
 }
 
-_CACHE: dict[tuple[str, str], UniverSeg] = {}
+_CACHE: dict[tuple[str, int, int, str], UniverSeg] = {}
 _CACHE_LOCK = threading.Lock()
 
 
@@ -273,14 +273,18 @@ def resolve_weights_path(spec: str | Path | None) -> Path:
 
 
 def load_model(spec: str | Path | None = None, device: torch.device | str = "cpu") -> UniverSeg:
-    """The network for a weights name or file on ``device``, in eval mode, cached per (spec, device).
+    """The network for a weights name or file on ``device``, in eval mode, cached per (file, device).
 
-    The cached network is shared: callers must not modify it (inference works on a prepared copy).
+    A file rewritten since (training rewrites ``best.pt`` in place) is read again. The cached network
+    is shared: callers must not modify it (inference works on a prepared copy).
     """
     path = resolve_weights_path(spec)
-    key = (str(path.resolve()), str(torch.device(device)))
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, str(torch.device(device)))
     with _CACHE_LOCK:
         if key not in _CACHE:
+            for stale in [k for k in _CACHE if (k[0], k[3]) == (key[0], key[3])]:  # an older version
+                del _CACHE[stale]
             net = network_from_file(path).to(device)
             net.requires_grad_(False)
             _CACHE[key] = net
