@@ -142,6 +142,50 @@ def test_train_refuses_shares_outside_0_1_and_leaves_no_folder_for_a_refused_run
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
 
 
+@pytest.mark.parametrize("options, message", [
+    (["--steps", "0"], "--steps must be 1 or more"),
+    (["--val-every", "0"], "--val-every must be 1 or more"),
+    (["--batch-size", "0"], "--batch-size must be 1 or more"),
+    (["--grid", "36"], "--grid must be a multiple of 8"),
+    (["--lr", "-1"], "--lr must be above 0"),
+    (["--workers", "-1"], "--workers must be 0 or more"),
+])
+def test_train_settings_that_cannot_train_are_refused_before_anything_is_written(tmp_path, capsys, options,
+                                                                                  message):
+    assert main(["train", str(tmp_path / "run"), "--real-fraction", "0", *options]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_into_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "run").write_text("x")
+    assert main(["train", str(tmp_path / "run"), "--real-fraction", "0", "--steps", "1"]) == 2
+    assert "is a file; the run folder must be a folder" in capsys.readouterr().err
+
+
+def test_a_downloaded_file_that_is_not_the_weights_is_not_installed(tmp_path, capsys, monkeypatch):
+    from napari_openseg.model import registry
+
+    monkeypatch.setenv(registry.CACHE_ENV, str(tmp_path / "cache"))
+    (tmp_path / "junk.pt").write_text("garbage")
+    assert main(["weights", "download", "universeg-v1", "--url", (tmp_path / "junk.pt").as_uri()]) == 2
+    assert "is not the universeg-v1 weights" in capsys.readouterr().err
+    assert not registry.is_available("universeg-v1") and list((tmp_path / "cache").iterdir()) == []
+    assert main(["weights", "download", "no-such-name"]) == 2
+    assert "no weights are named 'no-such-name'" in capsys.readouterr().err
+
+
+def test_support_outputs_must_be_npz_files_not_folders(tmp_path, nifti_pair, capsys):
+    image, labels = nifti_pair
+    build = ["support", "build", "--image", str(image), "--labels", str(labels), "--overwrite"]
+    assert main([*build, "--out", str(tmp_path / "set.png")]) == 2
+    assert "a support set is saved as a .npz file" in capsys.readouterr().err
+    (tmp_path / "folder.npz").mkdir()
+    assert main([*build, "--out", str(tmp_path / "folder.npz")]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    assert not (tmp_path / "set.png").exists()
+
+
 def test_info_and_weights_list(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out

@@ -173,6 +173,15 @@ def test_the_report_says_where_support_really_came_from_and_which_queries_are_no
     assert three.settings["queries_in_bundled_training"] == []
 
 
+def test_a_method_named_twice_counts_once_and_labels_without_a_task_are_named(nifti_folder, tiny_weights):
+    report = evaluate(nifti_folder, str(tiny_weights), support_size=2, max_queries=2, axes=[0],
+                      methods=["label_prior", "label_prior"], label_values=[1, 9])
+    assert report.settings["methods"] == ["label_prior"]
+    assert report.task_scores("label_1/axis_0")["label_prior"]["n"] == 2
+    assert report.settings["labels_without_task"] == [9]
+    assert "label value(s) 9: no task" in report.split_note()
+
+
 def test_an_unsaved_network_is_named_by_its_kind(picture_folder, tiny_net):
     report = evaluate(picture_folder, tiny_net, support_size=2, methods=["label_prior"])
     assert report.settings["weights"] == "an unsaved UniverSeg network"

@@ -160,6 +160,8 @@ def check_writable(path: str | Path, overwrite: bool = False, image: bool = Fals
     path = Path(path)
     if image:
         _writable_format(path)
+    if path.is_dir():
+        raise OpenSegError(f"{path} is a folder; give a file name")
     if path.exists() and not overwrite:
         raise OpenSegError(f"{path} exists; choose another name or pass --overwrite")
     if not path.parent.exists():

@@ -47,12 +47,15 @@ def run_list(args: argparse.Namespace) -> int:
 def run_download(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from ..errors import OpenSegError
     from ..model.registry import REGISTRY, download_weights
 
     entry = REGISTRY.get(args.name)
-    if entry is not None and entry.research_only:
-        print(f"{entry.name}: licence: {entry.licence}", file=sys.stderr)
-    bar = tqdm(unit="B", unit_scale=True, desc=args.name, file=sys.stderr)
+    if entry is None:
+        raise OpenSegError(f"no weights are named {args.name!r}; known: {', '.join(REGISTRY)}")
+    if entry.bundled:
+        print(f"{entry.name} ships with napari-openseg; nothing to download (--url is not used)", file=sys.stderr)
+    bar = tqdm(unit="B", unit_scale=True, desc=args.name, file=sys.stderr)  # the licence is logged by the download
 
     def progress(done: int, total: int | None) -> None:
         bar.total = total

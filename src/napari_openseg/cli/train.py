@@ -75,6 +75,34 @@ def config_from_args(args: argparse.Namespace):
     )
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse settings that cannot train before anything is written (a refused run leaves no folder)."""
+    from pathlib import Path
+
+    from ..errors import OpenSegError
+
+    at_least_one = ("steps", "stop_after", "val_every", "checkpoint_every", "log_every", "batch_size", "threads")
+    for option in at_least_one:
+        value = getattr(args, option)
+        if value is not None and value < 1:
+            raise OpenSegError(f"--{option.replace('_', '-')} must be 1 or more, got {value}")
+    if args.workers < 0:
+        raise OpenSegError(f"--workers must be 0 or more, got {args.workers}")
+    if args.support_min < 1 or args.support_max < args.support_min:
+        raise OpenSegError("support sizes need 1 <= --support-min <= --support-max")
+    for option in ("real_fraction", "empty_fraction"):
+        if not 0.0 <= getattr(args, option) <= 1.0:
+            raise OpenSegError(f"--{option.replace('_', '-')} is a share of episodes, between 0 and 1; "
+                               f"got {getattr(args, option)}")
+    if not args.lr > 0:
+        raise OpenSegError(f"--lr must be above 0, got {args.lr}")
+    divisor = 2 ** (len(args.widths) - 1)  # each encoder level after the first halves the grid
+    if args.grid < divisor or args.grid % divisor:
+        raise OpenSegError(f"--grid must be a multiple of {divisor} with {len(args.widths)} --widths, got {args.grid}")
+    if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise OpenSegError(f"{args.out_dir} is a file; the run folder must be a folder")
+
+
 def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
@@ -82,20 +110,14 @@ def _interrupt(signum, frame) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..errors import OpenSegError
     from ..training.splits import shared_data_dir
     from ..training.trainer import iter_train
 
+    check_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     # `kill PID` checkpoints and stops like Ctrl-C does.
     signal.signal(signal.SIGTERM, _interrupt)
-    if args.support_min < 1 or args.support_max < args.support_min:
-        raise OpenSegError("support sizes need 1 <= --support-min <= --support-max")
-    for option in ("real_fraction", "empty_fraction"):
-        if not 0.0 <= getattr(args, option) <= 1.0:
-            raise OpenSegError(f"--{option.replace('_', '-')} is a share of episodes, between 0 and 1; "
-                               f"got {getattr(args, option)}")
     config = config_from_args(args)
     generator = iter_train(config, args.out_dir, resume=args.resume, device=args.device,
                            data_dir=shared_data_dir(), stop_after=args.stop_after, workers=args.workers)

@@ -121,6 +121,8 @@ class SupportSet:
         if not self.entries:
             raise OpenSegError("refusing to save an empty support set")
         path = Path(path)
+        if path.suffix.lower() != ".npz":
+            raise OpenSegError(f"{path}: a support set is saved as a .npz file")
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,

@@ -246,5 +246,10 @@ def build_tasks(
     usable = [t for _, t in sorted(tasks.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1]))
               if t.support and t.queries]
     if not usable:
-        raise OpenSegError(f"{folder.root}: no label value occurs in both the support and the query cases")
+        if len(names) == 1:
+            raise OpenSegError(
+                f"{folder.root}: one case, split by slices, and no label spans enough slices to keep "
+                f"support slices more than {SINGLE_VOLUME_GAP} slices away from the central queries")
+        asked = f" (asked for {sorted(wanted)})" if wanted else ""
+        raise OpenSegError(f"{folder.root}: no label value{asked} occurs in both the support and the query cases")
     yield "tasks", usable

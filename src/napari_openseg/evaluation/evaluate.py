@@ -92,6 +92,10 @@ class EvaluationReport:
         if seen:
             note += (f"\nwarning: {len(seen)} query case(s) were training or selection cases of the bundled "
                      f"weights ({', '.join(seen[:4])}{', ...' if len(seen) > 4 else ''}): their Dice overstates")
+        missing = s.get("labels_without_task") or []
+        if missing:
+            note += (f"\nlabel value(s) {', '.join(map(str, missing))}: no task (not in both the support "
+                     "and the query cases)")
         small = [key for key, task in self.tasks.items() if task["support_pool"] <= s.get("support_size", 0)]
         if small:
             note += (f"\n{len(small)} task(s) had at most S support entries and used their whole pool once "
@@ -268,6 +272,7 @@ def iter_evaluate(
     unknown = set(methods) - set(METHODS)
     if unknown or not methods:
         raise OpenSegError(f"methods must be among {METHODS}, got {list(methods)}")
+    methods = list(dict.fromkeys(methods))  # a method named twice would count every query twice
     if support_size < 1 or ensemble < 1:
         raise OpenSegError(f"support size and ensemble must be >= 1, got S={support_size}, K={ensemble}")
     if max_queries is not None and max_queries < 1:
@@ -283,6 +288,7 @@ def iter_evaluate(
         "ensemble": ensemble, "seed": seed, "support_split": support_split,
         "support_from": split_roles(sorted(found.pairs), support_split)[2] if cases > 1 else None,
         "queries_in_bundled_training": sorted(set(query_cases) & BUNDLED_WEIGHTS_CASES),
+        "labels_without_task": sorted(set(label_values or []) - {t.label for t in tasks}),
         "max_queries": max_queries, "weights": _weights_name(model), "grid": grid, "methods": list(methods),
     }
     results = yield from iter_evaluate_tasks(

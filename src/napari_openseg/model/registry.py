@@ -130,7 +130,11 @@ def download_weights(
     if entry.research_only:
         log.warning("%s: licence: %s", name, entry.licence)
     target = entry.path
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OpenSegError(f"cannot use {target.parent} as the weights cache ({err}); set {CACHE_ENV} "
+                           "to a folder") from err
     partial = target.with_name(target.name + ".partial")
     try:
         with urllib.request.urlopen(source, timeout=timeout) as response, open(partial, "wb") as out:
@@ -156,6 +160,11 @@ def download_weights(
     if entry.sha256 and _sha256(partial) != entry.sha256:
         partial.unlink(missing_ok=True)
         raise OpenSegError(f"the download of {name} is damaged (checksum mismatch); try again")
+    try:  # the official file has no checksum: install it only if it loads as these weights
+        network_from_file(partial)
+    except OpenSegError as err:
+        partial.unlink(missing_ok=True)
+        raise OpenSegError(f"what {source} sent is not the {name} weights ({err}); nothing was installed") from err
     os.replace(partial, target)
     return target
 
