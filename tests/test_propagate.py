@@ -333,6 +333,8 @@ def test_bad_options_say_what_to_do(tiny_net):
     prompt = truth * (np.arange(6) == 2)[:, None, None]
     with pytest.raises(OpenSegError, match="label 5 is not painted"):
         propagate(image, prompt, tiny_net, label_values=[5], device="cpu")
+    with pytest.raises(OpenSegError, match="label 0 is the background, not an object"):
+        propagate(image, prompt, tiny_net, label_values=[0, 1], device="cpu")
     with pytest.raises(OpenSegError, match="complete slice 9 is outside"):
         propagate(image, prompt, tiny_net, complete_slices=[9], device="cpu")
     with pytest.raises(OpenSegError, match="axis"):

@@ -131,6 +131,36 @@ def test_closing_the_image_during_compute_says_so(scene, qtbot, threaded, model_
     assert "novelty" not in viewer.layers
 
 
+def test_rgb_images_are_refused_and_unchecked_extra_maps_are_removed(scene, qtbot, inline, model_path, viewer,
+                                                                     errors):
+    widget, *_ = scene
+    assert widget.load_model(str(model_path))
+    widget.extra_maps.setChecked(True)
+    assert run(qtbot, widget.compute) == "compute done"
+    assert {"novelty cosine", "novelty distance"} <= {layer.name for layer in viewer.layers}
+    widget.extra_maps.setChecked(False)
+    widget.adapt.setValue(2)  # the loaded model has no unknown prototype: adapting does nothing
+    assert run(qtbot, widget.compute) == "compute done"
+    assert not {"novelty cosine", "novelty distance"} & {layer.name for layer in viewer.layers}
+    assert "'Adapt unknown' did nothing" in widget.status.text()
+    rgb = viewer.add_image(np.zeros((16, 16, 3), np.uint8), rgb=True, name="photo")
+    widget.image_combo.select(rgb)
+    assert widget.compute() is None and "is an RGB image" in errors[-1]
+
+
+def test_training_pairs_check_shapes_and_follow_closed_layers(scene, viewer, errors):
+    widget, image_layer, labels_layer, _ = scene
+    other = viewer.add_labels(np.zeros((3, 4, 5), np.uint8), name="other")
+    widget.labels_combo.select(other)
+    widget.add_pair()
+    assert "pick the labels painted on this image" in errors[-1] and widget.pairs == []
+    widget.labels_combo.select(labels_layer)
+    widget.add_pair()
+    assert widget.pair_list.count() == 1
+    viewer.layers.remove(labels_layer)
+    assert widget.pairs == [] and widget.pair_list.count() == 0
+
+
 def test_seed_unknown_then_compute_uses_it(scene, qtbot, inline, model_path):
     widget, *_ = scene
     assert widget.load_model(str(model_path))

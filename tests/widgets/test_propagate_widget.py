@@ -187,6 +187,26 @@ def test_closing_the_image_during_a_run_says_so(viewer, qtbot, scene, threaded):
     assert "vol propagated" not in viewer.layers and widget.result is None
 
 
+def test_after_the_output_or_the_image_is_closed_the_messages_say_so(viewer, qtbot, scene, inline, errors):
+    widget, image_layer, *_ = scene
+    assert run_and_wait(qtbot, widget) == "done"
+    viewer.layers.remove(widget.output)
+    assert widget.run(corrections=True) is None and "output layer of the last run was closed" in errors[-1]
+    viewer.layers.remove(image_layer)
+    widget.go_to_slice(3)
+    assert "the image of the last run, was closed" in errors[-1]
+
+
+def test_an_output_painted_on_becomes_a_prompt_to_choose(viewer, qtbot, scene, inline):
+    widget, *_ = scene
+    assert run_and_wait(qtbot, widget) == "done"
+    output = widget.output
+    assert output not in widget.prompt_combo.layers()
+    output.paint((5, 5, 5), 1, refresh=False)  # the user takes it over
+    widget.prompt_combo.refresh()
+    assert output in widget.prompt_combo.layers()
+
+
 def test_errors_are_notified(viewer, qtbot, scene, inline, errors):
     widget, *_ = scene
     widget.label_values.setText("1, x")

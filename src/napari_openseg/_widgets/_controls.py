@@ -114,9 +114,11 @@ def is_image(layer) -> bool:
 
 
 def is_user_labels(layer) -> bool:
+    """A labels layer the user owns: their own, or an output they have painted on (it is kept as theirs)."""
     from napari.layers import Labels
 
-    return isinstance(layer, Labels) and owner_info(layer) is None
+    info = owner_info(layer)
+    return isinstance(layer, Labels) and (info is None or bool(info.get("edited")))
 
 
 def form_row(form: QFormLayout, label: str, widget: QWidget, tip: str) -> QWidget:

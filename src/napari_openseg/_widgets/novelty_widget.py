@@ -38,7 +38,14 @@ from napari_openseg.errors import OpenSegError
 from napari_openseg.training.novelty_train import NoveltyTrainSettings, iter_train_novelty
 
 from ._controls import LayerCombo, form_row, is_image, is_user_labels
-from ._layers import layer_image, owner_info, put_output_layer, slice_axis
+from ._layers import (
+    find_owned_layer,
+    layer_image,
+    owner_info,
+    put_output_layer,
+    remove_owned_layers,
+    slice_axis,
+)
 from ._session import get_session, unwrap_viewer
 from ._threading import WorkHandle, report_error, run_in_background
 
@@ -77,6 +84,7 @@ class NoveltyWidget(QWidget):
                                      "labels layer with the known classes painted (0 = background)")
         self.pair_list = QListWidget()
         self.pair_list.setMaximumHeight(60)
+        self.pair_list.setToolTip("training pairs; double-click one to remove it")
         self.add_pair_button = QPushButton("Add image + labels pair")
         self.epochs = form_row(form, "Epochs", QSpinBox(), "training passes (4 patches per volume each)")
         self.epochs.setRange(1, 10_000)
@@ -121,6 +129,9 @@ class NoveltyWidget(QWidget):
         layout.addStretch(1)
 
         self.add_pair_button.clicked.connect(self.add_pair)
+        self.pair_list.itemDoubleClicked.connect(self._remove_pair)
+        napari_viewer.layers.events.removed.connect(self._show_pairs)  # a closed layer leaves the pairs
+        self.destroyed.connect(lambda *_: napari_viewer.layers.events.removed.disconnect(self._show_pairs))
         self.train_button.clicked.connect(lambda: self.train())
         self.load_button.clicked.connect(lambda: self.load_model())
         self.save_button.clicked.connect(lambda: self.save_model())
@@ -138,7 +149,10 @@ class NoveltyWidget(QWidget):
         source = self.image_combo.current()
         if source is None:
             raise OpenSegError("open a volume first (File > Open)")
-        data, _ = layer_image(source)
+        data, rgb = layer_image(source)
+        if rgb:
+            raise OpenSegError(f"'{source.name}' is an RGB image; novelty maps are made of single-channel "
+                               "volumes (split the channels and choose one)")
         return source, np.asarray(data)
 
     def _seed_layer(self):
@@ -151,8 +165,23 @@ class NoveltyWidget(QWidget):
         if image is None or labels is None:
             report_error(OpenSegError("choose an image and a labels layer first"), "Novelty")
             return
+        shape = np.shape(layer_image(image)[0])
+        if tuple(np.shape(labels.data)) != tuple(shape):
+            report_error(OpenSegError(f"'{labels.name}' has shape {np.shape(labels.data)}, '{image.name}' "
+                                      f"{shape}: pick the labels painted on this image"), "Novelty")
+            return
         self.pairs.append((image, labels))
-        self.pair_list.addItem(f"{image.name} + {labels.name}")
+        self._show_pairs()
+
+    def _show_pairs(self, *_args) -> None:
+        """List the pairs whose layers are still open, under their current names."""
+        self.pairs = [(i, lab) for i, lab in self.pairs if i in self.viewer.layers and lab in self.viewer.layers]
+        self.pair_list.clear()
+        self.pair_list.addItems([f"{i.name} + {lab.name}" for i, lab in self.pairs])
+
+    def _remove_pair(self, item) -> None:
+        del self.pairs[self.pair_list.row(item)]
+        self._show_pairs()
 
     def _training_pairs(self) -> tuple[list, list]:
         pairs = [(i, lab) for i, lab in self.pairs if i in self.viewer.layers and lab in self.viewer.layers]
@@ -308,6 +337,9 @@ class NoveltyWidget(QWidget):
             put_output_layer(self.viewer, source, maps.cosine, role="novelty:cosine", name="novelty cosine", **heat)
             put_output_layer(self.viewer, source, maps.distance, role="novelty:distance", name="novelty distance",
                              **heat)
+        else:  # an earlier run's maps would pass for this one's
+            remove_owned_layers(self.viewer, [find_owned_layer(self.viewer, role, source)
+                                              for role in ("novelty:cosine", "novelty:distance")])
         if maps.segmentation is not None:
             put_output_layer(self.viewer, source, maps.segmentation, role="novelty:known",
                              name=f"{source.name} known classes", opacity=0.4)
@@ -317,10 +349,16 @@ class NoveltyWidget(QWidget):
         self.threshold.setValue(int(round(maps.threshold * SLIDER_STEPS)))
         self.threshold.blockSignals(False)
         self._threshold_moved(self.threshold.value())
+        if self.adapt.value() and not maps.used_unknown:
+            self.status.setText(self.status.text() + " No unknown prototype was used, so 'Adapt unknown' did "
+                                "nothing: seed one (a painted unseen structure) first.")
         self._outcome = "done"
 
     def _threshold_moved(self, value: int) -> None:
         if self.maps is None:
+            return
+        if self._maps_source not in self.viewer.layers:
+            self.status.setText("The image of these maps was closed: compute again to see novel regions.")
             return
         level = value / SLIDER_STEPS
         regions = self.maps.novel_regions(level)

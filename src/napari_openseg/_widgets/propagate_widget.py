@@ -139,8 +139,11 @@ class PropagationWidget(QWidget):
         axis = self.axis_combo.axis_for(self.viewer, source)
         values = parse_label_values(self.label_values.text())
         if corrections:
-            if self.result is None or self.output is None or self.output not in self.viewer.layers:
+            if self.result is None:
                 raise OpenSegError("run once first, then fix slices in the output layer and run again")
+            if self.output is None or self.output not in self.viewer.layers:
+                raise OpenSegError("the output layer of the last run was closed: run again from the painted "
+                                   "prompt, then fix slices in its output")
             if self._run.get("source") is not source:
                 raise OpenSegError(f"the last run was on '{self._run['source'].name}': choose that image again")
             prompt, complete = self.result.with_corrections(self._run["prompt"], np.asarray(self.output.data))
@@ -245,9 +248,10 @@ class PropagationWidget(QWidget):
 
     def _finished(self) -> None:
         self._drop_preview()
+        if self._outcome != "done":  # the plot shows the last finished run again, as navigation does
+            self.plot.set_values(self.result.slice_confidence() if self.result is not None else [])
         if self._outcome == "cancelled":
             self.status.setText("Cancelled; no layer was changed.")
-            self.plot.set_values(self.result.slice_confidence() if self.result is not None else [])
         elif self._outcome == "failed":
             self.status.setText("The run failed; see the notification.")
         self._set_running(False)
@@ -272,7 +276,10 @@ class PropagationWidget(QWidget):
 
     def go_to_slice(self, index: int) -> None:
         source = self._run.get("source")
-        if self.result is None or source not in self.viewer.layers:
+        if self.result is None or self._handle is not None and self._handle.running:
+            return  # while a run goes on, the plot shows it, not the finished run navigation refers to
+        if source not in self.viewer.layers:
+            report_error(OpenSegError(f"'{source.name}', the image of the last run, was closed"), "Propagate")
             return
         axis = self.result.axis
         offset = self.viewer.dims.ndim - source.ndim

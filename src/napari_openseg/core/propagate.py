@@ -161,6 +161,8 @@ def _default_values(prompt_stack: np.ndarray, label_values: Sequence[int] | None
     if label_values is None:
         return present
     values = sorted({int(v) for v in label_values})
+    if 0 in values:
+        raise OpenSegError(f"label 0 is the background, not an object; painted labels: {present}")
     missing = [v for v in values if v not in present]
     if missing:
         raise OpenSegError(f"label {missing[0]} is not painted in the prompt; painted labels: {present}")
