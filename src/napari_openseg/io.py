@@ -246,18 +246,27 @@ def _write_nifti(tmp: Path, data: np.ndarray, reference: ImageData | None) -> No
     nib.save(img, str(tmp))
 
 
-def _nifti_array(data: np.ndarray) -> np.ndarray:
-    """``data`` in a type NIfTI stores: bool as uint8, float16 as float32, and 64-bit integers in
-    the smallest type that holds them (NIfTI tools often cannot read 64-bit ones)."""
+def smallest_integer_array(data: np.ndarray) -> np.ndarray:
+    """Integer (or bool) ``data`` in the smallest type that holds its values, unsigned when none is
+    negative; values beyond 32 bits keep their type."""
     if data.dtype == bool:
         return data.astype(np.uint8)
+    if data.size == 0:
+        return data
+    low, high = int(data.min()), int(data.max())
+    for kind in (np.uint8, np.uint16, np.uint32) if low >= 0 else (np.int8, np.int16, np.int32):
+        if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max:
+            return data.astype(kind, copy=False)
+    return data
+
+
+def _nifti_array(data: np.ndarray) -> np.ndarray:
+    """``data`` in a type NIfTI tools read: float16 as float32, bool and 64-bit integers as the
+    smallest integer type that holds them."""
     if data.dtype == np.float16:
         return data.astype(np.float32)
-    if data.dtype in (np.int64, np.uint64) and data.size:
-        low, high = int(data.min()), int(data.max())
-        for kind in (np.uint8, np.uint16, np.uint32, np.int32) if low >= 0 else (np.int16, np.int32):
-            if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max:
-                return data.astype(kind)
+    if data.dtype in (bool, np.int64, np.uint64):
+        return smallest_integer_array(data)
     return data
 
 

@@ -32,7 +32,7 @@ import numpy as np
 from napari_openseg.core.inference import label_dtype
 from napari_openseg.core.support import FORMAT_NAME, METADATA_KEY
 from napari_openseg.errors import OpenSegError
-from napari_openseg.io import NIFTI_SUFFIXES, ImageData, read_image
+from napari_openseg.io import NIFTI_SUFFIXES, ImageData, read_image, smallest_integer_array
 from napari_openseg.io import write_image as write_image_file
 
 from ._layers import NIFTI_KEY
@@ -188,13 +188,8 @@ def _write(path: str, data: Any, meta: dict, labels: bool = False) -> list[str]:
 
 def _label_array(array: np.ndarray) -> np.ndarray:
     """Labels in the smallest type that holds them (napari makes int64 labels, which NIfTI tools dislike)."""
-    if not (array.dtype == bool or np.issubdtype(array.dtype, np.integer)) or array.size == 0:
-        return array
-    low, high = int(array.min()), int(array.max())
-    if low >= 0:
-        return array.astype(label_dtype(high), copy=False)
-    if np.iinfo(np.int32).min <= low and high <= np.iinfo(np.int32).max:
-        return array.astype(np.int32, copy=False)
+    if array.dtype == bool or np.issubdtype(array.dtype, np.integer):
+        return smallest_integer_array(array)
     return array
 
 

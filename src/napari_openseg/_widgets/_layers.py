@@ -109,18 +109,19 @@ def output_metadata(source, role: str) -> dict:
     return metadata
 
 
-def find_owned_layer(viewer, role: str, source) -> Any | None:
-    """The layer this plugin made for ``role`` from ``source`` (a layer), if it still exists."""
+def owned_roles(viewer, source) -> dict[str, Any]:
+    """The plugin's unedited layers made from ``source`` (a layer), by role."""
+    found = {}
     for layer in viewer.layers:
         info = owner_info(layer)
-        if (
-            info
-            and info.get("role") == role
-            and info.get("source") == str(source.unique_id)
-            and not info.get("edited")
-        ):
-            return layer
-    return None
+        if info and info.get("source") == str(source.unique_id) and not info.get("edited"):
+            found.setdefault(str(info.get("role")), layer)
+    return found
+
+
+def find_owned_layer(viewer, role: str, source) -> Any | None:
+    """The layer this plugin made for ``role`` from ``source`` (a layer), if it still exists."""
+    return owned_roles(viewer, source).get(role)
 
 
 def put_output_layer(

@@ -37,7 +37,7 @@ from napari_openseg.errors import OpenSegError
 from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, REGISTRY, is_available
 
 from ._controls import AxisCombo, LayerCombo, form_row, is_image
-from ._layers import layer_image, owner_info, put_output_layer, remove_owned_layers
+from ._layers import layer_image, owned_roles, put_output_layer, remove_owned_layers
 from ._preview import Preview
 from ._segment_job import Query, iter_segment_queries
 from ._session import connect_widget, get_session, unwrap_viewer
@@ -313,12 +313,10 @@ class SegmentationWidget(QWidget):
             if layer is None:
                 layer = put_output_layer(self.viewer, source, result.labels, role="segmentation", name=name)
             written.append(layer)
-            kept = set(result.label_values) if result.probabilities is not None else set()
+            mapped = {f"probability:{v}" for v in result.label_values} if result.probabilities is not None else set()
             remove_owned_layers(self.viewer, [  # an earlier run's maps of tasks this run has not mapped
-                other for other in self.viewer.layers
-                if (owner_info(other) or {}).get("source") == str(source.unique_id)
-                and str((owner_info(other) or {}).get("role", "")).startswith("probability:")
-                and int(owner_info(other)["role"].split(":")[1]) not in kept
+                layer for role, layer in owned_roles(self.viewer, source).items()
+                if role.startswith("probability:") and role not in mapped
             ])
             if result.probabilities is not None:
                 for value in result.label_values:
