@@ -230,6 +230,15 @@ def test_a_second_segment_widget_keeps_the_chosen_device(viewer, qtbot, tiny_wei
     assert second.device_combo.currentText() == "cpu" and get_session(viewer).device == "cpu"
 
 
+def test_a_model_chosen_by_a_script_shows_in_the_widget(viewer, qtbot, tiny_weights):
+    widget = make_segmenter(viewer, qtbot, "openseg-default")
+    get_session(viewer).set_model(weights=str(tiny_weights), device="cpu")
+    assert widget.weights_spec() == str(tiny_weights) and widget.device_combo.currentText() == "cpu"
+    assert get_session(viewer).weights == str(tiny_weights)  # nothing was sent back
+    get_session(viewer).set_model(weights="openseg-default")
+    assert widget.weights_combo.currentText() == "openseg-default" and "bundled" in widget.weights_note.text()
+
+
 def test_slice_axis_choice(viewer, qtbot, tiny_weights, inline):
     image, mask = disc_volume(depth=8, size=32)
     viewer.add_image(image, name="vol")

@@ -60,6 +60,16 @@ def test_add_current_slice_refuses_an_axis_the_viewer_does_not_show(viewer, pain
     assert [e.slice_index for e in get_session(viewer).support.entries] == [3]
 
 
+def test_a_slice_added_twice_is_one_entry(viewer, painted, inline, qtbot):
+    widget = SupportSetWidget(viewer)
+    qtbot.addWidget(widget)
+    viewer.dims.set_point(0, 3 * 3.0)
+    widget.add_current_slice()
+    widget.add_all_slices()  # slices 3 (again) and 8
+    support = get_session(viewer).support
+    assert sorted((e.slice_index, e.label) for e in support.entries) == [(3, 1), (8, 2)]
+
+
 def test_add_all_labelled_slices_with_chosen_tasks(viewer, painted, inline, qtbot):
     widget = SupportSetWidget(viewer)
     qtbot.addWidget(widget)
@@ -69,7 +79,7 @@ def test_add_all_labelled_slices_with_chosen_tasks(viewer, painted, inline, qtbo
     assert [(e.label, e.slice_index) for e in support.entries] == [(2, 8)]
     widget.set_values([1, 2])
     widget.add_all_slices()
-    assert support.counts() == {1: 1, 2: 2}
+    assert support.counts() == {1: 1, 2: 1}  # slice 8's label 2 was in already
 
 
 def test_transposed_view_slices_along_the_slider_axis(viewer, inline, qtbot):

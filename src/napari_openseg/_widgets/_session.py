@@ -15,6 +15,7 @@ Signals (``psygnal``):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import weakref
 from collections.abc import Iterable, Sequence
@@ -62,8 +63,11 @@ class Session:
         return self._support
 
     def add_entries(self, entries: Iterable[SupportEntry]) -> int:
-        """Append entries; returns how many were added."""
-        entries = list(entries)
+        """Append entries; returns how many were added. A slice already in the set for the same label
+        (same source, axis and slice) is not added again: adding the current slice, then all labelled
+        slices, would otherwise count it twice."""
+        held = {_slice_key(e) for e in self._support.entries}
+        entries = [e for e in entries if _slice_key(e) is None or _slice_key(e) not in held]
         if entries:
             self._support.extend(entries)
             self.support_changed.emit(self._support)
@@ -135,6 +139,15 @@ class Session:
         if (new_weights, new_device) != (self._weights, self._device):
             self._weights, self._device = new_weights, new_device
             self.model_changed.emit(new_weights, new_device)
+
+
+def _slice_key(entry: SupportEntry):
+    """What makes two entries the same: the same slice of the same source, painted the same, for the
+    same label (a repainted slice is a new entry); ``None`` for entries that name no slice."""
+    if entry.slice_index is None:
+        return None
+    content = hashlib.blake2b(entry.image.tobytes() + entry.mask.tobytes(), digest_size=16).digest()
+    return entry.source, entry.axis, entry.slice_index, entry.label, content
 
 
 def connect_widget(signal, widget, slot) -> None:

@@ -135,6 +135,7 @@ class SegmentationWidget(QWidget):
         self.weights_path.editingFinished.connect(self._weights_changed)
         self.device_combo.currentIndexChanged.connect(self._weights_changed)
         connect_widget(self.session.support_changed, self, self._support_changed)
+        connect_widget(self.session.model_changed, self, self._show_model)
         self._weights_changed()
         self._support_changed(self.session.support)
 
@@ -147,12 +148,30 @@ class SegmentationWidget(QWidget):
         if is_available("universeg-v1"):
             self.weights_combo.addItem("universeg-v1")
         self.weights_combo.addItem(WEIGHTS_FILE)
-        chosen = self.session.weights
+        self._show_weights(self.session.weights)
+
+    def _show_weights(self, chosen: str) -> None:
         if chosen in REGISTRY and self.weights_combo.findText(chosen) >= 0:
             self.weights_combo.setCurrentText(chosen)
         elif chosen not in REGISTRY:
             self.weights_combo.setCurrentText(WEIGHTS_FILE)
             self.weights_path.setText(chosen)
+
+    def _show_model(self, weights: str, device: str) -> None:
+        """Show a choice made elsewhere (a script, another widget) without sending it back."""
+        for control in (self.weights_combo, self.weights_path, self.device_combo):
+            control.blockSignals(True)
+        try:
+            self._show_weights(weights)
+            if self.device_combo.findText(device) >= 0:
+                self.device_combo.setCurrentText(device)
+        finally:
+            for control in (self.weights_combo, self.weights_path, self.device_combo):
+                control.blockSignals(False)
+        from_file = self.weights_combo.currentText() == WEIGHTS_FILE
+        shown = self.weights_path.text().strip() if from_file else self.weights_combo.currentText()
+        if (shown, self.device_combo.currentText()) == (weights, device):
+            self._weights_changed()  # the note and the file row; the session holds this choice already
 
     def set_weights(self, spec: str | Path) -> None:
         """Choose weights by registry name or file path (for scripts and tests)."""

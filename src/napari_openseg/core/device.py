@@ -32,7 +32,7 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
         if count == 0:
             raise OpenSegError(
                 f"device {name!r} was asked for but this PyTorch sees no CUDA GPU "
-                f"(available: {', '.join(available_devices())}); use --device cpu or auto"
+                f"(available: {', '.join(available_devices())}); choose cpu or auto"
             )
         if device.index is not None and device.index >= count:
             raise OpenSegError(f"device {name!r} does not exist: this machine has {count} CUDA GPU(s)")
