@@ -239,6 +239,30 @@ def test_a_model_chosen_by_a_script_shows_in_the_widget(viewer, qtbot, tiny_weig
     assert widget.weights_combo.currentText() == "openseg-default" and "bundled" in widget.weights_note.text()
 
 
+def test_a_second_segment_run_on_the_same_image_is_refused_while_the_first_runs(
+        viewer, qtbot, tiny_weights, threaded, errors, monkeypatch):
+    image, mask = disc_volume(depth=6, size=32)
+    layer = viewer.add_image(image, name="vol")
+    get_session(viewer).replace_support(build_support_set(image, mask, slice_indices=[1, 4]))
+    first, second = make_segmenter(viewer, qtbot, tiny_weights), make_segmenter(viewer, qtbot, tiny_weights)
+    for widget in (first, second):
+        widget.query_combo.select(layer)
+    release = threading.Event()
+    real = _segment_job.iter_segment
+
+    def gated(*args, **kwargs):
+        release.wait(10)  # the first run holds here until the second has been refused
+        return (yield from real(*args, **kwargs))
+
+    monkeypatch.setattr(_segment_job, "iter_segment", gated)
+    with qtbot.waitSignal(first.run_finished, timeout=60_000):
+        assert first.run() is not None
+        assert second.run() is None and "another Segment run is writing to vol" in errors[-1]
+        release.set()
+    assert names(viewer) == ["vol", "vol openseg"] and viewer.layers["vol openseg"].editable
+    assert run_and_wait(qtbot, second) == "done"  # free again once the first run ended
+
+
 def test_slice_axis_choice(viewer, qtbot, tiny_weights, inline):
     image, mask = disc_volume(depth=8, size=32)
     viewer.add_image(image, name="vol")

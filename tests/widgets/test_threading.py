@@ -109,3 +109,32 @@ def test_cancel_from_a_progress_callback_inline(qtbot, monkeypatch):
     assert handle.cancelled and not handle.running
     assert seen == [1, 2]
     assert done == []
+
+
+def test_jobs_always_leave_qt_pool_threads_free(qtbot, monkeypatch):
+    # Qt's image code (napari's animated progress bar) waits on pool tasks: with every pool thread
+    # held by a job waiting for the GIL, the window froze for good.
+    from qtpy.QtCore import QThreadPool
+
+    monkeypatch.setenv(_threading.INLINE_ENV, "0")
+    pool = QThreadPool.globalInstance()
+    monkeypatch.setattr(pool, "maxThreadCount", lambda: 2)  # a 2-core machine's default
+    limits = []
+    monkeypatch.setattr(pool, "setMaxThreadCount", limits.append)
+    gate = threading.Event()
+    running = _threading._RUNNING
+    handles = [run_in_background(counting(2, gate), f"job {k}", on_done=lambda r: None) for k in range(3)]
+    assert limits[-1] >= running + 3 + _threading.QT_RESERVE
+    gate.set()
+    qtbot.waitUntil(lambda: all(h.finished for h in handles), timeout=10_000)
+    assert _threading._RUNNING == running
+
+
+def test_a_callback_of_a_deleted_widget_is_skipped(qtbot, monkeypatch):
+    monkeypatch.setenv(_threading.INLINE_ENV, "1")
+
+    def deleted(*_args):
+        raise RuntimeError("wrapped C/C++ object of type QLabel has been deleted")
+
+    handle = run_in_background(counting(2), "job", on_done=deleted, on_progress=deleted, on_finished=deleted)
+    assert handle.finished  # the viewer closed during the run: nothing else to do, nothing raised

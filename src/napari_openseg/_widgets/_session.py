@@ -48,6 +48,9 @@ class Session:
         self._support = SupportSet()
         self._weights = DEFAULT_WEIGHTS
         self._device = "auto"
+        #: Image layers (``unique_id``) a Segment run is writing to: a second run on one is refused,
+        #: since both would fill, and then remove, the same preview and output layers.
+        self.segmenting: set[str] = set()
 
     @property
     def viewer(self):

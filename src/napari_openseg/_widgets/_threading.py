@@ -39,6 +39,7 @@ class WorkHandle:
         self.cancelled = False
         self.finished = False
         self.worker = None  # the napari GeneratorWorker, when threaded
+        self.pooled = False  # counted in the jobs of Qt's thread pool
         self._bar = None
         self._showing = False
         self._stage = ""
@@ -125,17 +126,20 @@ def run_in_background(
         if handle.finished or handle.cancelled:  # a step that was queued before Cancel or the end
             return
         if on_progress is not None:
-            on_progress(step)
+            _unless_closed(on_progress, step)
         # last: napari's bar processes pending Qt events when it updates, which can run the next
         # signals (more steps, the result, the end) before this call returns
         handle._show(step)
 
     def finish() -> None:
+        global _RUNNING
+        if handle.pooled:
+            _RUNNING -= 1
         handle._close()
         if handle.cancelled:
             show_info(f"{description}: cancelled; nothing was changed")
         if on_finished is not None:
-            on_finished()
+            _unless_closed(on_finished)
 
     if run_inline():
         _run_inline(handle, generator, progress, on_done, finish, description)
@@ -155,7 +159,7 @@ def run_in_background(
         if isinstance(result, _Failure):
             report_error(result.error, description)
         elif not handle.cancelled:
-            on_done(result)
+            _unless_closed(on_done, result)
 
     worker = create_worker(body, _start_thread=False)
     handle.worker = worker
@@ -163,8 +167,38 @@ def run_in_background(
     worker.returned.connect(returned)
     worker.errored.connect(lambda err: report_error(err, description))
     worker.finished.connect(finish)
+    _make_room_in_the_pool()
+    handle.pooled = True
     worker.start()
     return handle
+
+
+#: Jobs of this module running in Qt's global thread pool.
+_RUNNING = 0
+#: Pool threads kept free for Qt itself: napari's progress bar animates through Qt's image code,
+#: which waits on pool tasks; with every pool thread held by a job that waits for the GIL the main
+#: thread holds, the window froze for good (two jobs on a 2-core machine were enough).
+QT_RESERVE = 2
+
+
+def _make_room_in_the_pool() -> None:
+    global _RUNNING
+    from qtpy.QtCore import QThreadPool
+
+    _RUNNING += 1
+    pool = QThreadPool.globalInstance()
+    if pool.maxThreadCount() < _RUNNING + QT_RESERVE:
+        pool.setMaxThreadCount(_RUNNING + QT_RESERVE)
+
+
+def _unless_closed(callback, *args) -> None:
+    """Run a widget's callback, unless the widget was deleted meanwhile (the viewer was closed)."""
+    try:
+        callback(*args)
+    except RuntimeError as err:
+        if "has been deleted" not in str(err):
+            raise
+        log.debug("a callback's widget is gone: %s", err)
 
 
 def _run_inline(handle, generator, progress, on_done, finish, description) -> None:

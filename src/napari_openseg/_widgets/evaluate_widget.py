@@ -109,6 +109,9 @@ class EvaluateWidget(QWidget):
     def run(self) -> WorkHandle | None:
         """Start the evaluation in the background; the table replaces the text when it is done."""
         folder = self.folder.text().strip()
+        if self._handle is not None and self._handle.running:
+            report_error(OpenSegError("an evaluation is running: wait for it or press Cancel"), "Evaluate")
+            return None
         try:
             if not folder:
                 raise OpenSegError("choose a labelled folder first")

@@ -34,6 +34,7 @@ from napari_openseg.core.novelty_free import iter_training_free_novelty
 from napari_openseg.core.novelty_map import iter_novelty_map, unknown_seed_embeddings
 from napari_openseg.core.novelty_model import NoveltyModel
 from napari_openseg.core.progress import Progress
+from napari_openseg.core.support import SupportSet
 from napari_openseg.errors import OpenSegError
 from napari_openseg.training.novelty_train import NoveltyTrainSettings, iter_train_novelty
 
@@ -284,7 +285,9 @@ class NoveltyWidget(QWidget):
                 model, adapt, device = self.model, self.adapt.value(), self.session.device
                 factory = lambda: iter_novelty_map(image, model, adapt_unknown=adapt, device=device)  # noqa: E731
             else:
-                support, weights, device = self.session.support, self.session.weights, self.session.device
+                live = self.session.support  # a snapshot: edits during the run must not reach it
+                support = SupportSet(entries=list(live.entries), metadata=dict(live.metadata))
+                weights, device = self.session.weights, self.session.device
                 seed_layer = self._seed_layer()
                 seed = (image, np.asarray(seed_layer.data) != 0) if seed_layer is not None else None
                 if seed is not None and not seed[1].any():

@@ -267,6 +267,9 @@ class SegmentationWidget(QWidget):
                 )
             support.validate()
             layers, queries, skipped = self._queries()
+            busy = [layer.name for layer in layers if str(layer.unique_id) in self.session.segmenting]
+            if busy:
+                raise OpenSegError(f"another Segment run is writing to {', '.join(busy)}: wait for it or cancel it")
             weights = self.weights_spec()
         except OpenSegError as err:
             report_error(err, "Segment")
@@ -281,6 +284,7 @@ class SegmentationWidget(QWidget):
             "keep_probabilities": self.probabilities.isChecked(),
         }
         self._sources = layers
+        self.session.segmenting.update(str(layer.unique_id) for layer in layers)
         self._axes = [query.axis for query in queries]
         self._cancel_requested = False
         self._outcome = "failed"
@@ -353,6 +357,7 @@ class SegmentationWidget(QWidget):
         self.status.setText(text + self._left_out)
 
     def _finished(self) -> None:
+        self.session.segmenting.difference_update(str(layer.unique_id) for layer in self._sources)
         self._preview.drop()
         if self._cancel_requested and self._outcome != "done":
             self._outcome = "cancelled"
