@@ -65,12 +65,16 @@ class Session:
         widgets hear about the change."""
         return self._support
 
+    def support_snapshot(self) -> SupportSet:
+        """A copy of the support set for a background job: edits made while it runs do not reach it."""
+        return SupportSet(entries=list(self._support.entries), metadata=dict(self._support.metadata))
+
     def add_entries(self, entries: Iterable[SupportEntry]) -> int:
         """Append entries; returns how many were added. A slice already in the set for the same label
         (same source, axis and slice) is not added again: adding the current slice, then all labelled
         slices, would otherwise count it twice."""
         held = {_slice_key(e) for e in self._support.entries}
-        entries = [e for e in entries if _slice_key(e) is None or _slice_key(e) not in held]
+        entries = [e for e in entries if (key := _slice_key(e)) is None or key not in held]
         if entries:
             self._support.extend(entries)
             self.support_changed.emit(self._support)

@@ -34,7 +34,6 @@ from napari_openseg.core.novelty_free import iter_training_free_novelty
 from napari_openseg.core.novelty_map import iter_novelty_map, unknown_seed_embeddings
 from napari_openseg.core.novelty_model import NoveltyModel
 from napari_openseg.core.progress import Progress
-from napari_openseg.core.support import SupportSet
 from napari_openseg.errors import OpenSegError
 from napari_openseg.training.novelty_train import NoveltyTrainSettings, iter_train_novelty
 
@@ -285,8 +284,7 @@ class NoveltyWidget(QWidget):
                 model, adapt, device = self.model, self.adapt.value(), self.session.device
                 factory = lambda: iter_novelty_map(image, model, adapt_unknown=adapt, device=device)  # noqa: E731
             else:
-                live = self.session.support  # a snapshot: edits during the run must not reach it
-                support = SupportSet(entries=list(live.entries), metadata=dict(live.metadata))
+                support = self.session.support_snapshot()
                 weights, device = self.session.weights, self.session.device
                 seed_layer = self._seed_layer()
                 seed = (image, np.asarray(seed_layer.data) != 0) if seed_layer is not None else None
@@ -369,7 +367,7 @@ class NoveltyWidget(QWidget):
         layer = self._novel_layer
         if layer is not None and layer in self.viewer.layers and not (owner_info(layer) or {}).get("edited"):
             layer.data = regions.astype(np.uint8)
-        elif self._maps_source in self.viewer.layers:  # the user painted on it (it is kept) or closed it
+        else:  # the user painted on it (it is kept) or closed it
             self._novel_layer = put_output_layer(self.viewer, self._maps_source, regions.astype(np.uint8),
                                                  role="novelty:regions", name="novel regions")
         share = regions.sum() / max(1, int(self.maps.mask.sum()))

@@ -274,8 +274,7 @@ class SegmentationWidget(QWidget):
         except OpenSegError as err:
             report_error(err, "Segment")
             return None
-        # a snapshot, so that editing the support set during the run does not change it
-        snapshot = SupportSet(entries=list(support.entries), metadata=dict(support.metadata))
+        snapshot = self.session.support_snapshot()
         options = {
             "device": self.device_combo.currentText(),
             "support_size": self.support_size.value(),
@@ -338,7 +337,7 @@ class SegmentationWidget(QWidget):
             written.append(layer)
             mapped = {f"probability:{v}" for v in result.label_values} if result.probabilities is not None else set()
             remove_owned_layers(self.viewer, [  # an earlier run's maps of tasks this run has not mapped
-                layer for role, layer in owned_roles(self.viewer, source).items()
+                stale for role, stale in owned_roles(self.viewer, source).items()
                 if role.startswith("probability:") and role not in mapped
             ])
             if result.probabilities is not None:

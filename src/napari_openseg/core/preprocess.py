@@ -63,7 +63,8 @@ def normalize_intensity(array: np.ndarray, low: float = 0.5, high: float = 99.5)
     out = np.subtract(values, np.float32(lo), dtype=np.float32)
     out *= np.float32(scale)
     if not all_finite:
-        out[~finite] = np.where(values[~finite] > 0, 1.0, 0.0)
+        bad = ~finite
+        out[bad] = np.where(values[bad] > 0, 1.0, 0.0)
     np.clip(out, 0.0, 1.0, out=out)
     return out
 
