@@ -132,3 +132,31 @@ def test_unknown_and_damaged_files(tmp_path):
     with pytest.raises(OpenSegError, match="could not be read as nifti"):
         io.read_image(broken)
     assert io.strip_suffix("a/b/scan.nii.gz") == "scan"
+
+
+def test_a_volume_saved_with_one_time_point_is_read_as_a_volume_and_written_back_3d(tmp_path):
+    data = np.random.default_rng(1).random((10, 12, 8, 1)).astype(np.float32)
+    img = nib.Nifti1Image(data, np.diag([2.0, 3.0, 4.0, 1.0]))
+    img.header.set_zooms((2.0, 3.0, 4.0, 0.0))
+    nib.save(img, str(tmp_path / "one_frame.nii.gz"))
+    image = io.read_image(tmp_path / "one_frame.nii.gz")
+    assert image.data.shape == (8, 12, 10) and np.allclose(image.spacing, (4.0, 3.0, 2.0))
+    assert np.array_equal(image.data, data[..., 0].transpose(2, 1, 0))
+    io.write_image(tmp_path / "labels.nii.gz", (image.data > 0.5).astype(np.uint8), image)
+    written = nib.load(str(tmp_path / "labels.nii.gz"))
+    assert written.shape == (10, 12, 8) and np.allclose(written.header.get_zooms(), (2.0, 3.0, 4.0))
+    # a real series keeps its 4th axis
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.float32), np.eye(4)), str(tmp_path / "series.nii.gz"))
+    assert io.read_image(tmp_path / "series.nii.gz").data.shape == (2, 6, 5, 4)
+
+
+def test_scaled_16_bit_nifti_is_read_as_float32_with_its_scale_applied(tmp_path):
+    stored = np.random.default_rng(2).integers(-1000, 1000, (6, 7, 8)).astype(np.int16)
+    img = nib.Nifti1Image(stored, np.eye(4))
+    img.header.set_slope_inter(0.5, 10.0)
+    nib.save(img, str(tmp_path / "scaled.nii.gz"))
+    image = io.read_image(tmp_path / "scaled.nii.gz")
+    assert image.data.dtype == np.float32
+    assert np.array_equal(image.data, (stored * 0.5 + 10.0).transpose(2, 1, 0).astype(np.float32))
+    nib.save(nib.Nifti1Image(stored, np.eye(4)), str(tmp_path / "plain.nii.gz"))
+    assert io.read_image(tmp_path / "plain.nii.gz").data.dtype == np.int16  # unscaled: the stored type

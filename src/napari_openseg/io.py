@@ -102,7 +102,10 @@ def _read_nifti(path: Path) -> ImageData:
     import nibabel as nib
 
     img = nib.load(str(path))
-    data = np.asanyarray(img.dataobj)
+    data = _scaled_nifti_data(img)
+    # a 3D scan saved as "X Y Z 1" (one time point) is a volume: singleton axes past the third go
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
     # some converters store 0 for a 4th axis (no repetition time): a scale must be positive
     zooms = tuple(float(z) if z > 0 else 1.0 for z in img.header.get_zooms()[: data.ndim])
     return ImageData(
@@ -112,6 +115,17 @@ def _read_nifti(path: Path) -> ImageData:
         header=img.header,
         path=path,
     )
+
+
+def _scaled_nifti_data(img) -> np.ndarray:
+    """The voxel values; stored 8- or 16-bit integers with a scale (``scl_slope``/``scl_inter``)
+    come as float32, which holds them exactly enough, instead of nibabel's float64 (twice the memory)."""
+    proxy = img.dataobj
+    stored = img.get_data_dtype()
+    slope, inter = float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))
+    if (slope, inter) != (1.0, 0.0) and stored.kind in "iu" and stored.itemsize <= 2:
+        return np.asarray(proxy, dtype=np.float32)
+    return np.asanyarray(proxy)
 
 
 def _read_tiff(path: Path) -> ImageData:

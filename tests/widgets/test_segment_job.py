@@ -52,3 +52,21 @@ def test_thread_count_is_restored_after_a_run(tiny_net):
     before = torch.get_num_threads()
     run_to_end(iter_segment_queries([Query("v", volume)], build_support_set(volume, mask), tiny_net, device="cpu"))
     assert torch.get_num_threads() == before
+
+
+def test_overlapping_runs_put_back_the_thread_count_from_before_both(monkeypatch):
+    """Two Segment runs that overlap (A starts, B starts, A ends, B ends) used to leave torch on the
+    lowered count: B recorded A's lowered count as the one to restore."""
+    original = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(_segment_job.os, "cpu_count", lambda: 3)
+        torch.set_num_threads(3)
+        first, second = leave_a_core_free(), leave_a_core_free()
+        assert first.__enter__() == 2
+        assert second.__enter__() == 2
+        first.__exit__(None, None, None)
+        assert torch.get_num_threads() == 2  # the second run still leaves a core free
+        second.__exit__(None, None, None)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(original)

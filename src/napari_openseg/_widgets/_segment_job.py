@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -70,18 +71,31 @@ def iter_segment_queries(
     return results
 
 
+#: Runs inside :func:`leave_a_core_free` and the thread count before the first of them: overlapping
+#: runs (two Segment widgets) must put back the count from before either, not the lowered one.
+_core_free_runs = {"count": 0, "before": 0}
+_core_free_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def leave_a_core_free() -> Iterator[int]:
     """Run torch's CPU work on one core fewer than the machine has while the block runs, so that
     napari's main thread (and a software OpenGL renderer) always finds a free core; the thread count
-    is put back afterwards. On a 2-core machine this also avoids two compute threads fighting the
-    display for two cores, which measured several times slower (docs/performance.md)."""
+    is put back when the last overlapping run ends. On a 2-core machine this also avoids two compute
+    threads fighting the display for two cores, which measured several times slower
+    (docs/performance.md)."""
     import torch
 
-    before = torch.get_num_threads()
-    wanted = max(1, min(before, (os.cpu_count() or 1) - 1))
-    torch.set_num_threads(wanted)
+    with _core_free_lock:
+        if _core_free_runs["count"] == 0:
+            _core_free_runs["before"] = torch.get_num_threads()
+        _core_free_runs["count"] += 1
+        wanted = max(1, min(_core_free_runs["before"], (os.cpu_count() or 1) - 1))
+        torch.set_num_threads(wanted)
     try:
         yield wanted
     finally:
-        torch.set_num_threads(before)
+        with _core_free_lock:
+            _core_free_runs["count"] -= 1
+            if _core_free_runs["count"] == 0:
+                torch.set_num_threads(_core_free_runs["before"])
