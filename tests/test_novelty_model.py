@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from napari_openseg.core.novelty_map import novelty_map, unknown_seed_embeddings, window_starts
-from napari_openseg.core.novelty_model import NoveltyModel, body_mask, class_indices
+from napari_openseg.core.novelty_model import NoveltyModel, body_mask, class_indices, labels_to_working
 from napari_openseg.errors import OpenSegError
 from napari_openseg.model.medopenseg import MedOpenSeg, MedOpenSegConfig
 from napari_openseg.training.novelty_losses import IGNORE, dice_ce_loss, prototype_guided_loss
@@ -161,3 +161,13 @@ def test_helpers():
     mask = body_mask(image)
     assert mask[16, 16, 24] and mask[16, 16, 52] and not mask[0, 0, 0]
     assert SHAPE == image.shape
+
+
+def test_shrunk_labels_keep_every_value_exactly_and_pick_the_nearest_voxel():
+    labels = np.zeros((4, 6, 6), np.int64)
+    labels[0, 0, 0] = 2**24 + 1  # float32 has no such integer: the old float detour gave 2**24
+    labels[2, 2, 4] = 7
+    small = labels_to_working(labels, 2)
+    assert small.shape == (2, 3, 3) and small.dtype == np.int64
+    assert small[0, 0, 0] == 2**24 + 1 and small[1, 1, 2] == 7 and small.sum() == 2**24 + 8
+    assert labels_to_working(labels, 1) is labels
