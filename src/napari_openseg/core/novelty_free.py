@@ -202,7 +202,8 @@ def iter_training_free_novelty(
     Yields progress per batch of slices; returns :class:`~napari_openseg.core.novelty.NoveltyMaps`.
     """
     image = check_volume(image)
-    mask = body_mask(image) if mask is None else np.asarray(mask, bool)
+    normalized = normalize_intensity(image)
+    mask = body_mask(normalized, normalized=True) if mask is None else np.asarray(mask, bool)
     if mask.shape != image.shape:
         raise OpenSegError(f"mask of shape {mask.shape} does not match the volume of shape {image.shape}")
     if adapt_unknown and unknown_seed is None:
@@ -215,7 +216,7 @@ def iter_training_free_novelty(
     bank = build_bank(embedder, prototype_slices, seed)
     if unknown_seed is not None:
         seed_unknown_from(embedder, bank, unknown_seed[0], unknown_seed[1], axis)
-    stack = _slices(normalize_intensity(image), axis)
+    stack = _slices(normalized, axis)
     n = stack.shape[0]
     sampled = list(range(0, n, ADAPT_SLICE_STRIDE)) if adapt_unknown else []
     adapt_batches = range(0, len(sampled), embedder.batch_size)

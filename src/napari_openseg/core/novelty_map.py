@@ -122,12 +122,14 @@ def iter_novelty_map(
                            "train it longer or on volumes that contain these classes")
     seed_free = seed_free and use_unknown and bank.unknown is None
     use_unknown = use_unknown and (bank.unknown is not None or seed_free)
-    mask = body_mask(image) if mask is None else np.asarray(mask, bool)
+    normalized = normalize_intensity(image)
+    mask = body_mask(normalized, normalized=True) if mask is None else np.asarray(mask, bool)
     if mask.shape != image.shape:
         raise OpenSegError(f"mask of shape {mask.shape} does not match the volume of shape {image.shape}")
 
     factor = model.downsample
-    volume, shape = _pad_to(to_working(normalize_intensity(image), factor).to(torch_device), model.config.roi_size)
+    volume, shape = _pad_to(to_working(normalized, factor).to(torch_device), model.config.roi_size)
+    del normalized  # the full-resolution copy is not needed past here
     roi = model.config.roi_size
     windows = _windows(tuple(volume.shape[2:]), roi, overlap)
     adapt = use_unknown and (adapt_unknown > 0 or seed_free)

@@ -124,17 +124,18 @@ def model_from_payload(content: dict, device: str | torch.device = "cpu") -> Nov
 # ---------------------------------------------------------------------- volumes
 
 
-def body_mask(image: np.ndarray) -> np.ndarray:
+def body_mask(image: np.ndarray, normalized: bool = False) -> np.ndarray:
     """Foreground ("inside the body") of a volume: above half its Otsu level, holes filled.
 
     Half the Otsu level keeps dark tissue (CSF) that Otsu alone would drop; filling holes keeps
-    cavities (ventricles, lungs) surrounded by tissue.
+    cavities (ventricles, lungs) surrounded by tissue. ``normalized``: ``image`` is already
+    :func:`normalize_intensity`'s output (callers that need it anyway save a second pass).
     """
     from scipy import ndimage
 
     from .novelty import otsu_threshold
 
-    norm = normalize_intensity(image)
+    norm = image if normalized else normalize_intensity(image)
     mask = norm > 0.5 * otsu_threshold(norm)
     if not mask.any():
         return np.ones(norm.shape, bool)
