@@ -25,6 +25,10 @@ centred on a common canvas, shuffled; one image is prompted (three different pro
 the others are segmented in order of similarity (``unordered=True``) with each bank policy
 (:data:`STACK_POLICIES`).
 
+Oracle ends (``--oracle-ends``, with ``--stop-confidence 0``): the first empty slice past each end
+of the true object is given as a complete slice, so every front covers the object's true extent
+and no more; what is left to compare is only the support each policy gives inside the object.
+
 Data: ``hippocampus`` (MSD Task04 subjects of ``--split``, default the 19 test subjects, labels 1 and
 2) and ``brain`` (the VoxelMorph scan, FreeSurfer structures ``--structures``: by default the 8 deep
 grey structures of :data:`BRAIN_STRUCTURES` with the test split, and 8 other structures of the same
@@ -124,16 +128,18 @@ def run(image, prompt, net, settings, **kwargs):
     return result, records, len(records), time.perf_counter() - began
 
 
-def propagation(cases, net, settings, variants, deadline):
+def propagation(cases, net, settings, variants, deadline, oracle_ends=False):
     rows, slices = [], []
     for case in cases:
         if time.monotonic() > deadline:
             log.warning("time budget spent; stopping before %s", case.name)
             break
         prompt, _ = prompt_of(case.truth)
+        ends = true_ends(case.truth) if oracle_ends else []
         row = {"dataset": case.dataset, "case": case.name}
         for key in variants:
             result, records, steps, seconds = run(case.image, prompt, net, settings, policy=VARIANTS[key],
+                                                   complete_slices=ends,
                                                    **VARIANT_OPTIONS.get(key, {}))
             row[key] = dice_score(result.labels == 1, case.truth)
             row[f"{key}_steps"], row[f"{key}_seconds"] = steps, seconds
@@ -157,6 +163,13 @@ def propagation(cases, net, settings, variants, deadline):
         log.info("%s: %s", case.name, {k: round(v, 3) for k, v in row.items() if isinstance(v, float)})
         rows.append(row)
     return rows, slices
+
+
+def true_ends(truth: np.ndarray) -> list[int]:
+    """The first empty slice past each end of the true object: given as complete slices, they end
+    its fronts where the object really ends (``--oracle-ends``)."""
+    present = np.flatnonzero(truth.reshape(truth.shape[0], -1).any(axis=1))
+    return [s for s in (int(present.min()) - 1, int(present.max()) + 1) if 0 <= s < truth.shape[0]]
 
 
 def stack_cases(split: str, limit: int | None, value: int):
@@ -264,6 +277,8 @@ def main() -> None:
     parser.add_argument("--stop-confidence", type=float, default=DEFAULT_STOP_CONFIDENCE)
     parser.add_argument("--confidence-terms", nargs="+", choices=["sharpness", "agreement", "consistency"],
                         help="measures whose product is the confidence (default: the library's)")
+    parser.add_argument("--oracle-ends", action="store_true",
+                        help="end every front where the true object ends (complete slices); pair with --stop-confidence 0")
     parser.add_argument("--no-stack", action="store_true", help="skip the one-prompt 2D stack")
     parser.add_argument("--only-stack", action="store_true", help="run the one-prompt 2D stack alone")
     parser.add_argument("--max-minutes", type=float, default=90.0, help="start no new case after this")
@@ -292,10 +307,11 @@ def main() -> None:
     moved = (Case(c.dataset, c.name, np.moveaxis(c.image, args.axis, 0), np.moveaxis(c.truth, args.axis, 0))
              for c in cases())
     variants = [] if args.only_stack else list(args.variants)
-    rows, slices = propagation(moved, net, settings, variants, deadline) if variants else ([], [])
+    rows, slices = propagation(moved, net, settings, variants, deadline, args.oracle_ends) if variants else ([], [])
     stack_rows = [] if args.no_stack else one_prompt_stack(args.split, args.subjects, net, settings)
     shown = {k: v for k, v in settings.items() if k != "device"}
     shown.update(weights=propagation_weights(args.weights), split=args.split, axis=args.axis, threads=args.threads,
+                 oracle_ends=args.oracle_ends,
                  confidence=confidence.CONFIDENCE_TERMS)
     print(report(rows, slices, stack_rows, variants, shown))
     print(f"\n{len(rows)} objects in {(time.perf_counter() - began) / 60:.1f} min")

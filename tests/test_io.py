@@ -160,3 +160,29 @@ def test_scaled_16_bit_nifti_is_read_as_float32_with_its_scale_applied(tmp_path)
     assert np.array_equal(image.data, (stored * 0.5 + 10.0).transpose(2, 1, 0).astype(np.float32))
     nib.save(nib.Nifti1Image(stored, np.eye(4)), str(tmp_path / "plain.nii.gz"))
     assert io.read_image(tmp_path / "plain.nii.gz").data.dtype == np.int16  # unscaled: the stored type
+
+
+def test_a_result_of_an_rgb_tiff_gets_the_pixel_size_of_the_image_axes(tmp_path):
+    import tifffile
+
+    tifffile.imwrite(str(tmp_path / "rgb.tif"), np.zeros((20, 30, 3), np.uint8), photometric="rgb",
+                     resolution=(1 / 0.5, 1 / 0.25))
+    reference = io.read_image(tmp_path / "rgb.tif")
+    labels = io.write_image(tmp_path / "labels.tif", np.zeros((20, 30), np.uint8), reference)
+    assert np.allclose(io.read_image(labels).spacing, (0.25, 0.5))  # was (0.5, 1.0): colour taken as x
+    probabilities = io.write_image(tmp_path / "probs.tif", np.zeros((2, 20, 30), np.float32), reference)
+    assert np.allclose(io.read_image(probabilities).spacing[-2:], (0.25, 0.5))
+
+
+def test_ome_tiff_pixel_sizes_are_read_and_an_imagej_unit_is_kept(tmp_path):
+    import tifffile
+
+    volume = np.zeros((5, 6, 7), np.float32)
+    tifffile.imwrite(str(tmp_path / "scan.ome.tif"), volume, ome=True,
+                     metadata={"axes": "ZYX", "PhysicalSizeZ": 3.0, "PhysicalSizeY": 0.25, "PhysicalSizeX": 0.5})
+    assert np.allclose(io.read_image(tmp_path / "scan.ome.tif").spacing, (3.0, 0.25, 0.5))
+    tifffile.imwrite(str(tmp_path / "ij.tif"), volume, imagej=True, resolution=(2.0, 4.0),
+                     metadata={"spacing": 3.0, "unit": "um", "axes": "ZYX"})
+    out = io.write_image(tmp_path / "out.tif", np.zeros(volume.shape, np.uint8), io.read_image(tmp_path / "ij.tif"))
+    with tifffile.TiffFile(str(out)) as tif:
+        assert tif.imagej_metadata["unit"] == "um" and tif.imagej_metadata["spacing"] == 3.0

@@ -149,7 +149,36 @@ def _read_tiff(path: Path) -> ImageData:
                     spacing[axis] = den / num
         if "spacing" in meta and data.ndim >= 3 + offset:
             spacing[-3 - offset] = float(meta["spacing"])
-    return ImageData(data=data, spacing=tuple(spacing), path=path)
+        for axis, size in _ome_pixel_sizes(tif.ome_metadata if tif.is_ome else None).items():
+            if data.ndim >= -axis + offset:
+                spacing[axis - offset] = size
+    extra = {"rgb": True} if offset else {}
+    if isinstance(meta.get("unit"), str):
+        extra["unit"] = meta["unit"]
+    return ImageData(data=data, spacing=tuple(spacing), path=path, extra=extra)
+
+
+def _ome_pixel_sizes(ome_xml: str | None) -> dict[int, float]:
+    """OME-TIFF physical pixel sizes of the first image, by axis from the end (-1 X, -2 Y, -3 Z)."""
+    if not ome_xml:
+        return {}
+    import xml.etree.ElementTree as ElementTree
+
+    try:
+        root = ElementTree.fromstring(ome_xml)
+    except ElementTree.ParseError:
+        log.warning("the OME-XML of this TIFF could not be parsed; pixel sizes default to 1")
+        return {}
+    pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
+    sizes = {}
+    for axis, name in ((-1, "PhysicalSizeX"), (-2, "PhysicalSizeY"), (-3, "PhysicalSizeZ")):
+        try:
+            value = float(pixels.get(name)) if pixels is not None and pixels.get(name) else 0.0
+        except ValueError:
+            value = 0.0
+        if value > 0:
+            sizes[axis] = value
+    return sizes
 
 
 def _read_picture(path: Path) -> ImageData:
@@ -291,8 +320,13 @@ def _write_tiff(tmp: Path, data: np.ndarray, reference: ImageData | None) -> Non
     import tifffile
 
     data = data.astype(np.uint8) if data.dtype == bool else data
-    spatial = min(len(reference.spacing), data.ndim) if reference is not None else min(data.ndim, 3)
-    spacing = reference.spacing[-spatial:] if reference is not None else (1.0,) * spatial
+    if reference is None:
+        spatial = min(data.ndim, 3)
+        spacing = (1.0,) * spatial
+    else:
+        axes = reference.spacing[:-1] if reference.extra.get("rgb") else reference.spacing  # colour is not space
+        spatial = min(len(axes), data.ndim)
+        spacing = axes[len(axes) - spatial :]
     channels = data.ndim - spatial
     kwargs: dict[str, Any] = {}
     if spatial >= 2 and all(s > 0 for s in spacing[-2:]):
@@ -303,4 +337,6 @@ def _write_tiff(tmp: Path, data: np.ndarray, reference: ImageData | None) -> Non
         kwargs["metadata"] = {"axes": "T" * channels + "ZYX"[3 - spatial :]}
         if spatial == 3:
             kwargs["metadata"]["spacing"] = float(spacing[0])
+        if reference is not None and "unit" in reference.extra:
+            kwargs["metadata"]["unit"] = reference.extra["unit"]
     tifffile.imwrite(str(tmp), data, **kwargs)
