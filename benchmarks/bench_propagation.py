@@ -229,8 +229,8 @@ def report(rows, slices, stack_rows, variants, settings) -> str:
 
 
 def _object_tables(rows, slices, variants) -> list[str]:
-    lines = ["| data | objects | " + " | ".join(f"({k}) {VARIANT_NAMES[k]}" for k in variants)
-              + " | (a) + 1 correction |", "|---" * (len(variants) + 3) + "|"]
+    columns = [f"({k}) {VARIANT_NAMES[k]}" for k in variants] + (["(a) + 1 correction"] if "a" in variants else [])
+    lines = ["| data | objects | " + " | ".join(columns) + " |", "|---" * (len(columns) + 2) + "|"]
     for dataset in sorted({r["dataset"] for r in rows}):
         sub = [r for r in rows if r["dataset"] == dataset]
         cells = [f"{100 * np.mean([r[k] for r in sub]):.1f} ± {100 * np.std([r[k] for r in sub]):.1f}"

@@ -117,6 +117,42 @@ def test_a_download_cut_short_is_refused_and_leaves_nothing():
     assert not registry.is_available("universeg-v1")
 
 
+def _own_format_file(path, config, state_dict):
+    torch.save({"format": registry.WEIGHTS_FORMAT, "version": 1, "config": config, "state_dict": state_dict,
+                "info": {}}, path)
+    return path
+
+
+def test_weights_files_with_a_bad_architecture_or_non_tensors_get_a_message(tmp_path):
+    bad_config = _own_format_file(tmp_path / "config.pt", {"encoder_channels": [8]}, {})
+    with pytest.raises(OpenSegError, match="its architecture cannot be built"):
+        registry.network_from_file(bad_config)
+    state = UniverSeg().state_dict()
+    state["out_conv.conv.bias"] = 0.0
+    with pytest.raises(OpenSegError, match="not tensors"):
+        registry.network_from_file(_own_format_file(tmp_path / "float.pt", {}, state))
+
+
+@pytest.mark.parametrize("problem", ["bad architecture", "interrupted check"])
+def test_a_download_refused_or_interrupted_while_checked_leaves_nothing(tmp_path, monkeypatch, problem):
+    target = registry.cache_dir() / "universeg_v1_nf64_ss64_STA.pt"
+    if problem == "bad architecture":
+        source = _own_format_file(tmp_path / "sent.pt", {"encoder_channels": [8]}, {})
+        with pytest.raises(OpenSegError, match="nothing was installed"):
+            registry.download_weights("universeg-v1", url=source.as_uri())
+    else:
+        source = tmp_path / "sent.pt"
+        torch.save(UniverSeg().state_dict(), source)
+
+        def ctrl_c(path):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(registry, "network_from_file", ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            registry.download_weights("universeg-v1", url=source.as_uri())
+    assert list(target.parent.iterdir()) == []  # no weights and no ".partial" file
+
+
 def test_an_empty_weights_file_gets_a_message(tmp_path):
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(OpenSegError, match="is not a loadable weights file"):

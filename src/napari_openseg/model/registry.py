@@ -157,15 +157,16 @@ def download_weights(
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    if entry.sha256 and _sha256(partial) != entry.sha256:
+    try:
+        if entry.sha256 and _sha256(partial) != entry.sha256:
+            raise OpenSegError(f"the download of {name} is damaged (checksum mismatch); try again")
+        try:  # the official file has no checksum: install it only if it loads as these weights
+            network_from_file(partial)
+        except OpenSegError as err:
+            raise OpenSegError(f"what {source} sent is not the {name} weights ({err}); nothing was installed") from err
+        os.replace(partial, target)
+    finally:  # refused, or interrupted while checking: no half-checked file stays in the cache
         partial.unlink(missing_ok=True)
-        raise OpenSegError(f"the download of {name} is damaged (checksum mismatch); try again")
-    try:  # the official file has no checksum: install it only if it loads as these weights
-        network_from_file(partial)
-    except OpenSegError as err:
-        partial.unlink(missing_ok=True)
-        raise OpenSegError(f"what {source} sent is not the {name} weights ({err}); nothing was installed") from err
-    os.replace(partial, target)
     return target
 
 
@@ -184,7 +185,12 @@ def read_weights_file(path: str | Path) -> tuple[UniverSegConfig, dict[str, torc
         ) from err
     if isinstance(content, dict) and content.get("format") == WEIGHTS_FORMAT:
         state_dict = content.get("state_dict", {})
-        config = UniverSegConfig(**_config_kwargs(content.get("config", {}), path))
+        try:
+            config = UniverSegConfig(**_config_kwargs(content.get("config", {}), path))
+        except (TypeError, ValueError) as err:
+            raise OpenSegError(f"{path}: its architecture cannot be built ({err})") from err
+        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise OpenSegError(f"{path}: its state dict holds entries that are not tensors; the file is damaged")
         return config, state_dict, dict(content.get("info", {}))
     if isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
         try:
