@@ -146,7 +146,8 @@ def test_train_refuses_shares_outside_0_1_and_leaves_no_folder_for_a_refused_run
     (["--steps", "0"], "--steps must be 1 or more"),
     (["--val-every", "0"], "--val-every must be 1 or more"),
     (["--batch-size", "0"], "--batch-size must be 1 or more"),
-    (["--grid", "36"], "--grid must be a multiple of 8"),
+    (["--grid", "36"], "the grid must be a multiple of 8 with 4 encoder widths"),
+    (["--widths", "8"], "a network needs at least 2 encoder widths"),
     (["--lr", "-1"], "--lr must be above 0"),
     (["--workers", "-1"], "--workers must be 0 or more"),
 ])

@@ -194,3 +194,69 @@ def test_stopping_a_run_keeps_a_checkpoint_of_the_last_step(tmp_path):
     run.close()
     assert steps == [0, 1, 2, 3]
     assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["step"] == 3
+
+
+def test_a_fine_tuning_run_resumes_without_its_source_weights_and_keeps_their_decoder(tmp_path):
+    from napari_openseg.model.registry import network_from_file, save_weights
+    from napari_openseg.model.universeg import UniverSeg, UniverSegConfig
+
+    source = tmp_path / "source.pt"
+    save_weights(UniverSeg(UniverSegConfig((8, 8, 8), decoder_channels=(6, 4), grid_size=32)), source)
+    config = tiny_config(steps=3, init_weights=str(source))
+    train(config, tmp_path / "run", device="cpu", stop_after=1)
+    source.unlink()  # moved, or a relative path resumed from another folder
+    assert train(tiny_config(steps=0), tmp_path / "run", resume=True, device="cpu")["step"] == 3
+    assert network_from_file(tmp_path / "run" / "weights.pt").config.decoder_channels == (6, 4)
+
+
+def test_the_grid_is_checked_against_the_source_weights_before_anything_is_written(tmp_path):
+    from napari_openseg.model.registry import save_weights
+    from napari_openseg.model.universeg import build_network
+
+    five_levels = save_weights(build_network((4, 4, 4, 4, 4), grid_size=32), tmp_path / "deep.pt")
+    with pytest.raises(OpenSegError, match="multiple of 16 with 5 encoder widths"):
+        train(tiny_config(grid=24, init_weights=str(five_levels)), tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run").exists()
+    two_levels = save_weights(build_network((4, 4), grid_size=16), tmp_path / "shallow.pt")
+    # a grid that only the run's own --widths (three levels) would refuse
+    assert train(tiny_config(steps=1, grid=18, init_weights=str(two_levels)), tmp_path / "ok", device="cpu")["step"] == 1
+
+
+def test_resuming_a_run_that_is_already_that_long_is_refused(tmp_path):
+    train(tiny_config(steps=2), tmp_path / "run", device="cpu")
+    for steps in (0, 1, 2):  # 0: the stored length
+        with pytest.raises(OpenSegError, match="at step 2 of .* already; pass a larger --steps"):
+            train(tiny_config(steps=steps), tmp_path / "run", resume=True, device="cpu")
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_checkpoint(tmp_path, monkeypatch):
+    from napari_openseg.training import trainer
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(trainer, "fast_forward", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train(tiny_config(steps=2), tmp_path / "run", device="cpu")
+    assert not (tmp_path / "run" / CHECKPOINT).exists()
+    monkeypatch.undo()
+    assert train(tiny_config(steps=2), tmp_path / "run", device="cpu")["step"] == 2  # started again, not refused
+
+
+def test_an_interrupted_write_of_best_pt_is_written_again_at_the_next_validation(tmp_path, monkeypatch):
+    from napari_openseg.training import trainer
+
+    real_save = trainer.save_weights
+
+    def ctrl_c_on_best(net, path, info=None, **kwargs):
+        if path.name == "best.pt":
+            raise KeyboardInterrupt
+        return real_save(net, path, info, **kwargs)
+
+    monkeypatch.setattr(trainer, "save_weights", ctrl_c_on_best)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(steps=4, val_every=2, lr=0.0), tmp_path / "run", device="cpu")
+    assert torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["best"] == -1.0  # not recorded
+    monkeypatch.undo()
+    train(tiny_config(steps=0), tmp_path / "run", resume=True, device="cpu")
+    assert (tmp_path / "run" / "best.pt").is_file()  # lr 0: the next validation scores the same, and wins

@@ -96,9 +96,7 @@ def check_options(args: argparse.Namespace) -> None:
                                f"got {getattr(args, option)}")
     if not args.lr > 0:
         raise OpenSegError(f"--lr must be above 0, got {args.lr}")
-    divisor = 2 ** (len(args.widths) - 1)  # each encoder level after the first halves the grid
-    if args.grid < divisor or args.grid % divisor:
-        raise OpenSegError(f"--grid must be a multiple of {divisor} with {len(args.widths)} --widths, got {args.grid}")
+    # widths and grid are checked by the trainer, against --init-weights' network when there is one
     if Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise OpenSegError(f"{args.out_dir} is a file; the run folder must be a folder")
 

@@ -32,7 +32,7 @@ from ..errors import OpenSegError
 from ..io import atomic_path
 from ..model.fast import fast_forward
 from ..model.registry import network_from_file, save_weights
-from ..model.universeg import UniverSeg, build_network
+from ..model.universeg import UniverSeg, build_network, config_from_state_dict
 from .episodes import EpisodeConfig, Episodes, episode_loss, hard_dice, training_batch, validation_episodes
 from .synth import SynthConfig
 from .tasks import TaskBank, build_bank, shared_volumes
@@ -114,14 +114,31 @@ def _validation_sets(config: TrainConfig, val_bank: TaskBank | None) -> dict[str
                                synth=SynthConfig(size=config.grid), empty_per_task=empty)
 
 
-def _new_network(config: TrainConfig) -> UniverSeg:
+def _new_network(config: TrainConfig, checkpoint: dict | None = None) -> UniverSeg:
+    """The run's network: for a resumed run, of the checkpoint's architecture (its weights are loaded
+    afterwards, so the ``init_weights`` file is not needed again); else fresh, or the source weights'
+    network, decoder included, at the run's grid."""
     torch.manual_seed(config.seed)
+    if checkpoint is not None:
+        return UniverSeg(config_from_state_dict(checkpoint["model"], grid_size=config.grid))
     if config.init_weights:
         source = network_from_file(config.init_weights)
-        net = build_network(source.config.encoder_channels, grid_size=config.grid)
+        net = UniverSeg(replace(source.config, grid_size=config.grid))
         net.load_state_dict(source.state_dict())
         return net
     return build_network(config.widths, grid_size=config.grid)
+
+
+def check_architecture(config: TrainConfig) -> None:
+    """Refuse widths and a grid the network cannot be built or run with, before anything is written."""
+    levels = len(config.widths)
+    if levels < 2:
+        raise OpenSegError(f"a network needs at least 2 encoder widths, got {list(config.widths)}")
+    divisor = 2 ** (levels - 1)  # each encoder level after the first halves the grid
+    if config.grid < divisor or config.grid % divisor:
+        source = f" (those of {config.init_weights})" if config.init_weights else ""
+        raise OpenSegError(f"the grid must be a multiple of {divisor} with {levels} encoder widths{source}, "
+                           f"got {config.grid}")
 
 
 class _StepBatches(torch.utils.data.Dataset):
@@ -173,9 +190,9 @@ def validate(net: UniverSeg, sets: dict[str, Episodes], device: torch.device, ba
 class _Run:
     """Mutable state of a run and how it is saved."""
 
-    def __init__(self, config: TrainConfig, out_dir: Path, device: torch.device):
+    def __init__(self, config: TrainConfig, out_dir: Path, device: torch.device, checkpoint: dict | None = None):
         self.config, self.out_dir, self.device = config, out_dir, device
-        self.net = _new_network(config).to(device).to(memory_format=torch.channels_last)
+        self.net = _new_network(config, checkpoint).to(device).to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr)
         self.step = 0
         self.history: list[dict] = []
@@ -191,8 +208,7 @@ class _Run:
             torch.save(payload, tmp)
         save_weights(self.net, self.out_dir / "weights.pt", self.info())
 
-    def load(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=True)
+    def load(self, state: dict) -> None:
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.history, self.best = int(state["step"]), list(state["history"]), float(state["best"])
@@ -211,15 +227,19 @@ class _Run:
             handle.write(json.dumps(entry) + "\n")
 
 
-def read_checkpoint_config(out_dir: Path) -> TrainConfig:
-    """The config stored in a run folder's checkpoint."""
-    state = load_format_file(
+def read_checkpoint(out_dir: Path) -> dict:
+    """The checkpoint stored in a run folder, or a message that says what to do."""
+    return load_format_file(
         Path(out_dir) / CHECKPOINT, CHECKPOINT_FORMAT,
         missing="{path} does not exist: nothing to resume; start a run without --resume",
         unreadable="{path} is not a loadable training checkpoint ({detail})",
         foreign="{path} is not a napari-openseg training checkpoint",
     )
-    return TrainConfig.from_dict(state["config"])
+
+
+def read_checkpoint_config(out_dir: Path) -> TrainConfig:
+    """The config stored in a run folder's checkpoint."""
+    return TrainConfig.from_dict(read_checkpoint(out_dir)["config"])
 
 
 def iter_train(
@@ -245,18 +265,24 @@ def iter_train(
     torch_device = resolve_device(device)
     # Subnormal floats (tiny gradients, Adam moments) make CPU convolutions many times slower.
     torch.set_flush_denormal(True)
+    checkpoint = None
     if resume:
         # A resumed run keeps its stored settings; only its length and decay may change.
-        stored = read_checkpoint_config(out_dir)
+        checkpoint = read_checkpoint(out_dir)
+        stored = TrainConfig.from_dict(checkpoint["config"])
         config = replace(stored, steps=config.steps or stored.steps,
                          decay_start=stored.decay_start if config.decay_start is None else config.decay_start)
+        if config.steps <= int(checkpoint["step"]):
+            raise OpenSegError(f"the run in {out_dir} is at step {int(checkpoint['step'])} of {config.steps} "
+                               "already; pass a larger --steps to train it on")
     elif (out_dir / CHECKPOINT).exists():
         raise OpenSegError(f"{out_dir} already holds a run; pass --resume to continue it or pick another folder")
     elif config.init_weights:  # fine-tuning keeps the source's architecture
         config = replace(config, widths=network_from_file(config.init_weights).config.encoder_channels)
-    run = _Run(config, out_dir, torch_device)
-    if resume:
-        run.load(out_dir / CHECKPOINT)
+    check_architecture(config)
+    run = _Run(config, out_dir, torch_device, checkpoint)
+    if checkpoint is not None:
+        run.load(checkpoint)
     bank, val_bank = real_banks(config, data_dir)
     synth = SynthConfig(size=config.grid)
     val_sets = _validation_sets(config, val_bank)
@@ -267,6 +293,7 @@ def iter_train(
     yield Progress(run.step, config.steps, "training")
     tick, images_seen, losses = time.perf_counter(), 0, []
     batches = _step_batches(_StepBatches(run.step, end, config, bank, synth), workers)
+    first_step = run.step
     try:
         for batch in batches:
             query, masks, images, labels = _to_device(batch, torch_device)
@@ -296,16 +323,18 @@ def iter_train(
                 mean = sum(scores.values()) / len(scores)
                 payload["val"] = dict(scores, mean=mean)
                 run.record({"step": run.step, "val": payload["val"], "time": time.time()})
-                if mean > run.best:
-                    run.best = mean
+                if mean > run.best:  # the score is recorded once best.pt is written, so they never disagree
                     save_weights(run.net, out_dir / "best.pt", run.info(val_dice=payload["val"]))
+                    run.best = mean
             if run.step % config.checkpoint_every == 0 or run.step == end or "val" in payload:
                 run.save()
             last = payload
             yield Progress(run.step, config.steps, "training", payload)
     except BaseException:
-        # Keep what was learnt since the last checkpoint (also on Ctrl-C), then let the error through.
-        run.save()
+        # Keep what was learnt since the last checkpoint (also on Ctrl-C), then let the error through;
+        # a run that failed before its first step has nothing to keep (and may be started again).
+        if run.step > first_step:
+            run.save()
         raise
     return last
 
