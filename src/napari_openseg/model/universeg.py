@@ -148,10 +148,11 @@ class UniverSeg(nn.Module):
         """Direct formulation.
 
         ``query "B 1 H W"``, ``support_images "B S 1 H W"``, ``support_labels "B S 1 H W"``
-        -> logits ``"B 1 H W"``.
+        -> logits ``"B 1 H W"``; a support of batch 1 is shared by every query.
         """
         check_inputs(query, support_images, support_labels, self.config.downsampling)
         support = torch.cat([support_images, support_labels], dim=2)
+        support = support.expand(query.shape[0], *support.shape[1:])  # a shared support serves each query
         skips: list[tuple[torch.Tensor, torch.Tensor]] = []
         for i, block in enumerate(self.enc_blocks):
             query, support = block(query, support)
