@@ -260,3 +260,16 @@ def test_an_interrupted_write_of_best_pt_is_written_again_at_the_next_validation
     monkeypatch.undo()
     train(tiny_config(steps=0), tmp_path / "run", resume=True, device="cpu")
     assert (tmp_path / "run" / "best.pt").is_file()  # lr 0: the next validation scores the same, and wins
+
+
+def test_a_run_interrupted_between_log_records_logs_the_same_losses_once_resumed(tmp_path):
+    from napari_openseg.training.trainer import iter_train
+
+    config = tiny_config(steps=6, log_every=3, val_every=100, checkpoint_every=100)
+    train(config, tmp_path / "whole", device="cpu")
+    run = iter_train(config, tmp_path / "parts", device="cpu")
+    for _ in range(3):  # the start record and two steps: one short of the first log record
+        next(run)
+    run.close()
+    train(tiny_config(steps=0), tmp_path / "parts", resume=True, device="cpu")
+    assert losses(tmp_path / "whole") == losses(tmp_path / "parts") and len(losses(tmp_path / "whole")) == 2

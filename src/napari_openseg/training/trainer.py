@@ -197,12 +197,16 @@ class _Run:
         self.step = 0
         self.history: list[dict] = []
         self.best = -1.0
+        #: Losses of the steps since the last logged record (checkpointed: a run interrupted between
+        #: records logs, once resumed, the same averages as an uninterrupted one).
+        self.unlogged_losses: list[float] = []
 
     def save(self) -> None:
         payload = {
             "format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "step": self.step,
             "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(), "history": self.history, "best": self.best,
+            "unlogged_losses": self.unlogged_losses,
         }
         with atomic_path(self.out_dir / CHECKPOINT, overwrite=True) as tmp:
             torch.save(payload, tmp)
@@ -212,6 +216,7 @@ class _Run:
         self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step, self.history, self.best = int(state["step"]), list(state["history"]), float(state["best"])
+        self.unlogged_losses = [float(x) for x in state.get("unlogged_losses", [])]
         torch.set_rng_state(state["torch_rng"].cpu())
         # The log may hold records past the checkpoint (a killed run); the checkpoint's history wins.
         with atomic_path(self.out_dir / "log.jsonl", overwrite=True) as tmp:
@@ -291,7 +296,8 @@ def iter_train(
     last: dict = {}
     end = config.steps if stop_after is None else min(config.steps, run.step + stop_after)
     yield Progress(run.step, config.steps, "training")
-    tick, images_seen, losses = time.perf_counter(), 0, []
+    tick, images_seen, timed_steps = time.perf_counter(), 0, 0
+    losses = run.unlogged_losses
     batches = _step_batches(_StepBatches(run.step, end, config, bank, synth), workers)
     first_step = run.step
     try:
@@ -310,14 +316,16 @@ def iter_train(
             scaler.update()
             run.step += 1
             losses.append(loss.item())
+            timed_steps += 1
             images_seen += query.shape[0] * (1 + images.shape[1])
             payload = {"step": run.step, "loss": losses[-1], "lr": learning_rate(config, run.step - 1)}
             if run.step % config.log_every == 0 or run.step == end:
                 elapsed = time.perf_counter() - tick
                 payload.update(loss=sum(losses) / len(losses), images_per_s=images_seen / max(elapsed, 1e-9),
-                               seconds_per_step=elapsed / len(losses), support_size=int(images.shape[1]))
+                               seconds_per_step=elapsed / timed_steps, support_size=int(images.shape[1]))
                 run.record(dict(payload, time=time.time()))
-                tick, images_seen, losses = time.perf_counter(), 0, []
+                tick, images_seen, timed_steps = time.perf_counter(), 0, 0
+                losses.clear()
             if run.step % config.val_every == 0 or run.step == config.steps:
                 scores = validate(run.net, val_sets, torch_device)
                 mean = sum(scores.values()) / len(scores)
