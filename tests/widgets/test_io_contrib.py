@@ -136,11 +136,19 @@ def test_a_4d_layer_keeps_the_spacing_of_every_axis_and_a_rotation_is_flagged(tm
 
 
 def test_a_zero_spacing_on_a_4th_axis_opens_with_spacing_1(tmp_path):
-    img = nib.Nifti1Image(np.zeros((4, 5, 6, 1), np.float32), AFFINE)
+    img = nib.Nifti1Image(np.zeros((4, 5, 6, 2), np.float32), AFFINE)
     img.header.set_zooms((1.5, 2.0, 3.0, 0.0))
     nib.save(img, str(tmp_path / "fmri.nii.gz"))
     [(data, kwargs, _)] = read(tmp_path / "fmri.nii.gz")
-    assert data.shape == (1, 6, 5, 4) and kwargs["scale"] == (1.0, 3.0, 2.0, 1.5)
+    assert data.shape == (2, 6, 5, 4) and kwargs["scale"] == (1.0, 3.0, 2.0, 1.5)
+
+
+def test_a_volume_with_one_time_point_opens_as_a_volume(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 5, 6, 1), np.float32), AFFINE)
+    img.header.set_zooms((1.5, 2.0, 3.0, 0.0))
+    nib.save(img, str(tmp_path / "one_frame.nii.gz"))
+    [(data, kwargs, _)] = read(tmp_path / "one_frame.nii.gz")
+    assert data.shape == (6, 5, 4) and kwargs["scale"] == (3.0, 2.0, 1.5)
 
 
 def test_foreign_npz_and_tiff_are_declined(tmp_path):
