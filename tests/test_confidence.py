@@ -30,8 +30,12 @@ def test_disagreeing_and_unsure_draws_score_lower():
     # Mean probability 1 on 8 px and .5 on 8 px; its mask (> .5) is the 8 sure px:
     # soft Dice = 2 * 8 / (12 + 8) = .8.
     assert measures["sharpness"] == pytest.approx(0.8)
-    one = draw_measures(torch.full((1, 4, 4), 0.3))  # one draw, all unsure: the mask is empty
-    assert one == {"sharpness": 0.0, "agreement": 1.0}
+    # Nothing drawn: the background is scored as a mask would be. All 0.3 is as sharp as a mask of
+    # all-0.7 pixels, 2 * .7 / 1.7; a clear "nothing here" (0.01) scores near 1, not 0 as it once did.
+    one = draw_measures(torch.full((1, 4, 4), 0.3))
+    assert one["sharpness"] == pytest.approx(2 * 0.7 / 1.7) and one["agreement"] == 1.0
+    assert draw_measures(torch.full((1, 4, 4), 0.7))["sharpness"] == pytest.approx(2 * 0.7 / 1.7)
+    assert draw_measures(torch.full((2, 4, 4), 0.01))["sharpness"] == pytest.approx(2 * 0.99 / 1.99)
     with pytest.raises(ValueError, match="K g g"):
         draw_measures(torch.zeros(4, 4))
 

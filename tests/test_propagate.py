@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_openseg.core.fronts import Front
+from napari_openseg.core.fronts import Front, make_fronts
 from napari_openseg.core.memory import slice_embeddings
 from napari_openseg.core.metrics import dice_score
 from napari_openseg.core.preprocess import normalize_intensity, to_grid
@@ -355,3 +355,42 @@ def test_stopping_the_generator_cancels_without_a_result(tiny_net, disc):
     generator.close()  # what Cancel does; nothing is returned or written
     with pytest.raises(StopIteration):
         next(generator)
+
+
+def test_a_correction_keeps_the_painted_labels_that_run_did_not_propagate(tiny_net):
+    image, truth = disc_volume((6, 16, 16), first=1, last=4)
+    prompt = np.zeros(truth.shape, np.uint8)
+    prompt[2] = truth[2]
+    prompt[3, 0:3, 0:3] = 2  # painted, but this run propagates label 1 only
+    first = propagate(image, prompt, tiny_net, label_values=[1], **FAST)
+    edited = first.labels.copy()
+    edited[3] = truth[3]
+    edited[3, 1, 1] = 1  # the user painted label 1 over one of label 2's voxels: the fix wins there
+    new_prompt, complete = first.with_corrections(prompt, edited)
+    assert complete == [3] and first.changed_slices(edited) == [3]
+    assert (new_prompt[3] == 2).sum() == 8 and new_prompt[3, 1, 1] == 1  # label 2 was wiped before
+    assert np.array_equal(new_prompt[3] == 1, edited[3] == 1)
+
+
+def test_a_front_blocked_before_half_way_leaves_the_rest_to_the_other_front():
+    """Prompts on 1 and 10, the object erased on 8: slices 6 and 7 used to belong to the front from
+    10, which stops at 8, so nothing predicted them."""
+    fronts = make_fronts(1, [1, 10], {1, 10, 8}, 14, (-1, 1))
+    assert [f.slices for f in fronts] == [[0], [2, 3, 4, 5, 6, 7], [9], [11, 12, 13]]
+    assert [f.slices for f in make_fronts(1, [1, 10], {1, 10}, 14, (-1, 1))][1:3] == [[2, 3, 4, 5], [9, 8, 7, 6]]
+
+
+def test_progress_shows_what_each_slice_wrote_and_errors_name_the_label(tiny_net):
+    image, truth = disc_volume((6, 16, 16), first=1, last=4)
+    prompt = np.zeros(truth.shape, np.uint8)
+    prompt[2], prompt[3] = truth[2], truth[3] * 2  # label 2 painted where label 1's front goes
+    steps, result = drain(iter_propagate(image, prompt, tiny_net, min_area=0.0, stop_after=99, **FAST))
+    on_painted = [step.payload for step in steps[1:] if step.payload["slice"] == 3 and step.payload["label"] == 1]
+    assert on_painted and on_painted[0]["mask"].any()  # label 1 reached label 2's painted slice
+    for payload in on_painted:  # what it wrote there, never over the painted voxels (the preview showed them)
+        assert not (payload["mask"] & (prompt[3] == 2)).any()
+    assert (result.labels[3][prompt[3] == 2] == 2).all()
+    speck = np.zeros((6, 64, 64), np.uint8)
+    speck[2, 5, 5] = 4  # one voxel: gone on the 32x32 grid
+    with pytest.raises(OpenSegError, match="label 4 is too small on the model grid"):
+        propagate(np.random.default_rng(0).random((6, 64, 64)), speck, tiny_net, device="cpu")

@@ -99,6 +99,27 @@ def test_go_to_least_confident_slice_then_correct_it_and_run_again(viewer, qtbot
     assert np.array_equal(painted_layer.data, painted)
 
 
+def test_a_slice_corrected_once_can_be_corrected_again(viewer, qtbot, scene, inline, errors):
+    """The second fix of a slice used to be refused: the set of complete slices did not grow."""
+    widget, *_ = scene
+    assert run_and_wait(qtbot, widget) == "done"
+    widget.output.paint((3, 5, 5), 1, refresh=False)
+    assert run_and_wait(qtbot, widget, corrections=True) == "done"
+    assert widget.result.complete_slices == [3]
+    widget.output.paint((3, 15, 15), 1, refresh=False)
+    assert run_and_wait(qtbot, widget, corrections=True) == "done"
+    assert widget.output.data[3, 15, 15] == 1 and widget.result.complete_slices == [3]
+
+
+def test_label_values_beyond_32_bits_run_with_a_preview(viewer, qtbot, scene, threaded):
+    widget, _, painted_layer, painted, z = scene
+    painted_layer.data = np.where(painted > 0, np.int64(2**33), 0)
+    shown = []
+    widget.preview_updated.connect(shown.append)
+    assert run_and_wait(qtbot, widget) == "done"  # the preview was uint32: OverflowError
+    assert shown and set(np.unique(viewer.layers["vol propagated"].data)) <= {0, 2**33}
+
+
 def test_clicking_the_plot_moves_the_slider(viewer, qtbot, scene, inline):
     widget, image_layer, *_ = scene
     assert run_and_wait(qtbot, widget) == "done"

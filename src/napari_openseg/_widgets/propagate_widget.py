@@ -146,12 +146,13 @@ class PropagationWidget(QWidget):
                                    "prompt, then fix slices in its output")
             if self._run.get("source") is not source:
                 raise OpenSegError(f"the last run was on '{self._run['source'].name}': choose that image again")
-            prompt, complete = self.result.with_corrections(self._run["prompt"], np.asarray(self.output.data))
-            if complete == self.result.complete_slices:
+            edited = np.asarray(self.output.data)
+            if not self.result.changed_slices(edited):
                 raise OpenSegError(
                     f"no slice of '{self.output.name}' was changed: fix a slice there first "
                     "(try 'Go to least confident slice')"
                 )
+            prompt, complete = self.result.with_corrections(self._run["prompt"], edited)
             axis = self.result.axis
         else:
             if painted is None:
@@ -213,8 +214,8 @@ class PropagationWidget(QWidget):
         live[s] = np.fmin(live[s], payload["confidence"]) if np.isfinite(live[s]) else payload["confidence"]
         self.plot.set_values(live)
         if self._preview is None:
-            shape = np.shape(self._pending["prompt"])
-            self._preview = put_output_layer(self.viewer, source, np.zeros(shape, np.uint32), role=PREVIEW_ROLE,
+            prompt = self._pending["prompt"]  # its type holds every label value painted in it
+            self._preview = put_output_layer(self.viewer, source, np.zeros(prompt.shape, prompt.dtype), role=PREVIEW_ROLE,
                                              name=f"{source.name} (propagating)", opacity=0.5)
             self._preview.editable = False  # strokes on a layer that is dropped at the end would be lost
         plane = np.moveaxis(self._preview.data, self._pending["axis"], 0)[s]

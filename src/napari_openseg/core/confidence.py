@@ -3,7 +3,8 @@
 Three measures, each in [0, 1], from what the network has:
 
 * ``sharpness``: the soft Dice between the mean probability ``p`` of the slice and its own
-  thresholded mask: 1 when every pixel is clearly in or out, lower when many pixels sit near 0.5;
+  thresholded mask: 1 when every pixel is clearly in or out, lower when many pixels sit near 0.5
+  (where nothing is drawn, the same for the background, ``1 - p`` against an all-ones mask);
 * ``agreement``: the mean pairwise Dice between the masks predicted from the K support sets drawn
   from the bank (1 with one draw): support sets that disagree mean an uncertain slice (propagation
   makes one of them the painted slice alone, so drift away from the painted object lowers it);
@@ -38,8 +39,11 @@ def draw_measures(probs: torch.Tensor, threshold: float = 0.5) -> dict[str, floa
     probs = probs.float()
     mean = probs.mean(dim=0)
     hard = (mean > threshold).float()
-    denominator = float(mean.sum() + hard.sum())
-    sharpness = 1.0 if denominator < 1e-6 else float(2 * (mean * hard).sum()) / denominator
+    if not hard.any():  # nothing drawn: score how clearly the pixels are out (the background's soft Dice)
+        background = 1.0 - mean
+        sharpness = float(2 * background.sum() / (background.sum() + background.numel()))
+    else:
+        sharpness = float(2 * (mean * hard).sum() / (mean.sum() + hard.sum()))
     masks = (probs > threshold).float().flatten(1)
     k = masks.shape[0]
     if k == 1:

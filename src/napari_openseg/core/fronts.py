@@ -2,9 +2,10 @@
 
 Ordered volumes: from every painted slice of an object a *front* moves away, one slice at a time, in
 each chosen direction. Between two painted slices whose fronts come towards each other, each slice
-belongs to the nearer one (a tie goes to the lower slice), so they meet half-way; a front ends at a
-blocked slice (another painted slice, or a complete slice where the object is absent). All fronts
-advance together: every front's first slice, then every front's second, and so on.
+belongs to the nearer front that reaches it (a tie goes to the lower slice), so they meet half-way;
+a front ends at a blocked slice (another painted slice, or a complete slice where the object is
+absent), and the slices past that block go to the other front. All fronts advance together: every
+front's first slice, then every front's second, and so on.
 
 Unordered stacks: each object in turn takes the remaining image most similar to an entry of its
 memory bank.
@@ -62,10 +63,18 @@ def make_fronts(label: int, pinned: list[int], blocked: set[int], n_slices: int,
             # The next prompt's front comes the other way only when both directions run.
             meets = 0 <= k + step < len(pinned) and -step in steps
             neighbour = pinned[k + step] if meets else None
+            # the slices the neighbour's front reaches on its way here: a blocked slice between
+            # leaves the ones beyond it to this front, however near the neighbour is
+            contested = set()
+            if neighbour is not None:
+                r = neighbour - step
+                while r != start and r not in blocked:
+                    contested.add(r)
+                    r -= step
             slices = []
             s = start + step
             while 0 <= s < n_slices and s not in blocked:
-                if neighbour is not None:
+                if s in contested:
                     mine, theirs = abs(s - start), abs(neighbour - s)
                     if mine > theirs or (mine == theirs and step < 0):
                         break

@@ -123,26 +123,34 @@ class PropagationResult:
             ],
         }
 
+    def changed_slices(self, edited: np.ndarray) -> list[int]:
+        """The slices where ``edited`` (this result's labels after the user's fixes) differs from
+        :attr:`labels`."""
+        edited = check_labels(edited, self.labels.shape)
+        changed = np.moveaxis(edited != self.labels, self.axis, 0)
+        return np.flatnonzero(changed.reshape(changed.shape[0], -1).any(axis=1)).tolist()
+
     def with_corrections(
         self, prompt: np.ndarray, edited: np.ndarray, slices: Sequence[int] | None = None
     ) -> tuple[np.ndarray, list[int]]:
         """The prompt and complete slices for the next run after the user fixed some slices.
 
         ``edited`` is this result's labels after the user's fixes; ``slices`` are the fixed slices
-        (default: every slice where ``edited`` differs from :attr:`labels`). Returns
-        ``(new_prompt, complete_slices)``: ``prompt`` with those slices taken from ``edited``, and
-        the slices to pass as ``complete_slices`` (the earlier ones included).
+        (default: :meth:`changed_slices`). Returns ``(new_prompt, complete_slices)``: ``prompt`` with
+        those slices taken from ``edited``, and the slices to pass as ``complete_slices`` (the
+        earlier ones included). Labels painted in ``prompt`` that this run did not propagate are
+        not in ``edited``; they stay on the fixed slices wherever the fix left the voxel empty.
         """
         edited = check_labels(edited, self.labels.shape)
         prompt = check_labels(prompt, self.labels.shape)
         edited_stack = np.moveaxis(edited, self.axis, 0)
         if slices is None:
-            changed = np.moveaxis(edited != self.labels, self.axis, 0).reshape(edited_stack.shape[0], -1)
-            slices = np.flatnonzero(changed.any(axis=1)).tolist()
+            slices = self.changed_slices(edited)
         slices = _check_slices(slices, edited_stack.shape[0], "corrected")
         new_prompt = np.array(prompt, dtype=np.result_type(prompt.dtype, edited.dtype))
         new_stack = np.moveaxis(new_prompt, self.axis, 0)
-        new_stack[slices] = edited_stack[slices]
+        others = (new_stack[slices] != 0) & ~np.isin(new_stack[slices], self.label_values)
+        new_stack[slices] = np.where(others & (edited_stack[slices] == 0), new_stack[slices], edited_stack[slices])
         return new_prompt, sorted(set(self.complete_slices) | set(slices))
 
 
@@ -208,7 +216,8 @@ def _predict(net, bank: MemoryBank, indices: np.ndarray, image: torch.Tensor, ke
 
 
 def _pin_prompts(
-    bank: MemoryBank, painted: np.ndarray, grid_images: torch.Tensor, embeddings: torch.Tensor, aspect: Aspect
+    bank: MemoryBank, painted: np.ndarray, grid_images: torch.Tensor, embeddings: torch.Tensor, aspect: Aspect,
+    value: int,
 ) -> list[int]:
     """Pin every slice of ``painted "N H W"`` (one object's mask) that shows the object; their indices."""
     slices = np.flatnonzero(painted.reshape(painted.shape[0], -1).any(axis=1)).tolist()
@@ -219,7 +228,7 @@ def _pin_prompts(
             bank.pin(MemoryEntry(grid_images[s, 0], mask[0].to(grid_images.dtype), 1.0, embeddings[s], slice_index=s))
     if not len(bank):
         raise OpenSegError(
-            f"a label is too small on the model grid ({grid}x{grid}) on every painted slice; "
+            f"label {value} is too small on the model grid ({grid}x{grid}) on every painted slice; "
             "paint it on a slice where it is larger"
         )
     return slices
@@ -347,7 +356,7 @@ def iter_propagate(
     remaining: dict[int, list[int]] = {}
     for value in values:
         painted = prompt_stack == value
-        pinned[value] = _pin_prompts(banks[value], painted, grid_images, embeddings, aspect)
+        pinned[value] = _pin_prompts(banks[value], painted, grid_images, embeddings, aspect, value)
         for s in pinned[value]:
             labels[s][painted[s]] = value
             best[s][painted[s]] = PAINTED
@@ -410,7 +419,7 @@ def iter_propagate(
                 _undo(doubtful_write, labels, best, undone)
             done += len(front.slices) - front.slices.index(s) - 1
             log.info("label %d vanished at slice %d; its front stops", value, s)
-        payload = {"slice": s, "label": value, "mask": mask, "confidence": measures["confidence"],
+        payload = {"slice": s, "label": value, "mask": take, "confidence": measures["confidence"],
                    "measures": measures, "bank": action}
         yield Progress(done, total, "propagating", payload)
 
