@@ -204,3 +204,54 @@ def test_hippocampus_volume_from_shared_data(tmp_path, tiny_weights):
                  "--weights", str(tiny_weights), "--support-size", "4"]) == 0
     written, source = nib.load(str(out)), nib.load(str(query))
     assert written.shape == source.shape and np.allclose(written.affine, source.affine)
+
+
+def test_a_volume_four_voxels_deep_on_its_x_axis_is_a_volume_not_rgb(tmp_path, tiny_weights, capsys):
+    rng = np.random.default_rng(1)
+    image = rng.normal(50, 10, (4, 16, 10)).astype(np.float32)  # read as "10 16 4": it looked like RGBA
+    labels = np.zeros(image.shape, np.uint8)
+    labels[1:3, 4:10, 2:8] = 1
+    paths = tmp_path / "thin.nii.gz", tmp_path / "thin_labels.nii.gz"
+    nib.save(nib.Nifti1Image(image, np.eye(4)), str(paths[0]))
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), str(paths[1]))
+    support = tmp_path / "support.npz"
+    assert main(["support", "build", "--image", str(paths[0]), "--labels", str(paths[1]), "--out", str(support)]) == 0
+    out = tmp_path / "seg.nii.gz"
+    assert main(["segment", str(paths[0]), "--support", str(support), "--out", str(out),
+                 "--weights", str(tiny_weights)]) == 0
+    assert nib.load(str(out)).shape == (4, 16, 10)
+
+
+def test_support_build_takes_each_requested_label_from_the_images_that_hold_it(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    paths = []
+    for name, values in (("a", (1, 3)), ("b", (2, 3))):
+        labels = np.zeros((6, 12, 12), np.uint8)
+        for k, value in enumerate(values):
+            labels[1 + 2 * k, 2:6, 2:6] = value
+        for kind, data in (("img", rng.random((6, 12, 12)).astype(np.float32)), ("lab", labels)):
+            nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / f"{name}_{kind}.nii.gz"))
+        paths += ["--image", str(tmp_path / f"{name}_img.nii.gz"), "--labels", str(tmp_path / f"{name}_lab.nii.gz")]
+    out = tmp_path / "set.npz"
+    assert main(["support", "build", *paths, "--label-values", "1", "2", "--out", str(out)]) == 0
+    assert "label 1: 4, label 2: 4" in capsys.readouterr().out  # 1 from a alone, 2 from b alone
+    assert main(["support", "build", *paths, "--label-values", "1", "4", "--out", str(tmp_path / "x.npz")]) == 2
+    assert "label value 4 occurs in none of the --labels files" in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_a_negative_seed_a_bad_axis_and_a_demo_into_a_file_get_messages(tmp_path, nifti_pair, tiny_weights,
+                                                                         capsys):
+    image, labels = nifti_pair
+    support = tmp_path / "support.npz"
+    main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)])
+    capsys.readouterr()
+    base = ["segment", str(image), "--support", str(support), "--weights", str(tiny_weights)]
+    assert main(base + ["--out", str(tmp_path / "s.nii.gz"), "--seed", "-1"]) == 2
+    assert "the seed must be 0 or more" in capsys.readouterr().err
+    assert main(base + ["--out", str(tmp_path / "s.nii.gz"), "--axis", "3"]) == 2
+    assert "--axis must be 0, 1 or 2" in capsys.readouterr().err
+    assert not (tmp_path / "s.nii.gz").exists()
+    (tmp_path / "taken").write_text("x")
+    assert main(["demo", "--out", str(tmp_path / "taken")]) == 2
+    assert "is a file; --out names the folder" in capsys.readouterr().err

@@ -97,6 +97,9 @@ def test_tasks_combine_by_argmax_above_the_threshold():
     assert labels.tolist() == [[[3, 300, 0]]]
     assert combine_tasks(probs, [3, 300], threshold=0.95, dtype=np.uint16).tolist() == [[[0, 0, 0]]]
     assert label_dtype(255) == np.uint8 and label_dtype(256) == np.uint16
+    assert label_dtype(2**40) == np.int64
+    with pytest.raises(OpenSegError, match="beyond 64-bit labels"):
+        label_dtype(2**63)  # a uint64 label no signed output type holds (a bare OverflowError before)
 
 
 def test_progress_counts_slices_and_carries_partial_labels(tiny_net, support):

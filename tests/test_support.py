@@ -97,6 +97,21 @@ def test_validate_names_empty_sets_and_empty_tasks():
         build_support_set(image, labels).validate([4])
 
 
+@pytest.mark.parametrize("image, mask, message", [
+    (np.full((4, 4), np.nan, np.float32), np.ones((4, 4), bool), "has an image that holds NaN or infinite values"),
+    (np.zeros((4, 4), np.float32), np.ones((4, 5), bool), "has image (4, 4) and mask (4, 5)"),
+])
+def test_entries_made_by_hand_that_load_would_refuse_are_neither_saved_nor_used(tmp_path, image, mask, message):
+    good = SupportEntry(np.zeros((4, 4), np.float32), np.ones((4, 4), bool), 1)
+    support = SupportSet([good, SupportEntry(image, mask, 2, source="script")])
+    with pytest.raises(OpenSegError, match=re.escape(f"support entry 1 (label 2, from script) {message}")):
+        support.save(tmp_path / "set.npz")
+    assert not (tmp_path / "set.npz").exists()
+    with pytest.raises(OpenSegError, match=re.escape(message)):
+        support.validate()  # segmenting with it gave NaN probabilities
+    assert support.validate([1]) == [1]  # the other task is still usable
+
+
 def test_sampling_is_seeded_and_without_replacement():
     image, labels = labelled_volume()
     support = build_support_set(np.repeat(image, 3, axis=0), np.repeat(labels, 3, axis=0))

@@ -52,6 +52,12 @@ class ImageData:
     def name(self) -> str:
         return strip_suffix(self.path) if self.path else "image"
 
+    @property
+    def rgb(self) -> bool | None:
+        """Whether the last axis is colour, as the file says (NIfTI never, TIFF by its samples per
+        pixel, a picture by its shape); None where the file cannot tell (``.npy``)."""
+        return self.extra.get("rgb")
+
 
 def strip_suffix(path: str | Path) -> str:
     """File name without its image suffix (``.nii.gz`` counts as one)."""
@@ -114,6 +120,7 @@ def _read_nifti(path: Path) -> ImageData:
         affine=np.asarray(img.affine, dtype=np.float64),
         header=img.header,
         path=path,
+        extra={"rgb": False},
     )
 
 
@@ -152,7 +159,7 @@ def _read_tiff(path: Path) -> ImageData:
         for axis, size in _ome_pixel_sizes(tif.ome_metadata if tif.is_ome else None).items():
             if data.ndim >= -axis + offset:
                 spacing[axis - offset] = size
-    extra = {"rgb": True} if offset else {}
+    extra: dict[str, Any] = {"rgb": bool(offset)}
     if isinstance(meta.get("unit"), str):
         extra["unit"] = meta["unit"]
     return ImageData(data=data, spacing=tuple(spacing), path=path, extra=extra)
@@ -184,7 +191,8 @@ def _ome_pixel_sizes(ome_xml: str | None) -> dict[int, float]:
 def _read_picture(path: Path) -> ImageData:
     import imageio.v3 as iio
 
-    return ImageData(data=np.asarray(iio.imread(path)), path=path)
+    data = np.asarray(iio.imread(path))
+    return ImageData(data=data, path=path, extra={"rgb": data.ndim == 3 and data.shape[-1] in (3, 4)})
 
 
 def _new_file_mode() -> int:

@@ -189,3 +189,10 @@ def test_viewer_opens_nifti_and_sample(make_napari_viewer, tmp_path):
     np.testing.assert_array_equal(layer.scale, (3.0, 2.0, 1.5))
     viewer.open_sample("napari-openseg", "mni152")
     assert [layer.name for layer in viewer.layers][-2:] == ["MNI152 T1", "MNI152 GM-WM labels"]
+
+
+def test_a_nifti_three_voxels_deep_on_x_opens_as_a_volume_not_as_rgb(tmp_path):
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((3, 8, 9)).astype(np.float32), AFFINE),
+             str(tmp_path / "thin.nii.gz"))
+    [(data, kwargs, kind)] = read(tmp_path / "thin.nii.gz")
+    assert kind == "image" and data.shape == (9, 8, 3) and kwargs["rgb"] is False

@@ -70,6 +70,20 @@ def test_a_slice_added_twice_is_one_entry(viewer, painted, inline, qtbot):
     assert sorted((e.slice_index, e.label) for e in support.entries) == [(3, 1), (8, 2)]
 
 
+def test_a_2d_image_added_twice_is_one_entry(viewer, inline, qtbot):
+    image = np.random.default_rng(0).random((20, 24)).astype(np.float32)
+    labels = np.zeros(image.shape, np.uint8)
+    labels[4:10, 4:10] = 1
+    viewer.add_image(image, name="picture")
+    viewer.add_labels(labels, name="paint")
+    widget = SupportSetWidget(viewer)
+    qtbot.addWidget(widget)
+    widget.add_current_slice()
+    widget.add_all_slices()
+    widget.add_all_slices()
+    assert get_session(viewer).support.counts() == {1: 1}  # was 3: 2D entries name no slice
+
+
 def test_add_all_labelled_slices_with_chosen_tasks(viewer, painted, inline, qtbot):
     widget = SupportSetWidget(viewer)
     qtbot.addWidget(widget)
@@ -148,6 +162,7 @@ def test_save_and_load(viewer, painted, inline, qtbot, tmp_path, errors):
     get_session(viewer).clear_support()
     assert widget.load_from(path) == 2
     assert widget.gallery.count() == 2
+    assert widget.load_from(path) == 0 and widget.gallery.count() == 2  # held already: none added
     assert widget.load_from(tmp_path / "missing.npz") == 0
     assert "no such support-set file" in errors[-1]
 

@@ -102,6 +102,8 @@ def nifti_layer_data(image: ImageData) -> tuple[np.ndarray, dict[str, Any], str]
         "path": str(image.path) if image.path else None,
     }
     kwargs = {"name": image.name, "scale": tuple(image.spacing), "metadata": {NIFTI_KEY: meta}}
+    if kind == "image":
+        kwargs["rgb"] = False  # a last axis of 3 or 4 voxels is space, not colour (napari would guess RGB)
     return data, kwargs, kind
 
 
@@ -135,8 +137,9 @@ def read_support_file(path: str) -> list[tuple]:
         return [(None,)]
     session = get_session(viewer)
     count = session.load_support(path)
+    held = "" if count else ", all of them already in the set"
     show_info(
-        f"added {count} support entries from {Path(path).name} (now {len(session.support)}); "
+        f"added {count} support entries from {Path(path).name}{held} (now {len(session.support)}); "
         "see them in Plugins > OpenSeg > Support set"
     )
     return [(None,)]  # napari's marker for "read, but no layer to add"

@@ -74,11 +74,16 @@ class Session:
         (same source, axis and slice) is not added again: adding the current slice, then all labelled
         slices, would otherwise count it twice."""
         held = {_slice_key(e) for e in self._support.entries}
-        entries = [e for e in entries if (key := _slice_key(e)) is None or key not in held]
-        if entries:
-            self._support.extend(entries)
+        fresh = []
+        for entry in entries:
+            key = _slice_key(entry)
+            if key not in held:
+                held.add(key)
+                fresh.append(entry)
+        if fresh:
+            self._support.extend(fresh)
             self.support_changed.emit(self._support)
-        return len(entries)
+        return len(fresh)
 
     def remove_entries(self, indices: Sequence[int]) -> int:
         """Remove entries by position (any order, duplicates ignored); returns how many went."""
@@ -105,18 +110,20 @@ class Session:
         self.support_changed.emit(self._support)
 
     def load_support(self, path: str | Path, replace: bool = False) -> int:
-        """Read a support-set file and add its entries (or replace the set); returns the count read.
+        """Read a support-set file and add its entries (or replace the set); returns how many entries
+        the set gained (entries it already held are not added twice).
 
         Appending is the default so that opening a file never discards entries already collected.
         """
         loaded = SupportSet.load(path)
         if replace:
             self.replace_support(loaded)
+            added = len(loaded)
         else:
             self._support.metadata.update(loaded.metadata)
-            self.add_entries(loaded.entries)
-        log.info("loaded %d support entries from %s", len(loaded), path)
-        return len(loaded)
+            added = self.add_entries(loaded.entries)
+        log.info("added %d of the %d support entries in %s", added, len(loaded), path)
+        return added
 
     def save_support(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the support set to ``path`` (``.npz``), atomically; refuses an existing file unless
@@ -149,10 +156,8 @@ class Session:
 
 
 def _slice_key(entry: SupportEntry):
-    """What makes two entries the same: the same slice of the same source, painted the same, for the
-    same label (a repainted slice is a new entry); ``None`` for entries that name no slice."""
-    if entry.slice_index is None:
-        return None
+    """What makes two entries the same: the same slice (or 2D image) of the same source, painted the
+    same, for the same label (a repainted slice is a new entry)."""
     content = hashlib.blake2b(entry.image.tobytes() + entry.mask.tobytes(), digest_size=16).digest()
     return entry.source, entry.axis, entry.slice_index, entry.label, content
 

@@ -40,6 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.labelled_slices < n_slices:
         raise OpenSegError(f"--labelled-slices must be between 1 and {n_slices - 1}")
     out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OpenSegError(f"{out_dir} is a file; --out names the folder for the demo's results")
     out_dir.mkdir(parents=True, exist_ok=True)
     support_path = out_dir / "sample_support.npz"
     result_path = out_dir / "sample_openseg.nii.gz"

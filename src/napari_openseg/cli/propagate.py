@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             unordered=args.unordered,
             device=args.device,
             seed=args.seed,
+            rgb=image.rgb,
             **options,
         ),
         f"propagate {image.name}",

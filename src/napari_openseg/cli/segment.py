@@ -66,9 +66,12 @@ def run(args: argparse.Namespace) -> int:
 
     from ..core.inference import iter_segment
     from ..core.support import SupportSet
+    from ..errors import OpenSegError
     from ..io import check_writable, read_image, write_image
     from ._progress import with_progress_bar
 
+    if not -3 <= args.axis < 3:  # checked here: the core checks it per volume, after a 2D input's output
+        raise OpenSegError(f"--axis must be 0, 1 or 2 (or -1..-3), got {args.axis}")
     support = SupportSet.load(args.support)
     outputs = output_paths(args)
     for path in outputs:  # refuse before any work is done
@@ -92,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 precision=args.precision,
                 seed=args.seed,
                 keep_probabilities=args.probabilities,
+                rgb=image.rgb,
             ),
             f"segment {image.name}",
             unit="slice",

@@ -23,6 +23,8 @@ def register(subparsers) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from ..core.support import SupportSet, entries_from_arrays
     from ..errors import OpenSegError
     from ..io import check_writable, read_image
@@ -31,18 +33,29 @@ def run_build(args: argparse.Namespace) -> int:
         raise OpenSegError(f"give one --labels per --image ({len(args.image)} images, {len(args.labels)} labels)")
     check_writable(args.out, args.overwrite)
     support = SupportSet(metadata={"axis": args.axis})
+    wanted = None if args.label_values is None else sorted(set(args.label_values))
+    found: set[int] = set()
     for image_path, labels_path in zip(args.image, args.labels):
         image, labels = read_image(image_path), read_image(labels_path)
+        # each requested value comes from the images that hold it; one image need not hold them all
+        present = None if wanted is None else [v for v in wanted if np.any(labels.data == v)]
+        if present == []:
+            continue
+        found.update(present or [])
         support.extend(
             entries_from_arrays(
                 image.data,
                 labels.data,
                 axis=args.axis,
                 source=image.name,
-                label_values=args.label_values,
+                label_values=present,
                 slice_indices=args.slices,
+                rgb=image.rgb,
             )
         )
+    missing = sorted(set(wanted or []) - found)
+    if missing:
+        raise OpenSegError(f"label value {missing[0]} occurs in none of the --labels files")
     support.save(args.out, overwrite=args.overwrite)
     counts = ", ".join(f"label {k}: {v}" for k, v in support.counts().items())
     print(f"wrote {args.out}: {len(support)} entries ({counts})")

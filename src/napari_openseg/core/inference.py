@@ -50,6 +50,8 @@ def label_dtype(max_label: int) -> np.dtype:
     for dtype in (np.uint8, np.uint16, np.uint32):
         if max_label <= np.iinfo(dtype).max:
             return np.dtype(dtype)
+    if max_label > np.iinfo(np.int64).max:
+        raise OpenSegError(f"label value {max_label} is beyond 64-bit labels; renumber the labels")
     return np.dtype(np.int64)
 
 
@@ -207,6 +209,8 @@ def iter_segment(
         raise OpenSegError(f"batch size must be >= 1 (or left out for automatic), got {batch_size}")
     if not 0.0 <= threshold <= 1.0:
         raise OpenSegError(f"threshold must lie in [0, 1], got {threshold}")
+    if seed < 0:
+        raise OpenSegError(f"the seed must be 0 or more, got {seed}")
     values = support.validate(label_values)
     torch_device = resolve_device(device)
     dtype = resolve_precision(precision, torch_device)

@@ -324,6 +324,8 @@ def iter_propagate(
         raise OpenSegError(
             f"draws, stop_after and support size must be >= 1, got {draws}, {stop_after}, {support_size}"
         )
+    if seed < 0:
+        raise OpenSegError(f"the seed must be 0 or more, got {seed}")
     if direction not in DIRECTIONS:
         raise OpenSegError(f"direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     if not 0.0 <= min_area < 1.0 or not 0.0 <= threshold <= 1.0 or not 0.0 <= stop_confidence <= 1.0:

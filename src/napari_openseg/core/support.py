@@ -107,6 +107,7 @@ class SupportSet:
                     f"task {value} has no foreground in any of its {len(task)} entries; "
                     "paint the structure on at least one slice"
                 )
+        _check_entries(self.entries, wanted)
         return wanted
 
     def sample(self, label: int, size: int, rng: np.random.Generator) -> list[SupportEntry]:
@@ -123,6 +124,7 @@ class SupportSet:
         path = Path(path)
         if path.suffix.lower() != ".npz":
             raise OpenSegError(f"{path}: a support set is saved as a .npz file")
+        _check_entries(self.entries)  # a file that load() would refuse is never written
         meta = {
             "format": FORMAT_NAME,
             "version": FORMAT_VERSION,
@@ -184,13 +186,10 @@ def _check_format(meta: dict, path: Path) -> None:
 def _entry_from_file(archive, index: int, info: dict, path: Path) -> SupportEntry:
     image = np.asarray(archive[f"image_{index}"], dtype=np.float32)
     mask = np.asarray(archive[f"mask_{index}"]).astype(bool)
-    if image.ndim != 2 or image.shape != mask.shape:
-        raise OpenSegError(f"{path}: entry {index} has image {image.shape} and mask {mask.shape}")
-    if not np.all(np.isfinite(image)):
-        raise OpenSegError(f"{path}: entry {index}'s image holds NaN or infinite values; the file may be damaged")
     label = int(info["label"])
-    if label < 1:
-        raise OpenSegError(f"{path}: entry {index} has label value {label}; task labels are positive")
+    problem = _entry_problem(image, mask, label)
+    if problem:
+        raise OpenSegError(f"{path}: entry {index} {problem}; the file may be damaged")
     return SupportEntry(
         image=image,
         mask=mask,
@@ -199,6 +198,30 @@ def _entry_from_file(archive, index: int, info: dict, path: Path) -> SupportEntr
         slice_index=info.get("slice_index"),
         axis=info.get("axis"),
     )
+
+
+def _entry_problem(image: np.ndarray, mask: np.ndarray, label: int) -> str | None:
+    """What makes an entry unusable (the same rules on saving, loading and segmenting), or None."""
+    image, mask = np.asarray(image), np.asarray(mask)
+    if image.ndim != 2 or image.shape != mask.shape:
+        return f"has image {image.shape} and mask {mask.shape}"
+    if not np.all(np.isfinite(image)):
+        return "has an image that holds NaN or infinite values"
+    if int(label) < 1:
+        return f"has label value {label}; task labels are positive"
+    return None
+
+
+def _check_entries(entries: Sequence[SupportEntry], labels: Iterable[int] | None = None) -> None:
+    """Refuse the first unusable entry (of the tasks ``labels``, default all) by its position."""
+    wanted = None if labels is None else set(labels)
+    for index, entry in enumerate(entries):
+        if wanted is not None and entry.label not in wanted:
+            continue
+        problem = _entry_problem(entry.image, entry.mask, entry.label)
+        if problem:
+            raise OpenSegError(f"support entry {index} (label {entry.label}, from {entry.source}) {problem}; "
+                               "build it again from its image and labels")
 
 
 def check_labels(labels: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
