@@ -179,8 +179,9 @@ def _ome_pixel_sizes(ome_xml: str | None) -> dict[int, float]:
     pixels = next((e for e in root.iter() if e.tag.rsplit("}", 1)[-1] == "Pixels"), None)
     sizes = {}
     for axis, name in ((-1, "PhysicalSizeX"), (-2, "PhysicalSizeY"), (-3, "PhysicalSizeZ")):
+        raw = pixels.get(name) if pixels is not None else None
         try:
-            value = float(pixels.get(name)) if pixels is not None and pixels.get(name) else 0.0
+            value = float(raw) if raw else 0.0
         except ValueError:
             value = 0.0
         if value > 0:

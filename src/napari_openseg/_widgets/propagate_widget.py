@@ -215,8 +215,8 @@ class PropagationWidget(QWidget):
         self.plot.set_values(live)
         if self._preview is None:
             prompt = self._pending["prompt"]  # its type holds every label value painted in it
-            self._preview = put_output_layer(self.viewer, source, np.zeros(prompt.shape, prompt.dtype), role=PREVIEW_ROLE,
-                                             name=f"{source.name} (propagating)", opacity=0.5)
+            self._preview = put_output_layer(self.viewer, source, np.zeros(prompt.shape, prompt.dtype),
+                                             role=PREVIEW_ROLE, name=f"{source.name} (propagating)", opacity=0.5)
             self._preview.editable = False  # strokes on a layer that is dropped at the end would be lost
         plane = np.moveaxis(self._preview.data, self._pending["axis"], 0)[s]
         plane[payload["mask"]] = payload["label"]

@@ -37,11 +37,12 @@ def run_build(args: argparse.Namespace) -> int:
     found: set[int] = set()
     for image_path, labels_path in zip(args.image, args.labels):
         image, labels = read_image(image_path), read_image(labels_path)
-        # each requested value comes from the images that hold it; one image need not hold them all
-        present = None if wanted is None else [v for v in wanted if np.any(labels.data == v)]
-        if present == []:
-            continue
-        found.update(present or [])
+        present = None
+        if wanted is not None:  # each requested value comes from the images that hold it
+            present = [v for v in wanted if np.any(labels.data == v)]
+            if not present:
+                continue
+            found.update(present)
         support.extend(
             entries_from_arrays(
                 image.data,

@@ -32,7 +32,7 @@ from ..errors import OpenSegError
 from ..io import atomic_path
 from ..model.fast import fast_forward
 from ..model.registry import network_from_file, save_weights
-from ..model.universeg import UniverSeg, build_network, config_from_state_dict
+from ..model.universeg import UniverSeg, UniverSegConfig, build_network, config_from_state_dict
 from .episodes import EpisodeConfig, Episodes, episode_loss, hard_dice, training_batch, validation_episodes
 from .synth import SynthConfig
 from .tasks import TaskBank, build_bank, shared_volumes
@@ -134,7 +134,7 @@ def check_architecture(config: TrainConfig) -> None:
     levels = len(config.widths)
     if levels < 2:
         raise OpenSegError(f"a network needs at least 2 encoder widths, got {list(config.widths)}")
-    divisor = 2 ** (levels - 1)  # each encoder level after the first halves the grid
+    divisor = UniverSegConfig(encoder_channels=config.widths).downsampling
     if config.grid < divisor or config.grid % divisor:
         source = f" (those of {config.init_weights})" if config.init_weights else ""
         raise OpenSegError(f"the grid must be a multiple of {divisor} with {levels} encoder widths{source}, "
