@@ -136,6 +136,16 @@ def test_user_mistakes_get_a_message(files, capsys):
     assert not (files / "x.pt").exists() and not (files / "y.nii.gz").exists()
 
 
+def test_adapting_a_model_without_an_unknown_and_a_scores_file_get_messages(model_file, files, capsys):
+    trained = ["novelty", "map", "--model", str(model_file), "--image", str(files / "vol.nii.gz"),
+               "--out", str(files / "z.nii.gz")]
+    assert main([*trained, "--adapt-unknown", "5"]) == 2  # it did nothing, silently
+    assert "has no unknown prototype to adapt" in capsys.readouterr().err
+    assert main([*trained, "--scores-out", str(files / "vol.nii.gz")]) == 2
+    assert "is a file; it names the folder" in capsys.readouterr().err
+    assert not (files / "z.nii.gz").exists()
+
+
 def test_training_free_map_refuses_a_support_size_of_0(files, tiny_weights, capsys, tmp_path):
     from napari_openseg.core.support import build_support_set
 

@@ -106,6 +106,8 @@ def test_training_writes_a_resumable_checkpoint_that_carries_the_prototypes(trai
                             device="cpu")
     assert resumed.steps == 3 and resumed.losses[:2] == result.losses
     assert NoveltyModel.load(checkpoint).info["trained_steps"] == 3
+    with pytest.raises(OpenSegError, match="has trained 3 steps already"):  # it reported 1 step before
+        train_novelty([image], [labels], tiny_settings(epochs=1), checkpoint=checkpoint, resume=True, device="cpu")
     with pytest.raises(OpenSegError, match="trained on classes"):
         train_novelty([image], [np.minimum(labels, 1)], tiny_settings(epochs=4), checkpoint=checkpoint,
                       resume=True, device="cpu")
@@ -127,6 +129,15 @@ def test_model_file_round_trip_and_refusals(trained, tmp_path):
         NoveltyModel.load(tmp_path / "other.pt")
     with pytest.raises(OpenSegError, match="does not exist"):
         NoveltyModel.load(tmp_path / "missing.pt")
+    for damage, message in ((lambda c: c.pop("class_values"), "lacks class_values"),
+                            (lambda c: c.update(downsample=0), "shrink factor is 0"),
+                            (lambda c: c["bank"].update(unknown=torch.zeros(3)), "unknown prototype has 3 values"),
+                            (lambda c: c["bank"]["prototypes"].fill_(float("nan")), "NaN or infinite prototypes")):
+        damaged = torch.load(path, weights_only=True)
+        damage(damaged)
+        torch.save(damaged, tmp_path / "damaged.pt")
+        with pytest.raises(OpenSegError, match=message):  # KeyError, ZeroDivisionError, RuntimeError before
+            NoveltyModel.load(tmp_path / "damaged.pt")
 
 
 def test_whole_volume_map_has_the_input_shape_and_uses_the_unknown_prototype(trained):
@@ -157,6 +168,8 @@ def test_helpers():
     assert window_starts(64, 64, 0.5) == [0] and window_starts(10, 64, 0.5) == [0]
     labels = np.array([0, 3, 7, 9])
     assert class_indices(labels, [0, 3, 7]).tolist() == [0, 1, 2, -1]
+    huge = np.array([[0, 2**40], [5, 2**40 + 1]], np.int64)  # a lookup table as long as 2**40 once
+    assert class_indices(huge, [2**40, 0]).tolist() == [[1, 0], [-1, -1]]
     image, _ = sphere_volume()
     mask = body_mask(image)
     assert mask[16, 16, 24] and mask[16, 16, 52] and not mask[0, 0, 0]

@@ -176,6 +176,8 @@ def test_auroc_values_and_errors():
         auroc(score, np.zeros(6, bool), ~novel)
     with pytest.raises(OpenSegError, match="both novel and known"):
         auroc(score, novel, np.ones(6, bool))
+    with pytest.raises(OpenSegError, match="needs finite scores"):  # NaN ranked above everything
+        auroc(np.array([np.nan, 0.2, 0.3, 0.9, 0.8, 0.5]), novel, ~novel)
 
 
 def test_maps_from_raw_flag_the_far_away_block():

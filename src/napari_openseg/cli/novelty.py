@@ -141,6 +141,7 @@ def run_map(args: argparse.Namespace) -> int:
     from ..core.inference import load_support
     from ..core.novelty_free import iter_training_free_novelty
     from ..core.novelty_map import iter_novelty_map
+    from ..core.novelty_model import NoveltyModel
     from ..errors import OpenSegError
     from ..io import check_writable, read_image, write_image
     from ._progress import with_progress_bar
@@ -150,6 +151,8 @@ def run_map(args: argparse.Namespace) -> int:
     extra = {}
     if args.scores_out:
         folder = Path(args.scores_out)
+        if folder.exists() and not folder.is_dir():
+            raise OpenSegError(f"--scores-out {folder} is a file; it names the folder for the score maps")
         if not folder.is_dir():
             raise OpenSegError(f"scores folder {folder} does not exist")
         extra = score_paths(out, folder)
@@ -173,8 +176,12 @@ def run_map(args: argparse.Namespace) -> int:
         seed_image = read_image(args.seed_image).data if args.seed_image else image.data
         seed = (seed_image, read_image(args.seed_mask).data != 0)
     if args.model:
+        model = NoveltyModel.load(args.model)
+        if args.adapt_unknown and not args.no_unknown and model.bank.unknown is None:
+            raise OpenSegError(f"{args.model} has no unknown prototype to adapt; seed one first with "
+                               "`openseg novelty seed`, or leave out --adapt-unknown")
         maps = with_progress_bar(
-            iter_novelty_map(image.data, args.model, mask=mask, use_unknown=not args.no_unknown,
+            iter_novelty_map(image.data, model, mask=mask, use_unknown=not args.no_unknown,
                              adapt_unknown=args.adapt_unknown, device=args.device),
             f"novelty {image.name}",
         )

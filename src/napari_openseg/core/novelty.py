@@ -163,6 +163,8 @@ def auroc(score: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> floa
         raise OpenSegError(f"score {score.shape}, positive {positive.shape} and negative {negative.shape} differ")
     if (positive & negative).any():
         raise OpenSegError("a voxel cannot be both novel and known")
+    if not np.isfinite(score[positive | negative]).all():  # NaN would rank above every value
+        raise OpenSegError("AUROC needs finite scores; the map holds NaN or infinite values in the masks")
     pos, neg = score[positive], score[negative]
     if pos.size == 0 or neg.size == 0:
         raise OpenSegError("AUROC needs at least one novel and one known voxel")

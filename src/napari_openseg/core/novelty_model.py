@@ -104,6 +104,9 @@ def read_model_file(path: str | Path) -> dict:
 def model_from_payload(content: dict, device: str | torch.device = "cpu") -> NoveltyModel:
     from ..model.medopenseg import MedOpenSeg, MedOpenSegConfig
 
+    missing = [key for key in ("config", "state_dict", "bank", "class_values") if key not in content]
+    if missing:
+        raise OpenSegError(f"the model file lacks {', '.join(missing)}; it is damaged or incomplete")
     try:
         config = MedOpenSegConfig(**content["config"])
     except (TypeError, ValueError) as err:
@@ -111,14 +114,19 @@ def model_from_payload(content: dict, device: str | torch.device = "cpu") -> Nov
     network = MedOpenSeg(config)
     try:
         network.load_state_dict(content["state_dict"], strict=True)
-    except RuntimeError as err:
+    except (RuntimeError, TypeError, AttributeError) as err:
         raise OpenSegError(f"the model file's weights do not fit its architecture ({err})") from err
     bank = PrototypeBank.from_state_dict(content["bank"])
-    values = [int(v) for v in content["class_values"]]
+    try:
+        values = [int(v) for v in content["class_values"]]
+        downsample = int(content.get("downsample", 1))
+    except (TypeError, ValueError) as err:
+        raise OpenSegError(f"the model file's classes or shrink factor are not numbers ({err})") from err
     if len(values) != config.num_classes or bank.class_values != values:
         raise OpenSegError("the model file's classes, network and prototype bank disagree")
-    return NoveltyModel(network.to(device).eval(), bank, values, int(content.get("downsample", 1)),
-                        dict(content.get("info", {})))
+    if downsample < 1:
+        raise OpenSegError(f"the model file's shrink factor is {downsample}; it must be 1 or more")
+    return NoveltyModel(network.to(device).eval(), bank, values, downsample, dict(content.get("info", {})))
 
 
 # ---------------------------------------------------------------------- volumes
@@ -180,10 +188,11 @@ def check_volume(image: np.ndarray) -> np.ndarray:
 
 
 def class_indices(labels: np.ndarray, class_values: list[int], ignore: int = -1) -> np.ndarray:
-    """Label values -> class indices; values that are not classes become ``ignore``."""
+    """Label values -> class indices; values that are not classes become ``ignore``. By search in
+    the sorted class values, not a lookup table, whose size would follow the largest label (2**40)."""
     labels = np.asarray(labels)
-    lookup_size = int(max(int(labels.max()) if labels.size else 0, max(class_values))) + 1
-    lookup = np.full(lookup_size, ignore, np.int64)
-    for index, value in enumerate(class_values):
-        lookup[value] = index
-    return lookup[labels.astype(np.int64)]
+    order = np.argsort(class_values)
+    known = np.asarray(class_values, np.int64)[order]
+    position = np.clip(np.searchsorted(known, labels), 0, len(known) - 1)
+    found = known[position] == labels
+    return np.where(found, order[position], ignore).astype(np.int64)

@@ -204,10 +204,16 @@ class PrototypeBank:
                 f"prototype bank arrays do not match: prototypes {tuple(prototypes.shape)}, "
                 f"{bank.num_classes} classes of size {bank.dim}"
             )
+        if not torch.isfinite(prototypes).all():
+            raise OpenSegError("the prototype bank holds NaN or infinite prototypes; the file is damaged")
         bank.prototypes, bank.counts = prototypes.clone(), counts.clone()
         bank.embedding_scale = float(state.get("embedding_scale", 1.0))
         if state.get("unknown") is not None:
-            bank.unknown = _as_tensor(state["unknown"]).reshape(bank.dim).clone()
+            unknown = _as_tensor(state["unknown"])
+            if unknown.numel() != bank.dim or not torch.isfinite(unknown).all():
+                raise OpenSegError(f"the unknown prototype has {unknown.numel()} values (or non-finite ones); "
+                                   f"the bank's embeddings have {bank.dim}")
+            bank.unknown = unknown.reshape(bank.dim).clone()
             bank.unknown_source = str(state.get("unknown_source", ""))
         return bank
 
@@ -230,4 +236,6 @@ class PrototypeBank:
             unreadable="{path} is not a readable prototype-bank file ({detail})",
             foreign="{path} is not a napari-openseg prototype-bank file",
         )
+        if "bank" not in content:
+            raise OpenSegError(f"{path} holds no prototype bank; the file is damaged")
         return cls.from_state_dict(content["bank"])

@@ -203,6 +203,10 @@ def iter_train_novelty(
         start, losses = int(state["training"]["step"]), list(state["training"]["losses"])
     steps_per_epoch = math.ceil(len(data) * settings.samples_per_volume / settings.batch_size)
     total = settings.epochs * steps_per_epoch
+    if total < start:  # the network has trained further than asked: it cannot be reported as shorter
+        raise OpenSegError(f"{checkpoint} has trained {start} steps already, more than {settings.epochs} "
+                           f"epoch(s) of {steps_per_epoch} steps; pass at least "
+                           f"--epochs {math.ceil(start / steps_per_epoch)} to resume it")
     transform = _transforms(settings, k)
     model.info = {"trained_steps": start, "settings": _settings_dict(settings), "class_values": values}
     log.info("training %d classes %s on %d volume(s): %d steps on %s", k, values, len(data), total, torch_device)
