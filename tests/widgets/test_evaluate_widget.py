@@ -107,3 +107,20 @@ def test_cancel_in_a_worker(widget, folder, qtbot, threaded):
         widget.run()
         widget.cancel()
     assert blocker.args == ["cancelled"] and widget.report is None
+
+
+def test_the_session_device_is_used_as_chosen_auto_included(viewer, widget, folder, inline, monkeypatch):
+    from napari_openseg._widgets import evaluate_widget
+
+    seen = []
+
+    def record(folder, weights, **settings):
+        seen.append(settings["device"])
+        raise RuntimeError("stop here")
+        yield
+
+    monkeypatch.setattr(evaluate_widget, "iter_evaluate", record)
+    get_session(viewer).set_model(device="auto")  # "auto" became "cpu": a GPU was never used
+    widget.folder.setText(str(folder))
+    widget.run()
+    assert seen == ["auto"]

@@ -191,6 +191,46 @@ def test_batch_after_a_single_run_leaves_no_preview_and_follows_moved_sources(vi
     assert np.allclose(viewer.layers["A openseg"].scale, layer_a.scale)
 
 
+def test_a_duplicated_output_is_the_users_and_a_rerun_leaves_it_alone(viewer, qtbot, tiny_weights, threaded):
+    from napari.layers._layer_actions import _duplicate_layer
+
+    from napari_openseg._widgets._controls import is_user_labels
+
+    image, mask = disc_volume(depth=4, size=24)
+    viewer.add_image(image, name="vol")
+    get_session(viewer).replace_support(build_support_set(image, mask, slice_indices=[1, 2]))
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    assert run_and_wait(qtbot, widget) == "done"
+    output = viewer.layers["vol openseg"]
+    viewer.layers.selection = {output}
+    _duplicate_layer(viewer.layers)  # Layer > Duplicate Layer: the copy shares the output's metadata
+    copy = viewer.layers["vol openseg copy"]
+    copy.paint((0, 0, 0), 9, refresh=False)  # the user's fix, on the copy
+    assert owner_info(copy) is None and is_user_labels(copy)
+    viewer.layers.remove(output)
+    assert run_and_wait(qtbot, widget) == "done"
+    assert (copy.data == 9).any() and "vol openseg" in names(viewer)  # a new output; the copy kept its fix
+
+
+def test_an_output_follows_a_source_moved_during_the_run(viewer, qtbot, tiny_weights, threaded):
+    image, mask = disc_volume(depth=8, size=24)
+    source = viewer.add_image(image, name="vol")
+    get_session(viewer).replace_support(build_support_set(image, mask, slice_indices=[1, 5]))
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    moved = []
+
+    def move(done):
+        if not moved:
+            moved.append(done)
+            source.scale, source.translate = (3.0, 2.0, 2.0), (5.0, 1.0, 1.0)
+
+    widget.preview_updated.connect(move)
+    assert run_and_wait(qtbot, widget) == "done" and moved
+    output = viewer.layers["vol openseg"]
+    np.testing.assert_allclose(output.scale, source.scale)
+    np.testing.assert_allclose(output.translate, source.translate)
+
+
 def test_batch_mode_leaves_out_images_that_are_not_2d_or_3d(viewer, qtbot, tiny_weights, threaded):
     a, mask = disc_volume(depth=6, size=32, seed=1)
     viewer.add_image(a, name="A")
@@ -237,6 +277,15 @@ def test_a_model_chosen_by_a_script_shows_in_the_widget(viewer, qtbot, tiny_weig
     assert get_session(viewer).weights == str(tiny_weights)  # nothing was sent back
     get_session(viewer).set_model(weights="openseg-default")
     assert widget.weights_combo.currentText() == "openseg-default" and "bundled" in widget.weights_note.text()
+    get_session(viewer).set_model(weights="universeg-v1", device="cuda")  # neither is here: shown, not ignored
+    assert (widget.weights_combo.currentText(), widget.device_combo.currentText()) == ("universeg-v1", "cuda")
+    assert "not installed" in widget.weights_note.text()
+
+
+def test_a_weights_path_with_a_tilde_is_a_file(viewer, qtbot, tiny_weights, monkeypatch):
+    monkeypatch.setenv("HOME", str(tiny_weights.parent))
+    widget = make_segmenter(viewer, qtbot, f"~/{tiny_weights.name}")
+    assert widget.weights_note.text() == "" and get_session(viewer).weights == str(tiny_weights)
 
 
 def test_a_second_segment_run_on_the_same_image_is_refused_while_the_first_runs(

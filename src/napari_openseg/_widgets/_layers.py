@@ -4,12 +4,15 @@ Ownership: a layer this plugin creates carries ``layer.metadata["openseg"] = {"r
 <unique id of the layer it was computed from>}``. :func:`put_output_layer` only ever replaces such a
 layer (same role, same source) that nobody has painted on since: once a user paints on an output
 labels layer it is marked ``"edited"`` and becomes theirs, so a later run makes a new layer instead.
+Only the layer objects the plugin made count: a duplicate of an output (which shares its metadata) is
+the user's.
 Geometry (scale, translate, rotate, shear, affine, units, axis labels) and the NIfTI reference of the
 source (``metadata["nifti"]``, so that saving gives the file its source's affine back) are copied.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -40,8 +43,15 @@ def labels_layers(viewer, include_owned: bool = True) -> list:
     ]
 
 
+#: The layer objects this plugin made. The metadata alone does not tell: napari's "Duplicate Layer"
+#: gives the copy the very same metadata, and the copy (with the user's fixes) is the user's.
+_MADE: weakref.WeakSet = weakref.WeakSet()
+
+
 def owner_info(layer) -> dict | None:
     """``{"role": ..., "source": ...}`` for a layer this plugin made, else ``None``."""
+    if layer not in _MADE:
+        return None
     info = layer.metadata.get(OWNER_KEY) if isinstance(layer.metadata, dict) else None
     return info if isinstance(info, dict) else None
 
@@ -167,11 +177,13 @@ def put_output_layer(
         return existing
     if existing is not None:  # same role but another kind of layer: ours, so it may go
         viewer.layers.remove(existing)
-    if layer_type == "image":
-        return viewer.add_image(data, name=name, metadata=metadata, **geometry, **kwargs)
-    layer = viewer.add_labels(data, name=name, metadata=metadata, **geometry, **kwargs)
-    layer.events.paint.connect(_mark_edited)
-    return layer
+    from napari.layers import Image, Labels
+
+    layer = (Image if layer_type == "image" else Labels)(data, name=name, metadata=metadata, **geometry, **kwargs)
+    if layer_type == "labels":
+        layer.events.paint.connect(_mark_edited)
+    _MADE.add(layer)  # before it joins the viewer: widgets that list layers on insertion see it as ours
+    return viewer.add_layer(layer)
 
 
 def _mark_edited(event) -> None:

@@ -145,6 +145,7 @@ class Preview:
             if borrowed.layer not in self.viewer.layers:
                 return None
             borrowed.layer.data = data
+            place_like(borrowed.layer, source)  # the source may have moved during the run
             borrowed.layer.name = borrowed.name
             borrowed.layer.editable = borrowed.editable
             self._refresh_status()
@@ -158,6 +159,7 @@ class Preview:
         self._forget(layer)
         layer.metadata.update(output_metadata(source, self.output_role))
         layer.data = data
+        place_like(layer, source)  # the source may have moved during the run
         layer.name = name
         layer.opacity = 0.7
         layer.editable = True

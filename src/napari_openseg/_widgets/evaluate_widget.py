@@ -124,7 +124,7 @@ class EvaluateWidget(QWidget):
             label_values=label_values,
             support_size=self.support_size.value(), ensemble=self.ensemble.value(), seed=self.seed.value(),
             support_split=self.support_split.currentText(), max_queries=self.max_queries.value() or None,
-            device=self.session.device if self.session.device != "auto" else "cpu",
+            device=self.session.device,  # the Segment widget's choice, as docs/evaluation.md says
         )
         weights = self.session.weights
         self._outcome = "failed"

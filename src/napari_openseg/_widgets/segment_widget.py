@@ -151,7 +151,9 @@ class SegmentationWidget(QWidget):
         self._show_weights(self.session.weights)
 
     def _show_weights(self, chosen: str) -> None:
-        if chosen in REGISTRY and self.weights_combo.findText(chosen) >= 0:
+        if chosen in REGISTRY:
+            if self.weights_combo.findText(chosen) < 0:  # chosen by a script though not installed: show it
+                self.weights_combo.insertItem(self.weights_combo.findText(WEIGHTS_FILE), chosen)
             self.weights_combo.setCurrentText(chosen)
         elif chosen not in REGISTRY:
             self.weights_combo.setCurrentText(WEIGHTS_FILE)
@@ -163,8 +165,9 @@ class SegmentationWidget(QWidget):
             control.blockSignals(True)
         try:
             self._show_weights(weights)
-            if self.device_combo.findText(device) >= 0:
-                self.device_combo.setCurrentText(device)
+            if self.device_combo.findText(device) < 0:  # e.g. "cuda:1" from a script: show what runs
+                self.device_combo.addItem(device)
+            self.device_combo.setCurrentText(device)
         finally:
             for control in (self.weights_combo, self.weights_path, self.device_combo):
                 control.blockSignals(False)
@@ -187,6 +190,8 @@ class SegmentationWidget(QWidget):
         from_file = self.weights_combo.currentText() == WEIGHTS_FILE
         self._file_row.setVisible(from_file)
         spec = self.weights_path.text().strip() if from_file else self.weights_combo.currentText()
+        if spec and from_file:
+            spec = str(Path(spec).expanduser())  # "~/weights.pt" is a file too
         if spec:
             self.session.set_model(weights=spec, device=self.device_combo.currentText())
         if from_file:
