@@ -179,7 +179,8 @@ def put_output_layer(
         viewer.layers.remove(existing)
     from napari.layers import Image, Labels
 
-    layer = (Image if layer_type == "image" else Labels)(data, name=name, metadata=metadata, **geometry, **kwargs)
+    kind = Image if layer_type == "image" else Labels
+    layer = kind(data, name=name, metadata=metadata, **geometry, **kwargs)
     if layer_type == "labels":
         layer.events.paint.connect(_mark_edited)
     _MADE.add(layer)  # before it joins the viewer: widgets that list layers on insertion see it as ours

@@ -147,12 +147,13 @@ class PropagationWidget(QWidget):
             if self._run.get("source") is not source:
                 raise OpenSegError(f"the last run was on '{self._run['source'].name}': choose that image again")
             edited = np.asarray(self.output.data)
-            if not self.result.changed_slices(edited):
+            changed = self.result.changed_slices(edited)
+            if not changed:
                 raise OpenSegError(
                     f"no slice of '{self.output.name}' was changed: fix a slice there first "
                     "(try 'Go to least confident slice')"
                 )
-            prompt, complete = self.result.with_corrections(self._run["prompt"], edited)
+            prompt, complete = self.result.with_corrections(self._run["prompt"], edited, changed)
             axis = self.result.axis
         else:
             if painted is None:

@@ -155,7 +155,7 @@ class SegmentationWidget(QWidget):
             if self.weights_combo.findText(chosen) < 0:  # chosen by a script though not installed: show it
                 self.weights_combo.insertItem(self.weights_combo.findText(WEIGHTS_FILE), chosen)
             self.weights_combo.setCurrentText(chosen)
-        elif chosen not in REGISTRY:
+        else:
             self.weights_combo.setCurrentText(WEIGHTS_FILE)
             self.weights_path.setText(chosen)
 

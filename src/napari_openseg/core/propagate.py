@@ -149,8 +149,9 @@ class PropagationResult:
         slices = _check_slices(slices, edited_stack.shape[0], "corrected")
         new_prompt = np.array(prompt, dtype=np.result_type(prompt.dtype, edited.dtype))
         new_stack = np.moveaxis(new_prompt, self.axis, 0)
-        others = (new_stack[slices] != 0) & ~np.isin(new_stack[slices], self.label_values)
-        new_stack[slices] = np.where(others & (edited_stack[slices] == 0), new_stack[slices], edited_stack[slices])
+        painted, fixes = new_stack[slices], edited_stack[slices]
+        others = (painted != 0) & ~np.isin(painted, self.label_values)
+        new_stack[slices] = np.where(others & (fixes == 0), painted, fixes)
         return new_prompt, sorted(set(self.complete_slices) | set(slices))
 
 
