@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..errors import OpenSegError
 from .preprocess import normalize_intensity
 from .prototypes import PrototypeBank
+from .support import has_finite_values
 from .tensor_files import load_format_file
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,30 @@ def check_volume(image: np.ndarray) -> np.ndarray:
         )
     if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
         raise OpenSegError(f"images must be real-valued, got dtype {image.dtype}")
+    if image.size == 0:
+        raise OpenSegError(f"the volume is empty (shape {image.shape})")
+    if not has_finite_values(image):
+        raise OpenSegError("the volume holds no finite values (all NaN or infinite): there is nothing to map")
     return image
+
+
+def check_mask(mask: np.ndarray | None, shape: tuple[int, ...], what: str = "mask") -> np.ndarray | None:
+    """``mask`` as booleans of the volume's ``shape`` (None stays None), checked before any work."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.shape != tuple(shape):
+        raise OpenSegError(f"{what} of shape {mask.shape} does not match the volume of shape {tuple(shape)}")
+    return mask.astype(bool, copy=False)
+
+
+def check_seed(image: np.ndarray, seed_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A painted unknown seed: a volume and a non-empty mask of its shape."""
+    image = check_volume(image)
+    seed_mask = check_mask(seed_mask, image.shape, "the unknown seed mask")
+    if not seed_mask.any():
+        raise OpenSegError("the unknown seed mask is empty: paint one instance of the unseen structure")
+    return image, seed_mask
 
 
 def class_indices(labels: np.ndarray, class_values: list[int], ignore: int = -1) -> np.ndarray:
