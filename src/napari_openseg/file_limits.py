@@ -78,30 +78,32 @@ def memory_budget() -> int:
 
 
 def check_budget(nbytes: int, path: str | Path, what: str) -> None:
-    """Refuse ``what`` (a phrase: "its header declares 2000x2000x2000 uint8 voxels") of ``nbytes``
-    when it exceeds :func:`memory_budget`."""
+    """Refuse reading ``path`` when it needs ``nbytes`` of memory, more than :func:`memory_budget`;
+    ``what`` says what the file declares ("its header declares 2000x2000x2000 uint8 values (7.5 GiB)")."""
     budget = memory_budget()
     if nbytes > budget:
         source = "" if os.environ.get(MEMORY_LIMIT_ENV) else ", half this machine's memory"
         raise OpenSegError(
-            f"{path}: {what}, {human_size(nbytes)} in memory, more than the budget of {human_size(budget)}"
-            f"{source}; set {MEMORY_LIMIT_ENV} (e.g. 32G) to allow more, or crop the data first"
+            f"{path}: {what}; reading it needs {human_size(nbytes)} of memory, more than the budget of "
+            f"{human_size(budget)}{source}: set {MEMORY_LIMIT_ENV} (e.g. 32G) to allow more, or crop the data first"
         )
 
 
 def check_stored_size(nbytes: int, available: int, path: str | Path, what: str, expansion: int = 1) -> None:
-    """Refuse ``what`` of ``nbytes`` when ``available`` bytes of file (expanding at most ``expansion``
-    times) cannot hold it: the file is truncated, damaged or crafted."""
+    """Refuse ``nbytes`` of declared content (``what``) when ``available`` bytes of file, expanding at
+    most ``expansion`` times, cannot hold it: the file is truncated, damaged or crafted."""
     if nbytes > max(0, available) * expansion:
         stored = "compressed data" if expansion > 1 else "data"
         raise OpenSegError(
-            f"{path}: {what} ({human_size(nbytes)}), more than its {human_size(max(0, available))} of "
-            f"{stored} can hold; the file is truncated, damaged or not what its header says"
+            f"{path}: {what}, more than its {human_size(max(0, available))} of {stored} can hold; "
+            "the file is truncated, damaged or not what its header says"
         )
 
 
 def describe_array(shape: tuple[int, ...], dtype: np.dtype) -> str:
-    return f"{'x'.join(str(int(s)) for s in shape) or 'a scalar'} {np.dtype(dtype).name} values"
+    """``"2000x2000x2000 uint8 values (7.5 GiB)"``."""
+    dims = "x".join(str(int(s)) for s in shape) or "a single"
+    return f"{dims} {np.dtype(dtype).name} values ({human_size(array_bytes(shape, dtype))})"
 
 
 def array_bytes(shape: tuple[int, ...], dtype: np.dtype) -> int:
@@ -167,14 +169,18 @@ def read_npy(path: str | Path) -> np.ndarray:
 
 
 def read_npz(
-    path: str | Path, names: list[str] | None = None, max_expansion: int = MAX_DEFLATE_EXPANSION
+    path: str | Path,
+    names: list[str] | None = None,
+    max_expansion: int = MAX_DEFLATE_EXPANSION,
+    kind: str = ".npz archive",
 ) -> dict[str, np.ndarray]:
     """The arrays ``names`` (default all) of an ``.npz`` file, checked before they are read.
 
     Each member's declared size (zip directory) must match its ``.npy`` header; the members together
     must fit the memory budget and, past :data:`EXPANSION_FLOOR`, expand at most ``max_expansion``
     times the file's size. Every member is read to its end, so zip's CRC-32 is checked. Damaged
-    archives raise ``OpenSegError``; pickled members are refused.
+    archives raise ``OpenSegError`` (saying the file is not a readable ``kind``); pickled members are
+    refused.
     """
     path = Path(path)
     file_size = path.stat().st_size
@@ -183,7 +189,7 @@ def read_npz(
             members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
             wanted = list(members) if names is None else [n for n in names if n in members]
             declared = sum(members[n].file_size for n in wanted)
-            what = f"its arrays declare {len(wanted)} members of {human_size(declared)} in all"
+            what = f"its {len(wanted)} arrays declare {human_size(declared)}"
             if declared > EXPANSION_FLOOR:
                 check_stored_size(declared, file_size, path, what, max_expansion)
             check_budget(declared, path, what)
@@ -204,5 +210,5 @@ def read_npz(
         raise
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as err:
         raise OpenSegError(
-            f"{path} is not a readable .npz archive: it is damaged or of another kind ({err}); nothing was read"
+            f"{path} is not a readable {kind}: it is damaged or of another kind ({err}); nothing was read"
         ) from err

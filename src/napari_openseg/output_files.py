@@ -55,7 +55,7 @@ def check_output(path: str | Path, overwrite: bool = False, inputs: Iterable[str
 def _check_target(path: Path, overwrite: bool) -> Path:
     if path.is_dir():
         raise OpenSegError(f"{path} is a folder; give a file name")
-    if path.exists() and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # a link counts, even one that leads nowhere
         raise OpenSegError(f"{path} exists; choose another name or pass --overwrite")
     if not path.parent.exists():
         raise OpenSegError(f"folder {path.parent} does not exist")

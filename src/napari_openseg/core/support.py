@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "napari-openseg support set"
 FORMAT_VERSION = 1
 METADATA_KEY = "openseg_support"
+SUPPORT_FILE = "napari-openseg support-set file"
 
 
 @dataclass
@@ -151,7 +152,7 @@ class SupportSet:
         if not path.is_file():
             raise OpenSegError(f"{path}: no such support-set file")
         try:
-            found = read_npz(path, [METADATA_KEY], MAX_SUPPORT_EXPANSION)
+            found = read_npz(path, [METADATA_KEY], MAX_SUPPORT_EXPANSION, SUPPORT_FILE)
             if METADATA_KEY not in found or found[METADATA_KEY].dtype.kind != "U":
                 raise OpenSegError(f"{path} is not a napari-openseg support-set file")
             meta = json.loads(str(found[METADATA_KEY]))
@@ -160,7 +161,7 @@ class SupportSet:
             if not isinstance(infos, list) or not all(isinstance(info, dict) for info in infos):
                 raise OpenSegError(f"{path}: its list of entries is damaged")
             names = [f"{kind}_{i}" for i in range(len(infos)) for kind in ("image", "mask")]
-            arrays = read_npz(path, names, MAX_SUPPORT_EXPANSION)
+            arrays = read_npz(path, names, MAX_SUPPORT_EXPANSION, SUPPORT_FILE)
             entries = [_entry_from_file(arrays, i, info, path) for i, info in enumerate(infos)]
             metadata = meta.get("metadata", {})
             if not isinstance(metadata, dict):

@@ -40,7 +40,7 @@ def _check_archive_sizes(path: Path) -> None:
         return  # torch's legacy format, or not an archive at all (torch.load says which)
     with zipfile.ZipFile(path) as archive:
         declared = sum(info.file_size for info in archive.infolist())
-    what = f"its archive declares {human_size(declared)} of content"
+    what = f"its archive declares {human_size(declared)} of content (torch stores tensors uncompressed)"
     check_stored_size(declared, path.stat().st_size, path, what)
     check_budget(declared, path, what)
 
