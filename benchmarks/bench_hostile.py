@@ -2,8 +2,10 @@
 costs in memory (docs/reliability.md).
 
 Every case builds its file in a temporary folder, runs one call in a new Python process and reports the
-``OpenSegError`` message (or "read"), how far the call raised the process's peak resident memory above
-where its imports left it (``ru_maxrss``), and the files the folder holds afterwards besides the inputs.
+``OpenSegError`` message (or "read" and the shape read), how much resident memory the call added at its
+peak (the kernel's peak, ``VmHWM``, reset when the call starts; see ``tests/_hostile.measure``), the
+process's peak while the call ran (imports included), and the files the folder holds afterwards
+besides the input.
 
     python benchmarks/bench_hostile.py            # prints a Markdown table
     python benchmarks/bench_hostile.py --json out.json
@@ -34,7 +36,17 @@ from tests._hostile import (  # noqa: E402
     write_zip,
 )
 
-NOVELTY_IMPORTS = "import napari_openseg.core.novelty_model, napari_openseg.model.medopenseg, monai.networks.nets"
+#: Imports, and a first network on the meta device (PyTorch's meta machinery takes about 77 MiB once).
+NOVELTY_IMPORTS = """
+from napari_openseg.core.novelty_model import NoveltyModel
+from napari_openseg.model.medopenseg import MedOpenSegConfig, state_dict_shapes
+state_dict_shapes(MedOpenSegConfig())
+"""
+WEIGHTS_IMPORTS = """
+from napari_openseg.model.registry import expected_shapes, network_from_file
+from napari_openseg.model.universeg import UniverSegConfig
+expected_shapes(UniverSegConfig())
+"""
 TINY_NET = """
 import numpy as np, torch
 from napari_openseg.core.inference import segment
@@ -48,7 +60,7 @@ image = np.random.default_rng(1).random((2, 8, 40)).astype(np.float32)
 labels = np.zeros(image.shape, np.uint8)
 labels[:, 2:6, 10:30] = 1
 support = build_support_set(image, labels)
-segment(image[0], support, net, device="cpu")  # warm-up: first-call allocations do not count
+segment(image[0], support, net, device="cpu")  # warm-up on 8 x 40: first-call allocations do not count
 """
 
 
@@ -130,8 +142,7 @@ def cases():
     """(name, build(folder) -> path, setup, code with PATH)."""
     read = "from napari_openseg.io import read_image"
     load_support = "from napari_openseg.core.support import SupportSet"
-    weights = "from napari_openseg.model.registry import network_from_file"
-    novelty = f"{NOVELTY_IMPORTS}\nfrom napari_openseg.core.novelty_model import NoveltyModel"
+    weights, novelty = WEIGHTS_IMPORTS, NOVELTY_IMPORTS
     side = 30_720  # 30720 x 30720 float32 zeros (3.5 GiB) and its mask (0.9 GiB): 4.4 GiB in about 4.5 MB
     yield ("novelty model, config feature_size 4800", lambda f: novelty_file(f, feature_size=4800), novelty,
            "NoveltyModel.load(PATH)")
@@ -215,8 +226,10 @@ def run_case(name, build, setup, code) -> dict:
         before = set(os.listdir(folder))
         outcome = measure(code.replace("PATH", repr(str(path))), setup)
         left = sorted(set(os.listdir(folder)) - before)
-        return {"case": name, "file_bytes": path.stat().st_size, "message": outcome["error"],
-                "result": outcome["result"], "growth_mib": round(outcome["growth_mib"], 1), "files_left": left}
+        message = outcome["error"] and outcome["error"].replace(f"{folder}{os.sep}", "")
+        return {"case": name, "file_bytes": path.stat().st_size, "message": message, "result": outcome["result"],
+                "growth_mib": round(outcome["growth_mib"], 1), "peak_mib": round(outcome["peak_mib"]),
+                "files_left": left}
 
 
 def main() -> None:
@@ -226,16 +239,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
-    print("| case | file | outcome | peak memory rise | files left |")
-    print("|---|---:|---|---:|---|")
+    print("| case | file | outcome | memory rise | process peak | files left |")
+    print("|---|---:|---|---:|---:|---|")
     for name, build, setup, code in cases():
         if args.only and args.only not in name:
             continue
         row = run_case(name, build, setup, code)
         rows.append(row)
-        outcome = row["message"] or f"read: {row['result']}"
-        outcome = outcome.replace(tempfile.gettempdir(), "…").replace("|", "\\|")
-        print(f"| {name} | {row['file_bytes']:,} B | {outcome} | {row['growth_mib']} MiB | "
+        outcome = (row["message"] or f"read: {row['result']}").replace("|", "\\|")
+        print(f"| {name} | {row['file_bytes']:,} B | {outcome} | {row['growth_mib']} MiB | {row['peak_mib']} MiB | "
               f"{', '.join(row['files_left']) or 'none'} |", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")

@@ -84,23 +84,33 @@ def measure(code: str, setup: str = "", env: dict | None = None, timeout: float 
     """Run ``code`` in a fresh Python after ``setup`` (imports) and report what it did to memory.
 
     Returns ``{"error": str | None, "result": ..., "growth_mib": float, "peak_mib": float}``: the
-    ``OpenSegError`` message (None when none was raised), what ``code`` left in ``result`` (JSON), and
-    how far ``code`` raised the process's peak resident memory (``ru_maxrss``) above where ``setup``
-    left it, so that imports do not count."""
+    ``OpenSegError`` message (None when none was raised), what ``code`` left in ``result`` (JSON), the
+    most resident memory the process held while ``code`` ran, and how far that is above what it held
+    when ``code`` started. On Linux the kernel's peak (``VmHWM``) is reset first, so what imports
+    allocated and freed does not hide what ``code`` allocates; elsewhere ``ru_maxrss`` is used, which
+    can only understate the growth."""
     script = textwrap.dedent("""
         import json, resource, sys
         from napari_openseg.errors import OpenSegError
         {setup}
-        unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
+        def status(key):
+            with open("/proc/self/status") as lines:
+                return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(key))
+        def maxrss():
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+        try:
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")  # the peak resident size starts again from the current one
+            peak, before = (lambda: status("VmHWM")), status("VmRSS")
+        except OSError:
+            peak, before = maxrss, maxrss()
         error = result = None
         try:
         {code}
         except OpenSegError as err:
             error = str(err)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit
-        print(json.dumps({{"error": error, "result": result, "growth_mib": (peak - before) / 2**20,
-                          "peak_mib": peak / 2**20}}))
+        print(json.dumps({{"error": error, "result": result, "growth_mib": (peak() - before) / 2**20,
+                          "peak_mib": peak() / 2**20}}))
     """).format(setup=textwrap.dedent(setup), code=textwrap.indent(textwrap.dedent(code), "    "))
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,

@@ -183,8 +183,8 @@ def read_npz(
     refused.
     """
     path = Path(path)
-    file_size = path.stat().st_size
     try:
+        file_size = path.stat().st_size
         with zipfile.ZipFile(path) as archive:
             members = {info.filename.removesuffix(".npy"): info for info in archive.infolist()}
             wanted = list(members) if names is None else [n for n in names if n in members]

@@ -161,6 +161,8 @@ def _check_nifti_size(img, path: Path, compressed: bool) -> None:
     shape, dtype = tuple(int(s) for s in header.get_data_shape()), header.get_data_dtype()
     nbytes, end = array_bytes(shape, dtype), int(header.get_data_offset()) + array_bytes(shape, dtype)
     what = f"its header declares {describe_array(shape, dtype)}"
+    if not math.prod(shape):
+        raise OpenSegError(f"{path} holds no voxels (its header's shape is {'x'.join(map(str, shape))})")
     size = path.stat().st_size
     if compressed:
         check_stored_size(end, size, path, what, MAX_DEFLATE_EXPANSION)

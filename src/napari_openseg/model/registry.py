@@ -193,8 +193,9 @@ def read_weights_file(path: str | Path) -> tuple[UniverSegConfig, dict[str, torc
     )
     if isinstance(content, dict) and content.get("format") == WEIGHTS_FORMAT:
         state_dict, info = content.get("state_dict", {}), content.get("info", {})
+        fields = _config_kwargs(content.get("config", {}), path)
         try:
-            config = UniverSegConfig(**_config_kwargs(content.get("config", {}), path))
+            config = UniverSegConfig(**fields)
         except (TypeError, ValueError) as err:
             raise OpenSegError(f"{path}: its architecture cannot be built ({err})") from err
         if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
