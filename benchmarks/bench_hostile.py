@@ -140,7 +140,7 @@ def strip_tiff(folder: Path) -> Path:
 
 def cases():
     """(name, build(folder) -> path, setup, code with PATH)."""
-    read = "from napari_openseg.io import read_image"
+    read = "import nibabel, tifffile\nfrom napari_openseg.io import read_image"
     load_support = "from napari_openseg.core.support import SupportSet"
     weights, novelty = WEIGHTS_IMPORTS, NOVELTY_IMPORTS
     side = 30_720  # 30720 x 30720 float32 zeros (3.5 GiB) and its mask (0.9 GiB): 4.4 GiB in about 4.5 MB
