@@ -49,8 +49,13 @@ def write_zip(path: Path, members: dict[str, tuple[bytes, int]]) -> Path:
         data, crc, size = deflate_zeros(prefix, zeros)
         encoded = name.encode()
         fields = struct.pack("<HHHHHIII", 20, 0, 8, 0, 0x21, crc, len(data), size)
-        central += (b"PK\x01\x02" + struct.pack("<H", 20) + fields
-                    + struct.pack("<HHHHHII", len(encoded), 0, 0, 0, 0, 0, len(local)) + encoded)
+        central += (
+            b"PK\x01\x02"
+            + struct.pack("<H", 20)
+            + fields
+            + struct.pack("<HHHHHII", len(encoded), 0, 0, 0, 0, 0, len(local))
+            + encoded
+        )
         local += b"PK\x03\x04" + fields + struct.pack("<HH", len(encoded), 0) + encoded + data
     count = len(members)
     end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, count, count, len(central), len(local), 0)
@@ -113,7 +118,8 @@ def measure(code: str, setup: str = "", env: dict | None = None, timeout: float 
                           "peak_mib": peak() / 2**20}}))
     """).format(setup=textwrap.dedent(setup), code=textwrap.indent(textwrap.dedent(code), "    "))
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=environment,
-                          timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment, timeout=timeout
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])

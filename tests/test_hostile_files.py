@@ -73,10 +73,15 @@ for path in PATHS:
 """
 
 
-def test_a_novelty_model_whose_architecture_lies_is_refused_before_a_network_is_built(tmp_path, novelty_payload):
+def test_a_novelty_model_whose_architecture_lies_is_refused_before_a_network_is_built(
+    tmp_path, novelty_payload
+):
     cases = [
         ({"feature_size": 4800}, "feature_size is 4800; files hold at most 96"),  # allocated 22.7 GB before
-        ({"feature_size": 48}, "weights do not fit its architecture (keys with other shapes"),  # 250 MB if built
+        (
+            {"feature_size": 48},
+            "weights do not fit its architecture (keys with other shapes",
+        ),  # 250 MB if built
         ({"embedding_dim": 10**9}, "embedding_dim is 1000000000"),
         ({"roi_size": [64, 64, 2**20]}, "roi_size is [64, 64, 1048576]"),
         ({"depths": "abc"}, "depths is 'abc', not whole numbers"),
@@ -111,15 +116,26 @@ def test_a_prototype_bank_whose_size_lies_is_refused_before_its_arrays_are_made(
 
 def _universeg_file(path, config, state=None, info=None):
     state = build_network((8, 8, 8), grid_size=32).state_dict() if state is None else state
-    torch.save({"format": registry.WEIGHTS_FORMAT, "version": 1, "config": config, "state_dict": state,
-                "info": {} if info is None else info}, path)
+    torch.save(
+        {
+            "format": registry.WEIGHTS_FORMAT,
+            "version": 1,
+            "config": config,
+            "state_dict": state,
+            "info": {} if info is None else info,
+        },
+        path,
+    )
     return str(path)
 
 
 def test_universeg_weights_whose_architecture_lies_are_refused_before_a_network_is_built(tmp_path):
     cases = [
         ({"encoder_channels": [4000] * 4}, "4 levels of up to 4000 channels"),  # allocated 7 GB before
-        ({"encoder_channels": [512] * 3, "grid_size": 32}, "not in the UniverSeg layout: keys with other shapes"),
+        (
+            {"encoder_channels": [512] * 3, "grid_size": 32},
+            "not in the UniverSeg layout: keys with other shapes",
+        ),
         ({"encoder_channels": [8, 8, 8], "grid_size": 8192}, "grid size 8192 is above 1024"),  # 9.9 GB before
     ]
     paths = [_universeg_file(tmp_path / f"{i}.pt", config) for i, (config, _) in enumerate(cases)]
@@ -130,16 +146,21 @@ def test_universeg_weights_whose_architecture_lies_are_refused_before_a_network_
     assert outcome["growth_mib"] < SMALL_MIB
 
 
-@pytest.mark.parametrize("config, info, message", [
-    ({"encoder_channels": [8, 8, 8], "grid_size": 0}, {}, "grid_size must be a positive multiple of 4"),
-    ({"encoder_channels": [8, 8, 8], "grid_size": -8}, {}, "grid_size must be a positive multiple of 4"),
-    ({"encoder_channels": [8, 8, 8], "grid_size": 30}, {}, "grid_size must be a positive multiple of 4"),
-    ({"encoder_channels": [8, 8, 8], "grid_size": "abc"}, {}, "grid_size is 'abc', not a whole number"),
-    ({"encoder_channels": 8}, {}, "encoder_channels is 8, not a list of whole numbers"),
-    ([8, 8, 8], {}, "its architecture is a list, not a mapping"),
-    ({"encoder_channels": [8, 8, 8], "grid_size": 32}, [1, 2], "its info is a list, not a mapping"),
-])
-def test_universeg_weights_with_impossible_fields_get_a_message_not_a_traceback(tmp_path, config, info, message):
+@pytest.mark.parametrize(
+    "config, info, message",
+    [
+        ({"encoder_channels": [8, 8, 8], "grid_size": 0}, {}, "grid_size must be a positive multiple of 4"),
+        ({"encoder_channels": [8, 8, 8], "grid_size": -8}, {}, "grid_size must be a positive multiple of 4"),
+        ({"encoder_channels": [8, 8, 8], "grid_size": 30}, {}, "grid_size must be a positive multiple of 4"),
+        ({"encoder_channels": [8, 8, 8], "grid_size": "abc"}, {}, "grid_size is 'abc', not a whole number"),
+        ({"encoder_channels": 8}, {}, "encoder_channels is 8, not a list of whole numbers"),
+        ([8, 8, 8], {}, "its architecture is a list, not a mapping"),
+        ({"encoder_channels": [8, 8, 8], "grid_size": 32}, [1, 2], "its info is a list, not a mapping"),
+    ],
+)
+def test_universeg_weights_with_impossible_fields_get_a_message_not_a_traceback(
+    tmp_path, config, info, message
+):
     path = _universeg_file(tmp_path / "w.pt", config, info=info)
     with pytest.raises(OpenSegError, match=re.escape(message)):
         registry.network_from_file(path)
@@ -164,13 +185,18 @@ def test_a_crafted_pickle_is_refused_without_torchs_advice_to_run_it(tmp_path, l
     with pytest.raises(OpenSegError) as refused:
         load(path)
     message = str(refused.value)
-    assert re.search(r"pickled Python objects \((io|builtins)\.open\)", message) and "weights_only" not in message
+    assert (
+        re.search(r"pickled Python objects \((io|builtins)\.open\)", message)
+        and "weights_only" not in message
+    )
     assert not marker.exists()
 
 
 def test_a_tensor_file_whose_archive_expands_past_its_size_is_refused_before_loading(tmp_path):
     path = tmp_path / "bomb.pt"
-    write_zip(path, {"archive/data.pkl": (b"", MIB), "archive/data/0": (b"", 512 * MIB)})  # torch never compresses
+    write_zip(
+        path, {"archive/data.pkl": (b"", MIB), "archive/data/0": (b"", 512 * MIB)}
+    )  # torch never compresses
     outcome = measure(f"network_from_file({str(path)!r})", IMPORT_WEIGHTS)
     assert "its archive declares 513.0 MiB of content" in outcome["error"]
     assert outcome["growth_mib"] < SMALL_MIB
@@ -181,7 +207,12 @@ def test_a_tensor_file_whose_archive_expands_past_its_size_is_refused_before_loa
 
 def test_a_nifti_header_that_declares_more_than_the_file_holds_is_refused_before_reading(tmp_path):
     cases = [
-        ("claims.nii", (2000, 2000, 2000), np.uint8, "2000x2000x2000 uint8 values (7.5 GiB), more than its 4.0 KiB of data"),
+        (
+            "claims.nii",
+            (2000, 2000, 2000),
+            np.uint8,
+            "2000x2000x2000 uint8 values (7.5 GiB), more than its 4.0 KiB of data",
+        ),
         ("claims.nii.gz", (2000, 2000, 2000), np.uint8, "more than its 4.0 KiB of compressed data can hold"),
         ("huge.nii", (32767, 32767, 32767), np.int16, "32767x32767x32767 int16 values (64.0 TiB)"),
     ]
@@ -191,8 +222,10 @@ def test_a_nifti_header_that_declares_more_than_the_file_holds_is_refused_before
         data = gzip_bytes(raw) if name.endswith(".gz") else raw
         (tmp_path / name).write_bytes(data + bytes(4096 - len(data)))
         paths.append(str(tmp_path / name))
-    outcome = measure(REFUSALS.replace("PATHS", repr(paths)).replace("LOAD", "read_image"),
-                      "from napari_openseg.io import read_image")
+    outcome = measure(
+        REFUSALS.replace("PATHS", repr(paths)).replace("LOAD", "read_image"),
+        "from napari_openseg.io import read_image",
+    )
     for (*_, message), error in zip(cases, outcome["result"]):
         assert message in error  # 2000^3 allocated 8 GB before failing; 32767^3 said "could not be read ()"
     assert outcome["growth_mib"] < SMALL_MIB
@@ -201,32 +234,46 @@ def test_a_nifti_header_that_declares_more_than_the_file_holds_is_refused_before
 def test_a_nifti_bomb_that_fits_its_file_is_held_to_the_memory_budget(tmp_path):
     path = write_gzip_bomb(tmp_path / "bomb.nii.gz", nifti_header((512, 512, 256), np.uint8), 64 * MIB)
     assert path.stat().st_size < 100_000
-    outcome = measure(f"read_image({str(path)!r})", "from napari_openseg.io import read_image",
-                      env={"OPENSEG_MEMORY_LIMIT": "16M"})
-    assert ("512x512x256 uint8 values (64.0 MiB); reading it needs 64.0 MiB of memory, more than the budget of "
-            "16.0 MiB") in outcome["error"]
+    outcome = measure(
+        f"read_image({str(path)!r})",
+        "from napari_openseg.io import read_image",
+        env={"OPENSEG_MEMORY_LIMIT": "16M"},
+    )
+    assert (
+        "512x512x256 uint8 values (64.0 MiB); reading it needs 64.0 MiB of memory, more than the budget of "
+        "16.0 MiB"
+    ) in outcome["error"]
     assert "OPENSEG_MEMORY_LIMIT" in outcome["error"] and outcome["growth_mib"] < SMALL_MIB
     assert read_image(path).data.shape == (256, 512, 512)  # within the default budget it is read
 
 
 def _support_meta(count: int = 1) -> bytes:
-    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "metadata": {},
-            "entries": [{"label": 1} for _ in range(count)]}
+    meta = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "metadata": {},
+        "entries": [{"label": 1} for _ in range(count)],
+    }
     text = json.dumps(meta)
     return npy_header((), f"<U{len(text)}") + text.encode("utf-32-le")
 
 
 def test_a_zip_bomb_support_file_is_refused_before_it_is_decompressed(tmp_path, capsys):
     side = 16384  # 16384 x 16384 float32: 1 GiB of zeros in about 1 MiB of file
-    path = write_zip(tmp_path / "bomb.npz", {
-        "openseg_support.npy": (_support_meta(), 0),
-        "image_0.npy": (npy_header((side, side), "<f4"), side * side * 4),
-        "mask_0.npy": (npy_header((side, side), "|b1"), side * side),
-    })
+    path = write_zip(
+        tmp_path / "bomb.npz",
+        {
+            "openseg_support.npy": (_support_meta(), 0),
+            "image_0.npy": (npy_header((side, side), "<f4"), side * side * 4),
+            "mask_0.npy": (npy_header((side, side), "|b1"), side * side),
+        },
+    )
     assert path.stat().st_size < 2 * MIB
     outcome = measure(f"SupportSet.load({str(path)!r})", "from napari_openseg.core.support import SupportSet")
-    assert (f"its 2 arrays declare 1.3 GiB, more than its {human_size(path.stat().st_size)} of compressed data "
-            "can hold") in outcome["error"]
+    assert (
+        f"its 2 arrays declare 1.3 GiB, more than its {human_size(path.stat().st_size)} of compressed data "
+        "can hold"
+    ) in outcome["error"]
     assert outcome["growth_mib"] < SMALL_MIB  # 5.5 GB for a 4.4 MB bomb before
     assert main(["support", "show", str(path)]) == 2
     err = capsys.readouterr().err
@@ -234,13 +281,19 @@ def test_a_zip_bomb_support_file_is_refused_before_it_is_decompressed(tmp_path, 
 
 
 def test_a_npz_member_whose_header_declares_more_than_its_entry_holds_is_refused(tmp_path):
-    path = write_zip(tmp_path / "liar.npz", {
-        "openseg_support.npy": (_support_meta(), 0),
-        "image_0.npy": (npy_header((100_000, 100_000), "<f8"), MIB),  # declares 74.5 GiB
-        "mask_0.npy": (npy_header((4, 4), "|b1"), MIB),
-    })
+    path = write_zip(
+        tmp_path / "liar.npz",
+        {
+            "openseg_support.npy": (_support_meta(), 0),
+            "image_0.npy": (npy_header((100_000, 100_000), "<f8"), MIB),  # declares 74.5 GiB
+            "mask_0.npy": (npy_header((4, 4), "|b1"), MIB),
+        },
+    )
     outcome = measure(f"SupportSet.load({str(path)!r})", "from napari_openseg.core.support import SupportSet")
-    assert "'image_0' declares 100000x100000 float64 values (74.5 GiB) but its zip entry holds 1.0 MiB" in outcome["error"]
+    assert (
+        "'image_0' declares 100000x100000 float64 values (74.5 GiB) but its zip entry holds 1.0 MiB"
+        in outcome["error"]
+    )
     assert outcome["growth_mib"] < SMALL_MIB
 
 
@@ -262,7 +315,9 @@ def test_a_truncated_tiff_whose_header_declares_more_than_the_file_holds_is_refu
     tifffile.imwrite(path, np.zeros((3000, 3000), np.uint16))
     with open(path, "r+b") as handle:
         handle.truncate(64 * 1024)  # the header (first) survives, the pixels are gone
-    with pytest.raises(OpenSegError, match=re.escape("3000x3000 uint16 values (17.2 MiB), more than its 64.0 KiB")):
+    with pytest.raises(
+        OpenSegError, match=re.escape("3000x3000 uint16 values (17.2 MiB), more than its 64.0 KiB")
+    ):
         read_image(path)
 
 

@@ -63,11 +63,14 @@ def leftovers(folder) -> list[str]:
 # ---------------------------------------------------------------- 4. the no-overwrite promise
 
 
-def test_an_output_that_appears_during_the_run_is_never_replaced(tmp_path, volume_pair, tiny_weights, monkeypatch,
-                                                                  capsys):
+def test_an_output_that_appears_during_the_run_is_never_replaced(
+    tmp_path, volume_pair, tiny_weights, monkeypatch, capsys
+):
     image, labels = volume_pair
     support, out = tmp_path / "s.npz", tmp_path / "seg.nii.gz"
-    assert main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)]) == 0
+    assert (
+        main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)]) == 0
+    )
     write_nifti = io._write_nifti
 
     def rival_first(tmp, data, reference):  # another run finishes the same output while this one writes
@@ -75,8 +78,20 @@ def test_an_output_that_appears_during_the_run_is_never_replaced(tmp_path, volum
         write_nifti(tmp, data, reference)
 
     monkeypatch.setattr(io, "_write_nifti", rival_first)
-    code = main(["segment", str(image), "--support", str(support), "--out", str(out), "--weights",
-                 str(tiny_weights), "--support-size", "2"])
+    code = main(
+        [
+            "segment",
+            str(image),
+            "--support",
+            str(support),
+            "--out",
+            str(out),
+            "--weights",
+            str(tiny_weights),
+            "--support-size",
+            "2",
+        ]
+    )
     assert code == 2 and "appeared while this run was writing it" in capsys.readouterr().err
     assert out.read_bytes() == b"the other run's result" and leftovers(tmp_path) == []
 
@@ -102,9 +117,15 @@ def test_two_processes_racing_for_one_output_cannot_both_win(tmp_path):
         except OpenSegError as err:
             print("refused", err)
     """)
-    runs = [subprocess.Popen([sys.executable, "-c", script, f"ready-{i}", str(i)], stdout=subprocess.PIPE,
-                             text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
-            for i in (1, 2)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, f"ready-{i}", str(i)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
+        for i in (1, 2)
+    ]
     said = [run.communicate(timeout=300)[0] for run in runs]
     assert sorted(s.split()[0] for s in said) == ["refused", "wrote"]
     winner = 1 if said[0].startswith("wrote") else 2
@@ -117,10 +138,23 @@ def test_an_output_that_is_an_input_is_refused_even_with_overwrite(tmp_path, vol
     os.link(image, tmp_path / "hard.nii.gz")
     os.symlink(image, tmp_path / "soft.nii.gz")
     for out in (image, tmp_path / "hard.nii.gz", tmp_path / "soft.nii.gz"):
-        code = main(["propagate", "--image", str(image), "--prompt", str(labels), "--out", str(out), "--overwrite"])
+        code = main(
+            ["propagate", "--image", str(image), "--prompt", str(labels), "--out", str(out), "--overwrite"]
+        )
         assert code == 2 and f"is the input {image}" in capsys.readouterr().err
-    code = main(["support", "build", "--image", str(image), "--labels", str(labels), "--out",
-                 str(tmp_path / "hard.nii.gz"), "--overwrite"])
+    code = main(
+        [
+            "support",
+            "build",
+            "--image",
+            str(image),
+            "--labels",
+            str(labels),
+            "--out",
+            str(tmp_path / "hard.nii.gz"),
+            "--overwrite",
+        ]
+    )
     assert code == 2 and "the output must not replace an input" in capsys.readouterr().err
     assert image.read_bytes() == original and (tmp_path / "soft.nii.gz").is_symlink()
 
@@ -187,7 +221,9 @@ def test_segment_takes_a_support_file_and_names_what_it_cannot_take(tmp_path, sm
     image = np.random.default_rng(2).random((24, 24)).astype(np.float32)
     from_file = segment(image, str(path), tiny_net, device="cpu")  # an AttributeError before
     assert np.array_equal(from_file.labels, segment(image, small_support, tiny_net, device="cpu").labels)
-    with pytest.raises(OpenSegError, match="support must be a SupportSet or the path of a support-set file, got int"):
+    with pytest.raises(
+        OpenSegError, match="support must be a SupportSet or the path of a support-set file, got int"
+    ):
         segment(image, 42, tiny_net, device="cpu")
 
 
@@ -198,21 +234,31 @@ def hand_made(path, image, mask=None, label=1):
     return path
 
 
-@pytest.mark.parametrize("image, mask, label, message", [
-    (np.zeros((0, 0), np.float32), None, 1, "entry 0 is empty (shape (0, 0))"),
-    (np.full((4, 4), 0.5 + 0.5j), None, 1, "has an image of complex128 values"),
-    (np.full((4, 4), 1e30, np.float32), None, 1, "has image values from 1e+30 to 1e+30"),
-    (np.full((4, 4), 0.5, np.float32), np.full((4, 4), 7, np.uint8), 1, "has a mask of uint8 values other than 0 and 1"),
-    (np.full((4, 4), 0.5, np.float32), None, 2**64, "has label value 18446744073709551616"),
-    (np.full((4, 4), 0.5, np.float32), None, 1.5, "has label value 1.5"),
-])
+@pytest.mark.parametrize(
+    "image, mask, label, message",
+    [
+        (np.zeros((0, 0), np.float32), None, 1, "entry 0 is empty (shape (0, 0))"),
+        (np.full((4, 4), 0.5 + 0.5j), None, 1, "has an image of complex128 values"),
+        (np.full((4, 4), 1e30, np.float32), None, 1, "has image values from 1e+30 to 1e+30"),
+        (
+            np.full((4, 4), 0.5, np.float32),
+            np.full((4, 4), 7, np.uint8),
+            1,
+            "has a mask of uint8 values other than 0 and 1",
+        ),
+        (np.full((4, 4), 0.5, np.float32), None, 2**64, "has label value 18446744073709551616"),
+        (np.full((4, 4), 0.5, np.float32), None, 1.5, "has label value 1.5"),
+    ],
+)
 def test_support_entries_that_cannot_be_used_are_refused_on_load(tmp_path, image, mask, label, message):
     with pytest.raises(OpenSegError, match=re.escape(message)):
         SupportSet.load(hand_made(tmp_path / "s.npz", image, mask, label))
 
 
 def test_float_labels_at_or_above_2_63_are_named_not_called_negative():
-    with pytest.raises(OpenSegError, match=re.escape("label value 9223372036854775808 is beyond 64-bit labels")):
+    with pytest.raises(
+        OpenSegError, match=re.escape("label value 9223372036854775808 is beyond 64-bit labels")
+    ):
         check_labels(np.array([[0.0, 2.0**63]]))
     assert check_labels(np.array([[0.0, 2.0**62]])).max() == 2**62
 
@@ -230,7 +276,11 @@ def test_a_full_disk_gives_one_line_and_leaves_nothing(tmp_path, volume_pair, mo
     out = tmp_path / "s.npz"
     assert main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "could not write" in err and "(No space left on device); nothing was written" in err
+    assert (
+        err.count("\n") == 1
+        and "could not write" in err
+        and "(No space left on device); nothing was written" in err
+    )
     assert not out.exists() and leftovers(tmp_path) == []
 
 
@@ -244,18 +294,42 @@ def test_a_folder_that_refuses_new_files_is_found_before_any_work(tmp_path, volu
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
-    code = main(["support", "build", "--image", str(broken), "--labels", str(broken), "--out", str(tmp_path / "s.npz")])
+    code = main(
+        [
+            "support",
+            "build",
+            "--image",
+            str(broken),
+            "--labels",
+            str(broken),
+            "--out",
+            str(tmp_path / "s.npz"),
+        ]
+    )
     assert code == 2 and f"cannot write in {tmp_path} (Read-only file system)" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders")
+@pytest.mark.skipif(
+    not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only folders"
+)
 def test_a_read_only_folder_is_found_before_any_work(tmp_path, volume_pair, capsys):
     image, labels = volume_pair
     folder = tmp_path / "locked"
     folder.mkdir()
     folder.chmod(0o555)
     try:
-        code = main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(folder / "s.npz")])
+        code = main(
+            [
+                "support",
+                "build",
+                "--image",
+                str(image),
+                "--labels",
+                str(labels),
+                "--out",
+                str(folder / "s.npz"),
+            ]
+        )
         assert code == 2 and "cannot write in" in capsys.readouterr().err
     finally:
         folder.chmod(0o755)
@@ -263,10 +337,23 @@ def test_a_read_only_folder_is_found_before_any_work(tmp_path, volume_pair, caps
 
 def run_cli_killed_while_writing(tmp_path, args: list[str], patch: str) -> subprocess.CompletedProcess:
     """``openseg ARGS`` in a fresh process whose writer (``patch``) sends it SIGTERM halfway through."""
-    script = "\n".join(["import os, signal, sys", "import numpy as np", "from napari_openseg import io",
-                         "from napari_openseg.cli import main", textwrap.dedent(patch), f"sys.exit(main({args!r}))"])
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    script = "\n".join(
+        [
+            "import os, signal, sys",
+            "import numpy as np",
+            "from napari_openseg import io",
+            "from napari_openseg.cli import main",
+            textwrap.dedent(patch),
+            f"sys.exit(main({args!r}))",
+        ]
+    )
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
 
 
 def test_sigterm_during_a_write_cleans_up_like_ctrl_c(tmp_path, volume_pair, tiny_weights):
@@ -281,12 +368,17 @@ def test_sigterm_during_a_write_cleans_up_like_ctrl_c(tmp_path, volume_pair, tin
         np.savez_compressed = killed_midway
     """
     done = run_cli_killed_while_writing(
-        tmp_path, ["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)],
-        kill_midway)
-    assert done.returncode == 143 and done.stderr.strip().endswith("no file was left half-written "
-                                                                    "(outputs finished before stay)")
+        tmp_path,
+        ["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)],
+        kill_midway,
+    )
+    assert done.returncode == 143 and done.stderr.strip().endswith(
+        "no file was left half-written (outputs finished before stay)"
+    )
     assert "Traceback" not in done.stderr and not support.exists() and leftovers(tmp_path) == []
-    assert main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)]) == 0
+    assert (
+        main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)]) == 0
+    )
     out = tmp_path / "seg.nii.gz"
     kill_in_nifti = """
         real = io._write_nifti
@@ -297,8 +389,21 @@ def test_sigterm_during_a_write_cleans_up_like_ctrl_c(tmp_path, volume_pair, tin
         io._write_nifti = killed_midway
     """
     done = run_cli_killed_while_writing(
-        tmp_path, ["segment", str(image), "--support", str(support), "--out", str(out), "--weights", str(tiny_weights),
-                   "--support-size", "2"], kill_in_nifti)
+        tmp_path,
+        [
+            "segment",
+            str(image),
+            "--support",
+            str(support),
+            "--out",
+            str(out),
+            "--weights",
+            str(tiny_weights),
+            "--support-size",
+            "2",
+        ],
+        kill_in_nifti,
+    )
     assert done.returncode == 143 and "cancelled" in done.stderr and "Traceback" not in done.stderr
     assert not out.exists() and leftovers(tmp_path) == []
 
@@ -318,7 +423,9 @@ def test_an_all_nan_volume_is_refused_by_every_door(small_support, tiny_net):
     prompt[1, 5:10, 5:10] = 1
     with pytest.raises(OpenSegError, match="holds no finite values"):
         segment(volume, small_support, tiny_net, device="cpu")
-    with pytest.raises(OpenSegError, match="holds no finite values"):  # drew objects at confidence 0.88 before
+    with pytest.raises(
+        OpenSegError, match="holds no finite values"
+    ):  # drew objects at confidence 0.88 before
         propagate(volume, prompt, tiny_net, device="cpu")
     with pytest.raises(OpenSegError, match="holds no finite values"):
         check_volume(volume)
@@ -349,10 +456,14 @@ def test_novelty_masks_and_seeds_are_checked_before_any_work(small_support, monk
     wrong = np.ones((6, 24, 23), bool)
     with pytest.raises(OpenSegError, match=re.escape("mask of shape (6, 24, 23) does not match the volume")):
         novelty_free.training_free_novelty(volume, small_support, mask=wrong)
-    with pytest.raises(OpenSegError, match=re.escape("the unknown seed mask of shape (6, 24, 23) does not match")):
+    with pytest.raises(
+        OpenSegError, match=re.escape("the unknown seed mask of shape (6, 24, 23) does not match")
+    ):
         novelty_free.training_free_novelty(volume, small_support, unknown_seed=(volume, wrong))
     with pytest.raises(OpenSegError, match="the unknown seed mask is empty"):
-        novelty_free.training_free_novelty(volume, small_support, unknown_seed=(volume, np.zeros(volume.shape)))
+        novelty_free.training_free_novelty(
+            volume, small_support, unknown_seed=(volume, np.zeros(volume.shape))
+        )
     with pytest.raises(OpenSegError, match=re.escape("mask of shape (6, 24, 23) does not match the volume")):
         list(novelty_map.iter_novelty_map(volume, "model.pt", mask=wrong))
 
@@ -366,12 +477,26 @@ def test_novelty_seed_checks_the_mask_before_loading_the_model(tmp_path, monkeyp
     monkeypatch.setattr(novelty_model.NoveltyModel, "load", no_work)
     np.save(tmp_path / "vol.npy", np.random.default_rng(5).random((6, 24, 24)).astype(np.float32))
     np.save(tmp_path / "mask.npy", np.ones((6, 24, 20), np.uint8))
-    code = main(["novelty", "seed", "--model", str(tmp_path / "m.pt"), "--image", str(tmp_path / "vol.npy"),
-                 "--mask", str(tmp_path / "mask.npy"), "--out", str(tmp_path / "m2.pt")])
+    code = main(
+        [
+            "novelty",
+            "seed",
+            "--model",
+            str(tmp_path / "m.pt"),
+            "--image",
+            str(tmp_path / "vol.npy"),
+            "--mask",
+            str(tmp_path / "mask.npy"),
+            "--out",
+            str(tmp_path / "m2.pt"),
+        ]
+    )
     assert code == 2 and "does not match the volume of shape (6, 24, 24)" in capsys.readouterr().err
 
 
 def test_unit_support_entries_made_in_code_follow_the_same_rules(small_support):
     bad = SupportEntry(np.full((4, 4), 3.0, np.float32), np.ones((4, 4), bool), 1, source="script")
-    with pytest.raises(OpenSegError, match=re.escape("has image values from 3 to 3; support images are normalised")):
+    with pytest.raises(
+        OpenSegError, match=re.escape("has image values from 3 to 3; support images are normalised")
+    ):
         SupportSet([bad]).validate()

@@ -75,7 +75,9 @@ def layout_mismatch(expected: dict[str, torch.Size], state_dict: dict[str, torch
     """How ``state_dict`` differs from the ``expected`` key -> shape layout (keys named), or None."""
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(expected[k]) != tuple(state_dict[k].shape))
+    wrong = sorted(
+        k for k in set(expected) & set(state_dict) if tuple(expected[k]) != tuple(state_dict[k].shape)
+    )
     parts = []
     if missing:
         parts.append(f"missing keys {_few(missing)}")

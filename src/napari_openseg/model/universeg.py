@@ -45,8 +45,10 @@ class UniverSegConfig:
         except TypeError:
             grid = None
         if grid is None or grid < 1 or grid % self.downsampling:
-            raise ValueError(f"grid_size must be a positive multiple of {self.downsampling} for "
-                             f"{len(enc)} levels, got {self.grid_size!r}")
+            raise ValueError(
+                f"grid_size must be a positive multiple of {self.downsampling} for "
+                f"{len(enc)} levels, got {self.grid_size!r}"
+            )
         object.__setattr__(self, "grid_size", grid)
 
     @property
