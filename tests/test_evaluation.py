@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from napari_openseg.cli import main
+from napari_openseg.core.pixel_classifier import PixelClassifier, pixel_features
 from napari_openseg.errors import OpenSegError
-from napari_openseg.evaluation.baselines import PixelClassifier, label_prior, pixel_features
+from napari_openseg.evaluation.baselines import label_prior
 from napari_openseg.evaluation.data import SINGLE_VOLUME_GAP, find_folder, single_volume_split, split_cases
 from napari_openseg.evaluation.evaluate import METHODS, evaluate, iter_evaluate
 
@@ -209,7 +210,9 @@ def test_baselines_directly():
     query, truth = disk_and_square((40, 48), rng)
     from napari_openseg.core.preprocess import normalize_intensity
 
-    prob = PixelClassifier(support, seed=0).predict(normalize_intensity(query))
+    features = np.concatenate([pixel_features(e.image).reshape(-1, 21) for e in support])
+    classifier = PixelClassifier(seed=0).fit(features, np.concatenate([e.mask.reshape(-1) for e in support]))
+    prob = classifier.predict_map(pixel_features(normalize_intensity(query)))
     assert ((prob >= 0.5) == (truth == 1)).mean() > 0.97
 
 
