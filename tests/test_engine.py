@@ -185,14 +185,16 @@ def test_tasks_with_one_or_two_entries_fall_back_to_the_network_and_say_so(tiny_
 
 
 def test_estimate_reads_as_the_widget_shows_it(tiny_net):
+    import re
+
     rng = np.random.default_rng(5)
     engine = Engine(entries([flat_classes(rng) for _ in range(5)]), tiny_net, device="cpu")
-    text = engine.estimates()[1].describe()
-    assert (
-        text.startswith("expected Dice 0.")
-        and "+/- 0." in text
-        and text.endswith(f"from 5 examples, method: {engine.estimates()[1].method}")
+    estimate = engine.estimates()[1]
+    pattern = (
+        r"expected Dice [01]\.\d\d \+/- 0\.\d\d from 5 examples, method: (network|pixel-classifier|stacked)"
     )
+    assert re.fullmatch(pattern, estimate.describe()) and estimate.method in estimate.describe()
+    assert estimate.to_dict()["expected_dice"] == round(estimate.expected[0], 4)
 
 
 def test_one_network_is_prepared_once_and_reused(tiny_net):
@@ -215,3 +217,19 @@ def test_every_method_segments_a_volume_in_batches_the_same_way(tiny_net, method
     three = segment(volume, support, tiny_net, method=method, batch_size=3, device="cpu")
     assert np.allclose(one.probabilities, three.probabilities, atol=1e-5)
     assert one.estimates[1].method == (method if method != "auto" else one.estimates[1].method)
+
+
+def test_scoring_a_sample_of_pixels_gives_the_whole_entrys_dice():
+    from napari_openseg.core.stacking import ScoredPixels
+
+    rng = np.random.default_rng(7)
+    mask = np.zeros((300, 300), bool)
+    mask[100:130, 40:90] = True  # a small structure: 1.7 % of the pixels
+    prediction = np.zeros_like(mask)
+    prediction[105:140, 50:95] = True
+    entry = SupportEntry(rng.random(mask.shape).astype(np.float32), mask, 1)
+    scored = ScoredPixels.of(entry, rng, limit=8000)
+    assert len(scored.index) == 8000 and mask.reshape(-1)[scored.index].sum() == mask.sum()  # all of the rare class
+    assert abs(scored.dice(prediction.astype(np.float32), mask, 0.5) - dice_score(prediction, mask)) < 0.04
+    whole = ScoredPixels.of(SupportEntry(entry.image[:50, :50], mask[:50, :50], 1), rng, limit=4000)
+    assert len(whole.index) == 2500 and np.all(whole.weight == 1)

@@ -113,12 +113,11 @@ def _classifier(kind: str, seed: int):
 
 
 def _thread_limit():
-    """The classifier's threads (OpenMP) limited to torch's: one policy for the whole engine (a
-    saturated machine made boosting 20 times slower with a thread per core)."""
-    import torch
+    """The classifier runs on one thread (OpenMP): its fits are small, and with a thread per core it
+    spun against torch and other work (boosting measured 20 times slower on a busy machine)."""
     from threadpoolctl import threadpool_limits
 
-    return threadpool_limits(limits=torch.get_num_threads())
+    return threadpool_limits(limits=1)
 
 
 class PixelClassifier:

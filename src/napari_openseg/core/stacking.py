@@ -53,6 +53,8 @@ DEFAULT_FOLDS = 4
 MIN_CV_ENTRIES = 3
 #: Entries one task fits and cross-validates on (a seeded sample of larger tasks).
 MAX_FIT_ENTRIES = 32
+#: Pixels a held-out entry is scored on (a weighted sample of each class past this; see :class:`ScoredPixels`).
+MAX_SCORED_PIXELS = 16_384
 #: Feature maps of a task's entries are kept between steps while they take less than this.
 FEATURE_CACHE_BYTES = 256 * 1024**2
 
@@ -137,13 +139,38 @@ def assign_folds(entries: Sequence[SupportEntry], folds: int, seed: int) -> np.n
     return np.resize(np.arange(k), n)[rng.permutation(n)]
 
 
-def dice_on_known(prediction: np.ndarray, mask: np.ndarray, known: np.ndarray | None) -> float:
-    """Dice of two ``"H W"`` masks over the painted pixels ``known`` (all when ``None``); 1 when both
-    are empty there."""
-    if known is not None:
-        prediction, mask = prediction[known], mask[known]
-    total = int(prediction.sum()) + int(mask.sum())
-    return 1.0 if total == 0 else 2.0 * float(np.logical_and(prediction, mask).sum()) / total
+@dataclass
+class ScoredPixels:
+    """The pixels one held-out entry is scored on: flat ``index`` into its image (painted pixels
+    only) and ``weight`` per pixel (how many pixels of its class each stands for)."""
+
+    index: np.ndarray
+    weight: np.ndarray
+
+    @classmethod
+    def of(cls, entry: SupportEntry, rng: np.random.Generator, limit: int) -> ScoredPixels:
+        """Every painted pixel, or, past ``limit``, a seeded sample of each class (the rarer class
+        whole up to half of ``limit``), weighted so that the Dice stays that of the whole entry."""
+        known = np.arange(entry.mask.size) if entry.known is None else np.flatnonzero(entry.known.reshape(-1))
+        if len(known) <= limit:
+            return cls(known, np.ones(len(known)))
+        positive = entry.mask.reshape(-1)[known]
+        index, weight, budget = [], [], limit
+        for rank, members in enumerate(sorted((known[positive], known[~positive]), key=len)):
+            take = min(len(members), budget // (2 - rank))
+            index.append(rng.choice(members, take, replace=False) if take < len(members) else members)
+            weight.append(np.full(take, len(members) / max(take, 1)))
+            budget -= take
+        return cls(np.concatenate(index), np.concatenate(weight))
+
+    def dice(self, probabilities: np.ndarray, mask: np.ndarray, threshold: float) -> float:
+        """Weighted Dice of ``probabilities`` (the entry's whole map, or already at ``index``)."""
+        values = probabilities.reshape(-1)
+        predicted = (values[self.index] if values.size == mask.size else values) >= threshold
+        truth = mask.reshape(-1)[self.index]
+        overlap = float(self.weight[predicted & truth].sum())
+        total = float(self.weight[predicted].sum() + self.weight[truth].sum())
+        return 1.0 if total == 0 else 2.0 * overlap / total
 
 
 @dataclass
@@ -200,12 +227,15 @@ class _Entries:
             maps = self.features(i)
             self.rows.append(maps.reshape(-1, maps.shape[-1])[picked])
         self.labels = [e.mask.reshape(-1)[p] for e, p in zip(entries, self.pixels)]
+        self.scored = [ScoredPixels.of(e, rng, MAX_SCORED_PIXELS) for e in entries]
 
     @classmethod
     def plain(cls, entries: list[SupportEntry]) -> _Entries:
         """Entries without features (nothing to fit: the network alone)."""
         data = cls.__new__(cls)
         data.entries, data.colour, data.keep, data.maps = entries, False, False, {}
+        rng = np.random.default_rng(0)
+        data.scored = [ScoredPixels.of(e, rng, MAX_SCORED_PIXELS) for e in entries]
         return data
 
     def features(self, i: int) -> np.ndarray:
@@ -240,6 +270,17 @@ class _Entries:
         if network is not None:
             maps = np.concatenate([maps, network[..., None]], axis=-1)
         return classifier.predict_map(maps)
+
+    def predict_scored(
+        self, classifier: PixelClassifier, i: int, network: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Probabilities at the scored pixels of entry ``i`` only (cross-validation needs no more)."""
+        maps = self.features(i)
+        index = self.scored[i].index
+        rows = maps.reshape(-1, maps.shape[-1])[index]
+        if network is not None:
+            rows = np.concatenate([rows, network.reshape(-1)[index, None]], axis=1)
+        return classifier.predict(rows)
 
     def dense(self, which: Sequence[int], classifier: PixelClassifier | None) -> list[SupportEntry]:
         """Entries ``which`` with whole masks for the network: painted pixels as painted, the rest
@@ -334,13 +375,16 @@ def iter_fit_task(
             ):
                 net_oof[i] = p
         for i in held if fold_pixel is not None else []:
-            pixel_oof[i] = data.predict(fold_pixel, i)
+            pixel_oof[i] = data.predict_scored(fold_pixel, i)
+    scored = data.scored
     scores: dict[str, list[float]] = {}
     if run_network:
-        scores["network"] = [dice_on_known(p >= threshold, e.mask, e.known) for p, e in zip(net_oof, entries)]
+        scores["network"] = [
+            scored[i].dice(p, e.mask, threshold) for i, (p, e) in enumerate(zip(net_oof, entries))
+        ]
     if classifiers:
         scores["pixel-classifier"] = [
-            dice_on_known(p >= threshold, e.mask, e.known) for p, e in zip(pixel_oof, entries)
+            scored[i].dice(p, e.mask, threshold) for i, (p, e) in enumerate(zip(pixel_oof, entries))
         ]
     if "stacked" in wanted:
         stacked_oof = [None] * n
@@ -348,9 +392,9 @@ def iter_fit_task(
             train, held = np.flatnonzero(folds != f).tolist(), np.flatnonzero(folds == f).tolist()
             fold_stacked = data.fit(train, settings, seed, net_oof)
             for i in held:
-                stacked_oof[i] = data.predict(fold_stacked, i, net_oof[i])
+                stacked_oof[i] = data.predict_scored(fold_stacked, i, net_oof[i])
         scores["stacked"] = [
-            dice_on_known(p >= threshold, e.mask, e.known) for p, e in zip(stacked_oof, entries)
+            scored[i].dice(p, e.mask, threshold) for i, (p, e) in enumerate(zip(stacked_oof, entries))
         ]
     dice = {m: (float(np.mean(s)), float(np.std(s))) for m, s in scores.items()}
     if method == "auto":

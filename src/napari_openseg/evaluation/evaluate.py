@@ -185,16 +185,24 @@ def networks(model, methods: Sequence[str], seed: int, device: torch.device) -> 
 
 
 def task_episodes(
-    task: EvalTask, support_size: int, ensemble: int, seed: int, max_queries: int | None = None, batch_size: int = 8
+    task: EvalTask, support_size: int, ensemble: int, seed: int, max_queries: int | None = None, batch_size: int = 8,
+    queries_per_draw: int | None = None,
 ) -> Generator[tuple[list[Query], list[list]], None, None]:
     """``(query batch, K support subsets)`` of one task, seeded by ``(seed, label, axis)``: every method
-    (and every benchmark that calls this) sees the same query sample and the same support draws."""
+    (and every benchmark that calls this) sees the same query sample and the same support draws.
+
+    Support is drawn again for every batch, or, with ``queries_per_draw``, once the batches since the
+    last draw hold that many queries (the same subsets object is yielded until then)."""
     rng = np.random.default_rng([seed, task.label, 0 if task.axis is None else task.axis + 1])
     queries = task.queries
     if max_queries is not None and len(queries) > max_queries:
         queries = [queries[i] for i in sorted(rng.choice(len(queries), max_queries, replace=False))]
+    subsets, used = None, 0
     for batch in query_batches(queries, batch_size):
-        yield batch, support_subsets(task, support_size, ensemble, rng)
+        if subsets is None or queries_per_draw is None or used >= queries_per_draw:
+            subsets, used = support_subsets(task, support_size, ensemble, rng), 0
+        used += len(batch)
+        yield batch, subsets
 
 
 def load_tasks(
@@ -229,12 +237,14 @@ def iter_evaluate_tasks(
     batch_size: int = 8,
     device: torch.device | None = None,
     ensemble_rule: str = "area-matched",
+    queries_per_draw: int | None = None,
     **stacking,
 ) -> Generator[Progress, None, dict[str, dict]]:
     """Dice lists per method for every task, and the engine's estimates; ``nets`` maps ``network``
     and ``random_init`` to prepared networks (:func:`networks`).
 
     ``ensemble_rule`` combines the random network's K predictions (:mod:`~napari_openseg.core.ensemble`);
+    ``queries_per_draw``: see :func:`task_episodes` (the engine is fitted once per draw);
     ``stacking`` goes to the :class:`~napari_openseg.core.engine.Engine` (folds, classifier, balance)."""
     engine_methods = [m for m in methods if m in ENGINE_METHODS]
     results: dict[str, dict] = {}
@@ -242,12 +252,16 @@ def iter_evaluate_tasks(
         dice: dict[str, list[float]] = {m: [] for m in methods}
         estimate: dict[str, list[float]] = {m: [] for m in engine_methods}
         chosen: dict[str, int] = {}
-        for batch, subsets in task_episodes(task, support_size, ensemble, seed, max_queries, batch_size):
+        engine, drawn = None, None
+        for batch, subsets in task_episodes(task, support_size, ensemble, seed, max_queries, batch_size,
+                                            queries_per_draw):
             images = np.stack([q.image for q in batch])
             probs: dict[str, np.ndarray] = {}
             if engine_methods:
-                probs.update(_engine_methods(task, batch, images, subsets, nets["network"], engine_methods,
-                                             support_size, ensemble, seed, estimate, chosen, stacking))
+                if subsets is not drawn:  # a new support draw: the engine is fitted to it, as a user's would be
+                    engine, drawn = _fitted_engine(task, batch, subsets, nets["network"], engine_methods,
+                                                   support_size, ensemble, seed, estimate, chosen, stacking), subsets
+                probs.update(_engine_methods(engine, batch, images, engine_methods))
             if "random_init" in methods:
                 probs["random_init"] = nets["random_init"].predict(images, subsets, rule=ensemble_rule)
             if "label_prior" in methods:
@@ -264,22 +278,29 @@ def iter_evaluate_tasks(
     return results
 
 
-def _engine_methods(task: EvalTask, batch: list[Query], images: np.ndarray, subsets: list[list], network: Network,
-                    methods: list[str], support_size: int, ensemble: int, seed: int, estimate: dict, chosen: dict,
-                    stacking: dict) -> dict[str, np.ndarray]:
-    """The engine fitted to this batch's support subsets, as users run it: probabilities ``"b H W"``
-    per report method; the estimates and the method ``model`` chose are added to ``estimate``, ``chosen``."""
+def _fitted_engine(task: EvalTask, batch: list[Query], subsets: list[list], network: Network, methods: list[str],
+                   support_size: int, ensemble: int, seed: int, estimate: dict, chosen: dict, stacking: dict) -> Engine:
+    """The engine fitted to one support draw, as users run it; its estimates and the method ``model``
+    chose are added to ``estimate`` and ``chosen``."""
     entries = list({id(e): e for subset in subsets for e in subset}.values())
     engine = Engine(entries, network, support_size=support_size, ensemble=ensemble, seed=seed, threshold=0.5,
                     subsets={task.label: subsets}, fit_all=True, **stacking)
-    colour = np.stack([q.colour for q in batch]) if all(q.colour is not None for q in batch) else None
-    report = engine.estimates(colour is not None and engine.uses_colour(True))[task.label]
+    report = engine.estimates(_colour(batch) is not None and engine.uses_colour(True))[task.label]
     for name in methods:
         method = ENGINE_METHODS[name] or report.method
         if method in report.dice:
             estimate[name].append(report.dice[method][0])
     chosen[report.method] = chosen.get(report.method, 0) + 1
-    found = engine.predict_methods(images, colour, [ENGINE_METHODS[m] for m in methods])
+    return engine
+
+
+def _colour(batch: list[Query]) -> np.ndarray | None:
+    return np.stack([q.colour for q in batch]) if all(q.colour is not None for q in batch) else None
+
+
+def _engine_methods(engine: Engine, batch: list[Query], images: np.ndarray, methods: list[str]) -> dict[str, np.ndarray]:
+    """Probabilities ``"b H W"`` of each report method of the engine (one task)."""
+    found = engine.predict_methods(images, _colour(batch), [ENGINE_METHODS[m] for m in methods])
     return {name: found[ENGINE_METHODS[name]][:, 0] for name in methods}
 
 
