@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Generator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -109,7 +110,13 @@ class Engine:
         subsets: dict[int, list[list[SupportEntry]]] | None = None,
         **stacking,
     ):
-        support = support if isinstance(support, SupportSet) else SupportSet(list(support))
+        if isinstance(support, (str, Path)):
+            support = SupportSet.load(support)
+        elif isinstance(support, (list, tuple)) and all(isinstance(e, SupportEntry) for e in support):
+            support = SupportSet(list(support))
+        elif not isinstance(support, SupportSet):
+            raise OpenSegError("support must be a SupportSet or the path of a support-set file, "
+                               f"got {type(support).__name__}")
         if support_size < 1 or ensemble < 1:
             raise OpenSegError(f"support size and ensemble must be >= 1, got S={support_size}, K={ensemble}")
         if not 0.0 <= threshold <= 1.0:

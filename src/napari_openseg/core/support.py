@@ -352,8 +352,9 @@ def entries_from_arrays(
     each entry keeps its painted pixels (``known``). Raises ``OpenSegError`` for shapes, dtypes or
     empty labels.
     """
+    grey = check_image(image, rgb)  # first: it names what is wrong with the array
     colour = colour_channels(image, rgb)
-    image = check_image(image, rgb)
+    image = grey
     labels = check_labels(labels, image.shape)
     normalized = normalize_intensity(image)
     if image.ndim == 2:
