@@ -10,6 +10,7 @@ into place only when complete: a failed or cancelled write leaves nothing behind
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
 import tempfile
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+#: The suffix a result of each input format is written with (pictures as TIFF: results are not pictures).
+OUTPUT_SUFFIX = {"nifti": ".nii.gz", "tiff": ".tif", "npy": ".npy", "picture": ".tif"}
 
 
 @dataclass
@@ -82,6 +85,12 @@ def image_format(path: str | Path) -> str:
     raise OpenSegError(
         f"{path}: unsupported file type; use .nii/.nii.gz, .tif/.tiff, .npy or .png/.jpg"
     )
+
+
+def result_path(folder: str | Path, source: str | Path, tag: str) -> Path:
+    """Where the result of ``source`` goes in ``folder``: ``<source name>_<tag><suffix>``, the suffix
+    by the source's format (:data:`OUTPUT_SUFFIX`)."""
+    return Path(folder) / f"{strip_suffix(source)}_{tag}{OUTPUT_SUFFIX[image_format(source)]}"
 
 
 def read_image(path: str | Path) -> ImageData:
@@ -221,6 +230,17 @@ def check_writable(path: str | Path, overwrite: bool = False, image: bool = Fals
     return path
 
 
+#: What the temporary file of :func:`atomic_path` carries after the target's name (``.NAME.partial-XXXX``).
+PARTIAL_MARK = ".partial-"
+
+
+def partial_files(path: str | Path) -> list[Path]:
+    """Temporary files :func:`atomic_path` left beside ``path`` (a process killed mid-write cannot remove
+    its own); only for a caller that knows no other process is writing ``path`` now."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}{PARTIAL_MARK}*"))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` with the same suffix; rename it into place on success.
@@ -230,7 +250,7 @@ def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """
     path = check_writable(path, overwrite)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=suffix, dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL_MARK}", suffix=suffix, dir=path.parent)
     # mkstemp makes the file private (0600); give it the mode a plain open() would (or the replaced file's)
     os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else NEW_FILE_MODE)
     os.close(fd)
