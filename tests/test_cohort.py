@@ -322,6 +322,20 @@ def test_local_clusters_fit_the_machine():
         local_layout("cpu", 0, None, 10)
 
 
+def test_a_local_cluster_on_gpus_runs_one_worker_per_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    layout = local_layout("auto", None, None, 100)
+    assert (layout.workers, layout.threads, layout.spread_gpus) == (3, 1, True)
+    assert local_layout("cuda", None, None, 2).workers == 2  # never more workers than items
+    assert local_layout("cuda:1", None, None, 10) == local_layout("cuda:1", 1, 1, 10)  # one chosen GPU
+    assert not local_layout("cuda:1", None, None, 10).spread_gpus
+    with pytest.raises(OpenSegError, match="one worker per GPU"):
+        local_layout("cuda", 4, None, 10)
+
+
 def test_without_dask_the_message_says_how_to_install_it(monkeypatch, tmp_path, cohort, capsys):
     import sys
 

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 from .novelty import add_map_options, check_map_options
@@ -113,6 +114,9 @@ def sigterm_as_interrupt() -> Iterator[None]:
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
+    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
+        yield
+        return
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
@@ -145,6 +149,8 @@ def run_task(task, args: argparse.Namespace) -> int:
     )
 
     def show(step) -> None:
+        if "cluster" in step.payload:
+            tqdm.write(f"running on {step.payload['cluster']}", file=sys.stderr)
         if step.payload.get("dashboard"):
             tqdm.write(f"Dask dashboard: {step.payload['dashboard']}", file=sys.stderr)
 

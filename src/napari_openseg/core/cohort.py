@@ -213,15 +213,17 @@ def folder_lock(folder: Path) -> Iterator[None]:
         except FileExistsError:
             host, _, pid = lock.read_text().strip().partition(" ")
             if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-                lock.unlink(missing_ok=True)
+                lock.unlink(missing_ok=True)  # its process is gone: take it over
                 continue
             raise OpenSegError(
-                f"another batch run ({pid or '?'} on {host or '?'}) is writing to {folder}; "
+                f"another batch run (process {pid or '?'} on {host or '?'}) is writing to {folder}; "
                 f"wait for it, or delete {lock} if it has stopped"
             ) from None
         with os.fdopen(fd, "w") as handle:
             handle.write(here)
         break
+    else:
+        raise OpenSegError(f"another batch run took {lock} at the same moment; wait for it to finish")
     try:
         yield
     finally:
@@ -296,8 +298,9 @@ def iter_cohort(
         ``distributed.Client``: a running Dask cluster; ``None``: in this process, without Dask.
 
     Each progress record's ``payload`` holds ``result`` (an :class:`ItemResult`) once an item has
-    finished; the first holds ``dashboard``, Dask's dashboard link or ``None``. Stopping the generator
-    (Ctrl+C, closing it) cancels what is running; finished items stay done in the manifest.
+    finished; the first holds ``dashboard``, Dask's dashboard link or ``None``, and ``cluster``, where
+    the items run, in words. Stopping the generator (Ctrl+C, closing it) cancels what is running;
+    finished items stay done in the manifest.
     """
     from .cohort_dask import dask_session, iter_dask_results, require_distributed
 
@@ -343,7 +346,8 @@ def iter_cohort(
             finished = iter_dask_results(session, plan.todo, job)
         stack.callback(finished.close)  # first: cancel what still runs while the client is connected
         link = session.dashboard if session is not None else None
-        yield Progress(0, total, stage(), {"dashboard": link})
+        where = session.description if session is not None else "this process"
+        yield Progress(0, total, stage(), {"dashboard": link, "cluster": where})
         written = time.monotonic()
         for result in finished:
             results.append(result)

@@ -314,6 +314,15 @@ def _placement(job: CohortJob) -> dict[str, Any]:
     return {}
 
 
+def _device_name(device) -> str:
+    """``cuda:N`` for a GPU even when chosen as ``cuda`` (the manifest says which one ran an item)."""
+    import torch
+
+    if device.type == "cuda" and device.index is None:
+        return f"cuda:{torch.cuda.current_device()}"
+    return str(device)
+
+
 def failure_message(err: BaseException) -> str:
     """A user's mistake says what it is; anything else says its type as well."""
     text = str(err).strip() or repr(err)
@@ -330,7 +339,7 @@ def process_item(item: CohortItem, job: CohortJob) -> ItemResult:
     device = ""
     try:
         overrides = _placement(job)
-        device = str(resolve_device(overrides.get("device", job.task.options.get("device", "auto"))))
+        device = _device_name(resolve_device(overrides.get("device", job.task.options.get("device", "auto"))))
         prepared = prepared_for(job)
         image = read_image(item.source)
         result = run_to_end(job.task.iter_run(prepared, image.data, rgb=image.rgb, **overrides))
