@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
 import socket
 
 import nibabel as nib
@@ -181,6 +182,32 @@ def test_an_interrupted_run_leaves_no_partial_file_and_the_rerun_computes_only_t
     assert {row["status"] for row in manifest_rows(out).values()} == {"done"}
     for name in rows:
         assert np.array_equal(read_image(out / name).data, reference[name.replace("_labels", "")]), name
+
+
+def test_a_killed_worker_is_replaced_and_its_item_runs_again(tmp_path, cohort, scheduler):
+    from distributed import Client
+
+    inputs, support, weights = cohort
+    out = tmp_path / "out"
+    out.mkdir()
+    task = SegmentTask(support, weights, {"support_size": 4})
+    with Client(scheduler) as client:
+        victim = next(iter(client.run(os.getpid).values()))
+        steps = iter_cohort(plan_cohort(task, [inputs], out), scheduler=client)
+        killed = False
+        while True:
+            try:
+                step = next(steps)
+            except StopIteration as stop:
+                summary = stop.value
+                break
+            if "result" in step.payload and not killed:
+                os.kill(victim, signal.SIGKILL)  # the other items were queued or running on it
+                killed = True
+        assert client.status == "running"  # a client given to the run is left open
+    assert summary.done == VOLUMES and summary.failures == []
+    assert {row["status"] for row in manifest_rows(out).values()} == {"done"}
+    assert leftovers(out) == []
 
 
 def test_a_changed_setting_recomputes_and_the_same_settings_skip(tmp_path, cohort, scheduler):
