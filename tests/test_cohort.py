@@ -374,3 +374,15 @@ def test_without_dask_the_message_says_how_to_install_it(monkeypatch, tmp_path, 
     assert cli("batch", "segment", cohort[0], *engine(cohort), "--out-dir", out) == 2
     assert "pip install 'napari-openseg[cluster]'" in capsys.readouterr().err
     assert not list(out.glob("*_labels.nii.gz"))
+
+
+def test_sigterm_ends_a_batch_command_as_ctrl_c_does():
+    import time
+
+    from napari_openseg.cli.batch import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this at once
+    assert signal.getsignal(signal.SIGTERM) is before
