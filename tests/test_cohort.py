@@ -337,7 +337,8 @@ def test_batch_novelty_writes_what_novelty_map_writes(tmp_path, cohort, capsys):
     assert "--seed-mask needs --seed-image" in capsys.readouterr().err
 
 
-def test_local_clusters_fit_the_machine():
+def test_local_clusters_fit_the_machine(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cores = len(os.sched_getaffinity(0))
     assert local_layout("cpu", None, None, 100) == local_layout("cpu", cores, 1, 100)
     assert local_layout("cpu", None, None, 100).workers == cores
@@ -347,6 +348,8 @@ def test_local_clusters_fit_the_machine():
         local_layout("cpu", cores, 2, 10)
     with pytest.raises(OpenSegError, match=">= 1"):
         local_layout("cpu", 0, None, 10)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as torch reads it: one thread per item
+    assert local_layout("cpu", 1, 1, 10).torch_threads == 1
 
 
 def test_a_local_cluster_on_gpus_runs_one_worker_per_gpu(monkeypatch):

@@ -41,6 +41,12 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _item_threads(cores: int) -> int:
+    """Torch threads per item: ``OMP_NUM_THREADS`` when set (as torch itself reads it), else ``cores``."""
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    return max(1, min(int(wanted), cores)) if wanted.isdigit() and int(wanted) > 0 else max(1, cores)
+
+
 @dataclass(frozen=True)
 class LocalLayout:
     """A local cluster: ``workers`` processes of ``threads`` task threads, each task using
@@ -54,7 +60,8 @@ class LocalLayout:
 
 def local_layout(device: Any, workers: int | None, threads: int | None, items: int) -> LocalLayout:
     """Size a local cluster: on the CPU, workers x threads <= cores (default: one single-threaded
-    worker per core); on GPUs, one worker per device. Never more workers than items."""
+    worker per core), each item's network on cores / (workers x threads) torch threads, or fewer if
+    ``OMP_NUM_THREADS`` says so; on GPUs, one worker per device. Never more workers than items."""
     import torch
 
     from .device import resolve_device
@@ -73,7 +80,7 @@ def local_layout(device: Any, workers: int | None, threads: int | None, items: i
                 "a local cluster runs one worker per GPU"
             )
         workers = max(1, min(workers, items))
-        return LocalLayout(workers, threads, max(1, cores // workers), spread_gpus=devices > 1)
+        return LocalLayout(workers, threads, _item_threads(cores // workers), spread_gpus=devices > 1)
     workers = workers or max(1, cores // threads)
     if workers * threads > cores:
         raise OpenSegError(
@@ -81,7 +88,7 @@ def local_layout(device: Any, workers: int | None, threads: int | None, items: i
             "cores of this machine, which would make the run slower, not faster; ask for fewer"
         )
     workers = max(1, min(workers, items))
-    return LocalLayout(workers, threads, max(1, cores // (workers * threads)))
+    return LocalLayout(workers, threads, _item_threads(cores // (workers * threads)))
 
 
 @dataclass
