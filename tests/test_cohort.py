@@ -389,3 +389,41 @@ def test_sigterm_ends_a_batch_command_as_ctrl_c_does():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)  # the handler interrupts this at once
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_batch_novelty_with_a_trained_model_writes_what_novelty_map_writes(tmp_path):
+    from napari_openseg.training.novelty_train import train_novelty
+
+    from ._novelty_data import sphere_volume, tiny_settings
+
+    image, labels = sphere_volume()
+    model = train_novelty([image], [labels], tiny_settings(epochs=1), device="cpu").model
+    model.save(tmp_path / "model.pt")
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for seed in (1, 2):
+        save_nifti(inputs / f"vol_{seed}.nii.gz", sphere_volume(seed)[0])
+    out = tmp_path / "out"
+    out.mkdir()
+    assert (
+        cli(
+            "batch",
+            "novelty",
+            inputs,
+            "--model",
+            tmp_path / "model.pt",
+            "--out-dir",
+            out,
+            "--scheduler",
+            "none",
+        )
+        == 0
+    )
+    for seed in (1, 2):
+        single = tmp_path / f"single_{seed}.nii.gz"
+        source = inputs / f"vol_{seed}.nii.gz"
+        assert (
+            cli("novelty", "map", "--model", tmp_path / "model.pt", "--image", source, "--out", single) == 0
+        )
+        assert np.array_equal(read_image(out / f"vol_{seed}_novelty.nii.gz").data, read_image(single).data)
+    assert {row["status"] for row in manifest_rows(out).values()} == {"done"}
