@@ -3,10 +3,13 @@ worker processes, a tiny random network, small NIfTI volumes."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import logging
 import os
 import signal
 import socket
+from collections.abc import Iterator
 
 import nibabel as nib
 import numpy as np
@@ -74,12 +77,47 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+#: Seconds any one test (or the cluster's start) may take before it fails: a hung cluster wait must fail,
+#: not hang CI. Each takes well under a minute on a busy 2-core machine.
+TEST_LIMIT_S = 240
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int) -> Iterator[None]:
+    """Raise ``TimeoutError`` (with a traceback of where it waited) when the block runs past ``seconds``."""
+
+    def expired(signum, frame):
+        raise TimeoutError(f"ran past {seconds} s: a cluster wait hung?")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture(autouse=True)
+def watchdog():
+    with time_limit(TEST_LIMIT_S):
+        yield
+
+
 @pytest.fixture(scope="module")
 def scheduler():
     """The address of a LocalCluster with two single-threaded worker processes, shared by this module."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+    with time_limit(TEST_LIMIT_S):
+        cluster = LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+        )
+    with cluster:
         yield cluster.scheduler_address
 
 
@@ -158,8 +196,8 @@ def test_an_interrupted_run_leaves_no_partial_file_and_the_rerun_computes_only_t
     out = tmp_path / "out"
     out.mkdir()
     task = SegmentTask(support, weights, {"support_size": 4})
-    # the run's own cluster is closed while items are in flight: its workers die mid-item, as on Ctrl+C
-    steps = iter_cohort(plan_cohort(task, [inputs], out), scheduler="local", workers=2, dashboard=False)
+    # the run's own cluster is closed while an item is in flight: its worker dies mid-item, as on Ctrl+C
+    steps = iter_cohort(plan_cohort(task, [inputs], out), scheduler="local", workers=1, dashboard=False)
     finished = []
     for step in steps:
         if "result" in step.payload:
@@ -241,6 +279,22 @@ def test_a_changed_setting_recomputes_and_the_same_settings_skip(tmp_path, cohor
             image, build_support_set(*volume(99)), weights, support_size=4, threshold=0.05
         ).labels
         assert np.array_equal(read_image(out / f"case_{index}_labels.nii.gz").data, expected)
+
+
+def test_a_scheduler_without_workers_is_a_message_not_a_wait(tmp_path, cohort, monkeypatch):
+    from distributed import LocalCluster
+
+    from napari_openseg.core import cohort_dask
+
+    inputs, support, weights = cohort
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(cohort_dask, "WORKER_TIMEOUT_S", 1.0)
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as empty:
+        with pytest.raises(OpenSegError, match="no Dask worker joined the scheduler within 1 s"):
+            run_cohort(SegmentTask(support, weights), [inputs], out, scheduler=empty.scheduler_address)
+    assert {row["status"] for row in manifest_rows(out).values()} == {"pending"}
+    assert leftovers(out) == []
 
 
 def test_the_same_support_set_saved_again_is_the_same_setting_and_other_weights_are_not(
@@ -391,39 +445,47 @@ def test_sigterm_ends_a_batch_command_as_ctrl_c_does():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_batch_novelty_with_a_trained_model_writes_what_novelty_map_writes(tmp_path):
-    from napari_openseg.training.novelty_train import train_novelty
+def untrained_novelty_model(path) -> None:
+    """A novelty model file without the cost of training: a random tiny network whose prototypes are the
+    mean embeddings of each class of the synthetic volume (a cohort treats it as any trained model)."""
+    import torch
 
-    from ._novelty_data import sphere_volume, tiny_settings
+    from napari_openseg.core.novelty_model import NoveltyModel
+    from napari_openseg.core.prototypes import PrototypeBank
+    from napari_openseg.model.medopenseg import MedOpenSeg, MedOpenSegConfig
 
+    from ._novelty_data import SHAPE as NOVELTY_SHAPE
+    from ._novelty_data import sphere_volume
+
+    torch.manual_seed(0)
     image, labels = sphere_volume()
-    model = train_novelty([image], [labels], tiny_settings(epochs=1), device="cpu").model
-    model.save(tmp_path / "model.pt")
+    config = MedOpenSegConfig(
+        num_classes=3, embedding_dim=8, roi_size=NOVELTY_SHAPE, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)
+    )
+    net = MedOpenSeg(config).eval()
+    with torch.no_grad():
+        _, embeddings = net(torch.from_numpy(image)[None, None])
+    bank = PrototypeBank([0, 1, 2], 8)
+    bank.update(embeddings[0].permute(1, 2, 3, 0).reshape(-1, 8), torch.from_numpy(labels.astype(np.int64)))
+    NoveltyModel(net, bank, [0, 1, 2]).save(path)
+
+
+def test_batch_novelty_with_a_novelty_model_writes_what_novelty_map_writes(tmp_path):
+    from ._novelty_data import sphere_volume
+
+    model = tmp_path / "model.pt"
+    untrained_novelty_model(model)
     inputs = tmp_path / "inputs"
     inputs.mkdir()
-    for seed in (1, 2):
-        save_nifti(inputs / f"vol_{seed}.nii.gz", sphere_volume(seed)[0])
+    source = inputs / "vol.nii.gz"
+    save_nifti(source, sphere_volume(1)[0])
     out = tmp_path / "out"
     out.mkdir()
-    assert (
-        cli(
-            "batch",
-            "novelty",
-            inputs,
-            "--model",
-            tmp_path / "model.pt",
-            "--out-dir",
-            out,
-            "--scheduler",
-            "none",
-        )
-        == 0
-    )
-    for seed in (1, 2):
-        single = tmp_path / f"single_{seed}.nii.gz"
-        source = inputs / f"vol_{seed}.nii.gz"
-        assert (
-            cli("novelty", "map", "--model", tmp_path / "model.pt", "--image", source, "--out", single) == 0
-        )
-        assert np.array_equal(read_image(out / f"vol_{seed}_novelty.nii.gz").data, read_image(single).data)
+    assert cli("batch", "novelty", inputs, "--model", model, "--out-dir", out, "--scheduler", "none") == 0
+    single = tmp_path / "single.nii.gz"
+    assert cli("novelty", "map", "--model", model, "--image", source, "--out", single) == 0
+    written = read_image(out / "vol_novelty.nii.gz").data
+    assert written.shape == sphere_volume(1)[0].shape and np.ptp(written) > 0  # a map, not a constant
+    assert np.array_equal(written, read_image(single).data)
+    assert np.array_equal(nib.load(str(out / "vol_novelty.nii.gz")).affine, nib.load(str(source)).affine)
     assert {row["status"] for row in manifest_rows(out).values()} == {"done"}

@@ -8,6 +8,7 @@ job (task and settings hash) is sent to the workers once, not with every item.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -19,6 +20,9 @@ from ..errors import OpenSegError
 from .cohort_tasks import CohortItem, CohortJob, ItemResult, failure_message, process_item
 
 log = logging.getLogger(__name__)
+
+#: Seconds a run waits for a running scheduler's first worker (batch jobs may still be queued).
+WORKER_TIMEOUT_S = 600.0
 
 #: How users get Dask: the package extra that carries it.
 INSTALL_HINT = "pip install 'napari-openseg[cluster]' (or: pip install 'dask[distributed]')"
@@ -182,7 +186,13 @@ def iter_dask_results(
     from distributed import as_completed
 
     client = session.client
-    client.wait_for_workers(1)
+    try:
+        client.wait_for_workers(1, timeout=WORKER_TIMEOUT_S)
+    except (TimeoutError, asyncio.TimeoutError) as err:  # the same class from Python 3.11
+        raise OpenSegError(
+            f"no Dask worker joined the scheduler within {WORKER_TIMEOUT_S:.0f} s; start workers "
+            "(dask worker ADDRESS, dask-jobqueue's scale) and run the command again"
+        ) from err
     shared = client.scatter(job, broadcast=True, hash=False)
     futures = {client.submit(process_item, item, shared, pure=False): item for item in items}
     try:
