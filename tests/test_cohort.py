@@ -348,6 +348,10 @@ def test_plans_refuse_clashing_names_foreign_outputs_and_the_output_folder_as_in
     assert len(plan_cohort(task, [inputs], out, overwrite=True).todo) == VOLUMES
     with pytest.raises(OpenSegError, match="is the output folder"):
         plan_cohort(task, [out], out)
+    (out / "case_2_labels.nii.gz").write_bytes((inputs / "case_2.nii.gz").read_bytes())
+    with pytest.raises(OpenSegError, match="case_2_labels.nii.gz: an output would replace one of the inputs"):
+        plan_cohort(task, [inputs, out / "case_2_labels.nii.gz"], out, overwrite=True)
+    (out / "case_2_labels.nii.gz").unlink()
     (out / MANIFEST_NAME).write_text("a,b\n1,2\n")
     with pytest.raises(OpenSegError, match="not a batch manifest"):
         plan_cohort(task, [inputs], out, overwrite=True)
@@ -431,18 +435,6 @@ def test_without_dask_the_message_says_how_to_install_it(monkeypatch, tmp_path, 
     assert cli("batch", "segment", cohort[0], *engine(cohort), "--out-dir", out) == 2
     assert "pip install 'napari-openseg[cluster]'" in capsys.readouterr().err
     assert not list(out.glob("*_labels.nii.gz"))
-
-
-def test_sigterm_ends_a_batch_command_as_ctrl_c_does():
-    import time
-
-    from napari_openseg.cli.batch import sigterm_as_interrupt
-
-    before = signal.getsignal(signal.SIGTERM)
-    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(5)  # the handler interrupts this at once
-    assert signal.getsignal(signal.SIGTERM) is before
 
 
 def untrained_novelty_model(path) -> None:

@@ -12,12 +12,8 @@ The exit status is 1 when any item failed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import signal
 import sys
-import threading
-from collections.abc import Iterator
 
 from .novelty import add_map_options, check_map_options
 from .segment import add_engine_options, engine_options
@@ -106,24 +102,6 @@ def run_novelty(args: argparse.Namespace) -> int:
     return run_task(task, args)
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """A SIGTERM (a batch system's stop) ends the run as Ctrl+C does: running items are cancelled and
-    the manifest is written."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    if threading.current_thread() is not threading.main_thread():  # only the main thread takes signals
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_task(task, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -154,15 +132,16 @@ def run_task(task, args: argparse.Namespace) -> int:
         if step.payload.get("dashboard"):
             tqdm.write(f"Dask dashboard: {step.payload['dashboard']}", file=sys.stderr)
 
-    with sigterm_as_interrupt():
-        summary = with_progress_bar(
-            iter_cohort(
-                plan, scheduler=scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker
-            ),
-            f"batch {task.name}",
-            unit="item",
-            on_step=show,
-        )
+    # Ctrl-C or SIGTERM (openseg's main turns it into an interrupt) closes the run: what runs is cancelled,
+    # the manifest is written with the finished items
+    summary = with_progress_bar(
+        iter_cohort(
+            plan, scheduler=scheduler, workers=args.workers, threads_per_worker=args.threads_per_worker
+        ),
+        f"batch {task.name}",
+        unit="item",
+        on_step=show,
+    )
     print(
         f"{summary.manifest}: {summary.done} done, {len(summary.failures)} failed, "
         f"{len(summary.skipped)} done before"

@@ -97,10 +97,11 @@ def run(args: argparse.Namespace) -> int:
     options = engine_options(args)
     support = SupportSet.load(args.support)
     outputs = output_paths(args)
+    inputs = [*args.images, args.support]
     for path in outputs:  # refuse before any work is done
-        check_writable(path, args.overwrite, image=True)
+        check_writable(path, args.overwrite, image=True, inputs=inputs)
         if args.probabilities:
-            check_writable(probability_path(path), args.overwrite, image=True)
+            check_writable(probability_path(path), args.overwrite, image=True, inputs=inputs)
     for image_path, out_path in zip(args.images, outputs):
         image = read_image(image_path)
         result = with_progress_bar(

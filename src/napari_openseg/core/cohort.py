@@ -124,7 +124,7 @@ def read_manifest(path: str | Path) -> dict[str, dict[str, str]]:
 
 def write_manifest(path: Path, rows: dict[str, dict[str, str]]) -> None:
     """Write the rows (sorted by output name) atomically."""
-    from ..io import atomic_path
+    from ..output_files import atomic_path
 
     with atomic_path(path, overwrite=True) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, MANIFEST_FIELDS)
@@ -175,6 +175,13 @@ def plan_cohort(
         raise OpenSegError(
             f"inputs with the same name would share an output ({_listing(clashes, 3)}): "
             "rename them or run them into different output folders"
+        )
+    given = {source.resolve() for source in sources}
+    both = [item.output for item in items if item.output.resolve() in given]
+    if both:
+        raise OpenSegError(
+            f"{_listing(both)}: an output would replace one of the inputs; "
+            "keep the inputs out of the output folder"
         )
     task.prepare()  # a support set, model or weights that cannot be used fails here, before any work
     digest = settings_hash(task)
@@ -241,7 +248,7 @@ def _alive(pid: int) -> bool:
 
 
 def _remove_partials(plan: CohortPlan) -> None:
-    from ..io import partial_files
+    from ..output_files import partial_files
 
     for item in plan.todo:
         for stale in partial_files(item.output):

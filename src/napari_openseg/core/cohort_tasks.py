@@ -209,7 +209,7 @@ class NoveltyTask:
         from ..model.registry import load_model
         from ..model.universeg import UniverSeg
         from .inference import load_support
-        from .novelty_model import NoveltyModel
+        from .novelty_model import NoveltyModel, check_seed
 
         if self.model is not None:
             model = self.model if isinstance(self.model, NoveltyModel) else NoveltyModel.load(self.model)
@@ -226,7 +226,7 @@ class NoveltyTask:
         seed = None
         if self.unknown_seed is not None:
             image, mask = (read_image(p).data if isinstance(p, (str, Path)) else p for p in self.unknown_seed)
-            seed = (image, np.asarray(mask) != 0)
+            seed = check_seed(image, np.asarray(mask) != 0)
         return support, net, seed
 
     def iter_run(
