@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     trained = default_trained_on(list(weights), sets)
     trained.update({k: set(v.split(",")) for k, _, v in (t.partition("=") for t in args.trained_on)})
     device = torch.device("cpu")
-    nets = {label: networks(source, ("model",), args.seed, device) for label, source in weights.items()}
+    nets = {label: networks(source, ("network",), args.seed, device) for label, source in weights.items()}
     started, results = time.perf_counter(), {}
     baselines = [] if args.skip_pixel_classifier else list(BASELINES)
     baselines = baselines or ["label_prior"]
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.support_sizes:
             means = {}
             for number, (label, (net_by_method, grid)) in enumerate(nets.items()):
-                methods = ["model"] + (baselines if number == 0 else [])
+                methods = ["network"] + (baselines if number == 0 else [])
                 scores = run_to_end(
                     iter_evaluate_tasks(
                         tasks,
@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
                 for method in methods:
-                    name = label if method == "model" else method
+                    name = label if method == "network" else method
                     means[name] = float(np.mean([np.mean(t["dice"][method]) for t in scores.values()]))
-                entry["queries"] = int(sum(len(t["dice"]["model"]) for t in scores.values()))
+                entry["queries"] = int(sum(len(t["dice"]["network"]) for t in scores.values()))
             entry["scores"][str(size)] = means
             print(
                 f"# {dataset.name} S={size}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()),

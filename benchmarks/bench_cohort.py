@@ -112,16 +112,14 @@ def same_results(reference: Path, other: Path) -> bool:
     return True
 
 
-def stage_times(volumes: list[Path], support: Path, support_size: int, weights: str) -> dict[str, float]:
-    """Seconds per volume to read and to write, to prepare a worker (support set and network), and to
-    encode the support subsets of every task (what each ``segment`` call repeats)."""
+def stage_times(volumes: list[Path], support: Path, options: dict) -> dict[str, float]:
+    """Seconds per volume to read and to write, to prepare a worker (support set and network: the
+    engine), and to fit the engine's tasks (support encoding; cross-validation for method auto), which a
+    worker does once, on its first item."""
     import numpy as np
-    import torch
 
     from napari_openseg.core.cohort_tasks import SegmentTask
-    from napari_openseg.core.inference import support_tensors
     from napari_openseg.io import ImageData, read_image, write_image
-    from napari_openseg.model.fast import encode_support, prepare_for_inference
     from napari_openseg.model.registry import clear_cache
 
     started = time.perf_counter()
@@ -129,18 +127,11 @@ def stage_times(volumes: list[Path], support: Path, support_size: int, weights: 
     read = (time.perf_counter() - started) / len(volumes)
     clear_cache()
     started = time.perf_counter()
-    loaded, net = SegmentTask(support, weights).prepare()
+    task = SegmentTask(support, options["weights"], {k: v for k, v in options.items() if k != "weights"})
+    engine = task.prepare()
     prepare = time.perf_counter() - started
-    net = prepare_for_inference(net, torch.device("cpu"), torch.float32)
-    rng = np.random.default_rng(0)
     started = time.perf_counter()
-    with torch.inference_mode():
-        for label in loaded.labels:
-            entries = loaded.sample(label, support_size, rng)
-            encode_support(
-                net,
-                *support_tensors(entries, net.config.grid_size, "pad", torch.device("cpu"), torch.float32),
-            )
+    engine.fit()
     encode = time.perf_counter() - started
     with tempfile.TemporaryDirectory() as folder:
         started = time.perf_counter()
@@ -253,12 +244,15 @@ def main() -> int:
             f"| {row['name']} | {row['seconds']:.1f} | {60 * len(volumes) / row['seconds']:.2f} | {ratio} | "
             f"{row['main_mb']:.0f} | {worker} | {row['same']} | {row['load'][0]:.1f} / {row['load'][1]:.1f} |"
         )
-    stages = stage_times(volumes, support, args.support_size, args.weights)
+    engine = {"weights": args.weights, "support_size": args.support_size, "device": "cpu"}
+    if args.label_values:
+        engine["label_values"] = args.label_values
+    stages = stage_times(volumes, support, engine)
     print(
         f"\nper volume ({stages['slices']:.0f} slices, {stages['voxels'] / 1e3:.0f} k voxels on average): "
         f"read {1e3 * stages['read']:.1f} ms, write {1e3 * stages['write']:.1f} ms; "
-        f"worker preparation (support set + network) {stages['prepare']:.2f} s; encoding the support "
-        f"subsets of every task (repeated by each segment call) {1e3 * stages['encode']:.1f} ms; reading a "
+        f"worker preparation (support set + network) {stages['prepare']:.2f} s; fitting the tasks "
+        f"(once per worker) {1e3 * stages['encode']:.1f} ms; reading a "
         f"512 x 512 x 300 int16 volume ({stages['ct_mb']:.0f} MB .nii.gz) {stages['ct_read']:.2f} s"
     )
     if not args.keep:

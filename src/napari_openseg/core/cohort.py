@@ -183,7 +183,7 @@ def plan_cohort(
             f"{_listing(both)}: an output would replace one of the inputs; "
             "keep the inputs out of the output folder"
         )
-    task.prepare()  # a support set, model or weights that cannot be used fails here, before any work
+    task.check()  # a support set, model, weights or option that cannot be used fails here, before any work
     digest = settings_hash(task)
     rows = read_manifest(out_dir / MANIFEST_NAME)
     todo, skipped, foreign = [], [], []

@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 #: Options that say where or in what pieces a result is computed, not what it is: they are left out of
 #: the settings hash, so that a cohort resumed on another device or batch size is not recomputed.
-PLACEMENT_OPTIONS = frozenset({"device", "batch_size"})
+PLACEMENT_OPTIONS = frozenset({"device", "batch_size", "keep_probabilities"})
+#: A segmentation's options that go to each image's run (``iter_segment_with``); the others make the engine.
+RUN_OPTIONS = frozenset({"axis", "batch_size", "keep_probabilities"})
 
 
 class CohortTask(Protocol):
@@ -45,7 +47,9 @@ class CohortTask(Protocol):
 
     def settings(self) -> dict[str, Any]: ...
 
-    def prepare(self) -> Any: ...
+    def prepare(self, device: Any = None) -> Any: ...
+
+    def check(self) -> None: ...
 
     def iter_run(self, prepared: Any, image: np.ndarray, **overrides) -> Generator[Progress, None, Any]: ...
 
@@ -117,7 +121,8 @@ class SegmentTask:
 
     ``support`` is a :class:`~napari_openseg.core.support.SupportSet` or its file; ``weights`` a
     weights name, file or network (``None``: the default); ``options`` are ``iter_segment``'s
-    keywords (axis, support_size, ensemble, threshold, device, ...).
+    keywords (axis, support_size, ensemble, threshold, method, device, ...). ``openseg segment``,
+    ``openseg batch segment`` and the Segment widget all run through it.
     """
 
     support: Any
@@ -138,23 +143,32 @@ class SegmentTask:
             "options": _result_options(self.options),
         }
 
-    def prepare(self) -> tuple[Any, Any]:
-        """``(support set, network)``, loaded and checked."""
-        from ..model.registry import load_model
-        from ..model.universeg import UniverSeg
+    def prepare(self, device: Any = None):
+        """The :class:`~napari_openseg.core.engine.Engine` of the support set, the weights and the
+        task's options (on ``device`` when given, else the options' device): support set and network
+        loaded and checked; its tasks are fitted on the first image and kept for the rest."""
+        from .engine import Engine
         from .inference import load_support
 
-        support = load_support(self.support)
-        support.validate(self.options.get("label_values"))
-        net = self.weights if isinstance(self.weights, UniverSeg) else load_model(self.weights, "cpu")
-        return support, net
+        options = {key: value for key, value in self.options.items() if key not in RUN_OPTIONS}
+        if device is not None:
+            options["device"] = device
+        return Engine(load_support(self.support), self.weights, **options)
 
-    def iter_run(self, prepared: tuple[Any, Any], image: np.ndarray, **overrides):
-        """``iter_segment`` of ``image`` with the task's options, ``overrides`` (axis, rgb, ...) on top."""
-        from .inference import iter_segment
+    def check(self) -> None:
+        """Refuse a support set, weights or options that cannot be used (on the CPU, fitting nothing)."""
+        self.prepare(device="cpu")
 
-        support, net = prepared
-        return iter_segment(image, support, net, **{**self.options, **overrides})
+    def iter_run(self, engine, image: np.ndarray, **overrides):
+        """``iter_segment_with`` of ``image`` with the task's options, ``overrides`` (axis, rgb, ...) on
+        top; a ``device`` override is the engine's, set by :meth:`prepare`."""
+        from .inference import iter_segment_with
+
+        # labels only, unless asked (the widget, segment --probabilities)
+        options = {"keep_probabilities": False}
+        options.update((key, value) for key, value in self.options.items() if key in RUN_OPTIONS)
+        options.update((key, value) for key, value in overrides.items() if key != "device")
+        return iter_segment_with(engine, image, **options)
 
     def output(self, result) -> np.ndarray:
         return result.labels
@@ -203,12 +217,12 @@ class NoveltyTask:
             }
         return {"task": self.name, **source, "options": _result_options(self.options)}
 
-    def prepare(self) -> tuple[Any, Any, Any]:
-        """``(novelty model, None, None)`` or ``(support set, network, unknown seed arrays)``."""
+    def prepare(self, device: Any = None) -> tuple[Any, Any, Any]:
+        """``(novelty model, None, None)`` or ``(support set, network, unknown seed arrays)``; the map
+        moves them to its device (``device`` comes to :meth:`iter_run` as an override)."""
         from ..io import read_image
-        from ..model.registry import load_model
-        from ..model.universeg import UniverSeg
         from .inference import load_support
+        from .network import load_network
         from .novelty_model import NoveltyModel, check_seed
 
         if self.model is not None:
@@ -222,12 +236,16 @@ class NoveltyTask:
             return model, None, None
         support = load_support(self.support)
         support.validate()
-        net = self.weights if isinstance(self.weights, UniverSeg) else load_model(self.weights, "cpu")
+        net = load_network(self.weights)
         seed = None
         if self.unknown_seed is not None:
             image, mask = (read_image(p).data if isinstance(p, (str, Path)) else p for p in self.unknown_seed)
             seed = check_seed(image, np.asarray(mask) != 0)
         return support, net, seed
+
+    def check(self) -> None:
+        """Refuse a model, support set, weights or seed that cannot be used."""
+        self.prepare()
 
     def iter_run(
         self, prepared: tuple[Any, Any, Any], image: np.ndarray, rgb: bool | None = None, **overrides
@@ -282,12 +300,13 @@ _PREPARED: dict[str, Any] = {}
 _PREPARED_LOCK = threading.Lock()
 
 
-def prepared_for(job: CohortJob) -> Any:
-    """The job's task prepared once in this process (support set read, network loaded)."""
+def prepared_for(job: CohortJob, device: Any = None) -> Any:
+    """The job's task prepared once in this process (support set read, network loaded, the engine's
+    tasks fitted on its first image)."""
     with _PREPARED_LOCK:
         if job.settings_hash not in _PREPARED:
             _PREPARED.clear()
-            _PREPARED[job.settings_hash] = job.task.prepare()
+            _PREPARED[job.settings_hash] = job.task.prepare(device)
         return _PREPARED[job.settings_hash]
 
 
@@ -369,7 +388,7 @@ def process_item(item: CohortItem, job: CohortJob) -> ItemResult:
     try:
         overrides = _placement(job)
         device = _device_name(resolve_device(overrides.get("device", job.task.options.get("device", "auto"))))
-        prepared = prepared_for(job)
+        prepared = prepared_for(job, overrides.get("device"))
         image = read_image(item.source)
         result = run_to_end(job.task.iter_run(prepared, image.data, rgb=image.rgb, **overrides))
         write_image(item.output, job.task.output(result), image, overwrite=True)
