@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+#: The suffix a result of each input format is written with (pictures as TIFF: results are not pictures).
+OUTPUT_SUFFIX = {"nifti": ".nii.gz", "tiff": ".tif", "npy": ".npy", "picture": ".tif"}
 
 
 @dataclass
@@ -94,6 +96,12 @@ def image_format(path: str | Path) -> str:
     raise OpenSegError(
         f"{path}: unsupported file type; use .nii/.nii.gz, .tif/.tiff, .npy or .png/.jpg"
     )
+
+
+def result_path(folder: str | Path, source: str | Path, tag: str) -> Path:
+    """Where the result of ``source`` goes in ``folder``: ``<source name>_<tag><suffix>``, the suffix
+    by the source's format (:data:`OUTPUT_SUFFIX`)."""
+    return Path(folder) / f"{strip_suffix(source)}_{tag}{OUTPUT_SUFFIX[image_format(source)]}"
 
 
 def read_image(path: str | Path) -> ImageData:

@@ -5,6 +5,7 @@ over one of the run's inputs."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -66,6 +67,17 @@ def _reason(err: OSError) -> str:
     return err.strerror or str(err) or type(err).__name__
 
 
+#: What the temporary file of :func:`atomic_path` carries after the target's name (``.NAME.partial-XXXX``).
+PARTIAL_MARK = ".partial-"
+
+
+def partial_files(path: str | Path) -> list[Path]:
+    """Temporary files :func:`atomic_path` left beside ``path`` (a process killed mid-write cannot remove
+    its own); only for a caller that knows no other process is writing ``path`` now."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}{PARTIAL_MARK}*"))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path`` with the same suffix; move it into place on success.
@@ -79,7 +91,7 @@ def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
     path = _check_target(Path(path), overwrite)
     suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=suffix, dir=path.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL_MARK}", suffix=suffix, dir=path.parent)
     except OSError as err:
         raise OpenSegError(f"cannot write in {path.parent} ({_reason(err)}); choose another folder") from err
     tmp = Path(tmp_name)

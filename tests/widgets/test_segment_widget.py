@@ -7,11 +7,12 @@ import threading
 import numpy as np
 import pytest
 
-from napari_openseg._widgets import _segment_job, segment_widget
+from napari_openseg._widgets import segment_widget
 from napari_openseg._widgets._layers import owner_info
 from napari_openseg._widgets._session import get_session
 from napari_openseg._widgets.segment_widget import BATCH, SegmentationWidget
 from napari_openseg._widgets.support_widget import SupportSetWidget
+from napari_openseg.core import inference
 from napari_openseg.core.support import build_support_set
 
 from .conftest import disc_volume
@@ -105,7 +106,7 @@ def test_cancel_stops_within_a_batch_and_changes_nothing(
     # hold the worker after each batch until the main thread has seen it, so the test is exact
     release = threading.Event()
     batches = []
-    real = _segment_job.iter_segment_with
+    real = inference.iter_segment_with  # what the job's SegmentTask runs per image
 
     def gated(*args, **kwargs):
         for step in real(*args, **kwargs):
@@ -114,7 +115,7 @@ def test_cancel_stops_within_a_batch_and_changes_nothing(
                 batches.append(step.payload["stop"])
                 release.wait(10)
 
-    monkeypatch.setattr(_segment_job, "iter_segment_with", gated)
+    monkeypatch.setattr(inference, "iter_segment_with", gated)
     seen_preview = []
 
     def on_preview(done):
@@ -298,13 +299,13 @@ def test_a_second_segment_run_on_the_same_image_is_refused_while_the_first_runs(
     for widget in (first, second):
         widget.query_combo.select(layer)
     release = threading.Event()
-    real = _segment_job.iter_segment_with
+    real = inference.iter_segment_with  # what the job's SegmentTask runs per image
 
     def gated(*args, **kwargs):
         release.wait(10)  # the first run holds here until the second has been refused
         return (yield from real(*args, **kwargs))
 
-    monkeypatch.setattr(_segment_job, "iter_segment_with", gated)
+    monkeypatch.setattr(inference, "iter_segment_with", gated)
     with qtbot.waitSignal(first.run_finished, timeout=60_000):
         assert first.run() is not None
         assert second.run() is None and "another Segment run is writing to vol" in errors[-1]

@@ -1,7 +1,8 @@
 """The background job behind the segmentation widget: several query images, one support set.
 
-It only sequences core calls (one engine, :func:`~napari_openseg.core.inference.iter_segment_with` per image) and
-re-counts their progress in slices across all images; no Qt, no layers.
+It runs the open images through the same core path as a cohort of files
+(:class:`~napari_openseg.core.cohort_tasks.SegmentTask`: one engine, its tasks fitted once, run per
+image) and re-counts their progress in slices across all images; no Qt, no layers.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_openseg.core.engine import Engine
-from napari_openseg.core.inference import SegmentationResult, iter_segment_with
+from napari_openseg.core.cohort_tasks import SegmentTask
+from napari_openseg.core.inference import SegmentationResult
 from napari_openseg.core.progress import Progress
 from napari_openseg.core.support import SupportSet
 
@@ -47,19 +48,20 @@ def iter_segment_queries(
 
     Progress counts slices over all queries; each record's ``payload`` carries the core's batch
     (``start``, ``stop``, ``labels``) plus ``query``, the index of the image it belongs to.
-    ``options`` go to the engine and :func:`iter_segment_with` (device, support_size, ensemble,
+    ``options`` are a :class:`~napari_openseg.core.cohort_tasks.SegmentTask`'s: the engine's and
+    :func:`~napari_openseg.core.inference.iter_segment_with`'s keywords (device, support_size, ensemble,
     threshold, method, batch_size, keep_probabilities, ...).
     """
-    run_options = {k: options.pop(k) for k in ("batch_size", "keep_probabilities") if k in options}
     total = sum(query.n_slices for query in queries)
     yield Progress(0, total, "loading weights")
-    engine = Engine(support, weights, **options)
+    task = SegmentTask(support, weights, options)
+    engine = task.prepare()
     results: list[SegmentationResult] = []
     done = 0
     with leave_a_core_free():
         for index, query in enumerate(queries):
             stage = query.name if len(queries) == 1 else f"{query.name} ({index + 1}/{len(queries)})"
-            steps = iter_segment_with(engine, query.image, axis=query.axis, rgb=query.rgb, **run_options)
+            steps = task.iter_run(engine, query.image, axis=query.axis, rgb=query.rgb)
             while True:
                 try:
                     step = next(steps)

@@ -17,7 +17,9 @@ import threading
 from .. import __version__
 from ..errors import OpenSegError
 
-SUBCOMMAND_MODULES = ("info", "support", "segment", "demo", "train", "evaluate", "novelty", "propagate")
+SUBCOMMAND_MODULES = (
+    "info", "support", "segment", "batch", "demo", "train", "evaluate", "novelty", "propagate",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -53,25 +53,48 @@ def register(subparsers) -> None:
     seed.set_defaults(handler=run_seed)
 
     novelty_map = commands.add_parser("map", help="write the novelty map of a volume")
-    source = novelty_map.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="novelty model file (from `openseg novelty train`)")
-    source.add_argument("--support", help="support-set file: training-free option (in-context network features)")
     novelty_map.add_argument("--image", required=True, help="volume to map")
     novelty_map.add_argument("--out", required=True, help="fused novelty map to write (NIfTI, TIFF or NPY)")
     novelty_map.add_argument("--scores-out", help="folder for the cosine and distance maps, segmentation and novel mask")
     novelty_map.add_argument("--mask", help="foreground mask file (default: the body found by intensity)")
-    novelty_map.add_argument("--no-unknown", action="store_true", help="ignore the model's unknown prototype")
-    novelty_map.add_argument("--adapt-unknown", type=int, default=0, metavar="N",
-                             help="adapt the unknown prototype on this volume for N steps")
-    novelty_map.add_argument("--seed-mask", help="for --support: mask (non-zero = one unseen structure) "
-                             "that seeds the unknown prototype")
-    novelty_map.add_argument("--seed-image", help="volume the --seed-mask was painted on (default: --image)")
-    novelty_map.add_argument("--weights", help="in-context weights for --support (name or file)")
-    novelty_map.add_argument("--axis", type=int, default=0, help="slice axis for --support (default 0)")
-    novelty_map.add_argument("--support-size", type=int, default=16, help="S for --support")
-    novelty_map.add_argument("--device", default="auto")
+    add_map_options(novelty_map)
     novelty_map.add_argument("--overwrite", action="store_true")
     novelty_map.set_defaults(handler=run_map)
+
+
+def add_map_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a novelty map (``openseg novelty map`` and ``openseg batch novelty``), checked
+    together by :func:`check_map_options`."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="novelty model file (from `openseg novelty train`)")
+    source.add_argument("--support", help="support-set file: training-free option (in-context network features)")
+    parser.add_argument("--no-unknown", action="store_true", help="ignore the model's unknown prototype")
+    parser.add_argument("--adapt-unknown", type=int, default=0, metavar="N",
+                        help="adapt the unknown prototype on each volume for N steps")
+    parser.add_argument("--seed-mask", help="for --support: mask (non-zero = one unseen structure) "
+                        "that seeds the unknown prototype")
+    parser.add_argument("--seed-image", help="volume the --seed-mask was painted on (default: --image)")
+    parser.add_argument("--weights", help="in-context weights for --support (name or file)")
+    parser.add_argument("--axis", type=int, default=0, help="slice axis for --support (default 0)")
+    parser.add_argument("--support-size", type=int, default=16, help="S for --support")
+    parser.add_argument("--device", default="auto")
+
+
+def check_map_options(args: argparse.Namespace) -> None:
+    """Refuse combinations of :func:`add_map_options`' options that contradict each other."""
+    from ..errors import OpenSegError
+
+    if args.model and (args.seed_mask or args.seed_image):
+        raise OpenSegError("--seed-mask is for --support; seed a trained model with `openseg novelty seed`")
+    if args.seed_image and not args.seed_mask:
+        raise OpenSegError("--seed-image needs --seed-mask, the unseen structure painted on it")
+    if args.adapt_unknown < 0:
+        raise OpenSegError(f"--adapt-unknown is a number of steps (0 or more), got {args.adapt_unknown}")
+    if args.support and args.no_unknown and args.seed_mask:
+        raise OpenSegError("--no-unknown and --seed-mask contradict each other: a training-free map has an "
+                           "unknown prototype only when --seed-mask seeds it; leave out one of them")
+    if args.support and args.adapt_unknown and not args.seed_mask:
+        raise OpenSegError("--adapt-unknown with --support needs --seed-mask (one unseen structure painted)")
 
 
 def default_checkpoint(out: Path) -> Path:
@@ -161,17 +184,7 @@ def run_map(args: argparse.Namespace) -> int:
         extra = score_paths(out, folder)
         for path in extra.values():
             check_writable(path, args.overwrite, image=True, inputs=inputs)
-    if args.model and (args.seed_mask or args.seed_image):
-        raise OpenSegError("--seed-mask is for --support; seed a trained model with `openseg novelty seed`")
-    if args.seed_image and not args.seed_mask:
-        raise OpenSegError("--seed-image needs --seed-mask, the unseen structure painted on it")
-    if args.adapt_unknown < 0:
-        raise OpenSegError(f"--adapt-unknown is a number of steps (0 or more), got {args.adapt_unknown}")
-    if args.support and args.no_unknown and args.seed_mask:
-        raise OpenSegError("--no-unknown and --seed-mask contradict each other: a training-free map has an "
-                           "unknown prototype only when --seed-mask seeds it; leave out one of them")
-    if args.support and args.adapt_unknown and not args.seed_mask:
-        raise OpenSegError("--adapt-unknown with --support needs --seed-mask (one unseen structure painted)")
+    check_map_options(args)
     image = read_image(args.image)
     mask = check_mask(read_image(args.mask).data != 0, image.data.shape) if args.mask else None
     seed = None

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-OUTPUT_SUFFIX = {"nifti": ".nii.gz", "tiff": ".tif", "npy": ".npy", "picture": ".tif"}
+from typing import Any
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +22,38 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the support subsets")
 
 
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a segmentation (``openseg segment`` and ``openseg batch segment``), read back by
+    :func:`engine_options`."""
+    parser.add_argument("--axis", type=int, default=0, help="slice axis of 3D volumes (default 0)")
+    parser.add_argument("--label-values", type=int, nargs="+", help="only these tasks")
+    parser.add_argument("--threshold", type=float, default=0.5, help="background below this probability")
+    parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
+    add_model_options(parser)
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of a :class:`~napari_openseg.core.cohort_tasks.SegmentTask` (the keywords of
+    :func:`~napari_openseg.core.inference.iter_segment`) that :func:`add_engine_options` set (the
+    weights are its positional ``model``)."""
+    from ..errors import OpenSegError
+
+    if not -3 <= args.axis < 3:  # checked here: the core checks it per volume, after a 2D input's output
+        raise OpenSegError(f"--axis must be 0, 1 or 2 (or -1..-3), got {args.axis}")
+    return {
+        "axis": args.axis,
+        "label_values": args.label_values,
+        "support_size": args.support_size,
+        "ensemble": args.ensemble,
+        "method": args.method,
+        "threshold": args.threshold,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "precision": args.precision,
+        "seed": args.seed,
+    }
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("segment", help="segment images or volumes from a support set")
     parser.add_argument("images", nargs="+", help="image or volume files (NIfTI, TIFF, NPY, PNG)")
@@ -30,20 +61,16 @@ def register(subparsers) -> None:
     out = parser.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="output file (one input only)")
     out.add_argument("--out-dir", help="folder for outputs named <input>_openseg.<ext>")
-    parser.add_argument("--axis", type=int, default=0, help="slice axis of 3D volumes (default 0)")
-    parser.add_argument("--label-values", type=int, nargs="+", help="only these tasks")
-    parser.add_argument("--threshold", type=float, default=0.5, help="background below this probability")
-    parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
     parser.add_argument("--probabilities", action="store_true", help="also write <output>_prob (float32)")
     parser.add_argument("--json", help="write each output's tasks, methods and expected Dice to this file")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    add_model_options(parser)
+    add_engine_options(parser)
     parser.set_defaults(handler=run)
 
 
 def output_paths(args: argparse.Namespace) -> list[Path]:
     from ..errors import OpenSegError
-    from ..io import image_format, strip_suffix
+    from ..io import result_path
 
     if args.out:
         if len(args.images) != 1:
@@ -52,7 +79,7 @@ def output_paths(args: argparse.Namespace) -> list[Path]:
     folder = Path(args.out_dir)
     if not folder.is_dir():
         raise OpenSegError(f"output folder {folder} does not exist")
-    paths = [folder / f"{strip_suffix(p)}_openseg{OUTPUT_SUFFIX[image_format(p)]}" for p in args.images]
+    paths = [result_path(folder, p, "openseg") for p in args.images]
     clashes = sorted({str(p) for p in paths if paths.count(p) > 1})
     if clashes:
         raise OpenSegError(f"inputs with the same name would share the output {', '.join(clashes)}: "
@@ -72,15 +99,12 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from ..core.engine import Engine
-    from ..core.inference import iter_segment_with
+    from ..core.cohort_tasks import SegmentTask
     from ..core.support import SupportSet
-    from ..errors import OpenSegError
     from ..io import atomic_path, check_writable, read_image, write_image
     from ._progress import with_progress_bar
 
-    if not -3 <= args.axis < 3:  # checked here: the core checks it per volume, after a 2D input's output
-        raise OpenSegError(f"--axis must be 0, 1 or 2 (or -1..-3), got {args.axis}")
+    options = engine_options(args)
     support = SupportSet.load(args.support)
     outputs = output_paths(args)
     inputs = [*args.images, args.support]
@@ -90,15 +114,13 @@ def run(args: argparse.Namespace) -> int:
             check_writable(probability_path(path), args.overwrite, image=True, inputs=inputs)
     if args.json:
         check_writable(args.json, args.overwrite, inputs=inputs)
-    engine = Engine(support, args.weights, label_values=args.label_values, support_size=args.support_size,
-                    ensemble=args.ensemble, threshold=args.threshold, method=args.method, device=args.device,
-                    precision=args.precision, seed=args.seed)  # one engine: the tasks are fitted once
+    task = SegmentTask(support, args.weights, options)
+    engine = task.prepare()  # one engine for every input: the tasks are fitted once
     report = []
     for image_path, out_path in zip(args.images, outputs):
         image = read_image(image_path)
         result = with_progress_bar(
-            iter_segment_with(engine, image.data, axis=args.axis, rgb=image.rgb, batch_size=args.batch_size,
-                              keep_probabilities=args.probabilities),
+            task.iter_run(engine, image.data, rgb=image.rgb, keep_probabilities=args.probabilities),
             f"segment {image.name}",
             unit="slice",
         )
