@@ -34,7 +34,10 @@ def to_single_channel(image: np.ndarray, rgb: bool | None = None) -> np.ndarray:
     if not rgb:
         return image
     if image.shape[-1] not in (3, 4):
-        raise OpenSegError(f"an RGB image needs 3 or 4 channels on its last axis, got shape {image.shape}")
+        raise OpenSegError(
+            f"an RGB image needs 3 or 4 channels on its last axis, got shape {image.shape} "
+            "(array order, channels last)"
+        )
     return image[..., :3].astype(np.float32) @ RGB_WEIGHTS
 
 
