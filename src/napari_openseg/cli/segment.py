@@ -5,16 +5,23 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import AXIS_HELP
+
 OUTPUT_SUFFIX = {"nifti": ".nii.gz", "tiff": ".tif", "npy": ".npy", "picture": ".tif"}
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs the in-context network."""
-    parser.add_argument("--weights", help="weights name (openseg-default, universeg-v1) or file path")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--weights", help="weights name (openseg-default, universeg-v1) or file path "
+                        "(default: openseg-default)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="bfloat16 pays on GPUs at large S only (docs/performance.md)")
     parser.add_argument("--support-size", type=int, default=16, help="S: entries per prediction")
-    parser.add_argument("--ensemble", type=int, default=1, help="K: predictions combined per task (area-matched mean)")
+    parser.add_argument("--ensemble", type=int, default=1,
+                        help="K: predictions from K draws of S entries, combined; K times slower and it only acts "
+                             "on tasks with more than S entries: a larger S gains more for less time "
+                             "(docs/performance.md)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the support subsets")
 
 
@@ -25,7 +32,7 @@ def register(subparsers) -> None:
     out = parser.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="output file (one input only)")
     out.add_argument("--out-dir", help="folder for outputs named <input>_openseg.<ext>")
-    parser.add_argument("--axis", type=int, default=0, help="slice axis of 3D volumes (default 0)")
+    parser.add_argument("--axis", type=int, default=0, help=AXIS_HELP)
     parser.add_argument("--label-values", type=int, nargs="+", help="only these tasks")
     parser.add_argument("--threshold", type=float, default=0.5, help="background below this probability")
     parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
@@ -44,8 +51,6 @@ def output_paths(args: argparse.Namespace) -> list[Path]:
             raise OpenSegError("--out takes one input; use --out-dir for several")
         return [Path(args.out)]
     folder = Path(args.out_dir)
-    if not folder.is_dir():
-        raise OpenSegError(f"output folder {folder} does not exist")
     paths = [folder / f"{strip_suffix(p)}_openseg{OUTPUT_SUFFIX[image_format(p)]}" for p in args.images]
     clashes = sorted({str(p) for p in paths if paths.count(p) > 1})
     if clashes:
@@ -62,24 +67,44 @@ def probability_path(path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from ..core.inference import iter_segment
     from ..core.support import SupportSet
     from ..errors import OpenSegError
-    from ..io import check_writable, read_image, write_image
-    from ._progress import with_progress_bar
+    from ._files import check_inputs, output_folder
 
     if not -3 <= args.axis < 3:  # checked here: the core checks it per volume, after a 2D input's output
         raise OpenSegError(f"--axis must be 0, 1 or 2 (or -1..-3), got {args.axis}")
+    check_inputs(args.images)  # all of them, before the first is segmented
     support = SupportSet.load(args.support)
+    if args.out_dir is None:
+        return segment_all(args, support)
+    with output_folder(args.out_dir, "--out-dir"):
+        return segment_all(args, support)
+
+
+def segment_all(args: argparse.Namespace, support) -> int:
+    import sys
+
+    import numpy as np
+
+    from ..core.device import resolve_device
+    from ..core.expected_time import describe_expected_time
+    from ..core.inference import iter_segment
+    from ..io import check_writable, read_image, write_image
+    from ._progress import with_progress_bar
+
     outputs = output_paths(args)
     for path in outputs:  # refuse before any work is done
         check_writable(path, args.overwrite, image=True)
         if args.probabilities:
             check_writable(probability_path(path), args.overwrite, image=True)
+    on_gpu = resolve_device(args.device).type != "cpu"
+    tasks = {v: n for v, n in support.counts().items() if args.label_values is None or v in args.label_values}
     for image_path, out_path in zip(args.images, outputs):
         image = read_image(image_path)
+        spatial = image.data.shape[:-1] if image.rgb else image.data.shape
+        n_slices = 1 if len(spatial) == 2 else spatial[args.axis]
+        print(f"{image.name}: {describe_expected_time(n_slices, tasks, args.support_size, args.ensemble, on_gpu)}",
+              file=sys.stderr)
         result = with_progress_bar(
             iter_segment(
                 image.data,
