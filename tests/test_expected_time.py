@@ -38,7 +38,9 @@ def test_k_costs_nothing_where_a_task_has_no_more_entries_than_s():
     assert seconds_per_slice(few, 16, 1) == pytest.approx(seconds_per_task(4) + seconds_per_task(3))
     assert seconds_per_slice(many, 16, 5) == pytest.approx(2 * seconds_per_task(16, 5))
     text = describe_expected_time(10, few, 16, 5)
-    assert "K=5 changes nothing here: no task has more than S entries" in text
+    assert (
+        "S=16 (here 3-4), K=5" in text and "K=5 changes nothing here: no task has more than S entries" in text
+    )
 
 
 def test_the_sentence_names_the_slices_and_a_gpu_for_long_runs(monkeypatch):

@@ -66,6 +66,21 @@ def test_a_run_shows_progress_with_the_time_left_then_done(qtbot, inline):
     assert not panel.running and not panel.cancel_button.isEnabled()
 
 
+def test_cancel_reaches_an_inline_run_too(qtbot, inline):
+    _, panel = make_panel(qtbot)
+    outcomes, results, seen = [], [], []
+    panel.finished.connect(outcomes.append)
+
+    def at_step(step):
+        seen.append(step.done)
+        if step.done == 2:
+            panel.cancel("enough")
+
+    panel.start(lambda: counting(10), results.append, on_progress=at_step)
+    assert outcomes == ["cancelled"] and results == [] and seen == [0, 1, 2]
+    assert panel.status.text() == "Cancelled (enough); nothing was changed."
+
+
 def test_a_refused_start_emits_nothing_and_a_failure_says_why(qtbot, inline, errors):
     _, panel = make_panel(qtbot)
     outcomes = []

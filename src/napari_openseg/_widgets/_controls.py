@@ -237,6 +237,11 @@ class _FormScroll(QScrollArea):
         width = self.widget().minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width()
         return QSize(width, SCROLL_MIN_HEIGHT)
 
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        # the form's height as it is now (Qt's own hint is the form's height when it was first set)
+        hint = self.widget().sizeHint()
+        return QSize(self.minimumSizeHint().width(), max(SCROLL_MIN_HEIGHT, hint.height()))
+
     def eventFilter(self, watched, event) -> bool:  # noqa: N802 (Qt's name)
         if watched is self.widget() and event.type() == QEvent.LayoutRequest:
             self.updateGeometry()  # a section unfolded or a longer item appeared: ask for the width again

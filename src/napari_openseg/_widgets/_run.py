@@ -194,18 +194,19 @@ class RunPanel(QWidget):
             if self._outcome is None:
                 self._outcome = "done"
 
-        self.handle = run_in_background(
+        def started(handle: WorkHandle) -> None:  # before any work: Cancel reaches an inline run too
+            self.handle = self._current["handle"] = handle
+            self.running_changed.emit(True)
+
+        return run_in_background(
             work,
             self.what,
             on_done=done,
             on_progress=lambda step: self._progress(step, on_progress),
             on_finished=self._finish,
             on_error=self._failed,
+            on_start=started,
         )
-        self._current["handle"] = self.handle
-        if self.handle.running:  # an inline run has already ended
-            self.running_changed.emit(True)
-        return self.handle
 
     def cancel(self, reason: str = "") -> None:
         """Stop the run at its next progress record; ``reason`` says why in the status line. Once the

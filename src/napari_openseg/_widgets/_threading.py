@@ -117,14 +117,18 @@ def run_in_background(
     on_progress: Callable[[Progress], None] | None = None,
     on_finished: Callable[[], None] | None = None,
     on_error: Callable[[str], None] | None = None,
+    on_start: Callable[[WorkHandle], None] | None = None,
 ) -> WorkHandle:
     """Run ``generator`` (or a zero-argument function making one) off the main thread.
 
     ``on_progress(step)`` and ``on_done(result)`` run on the main thread; ``on_finished()`` runs
     after success, error or cancellation alike (re-enable buttons there). Errors are shown as
-    napari notifications; ``on_error(text)`` then gets the text shown.
+    napari notifications; ``on_error(text)`` then gets the text shown. ``on_start(handle)`` gets the
+    handle before any work is done (an inline run ends before this function returns).
     """
     handle = WorkHandle(description)
+    if on_start is not None:
+        on_start(handle)
 
     def failed(err: BaseException) -> None:
         text = report_error(err, description)

@@ -226,7 +226,8 @@ class EvaluateWidget(QWidget):
 
 def report_table(report: EvaluationReport) -> tuple[list[str], list[str], list[list[str]]]:
     """``(columns, index, data)`` of a report: one row per task and one for the mean over tasks, a
-    column for the number of query slices and one per method (``"mean ± std"``)."""
+    column for the number of query slices and one per method (``"mean ± std"``, text: the table
+    shows it as written)."""
     summary = report.summary()
     methods = list(summary)
     index, data = [], []
@@ -237,6 +238,6 @@ def report_table(report: EvaluationReport) -> tuple[list[str], list[str], list[l
             [str(scores[methods[0]]["n"])]
             + [f"{scores[m]['mean']:.3f} ± {scores[m]['std']:.2f}" for m in methods]
         )
-    index.append("mean over tasks")
-    data.append([""] + [f"{summary[m]['mean']:.3f}" for m in methods])
+    index.append("mean over tasks")  # mean ± std over the tasks' means
+    data.append([""] + [f"{summary[m]['mean']:.3f} ± {summary[m]['std']:.2f}" for m in methods])
     return ["n", *methods], index, data

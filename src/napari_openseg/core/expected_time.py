@@ -84,10 +84,16 @@ def describe_expected_time(
     per_slice = seconds_per_slice(task_entries, support_size, ensemble)
     total = per_slice * max(1, int(n_slices))
     tasks = len(task_entries)
+    drawn = sorted({min(int(support_size), int(n)) for n in task_entries.values()})
+    used = (
+        ""
+        if drawn == [support_size]
+        else f" (here {drawn[0]}" + (f"-{drawn[-1]})" if len(drawn) > 1 else ")")
+    )
     text = (
         f"expected about {format_duration(per_slice)} per slice ({tasks} task{'s' if tasks != 1 else ''}, "
-        f"S={support_size}, K={ensemble}, one thread of the reference CPU), about {format_duration(total)} "
-        f"for {n_slices} slice{'s' if n_slices != 1 else ''}"
+        f"S={support_size}{used}, K={ensemble}, one thread of the reference CPU), about "
+        f"{format_duration(total)} for {n_slices} slice{'s' if n_slices != 1 else ''}"
     )
     unused = [n for n in task_entries.values() if n <= support_size]
     if ensemble > 1 and len(unused) == tasks:
