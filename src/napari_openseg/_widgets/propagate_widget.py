@@ -119,6 +119,9 @@ class PropagationWidget(QWidget):
         self.plot.slice_clicked.connect(self.go_to_slice)
         self.panel.running_changed.connect(self._set_running)
         self.panel.finished.connect(self._finished)
+        self.bank_size.valueChanged.connect(self._title_settings)
+        self.stop_confidence.valueChanged.connect(self._title_settings)
+        self._title_settings()
         napari_viewer.dims.events.current_step.connect(self._follow_slider)
         self.destroyed.connect(lambda *_: napari_viewer.dims.events.current_step.disconnect(self._follow_slider))
         self._set_running(False)
@@ -126,6 +129,10 @@ class PropagationWidget(QWidget):
     @property
     def cancel_button(self) -> QPushButton:
         return self.panel.cancel_button
+
+    def _title_settings(self, *_args) -> None:
+        self.settings_section.set_title(f"Settings: bank {self.bank_size.value()}, stop below "
+                                        f"{self.stop_confidence.value():.2f}")
 
     def _settings_form(self) -> QFormLayout:
         form = QFormLayout()

@@ -88,6 +88,9 @@ class SegmentationWidget(QWidget):
         self.panel.finished.connect(self._finished)
         for spin in (self.support_size, self.ensemble):
             spin.valueChanged.connect(self._show_expected)
+        for control in (self.support_size, self.ensemble, self.threshold):
+            control.valueChanged.connect(self._title_settings)
+        self._title_settings()
         connect_widget(self.session.support_changed, self, self._support_changed)
         self._support_changed(self.session.support)
 
@@ -123,6 +126,10 @@ class SegmentationWidget(QWidget):
             form, "", QCheckBox("Add probability layers"), "one image layer per task with its probability"
         )
         return form
+
+    def _title_settings(self, *_args) -> None:
+        self.settings_section.set_title(f"Settings: S={self.support_size.value()}, K={self.ensemble.value()}, "
+                                        f"threshold {self.threshold.value():.2f}")
 
     def set_weights(self, spec) -> None:
         """Choose weights by registry name or file path (for scripts and tests)."""
