@@ -49,7 +49,8 @@ def test_the_sentence_names_the_slices_and_a_gpu_for_long_runs(monkeypatch):
     assert short.startswith(f"expected about {format_duration(per_slice)} per slice (1 task, S=16, K=1")
     assert f"about {format_duration(20 * per_slice)} for 20 slices" in short and "GPU" not in short
     monkeypatch.setattr(expected_time, "LONG_RUN_SECONDS", 1.0)
-    assert "a CUDA GPU ran this network about 100 times faster" in describe_expected_time(200, {1: 40}, 16, 1)
+    long = describe_expected_time(200, {1: 40}, 16, 1)
+    assert "a CUDA GPU ran this architecture about 100 times faster" in long
     assert describe_expected_time(200, {1: 40}, 16, 1, on_gpu=True).startswith("on a GPU: no measured time")
 
 

@@ -21,6 +21,7 @@ CPU_SECONDS_PER_TASK: dict[int, dict[int, float]] = {
     1: {1: 0.057, 2: 0.133, 5: 0.314},
     4: {1: 0.093, 2: 0.177, 5: 0.438},
     16: {1: 0.262, 2: 0.556, 5: 1.403},
+    64: {1: 0.936, 2: 1.855, 5: 4.935},
 }
 
 #: How many times a CUDA GPU ran the official architecture faster than the 2-core development CPU
@@ -99,7 +100,7 @@ def describe_expected_time(
     if ensemble > 1 and len(unused) == tasks:
         text += f"; K={ensemble} changes nothing here: no task has more than S entries"
     if total > LONG_RUN_SECONDS:
-        text += f"; a CUDA GPU ran this network about {GPU_SPEED_UP} times faster (docs/performance.md)"
+        text += f"; a CUDA GPU ran this architecture about {GPU_SPEED_UP} times faster (docs/performance.md)"
     return text
 
 
