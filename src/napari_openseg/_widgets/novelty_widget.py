@@ -31,6 +31,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_openseg.core.axes import shape_text
 from napari_openseg.core.novelty import NoveltyMaps
 from napari_openseg.core.novelty_free import iter_training_free_novelty
 from napari_openseg.core.novelty_map import iter_novelty_map, unknown_seed_embeddings
@@ -178,8 +179,9 @@ class NoveltyWidget(QWidget):
             return
         shape = np.shape(layer_image(image)[0])
         if tuple(np.shape(labels.data)) != tuple(shape):
-            report_error(OpenSegError(f"'{labels.name}' has shape {np.shape(labels.data)}, '{image.name}' "
-                                      f"{shape}: pick the labels painted on this image"), "Novelty")
+            report_error(OpenSegError(f"'{labels.name}' has shape {shape_text(np.shape(labels.data))}, "
+                                      f"'{image.name}' {shape_text(shape)}: pick the labels painted on "
+                                      "this image"), "Novelty")
             return
         self.pairs.append((image, labels))
         self._show_pairs()

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..errors import OpenSegError
+from .axes import shape_text
 from .device import resolve_device
 from .inference import auto_batch_size, label_dtype, support_tensors
 from .novelty import NoveltyMaps, class_similarities, maps_from_raw, score_channels
@@ -205,7 +206,9 @@ def iter_training_free_novelty(
     normalized = normalize_intensity(image)
     mask = body_mask(normalized, normalized=True) if mask is None else np.asarray(mask, bool)
     if mask.shape != image.shape:
-        raise OpenSegError(f"mask of shape {mask.shape} does not match the volume of shape {image.shape}")
+        raise OpenSegError(
+            f"mask of shape {shape_text(mask.shape)} does not match the volume of shape {shape_text(image.shape)}"
+        )
     if adapt_unknown and unknown_seed is None:
         raise OpenSegError("adapting the unknown prototype needs an unknown seed: paint one unseen structure")
     if support_size < 1 or adapt_unknown < 0 or (batch_size is not None and batch_size < 1):

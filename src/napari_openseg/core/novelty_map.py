@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import OpenSegError
+from .axes import shape_text
 from .device import resolve_device
 from .novelty import NoveltyMaps, maps_from_raw, score_channels
 from .novelty_model import NoveltyModel, body_mask, check_volume, labels_to_working, to_working
@@ -125,7 +126,9 @@ def iter_novelty_map(
     normalized = normalize_intensity(image)
     mask = body_mask(normalized, normalized=True) if mask is None else np.asarray(mask, bool)
     if mask.shape != image.shape:
-        raise OpenSegError(f"mask of shape {mask.shape} does not match the volume of shape {image.shape}")
+        raise OpenSegError(
+            f"mask of shape {shape_text(mask.shape)} does not match the volume of shape {shape_text(image.shape)}"
+        )
 
     factor = model.downsample
     volume, shape = _pad_to(to_working(normalized, factor).to(torch_device), model.config.roi_size)
@@ -208,7 +211,10 @@ def unknown_seed_embeddings(
     image = check_volume(image)
     seed_mask = np.asarray(seed_mask, bool)
     if seed_mask.shape != image.shape:
-        raise OpenSegError(f"seed mask {seed_mask.shape} does not match the volume {image.shape}")
+        raise OpenSegError(
+            f"seed mask of shape {shape_text(seed_mask.shape)} does not match the volume of shape "
+            f"{shape_text(image.shape)}"
+        )
     if not seed_mask.any():
         raise OpenSegError("the unknown seed mask is empty: paint one instance of the unseen structure")
     torch_device = resolve_device(device)

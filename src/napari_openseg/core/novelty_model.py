@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import OpenSegError
+from .axes import shape_text
 from .preprocess import normalize_intensity
 from .prototypes import PrototypeBank
 from .tensor_files import load_format_file
@@ -179,7 +180,7 @@ def check_volume(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3:
         raise OpenSegError(
-            f"novelty maps need a 3D volume (Z Y X), got an array of shape {image.shape}; "
+            f"novelty maps need a 3D volume (Z Y X), got an array of shape {shape_text(image.shape)}; "
             "stack 2D images into a volume first"
         )
     if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
