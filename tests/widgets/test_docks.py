@@ -29,3 +29,14 @@ def test_all_five_docks_fit_a_1600_by_1000_screen(make_napari_viewer, qtbot):
         if panel is not None:  # the run panel stays at the dock's foot, outside the scrolled form
             assert panel.isVisible() and panel.cancel_button.isVisible(), name
             assert widget.rect().contains(panel.geometry()), name
+
+
+def test_a_model_chosen_in_one_dock_shows_in_every_dock(make_napari_viewer, qtbot, tiny_weights):
+    viewer = make_napari_viewer()
+    widgets = {name: viewer.window.add_plugin_dock_widget("napari-openseg", name)[1] for name in DOCKS[1:]}
+    widgets["Propagate"].picker.set_weights(tiny_weights)
+    widgets["Propagate"].picker.device_combo.setCurrentText("cpu")
+    for name, widget in widgets.items():  # Segment, Propagate, Novelty, Evaluate: one choice, four views
+        assert widget.picker.weights_spec() == str(tiny_weights), name
+        assert widget.model_section.button.text() == "Model: tiny.pt on cpu", name
+        assert not widget.model_section.expanded, name  # folded: the title says what is chosen

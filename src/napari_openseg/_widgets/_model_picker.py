@@ -18,7 +18,7 @@ from napari_openseg.core.device import available_devices
 from napari_openseg.errors import OpenSegError
 from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, REGISTRY, is_available
 
-from ._controls import form_row
+from ._controls import Collapsible, form_row
 from ._session import connect_widget
 
 WEIGHTS_FILE = "Weights file…"
@@ -131,6 +131,13 @@ class ModelPicker(QWidget):
         self.changed.emit(self.summary())
 
     # --- for widgets, scripts and tests --------------------------------------------------------
+
+    def section(self) -> Collapsible:
+        """This picker folded under a "Model: <summary>" title that follows the choice."""
+        section = Collapsible("Model", self)
+        self.changed.connect(lambda text: section.set_title(f"Model: {text}"))
+        section.set_title(f"Model: {self.summary()}")
+        return section
 
     def summary(self) -> str:
         """``"<weights> on <device>"``, with a file shown by its name."""

@@ -52,6 +52,47 @@ class EvaluateWidget(QWidget):
             "(imagesTr/ + labelsTr/, MSD layout)",
         )
         self.folder.line_edit.native.setPlaceholderText("images/ + masks/ or imagesTr/ + labelsTr/")
+        folder_form = Container(widgets=[self.folder], labels=True)
+        folder_form.margins = (0, 0, 0, 0)
+        settings = self._settings_form()
+        self.settings_section = Collapsible("Settings", settings.native)
+        for field in (self.support_size, self.ensemble, self.max_queries):
+            field.changed.connect(self._title_settings)
+        self._title_settings()
+        self.picker = ModelPicker(self.session)
+        self.model_section = self.picker.section()
+
+        self.run_button = QPushButton("Evaluate")
+        self.run_button.clicked.connect(self.run)
+        self.save_button = QPushButton("Save JSON…")
+        self.save_button.setEnabled(False)
+        self.save_button.clicked.connect(self._save_dialog)
+        buttons = QHBoxLayout()
+        for button in (self.run_button, self.save_button):
+            buttons.addWidget(button)
+        self.caption = QLabel("Dice per task (mean ± std over query slices) appears here.")
+        self.caption.setWordWrap(True)
+        self.table = Table()
+        self.table.read_only = True
+        self.table.native.setMinimumHeight(TABLE_MIN_HEIGHT)
+        self.panel = RunPanel("Evaluate", host=self, unit="batches")
+        self.status = self.panel.status
+
+        layout = QVBoxLayout()
+        layout.addWidget(folder_form.native)
+        layout.addWidget(self.settings_section)
+        layout.addWidget(self.model_section)
+        layout.addLayout(buttons)
+        layout.addWidget(self.status)
+        layout.addWidget(self.caption)
+        layout.addWidget(self.table.native, stretch=1)
+        dock_layout(self, layout, footer=self.panel)
+        self.panel.running_changed.connect(self._set_running)
+        self.panel.finished.connect(self._finished)
+
+    def _settings_form(self) -> Container:
+        """The fields under Settings: S, K, the seed, the queries per task, the support split and
+        the label values."""
         self.support_size = SpinBox(
             value=16, min=1, max=256, label="Support size S", tooltip="support entries per prediction"
         )
@@ -86,7 +127,6 @@ class EvaluateWidget(QWidget):
             label="Label values",
             tooltip="comma-separated label values to evaluate (empty: every one in the folder)",
         )
-        folder_form = Container(widgets=[self.folder], labels=True)
         settings = Container(
             widgets=[
                 self.support_size,
@@ -98,44 +138,8 @@ class EvaluateWidget(QWidget):
             ],
             labels=True,
         )
-        for form in (folder_form, settings):
-            form.margins = (0, 0, 0, 0)
-        self.settings_section = Collapsible("Settings", settings.native)
-        for field in (self.support_size, self.ensemble, self.max_queries):
-            field.changed.connect(self._title_settings)
-        self._title_settings()
-        self.picker = ModelPicker(self.session)
-        self.model_section = Collapsible("Model", self.picker)
-        self.picker.changed.connect(lambda text: self.model_section.set_title(f"Model: {text}"))
-        self.picker.changed.emit(self.picker.summary())
-
-        self.run_button = QPushButton("Evaluate")
-        self.run_button.clicked.connect(self.run)
-        self.save_button = QPushButton("Save JSON…")
-        self.save_button.setEnabled(False)
-        self.save_button.clicked.connect(self._save_dialog)
-        buttons = QHBoxLayout()
-        for button in (self.run_button, self.save_button):
-            buttons.addWidget(button)
-        self.caption = QLabel("Dice per task (mean ± std over query slices) appears here.")
-        self.caption.setWordWrap(True)
-        self.table = Table()
-        self.table.read_only = True
-        self.table.native.setMinimumHeight(TABLE_MIN_HEIGHT)
-        self.panel = RunPanel("Evaluate", host=self, unit="batches")
-        self.status = self.panel.status
-
-        layout = QVBoxLayout()
-        layout.addWidget(folder_form.native)
-        layout.addWidget(self.settings_section)
-        layout.addWidget(self.model_section)
-        layout.addLayout(buttons)
-        layout.addWidget(self.status)
-        layout.addWidget(self.caption)
-        layout.addWidget(self.table.native, stretch=1)
-        dock_layout(self, layout, footer=self.panel)
-        self.panel.running_changed.connect(self._set_running)
-        self.panel.finished.connect(self._finished)
+        settings.margins = (0, 0, 0, 0)
+        return settings
 
     @property
     def cancel_button(self) -> QPushButton:

@@ -40,7 +40,7 @@ from napari_openseg.core.progress import Progress
 from napari_openseg.errors import OpenSegError
 from napari_openseg.training.novelty_train import NoveltyTrainSettings, iter_train_novelty
 
-from ._controls import Collapsible, LayerCombo, dock_layout, form_row, is_image, is_user_labels
+from ._controls import LayerCombo, dock_layout, form_row, is_image, is_user_labels
 from ._layers import (
     find_owned_layer,
     layer_image,
@@ -107,9 +107,7 @@ class NoveltyWidget(QWidget):
         self.adapt.setRange(0, 50)
         self.extra_maps = form_row(form, "", QCheckBox("Also show cosine and distance maps"), "two more image layers")
         self.picker = ModelPicker(self.session)
-        self.model_section = Collapsible("Model", self.picker)
-        self.picker.changed.connect(lambda text: self.model_section.set_title(f"Model: {text}"))
-        self.picker.changed.emit(self.picker.summary())
+        self.model_section = self.picker.section()
         self.panel = RunPanel("Novelty", host=self)
 
         self.train_button, self.load_button = QPushButton("Train"), QPushButton("Load model…")

@@ -86,9 +86,7 @@ class PropagationWidget(QWidget):
             "your labels layer with the object painted on one or more slices (it is never changed)",
         )
         self.picker = ModelPicker(self.session, explain=_propagation_note)
-        self.model_section = Collapsible("Model", self.picker)
-        self.picker.changed.connect(lambda text: self.model_section.set_title(f"Model: {text}"))
-        self.picker.changed.emit(self.picker.summary())
+        self.model_section = self.picker.section()
         self.settings_section = Collapsible("Settings", self._settings_form())
 
         self.run_button = QPushButton("Run")

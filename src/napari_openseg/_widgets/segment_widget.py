@@ -66,9 +66,7 @@ class SegmentationWidget(QWidget):
             "the image to segment, or all open image layers (one output each)",
         )
         self.picker = ModelPicker(self.session)
-        self.model_section = Collapsible("Model", self.picker)
-        self.picker.changed.connect(lambda text: self.model_section.set_title(f"Model: {text}"))
-        self.picker.changed.emit(self.picker.summary())
+        self.model_section = self.picker.section()
         self.settings_section = Collapsible("Settings", self._settings_form())
         self.run_button = QPushButton("Run")
         self.panel = RunPanel("Segment", host=self, unit="slices")
