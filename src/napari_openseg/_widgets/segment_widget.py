@@ -16,6 +16,7 @@ import numpy as np
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
+    QComboBox,
     QDoubleSpinBox,
     QFormLayout,
     QLabel,
@@ -25,6 +26,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_openseg.core.engine import CHOICES
 from napari_openseg.core.expected_time import describe_expected_time, format_duration, seconds_per_slice
 from napari_openseg.core.support import SupportSet
 from napari_openseg.errors import OpenSegError
@@ -71,6 +73,9 @@ class SegmentationWidget(QWidget):
         self.run_button = QPushButton("Run")
         self.panel = RunPanel("Segment", host=self, unit="slices")
         self.status = self.panel.status
+        self.estimate = QLabel()
+        self.estimate.setWordWrap(True)
+        self.estimate.setToolTip("cross-validated on the support set: each example segmented from the others")
 
         layout = QVBoxLayout()
         layout.addLayout(form)
@@ -78,6 +83,7 @@ class SegmentationWidget(QWidget):
         layout.addWidget(self.settings_section)
         layout.addWidget(self.run_button)
         layout.addWidget(self.status)
+        layout.addWidget(self.estimate)
         layout.addStretch(1)
         dock_layout(self, layout, footer=self.panel)
 
@@ -88,6 +94,7 @@ class SegmentationWidget(QWidget):
             spin.valueChanged.connect(self._show_expected)
         for control in (self.support_size, self.ensemble, self.threshold):
             control.valueChanged.connect(self._title_settings)
+        self.method_combo.currentTextChanged.connect(self._title_settings)
         self._title_settings()
         connect_widget(self.session.support_changed, self, self._support_changed)
         self._support_changed(self.session.support)
@@ -119,6 +126,12 @@ class SegmentationWidget(QWidget):
         self.threshold.setRange(0.0, 1.0)
         self.threshold.setSingleStep(0.05)
         self.threshold.setValue(0.5)
+        self.method_combo = form_row(
+            form, "Method", QComboBox(),
+            "auto: per task, the best of the network, the pixel classifier and both stacked, by "
+            "cross-validation on the support set; or one of them",
+        )
+        self.method_combo.addItems(CHOICES)
         self.axis_combo = form_row(form, "Slice axis", AxisCombo(), "axis of a volume to segment along")
         self.probabilities = form_row(
             form, "", QCheckBox("Add probability layers"), "one image layer per task with its probability"
@@ -127,7 +140,7 @@ class SegmentationWidget(QWidget):
 
     def _title_settings(self, *_args) -> None:
         self.settings_section.set_title(f"Settings: S={self.support_size.value()}, K={self.ensemble.value()}, "
-                                        f"threshold {self.threshold.value():.2f}")
+                                        f"threshold {self.threshold.value():.2f}, {self.method_combo.currentText()}")
 
     def set_weights(self, spec) -> None:
         """Choose weights by registry name or file path (for scripts and tests)."""
@@ -210,6 +223,7 @@ class SegmentationWidget(QWidget):
             "support_size": self.support_size.value(),
             "ensemble": self.ensemble.value(),
             "threshold": self.threshold.value(),
+            "method": self.method_combo.currentText(),
             "keep_probabilities": self.probabilities.isChecked(),
         }
         expected = describe_expected_time(sum(query.n_slices for query in queries), snapshot.counts(),
@@ -273,6 +287,11 @@ class SegmentationWidget(QWidget):
         if missing:
             text += f" (skipped closed layers: {', '.join(missing)})"
         self.panel.set_status(text + self._left_out)
+        self.show_estimates(results[0].describe_estimates() if results else [])
+
+    def show_estimates(self, lines: list[str]) -> None:
+        """Show each task's expected Dice and method (from the run's cross-validation)."""
+        self.estimate.setText("\n".join(lines))
 
     def _finished(self, outcome: str) -> None:
         self.session.segmenting.difference_update(str(layer.unique_id) for layer in self._sources)
@@ -284,6 +303,7 @@ class SegmentationWidget(QWidget):
         self._show_expected()
         if self.panel.running:
             return
+        self.estimate.setText("")  # it described the support set that was
         counts = support.counts()
         self.status.setText(
             "No support set yet: build one in the support-set widget."

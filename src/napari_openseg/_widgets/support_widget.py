@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from napari.utils.notifications import show_info
+from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
+    QComboBox,
     QFileDialog,
     QFormLayout,
     QGridLayout,
@@ -29,7 +30,7 @@ from qtpy.QtWidgets import (
 
 from napari_openseg.core.axes import axis_text
 from napari_openseg.core.progress import Progress
-from napari_openseg.core.support import SupportSet, entries_from_arrays, painted_across
+from napari_openseg.core.support import SupportSet, coverage_warning, entries_from_arrays, painted_across
 from napari_openseg.errors import OpenSegError
 
 from ._controls import AxisCombo, LayerCombo, dock_layout, form_row, is_image
@@ -37,6 +38,8 @@ from ._gallery import SupportGallery
 from ._layers import current_slice, is_preview, layer_image, slice_axis
 from ._session import connect_widget, get_session, unwrap_viewer
 from ._threading import WorkHandle, report_error, run_in_background
+
+NO_BACKGROUND = "none (whole masks)"
 
 
 def present_values(labels: np.ndarray) -> list[int]:
@@ -88,6 +91,12 @@ class SupportSetWidget(QWidget):
             form, "Tasks", QListWidget(), "label values to use; each checked value becomes one task"
         )
         self.values_list.setMaximumHeight(60)
+        self.background_combo = form_row(
+            form, "Background label", QComboBox(),
+            "for strokes: the label you painted background with; other labels are structures and "
+            "unpainted pixels (0) count as unknown, not as background",
+        )
+        self.background_combo.addItem(NO_BACKGROUND, None)
 
         self.add_slice_button = QPushButton("Add current slice")
         self.add_slice_button.setToolTip("add the slice shown in the viewer (one entry per checked label)")
@@ -180,6 +189,13 @@ class SupportSetWidget(QWidget):
         }
 
     def _show_values(self, values: list[int]) -> None:
+        background = self.background_label()
+        self.background_combo.clear()
+        self.background_combo.addItem(NO_BACKGROUND, None)
+        for value in values:
+            self.background_combo.addItem(f"label {value}", value)
+        if background in values:
+            self.background_combo.setCurrentIndex(values.index(background) + 1)
         unchecked = self._unchecked_values()
         self.values_list.clear()
         for value in values:
@@ -196,6 +212,18 @@ class SupportSetWidget(QWidget):
             for i in range(self.values_list.count())
             if self.values_list.item(i).checkState() == Qt.Checked
         ]
+
+    def background_label(self) -> int | None:
+        """The label painted as background (strokes), or ``None`` (whole masks)."""
+        value = self.background_combo.currentData()
+        return None if value is None else int(value)
+
+    def set_background_label(self, value: int | None) -> None:
+        """Choose the background label (for scripts and tests); ``None``: whole masks."""
+        index = self.background_combo.findData(value)
+        if index < 0:
+            raise OpenSegError(f"label {value} is not painted in the chosen labels layer")
+        self.background_combo.setCurrentIndex(index)
 
     def set_values(self, values: list[int]) -> None:
         """Check exactly ``values`` (for scripts and tests)."""
@@ -233,11 +261,12 @@ class SupportSetWidget(QWidget):
             report_error(err, what)
             return None
         source, unchecked, name = image_layer.name, self._unchecked_values(), labels_layer.name
+        background = self.background_label()
 
         def build():
             yield Progress(0, 1, "reading slices")
             # read here, not from the list: values painted since it was last refreshed count too
-            values = [v for v in present_values(labels) if v not in unchecked]
+            values = [v for v in present_values(labels) if v not in unchecked and v != background]
             if not values:
                 raise OpenSegError(
                     f"labels layer '{name}' has no checked label value: paint the structure "
@@ -246,12 +275,14 @@ class SupportSetWidget(QWidget):
             if slices is not None:
                 _refuse_a_cut_across(labels, axis, slices[0], values, name)
             entries = entries_from_arrays(
-                image, labels, axis=axis, source=source, label_values=values, slice_indices=slices, rgb=rgb
+                image, labels, axis=axis, source=source, label_values=values, slice_indices=slices, rgb=rgb,
+                background_label=background,
             )
             yield Progress(1, 1, "reading slices")
-            return entries
+            return entries, coverage_warning(entries)
 
-        def add(entries) -> None:
+        def add(found) -> None:
+            entries, warning = found
             added = self.session.add_entries(entries)
             if added < len(entries):
                 where = "this image" if slices is None else f"slice {slices[0]} along {axis_text(axis)}"
@@ -261,6 +292,8 @@ class SupportSetWidget(QWidget):
                     f"entr{'y' if held == 1 else 'ies'} of {where} {'is' if held == 1 else 'are'} already in the "
                     "support set, painted the same"
                 )
+            if warning:
+                show_warning(f"Support set: {warning}")
 
         self._set_busy(True)
         self._job = run_in_background(build, what, on_done=add, on_finished=self._added)

@@ -63,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
           file=sys.stderr)
     result = with_progress_bar(
         iter_segment(image.data, support, args.weights, axis=args.axis, support_size=args.support_size,
-                     ensemble=args.ensemble, device=args.device, precision=args.precision, seed=args.seed,
-                     keep_probabilities=False),
+                     ensemble=args.ensemble, method=args.method, device=args.device, precision=args.precision,
+                     seed=args.seed, keep_probabilities=False),
         "segment sample",
         unit="slice",
     )
@@ -77,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"support: {len(support)} entries from slices {chosen.tolist()} along {axis_text(args.axis)} -> "
           f"{support_path}")
     print(f"result: {result_path}")
+    for line in result.describe_estimates():
+        print(f"  {line}")
     print(f"Dice on the {len(held_out)} slices not in the support set:")
     for value, score in scores.items():
         print(f"  {value} {SAMPLE_LABEL_NAMES.get(value, '')}: {score:.3f}")

@@ -91,9 +91,14 @@ def run_train(args: argparse.Namespace) -> int:
     from ._progress import with_progress_bar
 
     out = Path(args.out)
-    check_writable(out, args.overwrite)
+    check_writable(out, args.overwrite, inputs=[*args.image, *args.labels])
     if len(args.image) != len(args.labels):
         raise OpenSegError(f"give one --labels per --image: got {len(args.image)} and {len(args.labels)}")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(out)
+    check_writable(checkpoint, overwrite=True, inputs=[*args.image, *args.labels])
+    if checkpoint.exists() and not (args.resume or args.overwrite):
+        raise OpenSegError(f"checkpoint {checkpoint} exists: pass --resume to continue it, or --overwrite to "
+                           "start again from scratch")
     images = [read_image(p).data for p in args.image]
     labels = [read_image(p).data for p in args.labels]
     settings = NoveltyTrainSettings(
@@ -102,10 +107,6 @@ def run_train(args: argparse.Namespace) -> int:
         feature_size=args.feature_size, embedding_dim=args.embedding_dim,
         ignore_values=tuple(args.ignore_label), flips=args.flips, seed=args.seed,
     )
-    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(out)
-    if checkpoint.exists() and not (args.resume or args.overwrite):
-        raise OpenSegError(f"checkpoint {checkpoint} exists: pass --resume to continue it, or --overwrite to "
-                           "start again from scratch")
     result = with_progress_bar(
         iter_train_novelty(images, labels, settings, checkpoint=checkpoint, resume=args.resume, device=args.device),
         "novelty train",
@@ -118,13 +119,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_seed(args: argparse.Namespace) -> int:
     from ..core.novelty_map import unknown_seed_embeddings
-    from ..core.novelty_model import NoveltyModel
+    from ..core.novelty_model import NoveltyModel, check_seed
     from ..io import check_writable, read_image
 
-    check_writable(args.out, args.overwrite)
-    model = NoveltyModel.load(args.model)
+    check_writable(args.out, args.overwrite, inputs=[args.model, args.image, args.mask])
     image = read_image(args.image)
     mask = read_image(args.mask).data != 0
+    check_seed(image.data, mask)  # before the model is loaded
+    model = NoveltyModel.load(args.model)
     model.bank.seed_unknown(unknown_seed_embeddings(image.data, mask, model, args.device),
                             f"one painted instance in {Path(args.mask).name}")
     model.save(args.out, overwrite=args.overwrite)
@@ -146,7 +148,8 @@ def run_map(args: argparse.Namespace) -> int:
     from ._files import output_folder
 
     out = Path(args.out)
-    check_writable(out, args.overwrite, image=True)
+    inputs = [p for p in (args.model, args.support, args.image, args.mask, args.seed_mask, args.seed_image) if p]
+    check_writable(out, args.overwrite, image=True, inputs=inputs)
     if args.model and (args.seed_mask or args.seed_image):
         raise OpenSegError("--seed-mask is for --support; seed a trained model with `openseg novelty seed`")
     if args.seed_image and not args.seed_mask:
@@ -163,7 +166,7 @@ def run_map(args: argparse.Namespace) -> int:
     with output_folder(args.scores_out, "--scores-out") as folder:
         extra = score_paths(out, folder)
         for path in extra.values():
-            check_writable(path, args.overwrite, image=True)
+            check_writable(path, args.overwrite, image=True, inputs=inputs)
         return _map(args, out, extra)
 
 
@@ -173,17 +176,17 @@ def _map(args: argparse.Namespace, out: Path, extra: dict[str, Path]) -> int:
     from ..core.inference import load_support
     from ..core.novelty_free import iter_training_free_novelty
     from ..core.novelty_map import iter_novelty_map
-    from ..core.novelty_model import NoveltyModel
+    from ..core.novelty_model import NoveltyModel, check_mask, check_seed
     from ..errors import OpenSegError
     from ..io import read_image, write_image
     from ._progress import with_progress_bar
 
     image = read_image(args.image)
-    mask = read_image(args.mask).data != 0 if args.mask else None
+    mask = check_mask(read_image(args.mask).data != 0, image.data.shape) if args.mask else None
     seed = None
-    if args.seed_mask:
+    if args.seed_mask:  # shapes checked before a model is loaded or a support set encoded
         seed_image = read_image(args.seed_image).data if args.seed_image else image.data
-        seed = (seed_image, read_image(args.seed_mask).data != 0)
+        seed = check_seed(seed_image, read_image(args.seed_mask).data != 0)
     if args.model:
         model = NoveltyModel.load(args.model)
         if args.adapt_unknown and not args.no_unknown and model.bank.unknown is None:
