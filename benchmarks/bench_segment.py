@@ -18,6 +18,13 @@ thresholded at the median of the direct probabilities; with trained weights (``-
 
 ``--batch-sizes`` times the fast float32 path with each batch size given, and the automatic one
 (``auto``), for every S: the automatic choice is checked against what it could have picked.
+
+``--ensembles 1 2 5`` times the fast float32 path (the default settings of ``openseg segment``) for
+every S and each K, seconds per slice: what ``core/expected_time.py`` quotes before a run. The
+support volume has more entries per task than S, so every one of the K subsets is a distinct draw.
+
+    python benchmarks/bench_segment.py --ensembles 1 2 5 --support-sizes 1 4 16 64 --slices 8 \
+        --size 128 --threads 1 --weights openseg-default
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ def worker(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     formulation, precision = VARIANTS[args.worker]
     query, _ = synthetic_volume(1, args.slices, args.size)
-    support_image, support_labels = synthetic_volume(2, args.slices, args.size)
+    support_image, support_labels = synthetic_volume(2, args.support_slices or args.slices, args.size)
     support = build_support_set(support_image, support_labels)
     if args.weights == "random-v1":
         refs = Path(__file__).resolve().parents[2] / "shared" / "refs" / "universeg_random_state.pt"
@@ -83,14 +90,16 @@ def worker(args: argparse.Namespace) -> None:
     volume = query[:slices]
     batch = args.worker_batch or None  # 0: the automatic choice
     options = dict(method="network", support_size=args.support_size, device=args.device, precision=precision,
-                   formulation=formulation, batch_size=1 if formulation == "direct" else batch)
+                   formulation=formulation, batch_size=1 if formulation == "direct" else batch,
+                   ensemble=args.worker_ensemble)
     run_to_end(iter_segment(volume[:1], support, net, **options))  # warm-up: allocator, kernels
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = current_rss_mb()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     result = run_to_end(iter_segment(volume, support, net, **options))
+    cpu_seconds = time.process_time() - start_cpu
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -103,14 +112,15 @@ def worker(args: argparse.Namespace) -> None:
     if slices != args.direct_slices:
         result = run_to_end(iter_segment(query[: args.direct_slices], support, net, **options))
     np.save(args.out, result.probabilities)
-    print(json.dumps({"seconds": seconds, "slices": slices, "peak_mb": peak}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "slices": slices, "peak_mb": peak}))
 
 
-def run_worker(args: argparse.Namespace, name: str, size: int, out: Path, batch: int = 0) -> dict:
+def run_worker(args: argparse.Namespace, name: str, size: int, out: Path, batch: int = 0, ensemble: int = 1) -> dict:
     command = [sys.executable, __file__, "--worker", name, "--support-size", str(size),
                "--out", str(out), "--slices", str(args.slices), "--size", str(args.size),
                "--direct-slices", str(args.direct_slices), "--weights", args.weights,
-               "--device", args.device, "--threads", str(args.threads), "--worker-batch", str(batch)]
+               "--device", args.device, "--threads", str(args.threads), "--worker-batch", str(batch),
+               "--worker-ensemble", str(ensemble), "--support-slices", str(args.support_slices)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{name} S={size} batch {batch or 'auto'} failed:\n{done.stderr}")
@@ -137,6 +147,30 @@ def batch_table(args: argparse.Namespace) -> None:
                       flush=True)
 
 
+def ensemble_table(args: argparse.Namespace) -> None:
+    """Fast float32 with the automatic batch size at each S and K, each in a fresh process."""
+    import torch
+
+    threads = args.threads or torch.get_num_threads()
+    # more entries per task than the largest S, so that each of the K subsets is a distinct draw
+    args.support_slices = max(args.slices, 2 * max(args.support_sizes) + 8)
+    print(f"# bench_segment --ensembles: {args.slices} slices of {args.size}x{args.size}, 2 tasks, weights "
+          f"{args.weights}, device {args.device}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+          f"threads {threads}")
+    # CPU time is what the process used (all its threads): on a machine shared with other work it is
+    # what the run would take alone, where the wall clock also counts the waiting.
+    print("| S | K | wall s per slice (2 tasks) | CPU s per slice (2 tasks) | CPU s per slice and task | "
+          "peak memory (MB) |")
+    print("|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.support_sizes:
+            for ensemble in args.ensembles:
+                row = run_worker(args, "fast f32", size, Path(tmp) / "p.npy", ensemble=ensemble)
+                wall, cpu = row["seconds"] / row["slices"], row["cpu_seconds"] / row["slices"]
+                print(f"| {size} | {ensemble} | {wall:.3f} | {cpu:.3f} | {cpu / 2:.3f} | {row['peak_mb']:.0f} |",
+                      flush=True)
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     total = a.sum() + b.sum()
     return 1.0 if total == 0 else 2.0 * np.logical_and(a, b).sum() / total
@@ -155,6 +189,9 @@ def main() -> None:
     parser.add_argument("--support-size", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="time fast f32 with these batch sizes")
     parser.add_argument("--worker-batch", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--ensembles", type=int, nargs="+", help="time fast f32 with these ensemble sizes K")
+    parser.add_argument("--worker-ensemble", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--support-slices", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -162,6 +199,9 @@ def main() -> None:
         return
     if args.batch_sizes:
         batch_table(args)
+        return
+    if args.ensembles:
+        ensemble_table(args)
         return
 
     import torch

@@ -30,7 +30,7 @@ SHOWN_SLICE = 37
 log = logging.getLogger("screenshots")
 
 
-def wait_until(condition, timeout: float = 120.0) -> None:
+def wait_until(condition, timeout: float = 900.0) -> None:
     from qtpy.QtWidgets import QApplication
 
     end = time.monotonic() + timeout
@@ -136,7 +136,13 @@ def main() -> None:
     shoot_widget(support_widget, "02b-support-widget.png")
 
     # 3. segmentation widget: run on the volume; one picture while it runs, one at the end
-    _, segment_widget = viewer.window.add_plugin_dock_widget("napari-openseg", "Segment")
+    support_dock, _ = viewer.window.add_plugin_dock_widget("napari-openseg", "Support set")
+    segment_dock, segment_widget = viewer.window.add_plugin_dock_widget("napari-openseg", "Segment")
+    settle()
+    # as a user would drag the separator: room for the Segment dock's status line (the expected time)
+    from qtpy.QtCore import Qt
+
+    viewer.window._qt_window.resizeDocks([support_dock, segment_dock], [420, 480], Qt.Vertical)
     segment_widget.set_weights(weights)
     segment_widget.query_combo.select(image_layer)
     viewer.dims.set_point(0, SHOWN_SLICE * image_layer.scale[0])
@@ -144,15 +150,10 @@ def main() -> None:
     segment_widget.run_finished.connect(outcome.append)
     shot: list[bool] = []
 
-    activity = viewer.window._qt_window._activity_dialog  # napari's progress bars live here
-
     def mid_run(done: int) -> None:
         if not shot and done >= SHOWN_SLICE + 6:  # the preview has reached the slice on screen
             shot.append(True)
-            activity.show()
-            activity.move_to_bottom_right()
-            shoot_window(viewer, "03-running.png")
-            activity.hide()
+            shoot_window(viewer, "03-running.png")  # the dock's progress bar says how long is left
 
     segment_widget.preview_updated.connect(mid_run)
     segment_widget.run()
@@ -187,6 +188,15 @@ def main() -> None:
             toast.toggle_expansion()
     settle(1.0)
     shoot_window(viewer, "06-error-notification.png")
+
+    # 6. all five docks at once: each fits, its form scrolls, its progress bar and Cancel stay in view
+    for name in ("Propagate", "Novelty", "Evaluate"):
+        viewer.window.add_plugin_dock_widget("napari-openseg", name)
+    for toast in viewer.window._qt_window.findChildren(NapariQtNotification):
+        toast.close()
+    viewer.window._qt_window.resize(1600, 1000)
+    settle(1.0)
+    shoot_window(viewer, "07-all-docks.png")
 
     log.info("weights: %s (%s)", weights, "trained" if trained else "RANDOM, results are noise")
     viewer.close()

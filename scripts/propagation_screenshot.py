@@ -60,6 +60,7 @@ def main() -> None:
     get_session(viewer).set_model(weights=args.weights, device="cpu")
     widget.axis_combo.setCurrentText("0")
     widget.stop_confidence.setValue(LARGE_STRUCTURE_STOP)
+    widget.settings_section.set_expanded(True)  # the picture shows the lowered stop threshold
     began = time.perf_counter()
     widget.run()
     print(f"propagated in {time.perf_counter() - began:.1f} s: {widget.status.text()}")

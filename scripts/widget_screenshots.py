@@ -126,19 +126,20 @@ def evaluate_screenshot(napari, image, labels, weights: str, out: Path) -> None:
     get_session(viewer).set_model(weights=weights, device="cpu")
     _, widget = viewer.window.add_plugin_dock_widget("napari-openseg", "Evaluate")
     with tempfile.TemporaryDirectory(prefix="openseg-eval-") as tmp:
-        widget.folder.setText(str(write_msd_folder(Path(tmp) / "mni152-msd")))
-        widget.support_size.setValue(EVAL_SUPPORT_SIZE)
-        widget.ensemble.setValue(1)
-        widget.max_queries.setValue(EVAL_QUERIES_PER_TASK)
+        widget.folder.value = str(write_msd_folder(Path(tmp) / "mni152-msd"))
+        widget.support_size.value = EVAL_SUPPORT_SIZE
+        widget.ensemble.value = 1
+        widget.max_queries.value = EVAL_QUERIES_PER_TASK
         run_to_end(widget, widget.run)
-    table = widget.output.toPlainText()
-    print(table)
-    # The table must not wrap: the dock takes the width of its longest line, and the layer controls
-    # and list (of no use to this widget, which reads no layers) make room for it.
+    print(widget.report.table())
+    # The table shows whole: the dock takes the table's width, and the layer controls and list (of no
+    # use to this widget, which reads no layers) make room for it.
     viewer.window._qt_viewer.dockLayerControls.setVisible(False)
     viewer.window._qt_viewer.dockLayerList.setVisible(False)
-    longest_line = max(table.splitlines(), key=len)
-    widen_dock(viewer, widget, widget.output.fontMetrics().horizontalAdvance(longest_line) + TABLE_MARGIN)
+    table = widget.table.native
+    columns = sum(table.sizeHintForColumn(c) for c in range(table.columnCount()))
+    width = table.verticalHeader().sizeHint().width() + columns + TABLE_MARGIN
+    widen_dock(viewer, widget, width)
     shoot(viewer, out / "evaluate-result.png")
     viewer.close()
 

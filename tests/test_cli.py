@@ -74,7 +74,7 @@ def test_existing_output_is_refused_before_any_work(tmp_path, nifti_pair, tiny_w
         (["support", "build", "--image", "IMG", "--labels", "IMG", "--out", "OUT"], "whole-number label values"),
         (["support", "build", "--image", "IMG", "--labels", "IMG", "--labels", "LAB", "--out", "OUT"],
          "give one --labels per --image"),
-        (["segment", "IMG", "--support", "IMG", "--out", "OUT"], "support-set file"),
+        (["segment", "IMG", "--support", "IMG", "--out", "OUT"], "is a NIfTI image, not a support-set file"),
         (["segment", "IMG", "--support", "SUP", "--out", "OUT", "--weights", "nope"], "neither a known"),
         (["segment", "IMG", "--support", "SUP", "--out", "OUT", "--device", "cuda:3"], "cuda"),
     ],
@@ -104,6 +104,54 @@ def test_inputs_that_would_share_an_output_name_are_refused(tmp_path, nifti_pair
     assert main(args + ["--overwrite"]) == 2
     assert "would share the output" in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_missing_output_folder_is_made_and_every_input_is_checked_first(tmp_path, nifti_pair, tiny_weights,
+                                                                          capsys):
+    image, labels = nifti_pair
+    support = tmp_path / "support.npz"
+    main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)])
+    second = tmp_path / "second.nii.gz"
+    second.write_bytes(image.read_bytes())
+    outdir = tmp_path / "results" / "run 1"
+    base = ["segment", "--support", str(support), "--out-dir", str(outdir), "--weights", str(tiny_weights)]
+    capsys.readouterr()
+    # the missing file is the second of three: found before the first is segmented
+    assert main([*base, str(image), str(tmp_path / "missing.nii.gz"), str(second)]) == 2
+    assert "1 input file not found: " in capsys.readouterr().err
+    assert not (tmp_path / "results").exists()
+    # a run that fails before writing anything leaves no folder behind
+    assert main([*base, str(image), "--batch-size", "-3"]) == 2
+    assert not (tmp_path / "results").exists()
+    capsys.readouterr()
+    assert main([*base, str(image), str(second), "--label-values", "1"]) == 0
+    assert sorted(p.name for p in outdir.iterdir()) == ["img_openseg.nii.gz", "second_openseg.nii.gz"]
+    err = capsys.readouterr().err  # the expected time, said before each run
+    assert err.count("expected about ") == 2 and "per slice (1 task, S=16 (here 6), K=1" in err
+
+
+def test_a_nifti_passed_as_support_is_named_for_what_it_is(tmp_path, nifti_pair, capsys):
+    image, _ = nifti_pair
+    assert main(["segment", str(image), "--support", str(image), "--out", str(tmp_path / "o.nii.gz")]) == 2
+    err = capsys.readouterr().err
+    assert "is a NIfTI image, not a support-set file" in err and "openseg support build" in err
+    assert "pickle" not in err
+
+
+def test_help_shows_each_default_once():
+    import argparse
+
+    from napari_openseg.cli import build_parser
+
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    segment = commands["segment"].format_help()
+    assert "(default: 16)" in segment and "(default: 0.5)" in segment and "(default: auto" in segment
+    assert "array order: 0 is the NIfTI file's third axis (default: 0)" in " ".join(segment.split())
+    for name in ("segment", "demo", "evaluate", "propagate"):
+        text = " ".join(commands[name].format_help().split())
+        for option in text.split(" --")[1:]:  # one default per option, never "(default x) (default: x)"
+            assert option.count("(default") <= 1, (name, option)
 
 
 @pytest.mark.parametrize("option, message", [

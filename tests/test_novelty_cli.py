@@ -47,8 +47,7 @@ def test_train_writes_a_model_and_a_checkpoint(model_file, capsys):
 
 
 def test_map_writes_fused_scores_and_segmentation_with_the_input_affine(model_file, files, capsys):
-    scores = files / "scores"
-    scores.mkdir()
+    scores = files / "scores" / "run 1"  # missing: made, with its parent
     out = files / "novelty.nii.gz"
     assert main(["novelty", "map", "--model", str(model_file), "--image", str(files / "vol.nii.gz"),
                  "--out", str(out), "--scores-out", str(scores), "--device", "cpu"]) == 0
@@ -144,6 +143,8 @@ def test_adapting_a_model_without_an_unknown_and_a_scores_file_get_messages(mode
     assert main([*trained, "--scores-out", str(files / "vol.nii.gz")]) == 2
     assert "is a file; it names the folder" in capsys.readouterr().err
     assert not (files / "z.nii.gz").exists()
+    assert main([*trained, "--adapt-unknown", "5", "--scores-out", str(files / "new" / "scores")]) == 2
+    assert not (files / "new").exists()  # a folder made for a run that wrote nothing is removed again
 
 
 def test_training_free_map_refuses_a_support_size_of_0(files, tiny_weights, capsys, tmp_path):

@@ -240,6 +240,34 @@ def test_crafted_pickle_is_never_executed(tmp_path):
     assert not marker.exists()
 
 
+def test_a_file_that_is_not_an_archive_is_named_for_what_it_is(tmp_path):
+    nifti = tmp_path / "scan.nii.gz"
+    nifti.write_bytes(b"\x1f\x8b" + bytes(30))
+    with pytest.raises(OpenSegError, match="is a NIfTI image, not a support-set file") as info:
+        SupportSet.load(nifti)
+    assert "pickle" not in str(info.value)
+    array = tmp_path / "array.npz"
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    array.write_bytes((tmp_path / "array.npy").read_bytes())
+    with pytest.raises(OpenSegError, match=r"is a single numpy array \(\.npy\), not a support-set file"):
+        SupportSet.load(array)
+
+
+def test_painted_across_finds_a_slice_that_cuts_through_painted_slices():
+    from napari_openseg.core.support import painted_across
+
+    labels = np.zeros((20, 30, 40), np.uint8)
+    labels[5, 5:20, 5:30] = 1
+    labels[12, 5:20, 5:30] = 1
+    assert painted_across(labels, 2, 10, [1]) == (1, 0, [5, 12])  # two lines one voxel wide
+    assert painted_across(labels, 1, 10, [1]) == (1, 0, [5, 12])
+    assert painted_across(labels, 0, 5, [1]) is None  # the painted slice itself
+    assert painted_across(labels, 2, 2, [1]) is None  # the value is not in this slice
+    block = np.zeros_like(labels)
+    block[3:15, 5:20, 5:30] = 2  # labelled in 3D (a file, not strokes): any slice is an example
+    assert painted_across(block, 2, 10, [2]) is None
+
+
 def test_strokes_with_a_background_label_keep_their_painted_pixels_through_a_file(tmp_path):
     image, _ = labelled_volume()
     strokes = np.zeros(image.shape, np.uint8)

@@ -191,6 +191,20 @@ def test_viewer_opens_nifti_and_sample(make_napari_viewer, tmp_path):
     assert [layer.name for layer in viewer.layers][-2:] == ["MNI152 T1", "MNI152 GM-WM labels"]
 
 
+def test_an_image_and_its_labels_under_one_name_open_as_x_and_x_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    image = save_nifti(tmp_path / "imagesTr" / "case_001.nii.gz", rng.normal(100, 20, (6, 7, 8)).astype(np.float32))
+    labels = save_nifti(tmp_path / "labelsTr" / "case_001.nii.gz", (rng.random((6, 7, 8)) > 0.5).astype(np.uint8))
+    [(_, image_kwargs, image_kind)] = read(image)
+    [(_, labels_kwargs, labels_kind)] = read(labels)
+    assert (image_kind, image_kwargs["name"]) == ("image", "case_001")
+    assert (labels_kind, labels_kwargs["name"]) == ("labels", "case_001 labels")
+    [(_, hinted, _)] = read(save_nifti(tmp_path / "case_001_seg.nii.gz", np.zeros((3, 4, 5), np.uint8)))
+    assert hinted["name"] == "case_001_seg"  # the name already says labels
+
+
 def test_a_nifti_three_voxels_deep_on_x_opens_as_a_volume_not_as_rgb(tmp_path):
     nib.save(nib.Nifti1Image(np.random.default_rng(0).random((3, 8, 9)).astype(np.float32), AFFINE),
              str(tmp_path / "thin.nii.gz"))

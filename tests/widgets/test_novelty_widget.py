@@ -76,7 +76,7 @@ def test_cancel_stops_training_without_a_model(scene, qtbot, threaded):
         assert widget.train() is not None
         widget.cancel()
     assert blocker.args[0] == "train cancelled" and widget.model is None
-    assert "cancelled" in widget.status.text()
+    assert "Cancelled" in widget.status.text()
 
 
 def test_compute_adds_heat_map_regions_and_segmentation_and_the_slider_moves_the_threshold(

@@ -94,6 +94,10 @@ def test_go_to_least_confident_slice_then_correct_it_and_run_again(viewer, qtbot
     assert run_and_wait(qtbot, widget, corrections=True) == "done"
     assert widget.result.complete_slices == [weakest]
     assert widget.result.prompt_slices == {1: sorted({z, weakest})}
+    # the corrected run replaces the layer the fixes were painted on: one output, selected, fixes kept
+    assert widget.output is output and names(viewer) == ["vol", "painted", "vol propagated"]
+    assert viewer.layers.selection.active is output and output.editable
+    assert np.array_equal(output.data, widget.result.labels)
     assert np.array_equal(widget.output.data[weakest], fixed)
     assert np.isnan(widget.plot.values[weakest])
     assert np.array_equal(painted_layer.data, painted)
@@ -109,6 +113,7 @@ def test_a_slice_corrected_once_can_be_corrected_again(viewer, qtbot, scene, inl
     widget.output.paint((3, 15, 15), 1, refresh=False)
     assert run_and_wait(qtbot, widget, corrections=True) == "done"
     assert widget.output.data[3, 15, 15] == 1 and widget.result.complete_slices == [3]
+    assert [name for name in names(viewer) if "propagated" in name] == ["vol propagated"]  # no "[1]", "[2]"
 
 
 def test_label_values_beyond_32_bits_run_with_a_preview(viewer, qtbot, scene, threaded):
@@ -193,19 +198,21 @@ def test_the_preview_cannot_be_painted_or_chosen_as_labels(viewer, qtbot, scene,
     assert seen and all(editable is False and offered is False for editable, offered in seen)
 
 
-def test_closing_the_image_during_a_run_says_so(viewer, qtbot, scene, threaded):
+def test_closing_the_image_during_a_run_cancels_it(viewer, qtbot, scene, threaded):
     widget, image_layer, *_ = scene
-    closed = []
+    closed, steps = [], []
 
     def close_once(done):
+        steps.append(done)
         if not closed:
             closed.append(done)
             viewer.layers.remove(image_layer)
 
     widget.preview_updated.connect(close_once)
-    assert run_and_wait(qtbot, widget) == "closed"
-    assert "'vol' was closed during the run; nothing was added" in widget.status.text()
+    assert run_and_wait(qtbot, widget) == "cancelled"
+    assert "Cancelled ('vol' was closed during the run); nothing was changed." in widget.status.text()
     assert "vol propagated" not in viewer.layers and widget.result is None
+    assert len(steps) <= 2  # it stopped at the next slice, not at the end of the volume
 
 
 def test_after_the_output_or_the_image_is_closed_the_messages_say_so(viewer, qtbot, scene, inline, errors):

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from napari_openseg._widgets import segment_widget
+from napari_openseg._widgets import _model_picker
 from napari_openseg._widgets._layers import owner_info
 from napari_openseg._widgets._session import get_session
 from napari_openseg._widgets.segment_widget import BATCH, SegmentationWidget
@@ -265,29 +265,29 @@ def test_a_rerun_removes_probability_maps_it_no_longer_makes(viewer, qtbot, tiny
 
 def test_a_second_segment_widget_keeps_the_chosen_device(viewer, qtbot, tiny_weights):
     first = make_segmenter(viewer, qtbot, tiny_weights)
-    first.device_combo.setCurrentText("cpu")
+    first.picker.device_combo.setCurrentText("cpu")
     assert get_session(viewer).device == "cpu"
     second = SegmentationWidget(viewer)
     qtbot.addWidget(second)
-    assert second.device_combo.currentText() == "cpu" and get_session(viewer).device == "cpu"
+    assert second.picker.device_combo.currentText() == "cpu" and get_session(viewer).device == "cpu"
 
 
 def test_a_model_chosen_by_a_script_shows_in_the_widget(viewer, qtbot, tiny_weights):
     widget = make_segmenter(viewer, qtbot, "openseg-default")
     get_session(viewer).set_model(weights=str(tiny_weights), device="cpu")
-    assert widget.weights_spec() == str(tiny_weights) and widget.device_combo.currentText() == "cpu"
+    assert widget.weights_spec() == str(tiny_weights) and widget.picker.device_combo.currentText() == "cpu"
     assert get_session(viewer).weights == str(tiny_weights)  # nothing was sent back
     get_session(viewer).set_model(weights="openseg-default")
-    assert widget.weights_combo.currentText() == "openseg-default" and "bundled" in widget.weights_note.text()
+    assert widget.picker.weights_combo.currentText() == "openseg-default" and "bundled" in widget.picker.weights_note.text()
     get_session(viewer).set_model(weights="universeg-v1", device="cuda")  # neither is here: shown, not ignored
-    assert (widget.weights_combo.currentText(), widget.device_combo.currentText()) == ("universeg-v1", "cuda")
-    assert "not installed" in widget.weights_note.text()
+    assert (widget.picker.weights_combo.currentText(), widget.picker.device_combo.currentText()) == ("universeg-v1", "cuda")
+    assert "not installed" in widget.picker.weights_note.text()
 
 
 def test_a_weights_path_with_a_tilde_is_a_file(viewer, qtbot, tiny_weights, monkeypatch):
     monkeypatch.setenv("HOME", str(tiny_weights.parent))
     widget = make_segmenter(viewer, qtbot, f"~/{tiny_weights.name}")
-    assert widget.weights_note.text() == "" and get_session(viewer).weights == str(tiny_weights)
+    assert widget.picker.weights_note.text() == "" and get_session(viewer).weights == str(tiny_weights)
 
 
 def test_a_second_segment_run_on_the_same_image_is_refused_while_the_first_runs(
@@ -343,11 +343,11 @@ def test_errors_are_notified(viewer, qtbot, tiny_weights, inline, errors, monkey
     viewer.layers.clear()
     viewer.add_image(image, name="vol")
 
-    monkeypatch.setattr(segment_widget, "is_available", lambda name: False)
-    widget.weights_combo.setCurrentText("openseg-default")
+    monkeypatch.setattr(_model_picker, "is_available", lambda name: False)
+    widget.picker.weights_combo.setCurrentText("openseg-default")
     assert widget.run() is None
     assert "are not installed" in errors[-1] and "Weights file" in errors[-1]
-    assert "not installed" in widget.weights_note.text()
+    assert "not installed" in widget.picker.weights_note.text()
 
     widget.set_weights(tmp_path / "nowhere.pt")
     assert widget.run() is None
@@ -366,13 +366,49 @@ def test_session_records_the_model_choice(viewer, qtbot, tiny_weights):
     widget = make_segmenter(viewer, qtbot, tiny_weights)
     session = get_session(viewer)
     assert session.weights == str(tiny_weights)
-    widget.device_combo.setCurrentText("cpu")
+    widget.picker.device_combo.setCurrentText("cpu")
     assert session.device == "cpu"
     # Both bundled weights are offered by name; choosing one records its name, not a path.
-    names = [widget.weights_combo.itemText(i) for i in range(widget.weights_combo.count())]
+    names = [widget.picker.weights_combo.itemText(i) for i in range(widget.picker.weights_combo.count())]
     assert names[:2] == ["openseg-default", "openseg-propagate"]
     widget.set_weights("openseg-propagate")
-    assert session.weights == "openseg-propagate" and "bundled" in widget.weights_note.text()
+    assert session.weights == "openseg-propagate" and "bundled" in widget.picker.weights_note.text()
+
+
+def test_run_waits_for_a_support_set_and_says_what_to_expect(viewer, qtbot, tiny_weights, inline):
+    image, mask = disc_volume(depth=6, size=32)
+    viewer.add_image(image, name="vol")
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    assert not widget.run_button.isEnabled() and "build a support set first" in widget.run_button.toolTip()
+    get_session(viewer).replace_support(build_support_set(image, mask, slice_indices=[1, 4]))
+    assert widget.run_button.isEnabled()
+    assert widget.expected.text().endswith("per slice on one CPU thread (measured)")
+    messages = []
+    widget.panel.bar.valueChanged.connect(lambda _v: messages.append(widget.status.text()))
+    assert run_and_wait(qtbot, widget) == "done"
+    assert messages[0].startswith("Segmenting 1 image: expected about ") and "for 6 slices" in messages[0]
+    get_session(viewer).clear_support()
+    assert not widget.run_button.isEnabled()
+
+
+def test_closing_the_query_image_during_a_run_cancels_it(viewer, qtbot, tiny_weights, threaded):
+    image, mask = disc_volume(depth=30, size=32)
+    layer = viewer.add_image(image, name="vol")
+    get_session(viewer).replace_support(build_support_set(image, mask, slice_indices=[5, 20]))
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    widget.support_size.setValue(16)  # one slice per batch: 30 batches
+    shown = []
+
+    def close_it(done):
+        shown.append(done)
+        if layer in viewer.layers:
+            viewer.layers.remove(layer)
+
+    widget.preview_updated.connect(close_it)
+    assert run_and_wait(qtbot, widget) == "cancelled"
+    assert "Cancelled ('vol' was closed during the run)" in widget.status.text()
+    assert names(viewer) == [] and shown == [shown[0]]  # no preview left
+    assert widget.panel.bar.value() <= 3 < 30  # it stopped within a batch or two, not at the end
 
 
 def test_the_expected_dice_and_method_are_shown_and_cleared_with_the_support(viewer, qtbot, tiny_weights, inline):

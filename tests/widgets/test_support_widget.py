@@ -53,21 +53,31 @@ def test_add_current_slice_refuses_an_axis_the_viewer_does_not_show(viewer, pain
     viewer.dims.set_point(0, 3 * 3.0)
     widget.axis_combo.setCurrentText("1")  # the viewer slices along axis 0
     assert widget.add_current_slice() is None
-    assert "the viewer shows slices along axis 0, not 1" in errors[-1]
+    assert "the viewer shows slices along axis 0 (array order: the NIfTI file's third axis), not along axis 1" \
+        in errors[-1]
     assert len(get_session(viewer).support) == 0
     widget.axis_combo.setCurrentText("0")
     widget.add_current_slice()
     assert [e.slice_index for e in get_session(viewer).support.entries] == [3]
 
 
-def test_a_slice_added_twice_is_one_entry(viewer, painted, inline, qtbot):
+def test_a_slice_added_twice_is_one_entry_and_says_so(viewer, painted, inline, qtbot, monkeypatch):
+    from napari_openseg._widgets import support_widget
+
+    said = []
+    monkeypatch.setattr(support_widget, "show_info", said.append)
     widget = SupportSetWidget(viewer)
     qtbot.addWidget(widget)
     viewer.dims.set_point(0, 3 * 3.0)
     widget.add_current_slice()
+    assert said == []
+    widget.add_current_slice()  # the same slice again
+    assert len(said) == 1 and "nothing was added" in said[0]
+    assert "slice 3 along axis 0" in said[0] and "already in the support set" in said[0]
     widget.add_all_slices()  # slices 3 (again) and 8
     support = get_session(viewer).support
     assert sorted((e.slice_index, e.label) for e in support.entries) == [(3, 1), (8, 2)]
+    assert "1 entries added; 1 entry of this image is already" in said[-1]
 
 
 def test_a_2d_image_added_twice_is_one_entry(viewer, inline, qtbot):
@@ -109,6 +119,21 @@ def test_transposed_view_slices_along_the_slider_axis(viewer, inline, qtbot):
     widget.add_current_slice()
     entry = get_session(viewer).support.entries[0]
     assert (entry.axis, entry.slice_index, entry.image.shape) == (1, 12, (10, 32))
+
+
+def test_a_transposed_view_across_the_painted_slices_is_refused(viewer, painted, inline, qtbot, errors):
+    image_layer, labels_layer = painted  # label 1 painted on slice 3, label 2 on slice 8, along axis 0
+    viewer.dims.order = (2, 0, 1)  # the slider now moves along axis 2, across the painted slices
+    viewer.dims.set_point(2, 12)
+    widget = SupportSetWidget(viewer)
+    qtbot.addWidget(widget)
+    assert widget.add_current_slice() is not None
+    assert len(get_session(viewer).support) == 0  # no entry whose mask is a line one voxel wide
+    assert "slice 12 along axis 2" in errors[-1] and "cuts across your painting" in errors[-1]
+    assert "painted on slices 3 along axis 0" in errors[-1] and "Add all labelled slices" in errors[-1]
+    widget.axis_combo.setCurrentText("0")  # what the message suggests
+    widget.add_all_slices()
+    assert sorted(e.slice_index for e in get_session(viewer).support.entries) == [3, 8]
 
 
 def test_entries_from_several_images_and_2d_rgb(viewer, painted, inline, qtbot):

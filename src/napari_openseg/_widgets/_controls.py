@@ -1,12 +1,27 @@
-"""Small Qt controls shared by the widgets: a layer picker that follows the layer list."""
+"""Small Qt controls shared by the widgets: a layer picker that follows the layer list, foldable
+sections, and the dock layout that keeps every widget within a small screen."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from qtpy.QtCore import Signal
-from qtpy.QtWidgets import QComboBox, QFormLayout, QLabel, QWidget
+from qtpy.QtCore import QEvent, QObject, QSize, Qt, QTimer, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDockWidget,
+    QFormLayout,
+    QFrame,
+    QLabel,
+    QLayout,
+    QMainWindow,
+    QScrollArea,
+    QSizePolicy,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
 
+from ..core.axes import axis_text
 from ..errors import OpenSegError
 from ._layers import owner_info, slice_axis
 
@@ -138,6 +153,8 @@ class AxisCombo(QComboBox):
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
         self.addItems([self.AUTO, "0", "1", "2"])
+        for axis in range(3):  # numbers in array order, which is the NIfTI file's axes reversed
+            self.setItemData(axis + 1, axis_text(axis), Qt.ToolTipRole)
 
     def axis_for(self, viewer, layer) -> int:
         """The chosen axis for ``layer``; a 2D layer always uses 0."""
@@ -147,5 +164,128 @@ class AxisCombo(QComboBox):
         if layer.ndim < 3:
             return 0
         if axis >= layer.ndim:
-            raise OpenSegError(f"layer '{layer.name}' has no axis {axis}; choose 0, 1 or 2")
+            raise OpenSegError(f"layer '{layer.name}' has no axis {axis}; choose 0, 1 or 2 (array order)")
         return axis
+
+
+class Collapsible(QWidget):
+    """A titled section that folds away: an arrow button, and its content below (folded at first).
+
+    ``content`` is a widget or a layout; :meth:`set_title` lets the title summarise what is inside
+    (for example the chosen weights) while it is folded.
+    """
+
+    toggled = Signal(bool)
+
+    def __init__(
+        self, title: str, content: QWidget | QLayout, expanded: bool = False, parent: QWidget | None = None
+    ):
+        super().__init__(parent)
+        self.button = QToolButton()
+        self.button.setToolButtonStyle(Qt.ToolButtonTextBesideIcon)
+        self.button.setCheckable(True)
+        self.button.setStyleSheet("QToolButton { border: none; }")
+        self.button.toggled.connect(self.set_expanded)
+        if isinstance(content, QLayout):
+            holder = QWidget()
+            holder.setLayout(content)
+            content = holder
+        self.content = content
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.setSpacing(2)
+        layout.addWidget(self.button)
+        layout.addWidget(content)
+        self.set_title(title)
+        self.button.setChecked(expanded)
+        self.set_expanded(expanded)
+
+    def set_title(self, title: str) -> None:
+        self.button.setText(title)
+
+    @property
+    def expanded(self) -> bool:
+        return self.button.isChecked()
+
+    def set_expanded(self, expanded: bool) -> None:
+        if self.button.isChecked() != expanded:
+            self.button.setChecked(expanded)  # comes back here through toggled
+            return
+        self.button.setArrowType(Qt.DownArrow if expanded else Qt.RightArrow)
+        self.content.setVisible(expanded)
+        self.toggled.emit(expanded)
+
+
+#: Height below which a dock's scrolling part is not squeezed. Five docks stacked on a 1000-pixel
+#: screen leave each about 170 pixels with its title bar and footer (tests/widgets/test_docks.py).
+SCROLL_MIN_HEIGHT = 60
+
+
+class _FormScroll(QScrollArea):
+    """A scroll area as wide as its form needs (only the height scrolls) and short when squeezed."""
+
+    def __init__(self, inner: QWidget):
+        super().__init__()
+        self.setWidget(inner)
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Expanding)
+        inner.installEventFilter(self)
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        width = self.widget().minimumSizeHint().width() + self.verticalScrollBar().sizeHint().width()
+        return QSize(width, SCROLL_MIN_HEIGHT)
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        # the form's height as it is now (Qt's own hint is the form's height when it was first set)
+        hint = self.widget().sizeHint()
+        return QSize(self.minimumSizeHint().width(), max(SCROLL_MIN_HEIGHT, hint.height()))
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802 (Qt's name)
+        if watched is self.widget() and event.type() == QEvent.LayoutRequest:
+            self.updateGeometry()  # a section unfolded or a longer item appeared: ask for the width again
+        return super().eventFilter(watched, event)
+
+
+class _RoomOnFirstShow(QObject):
+    """When its widget first shows in a dock, asks the main window for the dock's preferred height.
+
+    Qt keeps the docks already open at their sizes and squeezes a new one to its minimum; the dock
+    just opened is the one the user wants to see, so it gets its height (the others give way, never
+    below their minimum)."""
+
+    def __init__(self, host: QWidget):
+        super().__init__(host)
+        self._host = host
+        host.installEventFilter(self)
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802 (Qt's name)
+        if event.type() == QEvent.Show:
+            self._host.removeEventFilter(self)
+            QTimer.singleShot(0, self._make_room)
+        return False
+
+    def _make_room(self) -> None:
+        dock = self._host.parentWidget()
+        while dock is not None and not isinstance(dock, QDockWidget):
+            dock = dock.parentWidget()
+        window = dock.parentWidget() if dock is not None else None
+        if isinstance(window, QMainWindow) and not dock.isFloating():
+            window.resizeDocks([dock], [dock.sizeHint().height()], Qt.Vertical)
+
+
+def dock_layout(host: QWidget, content: QLayout, footer: QWidget | None = None) -> QScrollArea:
+    """Lay ``host`` out so that its dock fits a small screen beside others: ``content`` scrolls
+    when the dock is short, ``footer`` (the run panel: progress and Cancel) stays in view, and a dock
+    just opened gets its preferred height."""
+    inner = QWidget()
+    inner.setLayout(content)
+    scroll = _FormScroll(inner)
+    layout = QVBoxLayout(host)
+    layout.setContentsMargins(0, 0, 0, 0)
+    layout.addWidget(scroll, stretch=1)
+    if footer is not None:
+        layout.addWidget(footer)
+    _RoomOnFirstShow(host)
+    return scroll

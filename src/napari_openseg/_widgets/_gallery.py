@@ -8,6 +8,7 @@ from qtpy.QtCore import QSize, Qt, Signal
 from qtpy.QtGui import QIcon, QImage, QPixmap
 from qtpy.QtWidgets import QAbstractItemView, QListView, QListWidget, QListWidgetItem, QMenu
 
+from napari_openseg.core.axes import axis_text
 from napari_openseg.core.support import SupportEntry, SupportSet
 
 THUMB = 80
@@ -47,7 +48,7 @@ def entry_tooltip(entry: SupportEntry) -> str:
     where = (
         "a 2D image"
         if entry.slice_index is None
-        else f"slice {entry.slice_index} along axis {entry.axis}"
+        else f"slice {entry.slice_index} along {axis_text(entry.axis)}"
     )
     return (
         f"label {entry.label} from '{entry.source}', {where}\n"

@@ -12,7 +12,10 @@ NIfTI (``.nii``, ``.nii.gz``)
     A file opens as a **labels** layer when its header's intent is "label", or when its values are
     whole numbers and either its name says so (a word starting with ``label``, ``seg``, ``mask``,
     ``dseg``, ``aseg``, ``aparc``, ``parc``, ``roi`` or ``annot``) or it has at most
-    :data:`MAX_UNHINTED_LABELS` distinct values. Anything else opens as an image.
+    :data:`MAX_UNHINTED_LABELS` distinct values. Anything else opens as an image. A labels layer
+    whose file name has no labels hint is named ``"<stem> labels"``, so that an image and its labels
+    kept under one name in two folders (``imagesTr/x.nii.gz``, ``labelsTr/x.nii.gz``) open as ``x``
+    and ``x labels`` rather than ``x`` and ``x [1]``.
 
 Support-set files (``.npz`` written by napari-openseg)
     Dropping one adds its entries to the viewer's support set (shown in the support-set widget); no
@@ -101,7 +104,10 @@ def nifti_layer_data(image: ImageData) -> tuple[np.ndarray, dict[str, Any], str]
         "shape": tuple(image.data.shape),
         "path": str(image.path) if image.path else None,
     }
-    kwargs = {"name": image.name, "scale": tuple(image.spacing), "metadata": {NIFTI_KEY: meta}}
+    name = image.name
+    if kind == "labels" and not (image.path is not None and has_label_name(image.path)):
+        name = f"{name} labels"
+    kwargs = {"name": name, "scale": tuple(image.spacing), "metadata": {NIFTI_KEY: meta}}
     if kind == "image":
         kwargs["rgb"] = False  # a last axis of 3 or 4 voxels is space, not colour (napari would guess RGB)
     return data, kwargs, kind

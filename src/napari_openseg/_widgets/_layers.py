@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_openseg.core.axes import axis_text, shape_text
 from napari_openseg.errors import OpenSegError
 
 OWNER_KEY = "openseg"
@@ -72,7 +73,7 @@ def layer_image(layer) -> tuple[np.ndarray, bool]:
     rgb = bool(getattr(layer, "rgb", False))
     if rgb and np.ndim(data) > 3:
         raise OpenSegError(
-            f"layer '{layer.name}' is an RGB volume of shape {tuple(np.shape(data))}; napari-openseg "
+            f"layer '{layer.name}' is an RGB volume of shape {shape_text(np.shape(data))}; napari-openseg "
             "segments single-channel images: convert it to greyscale or split the channels "
             "(layer context menu > Split RGB) and use one channel"
         )
@@ -222,7 +223,7 @@ def current_slice(viewer, layer, axis: int) -> int:
     size = np.shape(layer.data)[axis]
     if not 0 <= index < size:
         raise OpenSegError(
-            f"the viewer is at index {index} along axis {axis}, outside layer '{layer.name}' "
+            f"the viewer is at index {index} along {axis_text(axis, layer.ndim)}, outside layer '{layer.name}' "
             f"(0..{size - 1}); move the slider onto the layer"
         )
     return index

@@ -98,13 +98,16 @@ class _Failure:
         self.error = error
 
 
-def report_error(err: BaseException, what: str) -> None:
-    """A user's mistake gets its message; anything else gets a short notice and a log entry."""
+def report_error(err: BaseException, what: str) -> str:
+    """A user's mistake gets its message; anything else gets a short notice and a log entry.
+    Returns the text shown."""
     if isinstance(err, OpenSegError):
-        show_error(f"{what}: {err}")
+        text = f"{what}: {err}"
     else:
         log.exception("%s failed", what, exc_info=err)
-        show_error(f"{what} failed unexpectedly ({type(err).__name__}: {err}); see the log for details")
+        text = f"{what} failed unexpectedly ({type(err).__name__}: {err}); see the log for details"
+    show_error(text)
+    return text
 
 
 def run_in_background(
@@ -113,14 +116,24 @@ def run_in_background(
     on_done: Callable[[Any], None],
     on_progress: Callable[[Progress], None] | None = None,
     on_finished: Callable[[], None] | None = None,
+    on_error: Callable[[str], None] | None = None,
+    on_start: Callable[[WorkHandle], None] | None = None,
 ) -> WorkHandle:
     """Run ``generator`` (or a zero-argument function making one) off the main thread.
 
     ``on_progress(step)`` and ``on_done(result)`` run on the main thread; ``on_finished()`` runs
     after success, error or cancellation alike (re-enable buttons there). Errors are shown as
-    napari notifications.
+    napari notifications; ``on_error(text)`` then gets the text shown. ``on_start(handle)`` gets the
+    handle before any work is done (an inline run ends before this function returns).
     """
     handle = WorkHandle(description)
+    if on_start is not None:
+        on_start(handle)
+
+    def failed(err: BaseException) -> None:
+        text = report_error(err, description)
+        if on_error is not None:
+            _unless_closed(on_error, text)
 
     def progress(step: Progress) -> None:
         if handle.finished or handle.cancelled:  # a step that was queued before Cancel or the end
@@ -142,7 +155,7 @@ def run_in_background(
             _unless_closed(on_finished)
 
     if run_inline():
-        _run_inline(handle, generator, progress, on_done, finish, description)
+        _run_inline(handle, generator, progress, on_done, finish, failed)
         return handle
 
     from napari.qt.threading import create_worker
@@ -157,7 +170,7 @@ def run_in_background(
 
     def returned(result) -> None:
         if isinstance(result, _Failure):
-            report_error(result.error, description)
+            failed(result.error)
         elif not handle.cancelled:
             _unless_closed(on_done, result)
 
@@ -165,7 +178,7 @@ def run_in_background(
     handle.worker = worker
     worker.yielded.connect(progress)
     worker.returned.connect(returned)
-    worker.errored.connect(lambda err: report_error(err, description))
+    worker.errored.connect(failed)
     worker.finished.connect(finish)
     _make_room_in_the_pool()
     handle.pooled = True
@@ -201,7 +214,7 @@ def _unless_closed(callback, *args) -> None:
         log.debug("a callback's widget is gone: %s", err)
 
 
-def _run_inline(handle, generator, progress, on_done, finish, description) -> None:
+def _run_inline(handle, generator, progress, on_done, finish, failed) -> None:
     gen = generator() if callable(generator) and not hasattr(generator, "send") else generator
     try:
         while True:
@@ -215,6 +228,6 @@ def _run_inline(handle, generator, progress, on_done, finish, description) -> No
                 break
             progress(step)
     except Exception as err:  # shown to the user exactly like a worker's error
-        report_error(err, description)
+        failed(err)
     finally:
         finish()

@@ -5,7 +5,9 @@ Train (or Load) a model on image + labels pairs whose labels hold the known clas
 on any volume: an image layer "novelty" (0-1 heat map), optional cosine and distance layers, a labels
 layer of novel regions whose threshold the slider moves live (starting at the adaptive one), and the
 known-class segmentation. "Seed unknown" sets the unknown prototype from one painted instance of an
-unseen structure. Training and mapping run in the background (progress with the loss, Cancel).
+unseen structure. Training and mapping run in the background (:mod:`._run`: progress bar with the
+time left and the loss, Cancel; closing the image or the dock cancels a Compute). Weights (for the
+training-free mode) and device are the viewer's session choice, shown in the Model section.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_openseg.core.axes import shape_text
 from napari_openseg.core.novelty import NoveltyMaps
 from napari_openseg.core.novelty_free import iter_training_free_novelty
 from napari_openseg.core.novelty_map import iter_novelty_map, unknown_seed_embeddings
@@ -37,7 +40,7 @@ from napari_openseg.core.progress import Progress
 from napari_openseg.errors import OpenSegError
 from napari_openseg.training.novelty_train import NoveltyTrainSettings, iter_train_novelty
 
-from ._controls import LayerCombo, form_row, is_image, is_user_labels
+from ._controls import LayerCombo, dock_layout, form_row, is_image, is_user_labels
 from ._layers import (
     find_owned_layer,
     layer_image,
@@ -46,8 +49,10 @@ from ._layers import (
     remove_owned_layers,
     slice_axis,
 )
+from ._model_picker import ModelPicker
+from ._run import RunPanel
 from ._session import get_session, unwrap_viewer
-from ._threading import WorkHandle, report_error, run_in_background
+from ._threading import WorkHandle, report_error
 
 TRAINED, FREE = "trained model", "support set (no training)"
 #: The seed is optional: a labels layer is used as one only when the user picks it.
@@ -72,8 +77,7 @@ class NoveltyWidget(QWidget):
         self.maps: NoveltyMaps | None = None
         self.losses: list[float] = []
         self.pairs: list[tuple] = []
-        self._handle: WorkHandle | None = None
-        self._action, self._outcome = "", "failed"
+        self._action = ""
         self._source = None  # the image of the compute in progress
         self._maps_source = None  # the image self.maps were computed from
         self._novel_layer = None
@@ -102,23 +106,27 @@ class NoveltyWidget(QWidget):
         self.adapt = form_row(form, "Adapt unknown", QSpinBox(), "steps adapting the unknown prototype on the volume")
         self.adapt.setRange(0, 50)
         self.extra_maps = form_row(form, "", QCheckBox("Also show cosine and distance maps"), "two more image layers")
+        self.picker = ModelPicker(self.session)
+        self.model_section = self.picker.section()
+        self.panel = RunPanel("Novelty", host=self)
 
         self.train_button, self.load_button = QPushButton("Train"), QPushButton("Load model…")
         self.save_button, self.seed_button = QPushButton("Save model…"), QPushButton("Seed unknown")
-        self.compute_button, self.cancel_button = QPushButton("Compute"), QPushButton("Cancel")
+        self.compute_button, self.cancel_button = QPushButton("Compute"), self.panel.cancel_button
         self.threshold = QSlider(Qt.Horizontal)
         self.threshold.setRange(0, SLIDER_STEPS)
         self.threshold_label = QLabel("threshold: -")
-        self.status = QLabel("Train or load a model, or choose the support set.")
-        self.status.setWordWrap(True)
+        self.status = self.panel.status
+        self.status.setText("Train or load a model, or choose the support set.")
 
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout()
         layout.addLayout(form)
+        layout.addWidget(self.model_section)
         layout.addWidget(QLabel("Training pairs (empty: the image and labels above)"))
         layout.addWidget(self.pair_list)
         layout.addWidget(self.add_pair_button)
         for row in ((self.train_button, self.load_button, self.save_button),
-                    (self.seed_button, self.compute_button, self.cancel_button)):
+                    (self.seed_button, self.compute_button)):
             line = QHBoxLayout()
             for button in row:
                 line.addWidget(button)
@@ -127,6 +135,7 @@ class NoveltyWidget(QWidget):
         layout.addWidget(self.threshold)
         layout.addWidget(self.status)
         layout.addStretch(1)
+        dock_layout(self, layout, footer=self.panel)
 
         self.add_pair_button.clicked.connect(self.add_pair)
         self.pair_list.itemDoubleClicked.connect(self._remove_pair)
@@ -137,7 +146,8 @@ class NoveltyWidget(QWidget):
         self.save_button.clicked.connect(lambda: self.save_model())
         self.seed_button.clicked.connect(lambda: self.seed_unknown())
         self.compute_button.clicked.connect(lambda: self.compute())
-        self.cancel_button.clicked.connect(self.cancel)
+        self.panel.running_changed.connect(self._set_running)
+        self.panel.finished.connect(self._finished)
         self.threshold.valueChanged.connect(self._threshold_moved)
         self.mode.currentTextChanged.connect(
             lambda _text: self._set_running(self._busy))
@@ -167,8 +177,9 @@ class NoveltyWidget(QWidget):
             return
         shape = np.shape(layer_image(image)[0])
         if tuple(np.shape(labels.data)) != tuple(shape):
-            report_error(OpenSegError(f"'{labels.name}' has shape {np.shape(labels.data)}, '{image.name}' "
-                                      f"{shape}: pick the labels painted on this image"), "Novelty")
+            report_error(OpenSegError(f"'{labels.name}' has shape {shape_text(np.shape(labels.data))}, "
+                                      f"'{image.name}' {shape_text(shape)}: pick the labels painted on "
+                                      "this image"), "Novelty")
             return
         self.pairs.append((image, labels))
         self._show_pairs()
@@ -196,17 +207,15 @@ class NoveltyWidget(QWidget):
 
     @property
     def _busy(self) -> bool:
-        return self._handle is not None and self._handle.running
+        return self.panel.running
 
-    def _start(self, action: str, factory, on_done) -> WorkHandle | None:
+    def _start(self, action: str, factory, on_done, message: str = "", watch=()) -> WorkHandle | None:
         if self._busy:
-            report_error(OpenSegError("a run is in progress: wait for it or press Cancel"), "Novelty")
+            self.panel.refuse("a run is in progress: wait for it or press Cancel")
             return None
-        self._action, self._outcome = action, "failed"
-        self._set_running(True)
-        self._handle = run_in_background(factory, f"Novelty: {action}", on_done=on_done,
-                                         on_progress=self._show_step, on_finished=self._finished)
-        return self._handle
+        self._action = action
+        return self.panel.start(factory, on_done, on_progress=self._show_step, message=message,
+                                watch=watch, viewer=self.viewer)
 
     def train(self) -> WorkHandle | None:
         """Train a new model on the training pairs (known classes only)."""
@@ -214,13 +223,12 @@ class NoveltyWidget(QWidget):
             images, labels = self._training_pairs()
             settings = NoveltyTrainSettings(epochs=self.epochs.value(), flips=self.flips.isChecked())
         except OpenSegError as err:
-            report_error(err, "Novelty")
+            self.panel.refuse(err)
             return None
         self.losses = []
-        self.status.setText(f"Training on {len(images)} volume(s)…")
-        device = self.session.device
+        device = self.picker.device()
         return self._start("train", lambda: iter_train_novelty(images, labels, settings, device=device),
-                           self._trained)
+                           self._trained, message=f"Training on {len(images)} volume(s)…")
 
     def load_model(self, path: str | None = None) -> bool:
         """Load a model file (asks for one when ``path`` is None)."""
@@ -264,9 +272,9 @@ class NoveltyWidget(QWidget):
                                    "as 'Unknown seed'")
             mask = np.asarray(seed.data) != 0
         except OpenSegError as err:
-            report_error(err, "Novelty")
+            self.panel.refuse(err)
             return None
-        model, device = self.model, self.session.device
+        model, device = self.model, self.picker.device()
 
         def work():
             yield Progress(0, 1, "seeding")
@@ -281,11 +289,11 @@ class NoveltyWidget(QWidget):
             if self.mode.currentText() == TRAINED:
                 if self.model is None:
                     raise OpenSegError("train or load a model first, or choose 'support set (no training)'")
-                model, adapt, device = self.model, self.adapt.value(), self.session.device
+                model, adapt, device = self.model, self.adapt.value(), self.picker.device()
                 factory = lambda: iter_novelty_map(image, model, adapt_unknown=adapt, device=device)  # noqa: E731
             else:
                 support = self.session.support_snapshot()
-                weights, device = self.session.weights, self.session.device
+                weights, device = self.picker.weights_spec(), self.picker.device()
                 seed_layer = self._seed_layer()
                 seed = (image, np.asarray(seed_layer.data) != 0) if seed_layer is not None else None
                 if seed is not None and not seed[1].any():
@@ -295,17 +303,14 @@ class NoveltyWidget(QWidget):
                 factory = lambda: iter_training_free_novelty(  # noqa: E731
                     image, support, weights, axis=axis, unknown_seed=seed, adapt_unknown=adapt, device=device)
         except OpenSegError as err:
-            report_error(err, "Novelty")
+            self.panel.refuse(err)
             return None
         self._source = source
-        self.status.setText(f"Computing the novelty of '{source.name}'…")
-        return self._start("compute", factory, self._show_maps)
+        return self._start("compute", factory, self._show_maps, message=f"Computing the novelty of "
+                           f"'{source.name}'…", watch=[source])
 
     def cancel(self) -> None:
-        if self._busy:
-            self._handle.cancel()
-            self._outcome = "cancelled"
-            self.status.setText("Cancelling at the next step…")
+        self.panel.cancel()
 
     # --- results -------------------------------------------------------------------------------
 
@@ -316,20 +321,17 @@ class NoveltyWidget(QWidget):
 
     def _trained(self, result) -> None:
         self.model = result.model
-        self._outcome = "done"
         self.status.setText(f"Trained {result.steps} steps; final loss {result.losses[-1]:.4f}. "
                             "Save the model, seed the unknown prototype, or Compute.")
 
     def _seeded(self, embeddings, voxels: int) -> None:
         self.model.bank.seed_unknown(embeddings, "painted in napari")
-        self._outcome = "done"
         self.status.setText(f"Unknown prototype seeded from {voxels} painted voxels.")
 
     def _show_maps(self, maps: NoveltyMaps) -> None:
         source = self._source
         if source not in self.viewer.layers:
-            self._outcome = "closed"
-            self.status.setText(f"'{source.name}' was closed during the run; nothing was added")
+            self.panel.set_outcome("closed", f"'{source.name}' was closed during the run; nothing was added")
             return
         self.maps, self._maps_source = maps, source
         heat = {"layer_type": "image", "colormap": "inferno", "contrast_limits": (0.0, 1.0), "blending": "additive"}
@@ -353,7 +355,6 @@ class NoveltyWidget(QWidget):
         if self.adapt.value() and not maps.used_unknown:
             self.status.setText(self.status.text() + " No unknown prototype was used, so 'Adapt unknown' did "
                                 "nothing: seed one (a painted unseen structure) first.")
-        self._outcome = "done"
 
     def _threshold_moved(self, value: int) -> None:
         if self.maps is None:
@@ -373,13 +374,8 @@ class NoveltyWidget(QWidget):
         share = regions.sum() / max(1, int(self.maps.mask.sum()))
         self.status.setText(f"Novel regions: {100 * share:.1f}% of the body at threshold {level:.3f}.")
 
-    def _finished(self) -> None:
-        if self._outcome == "cancelled":
-            self.status.setText(f"{self._action.capitalize()} cancelled; nothing was changed.")
-        elif self._outcome == "failed":
-            self.status.setText(f"{self._action.capitalize()} failed; see the notification.")
-        self._set_running(False)
-        self.run_finished.emit(f"{self._action} {self._outcome}")
+    def _finished(self, outcome: str) -> None:
+        self.run_finished.emit(f"{self._action} {outcome}")
 
     def _set_running(self, running: bool) -> None:
         """Enable what can be used now: nothing but Cancel while running, and the training
@@ -392,4 +388,3 @@ class NoveltyWidget(QWidget):
         self.adapt.setEnabled(not running)  # both modes adapt a seeded unknown prototype
         self.save_button.setEnabled(not running and trained and self.model is not None)
         self.seed_button.setEnabled(not running and trained and self.model is not None)
-        self.cancel_button.setEnabled(running)

@@ -1,17 +1,18 @@
 """Dock widget: paint an object on one slice of a volume and carry it through the whole volume.
 
 It reads an image layer and the user's labels layer holding the painted prompt(s), runs
-:func:`~napari_openseg.core.propagate.iter_propagate` in a worker (progress bar, Cancel), and writes
-the result into the plugin's own labels layer ``"<image> propagated"``, never into the painted layer.
-While it runs, a preview layer fills in slice by slice and the confidence plot grows. Correction
-loop: fix any slice of the output layer (start with "Go to least confident slice"), then press
-"Run again with corrections": the fixed slices become pinned prompts. Weights and device are the
-viewer's session choice (set in the Segment widget).
+:func:`~napari_openseg.core.propagate.iter_propagate` in a worker (:mod:`._run`: progress bar with
+the time left, Cancel; closing the image or the dock cancels), and writes the result into the
+plugin's own labels layer ``"<image> propagated"``, never into the painted layer. While it runs, a
+preview layer fills in slice by slice and the confidence plot grows. Correction loop: fix any slice
+of the output layer (start with "Go to least confident slice"), then press "Run again with
+corrections": the fixed slices become pinned prompts and the result replaces that same layer (the
+fixes are in it, as prompts), which is selected so that the current output is the obvious one.
+Weights and device are the viewer's session choice, shown (and changed) in the Model section.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +31,29 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_openseg.core.expected_time import format_duration
 from napari_openseg.core.fronts import DIRECTIONS
 from napari_openseg.core.memory import DEFAULT_CAPACITY
 from napari_openseg.core.propagate import DEFAULT_STOP_CONFIDENCE, PropagationResult, iter_propagate
 from napari_openseg.errors import OpenSegError
-from napari_openseg.model.registry import propagation_weights
+from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, propagation_weights
 
 from ._confidence_plot import ConfidencePlot
-from ._controls import AxisCombo, LayerCombo, form_row, is_image, is_user_labels, parse_label_values
+from ._controls import (
+    AxisCombo,
+    Collapsible,
+    LayerCombo,
+    dock_layout,
+    form_row,
+    is_image,
+    is_user_labels,
+    parse_label_values,
+)
 from ._layers import current_slice, layer_image, put_output_layer, remove_owned_layers
+from ._model_picker import ModelPicker
+from ._run import RunPanel
 from ._session import get_session, unwrap_viewer
-from ._threading import WorkHandle, report_error, run_in_background
+from ._threading import WorkHandle, report_error
 
 ROLE, PREVIEW_ROLE = "propagation", "propagation-preview"
 
@@ -62,11 +75,9 @@ class PropagationWidget(QWidget):
         self.session = get_session(napari_viewer)
         self.result: PropagationResult | None = None
         self.output = None
-        self._handle: WorkHandle | None = None
         self._run: dict = {}  # inputs of the last finished run: corrections and navigation refer to it
         self._pending: dict = {}  # inputs of the run in progress
         self._preview = None
-        self._outcome = "failed"
 
         form = QFormLayout()
         self.image_combo = form_row(form, "Image", LayerCombo(napari_viewer, is_image), "the volume to segment")
@@ -74,6 +85,55 @@ class PropagationWidget(QWidget):
             form, "Painted prompt", LayerCombo(napari_viewer, is_user_labels),
             "your labels layer with the object painted on one or more slices (it is never changed)",
         )
+        self.picker = ModelPicker(self.session, explain=_propagation_note)
+        self.model_section = self.picker.section()
+        self.settings_section = Collapsible("Settings", self._settings_form())
+
+        self.run_button = QPushButton("Run")
+        self.again_button = QPushButton("Run again with corrections")
+        self.again_button.setToolTip("fix slices in the output layer first; they become pinned prompts")
+        self.weakest_button = QPushButton("Go to least confident slice")
+        self.plot = ConfidencePlot()
+        self.panel = RunPanel("Propagate", host=self, unit="slices")
+        self.status = self.panel.status
+        buttons = QHBoxLayout()
+        for button in (self.run_button, self.again_button):
+            buttons.addWidget(button)
+        layout = QVBoxLayout()
+        layout.addLayout(form)
+        layout.addWidget(self.model_section)
+        layout.addWidget(self.settings_section)
+        layout.addLayout(buttons)
+        layout.addWidget(QLabel("Confidence per slice"))
+        layout.addWidget(self.plot)
+        layout.addWidget(self.weakest_button)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        dock_layout(self, layout, footer=self.panel)
+
+        self.run_button.clicked.connect(lambda: self.run())
+        self.again_button.clicked.connect(lambda: self.run(corrections=True))
+        self.weakest_button.clicked.connect(self.go_to_least_confident)
+        self.plot.slice_clicked.connect(self.go_to_slice)
+        self.panel.running_changed.connect(self._set_running)
+        self.panel.finished.connect(self._finished)
+        self.bank_size.valueChanged.connect(self._title_settings)
+        self.stop_confidence.valueChanged.connect(self._title_settings)
+        self._title_settings()
+        napari_viewer.dims.events.current_step.connect(self._follow_slider)
+        self.destroyed.connect(lambda *_: napari_viewer.dims.events.current_step.disconnect(self._follow_slider))
+        self._set_running(False)
+
+    @property
+    def cancel_button(self) -> QPushButton:
+        return self.panel.cancel_button
+
+    def _title_settings(self, *_args) -> None:
+        self.settings_section.set_title(f"Settings: bank {self.bank_size.value()}, stop below "
+                                        f"{self.stop_confidence.value():.2f}")
+
+    def _settings_form(self) -> QFormLayout:
+        form = QFormLayout()
         self.label_values = form_row(
             form, "Label values", QLineEdit(), "comma-separated label values to propagate (empty: every painted one)"
         )
@@ -98,35 +158,7 @@ class PropagationWidget(QWidget):
             form, "", QCheckBox("Slices are unrelated 2D images"),
             "one-prompt segmentation of a stack: images are taken in order of similarity, not stack order",
         )
-
-        self.run_button = QPushButton("Run")
-        self.again_button = QPushButton("Run again with corrections")
-        self.again_button.setToolTip("fix slices in the output layer first; they become pinned prompts")
-        self.cancel_button = QPushButton("Cancel")
-        self.weakest_button = QPushButton("Go to least confident slice")
-        self.plot = ConfidencePlot()
-        self.status = QLabel()
-        self.status.setWordWrap(True)
-        buttons = QHBoxLayout()
-        for button in (self.run_button, self.again_button, self.cancel_button):
-            buttons.addWidget(button)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(QLabel("Confidence per slice"))
-        layout.addWidget(self.plot)
-        layout.addWidget(self.weakest_button)
-        layout.addWidget(self.status)
-        layout.addStretch(1)
-
-        self.run_button.clicked.connect(lambda: self.run())
-        self.again_button.clicked.connect(lambda: self.run(corrections=True))
-        self.cancel_button.clicked.connect(self.cancel)
-        self.weakest_button.clicked.connect(self.go_to_least_confident)
-        self.plot.slice_clicked.connect(self.go_to_slice)
-        napari_viewer.dims.events.current_step.connect(self._follow_slider)
-        self.destroyed.connect(lambda *_: napari_viewer.dims.events.current_step.disconnect(self._follow_slider))
-        self._set_running(False)
+        return form
 
     # --- running -----------------------------------------------------------------------------
 
@@ -164,46 +196,41 @@ class PropagationWidget(QWidget):
 
     def run(self, corrections: bool = False) -> WorkHandle | None:
         """Start a run (returns its handle), or show what is missing and return ``None``."""
-        if self._handle is not None and self._handle.running:
-            report_error(OpenSegError("a run is in progress: wait for it or press Cancel"), "Propagate")
+        if self.panel.running:
+            self.panel.refuse("a run is in progress: wait for it or press Cancel")
             return None
         try:
             self._pending = run = self._inputs(corrections)
+            weights = propagation_weights(self.picker.weights_spec())
         except OpenSegError as err:
-            report_error(err, "Propagate")
+            self.panel.refuse(err)
             return None
-        run["started"] = time.perf_counter()
+        run["corrections"] = corrections
         run["live"] = np.full(np.shape(run["image"])[run["axis"]] if run["image"].ndim > 2 else 0, np.nan)
         options = {
             "axis": run["axis"], "label_values": run["values"], "complete_slices": run["complete"],
             "bank_size": self.bank_size.value(), "direction": self.direction_combo.currentText(),
             "stop_confidence": self.stop_confidence.value(), "unordered": self.unordered.isChecked(),
-            "device": self.session.device, "rgb": run["rgb"],
+            "device": self.picker.device(), "rgb": run["rgb"],
         }
-        weights = propagation_weights(self.session.weights)
-        self._outcome = "failed"
-        self._set_running(True)
-        self.status.setText(f"Propagating through '{run['source'].name}' with {Path(weights).name}…")
-        self._handle = run_in_background(
+        if corrections:  # its fixes are this run's prompts: no painting on it until the result replaces it
+            self.output.editable = False
+        return self.panel.start(
             lambda: iter_propagate(run["image"], run["prompt"], weights, **options),
-            "Propagate",
             on_done=self._show_result,
             on_progress=self._show_step,
-            on_finished=self._finished,
+            message=f"Propagating through '{run['source'].name}' with {Path(weights).name}…",
+            watch=[run["source"]],
+            viewer=self.viewer,
         )
-        return self._handle
 
     def cancel(self) -> None:
         """Stop after the slice in progress; no layer is changed."""
-        if self._handle is not None and self._handle.running:
-            self._handle.cancel()
-            self._outcome = "cancelled"
-            self.status.setText("Cancelling after the current slice…")
+        self.panel.cancel()
 
     def _set_running(self, running: bool) -> None:
         self.run_button.setEnabled(not running)
         self.again_button.setEnabled(not running and self.result is not None)
-        self.cancel_button.setEnabled(running)
         self.weakest_button.setEnabled(not running and self.result is not None)
 
     def _show_step(self, step) -> None:
@@ -228,36 +255,37 @@ class PropagationWidget(QWidget):
         self._drop_preview()
         source = self._pending["source"]
         if source not in self.viewer.layers:
-            self._outcome = "closed"
-            self.status.setText(f"'{source.name}' was closed during the run; nothing was added")
+            self.panel.set_outcome("closed", f"'{source.name}' was closed during the run; nothing was added")
             return
+        corrected = self.output if self._pending["corrections"] and self.output in self.viewer.layers else None
         self._run, self.result = self._pending, result
         # A copy: painting on the layer must not change the result that corrections are found against.
-        self.output = put_output_layer(self.viewer, source, result.labels.copy(), role=ROLE,
-                                       name=f"{source.name} propagated")
+        if corrected is not None:  # the layer the fixes were painted on: this run is its next version
+            corrected.data = result.labels.copy()
+            corrected.editable = True
+            self.output = corrected
+        else:
+            self.output = put_output_layer(self.viewer, source, result.labels.copy(), role=ROLE,
+                                           name=f"{source.name} propagated")
+        self.viewer.layers.selection.active = self.output  # the current output, where fixes go
         self.plot.set_values(result.slice_confidence())
-        self._outcome = "done"
-        seconds = time.perf_counter() - self._run["started"]
         weakest = result.least_confident_slice()
-        text = f"Done in {seconds:.1f} s: '{self.output.name}'."
+        text = f"Done in {format_duration(self.panel.elapsed)}: '{self.output.name}' (selected)."
         if weakest is not None:
             text += (f" Least confident: slice {weakest} ({result.slice_confidence()[weakest]:.2f}). Fix slices "
                      f"in '{self.output.name}', then press 'Run again with corrections'.")
         hint = result.confidence_stop_hint("'Stop below confidence'")
         if hint:
             text += " " + hint
-        self.status.setText(text)
+        self.panel.set_status(text)
 
-    def _finished(self) -> None:
+    def _finished(self, outcome: str) -> None:
         self._drop_preview()
-        if self._outcome != "done":  # the plot shows the last finished run again, as navigation does
+        if self._pending.get("corrections") and self.output is not None:
+            self.output.editable = True
+        if outcome != "done":  # the plot shows the last finished run again, as navigation does
             self.plot.set_values(self.result.slice_confidence() if self.result is not None else [])
-        if self._outcome == "cancelled":
-            self.status.setText("Cancelled; no layer was changed.")
-        elif self._outcome == "failed":
-            self.status.setText("The run failed; see the notification.")
-        self._set_running(False)
-        self.run_finished.emit(self._outcome)
+        self.run_finished.emit(outcome)
 
     def _drop_preview(self) -> None:
         remove_owned_layers(self.viewer, [self._preview])
@@ -278,7 +306,7 @@ class PropagationWidget(QWidget):
 
     def go_to_slice(self, index: int) -> None:
         source = self._run.get("source")
-        if self.result is None or self._handle is not None and self._handle.running:
+        if self.result is None or self.panel.running:
             return  # while a run goes on, the plot shows it, not the finished run navigation refers to
         if source not in self.viewer.layers:
             report_error(OpenSegError(f"'{source.name}', the image of the last run, was closed"), "Propagate")
@@ -298,3 +326,10 @@ class PropagationWidget(QWidget):
             self.plot.set_current(current_slice(self.viewer, source, self.result.axis))
         except OpenSegError:
             self.plot.set_current(None)
+
+
+def _propagation_note(spec: str) -> str:
+    """What the Model section says about the weights in this widget."""
+    if spec == DEFAULT_WEIGHTS:
+        return f"Propagation runs {PROPAGATION_WEIGHTS} for {DEFAULT_WEIGHTS} (docs/propagation.md)."
+    return ""

@@ -1,7 +1,8 @@
 """Dock widget that segments one image layer, or every open image layer, from the support set.
 
-The run happens in a worker thread (:mod:`._threading`) with a progress bar counting slices.
-While it runs, the slices fill in batch by batch in a read-only preview (see :mod:`._preview`): a new
+The run happens in a worker thread (:mod:`._run`): the dock's progress bar counts slices and says
+how long is left, and the status line says beforehand what to expect (:mod:`napari_openseg.core.expected_time`).
+Closing the query image or the dock cancels the run. While it runs, the slices fill in batch by batch in a read-only preview (see :mod:`._preview`): a new
 ``"<name> (running)"`` layer that becomes the output ``"<name> openseg"`` at the end, or, when
 the plugin's earlier output is to be replaced, that output layer itself. The result counts only
 when the whole run has finished: Cancel or an error removes the new layer, or gives the earlier
@@ -11,41 +12,35 @@ added at the end.
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
-
 import numpy as np
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
     QDoubleSpinBox,
-    QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
-    QLineEdit,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
-from napari_openseg.core.device import available_devices
 from napari_openseg.core.engine import CHOICES
+from napari_openseg.core.expected_time import describe_expected_time, format_duration, seconds_per_slice
 from napari_openseg.core.support import SupportSet
 from napari_openseg.errors import OpenSegError
-from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, REGISTRY, is_available
 
-from ._controls import AxisCombo, LayerCombo, form_row, is_image
+from ._controls import AxisCombo, Collapsible, LayerCombo, dock_layout, form_row, is_image
 from ._layers import layer_image, owned_roles, put_output_layer, remove_owned_layers
+from ._model_picker import ModelPicker
 from ._preview import Preview
+from ._run import RunPanel
 from ._segment_job import Query, iter_segment_queries
 from ._session import connect_widget, get_session, unwrap_viewer
-from ._threading import WorkHandle, report_error, run_in_background
+from ._threading import WorkHandle
 
 BATCH = "All open image layers"
-WEIGHTS_FILE = "Weights file…"
 
 
 class SegmentationWidget(QWidget):
@@ -62,46 +57,69 @@ class SegmentationWidget(QWidget):
         super().__init__(parent)
         self.viewer = napari_viewer = unwrap_viewer(napari_viewer)
         self.session = get_session(napari_viewer)
-        self._handle: WorkHandle | None = None
         self._preview = Preview(napari_viewer, output_role="segmentation")
         self._sources: list = []
         self._left_out = ""
         self._axes: list[int] = []
-        self._cancel_requested = False
-        self._outcome = "failed"
-        self._started = 0.0
 
         form = QFormLayout()
         self.query_combo = form_row(
             form, "Query", LayerCombo(napari_viewer, is_image, extra_items=(BATCH,)),
             "the image to segment, or all open image layers (one output each)",
         )
-        self.weights_combo = form_row(form, "Weights", QComboBox(), "network weights used for the run")
-        self.weights_path = QLineEdit()
-        self.weights_path.setPlaceholderText("path to a .pt weights file")
-        browse = QPushButton("…")
-        browse.setMaximumWidth(30)
-        browse.clicked.connect(self._browse_weights)
-        self._file_row = QWidget()
-        row = QHBoxLayout(self._file_row)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(self.weights_path)
-        row.addWidget(browse)
-        form.addRow("", self._file_row)
-        self.weights_note = QLabel()
-        self.weights_note.setWordWrap(True)
-        form.addRow("", self.weights_note)
-        self.device_combo = form_row(form, "Device", QComboBox(), "where the network runs")
-        self.device_combo.addItems(["auto", *available_devices()])
+        self.picker = ModelPicker(self.session)
+        self.model_section = self.picker.section()
+        self.settings_section = Collapsible("Settings", self._settings_form())
+        self.run_button = QPushButton("Run")
+        self.panel = RunPanel("Segment", host=self, unit="slices")
+        self.status = self.panel.status
+        self.estimate = QLabel()
+        self.estimate.setWordWrap(True)
+        self.estimate.setToolTip("cross-validated on the support set: each example segmented from the others")
+
+        layout = QVBoxLayout()
+        layout.addLayout(form)
+        layout.addWidget(self.model_section)
+        layout.addWidget(self.settings_section)
+        layout.addWidget(self.run_button)
+        layout.addWidget(self.status)
+        layout.addWidget(self.estimate)
+        layout.addStretch(1)
+        dock_layout(self, layout, footer=self.panel)
+
+        self.run_button.clicked.connect(self.run)
+        self.panel.running_changed.connect(lambda _running: self._update_run_button())
+        self.panel.finished.connect(self._finished)
+        for spin in (self.support_size, self.ensemble):
+            spin.valueChanged.connect(self._show_expected)
+        for control in (self.support_size, self.ensemble, self.threshold):
+            control.valueChanged.connect(self._title_settings)
+        self.method_combo.currentTextChanged.connect(self._title_settings)
+        self._title_settings()
+        connect_widget(self.session.support_changed, self, self._support_changed)
+        self._support_changed(self.session.support)
+
+    @property
+    def cancel_button(self) -> QPushButton:
+        return self.panel.cancel_button
+
+    def _settings_form(self) -> QFormLayout:
+        form = QFormLayout()
         self.support_size = form_row(
             form, "Support size S", QSpinBox(), "examples shown to the network per prediction"
         )
         self.support_size.setRange(1, 256)
         self.support_size.setValue(16)
         self.ensemble = form_row(
-            form, "Ensemble K", QSpinBox(), "predictions from different support subsets, combined"
+            form, "Ensemble K", QSpinBox(),
+            "predictions from K different draws of S entries, combined; K times slower, and it changes "
+            "something only for tasks with more entries than S. Measured: a larger S gains more for less "
+            "time (docs/user-guide.md, Speed)",
         )
         self.ensemble.setRange(1, 32)
+        self.expected = QLabel()
+        self.expected.setWordWrap(True)
+        form.addRow("", self.expected)
         self.threshold = form_row(
             form, "Threshold", QDoubleSpinBox(), "minimum probability for a pixel to be labelled"
         )
@@ -118,128 +136,19 @@ class SegmentationWidget(QWidget):
         self.probabilities = form_row(
             form, "", QCheckBox("Add probability layers"), "one image layer per task with its probability"
         )
+        return form
 
-        self.run_button = QPushButton("Run")
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        self.status = QLabel()
-        self.status.setWordWrap(True)
-        self.estimate = QLabel()
-        self.estimate.setWordWrap(True)
-        self.estimate.setToolTip("cross-validated on the support set: each example segmented from the others")
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.status)
-        layout.addWidget(self.estimate)
-        layout.addStretch(1)
+    def _title_settings(self, *_args) -> None:
+        self.settings_section.set_title(f"Settings: S={self.support_size.value()}, K={self.ensemble.value()}, "
+                                        f"threshold {self.threshold.value():.2f}, {self.method_combo.currentText()}")
 
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button.clicked.connect(self.cancel)
-        self._fill_weights()
-        if self.device_combo.findText(self.session.device) >= 0:  # a second Segment widget keeps the choice
-            self.device_combo.setCurrentText(self.session.device)
-        self.weights_combo.currentIndexChanged.connect(self._weights_changed)
-        self.weights_path.editingFinished.connect(self._weights_changed)
-        self.device_combo.currentIndexChanged.connect(self._weights_changed)
-        connect_widget(self.session.support_changed, self, self._support_changed)
-        connect_widget(self.session.model_changed, self, self._show_model)
-        self._weights_changed()
-        self._support_changed(self.session.support)
-
-    # --- weights -----------------------------------------------------------------------------
-
-    def _fill_weights(self) -> None:
-        self.weights_combo.addItem(DEFAULT_WEIGHTS)
-        if is_available(PROPAGATION_WEIGHTS):
-            self.weights_combo.addItem(PROPAGATION_WEIGHTS)
-        if is_available("universeg-v1"):
-            self.weights_combo.addItem("universeg-v1")
-        self.weights_combo.addItem(WEIGHTS_FILE)
-        self._show_weights(self.session.weights)
-
-    def _show_weights(self, chosen: str) -> None:
-        if chosen in REGISTRY:
-            if self.weights_combo.findText(chosen) < 0:  # chosen by a script though not installed: show it
-                self.weights_combo.insertItem(self.weights_combo.findText(WEIGHTS_FILE), chosen)
-            self.weights_combo.setCurrentText(chosen)
-        else:
-            self.weights_combo.setCurrentText(WEIGHTS_FILE)
-            self.weights_path.setText(chosen)
-
-    def _show_model(self, weights: str, device: str) -> None:
-        """Show a choice made elsewhere (a script, another widget) without sending it back."""
-        for control in (self.weights_combo, self.weights_path, self.device_combo):
-            control.blockSignals(True)
-        try:
-            self._show_weights(weights)
-            if self.device_combo.findText(device) < 0:  # e.g. "cuda:1" from a script: show what runs
-                self.device_combo.addItem(device)
-            self.device_combo.setCurrentText(device)
-        finally:
-            for control in (self.weights_combo, self.weights_path, self.device_combo):
-                control.blockSignals(False)
-        from_file = self.weights_combo.currentText() == WEIGHTS_FILE
-        shown = self.weights_path.text().strip() if from_file else self.weights_combo.currentText()
-        if (shown, self.device_combo.currentText()) == (weights, device):
-            self._weights_changed()  # the note and the file row; the session holds this choice already
-
-    def set_weights(self, spec: str | Path) -> None:
+    def set_weights(self, spec) -> None:
         """Choose weights by registry name or file path (for scripts and tests)."""
-        spec = str(spec)
-        if self.weights_combo.findText(spec) >= 0 and spec != WEIGHTS_FILE:
-            self.weights_combo.setCurrentText(spec)
-        else:
-            self.weights_path.setText(spec)
-            self.weights_combo.setCurrentText(WEIGHTS_FILE)
-        self._weights_changed()
-
-    def _weights_changed(self, *_args) -> None:
-        from_file = self.weights_combo.currentText() == WEIGHTS_FILE
-        self._file_row.setVisible(from_file)
-        spec = self.weights_path.text().strip() if from_file else self.weights_combo.currentText()
-        if spec and from_file:
-            spec = str(Path(spec).expanduser())  # "~/weights.pt" is a file too
-        if spec:
-            self.session.set_model(weights=spec, device=self.device_combo.currentText())
-        if from_file:
-            note = "" if not spec or Path(spec).is_file() else "this file does not exist"
-        elif is_available(spec):
-            entry = REGISTRY[spec]
-            short_licence = entry.licence.split(";")[0].split(" (")[0]
-            note = f"{'bundled' if entry.bundled else 'downloaded'}; licence: {short_licence}"
-            self.weights_note.setToolTip(f"{entry.description}.\nLicence: {entry.licence}")
-        else:
-            note = (
-                f"'{spec}' is not installed in this copy of napari-openseg: choose '{WEIGHTS_FILE}' and "
-                "pick a .pt file"
-            )
-        self.weights_note.setText(note)
+        self.picker.set_weights(spec)
 
     def weights_spec(self) -> str:
         """The chosen weights as a name or a path, or an ``OpenSegError`` saying how to get some."""
-        if self.weights_combo.currentText() == WEIGHTS_FILE:
-            path = self.weights_path.text().strip()
-            if not path:
-                raise OpenSegError("choose a weights file (the … button next to Weights)")
-            if not Path(path).expanduser().is_file():
-                raise OpenSegError(f"weights file {path} does not exist; choose another file")
-            return str(Path(path).expanduser())
-        name = self.weights_combo.currentText()
-        if not is_available(name):
-            raise OpenSegError(
-                f"the weights '{name}' are not installed in this copy of napari-openseg; choose "
-                f"'{WEIGHTS_FILE}' under Weights and pick a .pt file (or reinstall napari-openseg)"
-            )
-        return name
-
-    def _browse_weights(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Weights file", "", "PyTorch weights (*.pt *.pth)")
-        if path:
-            self.set_weights(path)
+        return self.picker.weights_spec()
 
     # --- running -----------------------------------------------------------------------------
 
@@ -250,7 +159,7 @@ class SegmentationWidget(QWidget):
         batch = choice == BATCH
         layers = self.query_combo.layers() if batch else [choice]
         if not layers or layers[0] is None:
-            raise OpenSegError("open an image (File > Open, or File > Open Sample > OpenSeg) to segment")
+            raise OpenSegError("open an image (File > Open, or File > Open Sample) to segment")
         kept, queries, skipped = [], [], []
         for layer in layers:
             try:
@@ -269,10 +178,26 @@ class SegmentationWidget(QWidget):
             raise OpenSegError("no open image can be segmented: " + "; ".join(reason for _, reason in skipped))
         return kept, queries, [name for name, _ in skipped]
 
+    def _update_run_button(self) -> None:
+        self.run_button.setEnabled(not self.panel.running and len(self.session.support) > 0)
+        self.run_button.setToolTip(
+            "segment the query from the support set" if len(self.session.support)
+            else "build a support set first (Support set widget: paint, then Add current slice)"
+        )
+
+    def _show_expected(self, *_args) -> None:
+        """The expected time per slice for the settings and support set as they are now."""
+        counts = self.session.support.counts()
+        if not counts:
+            self.expected.setText("")
+            return
+        per_slice = seconds_per_slice(counts, self.support_size.value(), self.ensemble.value())
+        self.expected.setText(f"about {format_duration(per_slice)} per slice on one CPU thread (measured)")
+
     def run(self) -> WorkHandle | None:
         """Start a run (returns its handle), or show what is missing and return ``None``."""
-        if self._handle is not None and self._handle.running:
-            report_error(OpenSegError("a run is in progress: wait for it or press Cancel"), "Segment")
+        if self.panel.running:
+            self.panel.refuse("a run is in progress: wait for it or press Cancel")
             return None
         try:
             support = self.session.support
@@ -286,49 +211,42 @@ class SegmentationWidget(QWidget):
             busy = [layer.name for layer in layers if str(layer.unique_id) in self.session.segmenting]
             if busy:
                 raise OpenSegError(f"another Segment run is writing to {', '.join(busy)}: wait for it or cancel it")
-            weights = self.weights_spec()
+            weights = self.picker.weights_spec()
+            device = self.picker.device()
+            on_gpu = _resolved_type(device) != "cpu"
         except OpenSegError as err:
-            report_error(err, "Segment")
+            self.panel.refuse(err)
             return None
         snapshot = self.session.support_snapshot()
         options = {
-            "device": self.device_combo.currentText(),
+            "device": device,
             "support_size": self.support_size.value(),
             "ensemble": self.ensemble.value(),
             "threshold": self.threshold.value(),
             "method": self.method_combo.currentText(),
             "keep_probabilities": self.probabilities.isChecked(),
         }
+        expected = describe_expected_time(sum(query.n_slices for query in queries), snapshot.counts(),
+                                          options["support_size"], options["ensemble"], on_gpu=on_gpu)
         self._sources = layers
         self.session.segmenting.update(str(layer.unique_id) for layer in layers)
         self._axes = [query.axis for query in queries]
-        self._cancel_requested = False
-        self._outcome = "failed"
-        self._started = time.perf_counter()
-        self._set_running(True)
         self._preview.prepare(0, layers[0])
         self._preview.draw_now()
         self._left_out = f" (left out, neither 2D nor 3D: {', '.join(skipped)})" if skipped else ""
-        self.status.setText(f"Segmenting {len(layers)} image{'s' if len(layers) != 1 else ''}…{self._left_out}")
-        self._handle = run_in_background(
+        count = f"{len(layers)} image{'s' if len(layers) != 1 else ''}"
+        return self.panel.start(
             lambda: iter_segment_queries(queries, snapshot, weights, **options),
-            "Segment",
             on_done=self._write_outputs,
             on_progress=self._show_batch,
-            on_finished=self._finished,
+            message=f"Segmenting {count}: {expected}.{self._left_out}",
+            watch=layers,
+            viewer=self.viewer,
         )
-        return self._handle
 
     def cancel(self) -> None:
         """Stop the run after the batch in progress; nothing is written."""
-        if self._handle is not None and self._handle.running:
-            self._cancel_requested = True
-            self._handle.cancel()
-            self.status.setText("Cancelling after the current batch…")
-
-    def _set_running(self, running: bool) -> None:
-        self.run_button.setEnabled(not running)
-        self.cancel_button.setEnabled(running)
+        self.panel.cancel()
 
     def _show_batch(self, step) -> None:
         payload = step.payload
@@ -365,31 +283,25 @@ class SegmentationWidget(QWidget):
                         colormap="magma", contrast_limits=(0.0, 1.0), blending="additive", visible=False,
                     )
         self._preview.drop()
-        self._outcome = "done"
-        seconds = time.perf_counter() - self._started
-        text = f"Done in {seconds:.1f} s: {', '.join(layer.name for layer in written) or 'no layer'}"
+        text = f"Done in {format_duration(self.panel.elapsed)}: {', '.join(layer.name for layer in written) or 'no layer'}"
         if missing:
             text += f" (skipped closed layers: {', '.join(missing)})"
-        self.status.setText(text + self._left_out)
+        self.panel.set_status(text + self._left_out)
         self.show_estimates(results[0].describe_estimates() if results else [])
 
     def show_estimates(self, lines: list[str]) -> None:
         """Show each task's expected Dice and method (from the run's cross-validation)."""
         self.estimate.setText("\n".join(lines))
 
-    def _finished(self) -> None:
+    def _finished(self, outcome: str) -> None:
         self.session.segmenting.difference_update(str(layer.unique_id) for layer in self._sources)
         self._preview.drop()
-        if self._cancel_requested and self._outcome != "done":
-            self._outcome = "cancelled"
-            self.status.setText("Cancelled; no layer was changed.")
-        elif self._outcome == "failed":
-            self.status.setText("The run failed; see the notification.")
-        self._set_running(False)
-        self.run_finished.emit(self._outcome)
+        self.run_finished.emit(outcome)
 
     def _support_changed(self, support: SupportSet) -> None:
-        if self._handle is not None and self._handle.running:
+        self._update_run_button()
+        self._show_expected()
+        if self.panel.running:
             return
         self.estimate.setText("")  # it described the support set that was
         counts = support.counts()
@@ -398,3 +310,10 @@ class SegmentationWidget(QWidget):
             if not counts
             else f"Support set: {len(support)} entries, tasks {', '.join(map(str, counts))}."
         )
+
+
+def _resolved_type(device: str) -> str:
+    """``"cpu"``, ``"cuda"`` or ``"mps"``: where ``device`` (``"auto"`` included) runs here."""
+    from napari_openseg.core.device import resolve_device
+
+    return resolve_device(device).type

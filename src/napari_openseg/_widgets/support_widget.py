@@ -3,7 +3,9 @@
 Pick an image layer and the labels layer painted on it; "Add current slice" takes the slice on
 screen, "Add all labelled slices" every slice with a chosen label value. Each (slice, label value)
 becomes one entry; each label value is one task. Entries from any number of images live in one set,
-kept in the viewer's :class:`~napari_openseg._widgets._session.Session`.
+kept in the viewer's :class:`~napari_openseg._widgets._session.Session`. "Add current slice" says so
+when the slice is already in the set, and refuses a slice that only cuts across slices painted along
+another axis (a transposed view), whose "mask" would be a line one voxel wide.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from napari.utils.notifications import show_info, show_warning
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QComboBox,
@@ -25,17 +28,17 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_openseg.core.axes import axis_text
 from napari_openseg.core.progress import Progress
-from napari_openseg.core.support import SupportSet, coverage_warning, entries_from_arrays
+from napari_openseg.core.support import SupportSet, coverage_warning, entries_from_arrays, painted_across
 from napari_openseg.errors import OpenSegError
 
-from ._controls import LayerCombo, form_row, is_image
+from ._controls import AxisCombo, LayerCombo, dock_layout, form_row, is_image
 from ._gallery import SupportGallery
 from ._layers import current_slice, is_preview, layer_image, slice_axis
 from ._session import connect_widget, get_session, unwrap_viewer
 from ._threading import WorkHandle, report_error, run_in_background
 
-AXIS_CHOICES = ("auto (the viewer's slider)", "0", "1", "2")
 NO_BACKGROUND = "none (whole masks)"
 
 
@@ -82,13 +85,12 @@ class SupportSetWidget(QWidget):
             "the labels layer with your examples; it must have the image's shape",
         )
         self.axis_combo = form_row(
-            form, "Slice axis", QComboBox(), "axis of a 3D volume whose slices become entries"
+            form, "Slice axis", AxisCombo(), "axis of a 3D volume whose slices become entries"
         )
-        self.axis_combo.addItems(AXIS_CHOICES)
         self.values_list = form_row(
             form, "Tasks", QListWidget(), "label values to use; each checked value becomes one task"
         )
-        self.values_list.setMaximumHeight(90)
+        self.values_list.setMaximumHeight(60)
         self.background_combo = form_row(
             form, "Background label", QComboBox(),
             "for strokes: the label you painted background with; other labels are structures and "
@@ -115,12 +117,13 @@ class SupportSetWidget(QWidget):
         self.counts_label = QLabel()
         self.counts_label.setWordWrap(True)
 
-        layout = QVBoxLayout(self)
+        layout = QVBoxLayout()
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(QLabel("Support set (select, then Remove or press Delete):"))
         layout.addWidget(self.gallery, stretch=1)
         layout.addWidget(self.counts_label)
+        dock_layout(self, layout)
 
         self.add_slice_button.clicked.connect(self.add_current_slice)
         self.add_all_button.clicked.connect(self.add_all_slices)
@@ -230,10 +233,6 @@ class SupportSetWidget(QWidget):
 
     # --- adding entries ----------------------------------------------------------------------
 
-    def _axis_for(self, layer) -> int:
-        choice = self.axis_combo.currentText()
-        return slice_axis(self.viewer, layer) if choice == AXIS_CHOICES[0] else int(choice)
-
     def add_current_slice(self) -> WorkHandle | None:
         """Add the slice on screen (a 2D image: the whole image)."""
         return self._add(current_only=True)
@@ -249,11 +248,12 @@ class SupportSetWidget(QWidget):
             if image_layer is None or labels_layer is None:
                 raise OpenSegError("choose an image layer and the labels layer painted on it first")
             image, rgb = layer_image(image_layer)
-            axis = self._axis_for(image_layer) if image_layer.ndim == 3 else 0
-            if current_only and image_layer.ndim == 3 and axis != slice_axis(self.viewer, image_layer):
+            axis = self.axis_combo.axis_for(self.viewer, image_layer) if image_layer.ndim == 3 else 0
+            shown = slice_axis(self.viewer, image_layer)
+            if current_only and image_layer.ndim == 3 and axis != shown:
                 raise OpenSegError(
-                    f"the viewer shows slices along axis {slice_axis(self.viewer, image_layer)}, not {axis}: "
-                    "set Slice axis to auto to add the slice on screen (or use Add all labelled slices)"
+                    f"the viewer shows slices along {axis_text(shown)}, not along axis {axis}: set Slice axis "
+                    "to auto to add the slice on screen (or use Add all labelled slices)"
                 )
             slices = [current_slice(self.viewer, image_layer, axis)] if current_only and image_layer.ndim == 3 else None
             labels = np.array(labels_layer.data, copy=True)  # painting may go on while we read
@@ -272,6 +272,8 @@ class SupportSetWidget(QWidget):
                     f"labels layer '{name}' has no checked label value: paint the structure "
                     "with a label other than 0 (or tick a value under Tasks)"
                 )
+            if slices is not None:
+                _refuse_a_cut_across(labels, axis, slices[0], values, name)
             entries = entries_from_arrays(
                 image, labels, axis=axis, source=source, label_values=values, slice_indices=slices, rgb=rgb,
                 background_label=background,
@@ -279,17 +281,23 @@ class SupportSetWidget(QWidget):
             yield Progress(1, 1, "reading slices")
             return entries, coverage_warning(entries)
 
+        def add(found) -> None:
+            entries, warning = found
+            added = self.session.add_entries(entries)
+            if added < len(entries):
+                where = "this image" if slices is None else f"slice {slices[0]} along {axis_text(axis)}"
+                held = len(entries) - added
+                show_info(
+                    f"{what}: {'nothing was added' if not added else f'{added} entries added'}; {held} "
+                    f"entr{'y' if held == 1 else 'ies'} of {where} {'is' if held == 1 else 'are'} already in the "
+                    "support set, painted the same"
+                )
+            if warning:
+                show_warning(f"Support set: {warning}")
+
         self._set_busy(True)
-        self._job = run_in_background(build, what, on_done=self._add_entries, on_finished=self._added)
+        self._job = run_in_background(build, what, on_done=add, on_finished=self._added)
         return self._job
-
-    def _add_entries(self, found) -> None:
-        entries, warning = found
-        self.session.add_entries(entries)
-        if warning:
-            from napari.utils.notifications import show_warning
-
-            show_warning(f"Support set: {warning}")
 
     def _added(self) -> None:
         self._set_busy(False)
@@ -353,3 +361,18 @@ class SupportSetWidget(QWidget):
         self.counts_label.setText(
             f"{len(support)} entries from {sources} image{'s' if sources != 1 else ''} ({per_task})"
         )
+
+
+def _refuse_a_cut_across(labels: np.ndarray, axis: int, index: int, values: list[int], name: str) -> None:
+    """Refuse the slice on screen when it only cuts across slices painted along another axis."""
+    crossing = painted_across(labels, axis, index, values)
+    if crossing is None:
+        return
+    value, other, painted = crossing
+    shown = ", ".join(map(str, painted[:4])) + (", ..." if len(painted) > 4 else "")
+    raise OpenSegError(
+        f"slice {index} along {axis_text(axis)} cuts across your painting: label {value} of '{name}' is "
+        f"painted on slices {shown} along axis {other}, so here it is a line one voxel wide, not an "
+        f"example. Move the view back so that the slider moves along axis {other} (View > Transpose, "
+        f"or the dims order), or set Slice axis to {other} and press Add all labelled slices"
+    )

@@ -21,9 +21,41 @@ SUBCOMMAND_MODULES = (
     "info", "support", "segment", "batch", "demo", "train", "evaluate", "novelty", "propagate",
 )
 
+#: How every command's help describes a slice axis (the project's arrays are NIfTI's axes reversed).
+AXIS_HELP = "slice axis of 3D volumes, in array order: 0 is the NIfTI file's third axis"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default after its help, unless the help already speaks of a default or
+    there is none to show (``None``, ``False``, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default is None
+            or default is False
+            or default == []
+            or default is argparse.SUPPRESS
+            or not action.option_strings
+        ):
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, (list, tuple)) else "%(default)s"
+        return f"{text} (default: {shown})"
+
+
+class Parser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` with :class:`HelpFormatter`; subcommands get it too (argparse
+    makes subparsers of the parent's class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="openseg", description="Segmentation by example (UniverSeg-style in-context segmentation)."
     )
     parser.add_argument("--version", action="version", version=f"napari-openseg {__version__}")

@@ -11,6 +11,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import AXIS_HELP
+
+DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("novelty", help="novelty maps from a prototype memory bank (MedOpenSeg)")
@@ -24,7 +28,7 @@ def register(subparsers) -> None:
     train.add_argument("--epochs", type=int, default=20, help="passes of --samples-per-volume patches (default 20)")
     train.add_argument("--samples-per-volume", type=int, default=4, help="patches per volume per epoch")
     train.add_argument("--batch-size", type=int, default=2, help="patches per step")
-    train.add_argument("--learning-rate", type=float, default=3e-4)
+    train.add_argument("--learning-rate", type=float, default=3e-4, help="AdamW learning rate")
     train.add_argument("--roi", type=int, nargs=3, default=[64, 64, 64], metavar=("Z", "Y", "X"),
                        help="patch size, each side divisible by 32, one side >= 64 (default 64 64 64)")
     train.add_argument("--downsample", type=int, default=1, help="shrink volumes by this factor first (default 1)")
@@ -37,8 +41,8 @@ def register(subparsers) -> None:
     train.add_argument("--resume", action="store_true",
                        help="continue from the checkpoint if it exists, with its stored settings (only --epochs "
                             "may change)")
-    train.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="auto", help=DEVICE_HELP)
+    train.add_argument("--seed", type=int, default=0, help="seed of the patch sampling and initial weights")
     train.add_argument("--overwrite", action="store_true",
                        help="replace an existing MODEL; without --resume, also start a new checkpoint")
     train.set_defaults(handler=run_train)
@@ -48,17 +52,18 @@ def register(subparsers) -> None:
     seed.add_argument("--image", required=True, help="volume holding the painted instance")
     seed.add_argument("--mask", required=True, help="mask (non-zero = the unseen structure) of that volume")
     seed.add_argument("--out", required=True, help="model file to write with the seeded unknown prototype")
-    seed.add_argument("--device", default="auto")
-    seed.add_argument("--overwrite", action="store_true")
+    seed.add_argument("--device", default="auto", help=DEVICE_HELP)
+    seed.add_argument("--overwrite", action="store_true", help="replace an existing output model")
     seed.set_defaults(handler=run_seed)
 
     novelty_map = commands.add_parser("map", help="write the novelty map of a volume")
     novelty_map.add_argument("--image", required=True, help="volume to map")
     novelty_map.add_argument("--out", required=True, help="fused novelty map to write (NIfTI, TIFF or NPY)")
-    novelty_map.add_argument("--scores-out", help="folder for the cosine and distance maps, segmentation and novel mask")
+    novelty_map.add_argument("--scores-out", help="folder for the cosine and distance maps, segmentation and novel "
+                             "mask (made if missing)")
     novelty_map.add_argument("--mask", help="foreground mask file (default: the body found by intensity)")
     add_map_options(novelty_map)
-    novelty_map.add_argument("--overwrite", action="store_true")
+    novelty_map.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     novelty_map.set_defaults(handler=run_map)
 
 
@@ -75,9 +80,9 @@ def add_map_options(parser: argparse.ArgumentParser) -> None:
                         "that seeds the unknown prototype")
     parser.add_argument("--seed-image", help="volume the --seed-mask was painted on (default: --image)")
     parser.add_argument("--weights", help="in-context weights for --support (name or file)")
-    parser.add_argument("--axis", type=int, default=0, help="slice axis for --support (default 0)")
+    parser.add_argument("--axis", type=int, default=0, help=f"for --support: {AXIS_HELP}")
     parser.add_argument("--support-size", type=int, default=16, help="S for --support")
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def check_map_options(args: argparse.Namespace) -> None:
@@ -161,6 +166,23 @@ def score_paths(out: Path, folder: Path) -> dict[str, Path]:
 
 
 def run_map(args: argparse.Namespace) -> int:
+    from ..io import check_writable
+    from ._files import output_folder
+
+    out = Path(args.out)
+    inputs = [p for p in (args.model, args.support, args.image, args.mask, args.seed_mask, args.seed_image) if p]
+    check_writable(out, args.overwrite, image=True, inputs=inputs)
+    check_map_options(args)
+    if not args.scores_out:
+        return _map(args, out, {})
+    with output_folder(args.scores_out, "--scores-out") as folder:
+        extra = score_paths(out, folder)
+        for path in extra.values():
+            check_writable(path, args.overwrite, image=True, inputs=inputs)
+        return _map(args, out, extra)
+
+
+def _map(args: argparse.Namespace, out: Path, extra: dict[str, Path]) -> int:
     import numpy as np
 
     from ..core.inference import load_support
@@ -168,23 +190,9 @@ def run_map(args: argparse.Namespace) -> int:
     from ..core.novelty_map import iter_novelty_map
     from ..core.novelty_model import NoveltyModel, check_mask, check_seed
     from ..errors import OpenSegError
-    from ..io import check_writable, read_image, write_image
+    from ..io import read_image, write_image
     from ._progress import with_progress_bar
 
-    out = Path(args.out)
-    inputs = [p for p in (args.model, args.support, args.image, args.mask, args.seed_mask, args.seed_image) if p]
-    check_writable(out, args.overwrite, image=True, inputs=inputs)
-    extra = {}
-    if args.scores_out:
-        folder = Path(args.scores_out)
-        if folder.exists() and not folder.is_dir():
-            raise OpenSegError(f"--scores-out {folder} is a file; it names the folder for the score maps")
-        if not folder.is_dir():
-            raise OpenSegError(f"scores folder {folder} does not exist")
-        extra = score_paths(out, folder)
-        for path in extra.values():
-            check_writable(path, args.overwrite, image=True, inputs=inputs)
-    check_map_options(args)
     image = read_image(args.image)
     mask = check_mask(read_image(args.mask).data != 0, image.data.shape) if args.mask else None
     seed = None

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from . import AXIS_HELP
+
 # core.memory.DEFAULT_CAPACITY and core.propagate.DEFAULT_STOP_CONFIDENCE, spelled out so that
 # building the parser imports no torch (a test keeps them equal).
 BANK_SIZE = 16
@@ -23,7 +25,7 @@ def register(subparsers) -> None:
     parser.add_argument("--image", required=True, metavar="VOL", help="volume or 2D stack (NIfTI, TIFF, NPY)")
     parser.add_argument("--prompt", required=True, metavar="LABELS", help="labels of the image's shape: painted slice(s), zeros elsewhere")
     parser.add_argument("--out", required=True, metavar="OUT", help="output labels file (.nii.gz, .tif, .npy)")
-    parser.add_argument("--axis", type=int, default=0, metavar="A", help="slice axis (default 0)")
+    parser.add_argument("--axis", type=int, default=0, metavar="A", help=AXIS_HELP)
     parser.add_argument("--bank-size", type=int, default=BANK_SIZE, metavar="M", help="M: memory bank size per object (default %(default)s)")
     parser.add_argument("--weights", metavar="NAME|PATH", help="weights name (default openseg-propagate; openseg-default means the same here; "
                         "universeg-v1) or file path")

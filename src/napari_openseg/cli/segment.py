@@ -6,18 +6,23 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from . import AXIS_HELP
+
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs the segmentation engine."""
     from ..core.engine import CHOICES, DEFAULT_METHOD, DEFAULT_SUPPORT_SIZE
 
     parser.add_argument("--weights", help="weights name (openseg-default, universeg-v1) or file path")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--support-size", type=int, default=DEFAULT_SUPPORT_SIZE, help="S: entries per prediction")
-    parser.add_argument("--ensemble", type=int, default=1, help="K: predictions combined per task (area-matched mean)")
+    parser.add_argument("--ensemble", type=int, default=1,
+                        help="K: predictions from K draws of S entries, combined; K times slower and it only acts "
+                             "on tasks with more than S entries: a larger S gains more for less time "
+                             "(docs/performance.md)")
     parser.add_argument("--method", default=DEFAULT_METHOD, choices=CHOICES,
-                        help="auto (default: per task, the best cross-validated on the support set), network, "
+                        help="auto (per task, the best cross-validated on the support set), network, "
                              "pixel-classifier or stacked (filters and the network's probability)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the support subsets")
 
@@ -25,7 +30,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     """The options of a segmentation (``openseg segment`` and ``openseg batch segment``), read back by
     :func:`engine_options`."""
-    parser.add_argument("--axis", type=int, default=0, help="slice axis of 3D volumes (default 0)")
+    parser.add_argument("--axis", type=int, default=0, help=AXIS_HELP)
     parser.add_argument("--label-values", type=int, nargs="+", help="only these tasks")
     parser.add_argument("--threshold", type=float, default=0.5, help="background below this probability")
     parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
@@ -77,8 +82,6 @@ def output_paths(args: argparse.Namespace) -> list[Path]:
             raise OpenSegError("--out takes one input; use --out-dir for several")
         return [Path(args.out)]
     folder = Path(args.out_dir)
-    if not folder.is_dir():
-        raise OpenSegError(f"output folder {folder} does not exist")
     paths = [result_path(folder, p, "openseg") for p in args.images]
     clashes = sorted({str(p) for p in paths if paths.count(p) > 1})
     if clashes:
@@ -95,17 +98,30 @@ def probability_path(path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.support import SupportSet
+    from ._files import check_inputs, output_folder
+
+    options = engine_options(args)  # checks --axis before anything is read
+    check_inputs(args.images)  # all of them, before the first is segmented
+    support = SupportSet.load(args.support)
+    if args.out_dir is None:
+        return segment_all(args, support, options)
+    with output_folder(args.out_dir, "--out-dir"):
+        return segment_all(args, support, options)
+
+
+def segment_all(args: argparse.Namespace, support, options: dict[str, Any]) -> int:
     import json
+    import sys
 
     import numpy as np
 
     from ..core.cohort_tasks import SegmentTask
-    from ..core.support import SupportSet
+    from ..core.device import resolve_device
+    from ..core.expected_time import describe_expected_time
     from ..io import atomic_path, check_writable, read_image, write_image
     from ._progress import with_progress_bar
 
-    options = engine_options(args)
-    support = SupportSet.load(args.support)
     outputs = output_paths(args)
     inputs = [*args.images, args.support]
     for path in outputs:  # refuse before any work is done
@@ -117,8 +133,14 @@ def run(args: argparse.Namespace) -> int:
     task = SegmentTask(support, args.weights, options)
     engine = task.prepare()  # one engine for every input: the tasks are fitted once
     report = []
+    on_gpu = resolve_device(args.device).type != "cpu"
+    tasks = {v: n for v, n in support.counts().items() if args.label_values is None or v in args.label_values}
     for image_path, out_path in zip(args.images, outputs):
         image = read_image(image_path)
+        spatial = image.data.shape[:-1] if image.rgb else image.data.shape
+        n_slices = 1 if len(spatial) == 2 else spatial[args.axis]
+        print(f"{image.name}: {describe_expected_time(n_slices, tasks, args.support_size, args.ensemble, on_gpu)}",
+              file=sys.stderr)
         result = with_progress_bar(
             task.iter_run(engine, image.data, rgb=image.rgb, keep_probabilities=args.probabilities),
             f"segment {image.name}",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import AXIS_HELP
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("support", help="build or inspect support-set files")
@@ -13,7 +15,7 @@ def register(subparsers) -> None:
     build.add_argument("--image", action="append", required=True, help="image file (repeat for several)")
     build.add_argument("--labels", action="append", required=True, help="labels file, one per --image")
     build.add_argument("--out", required=True, help="support-set file to write (.npz)")
-    build.add_argument("--axis", type=int, default=0, help="slice axis of 3D volumes (default 0)")
+    build.add_argument("--axis", type=int, default=0, help=AXIS_HELP)
     build.add_argument("--label-values", type=int, nargs="+", help="only these label values (tasks)")
     build.add_argument("--slices", type=int, nargs="+", help="only these slice indices")
     build.add_argument("--background-label", type=int, metavar="B",

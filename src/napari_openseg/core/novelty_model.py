@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import OpenSegError
+from .axes import shape_text
 from .preprocess import normalize_intensity
 from .prototypes import PrototypeBank
 from .support import has_finite_values
@@ -223,7 +224,7 @@ def check_volume(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3:
         raise OpenSegError(
-            f"novelty maps need a 3D volume (Z Y X), got an array of shape {image.shape}; "
+            f"novelty maps need a 3D volume (Z Y X), got an array of shape {shape_text(image.shape)}; "
             "stack 2D images into a volume first"
         )
     if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
@@ -241,7 +242,9 @@ def check_mask(mask: np.ndarray | None, shape: tuple[int, ...], what: str = "mas
         return None
     mask = np.asarray(mask)
     if mask.shape != tuple(shape):
-        raise OpenSegError(f"{what} of shape {mask.shape} does not match the volume of shape {tuple(shape)}")
+        raise OpenSegError(
+            f"{what} of shape {shape_text(mask.shape)} does not match the volume of shape {shape_text(shape)}"
+        )
     return mask.astype(bool, copy=False)
 
 

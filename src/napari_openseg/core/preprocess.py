@@ -29,7 +29,10 @@ def is_rgb(image: np.ndarray, rgb: bool | None = None) -> bool:
     if rgb is None:
         return image.ndim == 3 and image.shape[-1] in (3, 4) and min(image.shape[:2]) > 4
     if rgb and image.shape[-1] not in (3, 4):
-        raise OpenSegError(f"an RGB image needs 3 or 4 channels on its last axis, got shape {image.shape}")
+        raise OpenSegError(
+            f"an RGB image needs 3 or 4 channels on its last axis, got shape {image.shape} "
+            "(array order, channels last)"
+        )
     return bool(rgb)
 
 

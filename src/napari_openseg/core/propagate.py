@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import OpenSegError
+from .axes import shape_text
 from .confidence import combine, consistency, draw_measures
 from .engine import ENCODED_SUPPORT_BUDGET, encode_tensors, prepare_network, probabilities
 from .ensemble import combine_members
@@ -319,7 +320,7 @@ def iter_propagate(
     image = check_image(image, rgb)
     if image.ndim != 3:
         raise OpenSegError(
-            f"propagation needs a volume or a stack of 2D images (Z H W), got shape {image.shape}; "
+            f"propagation needs a volume or a stack of 2D images (Z H W), got shape {shape_text(image.shape)}; "
             "use segmentation from a support set for a single image"
         )
     prompt = check_labels(prompt, image.shape)

@@ -34,6 +34,7 @@ from .. import __version__
 from ..errors import OpenSegError
 from ..file_limits import MAX_SUPPORT_EXPANSION, read_npz
 from ..io import atomic_path
+from .axes import axis_text, shape_text
 from .preprocess import colour_channels, normalize_intensity, to_single_channel
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,7 @@ class SupportSet:
         path = Path(path)
         if not path.is_file():
             raise OpenSegError(f"{path}: no such support-set file")
+        _check_is_archive(path)
         try:
             found = read_npz(path, [METADATA_KEY], MAX_SUPPORT_EXPANSION, SUPPORT_FILE)
             if METADATA_KEY not in found or found[METADATA_KEY].dtype.kind != "U":
@@ -202,6 +204,30 @@ class SupportSet:
                 "it may be damaged or of another kind"
             ) from err
         return cls(entries=entries, metadata=dict(metadata))
+
+
+#: First bytes of a zip archive (what an ``.npz`` is): a local file header, or an empty archive.
+ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _check_is_archive(path: Path) -> None:
+    """Refuse a file that is not a zip archive before numpy reads it (numpy would call an image file
+    pickled data, and suggest loading it unsafely)."""
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    if start in ZIP_MAGIC:
+        return
+    name = path.name.lower()
+    if name.endswith((".nii", ".nii.gz")) or start[:2] == b"\x1f\x8b":
+        kind = "a NIfTI image" if name.endswith((".nii", ".nii.gz")) else "a gzip file"
+    elif start == b"\x93NUM":
+        kind = "a single numpy array (.npy)"
+    else:
+        kind = "another kind of file"
+    raise OpenSegError(
+        f"{path} is {kind}, not a support-set file: support sets are .npz files written by "
+        "`openseg support build` (from an image and its labels) or by the Support set widget's Save"
+    )
 
 
 def _check_format(meta: dict, path: Path) -> None:
@@ -285,7 +311,7 @@ def check_labels(labels: np.ndarray, shape: tuple[int, ...] | None = None) -> np
     labels = np.asarray(labels)
     if shape is not None and labels.shape != tuple(shape):
         raise OpenSegError(
-            f"labels of shape {labels.shape} do not match the image of shape {tuple(shape)}; "
+            f"labels of shape {shape_text(labels.shape)} do not match the image of shape {shape_text(shape)}; "
             "pick the labels layer painted on this image"
         )
     if labels.dtype == bool:
@@ -314,7 +340,7 @@ def check_image(image: np.ndarray, rgb: bool | None = None) -> np.ndarray:
     image = to_single_channel(image, rgb)
     if image.ndim not in (2, 3):
         raise OpenSegError(
-            f"expected a 2D image (H W) or a 3D volume (Z H W), got an array of shape {image.shape}; "
+            f"expected a 2D image (H W) or a 3D volume (Z H W), got an array of shape {shape_text(image.shape)}; "
             "split channels or time points into separate images first"
         )
     if image.size == 0:
@@ -373,7 +399,8 @@ def entries_from_arrays(
             raise OpenSegError("slice indices only apply to 3D volumes")
         bad = [i for i in slice_indices if not 0 <= int(i) < stack_img.shape[0]]
         if bad:
-            raise OpenSegError(f"slice index {bad[0]} is outside 0..{stack_img.shape[0] - 1}")
+            raise OpenSegError(f"slice index {bad[0]} is outside 0..{stack_img.shape[0] - 1} along "
+                               f"{axis_text(axis_used)}")
         indices = sorted({int(i) for i in slice_indices})
     present = set(np.unique(labels).tolist()) - {0}
     wanted = _wanted_values(present, label_values, background_label)
@@ -404,6 +431,35 @@ def entries_from_arrays(
                            "slices: paint some background with it (strokes are enough)")
     log.info("built %d support entries from %s", len(entries), source)
     return entries
+
+
+def painted_across(labels: np.ndarray, axis: int, index: int, values: Iterable[int]) -> tuple[int, int, list[int]] | None:
+    """Whether slice ``index`` along ``axis`` of a ``"Z H W"`` labels volume only cuts across slices
+    painted along another axis (a transposed view): ``(value, other_axis, painted_slices)`` for the
+    first such label value, else ``None``.
+
+    A value is painted across when, in this slice, its voxels lie on lines one voxel wide, none next
+    to another, along one of the two other axes, while the slices of that axis through those lines
+    hold more of the value than the lines do (the painted planes). Such a "mask" is a cut through
+    the user's painting, not an example of the structure.
+    """
+    labels = np.asarray(labels)
+    axis = axis % labels.ndim
+    plane = np.take(labels, index, axis=axis)
+    others = [a for a in range(labels.ndim) if a != axis]
+    for value in values:
+        here = plane == value
+        count = int(here.sum())
+        if count == 0:
+            continue
+        for plane_axis, other in enumerate(others):
+            lines = np.flatnonzero(here.any(axis=1 - plane_axis))
+            if np.any(np.diff(lines) == 1):
+                continue  # neighbouring lines: an area painted in this plane, not a cut
+            across = int((np.take(labels, lines, axis=other) == value).sum())
+            if across > 2 * count:
+                return int(value), other, [int(i) for i in lines]
+    return None
 
 
 def _wanted_values(present: set[int], label_values: Sequence[int] | None, background: int | None) -> list[int]:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.axes import shape_text
 from ..core.preprocess import colour_channels, normalize_intensity, to_single_channel
 from ..core.support import SupportEntry, check_labels, entries_from_arrays
 from ..errors import OpenSegError
@@ -139,9 +140,9 @@ def read_case(folder: EvalFolder, name: str) -> Case:
                 raise OpenSegError(f"{mask_path}: a colour mask; masks must hold integer label values")
             labels = labels[..., 0]
         if image.ndim != 2:
-            raise OpenSegError(f"{image_path}: expected a 2D picture, got shape {image.shape}")
+            raise OpenSegError(f"{image_path}: expected a 2D picture, got shape {shape_text(image.shape)}")
     elif image.ndim != 3:
-        raise OpenSegError(f"{image_path}: expected a 3D volume, got shape {image.shape}")
+        raise OpenSegError(f"{image_path}: expected a 3D volume, got shape {shape_text(image.shape)}")
     labels = check_labels(labels, image.shape)
     return Case(name, image, labels, colour)
 

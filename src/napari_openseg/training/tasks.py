@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..core.axes import shape_text
 from ..core.preprocess import masks_to_grid, normalize_intensity, to_grid
 from ..errors import OpenSegError
 
@@ -102,7 +103,7 @@ def load_volume(spec: VolumeSpec) -> tuple[np.ndarray, np.ndarray]:
     image = read_image(spec.image).data
     labels = read_image(spec.labels).data
     if image.ndim != 3:
-        raise OpenSegError(f"{spec.image}: expected a 3D volume, got shape {image.shape}")
+        raise OpenSegError(f"{spec.image}: expected a 3D volume, got shape {shape_text(image.shape)}")
     labels = check_labels(np.asarray(labels), image.shape)
     return normalize_intensity(image), labels
 
