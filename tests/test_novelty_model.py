@@ -72,7 +72,7 @@ def test_prototype_guided_loss_matches_the_formula():
 def test_patches_depend_only_on_seed_and_step():
     image, labels = sphere_volume()
     settings = tiny_settings(roi_size=(32, 32, 64))
-    data, values = _prepare([image], [labels], settings)
+    data, values, _ = _prepare([image], [labels], settings)
     assert values == [0, 1, 2]
     transform = _transforms(settings, len(values))
     a = _batch(data, 3, transform, settings, 3, "cpu")
@@ -85,7 +85,7 @@ def test_padding_of_a_volume_smaller_than_the_patch_is_ignored_not_background():
     image, labels = sphere_volume()
     image, labels = image[:10, :20, :30], labels[:10, :20, :30]
     settings = tiny_settings(roi_size=(32, 32, 64))  # larger than the volume on every side
-    data, values = _prepare([image], [labels], settings)
+    data, values, _ = _prepare([image], [labels], settings)
     images, targets = _batch(data, 0, _transforms(settings, len(values)), settings, len(values), "cpu")
     assert targets.shape == (1, 32, 32, 64)
     assert int((targets != IGNORE).sum()) == labels.size  # the padded voxels take part in no loss

@@ -146,13 +146,21 @@ def test_robust_normalisation_ignores_outliers_and_the_outside_of_the_mask():
     assert np.all(robust_normalize(np.full(10, 3.0)) == 0)  # a constant map is not novel anywhere
 
 
-def test_fusion_is_the_mean_of_the_normalised_maps():
+def test_fusion_is_the_weighted_mean_of_the_normalised_maps():
     cosine = np.array([0.0, 1.0, 1.0, 0.2], np.float32)
     distance = np.array([0.0, 0.0, 1.0, 0.6], np.float32)
-    assert fuse(cosine, distance).tolist() == pytest.approx([0.0, 0.5, 1.0, 0.4])
-    assert fuse(cosine, distance, cosine_weight=1.0).tolist() == pytest.approx(cosine.tolist())
-    with pytest.raises(OpenSegError, match="cosine weight"):
-        fuse(cosine, distance, cosine_weight=2.0)
+    appearance = np.array([1.0, 0.0, 1.0, 0.0], np.float32)
+    assert fuse([cosine, distance], [0.5, 0.5]).tolist() == pytest.approx([0.0, 0.5, 1.0, 0.4])
+    assert fuse([cosine, distance], [1.0, 0.0]).tolist() == pytest.approx(cosine.tolist())
+    assert fuse([cosine, distance, appearance], [1, 1, 2]).tolist() == pytest.approx([0.5, 0.25, 1.0, 0.2])
+    # a map that is missing leaves with its weight: the others keep their proportions
+    assert fuse([cosine, distance, None], [1, 1, 8]).tolist() == pytest.approx([0.0, 0.5, 1.0, 0.4])
+    with pytest.raises(OpenSegError, match="not all 0"):
+        fuse([cosine, distance], [-1.0, 2.0])
+    with pytest.raises(OpenSegError, match="a weight of 0"):
+        fuse([cosine, None], [0.0, 1.0])
+    with pytest.raises(OpenSegError, match="2 maps but 3"):
+        fuse([cosine, distance], [1, 1, 1])
 
 
 def test_otsu_threshold_splits_two_groups():

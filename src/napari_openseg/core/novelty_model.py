@@ -136,8 +136,10 @@ def body_mask(image: np.ndarray, normalized: bool = False) -> np.ndarray:
     """Foreground ("inside the body") of a volume: above half its Otsu level, holes filled.
 
     Half the Otsu level keeps dark tissue (CSF) that Otsu alone would drop; filling holes keeps
-    cavities (ventricles, lungs) surrounded by tissue. ``normalized``: ``image`` is already
-    :func:`normalize_intensity`'s output (callers that need it anyway save a second pass).
+    cavities (ventricles, lungs) surrounded by tissue, in 3D and then in every slice along each axis:
+    a cavity that a volume cut open at its first or last slice is still inside the body in the slices
+    that enclose it. ``normalized``: ``image`` is already :func:`normalize_intensity`'s output
+    (callers that need it anyway save a second pass).
     """
     from scipy import ndimage
 
@@ -147,7 +149,13 @@ def body_mask(image: np.ndarray, normalized: bool = False) -> np.ndarray:
     mask = norm > 0.5 * otsu_threshold(norm)
     if not mask.any():
         return np.ones(norm.shape, bool)
-    return ndimage.binary_fill_holes(mask)
+    mask = ndimage.binary_fill_holes(mask)
+    if mask.ndim == 3:
+        for axis in range(3):
+            plane = np.zeros((3, 3, 3), bool)
+            plane[tuple(1 if a == axis else slice(None) for a in range(3))] = ndimage.generate_binary_structure(2, 1)
+            mask = ndimage.binary_fill_holes(mask, structure=plane)
+    return mask
 
 
 def working_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:

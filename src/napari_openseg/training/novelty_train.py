@@ -24,8 +24,10 @@ import numpy as np
 import torch
 
 from ..core.device import resolve_device
+from ..core.modality import intensity_signature, merge_signatures
 from ..core.novelty_model import (
     NoveltyModel,
+    body_mask,
     check_volume,
     class_indices,
     labels_to_working,
@@ -60,6 +62,7 @@ class NoveltyTrainSettings:
     roi_size: tuple[int, int, int] = (64, 64, 64)
     depths: tuple[int, ...] = (2, 2, 2, 2)
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
+    backbone: str = "swinunetr"
     downsample: int = 1
     flips: bool = False
     ignore_values: tuple[int, ...] = ()
@@ -79,7 +82,8 @@ class NoveltyTrainSettings:
 
         try:  # refuse a bad architecture before any data is read
             MedOpenSegConfig(feature_size=self.feature_size, embedding_dim=self.embedding_dim,
-                             roi_size=self.roi_size, depths=self.depths, num_heads=self.num_heads)
+                             roi_size=self.roi_size, depths=self.depths, num_heads=self.num_heads,
+                             backbone=self.backbone)
         except ValueError as err:
             raise OpenSegError(str(err)) from err
 
@@ -93,7 +97,8 @@ class TrainingResult:
     steps: int = 0
 
 
-def _prepare(images, labels, settings: NoveltyTrainSettings) -> tuple[list[dict], list[int]]:
+def _prepare(images, labels, settings: NoveltyTrainSettings) -> tuple[list[dict], list[int], list[float]]:
+    """Working-resolution volumes and class maps, the class values, and the volumes' intensity signature."""
     if len(images) != len(labels) or not images:
         raise OpenSegError(f"give one labels volume per image: got {len(images)} image(s) and {len(labels)} labels")
     if 0 in settings.ignore_values:
@@ -108,15 +113,17 @@ def _prepare(images, labels, settings: NoveltyTrainSettings) -> tuple[list[dict]
     values = sorted(set(present) | {0})
     if len(values) < 2:
         raise OpenSegError("the labels hold no known class besides background: paint at least one structure")
-    data = []
+    data, signatures = [], []
     for image, label in pairs:
-        vol = to_working(normalize_intensity(image), settings.downsample)[0, 0].numpy()
+        normalized = normalize_intensity(image)
+        signatures.append(intensity_signature(normalized, body_mask(normalized, normalized=True)))
+        vol = to_working(normalized, settings.downsample)[0, 0].numpy()
         small = labels_to_working(label, settings.downsample)
         classes = class_indices(small, values, IGNORE)
         for ignored in settings.ignore_values:
             classes[small == ignored] = IGNORE
         data.append({"image": vol, "classes": classes[None].astype(np.int64)})
-    return data, values
+    return data, values, merge_signatures(signatures)
 
 
 def _transforms(settings: NoveltyTrainSettings, num_classes: int):
@@ -178,11 +185,12 @@ def iter_train_novelty(
         if "training" not in state:
             raise OpenSegError(f"{checkpoint} holds a finished model, not a training checkpoint")
         saved = dict(state["training"]["settings"], epochs=settings.epochs)
+        saved.setdefault("backbone", "swinunetr")  # checkpoints from before the choice of backbone
         ignored = {k: v for k, v in _settings_dict(settings).items() if saved.get(k) != v}
         if ignored:
             log.warning("resuming %s with its stored settings; ignoring the new %s", checkpoint, ignored)
         settings = NoveltyTrainSettings(**saved)
-    data, values = _prepare(images, labels, settings)
+    data, values, signature = _prepare(images, labels, settings)
     k = len(values)
     if state is not None:
         model = model_from_payload(state, torch_device)
@@ -192,7 +200,8 @@ def iter_train_novelty(
         torch.manual_seed(settings.seed)
         config = MedOpenSegConfig(num_classes=k, feature_size=settings.feature_size,
                                   embedding_dim=settings.embedding_dim, roi_size=settings.roi_size,
-                                  depths=settings.depths, num_heads=settings.num_heads)
+                                  depths=settings.depths, num_heads=settings.num_heads,
+                                  backbone=settings.backbone)
         bank = PrototypeBank(values, settings.embedding_dim, settings.momentum)
         model = NoveltyModel(MedOpenSeg(config).to(torch_device), bank, values, settings.downsample)
     net = model.network.train()
@@ -208,7 +217,8 @@ def iter_train_novelty(
                            f"epoch(s) of {steps_per_epoch} steps; pass at least "
                            f"--epochs {math.ceil(start / steps_per_epoch)} to resume it")
     transform = _transforms(settings, k)
-    model.info = {"trained_steps": start, "settings": _settings_dict(settings), "class_values": values}
+    model.info = {"trained_steps": start, "settings": _settings_dict(settings), "class_values": values,
+                  "intensity_signature": signature}
     log.info("training %d classes %s on %d volume(s): %d steps on %s", k, values, len(data), total, torch_device)
     yield Progress(start, total, "training")
     began = time.perf_counter()
