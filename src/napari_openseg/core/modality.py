@@ -53,7 +53,9 @@ def signature_distance(a, b) -> float:
     """Mean absolute difference of two signatures (Wasserstein-1 on [0, 1])."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if a.shape != b.shape or a.shape != QUANTILES.shape:
-        raise OpenSegError(f"intensity signatures need {QUANTILES.size} quantiles, got {a.shape} and {b.shape}")
+        raise OpenSegError(
+            f"intensity signatures need {QUANTILES.size} quantiles, got {a.shape} and {b.shape}"
+        )
     return float(np.abs(a - b).mean())
 
 
@@ -67,7 +69,10 @@ def match_to(normalized: np.ndarray, own: list[float], reference: list[float]) -
 
 
 def check_intensities(
-    normalized: np.ndarray, mask: np.ndarray, reference: list[float] | None, mode: str = "auto",
+    normalized: np.ndarray,
+    mask: np.ndarray,
+    reference: list[float] | None,
+    mode: str = "auto",
     what: str = "the model's training volumes",
 ) -> tuple[np.ndarray, list[str]]:
     """Apply the policy of the module docstring: returns the intensities to use and notes for the user."""
@@ -85,6 +90,8 @@ def check_intensities(
             f"{REFUSE_ABOVE}): it is probably another modality or a very different scan. Train a model on "
             "volumes like this one, or map it anyway with intensity 'match' (or --intensity match)."
         )
-    note = (f"intensities matched to {what} (distance {distance:.2f}; above {SAME_BELOW} a volume is "
-            "matched before it is mapped)")
+    note = (
+        f"intensities matched to {what} (distance {distance:.2f}; above {SAME_BELOW} a volume is "
+        "matched before it is mapped)"
+    )
     return match_to(normalized, own, reference), [note]

@@ -31,7 +31,14 @@ import torch.nn.functional as F
 from ..errors import OpenSegError
 from .device import resolve_device
 from .modality import check_intensities
-from .novelty import APPEARANCE_SIGMA, DEFAULT_SIDE, DEFAULT_WEIGHTS, NoveltyMaps, maps_from_raw, score_channels
+from .novelty import (
+    APPEARANCE_SIGMA,
+    DEFAULT_SIDE,
+    DEFAULT_WEIGHTS,
+    NoveltyMaps,
+    maps_from_raw,
+    score_channels,
+)
 from .novelty_model import NoveltyModel, body_mask, check_volume, labels_to_working, to_working
 from .preprocess import normalize_intensity
 from .progress import Progress, run_to_end

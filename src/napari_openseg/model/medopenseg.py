@@ -92,9 +92,15 @@ class MedOpenSeg(nn.Module):
         if config.backbone == "unet":
             from monai.networks.nets import UNet
 
-            self.backbone = UNet(spatial_dims=3, in_channels=config.in_channels, out_channels=f,
-                                 channels=(f, 2 * f, 4 * f, 8 * f), strides=(2, 2, 2), num_res_units=1,
-                                 norm="instance")
+            self.backbone = UNet(
+                spatial_dims=3,
+                in_channels=config.in_channels,
+                out_channels=f,
+                channels=(f, 2 * f, 4 * f, 8 * f),
+                strides=(2, 2, 2),
+                num_res_units=1,
+                norm="instance",
+            )
             self.activation = nn.PReLU()
             self.seg_head = nn.Conv3d(f, config.num_classes, kernel_size=1)
         else:
