@@ -3,8 +3,9 @@
 Data: ``../shared/data/lgg_flair_volumes`` (50 FLAIR volumes, array order z, y, x = slices, 256, 256;
 label 1 = the FLAIR abnormality, the tumour). Research licence: evaluation only.
 
-* **Split** by a stable hash of the case id: ``u = int(sha256("lgg_flair_volumes:<case>")[:16], 16) / 2**64``;
-  ``u < 0.7`` train, ``u < 0.85`` val, else test (33 / 6 / 11 patients).
+* **Split**: the task bank's (:mod:`napari_openseg.training.taskbank`), a stable hash of the case id:
+  ``sha256("lgg_flair_volumes:<case>")`` mapped to [0, 1), below 0.7 train, below 0.85 val, else test
+  (33 / 6 / 11 patients).
 * **Inside the head**: :func:`~napari_openseg.core.novelty_model.body_mask` of the volume.
 * **What the user painted** (healthy tissue only; the tumour is never labelled): 1 = *scalp and
   skull*, head voxels within :data:`RING_PX` pixels of the head's outline in their slice; 2 = *inside
@@ -19,7 +20,6 @@ label 1 = the FLAIR abnormality, the tumour). Research licence: evaluation only.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +33,10 @@ CLASS_NAMES = {1: "scalp and skull", 2: "inside the skull"}
 
 
 def split_of(case: str) -> str:
-    """``"train"``, ``"val"`` or ``"test"`` from a stable hash of the case id."""
-    u = int(hashlib.sha256(f"{DATASET}:{case}".encode()).hexdigest()[:16], 16) / 2**64
-    return "train" if u < 0.7 else "val" if u < 0.85 else "test"
+    """``"train"``, ``"val"`` or ``"test"``: the task bank's split of this patient."""
+    from napari_openseg.training.taskbank import load_manifest
+
+    return load_manifest()[DATASET].split_of(case)
 
 
 def cases(data_dir: Path, split: str | None = None) -> list[str]:

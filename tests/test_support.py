@@ -151,7 +151,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(support_module.np, "savez_compressed", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OpenSegError, match=r"could not write .*set.npz \(disk full\); nothing was written"):
         support.save(tmp_path / "set.npz")
     assert os.listdir(tmp_path) == []
 

@@ -108,9 +108,14 @@ def run_train(args: argparse.Namespace) -> int:
     from ._progress import with_progress_bar
 
     out = Path(args.out)
-    check_writable(out, args.overwrite)
+    check_writable(out, args.overwrite, inputs=[*args.image, *args.labels])
     if len(args.image) != len(args.labels):
         raise OpenSegError(f"give one --labels per --image: got {len(args.image)} and {len(args.labels)}")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(out)
+    check_writable(checkpoint, overwrite=True, inputs=[*args.image, *args.labels])
+    if checkpoint.exists() and not (args.resume or args.overwrite):
+        raise OpenSegError(f"checkpoint {checkpoint} exists: pass --resume to continue it, or --overwrite to "
+                           "start again from scratch")
     images = [read_image(p).data for p in args.image]
     labels = [read_image(p).data for p in args.labels]
     given = {field: getattr(args, option) for option, field in TRAIN_OPTIONS.items()
@@ -118,10 +123,6 @@ def run_train(args: argparse.Namespace) -> int:
     if given.get("max_steps") == 0:
         given["max_steps"] = None
     settings = NoveltyTrainSettings(ignore_values=tuple(args.ignore_label), flips=args.flips, seed=args.seed, **given)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(out)
-    if checkpoint.exists() and not (args.resume or args.overwrite):
-        raise OpenSegError(f"checkpoint {checkpoint} exists: pass --resume to continue it, or --overwrite to "
-                           "start again from scratch")
     result = with_progress_bar(
         iter_train_novelty(images, labels, settings, checkpoint=checkpoint, resume=args.resume, device=args.device),
         "novelty train",
@@ -134,13 +135,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_seed(args: argparse.Namespace) -> int:
     from ..core.novelty_map import unknown_seed_embeddings
-    from ..core.novelty_model import NoveltyModel
+    from ..core.novelty_model import NoveltyModel, check_seed
     from ..io import check_writable, read_image
 
-    check_writable(args.out, args.overwrite)
-    model = NoveltyModel.load(args.model)
+    check_writable(args.out, args.overwrite, inputs=[args.model, args.image, args.mask])
     image = read_image(args.image)
     mask = read_image(args.mask).data != 0
+    check_seed(image.data, mask)  # before the model is loaded
+    model = NoveltyModel.load(args.model)
     model.bank.seed_unknown(unknown_seed_embeddings(image.data, mask, model, args.device),
                             f"one painted instance in {Path(args.mask).name}")
     model.save(args.out, overwrite=args.overwrite)
@@ -178,14 +180,15 @@ def run_map(args: argparse.Namespace) -> int:
     from ..core.inference import load_support
     from ..core.novelty_free import iter_training_free_novelty
     from ..core.novelty_map import iter_novelty_map
-    from ..core.novelty_model import NoveltyModel
+    from ..core.novelty_model import NoveltyModel, check_mask, check_seed
     from ..errors import OpenSegError
     from ..io import check_writable, read_image, write_image
     from ._progress import with_progress_bar
 
     out = Path(args.out) if args.out else default_out(Path(args.image))
-    check_writable(out, args.overwrite, image=True)
-    check_writable(region_path(out), args.overwrite, image=True)
+    inputs = [p for p in (args.model, args.support, args.image, args.mask, args.seed_mask, args.seed_image) if p]
+    check_writable(out, args.overwrite, image=True, inputs=inputs)
+    check_writable(region_path(out), args.overwrite, image=True, inputs=inputs)
     side = None if args.novel_when == "unlike-every-class" else args.novel_when
     extra = {}
     if args.scores_out:
@@ -196,7 +199,7 @@ def run_map(args: argparse.Namespace) -> int:
             raise OpenSegError(f"scores folder {folder} does not exist")
         extra = score_paths(out, folder)
         for path in extra.values():
-            check_writable(path, args.overwrite, image=True)
+            check_writable(path, args.overwrite, image=True, inputs=inputs)
     if args.model and (args.seed_mask or args.seed_image):
         raise OpenSegError("--seed-mask is for --support; seed a trained model with `openseg novelty seed`")
     if args.seed_image and not args.seed_mask:
@@ -209,11 +212,11 @@ def run_map(args: argparse.Namespace) -> int:
     if args.support and args.adapt_unknown and not args.seed_mask:
         raise OpenSegError("--adapt-unknown with --support needs --seed-mask (one unseen structure painted)")
     image = read_image(args.image)
-    mask = read_image(args.mask).data != 0 if args.mask else None
+    mask = check_mask(read_image(args.mask).data != 0, image.data.shape) if args.mask else None
     seed = None
-    if args.seed_mask:
+    if args.seed_mask:  # shapes checked before a model is loaded or a support set encoded
         seed_image = read_image(args.seed_image).data if args.seed_image else image.data
-        seed = (seed_image, read_image(args.seed_mask).data != 0)
+        seed = check_seed(seed_image, read_image(args.seed_mask).data != 0)
     if args.model:
         model = NoveltyModel.load(args.model)
         if args.adapt_unknown and not args.no_unknown and model.bank.unknown is None:

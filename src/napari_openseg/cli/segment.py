@@ -74,10 +74,11 @@ def run(args: argparse.Namespace) -> int:
         raise OpenSegError(f"--axis must be 0, 1 or 2 (or -1..-3), got {args.axis}")
     support = SupportSet.load(args.support)
     outputs = output_paths(args)
+    inputs = [*args.images, args.support]
     for path in outputs:  # refuse before any work is done
-        check_writable(path, args.overwrite, image=True)
+        check_writable(path, args.overwrite, image=True, inputs=inputs)
         if args.probabilities:
-            check_writable(probability_path(path), args.overwrite, image=True)
+            check_writable(probability_path(path), args.overwrite, image=True, inputs=inputs)
     for image_path, out_path in zip(args.images, outputs):
         image = read_image(image_path)
         result = with_progress_bar(

@@ -31,7 +31,7 @@ def run_build(args: argparse.Namespace) -> int:
 
     if len(args.image) != len(args.labels):
         raise OpenSegError(f"give one --labels per --image ({len(args.image)} images, {len(args.labels)} labels)")
-    check_writable(args.out, args.overwrite)
+    check_writable(args.out, args.overwrite, inputs=[*args.image, *args.labels])
     support = SupportSet(metadata={"axis": args.axis})
     wanted = None if args.label_values is None else sorted(set(args.label_values))
     found: set[int] = set()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 
 
@@ -37,6 +36,14 @@ def register(subparsers) -> None:
                         help="share of episodes from real tasks (default 0.3; 0 = synthetic only)")
     parser.add_argument("--real-families", nargs="*", default=["hippocampus"],
                         help="real task families to train on (train split; default hippocampus)")
+    parser.add_argument("--task-bank", choices=("permissive", "all"),
+                        help="real tasks from the task bank (training/task_bank.json) instead of "
+                             "--real-families: the train split of every permissive set (weights that may be "
+                             "bundled), or of every set ('all': research weights, never bundled); validation "
+                             "covers every set's val split")
+    parser.add_argument("--task-sampling", choices=("task", "family"), default="task",
+                        help="draw a real episode's task uniformly over tasks, or over families first "
+                             "(no set with many labels dominates; default task)")
     parser.add_argument("--empty-fraction", type=float, default=0.0,
                         help="share of real-task episodes whose query lacks the label (default 0)")
     parser.add_argument("--bce-weight", type=float, default=0.0,
@@ -61,15 +68,16 @@ def config_from_args(args: argparse.Namespace):
 
     episodes = EpisodeConfig(
         batch_size=args.batch_size, support_min=args.support_min, support_max=args.support_max,
-        support_sampling=args.support_sampling, real_fraction=args.real_fraction, empty_fraction=args.empty_fraction, in_task_augment=not args.no_in_task_augment,
-        task_augment=not args.no_task_augment,
+        support_sampling=args.support_sampling, real_fraction=args.real_fraction,
+        empty_fraction=args.empty_fraction, in_task_augment=not args.no_in_task_augment,
+        task_augment=not args.no_task_augment, task_sampling=args.task_sampling,
     )
     # steps=0 on --resume means "as stored in the checkpoint".
     steps = args.steps if args.steps else (0 if args.resume else 20000)
     return TrainConfig(
         steps=steps, widths=tuple(args.widths), grid=args.grid, lr=args.lr, warmup=args.warmup,
         decay_start=args.decay_start, bce_weight=args.bce_weight,
-        seed=args.seed, episodes=episodes, real_families=tuple(args.real_families),
+        seed=args.seed, episodes=episodes, real_families=tuple(args.real_families), task_bank=args.task_bank,
         init_weights=args.init_weights, val_every=args.val_every, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
     )
@@ -101,30 +109,26 @@ def check_options(args: argparse.Namespace) -> None:
         raise OpenSegError(f"{args.out_dir} is a file; the run folder must be a folder")
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..training.splits import shared_data_dir
     from ..training.trainer import iter_train
+    from . import Terminated
 
     check_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # `kill PID` checkpoints and stops like Ctrl-C does.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # `kill PID` checkpoints and stops like Ctrl-C does (cli.main turns SIGTERM into an interrupt).
     config = config_from_args(args)
     generator = iter_train(config, args.out_dir, resume=args.resume, device=args.device,
                            data_dir=shared_data_dir(), stop_after=args.stop_after, workers=args.workers)
     try:
         for progress in generator:
             _print(progress.payload)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print(f"stopped; the checkpoint in {args.out_dir} is saved: continue with --resume", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, Terminated) else 130
     print(f"run folder {args.out_dir}: checkpoint.pt, weights.pt, best.pt, log.jsonl")
     return 0
 

@@ -161,7 +161,7 @@ class _EnsemblePredictor:
 
 def iter_segment(
     image: np.ndarray,
-    support: SupportSet,
+    support: SupportSet | str | Path,
     model=None,
     *,
     axis: int = 0,
@@ -203,6 +203,7 @@ def iter_segment(
     from ..model.universeg import UniverSeg
 
     image = check_image(image, rgb)
+    support = load_support(support)
     if support_size < 1 or ensemble < 1:
         raise OpenSegError(f"support size and ensemble must be >= 1, got S={support_size}, K={ensemble}")
     if batch_size is not None and batch_size < 1:
@@ -257,4 +258,8 @@ def segment(image: np.ndarray, support: SupportSet, model=None, **kwargs) -> Seg
 
 def load_support(support: SupportSet | str | Path) -> SupportSet:
     """A support set, or the one stored in a file."""
-    return support if isinstance(support, SupportSet) else SupportSet.load(support)
+    if isinstance(support, SupportSet):
+        return support
+    if isinstance(support, (str, Path)):
+        return SupportSet.load(support)
+    raise OpenSegError(f"support must be a SupportSet or the path of a support-set file, got {type(support).__name__}")

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import OpenSegError
 from .device import resolve_device
-from .inference import auto_batch_size, label_dtype, support_tensors
+from .inference import auto_batch_size, label_dtype, load_support, support_tensors
 from .novelty import (
     APPEARANCE_SIGMA,
     DEFAULT_SIDE,
@@ -39,7 +39,7 @@ from .novelty import (
     score_channels,
 )
 from .novelty_map import ADAPT_STRIDE
-from .novelty_model import body_mask, check_volume
+from .novelty_model import body_mask, check_mask, check_seed, check_volume
 from .preprocess import from_grid, masks_to_grid, normalize_intensity, to_grid
 from .progress import Progress, run_to_end
 from .prototypes import DEFAULT_MOMENTUM, PrototypeBank
@@ -160,10 +160,7 @@ def _slices(volume: np.ndarray, axis: int) -> np.ndarray:
 def seed_unknown_from(embedder: InContextEmbedder, bank: PrototypeBank, image: np.ndarray,
                       seed_mask: np.ndarray, axis: int = 0) -> None:
     """Seed ``bank``'s unknown prototype from one painted instance (``seed_mask``) in ``image``."""
-    image = check_volume(image)
-    seed_mask = np.asarray(seed_mask, bool)
-    if seed_mask.shape != image.shape or not seed_mask.any():
-        raise OpenSegError("the unknown seed must be a non-empty mask of the seed image's shape")
+    image, seed_mask = check_seed(image, seed_mask)
     stack, masks = _slices(normalize_intensity(image), axis), _slices(seed_mask, axis)
     found = []
     for index in np.flatnonzero(masks.any(axis=(1, 2))):
@@ -213,10 +210,12 @@ def iter_training_free_novelty(
     Yields progress per batch of slices; returns :class:`~napari_openseg.core.novelty.NoveltyMaps`.
     """
     image = check_volume(image)
+    support = load_support(support)
+    mask = check_mask(mask, image.shape)
+    if unknown_seed is not None:  # checked before the support set is encoded
+        unknown_seed = check_seed(*unknown_seed)
     normalized = normalize_intensity(image)
-    mask = body_mask(normalized, normalized=True) if mask is None else np.asarray(mask, bool)
-    if mask.shape != image.shape:
-        raise OpenSegError(f"mask of shape {mask.shape} does not match the volume of shape {image.shape}")
+    mask = body_mask(normalized, normalized=True) if mask is None else mask
     if adapt_unknown and unknown_seed is None:
         raise OpenSegError("adapting the unknown prototype needs an unknown seed: paint one unseen structure")
     if support_size < 1 or adapt_unknown < 0 or (batch_size is not None and batch_size < 1):

@@ -178,6 +178,17 @@ def _default_values(prompt_stack: np.ndarray, label_values: Sequence[int] | None
     return values
 
 
+def _blank_slices(stack: np.ndarray) -> list[int]:
+    """Slices of ``"N H W"`` with no finite value (NaN padding): nothing can be drawn on them."""
+    if stack.dtype.kind != "f":
+        return []
+    blank = [s for s in range(stack.shape[0]) if not np.isfinite(stack[s]).any()]
+    if blank:
+        log.warning("%d slice(s) hold no finite values (%s); no object is drawn on them", len(blank),
+                    ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else ""))
+    return blank
+
+
 def _encoded_support(net, bank: MemoryBank, indices: np.ndarray, keep: bool = True):
     """The first block's support terms of the draws ``indices "K S"``.
 
@@ -338,6 +349,7 @@ def iter_propagate(
     n_slices = stack.shape[0]
     complete = _check_slices(complete_slices, n_slices, "complete")
     values = _default_values(prompt_stack, label_values)
+    blank = _blank_slices(np.moveaxis(image, axis, 0))
     banks = {v: MemoryBank(bank_size, policy, floor, temperature=temperature) for v in values}
 
     torch_device = resolve_device(device)
@@ -364,7 +376,8 @@ def iter_propagate(
             labels[s][painted[s]] = value
             best[s][painted[s]] = PAINTED
         prompt_area[value] = float(painted[pinned[value]].sum()) / len(pinned[value])
-        blocked = set(pinned[value]) | {s for s in complete if s not in pinned[value]}
+        # a blank slice (no finite value) holds no object: fronts end there, as at a complete slice
+        blocked = set(pinned[value]) | {s for s in complete + blank if s not in pinned[value]}
         if unordered:
             remaining[value] = [s for s in range(n_slices) if s not in blocked]
         else:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import zipfile
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -25,6 +23,7 @@ import numpy as np
 
 from .. import __version__
 from ..errors import OpenSegError
+from ..file_limits import MAX_SUPPORT_EXPANSION, read_npz
 from ..io import atomic_path
 from .preprocess import normalize_intensity, to_single_channel
 
@@ -33,6 +32,7 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "napari-openseg support set"
 FORMAT_VERSION = 1
 METADATA_KEY = "openseg_support"
+SUPPORT_FILE = "napari-openseg support-set file"
 
 
 @dataclass
@@ -143,26 +143,33 @@ class SupportSet:
 
     @classmethod
     def load(cls, path: str | Path) -> SupportSet:
-        """Read a file written by :meth:`save`; foreign or damaged files raise ``OpenSegError``."""
+        """Read a file written by :meth:`save`; foreign or damaged files raise ``OpenSegError``.
+
+        Sizes are checked before arrays are read (:func:`~napari_openseg.file_limits.read_npz`): a
+        damaged or crafted file is refused without the memory it declares being allocated.
+        """
         path = Path(path)
         if not path.is_file():
             raise OpenSegError(f"{path}: no such support-set file")
         try:
-            with np.load(path, allow_pickle=False) as archive:
-                if METADATA_KEY not in archive.files:
-                    raise OpenSegError(f"{path} is not a napari-openseg support-set file")
-                meta = json.loads(str(archive[METADATA_KEY]))
-                _check_format(meta, path)
-                entries = [
-                    _entry_from_file(archive, i, info, path) for i, info in enumerate(meta["entries"])
-                ]
-                metadata = meta.get("metadata", {})
-                if not isinstance(metadata, dict):
-                    raise OpenSegError(f"{path}: its metadata is not a mapping; the file may be damaged")
+            found = read_npz(path, [METADATA_KEY], MAX_SUPPORT_EXPANSION, SUPPORT_FILE)
+            if METADATA_KEY not in found or found[METADATA_KEY].dtype.kind != "U":
+                raise OpenSegError(f"{path} is not a napari-openseg support-set file")
+            meta = json.loads(str(found[METADATA_KEY]))
+            _check_format(meta, path)
+            infos = meta.get("entries")
+            if not isinstance(infos, list) or not all(isinstance(info, dict) for info in infos):
+                raise OpenSegError(f"{path}: its list of entries is damaged")
+            names = [f"{kind}_{i}" for i in range(len(infos)) for kind in ("image", "mask")]
+            arrays = read_npz(path, names, MAX_SUPPORT_EXPANSION, SUPPORT_FILE)
+            entries = [_entry_from_file(arrays, i, info, path) for i, info in enumerate(infos)]
+            metadata = meta.get("metadata", {})
+            if not isinstance(metadata, dict):
+                raise OpenSegError(f"{path}: its metadata is not a mapping; the file may be damaged")
         except OpenSegError:
             raise
-        except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile, zlib.error) as err:
-            # json.JSONDecodeError is a ValueError; zlib.error comes from a damaged compressed array
+        except (ValueError, KeyError, TypeError, OverflowError) as err:
+            # json.JSONDecodeError is a ValueError
             raise OpenSegError(
                 f"{path} is not a readable napari-openseg support-set file ({err}); "
                 "it may be damaged or of another kind"
@@ -183,32 +190,44 @@ def _check_format(meta: dict, path: Path) -> None:
         )
 
 
-def _entry_from_file(archive, index: int, info: dict, path: Path) -> SupportEntry:
-    image = np.asarray(archive[f"image_{index}"], dtype=np.float32)
-    mask = np.asarray(archive[f"mask_{index}"]).astype(bool)
-    label = int(info["label"])
-    problem = _entry_problem(image, mask, label)
+def _entry_from_file(arrays: dict[str, np.ndarray], index: int, info: dict, path: Path) -> SupportEntry:
+    image, mask = arrays.get(f"image_{index}"), arrays.get(f"mask_{index}")
+    if image is None or mask is None:
+        raise OpenSegError(f"{path}: entry {index} has no image or mask array; the file is damaged")
+    problem = _entry_problem(image, mask, info.get("label"))
+    if problem is None and mask.dtype != bool and not np.isin(mask, (0, 1)).all():
+        problem = f"has a mask of {mask.dtype} values other than 0 and 1"
     if problem:
         raise OpenSegError(f"{path}: entry {index} {problem}; the file may be damaged")
     return SupportEntry(
-        image=image,
-        mask=mask,
-        label=label,
+        image=image.astype(np.float32, copy=False),
+        mask=mask.astype(bool, copy=False),
+        label=int(info["label"]),
         source=str(info.get("source", "image")),
         slice_index=info.get("slice_index"),
         axis=info.get("axis"),
     )
 
 
-def _entry_problem(image: np.ndarray, mask: np.ndarray, label: int) -> str | None:
+def _entry_problem(image: np.ndarray, mask: np.ndarray, label) -> str | None:
     """What makes an entry unusable (the same rules on saving, loading and segmenting), or None."""
     image, mask = np.asarray(image), np.asarray(mask)
     if image.ndim != 2 or image.shape != mask.shape:
         return f"has image {image.shape} and mask {mask.shape}"
+    if image.size == 0:
+        return f"is empty (shape {image.shape})"
+    if image.dtype.kind not in "biuf":
+        return f"has an image of {image.dtype} values; support images are real numbers in [0, 1]"
+    if mask.dtype.kind not in "biuf":
+        return f"has a mask of {mask.dtype} values"
     if not np.all(np.isfinite(image)):
         return "has an image that holds NaN or infinite values"
-    if int(label) < 1:
-        return f"has label value {label}; task labels are positive"
+    low, high = float(image.min()), float(image.max())
+    if low < 0.0 or high > 1.0:
+        return (f"has image values from {low:g} to {high:g}; support images are normalised to [0, 1] "
+                "(build entries with entries_from_arrays)")
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 1 <= int(label) < 2**63:
+        return f"has label value {label!r}; task labels are positive whole numbers below 2**63"
     return None
 
 
@@ -242,6 +261,8 @@ def check_labels(labels: np.ndarray, shape: tuple[int, ...] | None = None) -> np
                 "labels must hold whole-number label values; this array has fractional values "
                 "(is it a probability map or an image?)"
             )
+        if labels.size and labels.max() >= 2.0**63:  # the cast below would wrap them to negatives
+            raise OpenSegError(f"label value {labels.max():.0f} is beyond 64-bit labels; renumber the labels")
         labels = labels.astype(np.int64)
     if labels.size and labels.min() < 0:
         raise OpenSegError("label values must be 0 (background) or positive")
@@ -250,15 +271,29 @@ def check_labels(labels: np.ndarray, shape: tuple[int, ...] | None = None) -> np
 
 def check_image(image: np.ndarray, rgb: bool | None = None) -> np.ndarray:
     """A single-channel 2D or 3D array, or an ``OpenSegError`` that says what was expected."""
-    image = to_single_channel(np.asarray(image), rgb)
+    image = np.asarray(image)
+    if image.dtype.kind not in "biuf":
+        raise OpenSegError(f"images must hold real-valued numbers, got {image.dtype} values")
+    image = to_single_channel(image, rgb)
     if image.ndim not in (2, 3):
         raise OpenSegError(
             f"expected a 2D image (H W) or a 3D volume (Z H W), got an array of shape {image.shape}; "
             "split channels or time points into separate images first"
         )
-    if np.issubdtype(image.dtype, np.complexfloating) or image.dtype == object:
-        raise OpenSegError(f"images must be real-valued, got dtype {image.dtype}")
+    if image.size == 0:
+        raise OpenSegError(f"the image is empty (shape {image.shape}): it has no voxels to segment")
+    if not has_finite_values(image):
+        raise OpenSegError("the image holds no finite values (all NaN or infinite): there is nothing to segment")
     return image
+
+
+def has_finite_values(image: np.ndarray) -> bool:
+    """Whether any value is finite; read a slab at a time (a volume-sized mask is not needed)."""
+    if image.dtype.kind != "f":
+        return True
+    slabs = image.reshape(image.shape[0], -1) if image.ndim else image.reshape(1, 1)
+    step = max(1, (1 << 24) // max(1, slabs.shape[1]))
+    return any(np.isfinite(slabs[i : i + step]).any() for i in range(0, slabs.shape[0], step))
 
 
 def entries_from_arrays(
