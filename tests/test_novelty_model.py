@@ -200,6 +200,25 @@ def test_the_unet_backbone_has_the_same_heads_and_checks_its_divisor():
     assert MedOpenSegConfig().backbone == "swinunetr"  # model files written before the choice load as before
 
 
+def test_a_unet_model_file_loads_and_an_unknown_backbone_is_refused(tmp_path):
+    from napari_openseg.core.prototypes import PrototypeBank
+
+    torch.manual_seed(0)
+    config = MedOpenSegConfig(num_classes=2, embedding_dim=4, roi_size=(8, 16, 16), backbone="unet", feature_size=4)
+    bank = PrototypeBank([0, 1], 4)
+    bank.set_from_means(torch.randn(2, 4), torch.arange(2))
+    path = NoveltyModel(MedOpenSeg(config).eval(), bank, [0, 1], 2).save(tmp_path / "unet.pt")
+    loaded = NoveltyModel.load(path)  # the file's architecture names its backbone, a string among numbers
+    assert loaded.config.backbone == "unet" and loaded.downsample == 2
+    for key, value in loaded.network.state_dict().items():
+        assert torch.equal(value, NoveltyModel.load(path).network.state_dict()[key])
+    content = torch.load(path, weights_only=True)
+    content["config"]["backbone"] = "resnet"
+    torch.save(content, tmp_path / "resnet.pt")
+    with pytest.raises(OpenSegError, match="backbone is 'resnet', not one of"):
+        NoveltyModel.load(tmp_path / "resnet.pt")
+
+
 def test_max_steps_ends_a_run_early_and_a_resume_may_raise_it(tmp_path):
     image, labels = sphere_volume()
     settings = tiny_settings(epochs=5, max_steps=2)

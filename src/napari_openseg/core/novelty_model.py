@@ -115,16 +115,22 @@ ARCHITECTURE_BOUNDS = {"num_classes": 1024, "feature_size": 96, "embedding_dim":
 
 def _architecture(config) -> MedOpenSegConfig:
     """The file's architecture, its fields checked for type and bounds (nothing is built)."""
-    from ..model.medopenseg import MedOpenSegConfig
+    from ..model.medopenseg import DIVISORS, MedOpenSegConfig
 
     if not isinstance(config, dict):
         raise OpenSegError(f"the model file's architecture is a {type(config).__name__}, not a mapping; "
                            "the file is damaged")
-    unknown = sorted(set(config) - set(ARCHITECTURE_BOUNDS))
+    unknown = sorted(set(config) - set(ARCHITECTURE_BOUNDS) - {"backbone"})
     if unknown:
         raise OpenSegError(f"the model file's architecture has unknown fields {unknown}; upgrade napari-openseg")
+    backbone = config.get("backbone", "swinunetr")
+    if backbone not in DIVISORS:
+        raise OpenSegError(f"the model file's backbone is {backbone!r}, not one of {', '.join(DIVISORS)}; "
+                           "upgrade napari-openseg or retrain the model")
     whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
     for key, value in config.items():
+        if key == "backbone":
+            continue
         numbers = value if isinstance(value, (list, tuple)) else [value]
         if not numbers or not all(whole(v) for v in numbers):
             raise OpenSegError(f"the model file's {key} is {value!r}, not whole numbers; the file is damaged")
