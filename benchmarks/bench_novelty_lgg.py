@@ -5,7 +5,8 @@
 * ``lgg-maps --split S``: raw score channels and known classes of every patient of split ``S``, for
   both embeddings (cached in ``--out-dir``/lgg_maps, with the seconds each map took);
 * ``lgg-score --split S``: AUROC per patient of every map, fused and alone, for both embeddings and
-  their fusion, beside the plain intensity; ``--grid`` also tries other appearance sides, smoothings
+  their fusion, beside the plain intensity and the intensity smoothed like the appearance map (the
+  simple baselines); ``--grid`` also tries other appearance sides, smoothings
   and fusion weights (on the validation split, to choose the defaults).
 """
 
@@ -155,11 +156,14 @@ def _auroc(score, positive, negative, sample) -> float:
 
 
 def score(args) -> None:
+    from scipy import ndimage
+
     from napari_openseg.core.novelty import APPEARANCE_SIGMA, DEFAULT_SIDE, DEFAULT_WEIGHTS, fuse
     from napari_openseg.core.preprocess import normalize_intensity
 
     chosen = lgg.cases(args.data, args.split)[: args.limit or None]
-    sides, sigmas, weight_grid = (DEFAULT_SIDE,), (APPEARANCE_SIGMA,), [DEFAULT_WEIGHTS]
+    # the default fusion, and the paper's (cosine and distance only) beside it
+    sides, sigmas, weight_grid = (DEFAULT_SIDE,), (APPEARANCE_SIGMA,), [DEFAULT_WEIGHTS, (0.5, 0.5, 0.0)]
     if args.grid:
         sides, sigmas = ("brighter", "either", "darker"), (0.0, 1.0, 2.0, 4.0)
         weight_grid = [
@@ -194,6 +198,10 @@ def score(args) -> None:
             picked = rng.choice(candidates, min(GRID_SAMPLE, candidates.size), replace=False)
             sample = (picked, positive.ravel()[picked])
         singles.setdefault("intensity", []).append(_auroc(normalized, positive, negative, sample))
+        smoothed = ndimage.gaussian_filter(normalized, APPEARANCE_SIGMA)
+        singles.setdefault(f"intensity smoothed {APPEARANCE_SIGMA:g}", []).append(
+            _auroc(smoothed, positive, negative, sample)
+        )
         fused: dict[tuple, dict[str, np.ndarray]] = {}
         for source, data in stored.items():
             seconds.setdefault(source, []).append(float(data["wall_s"]))
