@@ -52,7 +52,7 @@ def test_map_writes_fused_scores_and_segmentation_with_the_input_affine(model_fi
     out = files / "novelty.nii.gz"
     assert main(["novelty", "map", "--model", str(model_file), "--image", str(files / "vol.nii.gz"),
                  "--out", str(out), "--scores-out", str(scores), "--device", "cpu"]) == 0
-    assert "adaptive threshold" in capsys.readouterr().out
+    assert "automatic threshold" in capsys.readouterr().out
     kinds = ("cosine", "distance", "appearance", "segmentation")
     for path in (out, files / "novelty_novel_region.nii.gz", *(scores / f"novelty_{k}.nii.gz" for k in kinds)):
         assert np.allclose(nib.load(str(path)).affine, AFFINE), path
