@@ -1,6 +1,6 @@
 """The background job behind the segmentation widget: several query images, one support set.
 
-It only sequences core calls (:func:`~napari_openseg.core.inference.iter_segment` per image) and
+It only sequences core calls (one engine, :func:`~napari_openseg.core.inference.iter_segment_with` per image) and
 re-counts their progress in slices across all images; no Qt, no layers.
 """
 
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_openseg.core.inference import SegmentationResult, iter_segment
+from napari_openseg.core.engine import Engine
+from napari_openseg.core.inference import SegmentationResult, iter_segment_with
 from napari_openseg.core.progress import Progress
 from napari_openseg.core.support import SupportSet
 
@@ -41,24 +42,24 @@ def iter_segment_queries(
     weights,
     **options,
 ) -> Generator[Progress, None, list[SegmentationResult]]:
-    """Segment every query with the same support set and weights (loaded here, lazily).
+    """Segment every query with the same support set and weights (loaded here, lazily): one
+    :class:`~napari_openseg.core.engine.Engine` fits the tasks once for all of them.
 
     Progress counts slices over all queries; each record's ``payload`` carries the core's batch
     (``start``, ``stop``, ``labels``) plus ``query``, the index of the image it belongs to.
-    ``options`` go to :func:`iter_segment` (device, support_size, ensemble, threshold, ...).
+    ``options`` go to the engine and :func:`iter_segment_with` (device, support_size, ensemble,
+    threshold, method, batch_size, keep_probabilities, ...).
     """
-    from napari_openseg.model.registry import load_model
-    from napari_openseg.model.universeg import UniverSeg
-
+    run_options = {k: options.pop(k) for k in ("batch_size", "keep_probabilities") if k in options}
     total = sum(query.n_slices for query in queries)
     yield Progress(0, total, "loading weights")
-    net = weights if isinstance(weights, UniverSeg) else load_model(weights, "cpu")
+    engine = Engine(support, weights, **options)
     results: list[SegmentationResult] = []
     done = 0
     with leave_a_core_free():
         for index, query in enumerate(queries):
             stage = query.name if len(queries) == 1 else f"{query.name} ({index + 1}/{len(queries)})"
-            steps = iter_segment(query.image, support, net, axis=query.axis, rgb=query.rgb, **options)
+            steps = iter_segment_with(engine, query.image, axis=query.axis, rgb=query.rgb, **run_options)
             while True:
                 try:
                     step = next(steps)
@@ -66,7 +67,8 @@ def iter_segment_queries(
                     results.append(stop.value)
                     break
                 payload = dict(step.payload, query=index) if step.payload else {}
-                yield Progress(done + step.done, total, stage, payload)
+                label = stage if step.stage == "segmenting" else f"{stage}: {step.stage}"
+                yield Progress(done + step.done, total, label, payload)
             done += query.n_slices
     return results
 

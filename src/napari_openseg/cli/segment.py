@@ -9,12 +9,17 @@ OUTPUT_SUFFIX = {"nifti": ".nii.gz", "tiff": ".tif", "npy": ".npy", "picture": "
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that runs the in-context network."""
+    """Options shared by every command that runs the segmentation engine."""
+    from ..core.engine import CHOICES, DEFAULT_METHOD, DEFAULT_SUPPORT_SIZE
+
     parser.add_argument("--weights", help="weights name (openseg-default, universeg-v1) or file path")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--support-size", type=int, default=16, help="S: entries per prediction")
+    parser.add_argument("--support-size", type=int, default=DEFAULT_SUPPORT_SIZE, help="S: entries per prediction")
     parser.add_argument("--ensemble", type=int, default=1, help="K: predictions combined per task (area-matched mean)")
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=CHOICES,
+                        help="auto (default: per task, the best cross-validated on the support set), network, "
+                             "pixel-classifier or stacked (filters and the network's probability)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the support subsets")
 
 
@@ -30,6 +35,7 @@ def register(subparsers) -> None:
     parser.add_argument("--threshold", type=float, default=0.5, help="background below this probability")
     parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
     parser.add_argument("--probabilities", action="store_true", help="also write <output>_prob (float32)")
+    parser.add_argument("--json", help="write each output's tasks, methods and expected Dice to this file")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     add_model_options(parser)
     parser.set_defaults(handler=run)
@@ -62,12 +68,15 @@ def probability_path(path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
     import numpy as np
 
-    from ..core.inference import iter_segment
+    from ..core.engine import Engine
+    from ..core.inference import iter_segment_with
     from ..core.support import SupportSet
     from ..errors import OpenSegError
-    from ..io import check_writable, read_image, write_image
+    from ..io import atomic_path, check_writable, read_image, write_image
     from ._progress import with_progress_bar
 
     if not -3 <= args.axis < 3:  # checked here: the core checks it per volume, after a 2D input's output
@@ -79,25 +88,17 @@ def run(args: argparse.Namespace) -> int:
         check_writable(path, args.overwrite, image=True, inputs=inputs)
         if args.probabilities:
             check_writable(probability_path(path), args.overwrite, image=True, inputs=inputs)
+    if args.json:
+        check_writable(args.json, args.overwrite, inputs=inputs)
+    engine = Engine(support, args.weights, label_values=args.label_values, support_size=args.support_size,
+                    ensemble=args.ensemble, threshold=args.threshold, method=args.method, device=args.device,
+                    precision=args.precision, seed=args.seed)  # one engine: the tasks are fitted once
+    report = []
     for image_path, out_path in zip(args.images, outputs):
         image = read_image(image_path)
         result = with_progress_bar(
-            iter_segment(
-                image.data,
-                support,
-                args.weights,
-                axis=args.axis,
-                label_values=args.label_values,
-                support_size=args.support_size,
-                ensemble=args.ensemble,
-                threshold=args.threshold,
-                batch_size=args.batch_size,
-                device=args.device,
-                precision=args.precision,
-                seed=args.seed,
-                keep_probabilities=args.probabilities,
-                rgb=image.rgb,
-            ),
+            iter_segment_with(engine, image.data, axis=args.axis, rgb=image.rgb, batch_size=args.batch_size,
+                              keep_probabilities=args.probabilities),
             f"segment {image.name}",
             unit="slice",
         )
@@ -107,4 +108,14 @@ def run(args: argparse.Namespace) -> int:
                         overwrite=args.overwrite)
         counts = {v: int((result.labels == v).sum()) for v in result.label_values}
         print(f"{out_path}: voxels per label {counts}")
+        for line in result.describe_estimates():
+            print(f"  {line}")
+        report.append({"input": str(image_path), "output": str(out_path), "voxels": {str(v): n for v, n in counts.items()},
+                       "tasks": {str(v): e.to_dict() for v, e in result.estimates.items()}})
+    if args.json:
+        with atomic_path(args.json, args.overwrite) as tmp:
+            tmp.write_text(json.dumps({"support": str(args.support), "weights": args.weights or "default",
+                                       "method": args.method, "support_size": args.support_size,
+                                       "ensemble": args.ensemble, "outputs": report}, indent=2))
+        print(f"wrote {args.json}")
     return 0

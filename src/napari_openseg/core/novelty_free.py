@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from ..errors import OpenSegError
-from .device import resolve_device
-from .inference import auto_batch_size, label_dtype, load_support, support_tensors
+from .engine import DEFAULT_SUPPORT_SIZE, auto_batch_size, prepare_network
+from .inference import label_dtype, load_support
 from .novelty import (
     APPEARANCE_SIGMA,
     DEFAULT_SIDE,
@@ -62,29 +62,19 @@ def slice_key(entry) -> tuple:
 class InContextEmbedder:
     """Embeds slices with the in-context network, one fixed support subset per known task."""
 
-    def __init__(self, support: SupportSet, model=None, *, support_size: int = 16, seed: int = 0,
+    def __init__(self, support: SupportSet, model=None, *, support_size: int = DEFAULT_SUPPORT_SIZE, seed: int = 0,
                  device: str | torch.device = "auto", batch_size: int | None = None):
-        from ..model.fast import prepare_for_inference
-        from ..model.registry import load_model
-        from ..model.universeg import UniverSeg
-
         self.tasks = support.validate()
         self.support = support
-        self.device = resolve_device(device)
-        net = model if isinstance(model, UniverSeg) else load_model(model, "cpu")
-        self.net = prepare_for_inference(net, self.device, torch.float32)
-        self.grid = self.net.config.grid_size
+        self.network = prepare_network(model, device, "float32")
+        self.device, self.net, self.grid = self.network.device, self.network.net, self.network.grid
         self.batch_size = batch_size or auto_batch_size(support_size, self.device)
         rng = np.random.default_rng(seed)
         self.subsets = {t: support.sample(t, support_size, rng) for t in self.tasks}
         self._encoded = {t: self._encode(self.subsets[t]) for t in self.tasks}
 
     def _encode(self, entries):
-        from ..model.fast import encode_support
-
-        with torch.inference_mode():
-            images, masks = support_tensors(entries, self.grid, "pad", self.device, torch.float32)
-            return encode_support(self.net, images, masks)
+        return self.network.encode(entries, "pad")
 
     @property
     def dim(self) -> int:
@@ -92,11 +82,8 @@ class InContextEmbedder:
 
     def embed(self, query: torch.Tensor, encoded: dict | None = None) -> torch.Tensor:
         """``query "B 1 g g"`` -> embeddings ``"B (T C) g g"``."""
-        from ..model.fast import fast_features
-
         encoded = encoded or self._encoded
-        with torch.inference_mode():
-            return torch.cat([fast_features(self.net, query, encoded=encoded[t]) for t in self.tasks], dim=1)
+        return torch.cat([self.network.features(query, encoded[t]) for t in self.tasks], dim=1)
 
     def leave_out(self, key: tuple) -> dict:
         """Encoded supports without the entries of slice ``key`` (kept if nothing else is left)."""
@@ -188,7 +175,7 @@ def iter_training_free_novelty(
     model=None,
     *,
     axis: int = 0,
-    support_size: int = 16,
+    support_size: int = DEFAULT_SUPPORT_SIZE,
     seed: int = 0,
     mask: np.ndarray | None = None,
     unknown_seed: tuple[np.ndarray, np.ndarray] | None = None,

@@ -22,20 +22,32 @@ Aspect = Literal["pad", "stretch"]
 RGB_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def to_single_channel(image: np.ndarray, rgb: bool | None = None) -> np.ndarray:
-    """Collapse a trailing RGB(A) axis to luminance.
-
-    ``rgb=None`` treats a 2D image with a last axis of 3 or 4 as RGB(A); ``True`` forces it for any
-    number of leading axes; ``False`` leaves the array alone.
-    """
+def is_rgb(image: np.ndarray, rgb: bool | None = None) -> bool:
+    """Whether ``image`` has a trailing RGB(A) axis: ``rgb=None`` says so for a 2D image with a last
+    axis of 3 or 4; ``True`` for any number of leading axes (3 or 4 channels needed); ``False`` never."""
     image = np.asarray(image)
     if rgb is None:
-        rgb = image.ndim == 3 and image.shape[-1] in (3, 4) and min(image.shape[:2]) > 4
-    if not rgb:
-        return image
-    if image.shape[-1] not in (3, 4):
+        return image.ndim == 3 and image.shape[-1] in (3, 4) and min(image.shape[:2]) > 4
+    if rgb and image.shape[-1] not in (3, 4):
         raise OpenSegError(f"an RGB image needs 3 or 4 channels on its last axis, got shape {image.shape}")
+    return bool(rgb)
+
+
+def to_single_channel(image: np.ndarray, rgb: bool | None = None) -> np.ndarray:
+    """Collapse a trailing RGB(A) axis to luminance (see :func:`is_rgb` for ``rgb``)."""
+    image = np.asarray(image)
+    if not is_rgb(image, rgb):
+        return image
     return image[..., :3].astype(np.float32) @ RGB_WEIGHTS
+
+
+def colour_channels(image: np.ndarray, rgb: bool | None = None) -> np.ndarray | None:
+    """The colour channels ``"... 3"`` of an RGB(A) image, normalised together to [0, 1] (so that
+    their ratios stay), or ``None`` for a single-channel image (see :func:`is_rgb` for ``rgb``)."""
+    image = np.asarray(image)
+    if not is_rgb(image, rgb):
+        return None
+    return normalize_intensity(image[..., :3])
 
 
 def normalize_intensity(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:

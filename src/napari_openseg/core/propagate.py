@@ -30,10 +30,10 @@ import torch
 
 from ..errors import OpenSegError
 from .confidence import combine, consistency, draw_measures
-from .device import resolve_device, resolve_precision
+from .engine import ENCODED_SUPPORT_BUDGET, encode_tensors, prepare_network, probabilities
 from .ensemble import combine_members
 from .fronts import DIRECTIONS, Front, make_fronts, ordered_schedule, similarity_schedule
-from .inference import ENCODED_SUPPORT_BUDGET, label_dtype
+from .inference import label_dtype
 from .memory import (
     DEFAULT_CAPACITY,
     DEFAULT_FLOOR,
@@ -192,10 +192,10 @@ def _blank_slices(stack: np.ndarray) -> list[int]:
 def _encoded_support(net, bank: MemoryBank, indices: np.ndarray, keep: bool = True):
     """The first block's support terms of the draws ``indices "K S"``.
 
-    The query-independent work on a support entry (:func:`~napari_openseg.model.fast.encode_support`)
+    The query-independent work on a support entry (:func:`~napari_openseg.core.engine.encode_tensors`)
     is done once per entry and, with ``keep``, kept with it: an entry serves many slices and draws.
     """
-    from ..model.fast import EncodedSupport, encode_support
+    from ..model.fast import EncodedSupport
 
     unique, position = np.unique(indices, return_inverse=True)
     terms = {int(i): bank.entries[i].encoded for i in unique if bank.entries[i].encoded is not None}
@@ -203,7 +203,7 @@ def _encoded_support(net, bank: MemoryBank, indices: np.ndarray, keep: bool = Tr
     if fresh:
         images = torch.stack([bank.entries[i].image for i in fresh])[:, None, None]
         masks = torch.stack([bank.entries[i].mask for i in fresh])[:, None, None]
-        encoded = encode_support(net, images, masks)  # one entry per batch item: "n C H W", "n 1 C H W"
+        encoded = encode_tensors(net, images, masks)  # one entry per batch item: "n C H W", "n 1 C H W"
         for k, i in enumerate(fresh):
             terms[i] = (encoded.share_mean[k], encoded.conv_term[k, 0])
             if keep:
@@ -216,15 +216,12 @@ def _encoded_support(net, bank: MemoryBank, indices: np.ndarray, keep: bool = Tr
 
 def _predict(net, bank: MemoryBank, indices: np.ndarray, image: torch.Tensor, keep: bool) -> torch.Tensor:
     """Probabilities ``"K g g"`` of the slice ``image "1 g g"`` from each of the draws ``indices "K S"``."""
-    from ..model.fast import fast_forward
-
     # A support set is a multiset: draws with the same entries give the same prediction, run it once
     # (a bank holding only the prompt gives K identical draws).
     distinct, copies = np.unique(np.sort(indices, axis=1), axis=0, return_inverse=True)
-    with torch.inference_mode():
-        query = image[None].expand(len(distinct), -1, -1, -1).contiguous(memory_format=torch.channels_last)
-        logits = fast_forward(net, query, encoded=_encoded_support(net, bank, distinct, keep))
-        return torch.sigmoid(logits.float())[torch.as_tensor(copies.reshape(-1)), 0]
+    query = image[None].expand(len(distinct), -1, -1, -1).contiguous(memory_format=torch.channels_last)
+    probs = probabilities(net, query, _encoded_support(net, bank, distinct, keep))
+    return probs[torch.as_tensor(copies.reshape(-1)), 0]
 
 
 def _pin_prompts(
@@ -319,10 +316,6 @@ def iter_propagate(
     written, ``confidence``, ``measures``, ``bank`` (what the bank did with it)); returns a
     :class:`PropagationResult`.
     """
-    from ..model.fast import prepare_for_inference
-    from ..model.registry import load_model, propagation_weights
-    from ..model.universeg import UniverSeg
-
     image = check_image(image, rgb)
     if image.ndim != 3:
         raise OpenSegError(
@@ -352,11 +345,8 @@ def iter_propagate(
     blank = _blank_slices(np.moveaxis(image, axis, 0))
     banks = {v: MemoryBank(bank_size, policy, floor, temperature=temperature) for v in values}
 
-    torch_device = resolve_device(device)
-    dtype = resolve_precision(precision, torch_device)
-    net = model if isinstance(model, UniverSeg) else load_model(propagation_weights(model), "cpu")
-    net = prepare_for_inference(net, torch_device, dtype)
-    grid = net.config.grid_size
+    network = prepare_network(model, device, precision, propagation=True)
+    net, torch_device, dtype, grid = network.net, network.device, network.dtype, network.grid
     grid_images, mapping = _grid_stack(stack, grid, aspect, torch_device, dtype)
     embeddings = slice_embeddings(grid_images)
 
