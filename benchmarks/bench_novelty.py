@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_novelty_lgg  # noqa: E402
+import novelty_organs  # noqa: E402
 import novelty_protocol as protocol  # noqa: E402
 from napari_openseg.training.splits import shared_data_dir  # noqa: E402
 
@@ -176,10 +178,15 @@ def free(args) -> None:
 
 
 TIMING_CASES = {
-    "trained, downsample 2": "trained",
-    "same network, downsample 1 (64^3 windows)": "native",
+    "default CPU network (U-Net width 8, downsample 2)": "default",
     "training-free (in-context features)": "free",
-    "trained, downsample 2, synthetic 256^3 volume": "big",
+    "default CPU network, synthetic 256^3 volume": "default-big",
+}
+#: The SwinUNETR rows need the model of the ``train`` stage (``--swin`` adds them).
+SWIN_TIMING_CASES = {
+    "SwinUNETR trained, downsample 2": "trained",
+    "same network, downsample 1 (64^3 windows)": "native",
+    "SwinUNETR trained, downsample 2, synthetic 256^3 volume": "big",
 }
 
 
@@ -189,20 +196,23 @@ def timing(args) -> None:
     print(f"\n### Time and peak memory of one map of the whole 160x192x224 volume ({where}, "
           f"{args.threads} threads, fresh process each)\n")
     gpu = " peak GPU (GiB) |" if on_cuda else ""
-    print(f"| configuration | windows or slices | seconds | peak RSS (GiB) | RSS before the map (GiB) |{gpu}")
-    print("|---|---|---|---|---|" + ("---|" if gpu else ""))
+    print(f"| configuration | windows or slices | seconds | CPU seconds | peak RSS (GiB) | RSS before the map (GiB) |"
+          f"{gpu}")
+    print("|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     results = {}
-    for label, kind in TIMING_CASES.items():
+    cases = {**TIMING_CASES, **(SWIN_TIMING_CASES if args.swin else {})}
+    for label, kind in cases.items():
         command = [sys.executable, __file__, "_time_one", "--kind", kind, "--out-dir", str(args.out_dir),
                    "--threads", str(args.threads), "--device", args.device] + (["--weights", args.weights] if args.weights else [])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            print(f"| {label} | failed: {done.stderr.strip().splitlines()[-1:]} | | | |")
+            print(f"| {label} | failed: {done.stderr.strip().splitlines()[-1:]} | | | | |")
             continue
         r = json.loads(done.stdout.strip().splitlines()[-1])
         results[label] = r
         cell = f" {r['gpu_peak_gib']:.2f} |" if gpu else ""
-        print(f"| {label} | {r['units']} | {r['seconds']:.1f} | {r['peak_gib']:.2f} | {r['before_gib']:.2f} |{cell}")
+        print(f"| {label} | {r['units']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_gib']:.2f} | "
+              f"{r['before_gib']:.2f} |{cell}")
     _save(args, "timing", results)
 
 
@@ -222,12 +232,14 @@ def _time_one(args) -> None:
 
     case = protocol.load_case(args.data)
     image = case["image"].data
-    if args.kind == "big":
+    if args.kind in ("big", "default-big"):
         image = np.zeros((256, 256, 256), np.uint8)
         image[16:240, 32:224, 48:208] = case["image"].data  # the brain inside a 256^3 field of view
     if args.kind == "free":
         support = build_support_set(protocol.train_half(image), protocol.train_half(case["known"]), axis=0)
         gen = iter_training_free_novelty(image, support, args.weights, axis=0, device=args.device)
+    elif args.kind.startswith("default"):
+        gen = iter_novelty_map(image, _default_model(len(protocol.KNOWN) + 1), device=args.device)
     else:
         model = NoveltyModel.load(_model_path(args))
         if args.kind == "native":  # timing only: the trained weights at full resolution, 64^3 windows
@@ -237,7 +249,7 @@ def _time_one(args) -> None:
             model = NoveltyModel(net.eval(), model.bank, model.class_values, 1)
         gen = iter_novelty_map(image, model, device=args.device)
     before = _rss_gib()
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     units = 0
     try:
         while True:
@@ -248,19 +260,40 @@ def _time_one(args) -> None:
     on_cuda = args.device.startswith("cuda")
     if on_cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - began
+    seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
     gpu_peak = torch.cuda.max_memory_allocated() / 1024**3 if on_cuda else 0.0
-    print(json.dumps({"seconds": seconds, "peak_gib": _rss_gib(), "before_gib": before, "units": units,
-                      "gpu_peak_gib": gpu_peak}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_gib": _rss_gib(), "before_gib": before,
+                      "units": units, "gpu_peak_gib": gpu_peak}))
+
+
+def _default_model(num_classes: int):
+    """The architecture ``openseg novelty train`` makes by default, untrained (timing only), with
+    random unit prototypes."""
+    from napari_openseg.core.novelty_model import NoveltyModel
+    from napari_openseg.core.prototypes import PrototypeBank
+    from napari_openseg.model.medopenseg import MedOpenSeg, MedOpenSegConfig
+    from napari_openseg.training.novelty_train import NoveltyTrainSettings
+
+    settings = NoveltyTrainSettings()
+    torch.manual_seed(0)
+    config = MedOpenSegConfig(num_classes=num_classes, feature_size=settings.feature_size,
+                              embedding_dim=settings.embedding_dim, roi_size=settings.roi_size,
+                              backbone=settings.backbone)
+    values = list(range(num_classes))
+    bank = PrototypeBank(values, settings.embedding_dim)
+    bank.set_from_means(torch.randn(num_classes, settings.embedding_dim), torch.arange(num_classes))
+    return NoveltyModel(MedOpenSeg(config).eval(), bank, values, settings.downsample)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["train", "evaluate", "free", "timing", "all", "_time_one"])
+    parser.add_argument("stage", choices=["train", "evaluate", "free", "timing", "all", "_time_one",
+                                          "organs", *bench_novelty_lgg.STAGES])
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--adapt-steps", type=int, default=5, help="adaptation steps of the unknown prototype")
     parser.add_argument("--axis", type=int, default=2, help="slice axis of the training-free option (2: sagittal)")
-    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out-dir", type=Path, help=f"default {DEFAULT_OUT} (LGG stages: "
+                        f"{bench_novelty_lgg.out_dir_default(DEFAULT_OUT.parents[1])})")
     parser.add_argument("--epochs", type=int, default=300, help="2 steps each (default: the 600 measured)")
     parser.add_argument("--samples-per-volume", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -271,7 +304,12 @@ def main() -> int:
     parser.add_argument("--weights", help="in-context weights for the training-free option (default: openseg-default)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="device of the timing stage's maps (cpu, cuda, ...)")
+    parser.add_argument("--swin", action="store_true", help="timing: also the SwinUNETR model of the train stage")
+    bench_novelty_lgg.add_arguments(parser)
     args = parser.parse_args()
+    lgg_stage = args.stage in bench_novelty_lgg.STAGES
+    if args.out_dir is None:
+        args.out_dir = bench_novelty_lgg.out_dir_default(DEFAULT_OUT.parents[1]) if lgg_stage else DEFAULT_OUT
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     data = shared_data_dir()
@@ -279,6 +317,12 @@ def main() -> int:
         print("../shared/data is absent: nothing to benchmark")
         return 1
     args.data = data
+    if lgg_stage:
+        bench_novelty_lgg.STAGES[args.stage](args)
+        return 0
+    if args.stage == "organs":
+        novelty_organs.run(args)
+        return 0
     stages = ["train", "evaluate", "free", "timing"] if args.stage == "all" else [args.stage]
     for stage in stages:
         globals()[stage](args)

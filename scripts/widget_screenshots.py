@@ -67,8 +67,6 @@ def run_to_end(widget, start) -> str:
 
 
 def novelty_screenshot(napari, image, labels, weights: str, out: Path) -> None:
-    from napari.utils.colormaps import DirectLabelColormap
-
     from napari_openseg._widgets._session import get_session
     from napari_openseg._widgets.novelty_widget import FREE
     from napari_openseg.core.support import build_support_set
@@ -92,13 +90,10 @@ def novelty_screenshot(napari, image, labels, weights: str, out: Path) -> None:
     novel = widget.maps.novel_regions()
     for value, name in SAMPLE_LABEL_NAMES.items():
         print(f"  novel share of {name}: {novel[labels.data == value].mean():.1%}")
-    # The picture is about novelty. The T1 under the additive heat map washes it out, the known-class
-    # segmentation would cover it, and outlines (in a colour not in the inferno map) leave it visible.
+    # The picture is about novelty. The T1 under the additive heat map washes it out; the widget draws
+    # the novel region as a cyan outline, which leaves the heat map visible.
     image_layer.visible = False
-    viewer.layers[f"{image_layer.name} known classes"].visible = False
-    regions = viewer.layers["novel regions"]
-    regions.contour = NOVEL_OUTLINE_WIDTH
-    regions.colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: "cyan"})
+    viewer.layers[f"{image_layer.name} novel region"].contour = NOVEL_OUTLINE_WIDTH
     widen_dock(viewer, widget, DOCK_WIDTH)
     shoot(viewer, out / "novelty-result.png")
     viewer.close()

@@ -51,8 +51,9 @@ def test_map_writes_fused_scores_and_segmentation_with_the_input_affine(model_fi
     out = files / "novelty.nii.gz"
     assert main(["novelty", "map", "--model", str(model_file), "--image", str(files / "vol.nii.gz"),
                  "--out", str(out), "--scores-out", str(scores), "--device", "cpu"]) == 0
-    assert "adaptive threshold" in capsys.readouterr().out
-    for path in (out, *(scores / f"novelty_{k}.nii.gz" for k in ("cosine", "distance", "segmentation", "novel"))):
+    assert "automatic threshold" in capsys.readouterr().out
+    kinds = ("cosine", "distance", "appearance", "segmentation")
+    for path in (out, files / "novelty_novel_region.nii.gz", *(scores / f"novelty_{k}.nii.gz" for k in kinds)):
         assert np.allclose(nib.load(str(path)).affine, AFFINE), path
     fused = read_image(out).data
     assert fused.shape == (32, 32, 64) and fused.dtype == np.float32
@@ -62,6 +63,30 @@ def test_map_writes_fused_scores_and_segmentation_with_the_input_affine(model_fi
     assert main(["novelty", "map", "--model", str(model_file), "--image", str(files / "vol.nii.gz"),
                  "--out", str(out), "--device", "cpu"]) == 2
     assert "exists" in capsys.readouterr().err
+
+
+def test_map_is_named_after_the_image_by_default(model_file, files, capsys, tmp_path):
+    image = tmp_path / "patient 7.nii.gz"
+    image.write_bytes((files / "vol.nii.gz").read_bytes())
+    assert main(["novelty", "map", "--model", str(model_file), "--image", str(image), "--device", "cpu",
+                 "--novel-when", "unlike-every-class", "--scores-out", str(tmp_path)]) == 0
+    heat, region = tmp_path / "patient 7_novelty.nii.gz", tmp_path / "patient 7_novelty_novel_region.nii.gz"
+    assert heat.is_file() and region.is_file()
+    assert set(np.unique(read_image(region).data)) <= {0, 1}
+    assert not (tmp_path / "patient 7_novelty_appearance.nii.gz").exists()  # no intensity map was asked for
+    assert (tmp_path / "patient 7_novelty_cosine.nii.gz").is_file()
+
+
+def test_a_volume_of_another_modality_is_refused_or_matched_on_request(model_file, files, capsys, tmp_path):
+    image = read_image(files / "vol.nii.gz")
+    inverted = tmp_path / "inverted.nii.gz"  # dark where the training volume is bright: not the same contrast
+    write_image(inverted, image.data.max() - image.data, image)
+    base = ["novelty", "map", "--model", str(model_file), "--image", str(inverted), "--device", "cpu"]
+    assert main(base) == 2
+    assert "differ too much from the model's training volumes" in capsys.readouterr().err
+    assert not (tmp_path / "inverted_novelty.nii.gz").exists()
+    assert main([*base, "--intensity", "match"]) == 0
+    assert "note: intensities matched to the model's training volumes" in capsys.readouterr().out
 
 
 def test_seed_then_map_with_the_unknown_prototype(model_file, files, capsys):
@@ -114,7 +139,7 @@ def test_user_mistakes_get_a_message(files, capsys):
     assert "one --labels per --image" in capsys.readouterr().err
     assert main(["novelty", "train", "--image", str(files / "vol.nii.gz"), "--labels", str(files / "lab.nii.gz"),
                  "--out", str(files / "x.pt"), "--roi", "30", "32", "64"]) == 2
-    assert "divisible by 32" in capsys.readouterr().err
+    assert "divisible by 8" in capsys.readouterr().err
     assert main(["novelty", "map", "--model", str(files / "missing.pt"), "--image", str(files / "vol.nii.gz"),
                  "--out", str(files / "y.nii.gz")]) == 2
     assert "does not exist" in capsys.readouterr().err

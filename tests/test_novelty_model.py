@@ -72,7 +72,7 @@ def test_prototype_guided_loss_matches_the_formula():
 def test_patches_depend_only_on_seed_and_step():
     image, labels = sphere_volume()
     settings = tiny_settings(roi_size=(32, 32, 64))
-    data, values = _prepare([image], [labels], settings)
+    data, values, _ = _prepare([image], [labels], settings)
     assert values == [0, 1, 2]
     transform = _transforms(settings, len(values))
     a = _batch(data, 3, transform, settings, 3, "cpu")
@@ -85,7 +85,7 @@ def test_padding_of_a_volume_smaller_than_the_patch_is_ignored_not_background():
     image, labels = sphere_volume()
     image, labels = image[:10, :20, :30], labels[:10, :20, :30]
     settings = tiny_settings(roi_size=(32, 32, 64))  # larger than the volume on every side
-    data, values = _prepare([image], [labels], settings)
+    data, values, _ = _prepare([image], [labels], settings)
     images, targets = _batch(data, 0, _transforms(settings, len(values)), settings, len(values), "cpu")
     assert targets.shape == (1, 32, 32, 64)
     assert int((targets != IGNORE).sum()) == labels.size  # the padded voxels take part in no loss
@@ -184,3 +184,90 @@ def test_shrunk_labels_keep_every_value_exactly_and_pick_the_nearest_voxel():
     assert small.shape == (2, 3, 3) and small.dtype == np.int64
     assert small[0, 0, 0] == 2**24 + 1 and small[1, 1, 2] == 7 and small.sum() == 2**24 + 8
     assert labels_to_working(labels, 1) is labels
+
+
+def test_the_unet_backbone_has_the_same_heads_and_checks_its_divisor():
+    torch.manual_seed(0)
+    config = MedOpenSegConfig(num_classes=3, embedding_dim=5, roi_size=(8, 16, 24), backbone="unet", feature_size=4)
+    net = MedOpenSeg(config).eval()
+    with torch.no_grad():
+        logits, embeddings = net(torch.rand(2, 1, 8, 16, 24))
+    assert logits.shape == (2, 3, 8, 16, 24) and embeddings.shape == (2, 5, 8, 16, 24)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        net(torch.rand(1, 1, 8, 16, 20))
+    with pytest.raises(ValueError, match="backbone must be one of"):
+        MedOpenSegConfig(backbone="resnet")
+    assert MedOpenSegConfig().backbone == "swinunetr"  # model files written before the choice load as before
+
+
+def test_a_unet_model_file_loads_and_an_unknown_backbone_is_refused(tmp_path):
+    from napari_openseg.core.prototypes import PrototypeBank
+
+    torch.manual_seed(0)
+    config = MedOpenSegConfig(num_classes=2, embedding_dim=4, roi_size=(8, 16, 16), backbone="unet", feature_size=4)
+    bank = PrototypeBank([0, 1], 4)
+    bank.set_from_means(torch.randn(2, 4), torch.arange(2))
+    path = NoveltyModel(MedOpenSeg(config).eval(), bank, [0, 1], 2).save(tmp_path / "unet.pt")
+    loaded = NoveltyModel.load(path)  # the file's architecture names its backbone, a string among numbers
+    assert loaded.config.backbone == "unet" and loaded.downsample == 2
+    for key, value in loaded.network.state_dict().items():
+        assert torch.equal(value, NoveltyModel.load(path).network.state_dict()[key])
+    content = torch.load(path, weights_only=True)
+    content["config"]["backbone"] = "resnet"
+    torch.save(content, tmp_path / "resnet.pt")
+    with pytest.raises(OpenSegError, match="backbone is 'resnet', not one of"):
+        NoveltyModel.load(tmp_path / "resnet.pt")
+
+
+def test_max_steps_ends_a_run_early_and_a_resume_may_raise_it(tmp_path):
+    image, labels = sphere_volume()
+    settings = tiny_settings(epochs=5, max_steps=2)
+    first = train_novelty([image], [labels], settings, checkpoint=tmp_path / "c.pt", device="cpu")
+    assert first.steps == 2 and len(first.losses) == 2
+    more = train_novelty([image], [labels], tiny_settings(epochs=5, max_steps=3), checkpoint=tmp_path / "c.pt",
+                         resume=True, device="cpu")
+    assert more.steps == 3 and more.losses[:2] == first.losses
+    with pytest.raises(OpenSegError, match="max steps must be >= 1"):
+        tiny_settings(max_steps=0)
+
+
+def test_the_model_keeps_its_intensity_signature_and_unlike_volumes_are_matched_or_refused(trained):
+    from napari_openseg.core.modality import REFUSE_ABOVE, SAME_BELOW, check_intensities, signature_distance
+    from napari_openseg.core.preprocess import normalize_intensity
+
+    model = NoveltyModel.load(trained[1])
+    reference = model.info["intensity_signature"]
+    image, _ = sphere_volume()
+    normalized = normalize_intensity(image)
+    mask = body_mask(normalized, normalized=True)
+    same, notes = check_intensities(normalized, mask, reference)
+    assert same is normalized and notes == []  # the training volume itself is used as it is
+    brighter = normalized ** 0.5  # the same tissue order, another histogram: matched
+    matched, notes = check_intensities(brighter, mask, reference)
+    assert notes and "matched" in notes[0]
+    own_before = signature_distance(reference, _signature(brighter, mask))
+    assert SAME_BELOW < own_before <= REFUSE_ABOVE and signature_distance(reference, _signature(matched, mask)) < 0.02
+    inverted = 1.0 - normalized
+    with pytest.raises(OpenSegError, match="differ too much from the model's training volumes"):
+        check_intensities(inverted, mask, reference)
+    forced, notes = check_intensities(inverted, mask, reference, "match")
+    assert notes and forced.shape == inverted.shape
+    assert check_intensities(inverted, mask, reference, "as-is") == (inverted, [])
+    with pytest.raises(OpenSegError, match="differ too much"):
+        novelty_map(image.max() - image, model, mask=mask, device="cpu")
+    maps = novelty_map(image.max() - image, model, mask=mask, device="cpu", intensity="match")
+    assert maps.notes and maps.fused.shape == image.shape
+
+
+def _signature(values, mask):
+    from napari_openseg.core.modality import intensity_signature
+
+    return intensity_signature(values, mask)
+
+
+def test_the_body_mask_fills_a_cavity_that_the_first_slice_cuts_open():
+    image = np.zeros((6, 20, 20), np.float32)
+    image[:, 3:17, 3:17] = 1.0
+    image[:3, 7:13, 7:13] = 0.0  # a cavity reaching the volume's first slice: no 3D hole
+    mask = body_mask(image)
+    assert mask[:3, 7:13, 7:13].all() and not mask[:, :2, :2].any()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from napari_openseg.core.novelty import (
+    appearance_novelty,
     auroc,
     fuse,
     maps_from_raw,
@@ -146,13 +147,21 @@ def test_robust_normalisation_ignores_outliers_and_the_outside_of_the_mask():
     assert np.all(robust_normalize(np.full(10, 3.0)) == 0)  # a constant map is not novel anywhere
 
 
-def test_fusion_is_the_mean_of_the_normalised_maps():
+def test_fusion_is_the_weighted_mean_of_the_normalised_maps():
     cosine = np.array([0.0, 1.0, 1.0, 0.2], np.float32)
     distance = np.array([0.0, 0.0, 1.0, 0.6], np.float32)
-    assert fuse(cosine, distance).tolist() == pytest.approx([0.0, 0.5, 1.0, 0.4])
-    assert fuse(cosine, distance, cosine_weight=1.0).tolist() == pytest.approx(cosine.tolist())
-    with pytest.raises(OpenSegError, match="cosine weight"):
-        fuse(cosine, distance, cosine_weight=2.0)
+    appearance = np.array([1.0, 0.0, 1.0, 0.0], np.float32)
+    assert fuse([cosine, distance], [0.5, 0.5]).tolist() == pytest.approx([0.0, 0.5, 1.0, 0.4])
+    assert fuse([cosine, distance], [1.0, 0.0]).tolist() == pytest.approx(cosine.tolist())
+    assert fuse([cosine, distance, appearance], [1, 1, 2]).tolist() == pytest.approx([0.5, 0.25, 1.0, 0.2])
+    # a map that is missing leaves with its weight: the others keep their proportions
+    assert fuse([cosine, distance, None], [1, 1, 8]).tolist() == pytest.approx([0.0, 0.5, 1.0, 0.4])
+    with pytest.raises(OpenSegError, match="not all 0"):
+        fuse([cosine, distance], [-1.0, 2.0])
+    with pytest.raises(OpenSegError, match="a weight of 0"):
+        fuse([cosine, None], [0.0, 1.0])
+    with pytest.raises(OpenSegError, match="2 maps but 3"):
+        fuse([cosine, distance], [1, 1, 1])
 
 
 def test_otsu_threshold_splits_two_groups():
@@ -196,3 +205,53 @@ def test_maps_from_raw_flag_the_far_away_block():
     assert maps.novel_regions(threshold=1.0).sum() == 0
     with pytest.raises(OpenSegError, match="mask is empty"):
         maps_from_raw(raw, np.zeros((6, 6), bool), 3)
+
+
+def test_appearance_flags_what_departs_from_its_own_class():
+    image = np.zeros((1, 20, 20), np.float32)
+    classes = np.zeros((1, 20, 20), np.uint8)
+    classes[:, :, 10:] = 1
+    rng = np.random.default_rng(0)
+    image[:, :, 10:] = 0.8 + rng.normal(0, 0.02, (1, 20, 10))  # class 1 is bright, class 0 dark
+    image[:, :, :10] = 0.2 + rng.normal(0, 0.02, (1, 20, 10))
+    image[0, 4:7, 2:5] = 0.6  # brighter than its class (0), though darker than class 1
+    image[0, 14:17, 14:17] = 0.5  # darker than its class (1)
+    mask = np.ones(image.shape, bool)
+    brighter = appearance_novelty(image, classes, mask, "brighter", sigma=0)
+    darker = appearance_novelty(image, classes, mask, "darker", sigma=0)
+    either = appearance_novelty(image, classes, mask, "either", sigma=0)
+    lesion, hole = np.zeros(image.shape, bool), np.zeros(image.shape, bool)
+    lesion[0, 4:7, 2:5], hole[0, 14:17, 14:17] = True, True
+    rest = ~(lesion | hole)
+    assert brighter[lesion].min() > 5 > brighter[rest].max() and brighter[hole].max() < 0
+    assert darker[hole].min() > 5 > darker[rest].max() and darker[lesion].max() < 0
+    assert either[lesion | hole].min() > 5 > either[rest].max()
+    # plain intensity would rank the dark-class lesion below all of class 1; within its class it ranks first
+    assert auroc(brighter, lesion, rest) == 1.0 and auroc(image, lesion, rest) < 0.6
+    outside = mask.copy()
+    outside[0, :, :3] = False
+    assert np.all(appearance_novelty(image, classes, outside, sigma=0)[~outside] == 0)
+    with pytest.raises(OpenSegError, match="appearance side"):
+        appearance_novelty(image, classes, mask, "lighter")
+    with pytest.raises(OpenSegError, match="differ"):
+        appearance_novelty(image, classes[:, :10], mask)
+
+
+def test_maps_from_raw_adds_the_appearance_map_to_the_fused_one():
+    bank = axis_bank()
+    emb = torch.zeros(4, 6, 6)
+    emb[0] = 1.0  # every voxel looks like class 0 to the embeddings ...
+    raw = score_channels(emb.flatten(1).T, bank).T.reshape(4, 6, 6).numpy()
+    image = np.full((6, 6), 0.3, np.float32)
+    image[2:4, 2:4] = 0.9  # ... but a block is much brighter than the rest of its class
+    segmentation = np.zeros((6, 6), np.uint8)
+    mask = np.ones((6, 6), bool)
+    block = np.zeros((6, 6), bool)
+    block[2:4, 2:4] = True
+    maps = maps_from_raw(raw, mask, 3, False, segmentation=segmentation, image=image, sigma=0)
+    assert maps.appearance is not None and auroc(maps.fused, block, ~block) == 1.0
+    assert np.array_equal(maps.novel_regions(), block)
+    plain = maps_from_raw(raw, mask, 3, False, segmentation=segmentation, image=image, side=None)
+    assert plain.appearance is None and np.all(plain.fused == 0)  # the embeddings alone see nothing
+    with pytest.raises(OpenSegError, match="one fusion weight per map"):
+        maps_from_raw(raw, mask, 3, weights=(0.5, 0.5))

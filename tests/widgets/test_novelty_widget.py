@@ -79,19 +79,34 @@ def test_cancel_stops_training_without_a_model(scene, qtbot, threaded):
     assert "Cancelled" in widget.status.text()
 
 
+def test_compute_shows_one_heat_map_and_an_outline_named_after_the_image(scene, qtbot, inline, model_path, viewer):
+    widget, image_layer, *_ = scene
+    assert widget.load_model(str(model_path))
+    before = len(viewer.layers)
+    assert run(qtbot, widget.compute) == "compute done"
+    added = [layer.name for layer in viewer.layers][before:]
+    assert added == ["vol novelty", "vol novel region"]  # nothing else by default
+    assert viewer.layers["vol novel region"].contour > 0  # drawn as an outline, the heat map shows through
+    assert widget.maps.appearance is not None  # the intensity map is part of the fused map
+    widget.side.setCurrentText("unlike every class only")
+    assert run(qtbot, widget.compute) == "compute done" and widget.maps.appearance is None
+
+
 def test_compute_adds_heat_map_regions_and_segmentation_and_the_slider_moves_the_threshold(
         scene, qtbot, inline, model_path, viewer):
     widget, image_layer, labels_layer, labels = scene
     assert widget.load_model(str(model_path))
     widget.extra_maps.setChecked(True)
     assert run(qtbot, widget.compute) == "compute done"
-    heat = viewer.layers["novelty"]
+    heat = viewer.layers["vol novelty"]
     assert owner_info(heat)["role"] == "novelty" and heat.colormap.name == "inferno"
     assert tuple(heat.contrast_limits) == (0.0, 1.0) and heat.data.shape == labels.shape
     assert np.allclose(heat.scale, image_layer.scale)
-    for name in ("novelty cosine", "novelty distance", "vol known classes", "novel regions"):
+    for name in ("vol novelty (unlike every class)", "vol novelty (far from all classes)",
+                 "vol novelty (unlike its own class)", "vol known classes", "vol novel region"):
         assert name in viewer.layers
-    regions = viewer.layers["novel regions"]
+    assert not viewer.layers["vol novelty (unlike every class)"].visible  # on request, and hidden at first
+    regions = viewer.layers["vol novel region"]
     start = widget.threshold.value() / 1000  # the slider starts at the adaptive threshold
     assert start == pytest.approx(widget.maps.threshold, abs=1e-3)
     assert np.array_equal(regions.data.astype(bool), widget.maps.novel_regions(start))
@@ -106,7 +121,7 @@ def test_the_slider_never_overwrites_regions_the_user_painted(scene, qtbot, inli
     widget, *_ = scene
     assert widget.load_model(str(model_path))
     assert run(qtbot, widget.compute) == "compute done"
-    regions = viewer.layers["novel regions"]
+    regions = viewer.layers["vol novel region"]
     regions.paint((5, 10, 10), 9, refresh=False)  # the user's own mark, through napari's paint
     painted = np.array(regions.data)
     widget.threshold.setValue(950)
@@ -128,7 +143,7 @@ def test_closing_the_image_during_compute_says_so(scene, qtbot, threaded, model_
     monkeypatch.setattr(novelty_widget.NoveltyWidget, "_show_maps", close_first)
     assert run(qtbot, widget.compute) == "compute closed"
     assert "'vol' was closed during the run; nothing was added" in widget.status.text()
-    assert "novelty" not in viewer.layers
+    assert "vol novelty" not in viewer.layers
 
 
 def test_rgb_images_are_refused_and_unchecked_extra_maps_are_removed(scene, qtbot, inline, model_path, viewer,
@@ -137,12 +152,13 @@ def test_rgb_images_are_refused_and_unchecked_extra_maps_are_removed(scene, qtbo
     assert widget.load_model(str(model_path))
     widget.extra_maps.setChecked(True)
     assert run(qtbot, widget.compute) == "compute done"
-    assert {"novelty cosine", "novelty distance"} <= {layer.name for layer in viewer.layers}
+    extra = {"vol novelty (unlike every class)", "vol novelty (far from all classes)", "vol known classes"}
+    assert extra <= {layer.name for layer in viewer.layers}
     widget.extra_maps.setChecked(False)
     widget.adapt.setValue(2)  # the loaded model has no unknown prototype: adapting does nothing
     assert run(qtbot, widget.compute) == "compute done"
-    assert not {"novelty cosine", "novelty distance"} & {layer.name for layer in viewer.layers}
-    assert "'Adapt unknown' did nothing" in widget.status.text()
+    assert not extra & {layer.name for layer in viewer.layers}
+    assert "'Refine example' did nothing" in widget.status.text()
     rgb = viewer.add_image(np.zeros((16, 16, 3), np.uint8), rgb=True, name="photo")
     widget.image_combo.select(rgb)
     assert widget.compute() is None and "is an RGB image" in errors[-1]
@@ -177,11 +193,11 @@ def test_training_free_mode_uses_the_session_support_set(scene, qtbot, inline, t
     session.replace_support(build_support_set(image, labels, axis=0))
     widget.mode.setCurrentText(FREE)
     assert run(qtbot, widget.compute) == "compute done"
-    assert viewer.layers["novelty"].data.shape == labels.shape and widget.maps.used_unknown
+    assert viewer.layers["vol novelty"].data.shape == labels.shape and widget.maps.used_unknown
     seeded = widget.maps.fused.copy()
     widget.adapt.setValue(3)  # the seeded unknown prototype adapts on the volume
     assert run(qtbot, widget.compute) == "compute done" and widget.maps.used_unknown
-    assert viewer.layers["novelty"].data.shape == labels.shape and not np.array_equal(widget.maps.fused, seeded)
+    assert viewer.layers["vol novelty"].data.shape == labels.shape and not np.array_equal(widget.maps.fused, seeded)
 
 
 def test_no_labels_layer_is_a_seed_unless_chosen(viewer, qtbot, inline, tiny_weights):

@@ -2,12 +2,13 @@
 support set.
 
 Train (or Load) a model on image + labels pairs whose labels hold the known classes, then Compute
-on any volume: an image layer "novelty" (0-1 heat map), optional cosine and distance layers, a labels
-layer of novel regions whose threshold the slider moves live (starting at the adaptive one), and the
-known-class segmentation. "Seed unknown" sets the unknown prototype from one painted instance of an
-unseen structure. Training and mapping run in the background (:mod:`._run`: progress bar with the
-time left and the loss, Cancel; closing the image or the dock cancels a Compute). Weights (for the
-training-free mode) and device are the viewer's session choice, shown in the Model section.
+on any volume: by default two layers named after the image, "<image> novelty" (0-1 heat map) and
+"<image> novel region" (its outline above a threshold that the slider moves live, starting at the
+automatic one); on request the three score maps and the known classes. "Seed unknown" sets the
+unknown prototype from one painted example of tissue that is not among the known classes. Training
+and mapping run in the background (:mod:`._run`: progress bar with the time left and the loss, Cancel;
+closing the image or the dock cancels a Compute). Weights (for the training-free mode) and device are
+the viewer's session choice, shown in the Model section.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_openseg.core.axes import shape_text
-from napari_openseg.core.novelty import NoveltyMaps
+from napari_openseg.core.novelty import DEFAULT_SIDE, NoveltyMaps
 from napari_openseg.core.novelty_free import iter_training_free_novelty
 from napari_openseg.core.novelty_map import iter_novelty_map, unknown_seed_embeddings
 from napari_openseg.core.novelty_model import NoveltyModel
@@ -54,10 +55,21 @@ from ._run import RunPanel
 from ._session import get_session, unwrap_viewer
 from ._threading import WorkHandle, report_error
 
-TRAINED, FREE = "trained model", "support set (no training)"
+TRAINED, FREE = "a trained model", "the support set (no training)"
 #: The seed is optional: a labels layer is used as one only when the user picks it.
 NO_SEED = "(none)"
 SLIDER_STEPS = 1000
+#: "Novel when" choices and the appearance side each one means (None: no intensity map).
+SIDES = {
+    "brighter than its class": "brighter",
+    "darker than its class": "darker",
+    "brighter or darker than its class": "either",
+    "unlike every class only": None,
+}
+#: The score maps shown on request: (attribute of NoveltyMaps, role, layer name suffix).
+SCORE_LAYERS = (("cosine", "novelty:cosine", "novelty (unlike every class)"),
+                ("distance", "novelty:distance", "novelty (far from all classes)"),
+                ("appearance", "novelty:appearance", "novelty (unlike its own class)"))
 
 
 class NoveltyWidget(QWidget):
@@ -84,38 +96,57 @@ class NoveltyWidget(QWidget):
 
         form = QFormLayout()
         self.image_combo = form_row(form, "Image", LayerCombo(napari_viewer, is_image), "volume to train on or map")
-        self.labels_combo = form_row(form, "Known classes", LayerCombo(napari_viewer, is_user_labels),
-                                     "labels layer with the known classes painted (0 = background)")
+        self.labels_combo = form_row(
+            form, "Known classes", LayerCombo(napari_viewer, is_user_labels),
+            "labels layer with the tissue you know painted (0 = background); the map flags what looks "
+            "like none of it")
         self.pair_list = QListWidget()
         self.pair_list.setMaximumHeight(60)
         self.pair_list.setToolTip("training pairs; double-click one to remove it")
         self.add_pair_button = QPushButton("Add image + labels pair")
-        self.epochs = form_row(form, "Epochs", QSpinBox(), "training passes (4 patches per volume each)")
+        self.epochs = form_row(form, "Epochs", QSpinBox(), "training passes (4 patches per volume each); a "
+                               "run stops after 300 steps, about 10 minutes on a 2-core CPU")
         self.epochs.setRange(1, 10_000)
         self.epochs.setValue(20)
         self.flips = form_row(
             form, "", QCheckBox("Random flips"),
             "flip training patches along every axis: known classes segment much better on unseen parts "
             "(for example the other hemisphere), the novelty map is a little weaker (docs/novelty.md)")
-        self.mode = form_row(form, "Embeddings from", QComboBox(),
-                             "a trained MedOpenSeg model, or the in-context network with the support set")
+        self.mode = form_row(form, "Compare with", QComboBox(),
+                             "the known classes of a model trained here (MedOpenSeg), or of the support set "
+                             "through the in-context network (nothing to train)")
         self.mode.addItems([TRAINED, FREE])
+        self.side = form_row(
+            form, "Novel when", QComboBox(),
+            "besides looking unlike every known class, a voxel is novel when its intensity departs from "
+            "the class it sits in: FLAIR and T2 lesions are brighter than the tissue around them")
+        self.side.addItems(list(SIDES))
+        self.side.setCurrentIndex(list(SIDES.values()).index(DEFAULT_SIDE))
         self.seed_combo = form_row(
-            form, "Unknown seed", LayerCombo(napari_viewer, is_user_labels, (NO_SEED,), default_extra=NO_SEED),
-            "labels layer with ONE unseen structure painted (optional)")
-        self.adapt = form_row(form, "Adapt unknown", QSpinBox(), "steps adapting the unknown prototype on the volume")
+            form, "Unknown example", LayerCombo(napari_viewer, is_user_labels, (NO_SEED,), default_extra=NO_SEED),
+            "optional: a labels layer with ONE example of tissue that is not among the known classes "
+            "painted; the map then also measures how close each voxel is to it (the unknown prototype)")
+        self.adapt = form_row(form, "Refine example (steps)", QSpinBox(),
+                              "steps that move the unknown example's prototype towards the voxels of this "
+                              "volume that resemble it (no labels used); 0 = off")
         self.adapt.setRange(0, 50)
-        self.extra_maps = form_row(form, "", QCheckBox("Also show cosine and distance maps"), "two more image layers")
+        self.extra_maps = form_row(
+            form, "", QCheckBox("Also show the score maps and known classes"),
+            "three more heat maps: unlike every known class (cosine), far from all classes (distance sum), "
+            "unlike its own class (intensity); and the known classes found in the image")
         self.picker = ModelPicker(self.session)
         self.model_section = self.picker.section()
         self.panel = RunPanel("Novelty", host=self)
 
         self.train_button, self.load_button = QPushButton("Train"), QPushButton("Load model…")
         self.save_button, self.seed_button = QPushButton("Save model…"), QPushButton("Seed unknown")
+        self.seed_button.setToolTip("make the model's unknown prototype from the unknown example painted above")
         self.compute_button, self.cancel_button = QPushButton("Compute"), self.panel.cancel_button
         self.threshold = QSlider(Qt.Horizontal)
         self.threshold.setRange(0, SLIDER_STEPS)
-        self.threshold_label = QLabel("threshold: -")
+        self.threshold_label = QLabel("Novel above: -")
+        self.threshold.setToolTip("voxels whose novelty is above this value form the novel region; it starts "
+                                  "at the automatic (Otsu) threshold of the image")
         self.status = self.panel.status
         self.status.setText("Train or load a model, or choose the support set.")
 
@@ -164,6 +195,9 @@ class NoveltyWidget(QWidget):
             raise OpenSegError(f"'{source.name}' is an RGB image; novelty maps are made of single-channel "
                                "volumes (split the channels and choose one)")
         return source, np.asarray(data)
+
+    def _side(self) -> str | None:
+        return SIDES[self.side.currentText()]
 
     def _seed_layer(self):
         chosen = self.seed_combo.current()
@@ -289,8 +323,9 @@ class NoveltyWidget(QWidget):
             if self.mode.currentText() == TRAINED:
                 if self.model is None:
                     raise OpenSegError("train or load a model first, or choose 'support set (no training)'")
-                model, adapt, device = self.model, self.adapt.value(), self.picker.device()
-                factory = lambda: iter_novelty_map(image, model, adapt_unknown=adapt, device=device)  # noqa: E731
+                model, adapt, device, side = self.model, self.adapt.value(), self.picker.device(), self._side()
+                factory = lambda: iter_novelty_map(image, model, adapt_unknown=adapt, side=side,  # noqa: E731
+                                                   device=device)
             else:
                 support = self.session.support_snapshot()
                 weights, device = self.picker.weights_spec(), self.picker.device()
@@ -300,8 +335,10 @@ class NoveltyWidget(QWidget):
                     seed = None
                 axis = slice_axis(self.viewer, source)
                 adapt = self.adapt.value() if seed is not None else 0  # as for a model without a seed
+                side = self._side()
                 factory = lambda: iter_training_free_novelty(  # noqa: E731
-                    image, support, weights, axis=axis, unknown_seed=seed, adapt_unknown=adapt, device=device)
+                    image, support, weights, axis=axis, unknown_seed=seed, adapt_unknown=adapt, side=side,
+                    device=device)
         except OpenSegError as err:
             self.panel.refuse(err)
             return None
@@ -335,26 +372,42 @@ class NoveltyWidget(QWidget):
             return
         self.maps, self._maps_source = maps, source
         heat = {"layer_type": "image", "colormap": "inferno", "contrast_limits": (0.0, 1.0), "blending": "additive"}
-        put_output_layer(self.viewer, source, maps.fused, role="novelty", name="novelty", **heat)
-        if self.extra_maps.isChecked():
-            put_output_layer(self.viewer, source, maps.cosine, role="novelty:cosine", name="novelty cosine", **heat)
-            put_output_layer(self.viewer, source, maps.distance, role="novelty:distance", name="novelty distance",
-                             **heat)
-        else:  # an earlier run's maps would pass for this one's
-            remove_owned_layers(self.viewer, [find_owned_layer(self.viewer, role, source)
-                                              for role in ("novelty:cosine", "novelty:distance")])
-        if maps.segmentation is not None:
+        put_output_layer(self.viewer, source, maps.fused, role="novelty", name=f"{source.name} novelty", **heat)
+        extra = self.extra_maps.isChecked()
+        stale = []  # an earlier run's layers would pass for this one's
+        for attribute, role, suffix in SCORE_LAYERS:
+            values = getattr(maps, attribute)
+            if extra and values is not None:
+                put_output_layer(self.viewer, source, values, role=role, name=f"{source.name} {suffix}",
+                                 visible=False, **heat)
+            else:
+                stale.append(find_owned_layer(self.viewer, role, source))
+        if extra and maps.segmentation is not None:
             put_output_layer(self.viewer, source, maps.segmentation, role="novelty:known",
-                             name=f"{source.name} known classes", opacity=0.4)
-        self._novel_layer = put_output_layer(self.viewer, source, maps.novel_regions().astype(np.uint8),
-                                             role="novelty:regions", name="novel regions")
+                             name=f"{source.name} known classes", opacity=0.4, visible=False)
+        else:
+            stale.append(find_owned_layer(self.viewer, "novelty:known", source))
+        remove_owned_layers(self.viewer, stale)
+        self._novel_layer = self._put_regions(maps.novel_regions())
         self.threshold.blockSignals(True)
         self.threshold.setValue(int(round(maps.threshold * SLIDER_STEPS)))
         self.threshold.blockSignals(False)
         self._threshold_moved(self.threshold.value())
         if self.adapt.value() and not maps.used_unknown:
-            self.status.setText(self.status.text() + " No unknown prototype was used, so 'Adapt unknown' did "
-                                "nothing: seed one (a painted unseen structure) first.")
+            self.status.setText(self.status.text() + " No unknown example was used, so 'Refine example' did "
+                                "nothing: paint one and seed it first.")
+        if maps.notes:
+            self.status.setText(self.status.text() + " Note: " + "; ".join(maps.notes) + ".")
+
+    def _put_regions(self, regions: np.ndarray):
+        """The novel region as a cyan outline (a colour the inferno heat map never shows)."""
+        from napari.utils.colormaps import DirectLabelColormap
+
+        layer = put_output_layer(self.viewer, self._maps_source, regions.astype(np.uint8), role="novelty:regions",
+                                 name=f"{self._maps_source.name} novel region")
+        layer.contour = 2
+        layer.colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: "cyan"})
+        return layer
 
     def _threshold_moved(self, value: int) -> None:
         if self.maps is None:
@@ -364,15 +417,14 @@ class NoveltyWidget(QWidget):
             return
         level = value / SLIDER_STEPS
         regions = self.maps.novel_regions(level)
-        self.threshold_label.setText(f"threshold: {level:.3f} (adaptive {self.maps.threshold:.3f})")
+        self.threshold_label.setText(f"Novel above: {level:.3f} (automatic: {self.maps.threshold:.3f})")
         layer = self._novel_layer
         if layer is not None and layer in self.viewer.layers and not (owner_info(layer) or {}).get("edited"):
             layer.data = regions.astype(np.uint8)
         else:  # the user painted on it (it is kept) or closed it
-            self._novel_layer = put_output_layer(self.viewer, self._maps_source, regions.astype(np.uint8),
-                                                 role="novelty:regions", name="novel regions")
+            self._novel_layer = self._put_regions(regions)
         share = regions.sum() / max(1, int(self.maps.mask.sum()))
-        self.status.setText(f"Novel regions: {100 * share:.1f}% of the body at threshold {level:.3f}.")
+        self.status.setText(f"Novel region: {100 * share:.1f}% of the body above {level:.3f}.")
 
     def _finished(self, outcome: str) -> None:
         self.run_finished.emit(f"{self._action} {outcome}")
@@ -386,5 +438,6 @@ class NoveltyWidget(QWidget):
                         self.epochs, self.flips, self.pair_list):
             control.setEnabled(not running and trained)
         self.adapt.setEnabled(not running)  # both modes adapt a seeded unknown prototype
+        self.side.setEnabled(not running)
         self.save_button.setEnabled(not running and trained and self.model is not None)
         self.seed_button.setEnabled(not running and trained and self.model is not None)

@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from .novelty import add_map_options, check_map_options
+from .novelty import add_map_options, check_map_options, novel_side
 from .segment import add_engine_options, engine_options
 
 
@@ -83,6 +83,8 @@ def run_novelty(args: argparse.Namespace) -> int:
             options={
                 "use_unknown": not args.no_unknown,
                 "adapt_unknown": args.adapt_unknown,
+                "side": novel_side(args),
+                "intensity": args.intensity,
                 "device": args.device,
             },
         )
@@ -96,6 +98,7 @@ def run_novelty(args: argparse.Namespace) -> int:
                 "axis": args.axis,
                 "support_size": args.support_size,
                 "adapt_unknown": args.adapt_unknown,
+                "side": novel_side(args),
                 "device": args.device,
             },
         )

@@ -2,8 +2,9 @@
 
 * ``openseg novelty train --image VOL [--image VOL ...] --labels LAB [--labels LAB ...] --out MODEL``
 * ``openseg novelty seed --model MODEL --image VOL --mask MASK --out MODEL2`` (one-shot unknown seed)
-* ``openseg novelty map --model MODEL --image VOL --out NOVELTY [--scores-out DIR]``, or
-  ``--support SUPPORT.npz`` instead of ``--model`` for the training-free option.
+* ``openseg novelty map --model MODEL --image VOL [--out NOVELTY] [--scores-out DIR]``, or
+  ``--support SUPPORT.npz`` instead of ``--model`` for the training-free option. By default it writes
+  ``<image>_novelty`` (the heat map) and ``<image>_novel_region`` (the thresholded mask) beside the image.
 """
 
 from __future__ import annotations
@@ -25,15 +26,20 @@ def register(subparsers) -> None:
     train.add_argument("--image", action="append", required=True, help="a volume (repeat for several)")
     train.add_argument("--labels", action="append", required=True, help="its labels (same order as --image)")
     train.add_argument("--out", required=True, help="model file to write (.pt)")
-    train.add_argument("--epochs", type=int, default=20, help="passes of --samples-per-volume patches (default 20)")
-    train.add_argument("--samples-per-volume", type=int, default=4, help="patches per volume per epoch")
-    train.add_argument("--batch-size", type=int, default=2, help="patches per step")
-    train.add_argument("--learning-rate", type=float, default=3e-4, help="AdamW learning rate")
-    train.add_argument("--roi", type=int, nargs=3, default=[64, 64, 64], metavar=("Z", "Y", "X"),
-                       help="patch size, each side divisible by 32, one side >= 64 (default 64 64 64)")
-    train.add_argument("--downsample", type=int, default=1, help="shrink volumes by this factor first (default 1)")
-    train.add_argument("--feature-size", type=int, default=12, help="SwinUNETR width, a multiple of 12")
-    train.add_argument("--embedding-dim", type=int, default=128, help="F, the embedding size")
+    # Defaults live in NoveltyTrainSettings; an option left out keeps the settings' value.
+    train.add_argument("--epochs", type=int, help="passes of --samples-per-volume patches (default 20)")
+    train.add_argument("--max-steps", type=int,
+                       help="stop after this many steps (default 300, about 10 minutes on a 2-core CPU; 0: no limit)")
+    train.add_argument("--samples-per-volume", type=int, help="patches per volume per epoch (default 4)")
+    train.add_argument("--batch-size", type=int, help="patches per step (default 2)")
+    train.add_argument("--learning-rate", type=float, help="AdamW learning rate (default 1e-3)")
+    train.add_argument("--backbone", choices=["unet", "swinunetr"],
+                       help="unet: a small residual U-Net that trains on a CPU (default); swinunetr: the paper's")
+    train.add_argument("--roi", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                       help="patch size, sides divisible by 8 (unet) or 32 (swinunetr) (default 16 64 64)")
+    train.add_argument("--downsample", type=int, help="shrink volumes by this factor first (default 2)")
+    train.add_argument("--feature-size", type=int, help="network width (default 8; a multiple of 12 for swinunetr)")
+    train.add_argument("--embedding-dim", type=int, help="F, the embedding size (default 32)")
     train.add_argument("--ignore-label", type=int, action="append", default=[],
                        help="label value to leave out of training (repeatable; not 0, the background)")
     train.add_argument("--flips", action="store_true", help="random flips along every axis")
@@ -58,9 +64,10 @@ def register(subparsers) -> None:
 
     novelty_map = commands.add_parser("map", help="write the novelty map of a volume")
     novelty_map.add_argument("--image", required=True, help="volume to map")
-    novelty_map.add_argument("--out", required=True, help="fused novelty map to write (NIfTI, TIFF or NPY)")
-    novelty_map.add_argument("--scores-out", help="folder for the cosine and distance maps, segmentation and novel "
-                             "mask (made if missing)")
+    novelty_map.add_argument("--out", help="novelty heat map to write (NIfTI, TIFF or NPY; default "
+                             "<image>_novelty beside the image); the novel region goes beside it as <out>_novel_region")
+    novelty_map.add_argument("--scores-out", help="folder for the three score maps (cosine, distance, appearance) "
+                             "and the known classes (made if missing)")
     novelty_map.add_argument("--mask", help="foreground mask file (default: the body found by intensity)")
     add_map_options(novelty_map)
     novelty_map.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -73,6 +80,14 @@ def add_map_options(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="novelty model file (from `openseg novelty train`)")
     source.add_argument("--support", help="support-set file: training-free option (in-context network features)")
+    parser.add_argument("--novel-when", choices=["brighter", "darker", "either", "unlike-every-class"],
+                        default="brighter", help="which intensity departures from its own known class make a "
+                        "voxel novel (default brighter, as FLAIR and T2 lesions are); unlike-every-class: "
+                        "no intensity map")
+    parser.add_argument("--intensity", choices=["auto", "match", "as-is"], default="auto",
+                        help="a trained model meeting a volume whose intensities differ from its training "
+                        "volumes: auto matches them when they are close enough and refuses otherwise, "
+                        "match always matches, as-is uses them untouched (default auto)")
     parser.add_argument("--no-unknown", action="store_true", help="ignore the model's unknown prototype")
     parser.add_argument("--adapt-unknown", type=int, default=0, metavar="N",
                         help="adapt the unknown prototype on each volume for N steps")
@@ -107,6 +122,12 @@ def default_checkpoint(out: Path) -> Path:
     return out.with_name(f"{name}.ckpt.pt")
 
 
+TRAIN_OPTIONS = {"epochs": "epochs", "max_steps": "max_steps", "samples_per_volume": "samples_per_volume",
+                 "batch_size": "batch_size", "learning_rate": "learning_rate", "backbone": "backbone",
+                 "roi": "roi_size", "downsample": "downsample", "feature_size": "feature_size",
+                 "embedding_dim": "embedding_dim"}
+
+
 def run_train(args: argparse.Namespace) -> int:
     from ..errors import OpenSegError
     from ..io import check_writable, read_image
@@ -124,12 +145,11 @@ def run_train(args: argparse.Namespace) -> int:
                            "start again from scratch")
     images = [read_image(p).data for p in args.image]
     labels = [read_image(p).data for p in args.labels]
-    settings = NoveltyTrainSettings(
-        epochs=args.epochs, samples_per_volume=args.samples_per_volume, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, roi_size=tuple(args.roi), downsample=args.downsample,
-        feature_size=args.feature_size, embedding_dim=args.embedding_dim,
-        ignore_values=tuple(args.ignore_label), flips=args.flips, seed=args.seed,
-    )
+    given = {field: getattr(args, option) for option, field in TRAIN_OPTIONS.items()
+             if getattr(args, option) is not None}
+    if given.get("max_steps") == 0:
+        given["max_steps"] = None
+    settings = NoveltyTrainSettings(ignore_values=tuple(args.ignore_label), flips=args.flips, seed=args.seed, **given)
     result = with_progress_bar(
         iter_train_novelty(images, labels, settings, checkpoint=checkpoint, resume=args.resume, device=args.device),
         "novelty train",
@@ -157,21 +177,43 @@ def run_seed(args: argparse.Namespace) -> int:
     return 0
 
 
+SCORE_FILES = ("cosine", "distance", "appearance", "segmentation")
+
+
 def score_paths(out: Path, folder: Path) -> dict[str, Path]:
     from ..io import strip_suffix
 
     suffix = out.name[len(strip_suffix(out)) :]
     stem = strip_suffix(out)
-    return {kind: folder / f"{stem}_{kind}{suffix}" for kind in ("cosine", "distance", "segmentation", "novel")}
+    return {kind: folder / f"{stem}_{kind}{suffix}" for kind in SCORE_FILES}
+
+
+def default_out(image: Path) -> Path:
+    """``<image>_novelty`` beside the image, in its format."""
+    from ..io import strip_suffix
+
+    return image.with_name(f"{strip_suffix(image)}_novelty{image.name[len(strip_suffix(image)):]}")
+
+
+def region_path(out: Path) -> Path:
+    from ..io import strip_suffix
+
+    return out.with_name(f"{strip_suffix(out)}_novel_region{out.name[len(strip_suffix(out)):]}")
+
+
+def novel_side(args: argparse.Namespace) -> str | None:
+    """``--novel-when`` as the maps' ``side`` (``None``: no intensity map)."""
+    return None if args.novel_when == "unlike-every-class" else args.novel_when
 
 
 def run_map(args: argparse.Namespace) -> int:
     from ..io import check_writable
     from ._files import output_folder
 
-    out = Path(args.out)
+    out = Path(args.out) if args.out else default_out(Path(args.image))
     inputs = [p for p in (args.model, args.support, args.image, args.mask, args.seed_mask, args.seed_image) if p]
     check_writable(out, args.overwrite, image=True, inputs=inputs)
+    check_writable(region_path(out), args.overwrite, image=True, inputs=inputs)
     check_map_options(args)
     if not args.scores_out:
         return _map(args, out, {})
@@ -193,6 +235,7 @@ def _map(args: argparse.Namespace, out: Path, extra: dict[str, Path]) -> int:
     from ..io import read_image, write_image
     from ._progress import with_progress_bar
 
+    side = novel_side(args)
     image = read_image(args.image)
     mask = check_mask(read_image(args.mask).data != 0, image.data.shape) if args.mask else None
     seed = None
@@ -206,23 +249,26 @@ def _map(args: argparse.Namespace, out: Path, extra: dict[str, Path]) -> int:
                                "`openseg novelty seed`, or leave out --adapt-unknown")
         maps = with_progress_bar(
             iter_novelty_map(image.data, model, mask=mask, use_unknown=not args.no_unknown,
-                             adapt_unknown=args.adapt_unknown, device=args.device),
+                             adapt_unknown=args.adapt_unknown, side=side, intensity=args.intensity,
+                             device=args.device),
             f"novelty {image.name}",
         )
     else:
         maps = with_progress_bar(
             iter_training_free_novelty(image.data, load_support(args.support), args.weights, axis=args.axis,
                                        support_size=args.support_size, mask=mask, unknown_seed=seed,
-                                       adapt_unknown=args.adapt_unknown, device=args.device),
+                                       adapt_unknown=args.adapt_unknown, side=side, device=args.device),
             f"novelty {image.name}",
         )
     write_image(out, maps.fused, image, overwrite=args.overwrite)
-    if extra:
-        write_image(extra["cosine"], maps.cosine, image, overwrite=args.overwrite)
-        write_image(extra["distance"], maps.distance, image, overwrite=args.overwrite)
-        write_image(extra["segmentation"], maps.segmentation, image, overwrite=args.overwrite)
-        write_image(extra["novel"], maps.novel_regions().astype(np.uint8), image, overwrite=args.overwrite)
+    write_image(region_path(out), maps.novel_regions().astype(np.uint8), image, overwrite=args.overwrite)
+    for kind, path in extra.items():
+        values = getattr(maps, kind)
+        if values is not None:  # no appearance map with --novel-when unlike-every-class
+            write_image(path, values, image, overwrite=args.overwrite)
+    for note in maps.notes:
+        print(f"note: {note}")
     novel = int(maps.novel_regions().sum())
-    print(f"{out}: fused novelty in [0, 1]; adaptive threshold {maps.threshold:.3f} flags {novel} voxels "
-          f"({100 * novel / max(1, int(maps.mask.sum())):.1f}% of the body)")
+    print(f"{out}: novelty in [0, 1]; the automatic threshold {maps.threshold:.3f} flags {novel} voxels "
+          f"({100 * novel / max(1, int(maps.mask.sum())):.1f}% of the body), written to {region_path(out)}")
     return 0

@@ -15,10 +15,17 @@ has one, the unknown prototype ``p_u`` (all unit length):
 * Each map is normalised robustly inside a foreground mask: its 1st and 99th percentiles there map
   to 0 and 1, values are clipped to [0, 1], and voxels outside the mask are 0. Percentiles instead of
   min/max keep a few extreme voxels from squashing the rest of the map.
-* **Fused** novelty is the mean of the two normalised maps. Both lie on the same [0, 1] scale, so the
-  mean is a soft "low cosine and high EDS" (the paper's dual criterion): a voxel must look novel to
-  both scores to reach the top, while a voxel that only one score flags still rises, which keeps the
-  sensitivity that a hard AND (or a product, which one near-zero score kills) would lose.
+* **appearance novelty** (not in the paper): how unlike *its own* known class a voxel looks. Each voxel
+  belongs to the known class the model gives it; its intensity, smoothed with a Gaussian of ``sigma``
+  voxels, is compared with the intensities of the voxels of the same class in this volume inside
+  the mask, as a robust z-score ``(v - median) / (1.4826 MAD)``. ``side`` says which departures count:
+  ``"brighter"`` (FLAIR and T2 lesions, contrast uptake), ``"darker"`` or ``"either"``. Embeddings
+  trained or prompted on healthy classes often place a lesion next to the class it sits in (a
+  tumour inside the brain is "brain" to them); its intensity still differs from that class's.
+* **Fused** novelty is the weighted mean of the normalised maps. They lie on the same [0, 1] scale, so
+  the mean is a soft "low cosine and high EDS" (the paper's dual criterion): a voxel must look novel
+  to every score to reach the top, while a voxel that only one score flags still rises, which keeps
+  the sensitivity that a hard AND (or a product, which one near-zero score kills) would lose.
 * The **adaptive threshold** is Otsu's threshold of the fused map inside the mask: the value that best
   splits the map's histogram into two groups, so it follows each volume's own distribution.
 
@@ -28,7 +35,7 @@ never built for all voxels at once).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,6 +48,18 @@ from .prototypes import PrototypeBank
 SCORE_CHUNK = 1 << 18
 #: Raw score channels, in the order :func:`score_channels` stacks them.
 CHANNELS = ("cos_known", "eds_known", "cos_unknown", "dist_unknown")
+#: The normalised maps the fused map averages, in the order of :data:`DEFAULT_WEIGHTS`.
+SCORES = ("cosine", "distance", "appearance")
+#: Weights of cosine, distance and appearance novelty in the fused map, chosen on the validation
+#: patients of the LGG protocol (docs/novelty.md); without an appearance map the other two keep theirs.
+DEFAULT_WEIGHTS = (0.1, 0.1, 0.8)
+#: Which departures from its class make a voxel look novel (:func:`appearance_novelty`).
+APPEARANCE_SIDES = ("brighter", "darker", "either")
+DEFAULT_SIDE = "brighter"
+#: Gaussian smoothing (voxels) of the intensities that :func:`appearance_novelty` compares.
+APPEARANCE_SIGMA = 2.0
+#: Voxels per class used for its median and spread (a strided sample of larger classes).
+APPEARANCE_SAMPLE = 1_000_000
 
 
 def score_channels(embeddings: torch.Tensor, bank: PrototypeBank, chunk: int = SCORE_CHUNK) -> torch.Tensor:
@@ -122,12 +141,74 @@ def robust_normalize(
     return out
 
 
-def fuse(cosine: np.ndarray, distance: np.ndarray, cosine_weight: float = 0.5) -> np.ndarray:
-    """Fused novelty: weighted mean of the two *normalised* maps (see the module docstring)."""
-    if not 0.0 <= cosine_weight <= 1.0:
-        raise OpenSegError(f"the cosine weight must lie in [0, 1], got {cosine_weight}")
-    return (cosine_weight * np.asarray(cosine, np.float32)
-            + (1.0 - cosine_weight) * np.asarray(distance, np.float32)).astype(np.float32)
+def check_weights(weights) -> tuple[float, ...]:
+    """Fusion weights: one finite number >= 0 per map, not all 0."""
+    values = tuple(float(w) for w in weights)
+    if not values or any(not np.isfinite(w) or w < 0 for w in values) or sum(values) <= 0:
+        raise OpenSegError(f"fusion weights must be numbers >= 0 that are not all 0, got {list(weights)}")
+    return values
+
+
+def fuse(maps, weights) -> np.ndarray:
+    """Fused novelty: weighted mean of *normalised* maps (see the module docstring).
+
+    ``maps`` and ``weights`` pair up; a map that is None is left out with its weight.
+    """
+    if len(maps) != len(weights):
+        raise OpenSegError(f"{len(maps)} maps but {len(weights)} fusion weights")
+    pairs = [(np.asarray(m, np.float32), w) for m, w in zip(maps, check_weights(weights)) if m is not None]
+    total = sum(w for _, w in pairs)
+    if not pairs or total <= 0:
+        raise OpenSegError("the fusion weights give every available map a weight of 0")
+    fused = np.zeros(pairs[0][0].shape, np.float32)
+    for values, weight in pairs:
+        fused += np.float32(weight / total) * values
+    return fused
+
+
+def appearance_novelty(
+    image: np.ndarray,
+    classes: np.ndarray,
+    mask: np.ndarray,
+    side: str = DEFAULT_SIDE,
+    sigma: float = APPEARANCE_SIGMA,
+) -> np.ndarray:
+    """Robust z-score of each voxel's smoothed intensity within its own class, inside ``mask``.
+
+    ``image``: intensities (normalised); ``classes``: the known class of every voxel (label values or
+    indices); ``side``: ``"brighter"``, ``"darker"`` or ``"either"`` (absolute z). 0 outside the mask
+    and in classes with fewer than 10 voxels in it. Not normalised to [0, 1].
+    """
+    from scipy import ndimage
+
+    if side not in APPEARANCE_SIDES:
+        raise OpenSegError(f"appearance side must be one of {', '.join(APPEARANCE_SIDES)}, got {side!r}")
+    image = np.asarray(image, np.float32)
+    classes, mask = np.asarray(classes), np.asarray(mask, bool)
+    if not (image.shape == classes.shape == mask.shape):
+        raise OpenSegError(f"image {image.shape}, classes {classes.shape} and mask {mask.shape} differ")
+    smooth = ndimage.gaussian_filter(image, sigma) if sigma > 0 else image
+    out = np.zeros(image.shape, np.float32)
+    inside = classes[mask]
+    values = smooth[mask]
+    z = np.zeros(values.shape, np.float32)
+    for value in np.unique(inside):
+        members = inside == value
+        sample = values[members]
+        if sample.size < 10:
+            continue
+        if sample.size > APPEARANCE_SAMPLE:
+            sample = sample[:: sample.size // APPEARANCE_SAMPLE]
+        median = np.median(sample)
+        spread = 1.4826 * np.median(np.abs(sample - median))
+        spread = max(float(spread), 1e-3 * max(1.0, float(np.abs(sample).max())))
+        z[members] = (values[members] - median) / spread
+    if side == "darker":
+        z = -z
+    elif side == "either":
+        z = np.abs(z)
+    out[mask] = z
+    return out
 
 
 def otsu_threshold(values: np.ndarray, mask: np.ndarray | None = None, bins: int = 256) -> float:
@@ -185,9 +266,11 @@ def auroc(score: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> floa
 class NoveltyMaps:
     """Novelty of one volume; every map has the image's shape.
 
-    ``fused``, ``cosine``, ``distance``: normalised novelty in [0, 1] (0 outside ``mask``);
-    ``threshold``: the adaptive (Otsu) threshold of ``fused``; ``segmentation``: known-class labels
-    (label values) when the model gives them; ``raw``: the raw channels ``"4 *shape"`` if kept.
+    ``fused``, ``cosine``, ``distance``, ``appearance``: normalised novelty in [0, 1] (0 outside
+    ``mask``; ``appearance`` None when it was not computed); ``threshold``: the adaptive (Otsu)
+    threshold of ``fused``; ``segmentation``: known-class labels (label values) when the model gives
+    them; ``raw``: the raw channels ``"4 *shape"`` if kept; ``notes``: what was done to the input
+    that a user should know (for example intensities matched to a model's training volumes).
     """
 
     fused: np.ndarray
@@ -198,6 +281,8 @@ class NoveltyMaps:
     segmentation: np.ndarray | None = None
     used_unknown: bool = False
     raw: np.ndarray | None = None
+    appearance: np.ndarray | None = None
+    notes: list[str] = field(default_factory=list)
 
     def novel_regions(self, threshold: float | None = None) -> np.ndarray:
         """Voxels of the mask whose fused novelty exceeds ``threshold`` (default: the adaptive one)."""
@@ -210,18 +295,32 @@ def maps_from_raw(
     mask: np.ndarray,
     num_classes: int,
     use_unknown: bool = True,
-    cosine_weight: float = 0.5,
+    weights=DEFAULT_WEIGHTS,
     segmentation: np.ndarray | None = None,
     keep_raw: bool = False,
+    image: np.ndarray | None = None,
+    side: str | None = DEFAULT_SIDE,
+    sigma: float = APPEARANCE_SIGMA,
 ) -> NoveltyMaps:
-    """Normalise, fuse and threshold raw score channels ``"4 *shape"`` inside ``mask``."""
+    """Normalise, fuse and threshold raw score channels ``"4 *shape"`` inside ``mask``.
+
+    ``weights``: of cosine, distance and appearance novelty (:data:`SCORES`). The appearance map is
+    computed when ``image`` (the normalised intensities) and ``segmentation`` are given and ``side``
+    is not None.
+    """
     mask = np.asarray(mask, bool)
     if not mask.any():
         raise OpenSegError("the foreground mask is empty: there is no body to score")
+    weights = check_weights(weights)
+    if len(weights) != len(SCORES):
+        raise OpenSegError(f"give one fusion weight per map ({', '.join(SCORES)}), got {list(weights)}")
     cosine, distance = novelty_components(raw, num_classes, use_unknown)
     cosine = robust_normalize(cosine, mask)
     distance = robust_normalize(distance, mask)
-    fused = fuse(cosine, distance, cosine_weight)
+    appearance = None
+    if image is not None and segmentation is not None and side is not None:
+        appearance = robust_normalize(appearance_novelty(image, segmentation, mask, side, sigma), mask)
+    fused = fuse([cosine, distance, appearance], weights)
     return NoveltyMaps(
         fused=fused,
         cosine=cosine,
@@ -231,4 +330,5 @@ def maps_from_raw(
         segmentation=segmentation,
         used_unknown=use_unknown,
         raw=raw if keep_raw else None,
+        appearance=appearance,
     )

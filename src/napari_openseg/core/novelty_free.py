@@ -29,7 +29,15 @@ import torch
 from ..errors import OpenSegError
 from .engine import DEFAULT_SUPPORT_SIZE, auto_batch_size, prepare_network
 from .inference import label_dtype, load_support
-from .novelty import NoveltyMaps, class_similarities, maps_from_raw, score_channels
+from .novelty import (
+    APPEARANCE_SIGMA,
+    DEFAULT_SIDE,
+    DEFAULT_WEIGHTS,
+    NoveltyMaps,
+    class_similarities,
+    maps_from_raw,
+    score_channels,
+)
 from .novelty_map import ADAPT_STRIDE
 from .novelty_model import body_mask, check_mask, check_seed, check_volume
 from .preprocess import from_grid, masks_to_grid, normalize_intensity, to_grid
@@ -173,7 +181,9 @@ def iter_training_free_novelty(
     unknown_seed: tuple[np.ndarray, np.ndarray] | None = None,
     adapt_unknown: int = 0,
     prototype_slices: int = 16,
-    cosine_weight: float = 0.5,
+    weights=DEFAULT_WEIGHTS,
+    side: str | None = DEFAULT_SIDE,
+    sigma: float = APPEARANCE_SIGMA,
     batch_size: int | None = None,
     device: str | torch.device = "auto",
     keep_raw: bool = False,
@@ -182,7 +192,8 @@ def iter_training_free_novelty(
 
     ``model``: in-context weights name, file or network (default weights when None);
     ``unknown_seed``: optional ``(image, mask)`` with one painted instance of an unseen structure;
-    ``adapt_unknown``: steps adapting it on this volume's unlabelled embeddings (needs the seed).
+    ``adapt_unknown``: steps adapting it on this volume's unlabelled embeddings (needs the seed);
+    ``weights``, ``side``, ``sigma``: fusion and appearance map (:func:`~napari_openseg.core.novelty.maps_from_raw`).
     Yields progress per batch of slices; returns :class:`~napari_openseg.core.novelty.NoveltyMaps`.
     """
     image = check_volume(image)
@@ -236,8 +247,8 @@ def iter_training_free_novelty(
     raw = np.moveaxis(raw, 1, axis % 3 + 1)
     values = np.asarray(bank.class_values, dtype=label_dtype(max(bank.class_values)))
     segmentation = np.moveaxis(values[nearest], 0, axis)
-    return maps_from_raw(raw, mask, bank.num_classes, bank.unknown is not None, cosine_weight, segmentation,
-                         keep_raw)
+    return maps_from_raw(raw, mask, bank.num_classes, bank.unknown is not None, weights, segmentation,
+                         keep_raw, normalized, side, sigma)
 
 
 def training_free_novelty(image: np.ndarray, support: SupportSet, model=None, **kwargs) -> NoveltyMaps:

@@ -6,7 +6,11 @@ embeddings are turned into the four raw score channels at once
 (:func:`~napari_openseg.core.novelty.score_channels`), so the ``"F D H W"`` embedding volume is never
 held: only the class logits and four score channels are accumulated, blended with MONAI's Gaussian
 importance map. The blended maps are resized to the input's shape, normalised inside the body mask and
-fused (:func:`~napari_openseg.core.novelty.maps_from_raw`).
+fused (:func:`~napari_openseg.core.novelty.maps_from_raw`) with the appearance map, which compares each
+voxel's intensity with the voxels of the known class the segmentation head gives it.
+
+A model trained by this version stores the intensity signature of its training volumes; a volume
+whose intensities differ is matched to them or refused (:mod:`~napari_openseg.core.modality`).
 
 When the bank has an unknown prototype and ``adapt_unknown`` > 0, a first, non-overlapping pass
 collects a strided sample of the volume's embeddings inside the body (no labels) and adapts a copy
@@ -26,7 +30,15 @@ import torch.nn.functional as F
 
 from ..errors import OpenSegError
 from .device import resolve_device
-from .novelty import NoveltyMaps, maps_from_raw, score_channels
+from .modality import check_intensities
+from .novelty import (
+    APPEARANCE_SIGMA,
+    DEFAULT_SIDE,
+    DEFAULT_WEIGHTS,
+    NoveltyMaps,
+    maps_from_raw,
+    score_channels,
+)
 from .novelty_model import (
     NoveltyModel,
     body_mask,
@@ -91,7 +103,10 @@ def iter_novelty_map(
     adapt_unknown: int = 0,
     seed_free: bool = False,
     overlap: float = 0.25,
-    cosine_weight: float = 0.5,
+    weights=DEFAULT_WEIGHTS,
+    side: str | None = DEFAULT_SIDE,
+    sigma: float = APPEARANCE_SIGMA,
+    intensity: str = "auto",
     device: str | torch.device = "auto",
     keep_raw: bool = False,
 ) -> Generator[Progress, None, NoveltyMaps]:
@@ -111,6 +126,13 @@ def iter_novelty_map(
         When the bank has no unknown prototype, start one from this volume's least familiar
         embeddings (:meth:`~napari_openseg.core.prototypes.PrototypeBank.init_unknown_from_outliers`)
         and adapt it ``adapt_unknown`` steps.
+    weights, side, sigma
+        Fusion weights of cosine, distance and appearance novelty; which departures from its class
+        count as novel (``"brighter"``, ``"darker"``, ``"either"``; None: no appearance map); the
+        smoothing of the intensities it compares (:func:`~napari_openseg.core.novelty.maps_from_raw`).
+    intensity
+        ``"auto"``, ``"match"`` or ``"as-is"``: how a volume unlike the training volumes is treated
+        (:func:`~napari_openseg.core.modality.check_intensities`).
 
     Yields progress per window; returns :class:`~napari_openseg.core.novelty.NoveltyMaps` whose
     ``segmentation`` holds the known-class label values.
@@ -133,10 +155,10 @@ def iter_novelty_map(
     use_unknown = use_unknown and (bank.unknown is not None or seed_free)
     normalized = normalize_intensity(image)
     mask = body_mask(normalized, normalized=True) if mask is None else mask
+    normalized, notes = check_intensities(normalized, mask, model.info.get("intensity_signature"), intensity)
 
     factor = model.downsample
     volume, shape = _pad_to(to_working(normalized, factor).to(torch_device), model.config.roi_size)
-    del normalized  # the full-resolution copy is not needed past here
     roi = model.config.roi_size
     windows = _windows(tuple(volume.shape[2:]), roi, overlap)
     adapt = use_unknown and (adapt_unknown > 0 or seed_free)
@@ -167,22 +189,24 @@ def iter_novelty_map(
     k = model.config.num_classes
     weight_map = _gaussian(roi, torch_device)
     accum = torch.zeros((k + 4, *volume.shape[2:]), device=torch_device)
-    weights = torch.zeros(volume.shape[2:], device=torch_device)
+    coverage = torch.zeros(volume.shape[2:], device=torch_device)
     for window in windows:
         with torch.inference_mode():
             logits, emb = net(volume[(slice(None), slice(None), *window)])
             flat = emb[0].flatten(1).T
             raw = score_channels(flat, bank).T.reshape(4, *roi)
             accum[(slice(None), *window)] += torch.cat([logits[0].float(), raw]) * weight_map
-            weights[window] += weight_map
+            coverage[window] += weight_map
         done += 1
         yield Progress(done, total, "novelty map")
 
     crop = (slice(None), *(slice(0, s) for s in shape))
-    accum = (accum / weights.clamp_min(1e-8))[crop].cpu()
+    accum = (accum / coverage.clamp_min(1e-8))[crop].cpu()
     raw = _resize_to(accum[k:], image.shape).numpy()
     segmentation = _segmentation(accum[:k], image.shape, model.class_values)
-    return maps_from_raw(raw, mask, k, use_unknown, cosine_weight, segmentation, keep_raw)
+    maps = maps_from_raw(raw, mask, k, use_unknown, weights, segmentation, keep_raw, normalized, side, sigma)
+    maps.notes = notes
+    return maps
 
 
 def _segmentation(logits: torch.Tensor, shape: tuple[int, ...], class_values: list[int]) -> np.ndarray:

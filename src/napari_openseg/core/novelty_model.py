@@ -116,16 +116,22 @@ ARCHITECTURE_BOUNDS = {"num_classes": 1024, "feature_size": 96, "embedding_dim":
 
 def _architecture(config) -> MedOpenSegConfig:
     """The file's architecture, its fields checked for type and bounds (nothing is built)."""
-    from ..model.medopenseg import MedOpenSegConfig
+    from ..model.medopenseg import DIVISORS, MedOpenSegConfig
 
     if not isinstance(config, dict):
         raise OpenSegError(f"the model file's architecture is a {type(config).__name__}, not a mapping; "
                            "the file is damaged")
-    unknown = sorted(set(config) - set(ARCHITECTURE_BOUNDS))
+    unknown = sorted(set(config) - set(ARCHITECTURE_BOUNDS) - {"backbone"})
     if unknown:
         raise OpenSegError(f"the model file's architecture has unknown fields {unknown}; upgrade napari-openseg")
+    backbone = config.get("backbone", "swinunetr")
+    if backbone not in DIVISORS:
+        raise OpenSegError(f"the model file's backbone is {backbone!r}, not one of {', '.join(DIVISORS)}; "
+                           "upgrade napari-openseg or retrain the model")
     whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
     for key, value in config.items():
+        if key == "backbone":
+            continue
         numbers = value if isinstance(value, (list, tuple)) else [value]
         if not numbers or not all(whole(v) for v in numbers):
             raise OpenSegError(f"the model file's {key} is {value!r}, not whole numbers; the file is damaged")
@@ -181,8 +187,10 @@ def body_mask(image: np.ndarray, normalized: bool = False) -> np.ndarray:
     """Foreground ("inside the body") of a volume: above half its Otsu level, holes filled.
 
     Half the Otsu level keeps dark tissue (CSF) that Otsu alone would drop; filling holes keeps
-    cavities (ventricles, lungs) surrounded by tissue. ``normalized``: ``image`` is already
-    :func:`normalize_intensity`'s output (callers that need it anyway save a second pass).
+    cavities (ventricles, lungs) surrounded by tissue, in 3D and then in every slice along each axis:
+    a cavity that a volume cut open at its first or last slice is still inside the body in the slices
+    that enclose it. ``normalized``: ``image`` is already :func:`normalize_intensity`'s output
+    (callers that need it anyway save a second pass).
     """
     from scipy import ndimage
 
@@ -192,7 +200,13 @@ def body_mask(image: np.ndarray, normalized: bool = False) -> np.ndarray:
     mask = norm > 0.5 * otsu_threshold(norm)
     if not mask.any():
         return np.ones(norm.shape, bool)
-    return ndimage.binary_fill_holes(mask)
+    mask = ndimage.binary_fill_holes(mask)
+    if mask.ndim == 3:
+        for axis in range(3):
+            plane = np.zeros((3, 3, 3), bool)
+            plane[tuple(1 if a == axis else slice(None) for a in range(3))] = ndimage.generate_binary_structure(2, 1)
+            mask = ndimage.binary_fill_holes(mask, structure=plane)
+    return mask
 
 
 def working_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:

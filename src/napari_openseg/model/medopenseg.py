@@ -1,12 +1,17 @@
-"""The MedOpenSeg network: a SwinUNETR backbone with an embedding head beside the segmentation head.
+"""The MedOpenSeg network: a 3D encoder-decoder with an embedding head beside the segmentation head.
 
-MONAI's ``SwinUNETR`` gives the Swin-Transformer encoder and the U-Net-style decoder (Vargas et al.
-2025, section 3.1). Its last decoder features ``"B feature_size D H W"`` feed two 1x1x1 heads: the
-segmentation head (SwinUNETR's own output block, one logit per known class) and the embedding head
-(a 1x1x1 convolution to ``F`` = ``embedding_dim`` channels) whose output the prototype bank compares.
+Two backbones give the last decoder features ``"B feature_size D H W"``:
 
-Spatial sizes must be divisible by ``2 ** 5`` = 32 (SwinUNETR's five halvings). The default
-``feature_size`` 12 (the smallest MONAI accepts) keeps the network small enough to train on a CPU.
+* ``"swinunetr"``: MONAI's ``SwinUNETR``, the Swin-Transformer encoder and U-Net-style decoder of the
+  paper (Vargas et al. 2025, section 3.1). Spatial sizes must be divisible by ``2 ** 5`` = 32 and
+  ``feature_size`` is a multiple of 12; one training step of 2 patches of 64^3 takes about a minute on
+  a 2-core CPU.
+* ``"unet"``: MONAI's residual ``UNet`` with channels ``(f, 2f, 4f, 8f)`` for ``f`` = ``feature_size``
+  and three halvings (sizes divisible by 8): small enough to train in minutes on a CPU.
+
+The features feed two 1x1x1 heads: the segmentation head (one logit per known class; SwinUNETR's own
+output block for that backbone) and the embedding head (a 1x1x1 convolution to ``F`` =
+``embedding_dim`` channels) whose output the prototype bank compares.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from torch import nn
 
 #: SwinUNETR halves the resolution five times.
 SIZE_DIVISOR = 32
+#: How much each backbone shrinks its input: spatial sizes must be multiples of it.
+DIVISORS = {"swinunetr": SIZE_DIVISOR, "unet": 8}
 
 
 @dataclass(frozen=True)
@@ -25,7 +32,8 @@ class MedOpenSegConfig:
     """Architecture of a MedOpenSeg network.
 
     ``num_classes`` counts the known classes with background; ``roi_size`` is the patch size used for
-    training and sliding-window inference (each side divisible by 32).
+    training and sliding-window inference (each side divisible by the backbone's divisor: 32 for
+    ``"swinunetr"``, 8 for ``"unet"``). ``depths`` and ``num_heads`` apply to SwinUNETR only.
     """
 
     num_classes: int = 2
@@ -35,22 +43,32 @@ class MedOpenSegConfig:
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
     roi_size: tuple[int, int, int] = (64, 64, 64)
     in_channels: int = 1
+    backbone: str = "swinunetr"
+
+    @property
+    def divisor(self) -> int:
+        return DIVISORS[self.backbone]
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "depths", tuple(int(d) for d in self.depths))
         object.__setattr__(self, "num_heads", tuple(int(h) for h in self.num_heads))
         object.__setattr__(self, "roi_size", tuple(int(r) for r in self.roi_size))
+        if self.backbone not in DIVISORS:
+            raise ValueError(f"backbone must be one of {sorted(DIVISORS)}, got {self.backbone!r}")
         if self.num_classes < 2:
             raise ValueError(f"MedOpenSeg needs background and at least one class, got {self.num_classes}")
-        if self.feature_size < 12 or self.feature_size % 12:
+        if self.backbone == "swinunetr" and (self.feature_size < 12 or self.feature_size % 12):
             raise ValueError(f"feature_size must be a multiple of 12, got {self.feature_size}")
+        if self.feature_size < 2:
+            raise ValueError(f"feature_size must be >= 2, got {self.feature_size}")
         if self.embedding_dim < 1:
             raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
-        if len(self.roi_size) != 3 or any(r < SIZE_DIVISOR or r % SIZE_DIVISOR for r in self.roi_size):
-            raise ValueError(f"roi_size must be three sides divisible by {SIZE_DIVISOR}, got {self.roi_size}")
-        if max(self.roi_size) < 2 * SIZE_DIVISOR:
+        divisor = self.divisor
+        if len(self.roi_size) != 3 or any(r < divisor or r % divisor for r in self.roi_size):
+            raise ValueError(f"roi_size must be three sides divisible by {divisor}, got {self.roi_size}")
+        if max(self.roi_size) < 2 * divisor:
             # the bottleneck's instance norm needs more than one voxel when training
-            raise ValueError(f"roi_size needs at least one side >= {2 * SIZE_DIVISOR}, got {self.roi_size}")
+            raise ValueError(f"roi_size needs at least one side >= {2 * divisor}, got {self.roi_size}")
         if len(self.depths) != 4 or len(self.num_heads) != 4:
             raise ValueError("depths and num_heads need one entry per Swin stage (4)")
 
@@ -62,29 +80,47 @@ class MedOpenSegConfig:
 
 
 class MedOpenSeg(nn.Module):
-    """SwinUNETR backbone, segmentation head and embedding head.
+    """Backbone (SwinUNETR or a small residual U-Net), segmentation head and embedding head.
 
     ``forward(x "B 1 D H W")`` returns ``(logits "B K D H W", embeddings "B F D H W")``.
     """
 
     def __init__(self, config: MedOpenSegConfig):
         super().__init__()
-        from monai.networks.nets import SwinUNETR
-
         self.config = config
-        self.backbone = SwinUNETR(
-            in_channels=config.in_channels,
-            out_channels=config.num_classes,
-            feature_size=config.feature_size,
-            depths=config.depths,
-            num_heads=config.num_heads,
-            spatial_dims=3,
-        )
-        self.embed = nn.Conv3d(config.feature_size, config.embedding_dim, kernel_size=1)
+        f = config.feature_size
+        if config.backbone == "unet":
+            from monai.networks.nets import UNet
+
+            self.backbone = UNet(
+                spatial_dims=3,
+                in_channels=config.in_channels,
+                out_channels=f,
+                channels=(f, 2 * f, 4 * f, 8 * f),
+                strides=(2, 2, 2),
+                num_res_units=1,
+                norm="instance",
+            )
+            self.activation = nn.PReLU()
+            self.seg_head = nn.Conv3d(f, config.num_classes, kernel_size=1)
+        else:
+            from monai.networks.nets import SwinUNETR
+
+            self.backbone = SwinUNETR(
+                in_channels=config.in_channels,
+                out_channels=config.num_classes,
+                feature_size=f,
+                depths=config.depths,
+                num_heads=config.num_heads,
+                spatial_dims=3,
+            )
+        self.embed = nn.Conv3d(f, config.embedding_dim, kernel_size=1)
 
     def decoder_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Last decoder features ``"B feature_size D H W"`` (SwinUNETR's forward without its head)."""
-        check_volume_input(x, self.config.in_channels)
+        """Last decoder features ``"B feature_size D H W"`` (the backbone without its head)."""
+        check_volume_input(x, self.config.in_channels, self.config.divisor)
+        if self.config.backbone == "unet":
+            return self.activation(self.backbone(x))
         b = self.backbone
         hidden = b.swinViT(x, b.normalize)
         enc0 = b.encoder1(x)
@@ -100,7 +136,8 @@ class MedOpenSeg(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         features = self.decoder_features(x)
-        return self.backbone.out(features), self.embed(features)
+        head = self.seg_head if self.config.backbone == "unet" else self.backbone.out
+        return head(features), self.embed(features)
 
 
 def state_dict_shapes(config: MedOpenSegConfig) -> dict[str, torch.Size]:
@@ -119,10 +156,10 @@ def state_dict_shapes(config: MedOpenSegConfig) -> dict[str, torch.Size]:
         torch.linspace = original
 
 
-def check_volume_input(x: torch.Tensor, channels: int = 1) -> None:
-    """``x`` must be ``"B C D H W"`` with each spatial side divisible by 32."""
+def check_volume_input(x: torch.Tensor, channels: int = 1, divisor: int = SIZE_DIVISOR) -> None:
+    """``x`` must be ``"B C D H W"`` with each spatial side divisible by ``divisor``."""
     if x.dim() != 5 or x.shape[1] != channels:
         raise ValueError(f'expected "B {channels} D H W", got {tuple(x.shape)}')
-    bad = [s for s in x.shape[2:] if s % SIZE_DIVISOR]
+    bad = [s for s in x.shape[2:] if s % divisor]
     if bad:
-        raise ValueError(f"spatial sides must be divisible by {SIZE_DIVISOR}, got {tuple(x.shape[2:])}")
+        raise ValueError(f"spatial sides must be divisible by {divisor}, got {tuple(x.shape[2:])}")

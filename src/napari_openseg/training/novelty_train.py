@@ -24,8 +24,10 @@ import numpy as np
 import torch
 
 from ..core.device import resolve_device
+from ..core.modality import intensity_signature, merge_signatures
 from ..core.novelty_model import (
     NoveltyModel,
+    body_mask,
     check_volume,
     class_indices,
     labels_to_working,
@@ -43,24 +45,38 @@ from .novelty_losses import IGNORE, dice_ce_loss, prototype_guided_loss
 log = logging.getLogger(__name__)
 
 
+#: Steps of the default run: 300 steps of the default network (a residual U-Net of width 8, 2 patches
+#: of 16 x 64 x 64 per step at half resolution) take about 10 minutes on a 2-core CPU.
+DEFAULT_MAX_STEPS = 300
+
+
 @dataclass
 class NoveltyTrainSettings:
-    """Everything that defines a training run (stored in the model file's ``info``)."""
+    """Everything that defines a training run (stored in the model file's ``info``).
+
+    A run takes ``epochs`` passes of ``samples_per_volume`` patches per volume, ``batch_size`` per
+    step, but stops after ``max_steps`` steps (None: no limit), so that the default run ends in
+    minutes on a CPU however many volumes it is given. The defaults are sized for a CPU: the small
+    ``"unet"`` backbone at half resolution; ``backbone="swinunetr"``, ``feature_size=12`` and
+    ``roi_size=(64, 64, 64)`` give the paper's network (a GPU is then advisable).
+    """
 
     epochs: int = 20
     samples_per_volume: int = 4
     batch_size: int = 2
-    learning_rate: float = 3e-4
+    max_steps: int | None = DEFAULT_MAX_STEPS
+    learning_rate: float = 1e-3
     weight_decay: float = 1e-5
     momentum: float = DEFAULT_MOMENTUM
     pgr_weight: float = 1.0
     lambda_pc: float = 0.01
-    feature_size: int = 12
-    embedding_dim: int = 128
-    roi_size: tuple[int, int, int] = (64, 64, 64)
+    feature_size: int = 8
+    embedding_dim: int = 32
+    roi_size: tuple[int, int, int] = (16, 64, 64)
     depths: tuple[int, ...] = (2, 2, 2, 2)
     num_heads: tuple[int, ...] = (3, 6, 12, 24)
-    downsample: int = 1
+    backbone: str = "unet"
+    downsample: int = 2
     flips: bool = False
     ignore_values: tuple[int, ...] = ()
     seed: int = 0
@@ -70,6 +86,8 @@ class NoveltyTrainSettings:
         self.depths = tuple(int(d) for d in self.depths)
         self.num_heads = tuple(int(h) for h in self.num_heads)
         self.ignore_values = tuple(int(v) for v in self.ignore_values)
+        if self.max_steps is not None and self.max_steps < 1:
+            raise OpenSegError(f"max steps must be >= 1 (or None for no limit), got {self.max_steps}")
         for name in ("epochs", "samples_per_volume", "batch_size", "downsample"):
             if getattr(self, name) < 1:
                 raise OpenSegError(f"{name.replace('_', ' ')} must be >= 1, got {getattr(self, name)}")
@@ -79,7 +97,8 @@ class NoveltyTrainSettings:
 
         try:  # refuse a bad architecture before any data is read
             MedOpenSegConfig(feature_size=self.feature_size, embedding_dim=self.embedding_dim,
-                             roi_size=self.roi_size, depths=self.depths, num_heads=self.num_heads)
+                             roi_size=self.roi_size, depths=self.depths, num_heads=self.num_heads,
+                             backbone=self.backbone)
         except ValueError as err:
             raise OpenSegError(str(err)) from err
 
@@ -93,7 +112,8 @@ class TrainingResult:
     steps: int = 0
 
 
-def _prepare(images, labels, settings: NoveltyTrainSettings) -> tuple[list[dict], list[int]]:
+def _prepare(images, labels, settings: NoveltyTrainSettings) -> tuple[list[dict], list[int], list[float]]:
+    """Working-resolution volumes and class maps, the class values, and the volumes' intensity signature."""
     if len(images) != len(labels) or not images:
         raise OpenSegError(f"give one labels volume per image: got {len(images)} image(s) and {len(labels)} labels")
     if 0 in settings.ignore_values:
@@ -108,15 +128,17 @@ def _prepare(images, labels, settings: NoveltyTrainSettings) -> tuple[list[dict]
     values = sorted(set(present) | {0})
     if len(values) < 2:
         raise OpenSegError("the labels hold no known class besides background: paint at least one structure")
-    data = []
+    data, signatures = [], []
     for image, label in pairs:
-        vol = to_working(normalize_intensity(image), settings.downsample)[0, 0].numpy()
+        normalized = normalize_intensity(image)
+        signatures.append(intensity_signature(normalized, body_mask(normalized, normalized=True)))
+        vol = to_working(normalized, settings.downsample)[0, 0].numpy()
         small = labels_to_working(label, settings.downsample)
         classes = class_indices(small, values, IGNORE)
         for ignored in settings.ignore_values:
             classes[small == ignored] = IGNORE
         data.append({"image": vol, "classes": classes[None].astype(np.int64)})
-    return data, values
+    return data, values, merge_signatures(signatures)
 
 
 def _transforms(settings: NoveltyTrainSettings, num_classes: int):
@@ -166,7 +188,7 @@ def iter_train_novelty(
 
     Every label value present (except ``settings.ignore_values``) is a known class; 0 is background.
     ``checkpoint``: file written after each epoch; with ``resume`` an existing one is continued
-    (its settings win, except ``epochs``). Yields progress per step with the loss in ``payload``.
+    (its settings win, except ``epochs`` and ``max_steps``). Yields progress per step with the loss in ``payload``.
     """
     from ..model.medopenseg import MedOpenSeg, MedOpenSegConfig
 
@@ -177,12 +199,13 @@ def iter_train_novelty(
         state = read_model_file(checkpoint)
         if "training" not in state:
             raise OpenSegError(f"{checkpoint} holds a finished model, not a training checkpoint")
-        saved = dict(state["training"]["settings"], epochs=settings.epochs)
+        saved = dict(state["training"]["settings"], epochs=settings.epochs, max_steps=settings.max_steps)
+        saved.setdefault("backbone", "swinunetr")  # checkpoints from before the choice of backbone
         ignored = {k: v for k, v in _settings_dict(settings).items() if saved.get(k) != v}
         if ignored:
             log.warning("resuming %s with its stored settings; ignoring the new %s", checkpoint, ignored)
         settings = NoveltyTrainSettings(**saved)
-    data, values = _prepare(images, labels, settings)
+    data, values, signature = _prepare(images, labels, settings)
     k = len(values)
     if state is not None:
         model = model_from_payload(state, torch_device)
@@ -192,7 +215,8 @@ def iter_train_novelty(
         torch.manual_seed(settings.seed)
         config = MedOpenSegConfig(num_classes=k, feature_size=settings.feature_size,
                                   embedding_dim=settings.embedding_dim, roi_size=settings.roi_size,
-                                  depths=settings.depths, num_heads=settings.num_heads)
+                                  depths=settings.depths, num_heads=settings.num_heads,
+                                  backbone=settings.backbone)
         bank = PrototypeBank(values, settings.embedding_dim, settings.momentum)
         model = NoveltyModel(MedOpenSeg(config).to(torch_device), bank, values, settings.downsample)
     net = model.network.train()
@@ -203,12 +227,16 @@ def iter_train_novelty(
         start, losses = int(state["training"]["step"]), list(state["training"]["losses"])
     steps_per_epoch = math.ceil(len(data) * settings.samples_per_volume / settings.batch_size)
     total = settings.epochs * steps_per_epoch
+    if settings.max_steps is not None:
+        total = min(total, settings.max_steps)
     if total < start:  # the network has trained further than asked: it cannot be reported as shorter
         raise OpenSegError(f"{checkpoint} has trained {start} steps already, more than {settings.epochs} "
-                           f"epoch(s) of {steps_per_epoch} steps; pass at least "
-                           f"--epochs {math.ceil(start / steps_per_epoch)} to resume it")
+                           f"epoch(s) of {steps_per_epoch} steps or --max-steps {settings.max_steps}; pass "
+                           f"at least --epochs {math.ceil(start / steps_per_epoch)} and --max-steps {start} "
+                           "to resume it")
     transform = _transforms(settings, k)
-    model.info = {"trained_steps": start, "settings": _settings_dict(settings), "class_values": values}
+    model.info = {"trained_steps": start, "settings": _settings_dict(settings), "class_values": values,
+                  "intensity_signature": signature}
     log.info("training %d classes %s on %d volume(s): %d steps on %s", k, values, len(data), total, torch_device)
     yield Progress(start, total, "training")
     began = time.perf_counter()
