@@ -180,20 +180,36 @@ def test_the_stop_rule_counts_runs_of_vanished_or_doubtful_slices():
     assert front.stopped and front.stopped_on_confidence and front.doubtful == [(4, "a"), (3, "b")]
 
 
-def test_a_stopped_front_gives_back_what_it_covered_not_background(blob_net):
+def test_a_stopped_front_gives_back_what_it_covered_not_background(blob_net, monkeypatch):
+    from napari_openseg.core import propagate as module
+
     image, truth = disc_volume((16, 40, 48), first=3, last=12)
     both = np.zeros(truth.shape, np.uint8)
     both[5] = truth[5]  # label 1: the whole disc on slice 5
     part = truth[9].copy()
     part[:, :26] = 0
-    both[9] = part * 2  # label 2: part of it on slice 9; its backward front reaches slice 3 and stops
+    both[9] = part * 2  # label 2: part of it on slice 9; its backward front reaches slices 4 and 3
+    # Label 2 is made doubtful on slices 4 and 3 (confidence 0.3 < 0.7), whatever the tiny network
+    # says there, and sure everywhere else: its backward front stops after slice 3 and gives back
+    # what it wrote on 4 and 3, where label 1's front (from slice 5) had already written.
+    measure = module._measure
+
+    def doubtful_on_4_and_3(run, value, s, probs, grid_mask):
+        measures = measure(run, value, s, probs, grid_mask)
+        measures["confidence"] = 0.3 if value == 2 and s in (3, 4) else 0.95
+        return measures
+
+    monkeypatch.setattr(module, "_measure", doubtful_on_4_and_3)
     options = dict(stop_confidence=0.7, stop_after=2, min_area=0.0, **FAST)
     steps, result = drain(iter_propagate(image, both, blob_net, **options))
     label_1 = {step.payload["slice"]: step.payload["mask"] for step in steps[1:] if step.payload["label"] == 1}
-    assert 2 in result.confidence_stops and not (result.labels[3] == 2).any()
+    label_2 = {step.payload["slice"]: step.payload["mask"] for step in steps[1:] if step.payload["label"] == 2}
+    assert label_2[4].any() and label_2[3].any()  # label 2 wrote there before its front stopped
+    assert result.confidence_stops == {2: [4]} and not (result.labels[3:5] == 2).any()
     assert label_1[3].sum() > 0 and (result.labels[3][label_1[3]] == 1).all()  # none of label 1's lost
     alone = propagate(image, np.where(both == 1, 1, 0).astype(np.uint8), blob_net, **options)
-    assert np.array_equal(result.labels[3] == 1, alone.labels[3] == 1)
+    for s in (3, 4):
+        assert np.array_equal(result.labels[s] == 1, alone.labels[s] == 1)
 
 
 def test_undoing_goes_back_through_labels_that_were_undone_themselves():
@@ -288,15 +304,15 @@ def test_support_terms_kept_per_entry_give_exactly_the_direct_prediction():
     index = torch.as_tensor(draws)
     with torch.inference_mode():
         direct = fast_forward(net, query, images[index], masks[index].unsqueeze(2))
-        unkept = fast_forward(net, query, encoded=_encoded_support(net, bank, draws, keep=False))
+        unkept = fast_forward(net, query, encoded=_encoded_support(net, bank.entries, draws, keep=False))
         assert all(e.encoded is None for e in bank.entries)  # over the memory budget: nothing is kept
-        kept = fast_forward(net, query, encoded=_encoded_support(net, bank, draws))
-        again = fast_forward(net, query, encoded=_encoded_support(net, bank, draws))  # from the kept terms
+        kept = fast_forward(net, query, encoded=_encoded_support(net, bank.entries, draws))
+        again = fast_forward(net, query, encoded=_encoded_support(net, bank.entries, draws))  # from the kept terms
     # Terms are computed for the entries drawn, and only for them.
     assert {k for k, e in enumerate(bank.entries) if e.encoded is not None} == set(np.unique(draws).tolist())
     assert torch.allclose(direct, kept, atol=1e-5) and torch.equal(kept, again) and torch.equal(kept, unkept)
     # Draws holding the same entries in another order are one support set, predicted once.
-    probs = _predict(net, bank, np.stack([draws[0], draws[0][::-1], draws[1]]), query[0], keep=True)
+    probs = _predict(net, bank.entries, np.stack([draws[0], draws[0][::-1], draws[1]]), query[0], keep=True)
     assert probs.shape == (3, 32, 32) and torch.equal(probs[0], probs[1])
     assert torch.allclose(probs[2], torch.sigmoid(direct[1, 0]), atol=1e-5)
 

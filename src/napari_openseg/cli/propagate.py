@@ -10,13 +10,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-# core.memory.DEFAULT_CAPACITY and core.propagate.DEFAULT_STOP_CONFIDENCE, spelled out so that
-# building the parser imports no torch (a test keeps them equal).
-BANK_SIZE = 16
-STOP_CONFIDENCE = 0.6
-
 
 def register(subparsers) -> None:
+    from ..core.propagation_settings import DEFAULT_CAPACITY, DEFAULT_STOP_CONFIDENCE  # torch-free
+
     parser = subparsers.add_parser(
         "propagate", help="carry objects painted on one or more slices through a volume"
     )
@@ -24,7 +21,7 @@ def register(subparsers) -> None:
     parser.add_argument("--prompt", required=True, metavar="LABELS", help="labels of the image's shape: painted slice(s), zeros elsewhere")
     parser.add_argument("--out", required=True, metavar="OUT", help="output labels file (.nii.gz, .tif, .npy)")
     parser.add_argument("--axis", type=int, default=0, metavar="A", help="slice axis (default 0)")
-    parser.add_argument("--bank-size", type=int, default=BANK_SIZE, metavar="M", help="M: memory bank size per object (default %(default)s)")
+    parser.add_argument("--bank-size", type=int, default=DEFAULT_CAPACITY, metavar="M", help="M: memory bank size per object (default %(default)s)")
     parser.add_argument("--weights", metavar="NAME|PATH", help="weights name (default openseg-propagate; openseg-default means the same here; "
                         "universeg-v1) or file path")
     parser.add_argument("--json", metavar="OUT", help="also write the per-slice confidence to this JSON file")
@@ -32,7 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument("--complete-slices", type=int, nargs="+", default=[], metavar="S",
                         help="slices whose labels are complete: an object absent there stops there")
     parser.add_argument("--stop-confidence", type=float, metavar="C",
-                        help=f"slices less confident than C count towards ending an object (default {STOP_CONFIDENCE}; 0 = off)")
+                        help=f"slices less confident than C count towards ending an object (default {DEFAULT_STOP_CONFIDENCE}; 0 = off)")
     parser.add_argument("--unordered", action="store_true",
                         help="the slices are an unordered stack of 2D images (one-prompt segmentation)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
