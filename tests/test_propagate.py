@@ -410,3 +410,50 @@ def test_progress_shows_what_each_slice_wrote_and_errors_name_the_label(tiny_net
     speck[2, 5, 5] = 4  # one voxel: gone on the 32x32 grid
     with pytest.raises(OpenSegError, match="label 4 is too small on the model grid"):
         propagate(np.random.default_rng(0).random((6, 64, 64)), speck, tiny_net, device="cpu")
+
+
+def test_each_front_gives_its_last_accepted_slices_as_a_support_set_of_their_own(blob_net, disc, monkeypatch):
+    from napari_openseg.core import propagate as module
+
+    image, truth, prompt, z = disc
+    # Stated in advance, forward front (z+1, z+2, ...), short-term memory of 2: slice z+1 is predicted
+    # from the long-term draws and the painted slice z as the short-term set; z+2 from {z, z+1}. Slice
+    # z+2 is made doubtful, so it does not enter: z+3 is predicted from {z, z+1} again, and z+4 from
+    # {z+1, z+3}. The long-term draws come first and never hold more than the bank's entries.
+    measure, predict, used = module._measure, module._predict, {}
+
+    def doubtful_at_z2(run, value, s, probs, grid_mask):
+        measures = measure(run, value, s, probs, grid_mask)
+        measures["confidence"] = 0.3 if s == z + 2 else 0.95
+        return measures
+
+    def recording(net, entries, sets, image, keep):
+        used.setdefault(len(used), [[entries[i].slice_index for i in members] for members in sets])
+        return predict(net, entries, sets, image, keep)
+
+    monkeypatch.setattr(module, "_measure", doubtful_at_z2)
+    monkeypatch.setattr(module, "_predict", recording)
+    steps, _ = drain(iter_propagate(image, prompt, blob_net, short_term=2, stop_after=3, direction="forward",
+                                    **FAST))
+    order = [step.payload["slice"] for step in steps[1:]]
+    sets = {s: used[k] for k, s in enumerate(order)}
+    assert [sets[s][-1] for s in (z + 1, z + 2, z + 3, z + 4)] == [[z], [z, z + 1], [z, z + 1], [z + 1, z + 3]]
+    assert all(len(sets[s]) == FAST["draws"] + 1 for s in order)
+    assert [step.payload["verdict"] for step in steps[1:4]] == ["accepted", "doubtful", "accepted"]
+    # Without a short-term memory the slice sees the long-term draws only (the bank before).
+    used.clear()
+    steps, _ = drain(iter_propagate(image, prompt, blob_net, short_term=0, direction="forward", **FAST))
+    assert all(len(sets) == FAST["draws"] for sets in used.values())
+
+
+def test_the_stop_rule_judges_a_slice_by_its_area_and_confidence():
+    from napari_openseg.core.fronts import StopRule
+
+    rule = StopRule(stop_after=2, min_area=0.1, stop_confidence=0.6, max_growth=1.5)
+    # painted area 100: below 10 pixels the object has vanished, whatever the confidence
+    assert rule.judge(area=5, confidence=0.99, painted_area=100, last_area=50) == "vanished"
+    assert rule.judge(area=0, confidence=0.99, painted_area=5, last_area=5) == "vanished"  # < 1 pixel
+    assert rule.judge(area=40, confidence=0.5, painted_area=100, last_area=50) == "doubtful"  # 0.5 < 0.6
+    assert rule.judge(area=80, confidence=0.9, painted_area=100, last_area=50) == "doubtful"  # 80 > 1.5 x 50
+    assert rule.judge(area=70, confidence=0.9, painted_area=100, last_area=50) == "accepted"
+    assert rule.judge(area=70, confidence=0.9, painted_area=100, last_area=None) == "accepted"

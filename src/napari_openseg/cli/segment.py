@@ -26,6 +26,11 @@ def register(subparsers) -> None:
     out.add_argument("--out", help="output file (one input only)")
     out.add_argument("--out-dir", help="folder for outputs named <input>_openseg.<ext>")
     parser.add_argument("--axis", type=int, default=0, help="slice axis of 3D volumes (default 0)")
+    parser.add_argument("--slices", metavar="A:B", help="volumes: segment only slices A to B-1 along the axis "
+                        "(either may be left out: 40:, :90); the rest stays background")
+    parser.add_argument("--extent", choices=["all", "auto"], default="all",
+                        help="volumes: 'auto' ends each label where it fades out, starting from the slices "
+                             "painted for it (default %(default)s)")
     parser.add_argument("--label-values", type=int, nargs="+", help="only these tasks")
     parser.add_argument("--threshold", type=float, default=0.5, help="background below this probability")
     parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
@@ -64,6 +69,7 @@ def probability_path(path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from ..core.extent import parse_slice_range
     from ..core.inference import iter_segment
     from ..core.support import SupportSet
     from ..errors import OpenSegError
@@ -72,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not -3 <= args.axis < 3:  # checked here: the core checks it per volume, after a 2D input's output
         raise OpenSegError(f"--axis must be 0, 1 or 2 (or -1..-3), got {args.axis}")
+    if args.slices is not None:
+        parse_slice_range(args.slices)  # a typo is refused before any work
     support = SupportSet.load(args.support)
     outputs = output_paths(args)
     for path in outputs:  # refuse before any work is done
@@ -96,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 keep_probabilities=args.probabilities,
                 rgb=image.rgb,
+                slices=args.slices,
+                extent=args.extent,
             ),
             f"segment {image.name}",
             unit="slice",
@@ -106,4 +116,7 @@ def run(args: argparse.Namespace) -> int:
                         overwrite=args.overwrite)
         counts = {v: int((result.labels == v).sum()) for v in result.label_values}
         print(f"{out_path}: voxels per label {counts}")
+        if result.extent is not None:
+            kept = ", ".join(f"{v}: {a}:{b}" for v, (a, b) in result.extent.items())
+            print(f"slices kept per label (A:B, B not included): {kept}")
     return 0

@@ -21,6 +21,7 @@ import torch
 from ..errors import OpenSegError
 from .device import resolve_device, resolve_precision
 from .ensemble import EnsembleMean
+from .extent import EXTENTS, ExtentTracker, painted_slices, resolve_slice_range
 from .preprocess import Aspect, from_grid, masks_to_grid, normalize_intensity, to_grid
 from .progress import Progress, run_to_end
 from .support import SupportEntry, SupportSet, check_image
@@ -38,6 +39,8 @@ class SegmentationResult:
     labels: np.ndarray
     label_values: list[int]
     probabilities: np.ndarray | None = None
+    #: Per task, the slices ``[first, stop)`` it was kept on (``extent="auto"``; see core/extent.py).
+    extent: dict[int, tuple[int, int]] | None = None
 
     def probability(self, label: int) -> np.ndarray:
         if self.probabilities is None:
@@ -177,6 +180,8 @@ def iter_segment(
     rgb: bool | None = None,
     keep_probabilities: bool = True,
     formulation: str = "fast",
+    slices=None,
+    extent: str = "all",
 ) -> Generator[Progress, None, SegmentationResult]:
     """Segment ``image`` (``"H W"`` or a volume with slices along ``axis``) from ``support``.
 
@@ -194,6 +199,10 @@ def iter_segment(
         Query slices per forward pass; ``None`` picks one from S and the device.
     formulation
         ``"fast"`` (default) or ``"direct"`` (the paper's, one slice at a time; same result, slower).
+    slices, extent
+        Volumes only: the slice range to segment (``"A:B"``, ``(A, B)``, a ``slice``; A included, B
+        not; the rest stays background), and ``"all"`` or ``"auto"``: each task ends where it fades
+        out, as a propagation front does (:mod:`.extent`; the result's ``extent`` says where).
 
     Yields progress per batch (``payload``: ``start``, ``stop`` slice indices and ``labels``, that
     batch's label map ``"b H W"``); returns a :class:`SegmentationResult`.
@@ -216,6 +225,10 @@ def iter_segment(
     dtype = resolve_precision(precision, torch_device)
     if image.ndim == 3 and not -3 <= axis < 3:
         raise OpenSegError(f"slice axis must be 0, 1 or 2 for a 3D volume, got {axis}")
+    if extent not in EXTENTS:
+        raise OpenSegError(f"extent must be one of {', '.join(EXTENTS)}, got {extent!r}")
+    if image.ndim == 2 and (slices is not None or extent != "all"):
+        raise OpenSegError("a slice range and extent='auto' apply to volumes, not to a 2D image")
     net = model if isinstance(model, UniverSeg) else load_model(model, "cpu")
     net = prepare_for_inference(net, torch_device, dtype)
     predict = _EnsemblePredictor(net, support, values, support_size, ensemble, seed, aspect,
@@ -230,9 +243,12 @@ def iter_segment(
     probs_out = np.zeros((len(values), n_slices, height, width), np.float32) if keep_probabilities else None
     log.info("segmenting %d slice(s) of %dx%d, tasks %s, S=%d, K=%d on %s (%s)",
              n_slices, height, width, values, support_size, ensemble, torch_device, precision)
-    yield Progress(0, n_slices, "segmenting")
-    for start in range(0, n_slices, batch):
-        stop = min(n_slices, start + batch)
+    first, last = resolve_slice_range(slices, n_slices)
+    tracker = ExtentTracker(values, n_slices, painted_slices(support, values, stack, axis % 3), threshold) \
+        if extent == "auto" else None
+    yield Progress(0, last - first, "segmenting")
+    for start in range(first, last, batch):
+        stop = min(last, start + batch)
         with torch.inference_mode():
             slices = torch.from_numpy(np.ascontiguousarray(stack[start:stop])).to(torch_device)
             query, mapping = to_grid(slices, net.config.grid_size, aspect)
@@ -242,12 +258,15 @@ def iter_segment(
         labels_out[start:stop] = chunk_labels
         if probs_out is not None:
             probs_out[:, start:stop] = probs.transpose(1, 0, 2, 3)
-        yield Progress(stop, n_slices, "segmenting", {"start": start, "stop": stop, "labels": chunk_labels})
+        if tracker is not None:
+            tracker.add(start, probs, chunk_labels)
+        yield Progress(stop - first, last - first, "segmenting", {"start": start, "stop": stop, "labels": chunk_labels})
 
     if image.ndim == 2:
         return SegmentationResult(labels_out[0], list(values), probs_out[:, 0] if probs_out is not None else None)
+    extents = tracker.apply(labels_out, probs_out) if tracker is not None else None
     probs_final = np.moveaxis(probs_out, 1, axis % 3 + 1) if probs_out is not None else None
-    return SegmentationResult(np.moveaxis(labels_out, 0, axis), list(values), probs_final)
+    return SegmentationResult(np.moveaxis(labels_out, 0, axis), list(values), probs_final, extents)
 
 
 def segment(image: np.ndarray, support: SupportSet, model=None, **kwargs) -> SegmentationResult:
