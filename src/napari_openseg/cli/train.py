@@ -37,6 +37,14 @@ def register(subparsers) -> None:
                         help="share of episodes from real tasks (default 0.3; 0 = synthetic only)")
     parser.add_argument("--real-families", nargs="*", default=["hippocampus"],
                         help="real task families to train on (train split; default hippocampus)")
+    parser.add_argument("--task-bank", choices=("permissive", "all"),
+                        help="real tasks from the task bank (training/task_bank.json) instead of "
+                             "--real-families: the train split of every permissive set (weights that may be "
+                             "bundled), or of every set ('all': research weights, never bundled); validation "
+                             "covers every set's val split")
+    parser.add_argument("--task-sampling", choices=("task", "family"), default="task",
+                        help="draw a real episode's task uniformly over tasks, or over families first "
+                             "(no set with many labels dominates; default task)")
     parser.add_argument("--empty-fraction", type=float, default=0.0,
                         help="share of real-task episodes whose query lacks the label (default 0)")
     parser.add_argument("--bce-weight", type=float, default=0.0,
@@ -61,15 +69,16 @@ def config_from_args(args: argparse.Namespace):
 
     episodes = EpisodeConfig(
         batch_size=args.batch_size, support_min=args.support_min, support_max=args.support_max,
-        support_sampling=args.support_sampling, real_fraction=args.real_fraction, empty_fraction=args.empty_fraction, in_task_augment=not args.no_in_task_augment,
-        task_augment=not args.no_task_augment,
+        support_sampling=args.support_sampling, real_fraction=args.real_fraction,
+        empty_fraction=args.empty_fraction, in_task_augment=not args.no_in_task_augment,
+        task_augment=not args.no_task_augment, task_sampling=args.task_sampling,
     )
     # steps=0 on --resume means "as stored in the checkpoint".
     steps = args.steps if args.steps else (0 if args.resume else 20000)
     return TrainConfig(
         steps=steps, widths=tuple(args.widths), grid=args.grid, lr=args.lr, warmup=args.warmup,
         decay_start=args.decay_start, bce_weight=args.bce_weight,
-        seed=args.seed, episodes=episodes, real_families=tuple(args.real_families),
+        seed=args.seed, episodes=episodes, real_families=tuple(args.real_families), task_bank=args.task_bank,
         init_weights=args.init_weights, val_every=args.val_every, checkpoint_every=args.checkpoint_every,
         log_every=args.log_every,
     )

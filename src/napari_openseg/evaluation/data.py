@@ -199,11 +199,16 @@ def _values(labels: np.ndarray, wanted: set[int] | None) -> list[int]:
 
 
 def build_tasks(
-    folder: EvalFolder, support_split: str = "val", label_values: Iterable[int] | None = None
+    folder: EvalFolder,
+    support_split: str = "val",
+    label_values: Iterable[int] | None = None,
+    roles: tuple[list[str], list[str]] | None = None,
 ) -> Iterator[tuple[str, list[EvalTask]]]:
     """Tasks of the folder, for volumes one per (label, axis), optionally only for ``label_values``.
 
-    Yields ``(stage, [])`` after each case read and finally ``("tasks", tasks)``.
+    ``roles`` gives the (support cases, query cases) explicitly, e.g. from the task bank's splits;
+    by default they come from :func:`split_cases`. Yields ``(stage, [])`` after each case read and
+    finally ``("tasks", tasks)``.
     """
     wanted = None if label_values is None else {int(v) for v in label_values}
     names = sorted(folder.pairs)
@@ -213,7 +218,7 @@ def build_tasks(
     def task(value: int, axis: int | None) -> EvalTask:
         return tasks.setdefault((value, axis), EvalTask(value, axis))
 
-    if len(names) == 1:  # one volume: split by slices
+    if len(names) == 1 and roles is None:  # one volume: split by slices
         case = read_case(folder, names[0])
         normalized = normalize_intensity(case.image)
         values = _values(case.labels, wanted)
@@ -227,7 +232,7 @@ def build_tasks(
                 t.queries = _queries(case, normalized, value, axis, keep=query_idx)
         yield f"read {case.name}", []
     else:
-        support_cases, query_cases = split_cases(names, support_split)
+        support_cases, query_cases = roles if roles is not None else split_cases(names, support_split)
         for name in support_cases:
             case = read_case(folder, name)
             values = _values(case.labels, wanted)

@@ -14,7 +14,7 @@ import torch
 
 from .augment import InTaskAugment, TaskAugment, augment_entries, augment_task
 from .synth import SynthConfig, _seed_int, synthetic_task
-from .tasks import TaskBank, sample_episode
+from .tasks import SliceTask, TaskBank, sample_episode
 
 #: Synthetic validation families use this "step", which training never reaches: they are held out.
 VALIDATION_STEP = 1 << 40
@@ -36,6 +36,9 @@ class EpisodeConfig:
     empty_fraction: float = 0.0
     in_task_augment: bool = True
     task_augment: bool = True
+    #: How a real episode's task is drawn: ``"task"`` (every task equally likely, as phases 1-6) or
+    #: ``"family"`` (every family equally likely, then a task of it: no set with many labels dominates).
+    task_sampling: str = "task"
 
 
 @dataclass
@@ -67,6 +70,17 @@ def draw_support_size(rng: np.random.Generator, config: EpisodeConfig) -> int:
     raise ValueError(f"support_sampling must be 'uniform' or 'log-uniform', got {config.support_sampling!r}")
 
 
+def draw_task(bank: TaskBank, rng: np.random.Generator, sampling: str = "task") -> SliceTask:
+    """A real task of ``bank``: uniformly over tasks, or over families and then their tasks."""
+    if sampling == "task":
+        return bank.tasks[int(rng.integers(len(bank.tasks)))]
+    if sampling == "family":
+        by_family = bank.tasks_by_family()
+        family = sorted(by_family)[int(rng.integers(len(by_family)))]
+        return by_family[family][int(rng.integers(len(by_family[family])))]
+    raise ValueError(f"task_sampling must be 'task' or 'family', got {sampling!r}")
+
+
 def training_batch(
     step: int,
     seed: int,
@@ -83,7 +97,7 @@ def training_batch(
     items, sources = [], []
     for row in range(config.batch_size):
         if bank is not None and bank.tasks and rng.random() < config.real_fraction:
-            task = bank.tasks[int(rng.integers(len(bank.tasks)))]
+            task = draw_task(bank, rng, config.task_sampling)
             # Drawn only when used, so runs without empty queries keep their random stream.
             empty = config.empty_fraction > 0 and rng.random() < config.empty_fraction
             images, masks = sample_episode(bank, task, size, rng, empty_query=empty)
@@ -133,17 +147,32 @@ def hard_dice(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def validation_episodes(
     bank: TaskBank | None, support_size: int, per_task: int, synthetic: int, seed: int = 777,
-    synth: SynthConfig = DEFAULT_SYNTH, empty_per_task: int = 0,
+    synth: SynthConfig = DEFAULT_SYNTH, empty_per_task: int = 0, per_family: int | None = None,
 ) -> dict[str, Episodes]:
     """Fixed, unaugmented validation episodes by family: ``per_task`` per real task and ``synthetic``
     episodes of held-out synthetic families (a seed namespace training never uses).
 
     ``empty_per_task`` adds a family ``"<family>:empty"`` of queries without the label; their Dice
-    (1 for an empty prediction, else 0) is the share of empty slices left empty."""
+    (1 for an empty prediction, else 0) is the share of empty slices left empty. ``per_family`` caps
+    each family at that many episodes (and its empty family at half as many), drawn from its tasks
+    in turn, so that a set with many labels costs no more than one with few."""
     rng = np.random.default_rng([seed, 0])
     out: dict[str, list] = {}
     names: dict[str, list[str]] = {}
-    if bank is not None:
+    if bank is not None and per_family is not None:
+        for family, tasks in sorted(bank.tasks_by_family().items()):
+            order = rng.permutation(len(tasks))
+            for i in range(per_family):
+                task = tasks[int(order[i % len(tasks)])]
+                out.setdefault(family, []).append(sample_episode(bank, task, support_size, rng))
+                names.setdefault(family, []).append(task.name)
+            with_absent = [tasks[int(j)] for j in order if len(tasks[int(j)].absent_ids)]
+            for i in range(per_family // 2 if empty_per_task and with_absent else 0):
+                task = with_absent[i % len(with_absent)]
+                out.setdefault(family + ":empty", []).append(
+                    sample_episode(bank, task, support_size, rng, empty_query=True))
+                names.setdefault(family + ":empty", []).append(task.name)
+    elif bank is not None:
         for task in bank.tasks:
             for _ in range(per_task):
                 out.setdefault(task.family, []).append(sample_episode(bank, task, support_size, rng))

@@ -73,6 +73,15 @@ class TaskBank:
     def families(self) -> list[str]:
         return sorted({t.family for t in self.tasks})
 
+    def tasks_by_family(self) -> dict[str, list[SliceTask]]:
+        """The tasks of each family, in bank order (computed once: the bank's tasks do not change)."""
+        if getattr(self, "_by_family", None) is None:
+            by_family: dict[str, list[SliceTask]] = {}
+            for task in self.tasks:
+                by_family.setdefault(task.family, []).append(task)
+            self._by_family = by_family
+        return self._by_family
+
     def select(self, families: Iterable[str] | None = None, labels: Iterable[int] | None = None) -> list[SliceTask]:
         fams = None if families is None else set(families)
         labs = None if labels is None else {int(v) for v in labels}

@@ -58,11 +58,17 @@ class TrainConfig:
     seed: int = 0
     episodes: EpisodeConfig = field(default_factory=EpisodeConfig)
     real_families: tuple[str, ...] = ("hippocampus",)
+    #: Real tasks from the task bank's manifest instead of ``real_families``: ``"permissive"`` (the
+    #: train split of every set bundled weights may learn from) or ``"all"`` (research sets too: such
+    #: weights must not be bundled). Validation then covers the val split of every set.
+    task_bank: str | None = None
     init_weights: str | None = None
     val_every: int = 500
     val_support: int = 8
     val_per_task: int = 8
     val_synthetic: int = 48
+    #: With a task bank: validation episodes per family (tasks taken in turn), not per task.
+    val_per_family: int = 16
     checkpoint_every: int = 100
     log_every: int = 10
 
@@ -91,17 +97,25 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def real_banks(config: TrainConfig, data_dir: Path | None) -> tuple[TaskBank | None, TaskBank | None]:
-    """Training bank (train split of ``real_families``) and validation bank (hippocampus val split)."""
-    if not config.real_families or config.episodes.real_fraction <= 0:
+    """Training bank (train split of ``real_families``, or of the task bank's sets) and validation
+    bank (hippocampus val split, or the val split of every task-bank set)."""
+    if config.episodes.real_fraction <= 0 or not (config.real_families or config.task_bank):
         return None, None
     if data_dir is None:
         raise OpenSegError("real training tasks need ../shared/data (or $OPENSEG_SHARED_DATA); "
                            "pass --real-fraction 0 to train on synthetic tasks only")
+    every = config.episodes.empty_fraction > 0  # empty queries also come from a volume's unlabelled ends
+    if config.task_bank:
+        from .taskbank import build_task_bank, discover, trainable_sets
+
+        sets = discover(data_dir)
+        train = build_task_bank(trainable_sets(sets, config.task_bank), "train", config.grid, data_dir, every)
+        val = build_task_bank(sets, "val", config.grid, data_dir, every)
+        return train, val
     train_volumes, val_volumes = shared_volumes(data_dir, "train"), shared_volumes(data_dir, "val")
     unknown = set(config.real_families) - set(train_volumes)
     if unknown:
         raise OpenSegError(f"unknown real families {sorted(unknown)}; known: {sorted(train_volumes)}")
-    every = config.episodes.empty_fraction > 0  # empty queries also come from a volume's unlabelled ends
     train = build_bank([v for f in config.real_families for v in train_volumes[f]], config.grid, all_slices=every)
     val = (build_bank(val_volumes["hippocampus"], config.grid, all_slices=every)
            if "hippocampus" in config.real_families else None)
@@ -110,8 +124,9 @@ def real_banks(config: TrainConfig, data_dir: Path | None) -> tuple[TaskBank | N
 
 def _validation_sets(config: TrainConfig, val_bank: TaskBank | None) -> dict[str, Episodes]:
     empty = config.val_per_task // 2 if config.episodes.empty_fraction > 0 else 0
+    per_family = config.val_per_family if config.task_bank else None
     return validation_episodes(val_bank, config.val_support, config.val_per_task, config.val_synthetic,
-                               synth=SynthConfig(size=config.grid), empty_per_task=empty)
+                               synth=SynthConfig(size=config.grid), empty_per_task=empty, per_family=per_family)
 
 
 def _new_network(config: TrainConfig, checkpoint: dict | None = None) -> UniverSeg:
