@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from napari_openseg.core.extent import (
+    EXTENT_MARGIN,
     EXTENT_MIN_AREA,
     EXTENT_RELATIVE,
     EXTENT_STOP_AFTER,
     EXTENT_STOP_CONFIDENCE,
+    RANGE_MARGIN,
     ExtentTracker,
+    painted_range,
     painted_slices,
 )
 from napari_openseg.core.inference import segment
@@ -52,12 +56,19 @@ DATA = {
 }
 #: Margins (fractions of the painted range's length) added on each side of it.
 MARGINS = (0.0, 0.25, 0.5)
-#: Stop rules replayed: (stop confidence, relative to the painted slices' confidence, stop after).
-RULES = (
-    [(c, False, 2) for c in (0.8, 0.84, 0.86, 0.88)]
-    + [(f, True, 2) for f in (0.94, 0.96, 0.97, 0.98)]
-    + [(0.97, True, 1), (0.97, True, 3)]
-)
+#: Stop rules replayed: the stop confidence (absolute, or a fraction of the painted slices'), the
+#: slices in a row that end a task, and the margin beyond the painted slices (None: unbounded).
+RULES = [
+    {"stop_confidence": c, "relative": False, "stop_after": 2, "margin": m}
+    for m in (None, 0.25, 0.5)
+    for c in (0.0, 0.8, 0.86, 0.88)
+] + [{"stop_confidence": f, "relative": True, "stop_after": 2, "margin": m} for m in (None, 0.25) for f in (0.96, 0.98)]
+DEFAULT_RULE = {
+    "stop_confidence": EXTENT_STOP_CONFIDENCE,
+    "relative": EXTENT_RELATIVE,
+    "stop_after": EXTENT_STOP_AFTER,
+    "margin": EXTENT_MARGIN,
+}
 
 
 def paint(labels: np.ndarray, values) -> np.ndarray:
@@ -90,6 +101,8 @@ def main() -> None:
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument("--weights", nargs="+", default=list(BUNDLED))
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cache", help="folder to keep each run's labels and per-slice numbers in, and to "
+                        "read them from on a later run (the rules are then replayed without the network)")
     args = parser.parse_args()
     if shared_data_dir() is None:
         raise SystemExit("../shared/data is not present")
@@ -103,31 +116,37 @@ def main() -> None:
     n = labels.shape[0]
     for weights in args.weights:
         began = time.perf_counter()
-        result = segment(image, support, load_model(weights), device="cpu", keep_probabilities=True)
+        cached = Path(args.cache) / f"extent_{args.split}_{Path(weights).stem}.npz" if args.cache else None
+        if cached is not None and cached.is_file():
+            with np.load(cached) as saved:
+                drawn, tracker = saved["labels"], ExtentTracker(values, n, seeds)
+                tracker.confidence, tracker.area, tracker.seen = saved["confidence"], saved["area"], saved["seen"]
+        else:
+            result = segment(image, support, load_model(weights), device="cpu", keep_probabilities=True)
+            drawn, probabilities = result.labels, result.probabilities.transpose(1, 0, 2, 3)  # "N C H W"
+            tracker = ExtentTracker(values, n, seeds)
+            for start in range(0, n, 16):
+                tracker.add(start, probabilities[start : start + 16], drawn[start : start + 16])
+            if cached is not None:
+                np.savez_compressed(cached, labels=drawn, confidence=tracker.confidence, area=tracker.area,
+                                    seen=tracker.seen)
         seconds = time.perf_counter() - began
-        probabilities = result.probabilities.transpose(1, 0, 2, 3)  # "N C H W"
-        tracker = ExtentTracker(values, n, seeds)
-        for start in range(0, n, 16):
-            tracker.add(start, probabilities[start : start + 16], result.labels[start : start + 16])
-        rows = [('every slice (`extent="all"`)', *score(result.labels, labels, values))]
-        for margin in MARGINS:
-            kept = result.labels.copy()
-            for value in values:
-                first, last = min(seeds[value]), max(seeds[value])
-                pad = int(round(margin * (last - first)))
-                outside = np.ones(n, bool)
-                outside[max(0, first - pad) : last + pad + 1] = False
-                kept[outside] = np.where(kept[outside] == value, 0, kept[outside])
-            rows.append((f"painted range + {margin:.0%} margin", *score(kept, labels, values)))
-        for stop, relative, after in RULES:
-            kept = result.labels.copy()
-            tracker.apply(kept, stop_confidence=stop, relative=relative, stop_after=after)
-            chosen = (stop, relative, after) == (EXTENT_STOP_CONFIDENCE, EXTENT_RELATIVE, EXTENT_STOP_AFTER)
+        rows = [('every slice (`extent="all"`)', *score(drawn, labels, values))]
+        for margin in MARGINS:  # the Segment widget's range: one for the image, every task inside it
+            first, stop = painted_range(support, "image", 0, n, margin)
+            kept = drawn.copy()
+            kept[:first], kept[stop:] = 0, 0
+            default = " (the widget's default)" if margin == RANGE_MARGIN else ""
+            rows.append((f"painted range + {margin:.0%} margin{default}", *score(kept, labels, values)))
+        for rule in RULES:
+            kept = drawn.copy()
+            tracker.apply(kept, **rule)
             name = (
-                f"auto: sharpness < {stop}"
-                + (" x painted slices'" if relative else "")
-                + f", {after} in a row"
-                + (" (default)" if chosen else "")
+                f"auto: sharpness < {rule['stop_confidence']}"
+                + (" x painted slices'" if rule["relative"] else "")
+                + f", {rule['stop_after']} in a row, "
+                + ("no bound" if rule["margin"] is None else f"at most {rule['margin']:.0%} beyond")
+                + (" (default)" if rule == DEFAULT_RULE else "")
             )
             rows.append((name, *score(kept, labels, values)))
         print(

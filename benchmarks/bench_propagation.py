@@ -25,7 +25,7 @@ object as a complete slice, so every front covers the object's true extent and n
 with ``--stop-confidence 0``).
 
 Data (``--data``): ``hippocampus`` (MSD Task04, subjects of ``--split``, labels 1 and 2), ``lgg``
-(the LGG FLAIR tumour volumes, patients split by :func:`lgg_split`) and ``brain`` (the VoxelMorph
+(the LGG FLAIR tumour volumes, patients split as the task bank splits them) and ``brain`` (the VoxelMorph
 scan, FreeSurfer structures: the deep grey ones for ``--split test``, other structures for ``val``).
 Choices are made on ``val``; tables report ``test``.
 
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import itertools
 import json
 import logging
@@ -89,11 +88,10 @@ class Case:
 
 
 def lgg_split(case: str) -> str:
-    """The LGG patient split: sha256("lgg_flair_volumes:<case>") read as a number in [0, 1);
-    below 0.7 train, below 0.85 validation, else test."""
-    digest = hashlib.sha256(f"lgg_flair_volumes:{case}".encode()).hexdigest()
-    fraction = int(digest[:16], 16) / 2**64
-    return "train" if fraction < 0.7 else "val" if fraction < 0.85 else "test"
+    """The LGG patient's split in the task bank (a stable hash of the set and the patient id)."""
+    from napari_openseg.training.taskbank import load_manifest
+
+    return load_manifest()["lgg_flair_volumes"].split_of(case)
 
 
 def hippocampus_cases(split: str, limit: int | None):

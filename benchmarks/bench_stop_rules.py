@@ -3,18 +3,22 @@
 Each object is propagated once with the confidence stop off (fronts end only where the object
 vanishes), recording every predicted slice's confidence, predicted area and overlap with the truth.
 A stop rule is then replayed on those records, front by front, with the rule ``iter_propagate``
-applies (``Front.observe``: ``stop_after`` consecutive vanished or doubtful slices end a front; the
-doubtful slices of that final run are left empty), and the 3D Dice is recomputed. The replay ignores
+applies (``StopRule.judge`` and ``Front.observe``: ``stop_after`` consecutive vanished or doubtful
+slices end a front; the doubtful slices of that final run are left empty), and the 3D Dice is
+recomputed. Rules: an absolute confidence threshold, one relative to the front's first slice, and
+the area trend (a slice more than ``max_growth`` times the front's last accepted area is doubtful). The replay ignores
 one thing: a front that stops earlier no longer feeds the shared bank, so the other front's later
 slices could differ; on the validation objects replayed and real runs agreed within 0.4 Dice points.
 
-Objects (needs ../shared/data): the hippocampus validation subjects, the validation structures of
-the brain scan (``bench_propagation.VALIDATION_STRUCTURES``), seven large structures of that scan
-(:data:`LARGE_STRUCTURES`) and the bundled sample's white and grey matter; prompt = the true mask on
-the slice where the object is largest, as in ``bench_propagation.py``.
+Objects (needs ../shared/data): the hippocampus validation subjects, the LGG validation patients,
+the validation structures of the brain scan (``bench_propagation.VALIDATION_STRUCTURES``), seven
+large structures of that scan (:data:`LARGE_STRUCTURES`) and the bundled sample's white and grey
+matter; prompt = the true mask on the slice where the object is largest, as in
+``bench_propagation.py``. The recording runs with the library's default memories.
 
-Run: ``nice -n 10 python benchmarks/bench_stop_rules.py [--threads 2] [--weights W] [--json OUT]`` (about 15
-minutes on 2 cores); it prints a Markdown table (docs/propagation.md).
+Run: ``nice -n 10 python benchmarks/bench_stop_rules.py [--threads 2] [--weights W ...] [--json OUT]``
+(both bundled files by default; about 15 minutes per file on 2 quiet cores); it prints a Markdown
+table per file (docs/propagation.md).
 """
 
 from __future__ import annotations
@@ -23,14 +27,23 @@ import argparse
 import json
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench_propagation import VALIDATION_STRUCTURES, Case, brain_cases, hippocampus_cases, prompt_of
-from napari_openseg.core.fronts import Front
+from bench_propagation import (
+    BUNDLED,
+    VALIDATION_STRUCTURES,
+    Case,
+    brain_cases,
+    hippocampus_cases,
+    lgg_cases,
+    prompt_of,
+)
+from napari_openseg.core.fronts import Front, StopRule
 from napari_openseg.core.propagate import iter_propagate
-from napari_openseg.model.registry import load_model, propagation_weights
+from napari_openseg.model.registry import load_model
 from napari_openseg.sample import load_sample
 from napari_openseg.training.splits import shared_data_dir
 
@@ -39,6 +52,8 @@ log = logging.getLogger("bench_stop_rules")
 LARGE_STRUCTURES = (16, 7, 46, 8, 47, 2, 41)
 ABSOLUTE = (0.5, 0.55, 0.6, 0.65)
 RELATIVE = (0.6, 0.7, 0.8)
+#: Area trends: a slice more than this many times the front's last accepted area is doubtful.
+GROWTH = (1.3, 1.5, 2.0)
 
 
 def validation_cases():
@@ -49,6 +64,7 @@ def validation_cases():
         yield Case("large", case.name, case.image, case.truth)
     yield from brain_cases(VALIDATION_STRUCTURES)
     yield from hippocampus_cases("val", None)
+    yield from lgg_cases("val", None)
 
 
 def record(case: Case, net) -> dict:
@@ -65,16 +81,21 @@ def record(case: Case, net) -> dict:
             "prompt_area": int(case.truth[z].sum()), "slices": slices}
 
 
-def replay(obj: dict, threshold_of, stop_after: int = 2) -> float:
-    """3D Dice of ``obj`` had each front stopped by the rule ``threshold_of(front slices) -> float``."""
+def replay(obj: dict, threshold_of, stop_after: int = 2, max_growth: float = float("inf")) -> float:
+    """3D Dice of ``obj`` had each front stopped by the rule ``threshold_of(front slices) -> float``
+    and the area trend ``max_growth``."""
     overlap = predicted = obj["prompt_area"]
     for sign in (-1, 1):
         records = [r for r in obj["slices"] if np.sign(r["slice"] - obj["prompt_slice"]) == sign]
-        threshold = threshold_of(records)
-        front, kept = Front(0, [r["slice"] for r in records]), []
+        rule = StopRule(stop_after, 0.0, threshold_of(records), max_growth)
+        front, kept, last_area = Front(0, [r["slice"] for r in records]), [], float(obj["prompt_area"])
         for r in records:
-            vanished = r["predicted"] == 0
-            front.observe(r["slice"], vanished, not vanished and r["confidence"] < threshold, r, stop_after)
+            # the recording already emptied vanished slices (min_area): they come with no pixels
+            verdict = "vanished" if r["predicted"] == 0 else rule.judge(r["predicted"], r["confidence"], 1.0,
+                                                                         last_area)
+            front.observe(r["slice"], verdict == "vanished", verdict == "doubtful", r, stop_after)
+            if verdict == "accepted":
+                last_area = r["predicted"]
             kept.append(r)
             if front.stopped:  # iter_propagate undoes the doubtful slices of the final run
                 undone = [written for _, written in front.doubtful]
@@ -87,17 +108,22 @@ def replay(obj: dict, threshold_of, stop_after: int = 2) -> float:
 
 def rules():
     for t in ABSOLUTE:
-        yield f"confidence < {t}", lambda front, t=t: t
+        yield f"confidence < {t}", lambda front, t=t: t, float("inf")
     for ratio in RELATIVE:  # relative to the confidence of the front's first slice
-        yield f"confidence < {ratio} x first slice's", lambda front, r=ratio: r * (front[0]["confidence"] if front else 1)
+        yield (f"confidence < {ratio} x first slice's",
+               lambda front, r=ratio: r * (front[0]["confidence"] if front else 1), float("inf"))
+    for t in ABSOLUTE[1:3]:
+        for growth in GROWTH:
+            yield f"confidence < {t} or area > {growth} x last accepted", lambda front, t=t: t, growth
 
 
 def report(objects: list[dict]) -> str:
     groups = sorted({o["dataset"] for o in objects})
     lines = ["| stop rule | " + " | ".join(f"{g} ({sum(o['dataset'] == g for o in objects)})" for g in groups)
              + " |", "|---" * (len(groups) + 1) + "|"]
-    for name, rule in rules():
-        cells = [100 * np.mean([replay(o, rule) for o in objects if o["dataset"] == g]) for g in groups]
+    for name, rule, growth in rules():
+        cells = [100 * np.mean([replay(o, rule, max_growth=growth) for o in objects if o["dataset"] == g])
+                 for g in groups]
         lines.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
     return "\n".join(lines) + "\n\n3D Dice (%), mean per group of objects."
 
@@ -105,25 +131,28 @@ def report(objects: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--weights", help="weights name or path (default: propagation's, openseg-propagate)")
-    parser.add_argument("--json", help="write the per-slice records to this file")
-    parser.add_argument("--records", help="replay records written earlier with --json instead of propagating")
+    parser.add_argument("--weights", nargs="+", default=list(BUNDLED),
+                        help="weights names or files, each recorded in turn (default: both bundled files)")
+    parser.add_argument("--json", help="write the per-slice records to this file (one per weights: a suffix)")
+    parser.add_argument("--records", nargs="+", help="replay records written earlier with --json instead")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.records:
-        with open(args.records) as handle:
-            objects = json.load(handle)
-    else:
-        if shared_data_dir() is None:
-            raise SystemExit("../shared/data is not present")
-        torch.set_num_threads(args.threads)
-        net, began = load_model(propagation_weights(args.weights)), time.perf_counter()
+        for path in args.records:
+            with open(path) as handle:
+                print(f"\n### {path}\n\n{report(json.load(handle))}")
+        return
+    if shared_data_dir() is None:
+        raise SystemExit("../shared/data is not present")
+    torch.set_num_threads(args.threads)
+    for weights in args.weights:
+        net, began = load_model(weights), time.perf_counter()
         objects = [record(case, net) for case in validation_cases()]
-        print(f"{len(objects)} objects recorded in {(time.perf_counter() - began) / 60:.1f} min\n")
+        print(f"\n### weights {weights}: {len(objects)} objects recorded in {(time.perf_counter() - began) / 60:.1f} min\n")
         if args.json:
-            with open(args.json, "w") as handle:
+            with open(f"{args.json}.{Path(weights).stem}.json", "w") as handle:
                 json.dump(objects, handle)
-    print(report(objects))
+        print(report(objects))
 
 
 if __name__ == "__main__":

@@ -124,7 +124,7 @@ def test_segment_keeps_to_a_slice_range_and_says_what_applies_to_volumes(blob_ne
     assert np.array_equal(part.labels[5:9], whole.labels[5:9])
     assert not part.labels[:5].any() and not part.labels[9:].any() and not part.probabilities[0, 9:].any()
     assert whole.extent is None and part.extent is None
-    with pytest.raises(OpenSegError, match="apply to volumes"):
+    with pytest.raises(OpenSegError, match="applies to volumes"):
         segment(image[7], support, blob_net, device="cpu", slices="0:4")
     with pytest.raises(OpenSegError, match="extent must be one of all, auto"):
         segment(image, support, blob_net, device="cpu", extent="some")

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_openseg.core.device import available_devices
+from napari_openseg.core.extent import EXTENTS, RANGE_MARGIN, painted_range
 from napari_openseg.core.support import SupportSet
 from napari_openseg.errors import OpenSegError
 from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, REGISTRY, is_available
@@ -108,6 +109,7 @@ class SegmentationWidget(QWidget):
         self.threshold.setSingleStep(0.05)
         self.threshold.setValue(0.5)
         self.axis_combo = form_row(form, "Slice axis", AxisCombo(), "axis of a volume to segment along")
+        self._add_range_rows(form)
         self.probabilities = form_row(
             form, "", QCheckBox("Add probability layers"), "one image layer per task with its probability"
         )
@@ -136,6 +138,8 @@ class SegmentationWidget(QWidget):
         self.device_combo.currentIndexChanged.connect(self._weights_changed)
         connect_widget(self.session.support_changed, self, self._support_changed)
         connect_widget(self.session.model_changed, self, self._show_model)
+        self.query_combo.selection_changed.connect(self.reset_range)
+        self.axis_combo.currentIndexChanged.connect(self.reset_range)
         self._weights_changed()
         self._support_changed(self.session.support)
 
@@ -230,6 +234,62 @@ class SegmentationWidget(QWidget):
         if path:
             self.set_weights(path)
 
+    # --- slice range and extent ------------------------------------------------------------------
+
+    def _add_range_rows(self, form: QFormLayout) -> None:
+        self.range_from, self.range_to = QSpinBox(), QSpinBox()
+        self.whole_volume = QCheckBox("whole volume")
+        row = QWidget()
+        line = QHBoxLayout(row)
+        line.setContentsMargins(0, 0, 0, 0)
+        for part in (self.range_from, QLabel("to"), self.range_to, self.whole_volume):
+            line.addWidget(part)
+        form_row(form, "Slices", row,
+                 f"volumes: segment only slices 'from' to 'to' (both included) along the slice axis; by "
+                 f"default the slices painted on this image in the support set, widened by "
+                 f"{RANGE_MARGIN:.0%} of their range on each side (with 'All open image layers': each "
+                 "image's own painted slices)")
+        self.whole_volume.toggled.connect(self._show_range_state)
+        self.extent_combo = form_row(form, "Extent", QComboBox(),
+                                     "auto: each label ends where it fades out on two slices in a row, "
+                                     "starting from the slices painted for it; all: every slice in the range")
+        self.extent_combo.addItems(list(EXTENTS))
+
+    def reset_range(self, *_args) -> None:
+        """Set the slice range to this image's painted slices plus the margin (whole volume if none)."""
+        layer = self.query_combo.current()
+        span = None
+        if layer is not None and layer != BATCH and layer.ndim - int(getattr(layer, "rgb", False)) == 3:
+            try:
+                axis = self.axis_combo.axis_for(self.viewer, layer)
+            except OpenSegError:
+                axis = None
+            if axis is not None:
+                n_slices = int(np.shape(layer.data)[axis])
+                for box in (self.range_from, self.range_to):
+                    box.setRange(0, n_slices - 1)
+                span = painted_range(self.session.support, layer.name, axis, n_slices)
+                first, stop = span or (0, n_slices)
+                self.range_from.setValue(first)
+                self.range_to.setValue(stop - 1)
+        self.whole_volume.setChecked(span is None and layer != BATCH)
+        self._show_range_state()
+
+    def _show_range_state(self, *_args) -> None:
+        single = self.query_combo.current() != BATCH
+        for box in (self.range_from, self.range_to):
+            box.setEnabled(single and not self.whole_volume.isChecked())
+
+    def _slices_for(self, layer, axis: int, n_slices: int) -> tuple[int, int] | None:
+        if self.whole_volume.isChecked():
+            return None
+        if self.query_combo.current() == BATCH:
+            return painted_range(self.session.support, layer.name, axis, n_slices)
+        first, last = self.range_from.value(), self.range_to.value()
+        if last < first:
+            raise OpenSegError(f"the slice range {first} to {last} is empty: 'to' must be at least 'from'")
+        return first, min(last + 1, n_slices)
+
     # --- running -----------------------------------------------------------------------------
 
     def _queries(self) -> tuple[list, list[Query], list[str]]:
@@ -252,8 +312,10 @@ class SegmentationWidget(QWidget):
                 skipped.append((layer.name, str(err)))
                 continue
             axis = self.axis_combo.axis_for(self.viewer, layer)
+            volume = np.ndim(data) - rgb == 3
+            slices = self._slices_for(layer, axis, int(np.shape(data)[axis])) if volume else None
             kept.append(layer)
-            queries.append(Query(layer.name, data, rgb, axis))
+            queries.append(Query(layer.name, data, rgb, axis, slices))
         if not kept:
             raise OpenSegError("no open image can be segmented: " + "; ".join(reason for _, reason in skipped))
         return kept, queries, [name for name, _ in skipped]
@@ -286,6 +348,7 @@ class SegmentationWidget(QWidget):
             "ensemble": self.ensemble.value(),
             "threshold": self.threshold.value(),
             "keep_probabilities": self.probabilities.isChecked(),
+            "extent": self.extent_combo.currentText(),
         }
         self._sources = layers
         self.session.segmenting.update(str(layer.unique_id) for layer in layers)
@@ -374,6 +437,7 @@ class SegmentationWidget(QWidget):
     def _support_changed(self, support: SupportSet) -> None:
         if self._handle is not None and self._handle.running:
             return
+        self.reset_range()
         counts = support.counts()
         self.status.setText(
             "No support set yet: build one in the support-set widget."

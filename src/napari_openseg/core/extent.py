@@ -36,6 +36,10 @@ EXTENT_STOP_CONFIDENCE = 0.8
 EXTENT_STOP_AFTER = 2
 EXTENT_MIN_AREA = 0.05
 EXTENT_RELATIVE = True
+EXTENT_MARGIN: float | None = 0.25
+#: The Segment widget's default range: the painted slices' range widened on each side by this
+#: fraction of its length (at least one slice).
+RANGE_MARGIN = 0.5
 
 
 def parse_slice_range(text: str) -> tuple[int | None, int | None]:
@@ -77,6 +81,19 @@ def resolve_slice_range(slices, n_slices: int) -> tuple[int, int]:
     return start, stop
 
 
+def painted_range(support, source: str, axis: int, n_slices: int, margin: float = RANGE_MARGIN) -> tuple[int, int] | None:
+    """The slices ``[A, B)`` from the first to the last slice of the support entries painted on the
+    image named ``source`` along ``axis``, widened on each side by ``margin`` times that range's
+    length (at least one slice) and clipped to ``0..n_slices``; ``None`` if none was painted there."""
+    painted = [e.slice_index for e in support.entries
+               if e.source == source and e.axis == axis and e.slice_index is not None]
+    if not painted:
+        return None
+    first, last = min(painted), max(painted)
+    pad = max(1, int(round(margin * (last - first))))
+    return max(0, first - pad), min(n_slices, last + pad + 1)
+
+
 def slice_sharpness(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """``"N H W"`` probabilities of one task -> ``"N"``: the soft Dice between each slice's
     probabilities and its own mask (1 when every pixel is clearly in or out); a slice with nothing
@@ -100,13 +117,17 @@ def task_extent(
     min_area: float = EXTENT_MIN_AREA,
     painted_area: float | None = None,
     relative: bool = EXTENT_RELATIVE,
+    margin: float | None = EXTENT_MARGIN,
 ) -> tuple[int, int]:
     """The slices ``[first, stop)`` one task keeps, from its per-slice ``confidence "N"`` and drawn
     ``area "N"`` (pixels) and the slices ``painted`` for it (module docstring).
 
     ``painted_area`` is the task's mean painted area (default: its mean drawn area on the painted
-    slices). With no painted slice the task starts from the slice of largest ``area * confidence``;
-    a task drawn nowhere keeps no slice (``(0, 0)``).
+    slices). With ``relative`` the stop confidence is a fraction of the task's mean confidence on its
+    painted slices. With two or more painted slices and a ``margin``, the task goes no further than
+    ``margin`` times the painted slices' range beyond them (at least one slice). With no painted
+    slice the task starts from the slice of largest ``area * confidence``; a task drawn nowhere keeps
+    no slice (``(0, 0)``).
     """
     confidence, area = np.asarray(confidence, np.float64), np.asarray(area, np.float64)
     n = confidence.shape[0]
@@ -120,10 +141,13 @@ def task_extent(
     if relative:
         stop_confidence = stop_confidence * float(confidence[seeds].mean())
     ended = (area < floor) | (confidence < stop_confidence)
+    reach = n
+    if margin is not None and len(seeds) > 1:
+        reach = max(1, int(round(margin * (seeds[-1] - seeds[0]))))
     bounds = []
     for step, start in ((-1, seeds[0]), (1, seeds[-1])):
         last, run, s = start, 0, start + step
-        while 0 <= s < n and run < stop_after:
+        while 0 <= s < n and run < stop_after and abs(s - start) <= reach:
             if ended[s]:
                 run += 1
             else:

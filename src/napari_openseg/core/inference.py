@@ -202,7 +202,8 @@ def iter_segment(
     slices, extent
         Volumes only: the slice range to segment (``"A:B"``, ``(A, B)``, a ``slice``; A included, B
         not; the rest stays background), and ``"all"`` or ``"auto"``: each task ends where it fades
-        out, as a propagation front does (:mod:`.extent`; the result's ``extent`` says where).
+        out, as a propagation front does (:mod:`.extent`; the result's ``extent`` says where; a 2D
+        image is its own extent).
 
     Yields progress per batch (``payload``: ``start``, ``stop`` slice indices and ``labels``, that
     batch's label map ``"b H W"``); returns a :class:`SegmentationResult`.
@@ -227,8 +228,8 @@ def iter_segment(
         raise OpenSegError(f"slice axis must be 0, 1 or 2 for a 3D volume, got {axis}")
     if extent not in EXTENTS:
         raise OpenSegError(f"extent must be one of {', '.join(EXTENTS)}, got {extent!r}")
-    if image.ndim == 2 and (slices is not None or extent != "all"):
-        raise OpenSegError("a slice range and extent='auto' apply to volumes, not to a 2D image")
+    if image.ndim == 2 and slices is not None:
+        raise OpenSegError("a slice range applies to volumes, not to a 2D image")
     net = model if isinstance(model, UniverSeg) else load_model(model, "cpu")
     net = prepare_for_inference(net, torch_device, dtype)
     predict = _EnsemblePredictor(net, support, values, support_size, ensemble, seed, aspect,
@@ -245,7 +246,7 @@ def iter_segment(
              n_slices, height, width, values, support_size, ensemble, torch_device, precision)
     first, last = resolve_slice_range(slices, n_slices)
     tracker = ExtentTracker(values, n_slices, painted_slices(support, values, stack, axis % 3), threshold) \
-        if extent == "auto" else None
+        if extent == "auto" and image.ndim == 3 else None
     yield Progress(0, last - first, "segmenting")
     for start in range(first, last, batch):
         stop = min(last, start + batch)
