@@ -15,6 +15,7 @@ from napari_openseg.core.extent import (
     task_extent,
 )
 from napari_openseg.core.inference import segment
+from napari_openseg.core.metrics import dice_score
 from napari_openseg.core.preprocess import normalize_intensity
 from napari_openseg.core.support import build_support_set
 from napari_openseg.errors import OpenSegError
@@ -22,7 +23,7 @@ from napari_openseg.errors import OpenSegError
 from ._blobs import disc_volume, one_thread, train_blob_net
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
-ABSOLUTE = {"stop_confidence": 0.8, "stop_after": 2, "min_area": 0.1, "relative": False}
+ABSOLUTE = {"stop_confidence": 0.8, "stop_after": 2, "min_area": 0.1, "relative": False, "margin": None}
 
 
 def test_a_slice_range_reads_like_a_python_slice():
@@ -56,6 +57,17 @@ def test_a_task_grows_from_its_painted_slices_until_two_slices_in_a_row_have_end
     confidence[:] = 0.9
     confidence[0] = 0.2
     assert task_extent(confidence, area, [3], **ABSOLUTE) == (1, 12)
+
+
+def test_a_task_goes_at_most_its_margin_beyond_the_painted_slices():
+    confidence, area = np.full(20, 0.9), np.full(20, 100.0)  # sure everywhere: only the margin stops it
+    # painted 4 and 12: a range of 8, a quarter of it is 2 slices on each side
+    assert task_extent(confidence, area, [4, 12], **{**ABSOLUTE, "margin": 0.25}) == (2, 15)
+    assert task_extent(confidence, area, [4, 5], **{**ABSOLUTE, "margin": 0.25}) == (3, 7)  # at least one
+    assert task_extent(confidence, area, [4], **{**ABSOLUTE, "margin": 0.25}) == (
+        0,
+        20,
+    )  # one slice: no range
 
 
 def test_without_painted_slices_a_task_starts_where_it_is_drawn_largest_and_surest():
@@ -128,3 +140,32 @@ def test_segment_keeps_to_a_slice_range_and_says_what_applies_to_volumes(blob_ne
         segment(image[7], support, blob_net, device="cpu", slices="0:4")
     with pytest.raises(OpenSegError, match="extent must be one of all, auto"):
         segment(image, support, blob_net, device="cpu", extent="some")
+
+
+def distracted_disc_volume() -> tuple[np.ndarray, np.ndarray]:
+    """A disc on slices 15..24 of 40 and, on every other slice, a fainter disc somewhere else: the
+    blob network draws those too, less sharply."""
+    image, truth = disc_volume((40, 40, 48), first=15, last=24)
+    rng = np.random.default_rng(3)
+    yy, xx = np.mgrid[:40, :48]
+    for z in [*range(15), *range(25, 40)]:
+        radius, cy, cx = 4 + 3 * rng.random(), 8 + 24 * rng.random(), 8 + 32 * rng.random()
+        image[z][((yy - cy) ** 2 + (xx - cx) ** 2) <= radius**2] += 0.25
+    return image, truth
+
+
+def test_auto_extent_draws_an_object_on_10_of_40_slices_on_at_most_14(blob_net):
+    image, truth = distracted_disc_volume()
+    drawn_on = lambda labels: int(labels.reshape(40, -1).any(axis=1).sum())  # noqa: E731
+    for painted_slices_ in ([20], [17, 20, 22]):  # one slice: the confidence alone stops it
+        painted = np.zeros_like(truth)
+        painted[painted_slices_] = truth[painted_slices_]
+        support = build_support_set(image, painted)
+        every = segment(image, support, blob_net, device="cpu")
+        auto = segment(image, support, blob_net, device="cpu", extent="auto")
+        assert drawn_on(every.labels) >= 25  # the faint discs are drawn on most slices
+        assert drawn_on(auto.labels) <= 14 and dice_score(auto.labels == 1, truth == 1) >= 0.8
+        first, stop = auto.extent[1]
+        assert first <= min(painted_slices_) and stop > max(painted_slices_)
+        assert not auto.labels[:first].any() and not auto.labels[stop:].any()
+        assert not auto.probabilities[0, stop:].any()

@@ -457,3 +457,20 @@ def test_the_stop_rule_judges_a_slice_by_its_area_and_confidence():
     assert rule.judge(area=80, confidence=0.9, painted_area=100, last_area=50) == "doubtful"  # 80 > 1.5 x 50
     assert rule.judge(area=70, confidence=0.9, painted_area=100, last_area=50) == "accepted"
     assert rule.judge(area=70, confidence=0.9, painted_area=100, last_area=None) == "accepted"
+
+
+def test_a_set_of_one_entry_repeated_is_predicted_as_that_entry_alone():
+    from napari_openseg.core.memory import MemoryEntry
+    from napari_openseg.core.propagate import _predict
+    from napari_openseg.model.fast import fast_forward, prepare_for_inference
+    from napari_openseg.model.universeg import build_network
+
+    torch.manual_seed(0)
+    net = prepare_for_inference(build_network((8, 8, 8), grid_size=32), torch.device("cpu"), torch.float32)
+    images, masks = torch.rand(2, 1, 32, 32), (torch.rand(2, 32, 32) > 0.6).float()
+    entries = [MemoryEntry(images[k, 0], masks[k], 1.0, torch.zeros(4)) for k in range(2)]
+    query = torch.rand(1, 32, 32)
+    probs = _predict(net, entries, [[1] * 8, [0, 1]], query, keep=False)
+    with torch.inference_mode():
+        eight = fast_forward(net, query[None], images[[1] * 8][None], masks[[1] * 8][None, :, None])
+    assert torch.allclose(probs[0], torch.sigmoid(eight[0, 0]), atol=1e-5)  # the network's mean over copies

@@ -384,16 +384,16 @@ def test_the_slice_range_defaults_to_the_painted_slices_plus_a_margin(viewer, qt
     painted = np.zeros_like(mask)
     painted[[10, 18]] = 1
     get_session(viewer).add_entries(entries_from_arrays(image, painted, source="vol"))
-    # Painted slices 10 and 18: their range (8 slices) widened by half of it on each side: 6 to 22.
+    # Painted slices 10 and 18: their range (8 slices) widened by a quarter of it on each side: 8 to 20.
     assert not widget.whole_volume.isChecked()
-    assert (widget.range_from.value(), widget.range_to.value()) == (6, 22)
+    assert (widget.range_from.value(), widget.range_to.value()) == (8, 20)
     widget.axis_combo.setCurrentText("0")
     counts = []
     widget.preview_updated.connect(counts.append)
     assert run_and_wait(qtbot, widget) == "done"
-    assert counts[-1] == 17  # slices 6..22
+    assert counts[-1] == 13  # slices 8..20
     output = viewer.layers["vol openseg"].data
-    assert not output[:6].any() and not output[23:].any()
+    assert not output[:8].any() and not output[21:].any()
     widget.whole_volume.setChecked(True)
     assert not widget.range_from.isEnabled()
     assert run_and_wait(qtbot, widget) == "done"

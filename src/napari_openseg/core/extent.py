@@ -28,18 +28,22 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import OpenSegError
+from .propagation_settings import DEFAULT_MIN_AREA, DEFAULT_STOP_AFTER
 
 #: ``"all"``: every slice (of the range); ``"auto"``: each task stops where it ends (above).
 EXTENTS: tuple[str, ...] = ("all", "auto")
-#: The auto extent's stop rule (docs/segmentation extent section of docs/propagation.md).
-EXTENT_STOP_CONFIDENCE = 0.8
-EXTENT_STOP_AFTER = 2
-EXTENT_MIN_AREA = 0.05
+#: The auto extent's stop rule, chosen on the validation structures of the VoxelMorph scan with the
+#: openseg-default weights (``benchmarks/bench_extent.py --split val``; docs/propagation.md, *Object
+#: extent in segmentation*): doubtful below 0.96 times the task's sharpness on its painted slices,
+#: two slices in a row end it, and it goes at most a quarter of its painted range beyond them.
+EXTENT_STOP_CONFIDENCE = 0.96
 EXTENT_RELATIVE = True
+EXTENT_STOP_AFTER = DEFAULT_STOP_AFTER  # as a propagation front: two slices in a row,
+EXTENT_MIN_AREA = DEFAULT_MIN_AREA  # vanished below 2 % of the painted area
 EXTENT_MARGIN: float | None = 0.25
 #: The Segment widget's default range: the painted slices' range widened on each side by this
-#: fraction of its length (at least one slice).
-RANGE_MARGIN = 0.5
+#: fraction of its length (at least one slice); the same margin as the auto extent's.
+RANGE_MARGIN = EXTENT_MARGIN
 
 
 def parse_slice_range(text: str) -> tuple[int | None, int | None]:
@@ -81,12 +85,17 @@ def resolve_slice_range(slices, n_slices: int) -> tuple[int, int]:
     return start, stop
 
 
-def painted_range(support, source: str, axis: int, n_slices: int, margin: float = RANGE_MARGIN) -> tuple[int, int] | None:
+def painted_range(
+    support, source: str, axis: int, n_slices: int, margin: float = RANGE_MARGIN
+) -> tuple[int, int] | None:
     """The slices ``[A, B)`` from the first to the last slice of the support entries painted on the
     image named ``source`` along ``axis``, widened on each side by ``margin`` times that range's
     length (at least one slice) and clipped to ``0..n_slices``; ``None`` if none was painted there."""
-    painted = [e.slice_index for e in support.entries
-               if e.source == source and e.axis == axis and e.slice_index is not None]
+    painted = [
+        e.slice_index
+        for e in support.entries
+        if e.source == source and e.axis == axis and e.slice_index is not None
+    ]
     if not painted:
         return None
     first, last = min(painted), max(painted)

@@ -116,6 +116,9 @@ def _predict(
     (positions in ``entries``; sets may differ in size)."""
     from ..model.fast import fast_forward
 
+    # The network averages over a set's entries, so one entry repeated is that entry alone (the
+    # prompt set): predicted from one copy, it costs a copy's work, not the set size's.
+    sets = [list(members[:1]) if len(set(members)) == 1 else list(members) for members in sets]
     probs: list[torch.Tensor | None] = [None] * len(sets)
     for size in sorted({len(members) for members in sets}):
         which = [k for k, members in enumerate(sets) if len(members) == size]
@@ -341,7 +344,12 @@ def _predict_slice(run: _Run, value: int, s: int, front: Front | None) -> _Predi
     threshold = run.settings.threshold
     entries, sets = _support_sets(run, value, s, front)
     probs = _predict(run.net, entries, sets, run.grid_images[s], run.keep)
-    mean = combine_members(probs, threshold)
+    voters = probs
+    if not run.settings.prompt_vote and run.settings.prompt_set and len(sets) > 2:
+        prompt_index = run.settings.draws - 1 if run.settings.policy in ("self-sorting", "admit-all") else None
+        if prompt_index is not None and run.settings.draws > 1:
+            voters = torch.cat([probs[:prompt_index], probs[prompt_index + 1 :]])
+    mean = combine_members(voters, threshold)
     full = from_grid(mean[None, None], run.mapping)[0, 0].clamp(0, 1).cpu().numpy()
     grid_mask = (mean > threshold).to(run.grid_images.dtype)
     return _Prediction(full, full >= threshold, grid_mask, _measure(run, value, s, probs, grid_mask))
