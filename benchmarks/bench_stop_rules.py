@@ -50,27 +50,37 @@ from napari_openseg.training.splits import shared_data_dir
 log = logging.getLogger("bench_stop_rules")
 #: Brainstem, cerebellar white matter and cortex (L, R), cerebral white matter (L, R).
 LARGE_STRUCTURES = (16, 7, 46, 8, 47, 2, 41)
-ABSOLUTE = (0.5, 0.55, 0.6, 0.65)
+ABSOLUTE = (0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65)
 RELATIVE = (0.6, 0.7, 0.8)
 #: Area trends: a slice more than this many times the front's last accepted area is doubtful.
-GROWTH = (1.3, 1.5, 2.0)
+GROWTH = (1.2, 1.3, 1.5, 2.0)
+#: Lower thresholds of the two-level rules: below them a slice is doubtful whatever its area.
+LENIENT = (0.3, 0.4)
 
 
-def validation_cases():
-    image, labels = load_sample()
-    for value in (2, 1):
-        yield Case("sample", f"sample {value}", image.data, labels.data == value)
-    for case in brain_cases(LARGE_STRUCTURES):
-        yield Case("large", case.name, case.image, case.truth)
-    yield from brain_cases(VALIDATION_STRUCTURES)
-    yield from hippocampus_cases("val", None)
-    yield from lgg_cases("val", None)
+GROUPS = ("sample", "large", "brain", "hippocampus", "lgg")
 
 
-def record(case: Case, net) -> dict:
+def validation_cases(groups=GROUPS):
+    if "sample" in groups:
+        image, labels = load_sample()
+        for value in (2, 1):
+            yield Case("sample", f"sample {value}", image.data, labels.data == value)
+    if "large" in groups:
+        for case in brain_cases(LARGE_STRUCTURES):
+            yield Case("large", case.name, case.image, case.truth)
+    if "brain" in groups:
+        yield from brain_cases(VALIDATION_STRUCTURES)
+    if "hippocampus" in groups:
+        yield from hippocampus_cases("val", None)
+    if "lgg" in groups:
+        yield from lgg_cases("val", None)
+
+
+def record(case: Case, net, options: dict | None = None) -> dict:
     """Propagate ``case`` with the confidence stop off; per predicted slice: confidence and areas."""
     prompt, z = prompt_of(case.truth)
-    generator = iter_propagate(case.image, prompt, net, stop_confidence=0.0, device="cpu")
+    generator = iter_propagate(case.image, prompt, net, device="cpu", **{**(options or {}), "stop_confidence": 0.0})
     slices = []
     for step in generator:
         if step.payload:
@@ -81,18 +91,28 @@ def record(case: Case, net) -> dict:
             "prompt_area": int(case.truth[z].sum()), "slices": slices}
 
 
-def replay(obj: dict, threshold_of, stop_after: int = 2, max_growth: float = float("inf")) -> float:
-    """3D Dice of ``obj`` had each front stopped by the rule ``threshold_of(front slices) -> float``
-    and the area trend ``max_growth``."""
+def replay(obj: dict, threshold_of, stop_after: int = 2, max_growth: float = float("inf"),
+           lenient: float | None = None) -> float:
+    """3D Dice of ``obj`` had each front stopped by the rule ``threshold_of(front slices) -> float``,
+    the area trend ``max_growth`` and, with ``lenient``, a second threshold: a slice between the two
+    thresholds counts as doubtful only if its area also broke the trend."""
     overlap = predicted = obj["prompt_area"]
     for sign in (-1, 1):
         records = [r for r in obj["slices"] if np.sign(r["slice"] - obj["prompt_slice"]) == sign]
-        rule = StopRule(stop_after, 0.0, threshold_of(records), max_growth)
+        threshold = threshold_of(records)
+        strict = StopRule(stop_after, 0.0, threshold, max_growth)
         front, kept, last_area = Front(0, [r["slice"] for r in records]), [], float(obj["prompt_area"])
         for r in records:
             # the recording already emptied vanished slices (min_area): they come with no pixels
-            verdict = "vanished" if r["predicted"] == 0 else rule.judge(r["predicted"], r["confidence"], 1.0,
-                                                                         last_area)
+            if r["predicted"] == 0:
+                verdict = "vanished"
+            elif lenient is None:
+                verdict = strict.judge(r["predicted"], r["confidence"], 1.0, last_area)
+            elif r["confidence"] < lenient:
+                verdict = "doubtful"
+            else:
+                grew = r["predicted"] > max_growth * last_area
+                verdict = "doubtful" if r["confidence"] < threshold and grew else "accepted"
             front.observe(r["slice"], verdict == "vanished", verdict == "doubtful", r, stop_after)
             if verdict == "accepted":
                 last_area = r["predicted"]
@@ -107,25 +127,32 @@ def replay(obj: dict, threshold_of, stop_after: int = 2, max_growth: float = flo
 
 
 def rules():
+    """(name, threshold of a front's records, keywords of :func:`replay`)."""
     for t in ABSOLUTE:
-        yield f"confidence < {t}", lambda front, t=t: t, float("inf")
+        for after in (2, 3):
+            yield f"confidence < {t}, {after} in a row", lambda front, t=t: t, {"stop_after": after}
     for ratio in RELATIVE:  # relative to the confidence of the front's first slice
         yield (f"confidence < {ratio} x first slice's",
-               lambda front, r=ratio: r * (front[0]["confidence"] if front else 1), float("inf"))
-    for t in ABSOLUTE[1:3]:
+               lambda front, r=ratio: r * (front[0]["confidence"] if front else 1), {})
+    for t in ABSOLUTE:
         for growth in GROWTH:
-            yield f"confidence < {t} or area > {growth} x last accepted", lambda front, t=t: t, growth
+            yield f"confidence < {t} or area > {growth} x last accepted", lambda front, t=t: t, {"max_growth": growth}
+    for low in LENIENT:
+        for t in ABSOLUTE:
+            for growth in GROWTH:
+                if low < t:
+                    yield (f"confidence < {low}, or < {t} and area > {growth} x last accepted",
+                           lambda front, t=t: t, {"max_growth": growth, "lenient": low})
 
 
 def report(objects: list[dict]) -> str:
     groups = sorted({o["dataset"] for o in objects})
     lines = ["| stop rule | " + " | ".join(f"{g} ({sum(o['dataset'] == g for o in objects)})" for g in groups)
-             + " |", "|---" * (len(groups) + 1) + "|"]
-    for name, rule, growth in rules():
-        cells = [100 * np.mean([replay(o, rule, max_growth=growth) for o in objects if o["dataset"] == g])
-                 for g in groups]
-        lines.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
-    return "\n".join(lines) + "\n\n3D Dice (%), mean per group of objects."
+             + " | mean |", "|---" * (len(groups) + 2) + "|"]
+    for name, rule, keywords in rules():
+        cells = [100 * np.mean([replay(o, rule, **keywords) for o in objects if o["dataset"] == g]) for g in groups]
+        lines.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {np.mean(cells):.1f} |")
+    return "\n".join(lines) + "\n\n3D Dice (%), mean per group of objects; mean: of the groups."
 
 
 def main() -> None:
@@ -135,6 +162,8 @@ def main() -> None:
                         help="weights names or files, each recorded in turn (default: both bundled files)")
     parser.add_argument("--json", help="write the per-slice records to this file (one per weights: a suffix)")
     parser.add_argument("--records", nargs="+", help="replay records written earlier with --json instead")
+    parser.add_argument("--data", nargs="+", default=list(GROUPS), choices=GROUPS, help="groups of objects to record")
+    parser.add_argument("--options", default="{}", help="other propagation settings for the recording, as JSON")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.records:
@@ -147,7 +176,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for weights in args.weights:
         net, began = load_model(weights), time.perf_counter()
-        objects = [record(case, net) for case in validation_cases()]
+        objects = [record(case, net, json.loads(args.options)) for case in validation_cases(args.data)]
         print(f"\n### weights {weights}: {len(objects)} objects recorded in {(time.perf_counter() - began) / 60:.1f} min\n")
         if args.json:
             with open(f"{args.json}.{Path(weights).stem}.json", "w") as handle:

@@ -12,7 +12,11 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    from ..core.propagation_settings import DEFAULT_CAPACITY, DEFAULT_STOP_CONFIDENCE  # torch-free
+    from ..core.propagation_settings import (  # torch-free
+        DEFAULT_CAPACITY,
+        DEFAULT_SHORT_TERM,
+        DEFAULT_STOP_CONFIDENCE,
+    )
 
     parser = subparsers.add_parser(
         "propagate", help="carry objects painted on one or more slices through a volume"
@@ -22,6 +26,8 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, metavar="OUT", help="output labels file (.nii.gz, .tif, .npy)")
     parser.add_argument("--axis", type=int, default=0, metavar="A", help="slice axis (default 0)")
     parser.add_argument("--bank-size", type=int, default=DEFAULT_CAPACITY, metavar="M", help="M: memory bank size per object (default %(default)s)")
+    parser.add_argument("--short-term", type=int, default=DEFAULT_SHORT_TERM, metavar="K",
+                        help="K: each front's short-term memory, its last K accepted slices (0: none; default %(default)s)")
     parser.add_argument("--weights", metavar="NAME|PATH", help="weights name (default openseg-propagate; openseg-default means the same here; "
                         "universeg-v1) or file path")
     parser.add_argument("--json", metavar="OUT", help="also write the per-slice confidence to this JSON file")
@@ -64,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
             label_values=args.label_values,
             complete_slices=args.complete_slices,
             bank_size=args.bank_size,
+            short_term=args.short_term,
             unordered=args.unordered,
             device=args.device,
             seed=args.seed,

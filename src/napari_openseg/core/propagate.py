@@ -344,12 +344,7 @@ def _predict_slice(run: _Run, value: int, s: int, front: Front | None) -> _Predi
     threshold = run.settings.threshold
     entries, sets = _support_sets(run, value, s, front)
     probs = _predict(run.net, entries, sets, run.grid_images[s], run.keep)
-    voters = probs
-    if not run.settings.prompt_vote and run.settings.prompt_set and len(sets) > 2:
-        prompt_index = run.settings.draws - 1 if run.settings.policy in ("self-sorting", "admit-all") else None
-        if prompt_index is not None and run.settings.draws > 1:
-            voters = torch.cat([probs[:prompt_index], probs[prompt_index + 1 :]])
-    mean = combine_members(voters, threshold)
+    mean = combine_members(probs, threshold)
     full = from_grid(mean[None, None], run.mapping)[0, 0].clamp(0, 1).cpu().numpy()
     grid_mask = (mean > threshold).to(run.grid_images.dtype)
     return _Prediction(full, full >= threshold, grid_mask, _measure(run, value, s, probs, grid_mask))

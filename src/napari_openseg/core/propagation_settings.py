@@ -73,7 +73,6 @@ class PropagationSettings:
     floor: float = DEFAULT_FLOOR
     temperature: float = DEFAULT_TEMPERATURE
     prompt_set: bool = True
-    prompt_vote: bool = True
     stop_after: int = DEFAULT_STOP_AFTER
     min_area: float = DEFAULT_MIN_AREA
     stop_confidence: float = DEFAULT_STOP_CONFIDENCE
