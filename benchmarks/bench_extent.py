@@ -62,7 +62,11 @@ RULES = [
     {"stop_confidence": c, "relative": False, "stop_after": 2, "margin": m}
     for m in (None, 0.25, 0.5)
     for c in (0.0, 0.8, 0.86, 0.88)
-] + [{"stop_confidence": f, "relative": True, "stop_after": 2, "margin": m} for m in (None, 0.25) for f in (0.96, 0.98)]
+] + [
+    {"stop_confidence": f, "relative": True, "stop_after": 2, "margin": m}
+    for m in (None, 0.25)
+    for f in (0.96, 0.98)
+]
 DEFAULT_RULE = {
     "stop_confidence": EXTENT_STOP_CONFIDENCE,
     "relative": EXTENT_RELATIVE,
@@ -101,8 +105,11 @@ def main() -> None:
     parser.add_argument("--split", default="test", choices=["val", "test"])
     parser.add_argument("--weights", nargs="+", default=list(BUNDLED))
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--cache", help="folder to keep each run's labels and per-slice numbers in, and to "
-                        "read them from on a later run (the rules are then replayed without the network)")
+    parser.add_argument(
+        "--cache",
+        help="folder to keep each run's labels and per-slice numbers in, and to "
+        "read them from on a later run (the rules are then replayed without the network)",
+    )
     args = parser.parse_args()
     if shared_data_dir() is None:
         raise SystemExit("../shared/data is not present")
@@ -120,7 +127,11 @@ def main() -> None:
         if cached is not None and cached.is_file():
             with np.load(cached) as saved:
                 drawn, tracker = saved["labels"], ExtentTracker(values, n, seeds)
-                tracker.confidence, tracker.area, tracker.seen = saved["confidence"], saved["area"], saved["seen"]
+                tracker.confidence, tracker.area, tracker.seen = (
+                    saved["confidence"],
+                    saved["area"],
+                    saved["seen"],
+                )
         else:
             result = segment(image, support, load_model(weights), device="cpu", keep_probabilities=True)
             drawn, probabilities = result.labels, result.probabilities.transpose(1, 0, 2, 3)  # "N C H W"
@@ -128,8 +139,9 @@ def main() -> None:
             for start in range(0, n, 16):
                 tracker.add(start, probabilities[start : start + 16], drawn[start : start + 16])
             if cached is not None:
-                np.savez_compressed(cached, labels=drawn, confidence=tracker.confidence, area=tracker.area,
-                                    seen=tracker.seen)
+                np.savez_compressed(
+                    cached, labels=drawn, confidence=tracker.confidence, area=tracker.area, seen=tracker.seen
+                )
         seconds = time.perf_counter() - began
         rows = [('every slice (`extent="all"`)', *score(drawn, labels, values))]
         for margin in MARGINS:  # the Segment widget's range: one for the image, every task inside it

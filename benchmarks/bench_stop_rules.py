@@ -54,6 +54,8 @@ ABSOLUTE = (0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65)
 RELATIVE = (0.6, 0.7, 0.8)
 #: Area trends: a slice more than this many times the front's last accepted area is doubtful.
 GROWTH = (1.2, 1.3, 1.5, 2.0)
+#: Marks the reference rule that knows the truth (a bound on what a stop rule can reach).
+ORACLE = -1.0
 #: Lower thresholds of the two-level rules: below them a slice is doubtful whatever its area.
 LENIENT = (0.3, 0.4)
 
@@ -106,6 +108,8 @@ def replay(obj: dict, threshold_of, stop_after: int = 2, max_growth: float = flo
             # the recording already emptied vanished slices (min_area): they come with no pixels
             if r["predicted"] == 0:
                 verdict = "vanished"
+            elif threshold == ORACLE:  # ends where the prediction first misses the object entirely
+                verdict = "doubtful" if r["overlap"] == 0 else "accepted"
             elif lenient is None:
                 verdict = strict.judge(r["predicted"], r["confidence"], 1.0, last_area)
             elif r["confidence"] < lenient:
@@ -128,6 +132,7 @@ def replay(obj: dict, threshold_of, stop_after: int = 2, max_growth: float = flo
 
 def rules():
     """(name, threshold of a front's records, keywords of :func:`replay`)."""
+    yield "(reference) a front ends at its first slice that misses the object", lambda front: ORACLE, {"stop_after": 1}
     for t in ABSOLUTE:
         for after in (2, 3):
             yield f"confidence < {t}, {after} in a row", lambda front, t=t: t, {"stop_after": after}
