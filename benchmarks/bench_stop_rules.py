@@ -63,7 +63,7 @@ LENIENT = (0.3, 0.4)
 GROUPS = ("sample", "large", "brain", "hippocampus", "lgg")
 
 
-def validation_cases(groups=GROUPS):
+def validation_cases(groups=GROUPS, limit: int | None = None):
     if "sample" in groups:
         image, labels = load_sample()
         for value in (2, 1):
@@ -74,9 +74,9 @@ def validation_cases(groups=GROUPS):
     if "brain" in groups:
         yield from brain_cases(VALIDATION_STRUCTURES)
     if "hippocampus" in groups:
-        yield from hippocampus_cases("val", None)
+        yield from hippocampus_cases("val", limit)
     if "lgg" in groups:
-        yield from lgg_cases("val", None)
+        yield from lgg_cases("val", limit)
 
 
 def record(case: Case, net, options: dict | None = None) -> dict:
@@ -169,6 +169,7 @@ def main() -> None:
     parser.add_argument("--records", nargs="+", help="replay records written earlier with --json instead")
     parser.add_argument("--data", nargs="+", default=list(GROUPS), choices=GROUPS, help="groups of objects to record")
     parser.add_argument("--options", default="{}", help="other propagation settings for the recording, as JSON")
+    parser.add_argument("--subjects", type=int, help="only the first N hippocampus subjects and LGG patients")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.records:
@@ -181,7 +182,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for weights in args.weights:
         net, began = load_model(weights), time.perf_counter()
-        objects = [record(case, net, json.loads(args.options)) for case in validation_cases(args.data)]
+        objects = [record(case, net, json.loads(args.options)) for case in validation_cases(args.data, args.subjects)]
         print(f"\n### weights {weights}: {len(objects)} objects recorded in {(time.perf_counter() - began) / 60:.1f} min\n")
         if args.json:
             with open(f"{args.json}.{Path(weights).stem}.json", "w") as handle:
