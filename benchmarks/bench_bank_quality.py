@@ -9,8 +9,8 @@ support draws (``evaluation.evaluate.iter_evaluate_tasks``). Queries per task ar
 (``--max-queries``).
 
 The summary separates the sets a weights file never trained on. ``--trained-on LABEL=SET,SET`` names
-them per weights label; by default the first weights (``new``) trained on every permissive set's
-train split and the second (``current``) on the hippocampus only. Sets labelled by a model
+them per weights label; by default a bundled file (``openseg-default``) trained on the hippocampus
+only and any other file on every permissive set's train split. Sets labelled by a model
 (``totalsegmentator*``) have no test cases (training only).
 
 Run: ``python benchmarks/bench_bank_quality.py --weights new=runs/v2/best.pt current=openseg-default
@@ -83,7 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write every number to this file")
+    parser.add_argument("--tables-from", metavar="JSON", help="print the tables of an earlier run's --json file")
     args = parser.parse_args(argv)
+    if args.tables_from:
+        return reprint(Path(args.tables_from), args)
     torch.set_num_threads(args.threads)
     data = shared_data_dir()
     if data is None:
@@ -91,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     weights = parse_weights(args.weights)
     sets = [s for s in discover(data) if not args.sets or s.name in args.sets]
-    trained = default_trained_on(list(weights), sets)
+    trained = default_trained_on(weights, sets)
     trained.update({k: set(v.split(",")) for k, _, v in (t.partition("=") for t in args.trained_on)})
     device = torch.device("cpu")
-    nets = {label: networks(source, ("model",), args.seed, device) for label, source in weights.items()}
+    nets = {label: networks(source, ("network",), args.seed, device) for label, source in weights.items()}
     started, results = time.perf_counter(), {}
     baselines = [] if args.skip_pixel_classifier else list(BASELINES)
     baselines = baselines or ["label_prior"]
@@ -116,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         for size in args.support_sizes:
             means = {}
             for number, (label, (net_by_method, grid)) in enumerate(nets.items()):
-                methods = ["model"] + (baselines if number == 0 else [])
+                methods = ["network"] + (baselines if number == 0 else [])
                 scores = run_to_end(
                     iter_evaluate_tasks(
                         tasks,
@@ -131,9 +134,9 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 )
                 for method in methods:
-                    name = label if method == "model" else method
+                    name = label if method == "network" else method
                     means[name] = float(np.mean([np.mean(t["dice"][method]) for t in scores.values()]))
-                entry["queries"] = int(sum(len(t["dice"]["model"]) for t in scores.values()))
+                entry["queries"] = int(sum(len(t["dice"]["network"]) for t in scores.values()))
             entry["scores"][str(size)] = means
             print(
                 f"# {dataset.name} S={size}: " + ", ".join(f"{k} {v:.3f}" for k, v in means.items()),
@@ -155,13 +158,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def default_trained_on(labels: list[str], sets) -> dict[str, set[str]]:
-    """``new`` (the first weights): every permissive set; any other: the hippocampus only."""
+def reprint(path: Path, args) -> int:
+    """The tables of a saved run, with the sets each weights file trained on as stored in it."""
+    saved = json.loads(path.read_text())
+    results, labels = saved["results"], list(saved["weights"])
+    first = next(iter(results.values()))["scores"]
+    columns = list(next(iter(first.values())))
+    args.split, args.seed, args.max_queries = saved["split"], saved["seed"], saved["max_queries"]
+    args.support_sizes = [int(s) for s in first]
+    trained = {k: set(v) for k, v in saved["trained_on"].items()}
+    trained.update({k: set(v.split(",")) for k, _, v in (t.partition("=") for t in args.trained_on)})
+    print_tables(results, labels, [c for c in columns if c not in labels], trained, args, None)
+    return 0
+
+
+def default_trained_on(weights: dict[str, str], sets) -> dict[str, set[str]]:
+    """A bundled file (``openseg-*``): the hippocampus only; any other file: every permissive set."""
     permissive = {s.name for s in trainable_sets(sets)} | {"msd_task04_hippocampus"}
-    return {label: (permissive if i == 0 else {"msd_task04_hippocampus"}) for i, label in enumerate(labels)}
+    return {
+        label: {"msd_task04_hippocampus"} if str(source).startswith("openseg-") else permissive
+        for label, source in weights.items()
+    }
 
 
-def print_tables(results: dict, labels: list[str], baselines: list[str], trained: dict, args, elapsed: float):
+def print_tables(results: dict, labels: list[str], baselines: list[str], trained: dict, args, elapsed: float | None):
     columns = labels + baselines
     print(
         f"split: {args.split}; seed {args.seed}; up to {args.max_queries} query slices per task; K = 1; "
@@ -171,7 +191,7 @@ def print_tables(results: dict, labels: list[str], baselines: list[str], trained
     print("|" + "|".join(["---"] * (5 + len(columns))) + "|")
     for name, entry in results.items():
         for size, means in entry["scores"].items():
-            marks = "".join("*" if name in trained.get(label, ()) else "" for label in labels[:1])
+            marks = "*" if name in trained.get(labels[0], ()) else ""
             cells = " | ".join(f"{100 * means[c]:.1f}" for c in columns)
             print(
                 f"| {name}{marks} | {entry['modality']} | {entry['licence']} | {entry['tasks']} / "
@@ -198,7 +218,8 @@ def print_tables(results: dict, labels: list[str], baselines: list[str], trained
             print(
                 f"    {modality} ({len(names)}): " + ", ".join(f"{c} {100 * v:.1f}" for c, v in row.items())
             )
-    print(f"\nbenchmark run time: {elapsed / 60:.1f} min")
+    if elapsed is not None:
+        print(f"\nbenchmark run time: {elapsed / 60:.1f} min")
 
 
 def mean_of(results: dict, names: list[str], size: int, column: str) -> float | None:

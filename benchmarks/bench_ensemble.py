@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from bench_quality import SUPPORT_SIZES, family_folders
+from napari_openseg.core.engine import support_tensors
 from napari_openseg.core.ensemble import combine_members
-from napari_openseg.core.inference import support_tensors
 from napari_openseg.core.metrics import dice_score
 from napari_openseg.core.preprocess import from_grid, to_grid
 from napari_openseg.core.progress import run_to_end
@@ -64,8 +64,8 @@ def main() -> None:
     if data is None:
         raise SystemExit("../shared/data is not present")
     torch.set_num_threads(args.threads)
-    nets, _ = networks(None, ["model"], 0, torch.device("cpu"))
-    net = nets["model"]
+    nets, _ = networks(None, ["network"], 0, torch.device("cpu"))
+    net = nets["network"].net
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for family, (folder, labels, max_queries) in family_folders(data, Path(scratch), selection=True).items():

@@ -42,6 +42,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads OpenMP
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from napari_openseg.core.engine import prepare_network  # noqa: E402
 from napari_openseg.core.ensemble import RULES  # noqa: E402
 from napari_openseg.core.progress import run_to_end  # noqa: E402
 from napari_openseg.evaluation.evaluate import iter_evaluate_tasks, load_tasks, networks  # noqa: E402
@@ -113,11 +114,11 @@ def inference_time(net, repeats: int = 3) -> float:
     labels = np.zeros(volume.shape, np.uint8)
     labels[:, 40:90, 30:100] = 1
     support = build_support_set(volume[:16], labels[:16])
-    segment(volume[:2], support, net, support_size=16, device="cpu")  # warm-up
+    segment(volume[:2], support, net, support_size=16, device="cpu", method="network")  # warm-up
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        segment(volume, support, net, support_size=16, device="cpu", keep_probabilities=False)
+        segment(volume, support, net, support_size=16, device="cpu", keep_probabilities=False, method="network")
         best = min(best, (time.perf_counter() - start) / len(volume))
     return best
 
@@ -144,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
         print("../shared/data is not present; nothing to measure", file=sys.stderr)
         return 1
     device = torch.device("cpu")
-    nets, grid = networks(args.weights, ("model", "random_init"), args.seed, device)
+    nets, grid = networks(args.weights, ("network", "random_init"), args.seed, device)
     if args.grid:
-        nets, grid = {name: on_grid(net, args.grid) for name, net in nets.items()}, args.grid
-    info = getattr(nets["model"], "weights_info", {}) or {}
+        nets = {name: prepare_network(on_grid(network.net, args.grid), device) for name, network in nets.items()}
+        grid = args.grid
+    info = nets["network"].weights_info
     started = time.perf_counter()
     results: dict = {}
     with tempfile.TemporaryDirectory() as scratch:
@@ -165,12 +167,15 @@ def main(argv: list[str] | None = None) -> int:
                 for size in args.support_sizes:
                     # Baselines that gain nothing from K are run at K=1 only (run time).
                     with_pixel = ensemble == 1 and not args.skip_pixel_classifier
-                    methods = ["model", "label_prior"] + (["random_init"] if ensemble == 1 else [])
+                    methods = ["network", "label_prior"] + (["random_init"] if ensemble == 1 else [])
                     methods += ["pixel_classifier"] if with_pixel else []
                     tick = time.perf_counter()
                     scores = run_to_end(iter_evaluate_tasks(
                         tasks, nets, grid, methods=methods, support_size=size, ensemble=ensemble,
                         seed=args.seed, max_queries=queries, device=device, ensemble_rule=args.ensemble_rule))
+                    scores = {k: dict(t, dice={("model" if m == "network" else m): v for m, v in t["dice"].items()})
+                              for k, t in scores.items()}  # the tables call the network "model"
+                    methods = ["model" if m == "network" else m for m in methods]
                     means = {m: float(np.mean([np.mean(t["dice"][m]) for t in scores.values()])) for m in methods}
                     results.setdefault(family, {})[f"S{size}_K{ensemble}"] = {
                         "means": means, "tasks": len(scores),
@@ -179,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
                     }
                     print(f"# {family} S={size} K={ensemble}: " + ", ".join(f"{m} {v:.3f}" for m, v in means.items())
                           + f" ({time.perf_counter() - tick:.0f} s)", file=sys.stderr, flush=True)
-    seconds = inference_time(nets["model"])
+    seconds = inference_time(nets["network"])
     print_tables(results, args, info, seconds, time.perf_counter() - started)
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "seconds_per_query": seconds}, indent=1))

@@ -82,7 +82,7 @@ def worker(args: argparse.Namespace) -> None:
     slices = args.direct_slices if formulation == "direct" else args.slices
     volume = query[:slices]
     batch = args.worker_batch or None  # 0: the automatic choice
-    options = dict(support_size=args.support_size, device=args.device, precision=precision,
+    options = dict(method="network", support_size=args.support_size, device=args.device, precision=precision,
                    formulation=formulation, batch_size=1 if formulation == "direct" else batch)
     run_to_end(iter_segment(volume[:1], support, net, **options))  # warm-up: allocator, kernels
     if args.device.startswith("cuda"):
@@ -121,7 +121,7 @@ def batch_table(args: argparse.Namespace) -> None:
     """Fast float32 at each batch size (0 = automatic), each in a fresh process."""
     import torch
 
-    from napari_openseg.core.inference import auto_batch_size
+    from napari_openseg.core.engine import auto_batch_size
 
     print(f"# bench_segment --batch-sizes: {args.slices} slices of {args.size}x{args.size}, weights "
           f"{args.weights}, device {args.device}, threads {args.threads or torch.get_num_threads()}")

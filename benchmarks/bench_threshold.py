@@ -92,7 +92,7 @@ def volume_dice(data: Path) -> list[tuple[str, dict[str, float]]]:
                for subject in support_subjects + query_subjects}  # read once, used along every axis
 
     def scores(image, labels, support, axis) -> dict[str, dict[int, float]]:
-        result = segment(image, support, None, axis=axis, support_size=16, device="cpu")
+        result = segment(image, support, None, axis=axis, support_size=16, device="cpu", method="network")
         by_slice = np.moveaxis(result.probabilities, axis + 1, 1)
         return {d: dice_per_label(np.moveaxis(label_map(by_slice, result.label_values, d), 0, axis), labels,
                                   result.label_values) for d in DECISIONS}
@@ -134,7 +134,7 @@ def main() -> None:
     parts = [args.only] if args.only else ["slices", "volumes"]
     torch.set_num_threads(args.threads)
     if "slices" in parts:
-        net = networks(None, ["model"], 0, torch.device("cpu"))[0]["model"]
+        net = networks(None, ["network"], 0, torch.device("cpu"))[0]["network"].net
         rows = slice_dice(net, data, args.support_sizes)
         means = [(f"mean of families, S = {s}", {d: float(np.mean([r[d] for _, size, r in rows if size == s]))
                                                  for d in DECISIONS}) for s in args.support_sizes]

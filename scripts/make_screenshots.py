@@ -160,6 +160,7 @@ def main() -> None:
     painted_layer.visible = False
     settle()
     shoot_window(viewer, "04-segmented.png")
+    shoot_widget(segment_widget, "04b-estimate.png")  # the expected Dice and method of each task
 
     # 4. batch mode: a second volume (the sample with noise and another contrast) and both at once
     rng = np.random.default_rng(0)

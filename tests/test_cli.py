@@ -273,3 +273,47 @@ def test_segment_a_slice_range_and_the_auto_extent(tmp_path, nifti_pair, tiny_we
     assert "slices kept per label (A:B, B not included): 1: " in capsys.readouterr().out
     assert main([*base, "--out", str(tmp_path / "bad.nii.gz"), "--slices", "2-4"]) == 2
     assert "written A:B" in capsys.readouterr().err and not (tmp_path / "bad.nii.gz").exists()
+
+
+def test_support_build_with_a_background_label_then_segment_writes_the_estimate(tmp_path, tiny_weights, capsys):
+    import json
+
+    rng = np.random.default_rng(0)
+    image = rng.normal(50, 5, (6, 24, 24)).astype(np.float32)
+    truth = np.zeros(image.shape, np.uint8)
+    truth[:, 6:16, 6:16] = 1
+    image[truth == 1] += 40
+    strokes = np.zeros(image.shape, np.uint8)
+    strokes[:, 10, 8:14] = 1  # a stroke through each structure
+    strokes[:, 20, 2:22] = 2  # and one over the background
+    paths = [tmp_path / f"{name}.npy" for name in ("img", "strokes")]
+    for array, path in zip((image, strokes), paths):
+        np.save(path, array)
+    support = tmp_path / "support.npz"
+    assert main(["support", "build", "--image", str(paths[0]), "--labels", str(paths[1]), "--out", str(support),
+                 "--background-label", "2"]) == 0
+    assert "label 1: 6" in capsys.readouterr().out
+    assert main(["support", "show", str(support)]) == 0
+    assert "strokes (background label 2)" in capsys.readouterr().out
+    out, report = tmp_path / "seg.npy", tmp_path / "seg.json"
+    assert main(["segment", str(paths[0]), "--support", str(support), "--out", str(out), "--weights",
+                 str(tiny_weights), "--method", "pixel-classifier", "--json", str(report)]) == 0
+    printed = capsys.readouterr().out
+    assert "label 1: expected Dice" in printed and "method: pixel-classifier" in printed
+    task = json.loads(report.read_text())["outputs"][0]["tasks"]["1"]
+    assert task["method"] == "pixel-classifier" and task["examples"] == 6 and task["expected_dice"] > 0.9
+    segmented = np.load(out)
+    assert (segmented == truth).mean() > 0.95  # unpainted structure pixels are found, not taken as background
+
+
+def test_support_build_warns_when_masks_look_like_strokes(tmp_path, capsys):
+    image = np.random.default_rng(0).normal(50, 5, (4, 24, 24)).astype(np.float32)
+    scribble = np.zeros(image.shape, np.uint8)
+    idx = np.arange(2, 22)
+    scribble[:, idx, idx] = 1
+    paths = [tmp_path / f"{name}.npy" for name in ("img", "scribble")]
+    for array, path in zip((image, scribble), paths):
+        np.save(path, array)
+    assert main(["support", "build", "--image", str(paths[0]), "--labels", str(paths[1]),
+                 "--out", str(tmp_path / "s.npz")]) == 0
+    assert "--background-label" in capsys.readouterr().err

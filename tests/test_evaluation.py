@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from napari_openseg.cli import main
+from napari_openseg.core.pixel_classifier import PixelClassifier, pixel_features
 from napari_openseg.errors import OpenSegError
-from napari_openseg.evaluation.baselines import PixelClassifier, label_prior, pixel_features
+from napari_openseg.evaluation.baselines import label_prior
 from napari_openseg.evaluation.data import SINGLE_VOLUME_GAP, find_folder, single_volume_split, split_cases
 from napari_openseg.evaluation.evaluate import METHODS, evaluate, iter_evaluate
 
@@ -82,7 +83,7 @@ def test_evaluate_picture_folder_writes_the_json_contract(picture_folder, tiny_w
     for task in report["tasks"].values():
         assert set(METHODS) <= set(task)
         for method in METHODS:
-            assert set(task[method]) == {"mean", "std", "n"}
+            assert {"mean", "std", "n"} <= set(task[method]) <= {"mean", "std", "n", "estimate"}
             assert task[method]["n"] == len(queries)
             assert 0.0 <= task[method]["mean"] <= 1.0
         assert task["support_pool"] == len(support)
@@ -90,6 +91,10 @@ def test_evaluate_picture_folder_writes_the_json_contract(picture_folder, tiny_w
     assert report["tasks"]["label_1"]["pixel_classifier"]["mean"] > 0.85
     assert report["tasks"]["label_2"]["label_prior"]["mean"] > 0.85
     assert set(report["summary"]) == set(METHODS)
+    # One validation case: a pool of one entry, too few to cross-validate, so the engine ran the network.
+    for task in report["tasks"].values():
+        assert task["support_pool"] == 1 and task["model_methods"] == {"network": len(queries)}
+        assert "estimate" not in task["model"]
 
 
 def test_evaluate_nifti_folder_slices_every_axis(nifti_folder, tiny_weights, tmp_path):
@@ -98,6 +103,9 @@ def test_evaluate_nifti_folder_slices_every_axis(nifti_folder, tiny_weights, tmp
     assert set(report.tasks) == {f"label_{v}/axis_{a}" for v in (1, 2) for a in (0, 1, 2)}
     scores = report.task_scores("label_1/axis_0")
     assert scores["model"]["n"] == 4 and scores["label_prior"]["n"] == 4
+    # three entries per draw: cross-validated, and a bright ball is easy for the pixel classifier
+    assert scores["pixel_classifier"]["estimate"] > 0.8 and scores["pixel_classifier"]["mean"] > 0.8
+    assert "estimate_error" in report.summary()["model"] and "meas / est" in report.estimate_table()
     # label 2 is a box at a fixed place in every subject: the prior reproduces it on all axes.
     for axis in range(3):
         assert report.task_scores(f"label_2/axis_{axis}")["label_prior"]["mean"] > 0.9
@@ -209,7 +217,9 @@ def test_baselines_directly():
     query, truth = disk_and_square((40, 48), rng)
     from napari_openseg.core.preprocess import normalize_intensity
 
-    prob = PixelClassifier(support, seed=0).predict(normalize_intensity(query))
+    features = np.concatenate([pixel_features(e.image).reshape(-1, 21) for e in support])
+    classifier = PixelClassifier(seed=0).fit(features, np.concatenate([e.mask.reshape(-1) for e in support]))
+    prob = classifier.predict_map(pixel_features(normalize_intensity(query)))
     assert ((prob >= 0.5) == (truth == 1)).mean() > 0.97
 
 

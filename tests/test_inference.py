@@ -42,8 +42,8 @@ def test_volume_along_each_axis_keeps_its_shape(tiny_net, support, axis):
 def test_slices_are_segmented_independently_of_the_axis_order(tiny_net, support):
     """Segmenting along axis 2 equals transposing, segmenting along axis 0 and transposing back."""
     image, _ = volume_with_labels((5, 9, 14), seed=2)
-    along_last = segment(image, support, tiny_net, axis=2, support_size=4).probabilities
-    moved = segment(np.moveaxis(image, 2, 0), support, tiny_net, axis=0, support_size=4).probabilities
+    along_last = segment(image, support, tiny_net, axis=2, support_size=4, method="stacked").probabilities
+    moved = segment(np.moveaxis(image, 2, 0), support, tiny_net, axis=0, support_size=4, method="stacked").probabilities
     assert np.allclose(along_last, np.moveaxis(moved, 1, 3), atol=1e-5)
 
 
@@ -59,25 +59,25 @@ def test_slices_are_segmented_independently_of_the_axis_order(tiny_net, support)
     ids=["uint8", "uint16", "int16-ct", "float-nan", "rgb"],
 )
 def test_two_dimensional_images_of_any_dtype(tiny_net, support, image):
-    result = segment(image, support, tiny_net, support_size=3)
+    result = segment(image, support, tiny_net, support_size=3, method="network")
     assert result.labels.shape == (33, 47)
     assert np.all(np.isfinite(result.probabilities))
 
 
 def test_batch_size_does_not_change_the_result(tiny_net, support):
     image, _ = volume_with_labels((7, 16, 16), seed=3)
-    one = segment(image, support, tiny_net, support_size=4, batch_size=1).probabilities
-    many = segment(image, support, tiny_net, support_size=4, batch_size=5).probabilities
+    one = segment(image, support, tiny_net, support_size=4, batch_size=1, method="network").probabilities
+    many = segment(image, support, tiny_net, support_size=4, batch_size=5, method="network").probabilities
     assert np.allclose(one, many, atol=1e-5)
 
 
 def test_ensembling_is_seeded_and_averages_different_subsets(tiny_net, support):
     image, _ = volume_with_labels((3, 16, 16), seed=4)
-    kwargs = dict(support_size=2, ensemble=3)
+    kwargs = dict(support_size=2, ensemble=3, method="network")
     first = segment(image, support, tiny_net, seed=1, **kwargs).probabilities
     again = segment(image, support, tiny_net, seed=1, **kwargs).probabilities
     other = segment(image, support, tiny_net, seed=2, **kwargs).probabilities
-    single = segment(image, support, tiny_net, seed=1, support_size=2, ensemble=1).probabilities
+    single = segment(image, support, tiny_net, seed=1, support_size=2, ensemble=1, method="network").probabilities
     assert np.array_equal(first, again)
     assert not np.allclose(first, other)
     assert not np.allclose(first, single)
@@ -86,8 +86,8 @@ def test_ensembling_is_seeded_and_averages_different_subsets(tiny_net, support):
 def test_ensemble_collapses_when_the_task_is_smaller_than_s(tiny_net, support):
     """With every entry in each subset, K identical predictions equal one."""
     image, _ = volume_with_labels((2, 16, 16), seed=5)
-    k1 = segment(image, support, tiny_net, support_size=64, ensemble=1).probabilities
-    k4 = segment(image, support, tiny_net, support_size=64, ensemble=4).probabilities
+    k1 = segment(image, support, tiny_net, support_size=64, ensemble=1, method="network").probabilities
+    k4 = segment(image, support, tiny_net, support_size=64, ensemble=4, method="network").probabilities
     assert np.allclose(k1, k4)
 
 
@@ -106,13 +106,17 @@ def test_progress_counts_slices_and_carries_partial_labels(tiny_net, support):
     image, _ = volume_with_labels((5, 16, 16), seed=6)
     steps = list(iter_segment(image, support, tiny_net, support_size=2, batch_size=2))
     assert all(isinstance(s, Progress) for s in steps)
-    assert [s.done for s in steps] == [0, 2, 4, 5] and steps[-1].total == 5
-    assert steps[1].payload["labels"].shape == (2, 16, 16)
+    fitting = [s for s in steps if s.stage != "segmenting"]  # the tasks are fitted first (cross-validation)
+    assert fitting and all(s.done == 0 and s.total == 5 for s in fitting)
+    assert "cross-validating label 1" in {s.stage for s in fitting}
+    segmenting = steps[len(fitting):]
+    assert [s.done for s in segmenting] == [0, 2, 4, 5] and steps[-1].total == 5
+    assert segmenting[1].payload["labels"].shape == (2, 16, 16)
 
 
 def test_stopping_the_generator_cancels_the_run(tiny_net, support):
     image, _ = volume_with_labels((6, 16, 16), seed=7)
-    generator = iter_segment(image, support, tiny_net, support_size=2, batch_size=1)
+    generator = iter_segment(image, support, tiny_net, support_size=2, batch_size=1, method="network")
     next(generator)
     next(generator)
     generator.close()  # what a Cancel button or Ctrl-C does
@@ -128,6 +132,7 @@ def test_stopping_the_generator_cancels_the_run(tiny_net, support):
         (dict(label_values=[9]), "no entries for label 9"),
         (dict(axis=3), "slice axis must be"),
         (dict(device="cuda:7"), "cuda"),
+        (dict(method="magic"), "method must be one of auto, network, pixel-classifier, stacked"),
     ],
 )
 def test_bad_options_are_explained(tiny_net, support, kwargs, message):
@@ -143,6 +148,7 @@ def test_a_4d_image_is_refused(tiny_net, support):
 
 def test_direct_formulation_gives_the_same_result(tiny_net, support):
     image, _ = volume_with_labels((3, 20, 20), seed=8)
-    fast = segment(image, support, tiny_net, support_size=3, ensemble=2).probabilities
-    direct = segment(image, support, tiny_net, support_size=3, ensemble=2, formulation="direct").probabilities
+    fast = segment(image, support, tiny_net, support_size=3, ensemble=2, method="network").probabilities
+    direct = segment(image, support, tiny_net, support_size=3, ensemble=2, formulation="direct",
+                     method="network").probabilities
     assert np.abs(fast - direct).max() < 1e-4

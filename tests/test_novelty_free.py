@@ -52,7 +52,7 @@ def test_seeded_unknown_prototype_marks_the_seeded_structure(case):
                                  unknown_seed=(image, blob))
     assert maps.used_unknown
     assert maps.fused[blob].mean() > maps.fused[maps.mask & ~blob].mean()
-    with pytest.raises(OpenSegError, match="non-empty mask"):
+    with pytest.raises(OpenSegError, match="the unknown seed mask is empty"):
         training_free_novelty(image, support, net, device="cpu", unknown_seed=(image, np.zeros_like(blob)))
 
 

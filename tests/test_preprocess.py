@@ -97,3 +97,22 @@ def test_masks_survive_the_round_trip():
 def test_unknown_aspect_is_refused():
     with pytest.raises(OpenSegError, match="aspect"):
         to_grid(torch.zeros(1, 8, 8), 8, "crop")
+
+
+@pytest.mark.parametrize("shape", [(37, 53), (90, 41), (4, 300), (300, 5), (1, 7), (130, 127)])
+@pytest.mark.parametrize("grid", [32, 128])
+def test_the_grid_mapping_gives_the_numbers_of_padding_to_a_square_without_making_one(shape, grid):
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    slices = torch.rand(2, *shape, generator=gen)
+    grid_slices, mapping = to_grid(slices, grid)
+    (side, _), (oy, ox) = mapping.padded_shape, mapping.offsets
+    square = F.pad(slices[:, None], (ox, side - shape[1] - ox, oy, side - shape[0] - oy))
+    shrink = side > grid
+    direct = F.interpolate(square, size=(grid, grid), mode="bilinear", align_corners=False, antialias=shrink)
+    assert torch.allclose(grid_slices, direct, atol=1e-6)
+    values = torch.rand(2, 3, grid, grid, generator=gen)
+    back = F.interpolate(values, size=(side, side), mode="bilinear", align_corners=False, antialias=side < grid)
+    back = back[..., oy : oy + shape[0], ox : ox + shape[1]]
+    assert torch.allclose(from_grid(values, mapping), back, atol=1e-6)

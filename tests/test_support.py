@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from napari_openseg.core import support as support_module
-from napari_openseg.core.support import SupportEntry, SupportSet, build_support_set, entries_from_arrays
+from napari_openseg.core.support import (
+    SupportEntry,
+    SupportSet,
+    build_support_set,
+    coverage_warning,
+    entries_from_arrays,
+)
 from napari_openseg.errors import OpenSegError
 
 
@@ -151,7 +157,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(support_module.np, "savez_compressed", broken)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OpenSegError, match=r"could not write .*set.npz \(disk full\); nothing was written"):
         support.save(tmp_path / "set.npz")
     assert os.listdir(tmp_path) == []
 
@@ -232,3 +238,80 @@ def test_crafted_pickle_is_never_executed(tmp_path):
     with pytest.raises(OpenSegError):
         SupportSet.load(bare)
     assert not marker.exists()
+
+
+def test_strokes_with_a_background_label_keep_their_painted_pixels_through_a_file(tmp_path):
+    image, _ = labelled_volume()
+    strokes = np.zeros(image.shape, np.uint8)
+    strokes[2, 5, 4:9] = 1  # a stroke on the structure
+    strokes[2, 15, 2:20] = 3  # background
+    strokes[2, 10, 10:14] = 2  # another structure, painted on the same slice
+    support = build_support_set(image, strokes, background_label=3)
+    assert support.labels == [1, 2]  # the background is no task
+    for entry in support.entries:
+        assert np.array_equal(entry.known, strokes[2] != 0)
+        assert np.array_equal(entry.mask, strokes[2] == entry.label)
+    path = support.save(tmp_path / "strokes.npz")
+    loaded = SupportSet.load(path)
+    assert [np.array_equal(a.known, b.known) for a, b in zip(support.entries, loaded.entries)] == [True, True]
+    with np.load(path) as archive:
+        assert json.loads(str(archive["openseg_support"]))["version"] == 2
+        assert json.loads(str(archive["openseg_support"]))["entries"][0]["painted"] == int((strokes[2] != 0).sum())
+
+
+def test_sets_without_strokes_or_colour_stay_version_1_and_version_1_files_are_read(tmp_path):
+    image, labels = labelled_volume()
+    path = build_support_set(image, labels).save(tmp_path / "plain.npz")
+    with np.load(path) as archive:
+        meta = json.loads(str(archive["openseg_support"]))
+        assert meta["version"] == 1 and not any(k.startswith(("known_", "colour_")) for k in archive.files)
+    loaded = SupportSet.load(path)  # what a version-1 writer wrote reads as whole masks without colour
+    assert all(e.known is None and e.colour is None for e in loaded.entries)
+
+
+def test_colour_is_kept_for_the_pixel_classifier(tmp_path):
+    rng = np.random.default_rng(0)
+    picture = rng.integers(0, 255, (20, 24, 3)).astype(np.uint8)
+    labels = np.zeros((20, 24), np.uint8)
+    labels[5:10, 5:10] = 1
+    entry = build_support_set(picture, labels).entries[0]
+    assert entry.colour.shape == (20, 24, 3) and entry.colour.min() >= 0 and entry.colour.max() <= 1
+    assert entry.image.shape == (20, 24)
+    loaded = SupportSet.load(SupportSet([entry]).save(tmp_path / "colour.npz")).entries[0]
+    assert np.allclose(loaded.colour, entry.colour, atol=1e-3)  # stored as float16
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(background_label=9), "background label 9 is not painted"),
+        (dict(background_label=0), "0 marks unpainted pixels"),
+        (dict(background_label=2, label_values=[2]), "label 2 is the background label"),
+    ],
+)
+def test_bad_background_labels_are_explained(kwargs, message):
+    image, labels = labelled_volume()
+    with pytest.raises(OpenSegError, match=message):
+        build_support_set(image, labels, **kwargs)
+
+
+def test_a_background_label_with_no_background_painted_on_the_chosen_slices_is_refused():
+    image, _ = labelled_volume()
+    strokes = np.zeros(image.shape, np.uint8)
+    strokes[2, 5, 4:9] = 1
+    strokes[4, 15, 2:20] = 3
+    with pytest.raises(OpenSegError, match="no background is painted"):
+        build_support_set(image, strokes, background_label=3, slice_indices=[2])
+
+
+def test_masks_that_look_like_strokes_get_a_warning_that_says_how_to_annotate():
+    image, labels = labelled_volume()
+    assert coverage_warning(build_support_set(image, labels).entries) is None  # filled boxes
+    scribble = np.zeros(image.shape, np.uint8)
+    idx = np.arange(3, 17)
+    scribble[2, idx, idx] = 1  # a diagonal line: about 7 % of its bounding box
+    warning = coverage_warning(build_support_set(image, scribble).entries)
+    assert "label 1 on 1 slice" in warning and "background label" in warning
+    strokes = scribble.copy()
+    strokes[2, 0, :] = 2
+    assert coverage_warning(build_support_set(image, strokes, background_label=2).entries) is None

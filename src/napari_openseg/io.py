@@ -9,11 +9,11 @@ into place only when complete: a failed or cancelled write leaves nothing behind
 
 from __future__ import annotations
 
-import contextlib
+import gzip
 import logging
-import os
-import tempfile
-from collections.abc import Iterator
+import math
+import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,12 +21,26 @@ from typing import Any
 import numpy as np
 
 from .errors import OpenSegError
+from .file_limits import (
+    CHUNK,
+    EXPANSION_FLOOR,
+    MAX_DEFLATE_EXPANSION,
+    array_bytes,
+    check_budget,
+    check_stored_size,
+    describe_array,
+    drain,
+    read_npy,
+)
+from .output_files import NEW_FILE_MODE, atomic_path, check_output, same_file  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 TIFF_SUFFIXES = (".tif", ".tiff")
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
+#: The suffix a result of each input format is written with (pictures as TIFF: results are not pictures).
+OUTPUT_SUFFIX = {"nifti": ".nii.gz", "tiff": ".tif", "npy": ".npy", "picture": ".tif"}
 
 
 @dataclass
@@ -84,31 +98,56 @@ def image_format(path: str | Path) -> str:
     )
 
 
+def result_path(folder: str | Path, source: str | Path, tag: str) -> Path:
+    """Where the result of ``source`` goes in ``folder``: ``<source name>_<tag><suffix>``, the suffix
+    by the source's format (:data:`OUTPUT_SUFFIX`)."""
+    return Path(folder) / f"{strip_suffix(source)}_{tag}{OUTPUT_SUFFIX[image_format(source)]}"
+
+
 def read_image(path: str | Path) -> ImageData:
-    """Read an image or label file into an :class:`ImageData`."""
+    """Read an image or label file into an :class:`ImageData`.
+
+    The size a file declares is checked against what it can hold and the memory budget before it is
+    read (:mod:`.file_limits`); a ``.nii.gz`` is read to the end of its gzip stream, so that a damaged
+    file is refused rather than read with wrong values. Files with no voxels, or with values that are
+    not numbers, are refused.
+    """
     path = Path(path)
     if not path.is_file():
         raise OpenSegError(f"{path}: no such file")
     kind = image_format(path)
     try:
         if kind == "nifti":
-            return _read_nifti(path)
-        if kind == "tiff":
-            return _read_tiff(path)
-        if kind == "npy":
-            return ImageData(np.load(path, allow_pickle=False), path=path)
-        return _read_picture(path)
+            image = _read_nifti(path)
+        elif kind == "tiff":
+            image = _read_tiff(path)
+        elif kind == "npy":
+            image = ImageData(read_npy(path), path=path)
+        else:
+            image = _read_picture(path)
     except OpenSegError:
         raise
+    except MemoryError as err:
+        raise OpenSegError(f"{path}: there is not enough memory to read it") from err
     except Exception as err:  # nibabel/tifffile/imageio raise many types for a damaged file
-        raise OpenSegError(f"{path}: could not be read as {kind} ({err})") from err
+        raise OpenSegError(f"{path}: could not be read as {kind} ({err or type(err).__name__})") from err
+    if image.data.dtype.kind not in "biufc":
+        raise OpenSegError(f"{path} holds {image.data.dtype} values, not numbers")
+    if image.data.size == 0:
+        raise OpenSegError(f"{path} holds no voxels (its shape is {image.data.shape})")
+    return image
 
 
 def _read_nifti(path: Path) -> ImageData:
     import nibabel as nib
 
-    img = nib.load(str(path))
-    data = _scaled_nifti_data(img)
+    img = nib.load(str(path))  # the header only
+    compressed = path.name.lower().endswith(".gz")
+    _check_nifti_size(img, path, compressed)
+    if compressed:
+        data = _read_verified_gzip(path, type(img))
+    else:
+        data = _scaled_nifti_data(img)
     # a 3D scan saved as "X Y Z 1" (one time point) is a volume: singleton axes past the third go
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
@@ -122,6 +161,60 @@ def _read_nifti(path: Path) -> ImageData:
         path=path,
         extra={"rgb": False},
     )
+
+
+def _check_nifti_size(img, path: Path, compressed: bool) -> None:
+    """Refuse a header that declares more voxels than the file can hold or the memory budget allows."""
+    header = img.header
+    shape, dtype = tuple(int(s) for s in header.get_data_shape()), header.get_data_dtype()
+    nbytes, end = array_bytes(shape, dtype), int(header.get_data_offset()) + array_bytes(shape, dtype)
+    what = f"its header declares {describe_array(shape, dtype)}"
+    if not math.prod(shape):
+        raise OpenSegError(f"{path} holds no voxels (its header's shape is {'x'.join(map(str, shape))})")
+    size = path.stat().st_size
+    if compressed:
+        check_stored_size(end, size, path, what, MAX_DEFLATE_EXPANSION)
+    else:
+        check_stored_size(end, size, path, what)
+    slope, inter = header.get_slope_inter()
+    scaled = (slope not in (None, 1.0) or inter not in (None, 0.0)) and dtype.kind in "iu"
+    check_budget(nbytes + (math.prod(shape) * (4 if dtype.itemsize <= 2 else 8) if scaled else 0), path, what)
+
+
+class _GzipReader(gzip.GzipFile):
+    """A gzip stream whose ``readinto`` fills the buffer a chunk at a time (the default reads a
+    whole-size temporary first)."""
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            block = self.read(min(CHUNK, len(view) - done))
+            if not block:
+                break
+            view[done : done + len(block)] = block
+            done += len(block)
+        return done
+
+
+def _read_verified_gzip(path: Path, image_class) -> np.ndarray:
+    """The voxels of a ``.nii.gz``, read in one pass that goes on to the end of the gzip stream, where
+    its CRC-32 and length are checked (nibabel alone stops after the voxels and misses damage)."""
+    import nibabel as nib
+
+    try:
+        with open(path, "rb") as raw, _GzipReader(fileobj=raw, mode="rb") as stream:
+            holder = nib.FileHolder(filename=str(path), fileobj=stream)
+            img = image_class.from_file_map({"header": holder, "image": holder})
+            data = _scaled_nifti_data(img)
+            end = int(img.header.get_data_offset()) + data.size * img.get_data_dtype().itemsize
+            if drain(stream, limit=max(end, EXPANSION_FLOOR)) > max(end, EXPANSION_FLOOR):
+                raise OpenSegError(f"{path}: its compressed stream holds far more data than its header "
+                                   "declares; the file is damaged or not what it seems")
+    except (OSError, EOFError, zlib.error) as err:
+        raise OpenSegError(f"{path} is damaged: its gzip stream does not check out ({err}); "
+                           "nothing was read") from err
+    return data
 
 
 def _scaled_nifti_data(img) -> np.ndarray:
@@ -139,6 +232,7 @@ def _read_tiff(path: Path) -> ImageData:
     import tifffile
 
     with tifffile.TiffFile(str(path)) as tif:
+        _check_tiff_size(tif, path)
         data = tif.asarray()
         if len(tif.series) > 1:
             log.warning("%s holds %d image series; reading the first, of shape %s", path, len(tif.series),
@@ -163,6 +257,19 @@ def _read_tiff(path: Path) -> ImageData:
     if isinstance(meta.get("unit"), str):
         extra["unit"] = meta["unit"]
     return ImageData(data=data, spacing=tuple(spacing), path=path, extra=extra)
+
+
+def _check_tiff_size(tif, path: Path) -> None:
+    """Refuse a first series that declares more than the file (uncompressed) or the budget holds."""
+    series = tif.series[0]
+    what = f"its first series declares {describe_array(series.shape, series.dtype)}"
+    nbytes = array_bytes(series.shape, series.dtype)
+    compression = int(getattr(series.keyframe, "compression", 1))
+    if compression == 1:  # stored plainly
+        check_stored_size(nbytes, path.stat().st_size, path, what)
+    elif compression in (8, 32946):  # deflate
+        check_stored_size(nbytes, path.stat().st_size, path, what, MAX_DEFLATE_EXPANSION)
+    check_budget(nbytes, path, what)
 
 
 def _ome_pixel_sizes(ome_xml: str | None) -> dict[int, float]:
@@ -192,55 +299,23 @@ def _ome_pixel_sizes(ome_xml: str | None) -> dict[int, float]:
 def _read_picture(path: Path) -> ImageData:
     import imageio.v3 as iio
 
+    properties = iio.improps(path)  # the header: shape and type, no pixels
+    check_budget(array_bytes(properties.shape, properties.dtype), path,
+                 f"its header declares {describe_array(properties.shape, properties.dtype)}")
     data = np.asarray(iio.imread(path))
     return ImageData(data=data, path=path, extra={"rgb": data.ndim == 3 and data.shape[-1] in (3, 4)})
 
 
-def _new_file_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-#: The mode ``open()`` gives a new file under this process's umask (read once, at import).
-NEW_FILE_MODE = _new_file_mode()
-
-
-def check_writable(path: str | Path, overwrite: bool = False, image: bool = False) -> Path:
-    """Refuse an existing output unless ``overwrite``; refuse a missing folder; with ``image``, refuse
-    a file type :func:`write_image` cannot write (so that a run is refused before it starts)."""
+def check_writable(
+    path: str | Path, overwrite: bool = False, image: bool = False, inputs: Iterable[str | Path] = ()
+) -> Path:
+    """Refuse, before any work is done, an output that cannot be written (see
+    :func:`~napari_openseg.output_files.check_output`); with ``image``, also a file type
+    :func:`write_image` cannot write."""
     path = Path(path)
     if image:
         _writable_format(path)
-    if path.is_dir():
-        raise OpenSegError(f"{path} is a folder; give a file name")
-    if path.exists() and not overwrite:
-        raise OpenSegError(f"{path} exists; choose another name or pass --overwrite")
-    if not path.parent.exists():
-        raise OpenSegError(f"folder {path.parent} does not exist")
-    return path
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary path beside ``path`` with the same suffix; rename it into place on success.
-
-    On any exception (including a cancelled run) the temporary file is removed and ``path`` is left
-    as it was.
-    """
-    path = check_writable(path, overwrite)
-    suffix = ".nii.gz" if path.name.lower().endswith(".nii.gz") else path.suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.partial-", suffix=suffix, dir=path.parent)
-    # mkstemp makes the file private (0600); give it the mode a plain open() would (or the replaced file's)
-    os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else NEW_FILE_MODE)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    return check_output(path, overwrite, inputs)
 
 
 def write_image(

@@ -7,11 +7,12 @@ import threading
 import numpy as np
 import pytest
 
-from napari_openseg._widgets import _segment_job, segment_widget
+from napari_openseg._widgets import segment_widget
 from napari_openseg._widgets._layers import owner_info
 from napari_openseg._widgets._session import get_session
 from napari_openseg._widgets.segment_widget import BATCH, SegmentationWidget
 from napari_openseg._widgets.support_widget import SupportSetWidget
+from napari_openseg.core import inference
 from napari_openseg.core.support import build_support_set
 
 from .conftest import disc_volume
@@ -57,6 +58,7 @@ def test_workflow_paint_two_slices_build_support_segment(viewer, qtbot, tiny_wei
 
     assert names(viewer) == ["vol", "painted", "vol openseg"]
     assert "vol openseg" in str(viewer.status) and "(running)" not in str(viewer.status)
+    assert "2 examples: too few to cross-validate" in widget.estimate.text()  # two painted slices
     output = viewer.layers["vol openseg"]
     assert output.data.shape == image.shape and output.data.dtype == np.uint8
     assert set(np.unique(output.data)) <= {0, 1}
@@ -104,7 +106,7 @@ def test_cancel_stops_within_a_batch_and_changes_nothing(
     # hold the worker after each batch until the main thread has seen it, so the test is exact
     release = threading.Event()
     batches = []
-    real = _segment_job.iter_segment
+    real = inference.iter_segment_with  # what the job's SegmentTask runs per image
 
     def gated(*args, **kwargs):
         for step in real(*args, **kwargs):
@@ -113,7 +115,7 @@ def test_cancel_stops_within_a_batch_and_changes_nothing(
                 batches.append(step.payload["stop"])
                 release.wait(10)
 
-    monkeypatch.setattr(_segment_job, "iter_segment", gated)
+    monkeypatch.setattr(inference, "iter_segment_with", gated)
     seen_preview = []
 
     def on_preview(done):
@@ -297,13 +299,13 @@ def test_a_second_segment_run_on_the_same_image_is_refused_while_the_first_runs(
     for widget in (first, second):
         widget.query_combo.select(layer)
     release = threading.Event()
-    real = _segment_job.iter_segment
+    real = inference.iter_segment_with  # what the job's SegmentTask runs per image
 
     def gated(*args, **kwargs):
         release.wait(10)  # the first run holds here until the second has been refused
         return (yield from real(*args, **kwargs))
 
-    monkeypatch.setattr(_segment_job, "iter_segment", gated)
+    monkeypatch.setattr(inference, "iter_segment_with", gated)
     with qtbot.waitSignal(first.run_finished, timeout=60_000):
         assert first.run() is not None
         assert second.run() is None and "another Segment run is writing to vol" in errors[-1]
@@ -402,3 +404,19 @@ def test_the_slice_range_defaults_to_the_painted_slices_plus_a_margin(viewer, qt
     widget.range_from.setValue(20)
     widget.range_to.setValue(12)
     assert widget.run() is None and "'to' must be at least 'from'" in errors[-1]
+
+
+def test_the_expected_dice_and_method_are_shown_and_cleared_with_the_support(viewer, qtbot, tiny_weights, inline):
+    image, mask = disc_volume(depth=10, size=32)
+    viewer.add_image(image, name="vol")
+    session = get_session(viewer)
+    session.add_entries(build_support_set(image, mask, slice_indices=[1, 3, 5, 7]).entries)
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    assert widget.method_combo.currentText() == "auto"
+    widget.method_combo.setCurrentText("pixel-classifier")
+    assert run_and_wait(qtbot, widget) == "done"
+    text = widget.estimate.text()
+    assert text.startswith("label 1: expected Dice ") and text.endswith("from 4 examples, method: pixel-classifier")
+    assert 0.8 < float(text.split("Dice ")[1].split()[0]) <= 1.0  # a bright disc: the pixel classifier finds it
+    session.clear_support()
+    assert widget.estimate.text() == ""

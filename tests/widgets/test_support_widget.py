@@ -220,3 +220,32 @@ def test_docked_widgets_share_the_viewer_session(viewer, qtbot):
     layer = viewer.add_image(image, name="vol")
     assert support_widget.image_combo.current() is layer
     assert segment_widget.query_combo.layers() == [layer]
+
+
+def test_a_background_label_makes_strokes_and_masks_like_strokes_get_a_warning(viewer, inline, qtbot, monkeypatch):
+    import napari.utils.notifications as notifications
+
+    warnings: list[str] = []
+    monkeypatch.setattr(notifications, "show_warning", warnings.append)
+    image, mask = disc_volume()
+    strokes = np.zeros_like(mask)
+    idx = np.arange(12, 20)
+    strokes[3, idx, idx - 3] = 1  # a diagonal stroke across the disc
+    strokes[3, 2, :] = 2  # background along the top
+    viewer.add_image(image, name="vol")
+    viewer.add_labels(strokes, name="strokes")
+    widget = SupportSetWidget(viewer)
+    qtbot.addWidget(widget)
+    assert [widget.background_combo.itemText(i) for i in range(widget.background_combo.count())] == [
+        "none (whole masks)", "label 1", "label 2"]
+    widget.add_all_slices()  # no background label: label 2 is a structure, label 1 looks like strokes
+    support = get_session(viewer).support
+    assert support.labels == [1, 2] and all(e.known is None for e in support.entries)
+    assert len(warnings) == 1 and "label 1 on 1 slice" in warnings[0] and "background label" in warnings[0]
+    get_session(viewer).clear_support()
+    widget.set_background_label(2)
+    widget.add_all_slices()
+    (entry,) = get_session(viewer).support.entries
+    assert entry.label == 1 and np.array_equal(entry.known, strokes[3] != 0) and len(warnings) == 1
+    widget.refresh_values()  # the choice survives re-reading the painted values
+    assert widget.background_label() == 2

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ import numpy as np
 from napari_openseg.core.inference import label_dtype
 from napari_openseg.core.support import FORMAT_NAME, METADATA_KEY
 from napari_openseg.errors import OpenSegError
+from napari_openseg.file_limits import MAX_SUPPORT_EXPANSION, read_npz
 from napari_openseg.io import NIFTI_SUFFIXES, ImageData, read_image, smallest_integer_array
 from napari_openseg.io import write_image as write_image_file
 
@@ -115,13 +115,11 @@ def read_nifti(path: str) -> list[tuple]:
 def is_support_file(path: str | Path) -> bool:
     """Whether ``path`` is a support-set file written by napari-openseg (reads only its index and
     metadata, never pickled objects)."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if METADATA_KEY not in archive.files:
-                return False
-            return f'"format": "{FORMAT_NAME}"' in str(archive[METADATA_KEY])
-    except (OSError, ValueError, zipfile.BadZipFile):
+    try:  # sizes checked before reading: a crafted metadata member cannot take the viewer's memory
+        meta = read_npz(path, [METADATA_KEY], MAX_SUPPORT_EXPANSION).get(METADATA_KEY)
+    except OpenSegError:
         return False
+    return meta is not None and f'"format": "{FORMAT_NAME}"' in str(meta)
 
 
 def read_support_file(path: str) -> list[tuple]:

@@ -1,7 +1,8 @@
 """The background job behind the segmentation widget: several query images, one support set.
 
-It only sequences core calls (:func:`~napari_openseg.core.inference.iter_segment` per image) and
-re-counts their progress in slices across all images; no Qt, no layers.
+It runs the open images through the same core path as a cohort of files
+(:class:`~napari_openseg.core.cohort_tasks.SegmentTask`: one engine, its tasks fitted once, run per
+image) and re-counts their progress in slices across all images; no Qt, no layers.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_openseg.core.inference import SegmentationResult, iter_segment
+from napari_openseg.core.cohort_tasks import SegmentTask
+from napari_openseg.core.inference import SegmentationResult
 from napari_openseg.core.progress import Progress
 from napari_openseg.core.support import SupportSet
 
@@ -44,25 +46,25 @@ def iter_segment_queries(
     weights,
     **options,
 ) -> Generator[Progress, None, list[SegmentationResult]]:
-    """Segment every query with the same support set and weights (loaded here, lazily).
+    """Segment every query with the same support set and weights (loaded here, lazily): one
+    :class:`~napari_openseg.core.engine.Engine` fits the tasks once for all of them.
 
     Progress counts slices over all queries; each record's ``payload`` carries the core's batch
     (``start``, ``stop``, ``labels``) plus ``query``, the index of the image it belongs to.
-    ``options`` go to :func:`iter_segment` (device, support_size, ensemble, threshold, ...).
+    ``options`` are a :class:`~napari_openseg.core.cohort_tasks.SegmentTask`'s: the engine's and
+    :func:`~napari_openseg.core.inference.iter_segment_with`'s keywords (device, support_size, ensemble,
+    threshold, method, batch_size, keep_probabilities, ...).
     """
-    from napari_openseg.model.registry import load_model
-    from napari_openseg.model.universeg import UniverSeg
-
     total = sum(query.n_slices for query in queries)
     yield Progress(0, total, "loading weights")
-    net = weights if isinstance(weights, UniverSeg) else load_model(weights, "cpu")
+    task = SegmentTask(support, weights, options)
+    engine = task.prepare()
     results: list[SegmentationResult] = []
     done = 0
     with leave_a_core_free():
         for index, query in enumerate(queries):
             stage = query.name if len(queries) == 1 else f"{query.name} ({index + 1}/{len(queries)})"
-            steps = iter_segment(query.image, support, net, axis=query.axis, rgb=query.rgb, slices=query.slices,
-                                 **options)
+            steps = task.iter_run(engine, query.image, axis=query.axis, rgb=query.rgb, slices=query.slices)
             while True:
                 try:
                     step = next(steps)
@@ -70,7 +72,8 @@ def iter_segment_queries(
                     results.append(stop.value)
                     break
                 payload = dict(step.payload, query=index) if step.payload else {}
-                yield Progress(done + step.done, total, stage, payload)
+                label = stage if step.stage == "segmenting" else f"{stage}: {step.stage}"
+                yield Progress(done + step.done, total, label, payload)
             done += query.n_slices
     return results
 

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_openseg.core.device import available_devices
+from napari_openseg.core.engine import CHOICES
 from napari_openseg.core.extent import EXTENTS, RANGE_MARGIN, painted_range
 from napari_openseg.core.support import SupportSet
 from napari_openseg.errors import OpenSegError
@@ -108,6 +109,12 @@ class SegmentationWidget(QWidget):
         self.threshold.setRange(0.0, 1.0)
         self.threshold.setSingleStep(0.05)
         self.threshold.setValue(0.5)
+        self.method_combo = form_row(
+            form, "Method", QComboBox(),
+            "auto: per task, the best of the network, the pixel classifier and both stacked, by "
+            "cross-validation on the support set; or one of them",
+        )
+        self.method_combo.addItems(CHOICES)
         self.axis_combo = form_row(form, "Slice axis", AxisCombo(), "axis of a volume to segment along")
         self._add_range_rows(form)
         self.probabilities = form_row(
@@ -122,10 +129,14 @@ class SegmentationWidget(QWidget):
         buttons.addWidget(self.cancel_button)
         self.status = QLabel()
         self.status.setWordWrap(True)
+        self.estimate = QLabel()
+        self.estimate.setWordWrap(True)
+        self.estimate.setToolTip("cross-validated on the support set: each example segmented from the others")
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
         layout.addWidget(self.status)
+        layout.addWidget(self.estimate)
         layout.addStretch(1)
 
         self.run_button.clicked.connect(self.run)
@@ -347,6 +358,7 @@ class SegmentationWidget(QWidget):
             "support_size": self.support_size.value(),
             "ensemble": self.ensemble.value(),
             "threshold": self.threshold.value(),
+            "method": self.method_combo.currentText(),
             "keep_probabilities": self.probabilities.isChecked(),
             "extent": self.extent_combo.currentText(),
         }
@@ -422,6 +434,11 @@ class SegmentationWidget(QWidget):
         if missing:
             text += f" (skipped closed layers: {', '.join(missing)})"
         self.status.setText(text + self._left_out)
+        self.show_estimates(results[0].describe_estimates() if results else [])
+
+    def show_estimates(self, lines: list[str]) -> None:
+        """Show each task's expected Dice and method (from the run's cross-validation)."""
+        self.estimate.setText("\n".join(lines))
 
     def _finished(self) -> None:
         self.session.segmenting.difference_update(str(layer.unique_id) for layer in self._sources)
@@ -438,6 +455,7 @@ class SegmentationWidget(QWidget):
         if self._handle is not None and self._handle.running:
             return
         self.reset_range()
+        self.estimate.setText("")  # it described the support set that was
         counts = support.counts()
         self.status.setText(
             "No support set yet: build one in the support-set widget."

@@ -26,7 +26,7 @@ from qtpy.QtWidgets import (
 )
 
 from napari_openseg.core.progress import Progress
-from napari_openseg.core.support import SupportSet, entries_from_arrays
+from napari_openseg.core.support import SupportSet, coverage_warning, entries_from_arrays
 from napari_openseg.errors import OpenSegError
 
 from ._controls import LayerCombo, form_row, is_image
@@ -36,6 +36,7 @@ from ._session import connect_widget, get_session, unwrap_viewer
 from ._threading import WorkHandle, report_error, run_in_background
 
 AXIS_CHOICES = ("auto (the viewer's slider)", "0", "1", "2")
+NO_BACKGROUND = "none (whole masks)"
 
 
 def present_values(labels: np.ndarray) -> list[int]:
@@ -88,6 +89,12 @@ class SupportSetWidget(QWidget):
             form, "Tasks", QListWidget(), "label values to use; each checked value becomes one task"
         )
         self.values_list.setMaximumHeight(90)
+        self.background_combo = form_row(
+            form, "Background label", QComboBox(),
+            "for strokes: the label you painted background with; other labels are structures and "
+            "unpainted pixels (0) count as unknown, not as background",
+        )
+        self.background_combo.addItem(NO_BACKGROUND, None)
 
         self.add_slice_button = QPushButton("Add current slice")
         self.add_slice_button.setToolTip("add the slice shown in the viewer (one entry per checked label)")
@@ -179,6 +186,13 @@ class SupportSetWidget(QWidget):
         }
 
     def _show_values(self, values: list[int]) -> None:
+        background = self.background_label()
+        self.background_combo.clear()
+        self.background_combo.addItem(NO_BACKGROUND, None)
+        for value in values:
+            self.background_combo.addItem(f"label {value}", value)
+        if background in values:
+            self.background_combo.setCurrentIndex(values.index(background) + 1)
         unchecked = self._unchecked_values()
         self.values_list.clear()
         for value in values:
@@ -195,6 +209,18 @@ class SupportSetWidget(QWidget):
             for i in range(self.values_list.count())
             if self.values_list.item(i).checkState() == Qt.Checked
         ]
+
+    def background_label(self) -> int | None:
+        """The label painted as background (strokes), or ``None`` (whole masks)."""
+        value = self.background_combo.currentData()
+        return None if value is None else int(value)
+
+    def set_background_label(self, value: int | None) -> None:
+        """Choose the background label (for scripts and tests); ``None``: whole masks."""
+        index = self.background_combo.findData(value)
+        if index < 0:
+            raise OpenSegError(f"label {value} is not painted in the chosen labels layer")
+        self.background_combo.setCurrentIndex(index)
 
     def set_values(self, values: list[int]) -> None:
         """Check exactly ``values`` (for scripts and tests)."""
@@ -235,27 +261,35 @@ class SupportSetWidget(QWidget):
             report_error(err, what)
             return None
         source, unchecked, name = image_layer.name, self._unchecked_values(), labels_layer.name
+        background = self.background_label()
 
         def build():
             yield Progress(0, 1, "reading slices")
             # read here, not from the list: values painted since it was last refreshed count too
-            values = [v for v in present_values(labels) if v not in unchecked]
+            values = [v for v in present_values(labels) if v not in unchecked and v != background]
             if not values:
                 raise OpenSegError(
                     f"labels layer '{name}' has no checked label value: paint the structure "
                     "with a label other than 0 (or tick a value under Tasks)"
                 )
             entries = entries_from_arrays(
-                image, labels, axis=axis, source=source, label_values=values, slice_indices=slices, rgb=rgb
+                image, labels, axis=axis, source=source, label_values=values, slice_indices=slices, rgb=rgb,
+                background_label=background,
             )
             yield Progress(1, 1, "reading slices")
-            return entries
+            return entries, coverage_warning(entries)
 
         self._set_busy(True)
-        self._job = run_in_background(
-            build, what, on_done=self.session.add_entries, on_finished=self._added
-        )
+        self._job = run_in_background(build, what, on_done=self._add_entries, on_finished=self._added)
         return self._job
+
+    def _add_entries(self, found) -> None:
+        entries, warning = found
+        self.session.add_entries(entries)
+        if warning:
+            from napari.utils.notifications import show_warning
+
+            show_warning(f"Support set: {warning}")
 
     def _added(self) -> None:
         self._set_busy(False)

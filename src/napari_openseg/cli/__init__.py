@@ -7,14 +7,19 @@ and sets ``handler``; the list below is the only place that knows them all.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
+import signal
 import sys
+import threading
 
 from .. import __version__
 from ..errors import OpenSegError
 
-SUBCOMMAND_MODULES = ("info", "support", "segment", "demo", "train", "evaluate", "novelty", "propagate")
+SUBCOMMAND_MODULES = (
+    "info", "support", "segment", "batch", "demo", "train", "evaluate", "novelty", "propagate",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +34,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill PID``), raised where the program is, so that it stops as Ctrl-C stops it:
+    temporary files are removed and nothing is left half-written."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """While inside, SIGTERM raises :class:`Terminated` (in the main thread; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -37,14 +64,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.handler(args) or 0)
+        with sigterm_as_interrupt():
+            return int(args.handler(args) or 0)
     except OpenSegError as err:
         print(f"openseg: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except OSError as err:  # a file the checks could not foresee (a disk that filled up, a folder removed)
+        where = f" ({err.filename})" if err.filename else ""
+        print(f"openseg: error: {err.strerror or err}{where}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
         # outputs are written whole or not at all, but those finished before Ctrl-C stay
         print("openseg: cancelled; no file was left half-written (outputs finished before stay)", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, Terminated) else 130
 
 
 if __name__ == "__main__":

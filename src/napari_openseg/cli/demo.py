@@ -53,8 +53,8 @@ def run(args: argparse.Namespace) -> int:
                                 slice_indices=chosen.tolist())
     result = with_progress_bar(
         iter_segment(image.data, support, args.weights, axis=args.axis, support_size=args.support_size,
-                     ensemble=args.ensemble, device=args.device, precision=args.precision, seed=args.seed,
-                     keep_probabilities=False),
+                     ensemble=args.ensemble, method=args.method, device=args.device, precision=args.precision,
+                     seed=args.seed, keep_probabilities=False),
         "segment sample",
         unit="slice",
     )
@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     scores = dice_per_label(np.take(result.labels, held_out, axis=args.axis), truth, result.label_values)
     print(f"support: {len(support)} entries from slices {chosen.tolist()} (axis {args.axis}) -> {support_path}")
     print(f"result: {result_path}")
+    for line in result.describe_estimates():
+        print(f"  {line}")
     print(f"Dice on the {len(held_out)} slices not in the support set:")
     for value, score in scores.items():
         print(f"  {value} {SAMPLE_LABEL_NAMES.get(value, '')}: {score:.3f}")

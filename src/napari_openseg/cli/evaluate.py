@@ -6,12 +6,16 @@ import argparse
 
 
 def register(subparsers) -> None:
+    from ..core.pixel_classifier import CLASSIFIERS, DEFAULT_CLASSIFIER
+
     parser = subparsers.add_parser(
         "evaluate", help="Dice of the model and baselines on a labelled folder",
         description="DIR holds images/ + masks/ (2D pictures paired by file stem) or imagesTr/ + labelsTr/ "
                     "(NIfTI volumes, MSD layout, evaluated on 2D slices along each axis). Every label "
                     "value is a task; support comes from the validation cases, queries from the test cases. "
-                    "Baselines: random_init, label_prior, pixel_classifier.",
+                    "model is the engine as users run it (method auto); network, pixel_classifier and stacked "
+                    "are its methods on their own; baselines: random_init, label_prior. The engine's "
+                    "cross-validated estimate is printed beside the measured Dice.",
     )
     parser.add_argument("dir", help="labelled folder")
     parser.add_argument("--support-size", type=int, default=16, help="S: support entries per prediction")
@@ -25,7 +29,9 @@ def register(subparsers) -> None:
     parser.add_argument("--max-queries", type=int, help="at most N query slices per task (seeded sample)")
     parser.add_argument("--label-values", type=int, nargs="+", help="only these label values")
     parser.add_argument("--methods", nargs="+", default=None,
-                        help="subset of: model random_init label_prior pixel_classifier")
+                        help="subset of: model network pixel_classifier stacked random_init label_prior")
+    parser.add_argument("--classifier", choices=CLASSIFIERS, default=DEFAULT_CLASSIFIER,
+                        help=f"the engine's pixel classifier (default {DEFAULT_CLASSIFIER})")
     parser.add_argument("--device", default="cpu", help="cpu (default), auto, cuda, cuda:N or mps")
     parser.set_defaults(handler=run)
 
@@ -41,12 +47,16 @@ def run(args: argparse.Namespace) -> int:
         iter_evaluate(args.dir, args.weights, support_size=args.support_size, ensemble=args.ensemble,
                       seed=args.seed, support_split=args.support_split, max_queries=args.max_queries,
                       methods=tuple(args.methods or METHODS), label_values=args.label_values,
-                      device=args.device),
+                      device=args.device, classifier=args.classifier),
         f"evaluate {args.dir}",
     )
     print(f"S={args.support_size} K={args.ensemble} seed={args.seed}; {report.split_note()}")
     print("Dice per task (mean ± std over queries)")
     print(report.table())
+    estimates = report.estimate_table()
+    if estimates:
+        print("\nMeasured Dice / the engine's cross-validated estimate from the support (mean over batches)")
+        print(estimates)
     if args.json:
         report.write_json(args.json, overwrite=args.overwrite)
         print(f"wrote {args.json}")

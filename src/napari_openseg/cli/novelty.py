@@ -53,25 +53,48 @@ def register(subparsers) -> None:
     seed.set_defaults(handler=run_seed)
 
     novelty_map = commands.add_parser("map", help="write the novelty map of a volume")
-    source = novelty_map.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="novelty model file (from `openseg novelty train`)")
-    source.add_argument("--support", help="support-set file: training-free option (in-context network features)")
     novelty_map.add_argument("--image", required=True, help="volume to map")
     novelty_map.add_argument("--out", required=True, help="fused novelty map to write (NIfTI, TIFF or NPY)")
     novelty_map.add_argument("--scores-out", help="folder for the cosine and distance maps, segmentation and novel mask")
     novelty_map.add_argument("--mask", help="foreground mask file (default: the body found by intensity)")
-    novelty_map.add_argument("--no-unknown", action="store_true", help="ignore the model's unknown prototype")
-    novelty_map.add_argument("--adapt-unknown", type=int, default=0, metavar="N",
-                             help="adapt the unknown prototype on this volume for N steps")
-    novelty_map.add_argument("--seed-mask", help="for --support: mask (non-zero = one unseen structure) "
-                             "that seeds the unknown prototype")
-    novelty_map.add_argument("--seed-image", help="volume the --seed-mask was painted on (default: --image)")
-    novelty_map.add_argument("--weights", help="in-context weights for --support (name or file)")
-    novelty_map.add_argument("--axis", type=int, default=0, help="slice axis for --support (default 0)")
-    novelty_map.add_argument("--support-size", type=int, default=16, help="S for --support")
-    novelty_map.add_argument("--device", default="auto")
+    add_map_options(novelty_map)
     novelty_map.add_argument("--overwrite", action="store_true")
     novelty_map.set_defaults(handler=run_map)
+
+
+def add_map_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a novelty map (``openseg novelty map`` and ``openseg batch novelty``), checked
+    together by :func:`check_map_options`."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model", help="novelty model file (from `openseg novelty train`)")
+    source.add_argument("--support", help="support-set file: training-free option (in-context network features)")
+    parser.add_argument("--no-unknown", action="store_true", help="ignore the model's unknown prototype")
+    parser.add_argument("--adapt-unknown", type=int, default=0, metavar="N",
+                        help="adapt the unknown prototype on each volume for N steps")
+    parser.add_argument("--seed-mask", help="for --support: mask (non-zero = one unseen structure) "
+                        "that seeds the unknown prototype")
+    parser.add_argument("--seed-image", help="volume the --seed-mask was painted on (default: --image)")
+    parser.add_argument("--weights", help="in-context weights for --support (name or file)")
+    parser.add_argument("--axis", type=int, default=0, help="slice axis for --support (default 0)")
+    parser.add_argument("--support-size", type=int, default=16, help="S for --support")
+    parser.add_argument("--device", default="auto")
+
+
+def check_map_options(args: argparse.Namespace) -> None:
+    """Refuse combinations of :func:`add_map_options`' options that contradict each other."""
+    from ..errors import OpenSegError
+
+    if args.model and (args.seed_mask or args.seed_image):
+        raise OpenSegError("--seed-mask is for --support; seed a trained model with `openseg novelty seed`")
+    if args.seed_image and not args.seed_mask:
+        raise OpenSegError("--seed-image needs --seed-mask, the unseen structure painted on it")
+    if args.adapt_unknown < 0:
+        raise OpenSegError(f"--adapt-unknown is a number of steps (0 or more), got {args.adapt_unknown}")
+    if args.support and args.no_unknown and args.seed_mask:
+        raise OpenSegError("--no-unknown and --seed-mask contradict each other: a training-free map has an "
+                           "unknown prototype only when --seed-mask seeds it; leave out one of them")
+    if args.support and args.adapt_unknown and not args.seed_mask:
+        raise OpenSegError("--adapt-unknown with --support needs --seed-mask (one unseen structure painted)")
 
 
 def default_checkpoint(out: Path) -> Path:
@@ -86,9 +109,14 @@ def run_train(args: argparse.Namespace) -> int:
     from ._progress import with_progress_bar
 
     out = Path(args.out)
-    check_writable(out, args.overwrite)
+    check_writable(out, args.overwrite, inputs=[*args.image, *args.labels])
     if len(args.image) != len(args.labels):
         raise OpenSegError(f"give one --labels per --image: got {len(args.image)} and {len(args.labels)}")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(out)
+    check_writable(checkpoint, overwrite=True, inputs=[*args.image, *args.labels])
+    if checkpoint.exists() and not (args.resume or args.overwrite):
+        raise OpenSegError(f"checkpoint {checkpoint} exists: pass --resume to continue it, or --overwrite to "
+                           "start again from scratch")
     images = [read_image(p).data for p in args.image]
     labels = [read_image(p).data for p in args.labels]
     settings = NoveltyTrainSettings(
@@ -97,10 +125,6 @@ def run_train(args: argparse.Namespace) -> int:
         feature_size=args.feature_size, embedding_dim=args.embedding_dim,
         ignore_values=tuple(args.ignore_label), flips=args.flips, seed=args.seed,
     )
-    checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(out)
-    if checkpoint.exists() and not (args.resume or args.overwrite):
-        raise OpenSegError(f"checkpoint {checkpoint} exists: pass --resume to continue it, or --overwrite to "
-                           "start again from scratch")
     result = with_progress_bar(
         iter_train_novelty(images, labels, settings, checkpoint=checkpoint, resume=args.resume, device=args.device),
         "novelty train",
@@ -113,13 +137,14 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_seed(args: argparse.Namespace) -> int:
     from ..core.novelty_map import unknown_seed_embeddings
-    from ..core.novelty_model import NoveltyModel
+    from ..core.novelty_model import NoveltyModel, check_seed
     from ..io import check_writable, read_image
 
-    check_writable(args.out, args.overwrite)
-    model = NoveltyModel.load(args.model)
+    check_writable(args.out, args.overwrite, inputs=[args.model, args.image, args.mask])
     image = read_image(args.image)
     mask = read_image(args.mask).data != 0
+    check_seed(image.data, mask)  # before the model is loaded
+    model = NoveltyModel.load(args.model)
     model.bank.seed_unknown(unknown_seed_embeddings(image.data, mask, model, args.device),
                             f"one painted instance in {Path(args.mask).name}")
     model.save(args.out, overwrite=args.overwrite)
@@ -141,13 +166,14 @@ def run_map(args: argparse.Namespace) -> int:
     from ..core.inference import load_support
     from ..core.novelty_free import iter_training_free_novelty
     from ..core.novelty_map import iter_novelty_map
-    from ..core.novelty_model import NoveltyModel
+    from ..core.novelty_model import NoveltyModel, check_mask, check_seed
     from ..errors import OpenSegError
     from ..io import check_writable, read_image, write_image
     from ._progress import with_progress_bar
 
     out = Path(args.out)
-    check_writable(out, args.overwrite, image=True)
+    inputs = [p for p in (args.model, args.support, args.image, args.mask, args.seed_mask, args.seed_image) if p]
+    check_writable(out, args.overwrite, image=True, inputs=inputs)
     extra = {}
     if args.scores_out:
         folder = Path(args.scores_out)
@@ -157,24 +183,14 @@ def run_map(args: argparse.Namespace) -> int:
             raise OpenSegError(f"scores folder {folder} does not exist")
         extra = score_paths(out, folder)
         for path in extra.values():
-            check_writable(path, args.overwrite, image=True)
-    if args.model and (args.seed_mask or args.seed_image):
-        raise OpenSegError("--seed-mask is for --support; seed a trained model with `openseg novelty seed`")
-    if args.seed_image and not args.seed_mask:
-        raise OpenSegError("--seed-image needs --seed-mask, the unseen structure painted on it")
-    if args.adapt_unknown < 0:
-        raise OpenSegError(f"--adapt-unknown is a number of steps (0 or more), got {args.adapt_unknown}")
-    if args.support and args.no_unknown and args.seed_mask:
-        raise OpenSegError("--no-unknown and --seed-mask contradict each other: a training-free map has an "
-                           "unknown prototype only when --seed-mask seeds it; leave out one of them")
-    if args.support and args.adapt_unknown and not args.seed_mask:
-        raise OpenSegError("--adapt-unknown with --support needs --seed-mask (one unseen structure painted)")
+            check_writable(path, args.overwrite, image=True, inputs=inputs)
+    check_map_options(args)
     image = read_image(args.image)
-    mask = read_image(args.mask).data != 0 if args.mask else None
+    mask = check_mask(read_image(args.mask).data != 0, image.data.shape) if args.mask else None
     seed = None
-    if args.seed_mask:
+    if args.seed_mask:  # shapes checked before a model is loaded or a support set encoded
         seed_image = read_image(args.seed_image).data if args.seed_image else image.data
-        seed = (seed_image, read_image(args.seed_mask).data != 0)
+        seed = check_seed(seed_image, read_image(args.seed_mask).data != 0)
     if args.model:
         model = NoveltyModel.load(args.model)
         if args.adapt_unknown and not args.no_unknown and model.bank.unknown is None:

@@ -53,10 +53,11 @@ def run(args: argparse.Namespace) -> int:
     from ..model.registry import propagation_weights
     from ._progress import with_progress_bar
 
-    check_writable(args.out, args.overwrite, image=True)  # refuse before any work is done
+    inputs = [args.image, args.prompt]
+    check_writable(args.out, args.overwrite, image=True, inputs=inputs)  # refuse before any work is done
     options = {} if args.stop_confidence is None else {"stop_confidence": args.stop_confidence}
     if args.json:
-        check_writable(args.json, args.overwrite)
+        check_writable(args.json, args.overwrite, inputs=inputs)
         if Path(args.json).resolve() == Path(args.out).resolve():
             raise OpenSegError("--json and --out name the same file: give the confidence report its own name")
     image = read_image(args.image)

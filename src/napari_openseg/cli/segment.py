@@ -4,18 +4,65 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-OUTPUT_SUFFIX = {"nifti": ".nii.gz", "tiff": ".tif", "npy": ".npy", "picture": ".tif"}
+from typing import Any
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that runs the in-context network."""
+    """Options shared by every command that runs the segmentation engine."""
+    from ..core.engine_settings import CHOICES, DEFAULT_METHOD, DEFAULT_SUPPORT_SIZE  # torch-free
+
     parser.add_argument("--weights", help="weights name (openseg-default, universeg-v1) or file path")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--support-size", type=int, default=16, help="S: entries per prediction")
+    parser.add_argument("--support-size", type=int, default=DEFAULT_SUPPORT_SIZE, help="S: entries per prediction")
     parser.add_argument("--ensemble", type=int, default=1, help="K: predictions combined per task (area-matched mean)")
+    parser.add_argument("--method", default=DEFAULT_METHOD, choices=CHOICES,
+                        help="auto (default: per task, the best cross-validated on the support set), network, "
+                             "pixel-classifier or stacked (filters and the network's probability)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the support subsets")
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a segmentation (``openseg segment`` and ``openseg batch segment``), read back by
+    :func:`engine_options`."""
+    parser.add_argument("--axis", type=int, default=0, help="slice axis of 3D volumes (default 0: a NIfTI "
+                        "volume is read with its axes reversed, so axis 0 is the file's third axis)")
+    parser.add_argument("--slices", metavar="A:B", help="volumes: segment only slices A to B-1 along the axis "
+                        "(either may be left out: 40:, :90); the rest stays background")
+    parser.add_argument("--extent", choices=["all", "auto"], default="all",
+                        help="volumes: 'auto' ends each label where it fades out, starting from the slices "
+                             "painted for it (default %(default)s; docs/propagation.md)")
+    parser.add_argument("--label-values", type=int, nargs="+", help="only these tasks")
+    parser.add_argument("--threshold", type=float, default=0.5, help="background below this probability")
+    parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
+    add_model_options(parser)
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options of a :class:`~napari_openseg.core.cohort_tasks.SegmentTask` (the keywords of
+    :func:`~napari_openseg.core.inference.iter_segment`) that :func:`add_engine_options` set (the
+    weights are its positional ``model``)."""
+    from ..core.extent import parse_slice_range
+    from ..errors import OpenSegError
+
+    if not -3 <= args.axis < 3:  # checked here: the core checks it per volume, after a 2D input's output
+        raise OpenSegError(f"--axis must be 0, 1 or 2 (or -1..-3), got {args.axis}")
+    if args.slices is not None:
+        parse_slice_range(args.slices)  # a typo is refused before any work
+    return {
+        "axis": args.axis,
+        "slices": args.slices,
+        "extent": args.extent,
+        "label_values": args.label_values,
+        "support_size": args.support_size,
+        "ensemble": args.ensemble,
+        "method": args.method,
+        "threshold": args.threshold,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "precision": args.precision,
+        "seed": args.seed,
+    }
 
 
 def register(subparsers) -> None:
@@ -25,24 +72,16 @@ def register(subparsers) -> None:
     out = parser.add_mutually_exclusive_group(required=True)
     out.add_argument("--out", help="output file (one input only)")
     out.add_argument("--out-dir", help="folder for outputs named <input>_openseg.<ext>")
-    parser.add_argument("--axis", type=int, default=0, help="slice axis of 3D volumes (default 0)")
-    parser.add_argument("--slices", metavar="A:B", help="volumes: segment only slices A to B-1 along the axis "
-                        "(either may be left out: 40:, :90); the rest stays background")
-    parser.add_argument("--extent", choices=["all", "auto"], default="all",
-                        help="volumes: 'auto' ends each label where it fades out, starting from the slices "
-                             "painted for it (default %(default)s)")
-    parser.add_argument("--label-values", type=int, nargs="+", help="only these tasks")
-    parser.add_argument("--threshold", type=float, default=0.5, help="background below this probability")
-    parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
     parser.add_argument("--probabilities", action="store_true", help="also write <output>_prob (float32)")
+    parser.add_argument("--json", help="write each output's tasks, methods and expected Dice to this file")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    add_model_options(parser)
+    add_engine_options(parser)
     parser.set_defaults(handler=run)
 
 
 def output_paths(args: argparse.Namespace) -> list[Path]:
     from ..errors import OpenSegError
-    from ..io import image_format, strip_suffix
+    from ..io import result_path
 
     if args.out:
         if len(args.images) != 1:
@@ -51,7 +90,7 @@ def output_paths(args: argparse.Namespace) -> list[Path]:
     folder = Path(args.out_dir)
     if not folder.is_dir():
         raise OpenSegError(f"output folder {folder} does not exist")
-    paths = [folder / f"{strip_suffix(p)}_openseg{OUTPUT_SUFFIX[image_format(p)]}" for p in args.images]
+    paths = [result_path(folder, p, "openseg") for p in args.images]
     clashes = sorted({str(p) for p in paths if paths.count(p) > 1})
     if clashes:
         raise OpenSegError(f"inputs with the same name would share the output {', '.join(clashes)}: "
@@ -67,46 +106,32 @@ def probability_path(path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    import json
+
     import numpy as np
 
-    from ..core.extent import parse_slice_range
-    from ..core.inference import iter_segment
+    from ..core.cohort_tasks import SegmentTask
     from ..core.support import SupportSet
-    from ..errors import OpenSegError
-    from ..io import check_writable, read_image, write_image
+    from ..io import atomic_path, check_writable, read_image, write_image
     from ._progress import with_progress_bar
 
-    if not -3 <= args.axis < 3:  # checked here: the core checks it per volume, after a 2D input's output
-        raise OpenSegError(f"--axis must be 0, 1 or 2 (or -1..-3), got {args.axis}")
-    if args.slices is not None:
-        parse_slice_range(args.slices)  # a typo is refused before any work
+    options = engine_options(args)
     support = SupportSet.load(args.support)
     outputs = output_paths(args)
+    inputs = [*args.images, args.support]
     for path in outputs:  # refuse before any work is done
-        check_writable(path, args.overwrite, image=True)
+        check_writable(path, args.overwrite, image=True, inputs=inputs)
         if args.probabilities:
-            check_writable(probability_path(path), args.overwrite, image=True)
+            check_writable(probability_path(path), args.overwrite, image=True, inputs=inputs)
+    if args.json:
+        check_writable(args.json, args.overwrite, inputs=inputs)
+    task = SegmentTask(support, args.weights, options)
+    engine = task.prepare()  # one engine for every input: the tasks are fitted once
+    report = []
     for image_path, out_path in zip(args.images, outputs):
         image = read_image(image_path)
         result = with_progress_bar(
-            iter_segment(
-                image.data,
-                support,
-                args.weights,
-                axis=args.axis,
-                label_values=args.label_values,
-                support_size=args.support_size,
-                ensemble=args.ensemble,
-                threshold=args.threshold,
-                batch_size=args.batch_size,
-                device=args.device,
-                precision=args.precision,
-                seed=args.seed,
-                keep_probabilities=args.probabilities,
-                rgb=image.rgb,
-                slices=args.slices,
-                extent=args.extent,
-            ),
+            task.iter_run(engine, image.data, rgb=image.rgb, keep_probabilities=args.probabilities),
             f"segment {image.name}",
             unit="slice",
         )
@@ -119,4 +144,14 @@ def run(args: argparse.Namespace) -> int:
         if result.extent is not None:
             kept = ", ".join(f"{v}: {a}:{b}" for v, (a, b) in result.extent.items())
             print(f"slices kept per label (A:B, B not included): {kept}")
+        for line in result.describe_estimates():
+            print(f"  {line}")
+        report.append({"input": str(image_path), "output": str(out_path), "voxels": {str(v): n for v, n in counts.items()},
+                       "tasks": {str(v): e.to_dict() for v, e in result.estimates.items()}})
+    if args.json:
+        with atomic_path(args.json, args.overwrite) as tmp:
+            tmp.write_text(json.dumps({"support": str(args.support), "weights": args.weights or "default",
+                                       "method": args.method, "support_size": args.support_size,
+                                       "ensemble": args.ensemble, "outputs": report}, indent=2))
+        print(f"wrote {args.json}")
     return 0

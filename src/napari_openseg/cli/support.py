@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def register(subparsers) -> None:
@@ -15,6 +16,9 @@ def register(subparsers) -> None:
     build.add_argument("--axis", type=int, default=0, help="slice axis of 3D volumes (default 0)")
     build.add_argument("--label-values", type=int, nargs="+", help="only these label values (tasks)")
     build.add_argument("--slices", type=int, nargs="+", help="only these slice indices")
+    build.add_argument("--background-label", type=int, metavar="B",
+                       help="the labels are strokes: B marks background, other values structures, 0 unpainted "
+                            "pixels (neither fitted nor scored)")
     build.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     build.set_defaults(handler=run_build)
     show = actions.add_parser("show", help="print what a support-set file holds")
@@ -25,14 +29,17 @@ def register(subparsers) -> None:
 def run_build(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..core.support import SupportSet, entries_from_arrays
+    from ..core.support import SupportSet, coverage_warning, entries_from_arrays
     from ..errors import OpenSegError
     from ..io import check_writable, read_image
 
     if len(args.image) != len(args.labels):
         raise OpenSegError(f"give one --labels per --image ({len(args.image)} images, {len(args.labels)} labels)")
-    check_writable(args.out, args.overwrite)
-    support = SupportSet(metadata={"axis": args.axis})
+    check_writable(args.out, args.overwrite, inputs=[*args.image, *args.labels])
+    metadata = {"axis": args.axis}
+    if args.background_label is not None:
+        metadata["background_label"] = args.background_label
+    support = SupportSet(metadata=metadata)
     wanted = None if args.label_values is None else sorted(set(args.label_values))
     found: set[int] = set()
     for image_path, labels_path in zip(args.image, args.labels):
@@ -52,6 +59,7 @@ def run_build(args: argparse.Namespace) -> int:
                 label_values=present,
                 slice_indices=args.slices,
                 rgb=image.rgb,
+                background_label=args.background_label,
             )
         )
     missing = sorted(set(wanted or []) - found)
@@ -60,6 +68,9 @@ def run_build(args: argparse.Namespace) -> int:
     support.save(args.out, overwrite=args.overwrite)
     counts = ", ".join(f"label {k}: {v}" for k, v in support.counts().items())
     print(f"wrote {args.out}: {len(support)} entries ({counts})")
+    warning = coverage_warning(support.entries)
+    if warning:
+        print(f"warning: {warning} (openseg support build --background-label B)", file=sys.stderr)
     return 0
 
 
@@ -67,7 +78,9 @@ def run_show(args: argparse.Namespace) -> int:
     from ..core.support import SupportSet
 
     support = SupportSet.load(args.path)
-    print(f"{args.path}: {len(support)} entries")
+    background = support.metadata.get("background_label")
+    strokes = f", strokes (background label {background})" if background is not None else ""
+    print(f"{args.path}: {len(support)} entries{strokes}")
     for label, count in support.counts().items():
         sources = sorted({e.source for e in support.task(label)})
         print(f"  label {label}: {count} entries from {', '.join(sources)}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
 import sys
 
 
@@ -110,30 +109,26 @@ def check_options(args: argparse.Namespace) -> None:
         raise OpenSegError(f"{args.out_dir} is a file; the run folder must be a folder")
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..training.splits import shared_data_dir
     from ..training.trainer import iter_train
+    from . import Terminated
 
     check_options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # `kill PID` checkpoints and stops like Ctrl-C does.
-    signal.signal(signal.SIGTERM, _interrupt)
+    # `kill PID` checkpoints and stops like Ctrl-C does (cli.main turns SIGTERM into an interrupt).
     config = config_from_args(args)
     generator = iter_train(config, args.out_dir, resume=args.resume, device=args.device,
                            data_dir=shared_data_dir(), stop_after=args.stop_after, workers=args.workers)
     try:
         for progress in generator:
             _print(progress.payload)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         print(f"stopped; the checkpoint in {args.out_dir} is saved: continue with --resume", file=sys.stderr)
-        return 130
+        return 143 if isinstance(err, Terminated) else 130
     print(f"run folder {args.out_dir}: checkpoint.pt, weights.pt, best.pt, log.jsonl")
     return 0
 

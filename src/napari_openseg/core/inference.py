@@ -1,8 +1,10 @@
 """In-context segmentation of 2D images and 3D volumes (slice by slice) from a support set.
 
-For every task (label value) the network sees the query slice and a support subset of S entries of
-that task; the predictions from K subsets drawn independently (seeded) are combined (support-set
-ensembling, :mod:`.ensemble`). Tasks are combined into one label map by argmax, with voxels whose
+The :class:`~napari_openseg.core.engine.Engine` fits every task (label value) once: it
+cross-validates the network, the pixel classifier and the stacked classifier on the support entries
+and, with ``method="auto"``, keeps the best (:mod:`.stacking`). For every task the network sees the
+query slice and a support subset of S entries of that task; the predictions from K subsets drawn
+independently (seeded) are combined (support-set ensembling, :mod:`.ensemble`). Tasks are combined into one label map by argmax, with voxels whose
 best probability is below ``threshold`` left as background. The work is done in batches of slices;
 after each batch the generator yields a :class:`~napari_openseg.core.progress.Progress` whose
 payload holds that batch's labels, and that is where a consumer can stop it (cancel).
@@ -12,35 +14,37 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import OpenSegError
-from .device import resolve_device, resolve_precision
-from .ensemble import EnsembleMean
+from .engine import DEFAULT_METHOD, DEFAULT_SUPPORT_SIZE, Engine, Estimate, auto_batch_size
 from .extent import EXTENTS, ExtentTracker, painted_slices, resolve_slice_range
-from .preprocess import Aspect, from_grid, masks_to_grid, normalize_intensity, to_grid
+from .preprocess import Aspect, colour_channels, normalize_intensity
 from .progress import Progress, run_to_end
-from .support import SupportEntry, SupportSet, check_image
+from .support import SupportSet, check_image
 
 log = logging.getLogger(__name__)
-
-#: Memory the encoded support sets of one run may keep between batches.
-ENCODED_SUPPORT_BUDGET = 2 * 1024**3
 
 
 @dataclass
 class SegmentationResult:
-    """Label map with the image's shape, and per-task probabilities ``"C *shape"`` if kept."""
+    """Label map with the image's shape, per-task probabilities ``"C *shape"`` if kept, and per
+    task the cross-validated estimate of its Dice and the method that ran (:class:`Estimate`)."""
 
     labels: np.ndarray
     label_values: list[int]
     probabilities: np.ndarray | None = None
+    estimates: dict[int, Estimate] = field(default_factory=dict)
     #: Per task, the slices ``[first, stop)`` it was kept on (``extent="auto"``; see core/extent.py).
     extent: dict[int, tuple[int, int]] | None = None
+
+    def describe_estimates(self) -> list[str]:
+        """One line per task: "label 1: expected Dice 0.81 +/- 0.05 from 16 examples, method: stacked"."""
+        return [f"label {v}: {self.estimates[v].describe()}" for v in self.label_values if v in self.estimates]
 
     def probability(self, label: int) -> np.ndarray:
         if self.probabilities is None:
@@ -72,106 +76,17 @@ def combine_tasks(
     return np.where(best_prob >= threshold, values[best], 0).astype(dtype)
 
 
-def support_tensors(
-    entries: Sequence[SupportEntry], grid: int, aspect: Aspect, device: torch.device, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Entries -> ``images "1 S 1 g g"`` and ``labels "1 S 1 g g"`` on the model grid."""
-    images, masks = [], []
-    for entry in entries:
-        image = torch.from_numpy(np.ascontiguousarray(entry.image, dtype=np.float32)).to(device)
-        mask = torch.from_numpy(np.ascontiguousarray(entry.mask)).to(device)
-        images.append(to_grid(image[None], grid, aspect)[0])
-        masks.append(masks_to_grid(mask[None], grid, aspect))
-    as_batch = lambda xs: torch.cat(xs).unsqueeze(0).to(dtype)  # noqa: E731
-    return as_batch(images), as_batch(masks)
-
-
-def _draw_subsets(
-    support: SupportSet, label: int, size: int, ensemble: int, seed: int
-) -> list[list[SupportEntry]]:
-    """K support subsets for one task; identical subsets (a task with <= S entries) collapse to one."""
-    rng = np.random.default_rng([seed, label])
-    subsets = [support.sample(label, size, rng) for _ in range(ensemble)]
-    if len(support.task(label)) <= size:
-        return subsets[:1]
-    return subsets
-
-
-def auto_batch_size(support_size: int, device: torch.device) -> int:
-    """Slices per forward pass: about ``budget / S``. On a CPU larger batches were no faster (within
-    the run-to-run noise) but cost 40-60 MB per slice more at S = 16 (``bench_segment.py --batch-sizes``,
-    docs/performance.md), so the CPU budget is small."""
-    budget = 512 if device.type == "cuda" else 4
-    return int(max(1, min(64, budget // max(1, support_size))))
-
-
-class _EnsemblePredictor:
-    """Per-task probabilities for batches of query slices, combined over K support subsets
-    (:mod:`.ensemble`).
-
-    ``formulation="fast"`` (default) encodes each subset once and reuses it for every batch while
-    the encodings fit in ``ENCODED_SUPPORT_BUDGET``; ``"direct"`` runs the paper's formulation one
-    slice at a time (a reference for benchmarks and tests).
-    """
-
-    def __init__(self, net, support: SupportSet, values: list[int], support_size: int, ensemble: int,
-                 seed: int, aspect: Aspect, device: torch.device, dtype: torch.dtype, formulation: str,
-                 threshold: float):
-        if formulation not in ("fast", "direct"):
-            raise OpenSegError(f"formulation must be 'fast' or 'direct', got {formulation!r}")
-        self.net, self.values, self.aspect = net, values, aspect
-        self.device, self.dtype, self.formulation = device, dtype, formulation
-        self.threshold = threshold
-        self.subsets = {v: _draw_subsets(support, v, support_size, ensemble, seed) for v in values}
-        grid = net.config.grid_size
-        bytes_per_entry = net.config.encoder_channels[0] * grid * grid * torch.finfo(dtype).bits // 8
-        total = sum(len(subset) * bytes_per_entry for subs in self.subsets.values() for subset in subs)
-        self.keep = total <= ENCODED_SUPPORT_BUDGET
-        self.cache: dict[tuple[int, int], object] = {}
-
-    def _support(self, value: int, k: int):
-        from ..model.fast import encode_support
-
-        if (value, k) in self.cache:
-            return self.cache[(value, k)]
-        grid = self.net.config.grid_size
-        tensors = support_tensors(self.subsets[value][k], grid, self.aspect, self.device, self.dtype)
-        prepared = tensors if self.formulation == "direct" else encode_support(self.net, *tensors)
-        if self.keep:
-            self.cache[(value, k)] = prepared
-        return prepared
-
-    def _logits(self, query: torch.Tensor, value: int, k: int) -> torch.Tensor:
-        from ..model.fast import fast_forward
-
-        prepared = self._support(value, k)
-        if self.formulation == "fast":
-            return fast_forward(self.net, query, encoded=prepared)
-        images, masks = prepared
-        return torch.cat([self.net(query[i : i + 1], images, masks) for i in range(query.shape[0])])
-
-    @torch.inference_mode()
-    def __call__(self, query: torch.Tensor) -> torch.Tensor:
-        """``query "B 1 g g"`` -> probabilities ``"B C g g"`` (float32), C = number of tasks."""
-        per_task = []
-        for value in self.values:
-            members = EnsembleMean(self.threshold)
-            for k in range(len(self.subsets[value])):
-                members.add(torch.sigmoid(self._logits(query, value, k).float()))
-            per_task.append(members.result())
-        return torch.cat(per_task, dim=1)
-
-
 def iter_segment(
     image: np.ndarray,
-    support: SupportSet,
+    support: SupportSet | str | Path,
     model=None,
     *,
     axis: int = 0,
     label_values: Sequence[int] | None = None,
-    support_size: int = 16,
+    support_size: int = DEFAULT_SUPPORT_SIZE,
     ensemble: int = 1,
     threshold: float = 0.5,
+    method: str = DEFAULT_METHOD,
     batch_size: int | None = None,
     device: str | torch.device = "auto",
     precision: str = "float32",
@@ -182,6 +97,7 @@ def iter_segment(
     formulation: str = "fast",
     slices=None,
     extent: str = "all",
+    **stacking,
 ) -> Generator[Progress, None, SegmentationResult]:
     """Segment ``image`` (``"H W"`` or a volume with slices along ``axis``) from ``support``.
 
@@ -195,67 +111,96 @@ def iter_segment(
         :mod:`.ensemble`).
     threshold
         Minimum probability of the winning task for a voxel to be labelled.
+    method
+        ``"auto"`` (default), ``"network"``, ``"pixel-classifier"`` or ``"stacked"``; see
+        :class:`~napari_openseg.core.engine.Engine` (``stacking`` holds its other options).
     batch_size
         Query slices per forward pass; ``None`` picks one from S and the device.
     formulation
         ``"fast"`` (default) or ``"direct"`` (the paper's, one slice at a time; same result, slower).
     slices, extent
         Volumes only: the slice range to segment (``"A:B"``, ``(A, B)``, a ``slice``; A included, B
-        not; the rest stays background), and ``"all"`` or ``"auto"``: each task ends where it fades
-        out, as a propagation front does (:mod:`.extent`; the result's ``extent`` says where; a 2D
-        image is its own extent).
+        not; indices along ``axis``, which for a NIfTI volume is the file's third axis when 0; the
+        rest stays background), and ``"all"`` or ``"auto"``: each task ends where it fades out, as a
+        propagation front does (:mod:`.extent`; the result's ``extent`` says where; a 2D image is its
+        own extent).
 
-    Yields progress per batch (``payload``: ``start``, ``stop`` slice indices and ``labels``, that
-    batch's label map ``"b H W"``); returns a :class:`SegmentationResult`.
+    Yields progress while the tasks are fitted (``done`` 0) and then per batch (``payload``:
+    ``start``, ``stop`` slice indices and ``labels``, that batch's label map ``"b H W"``); returns a
+    :class:`SegmentationResult` with each task's cross-validated estimate.
     """
-    from ..model.fast import prepare_for_inference
-    from ..model.registry import load_model
-    from ..model.universeg import UniverSeg
+    _check_run(image, rgb, axis, batch_size, slices, extent)
+    engine = Engine(support, model, label_values=label_values, support_size=support_size, ensemble=ensemble,
+                    threshold=threshold, method=method, device=device, precision=precision, aspect=aspect,
+                    seed=seed, formulation=formulation, **stacking)
+    return (yield from iter_segment_with(engine, image, axis=axis, rgb=rgb, batch_size=batch_size,
+                                         keep_probabilities=keep_probabilities, slices=slices, extent=extent))
 
+
+def _check_run(
+    image: np.ndarray, rgb: bool | None, axis: int, batch_size: int | None, slices=None, extent: str = "all"
+) -> np.ndarray:
     image = check_image(image, rgb)
-    if support_size < 1 or ensemble < 1:
-        raise OpenSegError(f"support size and ensemble must be >= 1, got S={support_size}, K={ensemble}")
     if batch_size is not None and batch_size < 1:
         raise OpenSegError(f"batch size must be >= 1 (or left out for automatic), got {batch_size}")
-    if not 0.0 <= threshold <= 1.0:
-        raise OpenSegError(f"threshold must lie in [0, 1], got {threshold}")
-    if seed < 0:
-        raise OpenSegError(f"the seed must be 0 or more, got {seed}")
-    values = support.validate(label_values)
-    torch_device = resolve_device(device)
-    dtype = resolve_precision(precision, torch_device)
     if image.ndim == 3 and not -3 <= axis < 3:
         raise OpenSegError(f"slice axis must be 0, 1 or 2 for a 3D volume, got {axis}")
     if extent not in EXTENTS:
         raise OpenSegError(f"extent must be one of {', '.join(EXTENTS)}, got {extent!r}")
     if image.ndim == 2 and slices is not None:
         raise OpenSegError("a slice range applies to volumes, not to a 2D image")
-    net = model if isinstance(model, UniverSeg) else load_model(model, "cpu")
-    net = prepare_for_inference(net, torch_device, dtype)
-    predict = _EnsemblePredictor(net, support, values, support_size, ensemble, seed, aspect,
-                                 torch_device, dtype, formulation, threshold)
+    if image.ndim == 3 and slices is not None:
+        resolve_slice_range(slices, image.shape[axis])  # an empty or malformed range, before any work
+    return image
 
-    volume = normalize_intensity(image)
-    stack = volume[None] if image.ndim == 2 else np.moveaxis(volume, axis, 0)
+
+def iter_segment_with(
+    engine: Engine,
+    image: np.ndarray,
+    *,
+    axis: int = 0,
+    rgb: bool | None = None,
+    batch_size: int | None = None,
+    keep_probabilities: bool = True,
+    slices=None,
+    extent: str = "all",
+) -> Generator[Progress, None, SegmentationResult]:
+    """:func:`iter_segment` with an :class:`~napari_openseg.core.engine.Engine` made before (one
+    engine segments many images and fits its tasks once)."""
+    grey = _check_run(image, rgb, axis, batch_size, slices, extent)
+    colour = colour_channels(image, rgb)
+    volume = normalize_intensity(grey)
+    stack = volume[None] if grey.ndim == 2 else np.moveaxis(volume, axis, 0)
+    colour_stack = None
+    if colour is not None and engine.uses_colour(True):
+        colour_stack = colour[None] if grey.ndim == 2 else np.moveaxis(colour, axis, 0)
     n_slices, height, width = stack.shape
-    batch = batch_size or auto_batch_size(support_size, torch_device)
+    first, last = resolve_slice_range(slices, n_slices)
+    values = engine.values
+    fitting = engine.iter_fit(colour_stack is not None)
+    while True:
+        try:
+            step = next(fitting)
+        except StopIteration as stop:
+            estimates = {v: model.estimate for v, model in stop.value.items()}
+            break
+        yield Progress(0, last - first, step.stage)
+    batch = batch_size or auto_batch_size(engine.support_size, engine.device)
     out_dtype = label_dtype(max(values))
     labels_out = np.zeros((n_slices, height, width), out_dtype)
     probs_out = np.zeros((len(values), n_slices, height, width), np.float32) if keep_probabilities else None
-    log.info("segmenting %d slice(s) of %dx%d, tasks %s, S=%d, K=%d on %s (%s)",
-             n_slices, height, width, values, support_size, ensemble, torch_device, precision)
-    first, last = resolve_slice_range(slices, n_slices)
-    tracker = ExtentTracker(values, n_slices, painted_slices(support, values, stack, axis % 3), threshold) \
-        if extent == "auto" and image.ndim == 3 else None
+    log.info("segmenting %d slice(s) of %dx%d, tasks %s (%s), S=%d, K=%d on %s",
+             n_slices, height, width, values, ", ".join(e.method for e in estimates.values()), engine.support_size,
+             engine.ensemble, engine.device)
+    tracker = None
+    if extent == "auto" and grey.ndim == 3:
+        painted = painted_slices(engine.support, values, stack, axis % 3)
+        tracker = ExtentTracker(values, n_slices, painted, engine.threshold)
     yield Progress(0, last - first, "segmenting")
     for start in range(first, last, batch):
         stop = min(last, start + batch)
-        with torch.inference_mode():
-            slices = torch.from_numpy(np.ascontiguousarray(stack[start:stop])).to(torch_device)
-            query, mapping = to_grid(slices, net.config.grid_size, aspect)
-            query = query.to(dtype).contiguous(memory_format=torch.channels_last)
-            probs = from_grid(predict(query), mapping).clamp_(0, 1).cpu().numpy()
-        chunk_labels = combine_tasks(probs, values, threshold, out_dtype)
+        probs = engine.predict(stack[start:stop], None if colour_stack is None else colour_stack[start:stop])
+        chunk_labels = combine_tasks(probs, values, engine.threshold, out_dtype)
         labels_out[start:stop] = chunk_labels
         if probs_out is not None:
             probs_out[:, start:stop] = probs.transpose(1, 0, 2, 3)
@@ -263,11 +208,12 @@ def iter_segment(
             tracker.add(start, probs, chunk_labels)
         yield Progress(stop - first, last - first, "segmenting", {"start": start, "stop": stop, "labels": chunk_labels})
 
-    if image.ndim == 2:
-        return SegmentationResult(labels_out[0], list(values), probs_out[:, 0] if probs_out is not None else None)
+    if grey.ndim == 2:
+        probs_final = probs_out[:, 0] if probs_out is not None else None
+        return SegmentationResult(labels_out[0], list(values), probs_final, estimates)
     extents = tracker.apply(labels_out, probs_out) if tracker is not None else None
     probs_final = np.moveaxis(probs_out, 1, axis % 3 + 1) if probs_out is not None else None
-    return SegmentationResult(np.moveaxis(labels_out, 0, axis), list(values), probs_final, extents)
+    return SegmentationResult(np.moveaxis(labels_out, 0, axis), list(values), probs_final, estimates, extents)
 
 
 def segment(image: np.ndarray, support: SupportSet, model=None, **kwargs) -> SegmentationResult:
@@ -277,4 +223,8 @@ def segment(image: np.ndarray, support: SupportSet, model=None, **kwargs) -> Seg
 
 def load_support(support: SupportSet | str | Path) -> SupportSet:
     """A support set, or the one stored in a file."""
-    return support if isinstance(support, SupportSet) else SupportSet.load(support)
+    if isinstance(support, SupportSet):
+        return support
+    if isinstance(support, (str, Path)):
+        return SupportSet.load(support)
+    raise OpenSegError(f"support must be a SupportSet or the path of a support-set file, got {type(support).__name__}")

@@ -27,11 +27,11 @@ import numpy as np
 import torch
 
 from ..errors import OpenSegError
-from .device import resolve_device
-from .inference import auto_batch_size, label_dtype, support_tensors
+from .engine import DEFAULT_SUPPORT_SIZE, auto_batch_size, prepare_network
+from .inference import label_dtype, load_support
 from .novelty import NoveltyMaps, class_similarities, maps_from_raw, score_channels
 from .novelty_map import ADAPT_STRIDE
-from .novelty_model import body_mask, check_volume
+from .novelty_model import body_mask, check_mask, check_seed, check_volume
 from .preprocess import from_grid, masks_to_grid, normalize_intensity, to_grid
 from .progress import Progress, run_to_end
 from .prototypes import DEFAULT_MOMENTUM, PrototypeBank
@@ -54,29 +54,19 @@ def slice_key(entry) -> tuple:
 class InContextEmbedder:
     """Embeds slices with the in-context network, one fixed support subset per known task."""
 
-    def __init__(self, support: SupportSet, model=None, *, support_size: int = 16, seed: int = 0,
+    def __init__(self, support: SupportSet, model=None, *, support_size: int = DEFAULT_SUPPORT_SIZE, seed: int = 0,
                  device: str | torch.device = "auto", batch_size: int | None = None):
-        from ..model.fast import prepare_for_inference
-        from ..model.registry import load_model
-        from ..model.universeg import UniverSeg
-
         self.tasks = support.validate()
         self.support = support
-        self.device = resolve_device(device)
-        net = model if isinstance(model, UniverSeg) else load_model(model, "cpu")
-        self.net = prepare_for_inference(net, self.device, torch.float32)
-        self.grid = self.net.config.grid_size
+        self.network = prepare_network(model, device, "float32")
+        self.device, self.net, self.grid = self.network.device, self.network.net, self.network.grid
         self.batch_size = batch_size or auto_batch_size(support_size, self.device)
         rng = np.random.default_rng(seed)
         self.subsets = {t: support.sample(t, support_size, rng) for t in self.tasks}
         self._encoded = {t: self._encode(self.subsets[t]) for t in self.tasks}
 
     def _encode(self, entries):
-        from ..model.fast import encode_support
-
-        with torch.inference_mode():
-            images, masks = support_tensors(entries, self.grid, "pad", self.device, torch.float32)
-            return encode_support(self.net, images, masks)
+        return self.network.encode(entries, "pad")
 
     @property
     def dim(self) -> int:
@@ -84,11 +74,8 @@ class InContextEmbedder:
 
     def embed(self, query: torch.Tensor, encoded: dict | None = None) -> torch.Tensor:
         """``query "B 1 g g"`` -> embeddings ``"B (T C) g g"``."""
-        from ..model.fast import fast_features
-
         encoded = encoded or self._encoded
-        with torch.inference_mode():
-            return torch.cat([fast_features(self.net, query, encoded=encoded[t]) for t in self.tasks], dim=1)
+        return torch.cat([self.network.features(query, encoded[t]) for t in self.tasks], dim=1)
 
     def leave_out(self, key: tuple) -> dict:
         """Encoded supports without the entries of slice ``key`` (kept if nothing else is left)."""
@@ -152,10 +139,7 @@ def _slices(volume: np.ndarray, axis: int) -> np.ndarray:
 def seed_unknown_from(embedder: InContextEmbedder, bank: PrototypeBank, image: np.ndarray,
                       seed_mask: np.ndarray, axis: int = 0) -> None:
     """Seed ``bank``'s unknown prototype from one painted instance (``seed_mask``) in ``image``."""
-    image = check_volume(image)
-    seed_mask = np.asarray(seed_mask, bool)
-    if seed_mask.shape != image.shape or not seed_mask.any():
-        raise OpenSegError("the unknown seed must be a non-empty mask of the seed image's shape")
+    image, seed_mask = check_seed(image, seed_mask)
     stack, masks = _slices(normalize_intensity(image), axis), _slices(seed_mask, axis)
     found = []
     for index in np.flatnonzero(masks.any(axis=(1, 2))):
@@ -183,7 +167,7 @@ def iter_training_free_novelty(
     model=None,
     *,
     axis: int = 0,
-    support_size: int = 16,
+    support_size: int = DEFAULT_SUPPORT_SIZE,
     seed: int = 0,
     mask: np.ndarray | None = None,
     unknown_seed: tuple[np.ndarray, np.ndarray] | None = None,
@@ -202,10 +186,12 @@ def iter_training_free_novelty(
     Yields progress per batch of slices; returns :class:`~napari_openseg.core.novelty.NoveltyMaps`.
     """
     image = check_volume(image)
+    support = load_support(support)
+    mask = check_mask(mask, image.shape)
+    if unknown_seed is not None:  # checked before the support set is encoded
+        unknown_seed = check_seed(*unknown_seed)
     normalized = normalize_intensity(image)
-    mask = body_mask(normalized, normalized=True) if mask is None else np.asarray(mask, bool)
-    if mask.shape != image.shape:
-        raise OpenSegError(f"mask of shape {mask.shape} does not match the volume of shape {image.shape}")
+    mask = body_mask(normalized, normalized=True) if mask is None else mask
     if adapt_unknown and unknown_seed is None:
         raise OpenSegError("adapting the unknown prototype needs an unknown seed: paint one unseen structure")
     if support_size < 1 or adapt_unknown < 0 or (batch_size is not None and batch_size < 1):

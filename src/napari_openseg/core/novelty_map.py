@@ -27,7 +27,15 @@ import torch.nn.functional as F
 from ..errors import OpenSegError
 from .device import resolve_device
 from .novelty import NoveltyMaps, maps_from_raw, score_channels
-from .novelty_model import NoveltyModel, body_mask, check_volume, labels_to_working, to_working
+from .novelty_model import (
+    NoveltyModel,
+    body_mask,
+    check_mask,
+    check_seed,
+    check_volume,
+    labels_to_working,
+    to_working,
+)
 from .preprocess import normalize_intensity
 from .progress import Progress, run_to_end
 
@@ -108,6 +116,7 @@ def iter_novelty_map(
     ``segmentation`` holds the known-class label values.
     """
     image = check_volume(image)
+    mask = check_mask(mask, image.shape)
     if not 0.0 <= overlap < 1.0:
         raise OpenSegError(f"window overlap must lie in [0, 1), got {overlap}")
     if adapt_unknown < 0:
@@ -123,9 +132,7 @@ def iter_novelty_map(
     seed_free = seed_free and use_unknown and bank.unknown is None
     use_unknown = use_unknown and (bank.unknown is not None or seed_free)
     normalized = normalize_intensity(image)
-    mask = body_mask(normalized, normalized=True) if mask is None else np.asarray(mask, bool)
-    if mask.shape != image.shape:
-        raise OpenSegError(f"mask of shape {mask.shape} does not match the volume of shape {image.shape}")
+    mask = body_mask(normalized, normalized=True) if mask is None else mask
 
     factor = model.downsample
     volume, shape = _pad_to(to_working(normalized, factor).to(torch_device), model.config.roi_size)
@@ -205,12 +212,7 @@ def unknown_seed_embeddings(
 ) -> torch.Tensor:
     """Embeddings ``"N F"`` of the voxels of ``seed_mask`` (one painted instance of an unseen structure),
     from the windows that cover it."""
-    image = check_volume(image)
-    seed_mask = np.asarray(seed_mask, bool)
-    if seed_mask.shape != image.shape:
-        raise OpenSegError(f"seed mask {seed_mask.shape} does not match the volume {image.shape}")
-    if not seed_mask.any():
-        raise OpenSegError("the unknown seed mask is empty: paint one instance of the unseen structure")
+    image, seed_mask = check_seed(image, seed_mask)
     torch_device = resolve_device(device)
     net = model.network.to(torch_device).eval()
     factor, roi = model.downsample, model.config.roi_size

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,7 +21,11 @@ import torch.nn.functional as F
 from ..errors import OpenSegError
 from .preprocess import normalize_intensity
 from .prototypes import PrototypeBank
-from .tensor_files import load_format_file
+from .support import has_finite_values
+from .tensor_files import layout_mismatch, load_format_file
+
+if TYPE_CHECKING:
+    from ..model.medopenseg import MedOpenSegConfig
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +106,52 @@ def read_model_file(path: str | Path) -> dict:
     return content
 
 
+#: Bounds on an architecture read from a file, checked before anything is built: far above what
+#: ``openseg novelty train`` makes (width 12, embeddings 128, 64^3 patches), far below what exhausts
+#: a machine's memory (a width of 4800 asked for 22 GB before the weights were looked at).
+ARCHITECTURE_BOUNDS = {"num_classes": 1024, "feature_size": 96, "embedding_dim": 1024, "in_channels": 8,
+                       "depths": 8, "num_heads": 64, "roi_size": 256}
+
+
+def _architecture(config) -> MedOpenSegConfig:
+    """The file's architecture, its fields checked for type and bounds (nothing is built)."""
+    from ..model.medopenseg import MedOpenSegConfig
+
+    if not isinstance(config, dict):
+        raise OpenSegError(f"the model file's architecture is a {type(config).__name__}, not a mapping; "
+                           "the file is damaged")
+    unknown = sorted(set(config) - set(ARCHITECTURE_BOUNDS))
+    if unknown:
+        raise OpenSegError(f"the model file's architecture has unknown fields {unknown}; upgrade napari-openseg")
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    for key, value in config.items():
+        numbers = value if isinstance(value, (list, tuple)) else [value]
+        if not numbers or not all(whole(v) for v in numbers):
+            raise OpenSegError(f"the model file's {key} is {value!r}, not whole numbers; the file is damaged")
+        if max(numbers) > ARCHITECTURE_BOUNDS[key]:
+            raise OpenSegError(f"the model file's {key} is {value!r}; files hold at most "
+                               f"{ARCHITECTURE_BOUNDS[key]}: the file is damaged")
+    try:
+        return MedOpenSegConfig(**config)
+    except (TypeError, ValueError) as err:
+        raise OpenSegError(f"the model file's architecture is not understood ({err})") from err
+
+
 def model_from_payload(content: dict, device: str | torch.device = "cpu") -> NoveltyModel:
-    from ..model.medopenseg import MedOpenSeg, MedOpenSegConfig
+    """The model a file holds. Every check (architecture bounds, tensor shapes, classes, bank) comes
+    before the network is built, so a damaged file allocates nothing beyond what it holds."""
+    from ..model.medopenseg import MedOpenSeg, state_dict_shapes
 
     missing = [key for key in ("config", "state_dict", "bank", "class_values") if key not in content]
     if missing:
         raise OpenSegError(f"the model file lacks {', '.join(missing)}; it is damaged or incomplete")
-    try:
-        config = MedOpenSegConfig(**content["config"])
-    except (TypeError, ValueError) as err:
-        raise OpenSegError(f"the model file's architecture is not understood ({err})") from err
-    network = MedOpenSeg(config)
-    try:
-        network.load_state_dict(content["state_dict"], strict=True)
-    except (RuntimeError, TypeError, AttributeError) as err:
-        raise OpenSegError(f"the model file's weights do not fit its architecture ({err})") from err
+    config = _architecture(content["config"])
+    state_dict = content["state_dict"]
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise OpenSegError("the model file's weights hold entries that are not tensors; the file is damaged")
+    problem = layout_mismatch(state_dict_shapes(config), state_dict)
+    if problem:
+        raise OpenSegError(f"the model file's weights do not fit its architecture ({problem})")
     bank = PrototypeBank.from_state_dict(content["bank"])
     try:
         values = [int(v) for v in content["class_values"]]
@@ -126,7 +162,15 @@ def model_from_payload(content: dict, device: str | torch.device = "cpu") -> Nov
         raise OpenSegError("the model file's classes, network and prototype bank disagree")
     if downsample < 1:
         raise OpenSegError(f"the model file's shrink factor is {downsample}; it must be 1 or more")
-    return NoveltyModel(network.to(device).eval(), bank, values, downsample, dict(content.get("info", {})))
+    info = content.get("info", {})
+    if not isinstance(info, dict):
+        raise OpenSegError(f"the model file's info is a {type(info).__name__}, not a mapping; the file is damaged")
+    network = MedOpenSeg(config)
+    try:
+        network.load_state_dict(state_dict, strict=True)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        raise OpenSegError(f"the model file's weights do not fit its architecture ({err})") from err
+    return NoveltyModel(network.to(device).eval(), bank, values, downsample, dict(info))
 
 
 # ---------------------------------------------------------------------- volumes
@@ -184,7 +228,30 @@ def check_volume(image: np.ndarray) -> np.ndarray:
         )
     if not np.issubdtype(image.dtype, np.number) or np.issubdtype(image.dtype, np.complexfloating):
         raise OpenSegError(f"images must be real-valued, got dtype {image.dtype}")
+    if image.size == 0:
+        raise OpenSegError(f"the volume is empty (shape {image.shape})")
+    if not has_finite_values(image):
+        raise OpenSegError("the volume holds no finite values (all NaN or infinite): there is nothing to map")
     return image
+
+
+def check_mask(mask: np.ndarray | None, shape: tuple[int, ...], what: str = "mask") -> np.ndarray | None:
+    """``mask`` as booleans of the volume's ``shape`` (None stays None), checked before any work."""
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.shape != tuple(shape):
+        raise OpenSegError(f"{what} of shape {mask.shape} does not match the volume of shape {tuple(shape)}")
+    return mask.astype(bool, copy=False)
+
+
+def check_seed(image: np.ndarray, seed_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A painted unknown seed: a volume and a non-empty mask of its shape."""
+    image = check_volume(image)
+    seed_mask = check_mask(seed_mask, image.shape, "the unknown seed mask")
+    if not seed_mask.any():
+        raise OpenSegError("the unknown seed mask is empty: paint one instance of the unseen structure")
+    return image, seed_mask
 
 
 def class_indices(labels: np.ndarray, class_values: list[int], ignore: int = -1) -> np.ndarray:

@@ -22,20 +22,32 @@ Aspect = Literal["pad", "stretch"]
 RGB_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def to_single_channel(image: np.ndarray, rgb: bool | None = None) -> np.ndarray:
-    """Collapse a trailing RGB(A) axis to luminance.
-
-    ``rgb=None`` treats a 2D image with a last axis of 3 or 4 as RGB(A); ``True`` forces it for any
-    number of leading axes; ``False`` leaves the array alone.
-    """
+def is_rgb(image: np.ndarray, rgb: bool | None = None) -> bool:
+    """Whether ``image`` has a trailing RGB(A) axis: ``rgb=None`` says so for a 2D image with a last
+    axis of 3 or 4; ``True`` for any number of leading axes (3 or 4 channels needed); ``False`` never."""
     image = np.asarray(image)
     if rgb is None:
-        rgb = image.ndim == 3 and image.shape[-1] in (3, 4) and min(image.shape[:2]) > 4
-    if not rgb:
-        return image
-    if image.shape[-1] not in (3, 4):
+        return image.ndim == 3 and image.shape[-1] in (3, 4) and min(image.shape[:2]) > 4
+    if rgb and image.shape[-1] not in (3, 4):
         raise OpenSegError(f"an RGB image needs 3 or 4 channels on its last axis, got shape {image.shape}")
+    return bool(rgb)
+
+
+def to_single_channel(image: np.ndarray, rgb: bool | None = None) -> np.ndarray:
+    """Collapse a trailing RGB(A) axis to luminance (see :func:`is_rgb` for ``rgb``)."""
+    image = np.asarray(image)
+    if not is_rgb(image, rgb):
+        return image
     return image[..., :3].astype(np.float32) @ RGB_WEIGHTS
+
+
+def colour_channels(image: np.ndarray, rgb: bool | None = None) -> np.ndarray | None:
+    """The colour channels ``"... 3"`` of an RGB(A) image, normalised together to [0, 1] (so that
+    their ratios stay), or ``None`` for a single-channel image (see :func:`is_rgb` for ``rgb``)."""
+    image = np.asarray(image)
+    if not is_rgb(image, rgb):
+        return None
+    return normalize_intensity(image[..., :3])
 
 
 def normalize_intensity(array: np.ndarray, low: float = 0.5, high: float = 99.5) -> np.ndarray:
@@ -101,16 +113,25 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 def to_grid(slices: torch.Tensor, grid: int, aspect: Aspect = "pad") -> tuple[torch.Tensor, GridMapping]:
-    """``"N H W"`` float slices -> ``"N 1 grid grid"`` and the mapping that undoes it."""
+    """``"N H W"`` float slices -> ``"N 1 grid grid"`` and the mapping that undoes it.
+
+    With ``"pad"`` the long axis is resized first, and the short one is then padded to the long one's
+    length and resized: the numbers of padding to a square and resizing it (bilinear resizing is
+    separable), without the square at full resolution (a 4 x 20000 slice made a 20000 x 20000 one).
+    """
     if slices.dim() != 3:
         raise ValueError(f'slices must be "N H W", got {tuple(slices.shape)}')
     if aspect not in ("pad", "stretch"):
         raise OpenSegError(f"aspect must be 'pad' or 'stretch', got {aspect!r}")
     mapping = GridMapping((int(slices.shape[1]), int(slices.shape[2])), int(grid), aspect)
     x = slices.unsqueeze(1)
-    if aspect == "pad":
-        (ph, pw), (oy, ox) = mapping.padded_shape, mapping.offsets
-        x = F.pad(x, (ox, pw - mapping.shape[1] - ox, oy, ph - mapping.shape[0] - oy))
+    (h, w), (side, _), (oy, ox) = mapping.shape, mapping.padded_shape, mapping.offsets
+    if aspect == "stretch" or h == w:
+        return _resize(x, (grid, grid)), mapping
+    if h < w:
+        x = F.pad(_resize(x, (h, grid)), (0, 0, oy, side - h - oy))
+    else:
+        x = F.pad(_resize(x, (grid, w)), (ox, side - w - ox, 0, 0))
     return _resize(x, (grid, grid)), mapping
 
 
@@ -121,7 +142,23 @@ def masks_to_grid(masks: torch.Tensor, grid: int, aspect: Aspect = "pad") -> tor
 
 
 def from_grid(values: torch.Tensor, mapping: GridMapping) -> torch.Tensor:
-    """Exact inverse placement of :func:`to_grid`: ``"N C grid grid"`` -> ``"N C H W"``."""
-    y = _resize(values, mapping.padded_shape)
-    (oy, ox), (h, w) = mapping.offsets, mapping.shape
-    return y[..., oy : oy + h, ox : ox + w]
+    """Exact inverse placement of :func:`to_grid`: ``"N C grid grid"`` -> ``"N C H W"``.
+
+    The long axis is resized whole; along the short one only the rows (or columns) inside the image
+    are computed, so no square of the long side is made."""
+    (h, w), (side, _), (oy, ox) = mapping.shape, mapping.padded_shape, mapping.offsets
+    if mapping.aspect == "stretch" or h == w:
+        return _resize(values, mapping.shape)
+    grid = int(values.shape[-1])
+    if h < w:
+        weights = _axis_weights(grid, side, values.device)[:, oy : oy + h]  # "g h"
+        return torch.einsum("ncgw,gh->nchw", _resize(values, (grid, w)).float(), weights).to(values.dtype)
+    weights = _axis_weights(grid, side, values.device)[:, ox : ox + w]  # "g w"
+    return torch.einsum("nchg,gw->nchw", _resize(values, (h, grid)).float(), weights).to(values.dtype)
+
+
+def _axis_weights(size: int, new_size: int, device: torch.device) -> torch.Tensor:
+    """``"size new_size"``: row ``i`` is what :func:`_resize` makes of a unit impulse at position ``i``
+    when it resizes one axis from ``size`` to ``new_size`` (it is linear: these weights are its matrix)."""
+    impulses = torch.eye(size, device=device).reshape(size, 1, 1, size)
+    return _resize(impulses, (1, new_size))[:, 0, 0]

@@ -34,10 +34,10 @@ import torch
 
 from ..errors import OpenSegError
 from .confidence import combine, consistency, draw_measures
-from .device import resolve_device, resolve_precision
+from .engine import ENCODED_SUPPORT_BUDGET, encode_tensors, prepare_network, probabilities
 from .ensemble import combine_members
 from .fronts import Front, StopRule, make_fronts, ordered_schedule, similarity_schedule
-from .inference import ENCODED_SUPPORT_BUDGET, label_dtype
+from .inference import label_dtype
 from .memory import MemoryBank, MemoryEntry, ShortTermMemory, slice_embeddings
 from .preprocess import Aspect, from_grid, masks_to_grid, normalize_intensity, to_grid
 from .progress import Progress, run_to_end
@@ -84,13 +84,24 @@ def _default_values(prompt_stack: np.ndarray, label_values: Sequence[int] | None
     return values
 
 
+def _blank_slices(stack: np.ndarray) -> list[int]:
+    """Slices of ``"N H W"`` with no finite value (NaN padding): nothing can be drawn on them."""
+    if stack.dtype.kind != "f":
+        return []
+    blank = [s for s in range(stack.shape[0]) if not np.isfinite(stack[s]).any()]
+    if blank:
+        log.warning("%d slice(s) hold no finite values (%s); no object is drawn on them", len(blank),
+                    ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else ""))
+    return blank
+
+
 def _encoded_support(net, entries: Sequence[MemoryEntry], indices: np.ndarray, keep: bool = True):
     """The first block's support terms of the draws ``indices "K S"`` (positions in ``entries``).
 
-    The query-independent work on a support entry (:func:`~napari_openseg.model.fast.encode_support`)
+    The query-independent work on a support entry (:func:`~napari_openseg.core.engine.encode_tensors`)
     is done once per entry and, with ``keep``, kept with it: an entry serves many slices and draws.
     """
-    from ..model.fast import EncodedSupport, encode_support
+    from ..model.fast import EncodedSupport
 
     unique, position = np.unique(indices, return_inverse=True)
     terms = {int(i): entries[i].encoded for i in unique if entries[i].encoded is not None}
@@ -98,7 +109,7 @@ def _encoded_support(net, entries: Sequence[MemoryEntry], indices: np.ndarray, k
     if fresh:
         images = torch.stack([entries[i].image for i in fresh])[:, None, None]
         masks = torch.stack([entries[i].mask for i in fresh])[:, None, None]
-        encoded = encode_support(net, images, masks)  # one entry per batch item: "n C H W", "n 1 C H W"
+        encoded = encode_tensors(net, images, masks)  # one entry per batch item: "n C H W", "n 1 C H W"
         for k, i in enumerate(fresh):
             terms[i] = (encoded.share_mean[k], encoded.conv_term[k, 0])
             if keep:
@@ -114,8 +125,6 @@ def _predict(
 ) -> torch.Tensor:
     """Probabilities ``"K g g"`` of the slice ``image "1 g g"`` from each of the K support ``sets``
     (positions in ``entries``; sets may differ in size)."""
-    from ..model.fast import fast_forward
-
     # The network averages over a set's entries, so one entry repeated is that entry alone (the
     # prompt set): predicted from one copy, it costs a copy's work, not the set size's.
     sets = [list(members[:1]) if len(set(members)) == 1 else list(members) for members in sets]
@@ -126,12 +135,8 @@ def _predict(
         # A support set is a multiset: draws with the same entries give the same prediction, run it
         # once (a bank holding only the prompt gives K identical draws).
         distinct, copies = np.unique(np.sort(indices, axis=1), axis=0, return_inverse=True)
-        with torch.inference_mode():
-            query = (
-                image[None].expand(len(distinct), -1, -1, -1).contiguous(memory_format=torch.channels_last)
-            )
-            logits = fast_forward(net, query, encoded=_encoded_support(net, entries, distinct, keep))
-            predicted = torch.sigmoid(logits.float())[:, 0]
+        query = image[None].expand(len(distinct), -1, -1, -1).contiguous(memory_format=torch.channels_last)
+        predicted = probabilities(net, query, _encoded_support(net, entries, distinct, keep))[:, 0]
         for k, copy in zip(which, copies.reshape(-1)):
             probs[k] = predicted[copy]
     return torch.stack(probs)
@@ -240,10 +245,6 @@ def _setup(
 ) -> _Run:
     """Check the inputs, prepare the network and the slices on its grid, pin each object's painted
     slices in its long-term bank, write them, and lay out the fronts."""
-    from ..model.fast import prepare_for_inference
-    from ..model.registry import load_model, propagation_weights
-    from ..model.universeg import UniverSeg
-
     image = check_image(image, rgb)
     if image.ndim != 3:
         raise OpenSegError(
@@ -259,12 +260,10 @@ def _setup(
     n_slices = stack.shape[0]
     complete = check_slices(complete_slices, n_slices, "complete")
     values = _default_values(prompt_stack, label_values)
+    blank = _blank_slices(np.moveaxis(image, axis, 0))
 
-    torch_device = resolve_device(device)
-    dtype = resolve_precision(precision, torch_device)
-    net = model if isinstance(model, UniverSeg) else load_model(propagation_weights(model), "cpu")
-    net = prepare_for_inference(net, torch_device, dtype)
-    grid = net.config.grid_size
+    network = prepare_network(model, device, precision, propagation=True)
+    net, torch_device, dtype, grid = network.net, network.device, network.dtype, network.grid
     grid_images, mapping = _grid_stack(stack, grid, settings.aspect, torch_device, dtype)
     entry_bytes = 2 * net.config.encoder_channels[0] * grid * grid * torch.finfo(dtype).bits // 8
     entries = settings.bank_size + 2 * settings.short_term  # per object: its bank and two fronts' memories
@@ -299,7 +298,8 @@ def _setup(
             run.labels[s][painted[s]] = value
             run.best[s][painted[s]] = PAINTED
         run.painted_area[value] = float(painted[slices].sum()) / len(slices)
-        blocked = set(slices) | {s for s in complete if s not in slices}
+        # a blank slice (no finite value) holds no object: fronts end there, as at a complete slice
+        blocked = set(slices) | {s for s in complete + blank if s not in slices}
         if settings.unordered:
             run.remaining[value] = [s for s in range(n_slices) if s not in blocked]
             continue

@@ -194,16 +194,18 @@ class PrototypeBank:
     @classmethod
     def from_state_dict(cls, state: dict) -> PrototypeBank:
         try:
-            bank = cls(state["class_values"], int(state["dim"]), float(state["momentum"]))
+            values, dim, momentum = list(state["class_values"]), int(state["dim"]), float(state["momentum"])
             prototypes = _as_tensor(state["prototypes"])
             counts = _as_tensor(state["counts"], torch.long)
         except (KeyError, TypeError, ValueError) as err:
             raise OpenSegError(f"not a prototype bank ({err})") from err
-        if tuple(prototypes.shape) != (bank.num_classes, bank.dim) or counts.shape[0] != bank.num_classes:
+        # checked before the bank allocates its own arrays: a damaged dim could ask for terabytes
+        if tuple(prototypes.shape) != (len(values), dim) or tuple(counts.shape) != (len(values),):
             raise OpenSegError(
                 f"prototype bank arrays do not match: prototypes {tuple(prototypes.shape)}, "
-                f"{bank.num_classes} classes of size {bank.dim}"
+                f"{len(values)} classes of size {dim}"
             )
+        bank = cls(values, dim, momentum)
         if not torch.isfinite(prototypes).all():
             raise OpenSegError("the prototype bank holds NaN or infinite prototypes; the file is damaged")
         bank.prototypes, bank.counts = prototypes.clone(), counts.clone()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.preprocess import normalize_intensity, to_single_channel
+from ..core.preprocess import colour_channels, normalize_intensity, to_single_channel
 from ..core.support import SupportEntry, check_labels, entries_from_arrays
 from ..errors import OpenSegError
 from ..io import PICTURE_SUFFIXES, TIFF_SUFFIXES, read_image, strip_suffix
@@ -41,21 +41,25 @@ SINGLE_VOLUME_GAP = 5
 
 @dataclass
 class Case:
-    """One labelled image or volume: ``image`` as read (single channel), ``labels`` integer, same shape."""
+    """One labelled image or volume: ``image`` as read (single channel), ``labels`` integer, same
+    shape; ``colour "H W 3"`` (normalised) for a colour picture."""
 
     name: str
     image: np.ndarray
     labels: np.ndarray
+    colour: np.ndarray | None = None
 
 
 @dataclass
 class Query:
-    """One query slice: ``image "H W"`` normalised like at inference, ``mask "H W"`` bool."""
+    """One query slice: ``image "H W"`` normalised like at inference, ``mask "H W"`` bool, and
+    ``colour "H W 3"`` for a colour picture."""
 
     case: str
     index: int | None
     image: np.ndarray
     mask: np.ndarray
+    colour: np.ndarray | None = None
 
 
 @dataclass
@@ -126,7 +130,9 @@ def read_case(folder: EvalFolder, name: str) -> Case:
     image_path, mask_path = folder.pairs[name]
     image = read_image(image_path).data
     labels = read_image(mask_path).data
+    colour = None
     if folder.layout == "2d":
+        colour = colour_channels(image)
         image = to_single_channel(image)
         if labels.ndim == 3 and labels.shape[-1] in (3, 4):
             if not all(np.array_equal(labels[..., 0], labels[..., c]) for c in range(1, 3)):
@@ -137,7 +143,7 @@ def read_case(folder: EvalFolder, name: str) -> Case:
     elif image.ndim != 3:
         raise OpenSegError(f"{image_path}: expected a 3D volume, got shape {image.shape}")
     labels = check_labels(labels, image.shape)
-    return Case(name, image, labels)
+    return Case(name, image, labels, colour)
 
 
 #: MSD Task04 subjects the bundled weights were trained on (train split) or chosen on (val split):
@@ -186,7 +192,7 @@ def single_volume_split(slices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _queries(case: Case, normalized: np.ndarray, value: int, axis: int | None, keep=None) -> list[Query]:
     if axis is None:
         mask = case.labels == value
-        return [Query(case.name, None, normalized, mask)] if mask.any() else []
+        return [Query(case.name, None, normalized, mask, case.colour)] if mask.any() else []
     stack, labels = np.moveaxis(normalized, axis, 0), np.moveaxis(case.labels, axis, 0)
     present = np.flatnonzero((labels == value).reshape(len(labels), -1).any(axis=1))
     if keep is not None:
@@ -239,6 +245,7 @@ def build_tasks(
             for axis in axes if values else []:
                 for entry in entries_from_arrays(case.image, case.labels, axis=axis or 0, source=name,
                                                  label_values=values):
+                    entry.colour = case.colour  # a 2D picture's colour (None for volumes)
                     task(entry.label, axis).support.append(entry)
             yield f"read {name}", []
         for name in query_cases:

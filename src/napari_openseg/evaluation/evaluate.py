@@ -1,19 +1,23 @@
-"""Dice of in-context weights and of three baselines on a labelled folder, task by task.
+"""Dice of the segmentation engine, of each of its methods and of two baselines on a labelled
+folder, task by task, with the engine's own cross-validated estimate beside each measurement.
 
 For each task (label value, and axis for volumes; see :mod:`.data`) the queries are processed in
 batches of up to ``batch_size`` slices of one case. Each batch gets K support subsets of S entries,
-drawn (seeded) from the task's support pool; every method sees the same subsets:
+drawn (seeded) from the task's support pool; every method sees the same subsets, and the
+:class:`~napari_openseg.core.engine.Engine` is fitted to their entries exactly as at inference:
 
-* ``model``: the weights, exactly as at inference (grid placement, fast formulation, the K sigmoid
-  outputs combined by the area-matched mean of :mod:`~napari_openseg.core.ensemble`, mapped back to
-  the query's shape, foreground where >= 0.5);
+* ``model``: the engine as users run it (``method="auto"``: per task, the method with the best
+  cross-validated Dice on the support entries);
+* ``network``, ``pixel_classifier``, ``stacked``: each of the engine's methods on its own (the
+  network: grid placement, fast formulation, the K outputs combined by the area-matched mean of
+  :mod:`~napari_openseg.core.ensemble`; the pixel classifier: filters of the pixels; stacked: filters
+  and the network's probability, see :mod:`~napari_openseg.core.stacking`);
 * ``random_init``: a network of the same architecture with random weights (seeded);
-* ``label_prior``: the mean of the support masks (of all K subsets), >= 0.5;
-* ``pixel_classifier``: a random forest on multi-scale filter features fitted to the subset's pixels
-  (mean of the K forests' probabilities), >= 0.5.
+* ``label_prior``: the mean of the support masks (of all K subsets), >= 0.5.
 
 Dice is computed per query slice at its own resolution. A task's score is the mean (and standard
-deviation) over its queries; the summary averages tasks.
+deviation) over its queries; the summary averages tasks. ``estimate`` holds, per engine method, the
+mean over the batches of the cross-validated Dice the engine predicted from the support alone.
 """
 
 from __future__ import annotations
@@ -27,18 +31,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.ensemble import EnsembleMean
-from ..core.inference import support_tensors
+from ..core.engine import DEFAULT_SUPPORT_SIZE, Engine, Network, load_network, prepare_network, weights_name
 from ..core.metrics import dice_score
-from ..core.preprocess import from_grid, to_grid
 from ..core.progress import Progress, run_to_end
 from ..errors import OpenSegError
-from .baselines import PixelClassifier, label_prior
+from .baselines import label_prior
 from .data import BUNDLED_WEIGHTS_CASES, EvalFolder, EvalTask, Query, build_tasks, find_folder, split_roles
 
 log = logging.getLogger(__name__)
 
-METHODS = ("model", "random_init", "label_prior", "pixel_classifier")
+METHODS = ("model", "network", "pixel_classifier", "stacked", "random_init", "label_prior")
+#: Report names of the engine's methods (``None``: each task's own choice, the engine as users run it).
+ENGINE_METHODS = {"model": None, "network": "network", "pixel_classifier": "pixel-classifier", "stacked": "stacked"}
 
 
 @dataclass
@@ -49,8 +53,14 @@ class EvaluationReport:
     tasks: dict[str, dict] = field(default_factory=dict)
 
     def task_scores(self, key: str) -> dict[str, dict]:
+        """Per method: mean, std and n of the Dice, and ``estimate`` (the engine's cross-validated
+        Dice from the support, mean over batches) where the method has one."""
         task = self.tasks[key]
-        return {m: _stats(task["dice"][m]) for m in task["dice"]}
+        scores = {m: _stats(task["dice"][m]) for m in task["dice"]}
+        for method, values in task.get("estimate", {}).items():
+            if values and method in scores:
+                scores[method]["estimate"] = float(np.mean(values))
+        return scores
 
     def summary(self) -> dict[str, dict]:
         """Per method: mean and std over tasks of the task means, and the number of tasks."""
@@ -59,12 +69,16 @@ class EvaluationReport:
         for method in [m for m in METHODS if m in methods]:
             means = [float(np.mean(t["dice"][method])) for t in self.tasks.values() if t["dice"].get(method)]
             out[method] = {"mean": float(np.mean(means)), "std": float(np.std(means)), "tasks": len(means)}
+            pairs = [(self.task_scores(k)[method]["estimate"], self.task_scores(k)[method]["mean"])
+                     for k in self.tasks if "estimate" in self.task_scores(k).get(method, {})]
+            if pairs:
+                out[method]["estimate_error"] = float(np.mean([abs(e - m) for e, m in pairs]))
         return out
 
     def to_dict(self) -> dict:
         tasks = {}
         for key, task in self.tasks.items():
-            tasks[key] = {k: v for k, v in task.items() if k != "dice"}
+            tasks[key] = {k: v for k, v in task.items() if k not in ("dice", "estimate")}
             tasks[key].update(self.task_scores(key))
         return {"settings": self.settings, "summary": self.summary(), "tasks": tasks}
 
@@ -114,6 +128,22 @@ class EvaluationReport:
         lines.append(f"{'mean over tasks':<29}  " + "".join(f"{summary[m]['mean']:>20.3f}" for m in methods))
         return "\n".join(lines)
 
+    def estimate_table(self) -> str:
+        """Plain-text table of the engine's methods: measured Dice beside the cross-validated
+        estimate, per task, and the mean absolute error of the estimates; empty without estimates."""
+        summary = self.summary()
+        methods = [m for m in summary if "estimate_error" in summary[m]]
+        if not methods:
+            return ""
+        lines = [f"{'task':<24}" + "".join(f"{m + ' meas / est':>30}" for m in methods)]
+        for key in self.tasks:
+            scores = self.task_scores(key)
+            cells = "".join(f"{scores[m]['mean']:>23.3f} / {scores[m]['estimate']:.2f}" if "estimate" in scores[m]
+                            else f"{scores[m]['mean']:>23.3f} /   — " for m in methods)
+            lines.append(f"{key:<24}{cells}")
+        lines.append(f"{'mean |est - meas|':<24}" + "".join(f"{summary[m]['estimate_error']:>30.3f}" for m in methods))
+        return "\n".join(lines)
+
 
 def _stats(values: Sequence[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values)}
@@ -139,50 +169,40 @@ def support_subsets(task: EvalTask, size: int, ensemble: int, rng: np.random.Gen
     return [[pool[i] for i in sorted(rng.choice(len(pool), size, replace=False))] for _ in range(ensemble)]
 
 
-@torch.no_grad()
-def network_probabilities(
-    net, images: np.ndarray, subsets: list[list], device: torch.device, rule: str = "area-matched"
-) -> np.ndarray:
-    """Foreground probability ``"b H W"`` of the network, combined over the support subsets by ``rule``."""
-    from ..model.fast import encode_support, fast_forward
-
-    grid = net.config.grid_size
-    query, mapping = to_grid(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device), grid)
-    query = query.contiguous(memory_format=torch.channels_last)
-    members = EnsembleMean(0.5, rule)
-    for subset in subsets:
-        support_images, support_masks = support_tensors(subset, grid, "pad", device, torch.float32)
-        members.add(torch.sigmoid(fast_forward(net, query, encoded=encode_support(net, support_images, support_masks))))
-    return from_grid(members.result(), mapping)[:, 0].clamp(0, 1).cpu().numpy()
-
-
-def networks(model, methods: Sequence[str], seed: int, device: torch.device) -> tuple[dict, int]:
-    """Prepared networks by method name, and the grid of ``model`` (the label prior uses it too)."""
-    from ..model.fast import prepare_for_inference
-    from ..model.registry import load_model
+def networks(model, methods: Sequence[str], seed: int, device: torch.device) -> tuple[dict[str, Network], int]:
+    """Prepared networks (:class:`~napari_openseg.core.engine.Network`) by method name (``network``
+    for the weights, which every engine method uses; ``random_init``), and the grid of ``model``."""
     from ..model.universeg import UniverSeg
 
-    net = model if isinstance(model, UniverSeg) else load_model(model, "cpu")
+    net = load_network(model)
     nets = {}
-    if "model" in methods:
-        nets["model"] = prepare_for_inference(net, device, torch.float32)
+    if set(methods) & set(ENGINE_METHODS):
+        nets["network"] = prepare_network(net, device, "float32")
     if "random_init" in methods:
         torch.manual_seed(seed)
-        nets["random_init"] = prepare_for_inference(UniverSeg(net.config), device, torch.float32)
+        nets["random_init"] = prepare_network(UniverSeg(net.config), device, "float32")
     return nets, net.config.grid_size
 
 
 def task_episodes(
-    task: EvalTask, support_size: int, ensemble: int, seed: int, max_queries: int | None = None, batch_size: int = 8
+    task: EvalTask, support_size: int, ensemble: int, seed: int, max_queries: int | None = None, batch_size: int = 8,
+    queries_per_draw: int | None = None,
 ) -> Generator[tuple[list[Query], list[list]], None, None]:
     """``(query batch, K support subsets)`` of one task, seeded by ``(seed, label, axis)``: every method
-    (and every benchmark that calls this) sees the same query sample and the same support draws."""
+    (and every benchmark that calls this) sees the same query sample and the same support draws.
+
+    Support is drawn again for every batch, or, with ``queries_per_draw``, once the batches since the
+    last draw hold that many queries (the same subsets object is yielded until then)."""
     rng = np.random.default_rng([seed, task.label, 0 if task.axis is None else task.axis + 1])
     queries = task.queries
     if max_queries is not None and len(queries) > max_queries:
         queries = [queries[i] for i in sorted(rng.choice(len(queries), max_queries, replace=False))]
+    subsets, used = None, 0
     for batch in query_batches(queries, batch_size):
-        yield batch, support_subsets(task, support_size, ensemble, rng)
+        if subsets is None or queries_per_draw is None or used >= queries_per_draw:
+            subsets, used = support_subsets(task, support_size, ensemble, rng), 0
+        used += len(batch)
+        yield batch, subsets
 
 
 def load_tasks(
@@ -210,48 +230,85 @@ def iter_evaluate_tasks(
     grid: int,
     *,
     methods: Sequence[str] = METHODS,
-    support_size: int = 16,
+    support_size: int = DEFAULT_SUPPORT_SIZE,
     ensemble: int = 1,
     seed: int = 0,
     max_queries: int | None = None,
     batch_size: int = 8,
     device: torch.device | None = None,
     ensemble_rule: str = "area-matched",
+    queries_per_draw: int | None = None,
+    **stacking,
 ) -> Generator[Progress, None, dict[str, dict]]:
-    """Dice lists per method for every task; ``nets`` maps ``model``/``random_init`` to prepared networks.
+    """Dice lists per method for every task, and the engine's estimates; ``nets`` maps ``network``
+    and ``random_init`` to prepared networks (:func:`networks`).
 
-    ``ensemble_rule`` combines the networks' K predictions (:mod:`~napari_openseg.core.ensemble`)."""
-    device = device or torch.device("cpu")
+    ``ensemble_rule`` combines the random network's K predictions (:mod:`~napari_openseg.core.ensemble`);
+    ``queries_per_draw``: see :func:`task_episodes` (the engine is fitted once per draw);
+    ``stacking`` goes to the :class:`~napari_openseg.core.engine.Engine` (folds, classifier, balance)."""
+    engine_methods = [m for m in methods if m in ENGINE_METHODS]
     results: dict[str, dict] = {}
     for number, task in enumerate(tasks):
         dice: dict[str, list[float]] = {m: [] for m in methods}
-        for batch, subsets in task_episodes(task, support_size, ensemble, seed, max_queries, batch_size):
+        estimate: dict[str, list[float]] = {m: [] for m in engine_methods}
+        chosen: dict[str, int] = {}
+        engine, drawn = None, None
+        for batch, subsets in task_episodes(task, support_size, ensemble, seed, max_queries, batch_size,
+                                            queries_per_draw):
             images = np.stack([q.image for q in batch])
             probs: dict[str, np.ndarray] = {}
-            for name in ("model", "random_init"):
-                if name in methods:
-                    probs[name] = network_probabilities(nets[name], images, subsets, device, ensemble_rule)
+            if engine_methods:
+                if subsets is not drawn:  # a new support draw: the engine is fitted to it, as a user's would be
+                    engine, drawn = _fitted_engine(task, batch, subsets, nets["network"], engine_methods,
+                                                   support_size, ensemble, seed, estimate, chosen, stacking), subsets
+                probs.update(_engine_methods(engine, batch, images, engine_methods))
+            if "random_init" in methods:
+                probs["random_init"] = nets["random_init"].predict(images, subsets, rule=ensemble_rule)
             if "label_prior" in methods:
                 prior = label_prior([e for s in subsets for e in s], images.shape[1:], grid)
                 probs["label_prior"] = np.broadcast_to(prior, images.shape)
-            if "pixel_classifier" in methods:
-                forests = [PixelClassifier(s, seed) for s in subsets]
-                probs["pixel_classifier"] = np.stack(
-                    [np.mean([f.predict(q.image) for f in forests], axis=0) for q in batch])
             for name in methods:
                 dice[name].extend(dice_score(p >= 0.5, q.mask) for p, q in zip(probs[name], batch))
             yield Progress(number, len(tasks), f"evaluating {task.name}")  # a task can take minutes: stop here
         results[task.key] = {"label": task.label, "axis": task.axis, "support_pool": len(task.support),
-                             "queries_available": len(task.queries), "dice": dice}
+                             "queries_available": len(task.queries), "dice": dice, "estimate": estimate}
+        if chosen:
+            results[task.key]["model_methods"] = chosen
         yield Progress(number + 1, len(tasks), f"evaluated {task.name}")
     return results
+
+
+def _fitted_engine(task: EvalTask, batch: list[Query], subsets: list[list], network: Network, methods: list[str],
+                   support_size: int, ensemble: int, seed: int, estimate: dict, chosen: dict, stacking: dict) -> Engine:
+    """The engine fitted to one support draw, as users run it; its estimates and the method ``model``
+    chose are added to ``estimate`` and ``chosen``."""
+    entries = list({id(e): e for subset in subsets for e in subset}.values())
+    engine = Engine(entries, network, support_size=support_size, ensemble=ensemble, seed=seed, threshold=0.5,
+                    subsets={task.label: subsets}, fit_all=True, **stacking)
+    report = engine.estimates(_colour(batch) is not None and engine.uses_colour(True))[task.label]
+    for name in methods:
+        method = ENGINE_METHODS[name] or report.method
+        if method in report.dice:
+            estimate[name].append(report.dice[method][0])
+    chosen[report.method] = chosen.get(report.method, 0) + 1
+    return engine
+
+
+def _colour(batch: list[Query]) -> np.ndarray | None:
+    return np.stack([q.colour for q in batch]) if all(q.colour is not None for q in batch) else None
+
+
+def _engine_methods(engine: Engine, batch: list[Query], images: np.ndarray, methods: list[str]) -> dict[str, np.ndarray]:
+    """Probabilities ``"b H W"`` of each report method of the engine (one task)."""
+    found = engine.predict_methods(images, _colour(batch), [ENGINE_METHODS[m] for m in methods])
+    return {name: found[ENGINE_METHODS[name]][:, 0] for name in methods}
 
 
 def iter_evaluate(
     folder: str | Path,
     model=None,
     *,
-    support_size: int = 16,
+    support_size: int = DEFAULT_SUPPORT_SIZE,
     ensemble: int = 1,
     seed: int = 0,
     support_split: str = "val",
@@ -261,11 +318,14 @@ def iter_evaluate(
     axes: Sequence[int] | None = None,
     batch_size: int = 8,
     device: str = "cpu",
+    **stacking,
 ) -> Generator[Progress, None, EvaluationReport]:
-    """Evaluate ``model`` (weights name, path or network; ``None`` = default) and the baselines.
+    """Evaluate the engine with ``model`` (weights name, path or network; ``None`` = default), each of
+    its methods, and the baselines.
 
     ``max_queries`` caps the queries per task (a seeded sample); ``label_values`` and ``axes`` restrict
-    the tasks. Yields progress per case read and per task; returns an :class:`EvaluationReport`.
+    the tasks; ``stacking`` goes to the engine (folds, classifier, balance). Yields progress per case
+    read and per task; returns an :class:`EvaluationReport`.
     """
     from ..core.device import resolve_device
 
@@ -289,21 +349,13 @@ def iter_evaluate(
         "support_from": split_roles(sorted(found.pairs), support_split)[2] if cases > 1 else None,
         "queries_in_bundled_training": sorted(set(query_cases) & BUNDLED_WEIGHTS_CASES),
         "labels_without_task": sorted(set(label_values or []) - {t.label for t in tasks}),
-        "max_queries": max_queries, "weights": _weights_name(model), "grid": grid, "methods": list(methods),
+        "max_queries": max_queries, "weights": weights_name(model), "grid": grid, "methods": list(methods),
+        **stacking,
     }
     results = yield from iter_evaluate_tasks(
         tasks, nets, grid, methods=methods, support_size=support_size, ensemble=ensemble, seed=seed,
-        max_queries=max_queries, batch_size=batch_size, device=torch_device)
+        max_queries=max_queries, batch_size=batch_size, device=torch_device, **stacking)
     return EvaluationReport(settings, results)
-
-
-def _weights_name(model) -> str:
-    if model is None:
-        return "default"
-    if isinstance(model, (str, Path)):
-        return str(model)
-    source = getattr(model, "weights_info", {}).get("source")
-    return str(source) if source else f"an unsaved {type(model).__name__} network"
 
 
 def evaluate(folder: str | Path, model=None, **kwargs) -> EvaluationReport:

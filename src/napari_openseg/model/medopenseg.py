@@ -103,6 +103,22 @@ class MedOpenSeg(nn.Module):
         return self.backbone.out(features), self.embed(features)
 
 
+def state_dict_shapes(config: MedOpenSegConfig) -> dict[str, torch.Size]:
+    """The state-dict shapes of a network of ``config``, without allocating one (built on the meta
+    device; checking a file's tensors against them comes before building the real network)."""
+    original = torch.linspace
+
+    def linspace(*args, **kwargs):  # SwinUNETR reads its drop-path rates with .item(): not on meta tensors
+        return original(*args, **{"device": "cpu", **kwargs})
+
+    torch.linspace = linspace
+    try:
+        with torch.device("meta"):
+            return {key: value.shape for key, value in MedOpenSeg(config).state_dict().items()}
+    finally:
+        torch.linspace = original
+
+
 def check_volume_input(x: torch.Tensor, channels: int = 1) -> None:
     """``x`` must be ``"B C D H W"`` with each spatial side divisible by 32."""
     if x.dim() != 5 or x.shape[1] != channels:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..core.tensor_files import layout_mismatch, load_tensor_file
 from ..errors import OpenSegError
 from .universeg import UniverSeg, UniverSegConfig, config_from_state_dict
 
@@ -170,70 +171,101 @@ def download_weights(
     return target
 
 
+#: Bounds on an architecture read from a file, checked before anything is built: far above every
+#: released or trained network (v1: widths 64, grid 128), far below what exhausts a machine's memory.
+MAX_CHANNELS = 1024
+MAX_LEVELS = 8
+MAX_GRID = 1024
+
+
 def read_weights_file(path: str | Path) -> tuple[UniverSegConfig, dict[str, torch.Tensor], dict]:
-    """Read a weights file safely; returns (architecture, state dict, info)."""
+    """Read a weights file safely; returns (architecture, state dict, info).
+
+    The architecture is checked against sane bounds and every tensor's shape against it before any
+    network is built (:func:`expected_shapes` builds none)."""
     path = Path(path)
     if not path.is_file():
         raise OpenSegError(f"weights file {path} does not exist")
-    try:
-        content = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a damaged, empty or foreign file
-        detail = (str(err).splitlines() or [type(err).__name__])[0]
-        raise OpenSegError(
-            f"{path} is not a loadable weights file: it is empty or damaged, or it holds more than plain "
-            f"tensors (pickled code is never run) ({detail})"
-        ) from err
+    content = load_tensor_file(
+        path,
+        "{path} is not a loadable weights file: it is empty or damaged, or it holds more than plain "
+        "tensors (pickled code is never run) ({detail})",
+    )
     if isinstance(content, dict) and content.get("format") == WEIGHTS_FORMAT:
-        state_dict = content.get("state_dict", {})
+        state_dict, info = content.get("state_dict", {}), content.get("info", {})
+        fields = _config_kwargs(content.get("config", {}), path)
         try:
-            config = UniverSegConfig(**_config_kwargs(content.get("config", {}), path))
+            config = UniverSegConfig(**fields)
         except (TypeError, ValueError) as err:
             raise OpenSegError(f"{path}: its architecture cannot be built ({err})") from err
         if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
             raise OpenSegError(f"{path}: its state dict holds entries that are not tensors; the file is damaged")
-        return config, state_dict, dict(content.get("info", {}))
-    if isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
+        if not isinstance(info, dict):
+            raise OpenSegError(f"{path}: its info is a {type(info).__name__}, not a mapping; the file is damaged")
+    elif isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
         try:
             config = config_from_state_dict(content)
         except ValueError as err:
             raise OpenSegError(f"{path}: not a UniverSeg state dict ({err})") from err
-        return config, content, {}
-    raise OpenSegError(f"{path} holds neither a napari-openseg weights file nor a UniverSeg state dict")
+        state_dict, info = content, {}
+    else:
+        raise OpenSegError(f"{path} holds neither a napari-openseg weights file nor a UniverSeg state dict")
+    _check_bounds(config, path)
+    _check_layout(config, state_dict, path)
+    return config, state_dict, dict(info)
 
 
 def _config_kwargs(config: dict, path: Path) -> dict:
+    if not isinstance(config, dict):
+        raise OpenSegError(f"{path}: its architecture is a {type(config).__name__}, not a mapping; the file is damaged")
     allowed = {"encoder_channels", "decoder_channels", "grid_size"}
     unknown = set(config) - allowed
     if unknown:
         raise OpenSegError(f"{path}: unknown architecture fields {sorted(unknown)}; upgrade napari-openseg")
+    whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    for key, value in config.items():
+        if key == "grid_size":
+            fits, kind = whole(value), "a whole number"
+        else:
+            fits = (key == "decoder_channels" and value is None) or (
+                isinstance(value, (list, tuple)) and all(whole(v) for v in value))
+            kind = "a list of whole numbers"
+        if not fits:
+            raise OpenSegError(f"{path}: its architecture's {key} is {value!r}, not {kind}; the file is damaged")
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+def _check_bounds(config: UniverSegConfig, path: Path) -> None:
+    widths = config.encoder_channels + config.decoder_channels
+    if len(config.encoder_channels) > MAX_LEVELS or max(widths) > MAX_CHANNELS:
+        raise OpenSegError(
+            f"{path}: its architecture has {len(config.encoder_channels)} levels of up to {max(widths)} "
+            f"channels; weights files hold at most {MAX_LEVELS} levels of {MAX_CHANNELS}: the file is damaged"
+        )
+    if config.grid_size > MAX_GRID:
+        raise OpenSegError(f"{path}: its grid size {config.grid_size} is above {MAX_GRID}; the file is damaged")
+
+
+def expected_shapes(config: UniverSegConfig) -> dict[str, torch.Size]:
+    """The state-dict shapes of a network of ``config``, from a network on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {k: v.shape for k, v in UniverSeg(config).state_dict().items()}
+
+
+def _check_layout(config: UniverSegConfig, state_dict: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a state dict that does not fit ``config``, naming the keys."""
+    problem = layout_mismatch(expected_shapes(config), state_dict)
+    if problem:
+        raise OpenSegError(f"{path} is not in the UniverSeg layout: {problem}")
 
 
 def network_from_file(path: str | Path) -> UniverSeg:
     """A network with the file's weights loaded strictly; layout mismatches name the keys."""
     config, state_dict, info = read_weights_file(path)
     net = UniverSeg(config)
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {_few(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys {_few(unexpected)}")
-        if wrong:
-            parts.append(f"keys with other shapes {_few(wrong)}")
-        raise OpenSegError(f"{path} is not in the UniverSeg layout: " + "; ".join(parts))
     net.load_state_dict(state_dict, strict=True)
     net.weights_info = dict(info, source=str(path))
     return net.eval()
-
-
-def _few(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit])
-    return f"[{shown}{', ...' if len(keys) > limit else ''}] ({len(keys)} in all)"
 
 
 def save_weights(net: UniverSeg, path: str | Path, info: dict | None = None, half: bool = False) -> Path:

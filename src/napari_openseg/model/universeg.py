@@ -8,6 +8,7 @@ equivalent formulation used for inference and training. Attribute names (``cross
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -39,6 +40,16 @@ class UniverSegConfig:
             )
         object.__setattr__(self, "encoder_channels", enc)
         object.__setattr__(self, "decoder_channels", dec)
+        try:  # whole numbers (numpy's too); not floats, strings or booleans
+            grid = None if isinstance(self.grid_size, bool) else operator.index(self.grid_size)
+        except TypeError:
+            grid = None
+        if grid is None or grid < 1 or grid % self.downsampling:
+            raise ValueError(
+                f"grid_size must be a positive multiple of {self.downsampling} for "
+                f"{len(enc)} levels, got {self.grid_size!r}"
+            )
+        object.__setattr__(self, "grid_size", grid)
 
     @property
     def downsampling(self) -> int:

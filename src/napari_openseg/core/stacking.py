@@ -1,0 +1,475 @@
+"""Stacking and support cross-validation, one task (label value) at a time.
+
+For a task with entries E (at most ``max_entries``, a seeded sample):
+
+1. **Folds** (:func:`assign_folds`): E is split into k folds; entries of one source image stay in one
+   fold when there are at least k sources, so that a neighbouring slice does not answer for its twin.
+2. **Out-of-fold network**: for each fold, the network predicts that fold's entries from a support
+   subset of up to S entries drawn from the *other* folds, so every entry gets a network probability
+   that did not see its own mask.
+3. **Classifiers**: the pixel classifier (:mod:`.pixel_classifier`) is fitted to the painted pixels of
+   the other folds and predicts the fold; the stacked classifier does the same with the out-of-fold
+   network probability as one more feature: it learns how far to trust the network, image by image
+   and pixel by pixel.
+4. **Estimates** (:class:`Estimate`): each held-out entry's Dice, on its painted pixels only, per
+   method; mean and standard deviation over the entries.
+5. **Choice** (``method="auto"``): the method with the highest estimated Dice. Tasks with fewer than
+   :data:`MIN_CV_ENTRIES` entries are not cross-validated: ``auto`` runs the network and says so.
+6. **Final fits** on every entry, for the chosen method (for every method with ``fit_all``).
+
+Strokes: entries with a ``known`` mask (painted pixels; see :mod:`.support`) are fitted and scored on
+those pixels only. The network needs whole masks, so it gets dense ones: painted pixels as painted,
+the rest as the pixel classifier (fitted to the painted pixels of the same folds) predicts them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import OpenSegError
+from .engine_settings import CHOICES, DEFAULT_METHOD, METHODS
+from .network import Network, with_masks
+from .pixel_classifier import (
+    DEFAULT_CLASSIFIER,
+    PixelClassifier,
+    feature_count,
+    pixel_features,
+    sample_pixels,
+)
+from .preprocess import Aspect
+from .progress import Progress
+from .support import SupportEntry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FOLDS = 4
+#: Fewer entries than this are not cross-validated (``auto`` runs the network alone).
+MIN_CV_ENTRIES = 3
+#: Entries one task fits and cross-validates on (a seeded sample of larger tasks).
+MAX_FIT_ENTRIES = 32
+#: Pixels a held-out entry is scored on (a weighted sample of each class past this; see :class:`ScoredPixels`).
+MAX_SCORED_PIXELS = 16_384
+#: Feature maps of a task's entries are kept between steps while they take less than this.
+FEATURE_CACHE_BYTES = 256 * 1024**2
+
+
+@dataclass
+class StackingSettings:
+    """How a task is fitted: ``method`` (one of :data:`CHOICES`), folds, classifier and balance."""
+
+    method: str = DEFAULT_METHOD
+    folds: int = DEFAULT_FOLDS
+    classifier: str = DEFAULT_CLASSIFIER
+    balance: bool = True
+    max_entries: int = MAX_FIT_ENTRIES
+    fit_all: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in CHOICES:
+            raise OpenSegError(f"method must be one of {', '.join(CHOICES)}, got {self.method!r}")
+        if self.folds < 2 or self.max_entries < MIN_CV_ENTRIES:
+            raise OpenSegError(
+                f"cross-validation needs >= 2 folds and >= {MIN_CV_ENTRIES} entries per task, got "
+                f"{self.folds} folds and {self.max_entries} entries"
+            )
+
+
+@dataclass
+class Estimate:
+    """The cross-validated Dice of one task: per method ``(mean, std)`` over ``examples`` held-out
+    entries, the ``method`` that runs, and a ``note`` when there is something to know."""
+
+    label: int
+    method: str
+    examples: int
+    dice: dict[str, tuple[float, float]] = field(default_factory=dict)
+    note: str = ""
+
+    @property
+    def expected(self) -> tuple[float, float] | None:
+        """``(mean, std)`` of the method that runs, or ``None`` when it was not cross-validated."""
+        return self.dice.get(self.method)
+
+    def describe(self) -> str:
+        """One line for people, e.g. "expected Dice 0.81 +/- 0.05 from 16 examples, method: stacked"."""
+        if self.expected is None:
+            text = f"no estimate ({self.examples} example{'s' if self.examples != 1 else ''}), method: {self.method}"
+        else:
+            mean, std = self.expected
+            text = (
+                f"expected Dice {mean:.2f} +/- {std:.2f} from {self.examples} examples, method: {self.method}"
+            )
+        return f"{text} ({self.note})" if self.note else text
+
+    def to_dict(self) -> dict:
+        return {
+            "label": self.label,
+            "method": self.method,
+            "examples": self.examples,
+            "expected_dice": None if self.expected is None else round(self.expected[0], 4),
+            "expected_dice_std": None if self.expected is None else round(self.expected[1], 4),
+            "per_method": {m: {"mean": round(d[0], 4), "std": round(d[1], 4)} for m, d in self.dice.items()},
+            "note": self.note,
+        }
+
+
+def assign_folds(entries: Sequence[SupportEntry], folds: int, seed: int) -> np.ndarray:
+    """Fold index of each entry (``min(folds, len(entries))`` folds, none empty), seeded.
+
+    Whole source images go to one fold when there are at least as many sources as folds."""
+    n = len(entries)
+    k = min(folds, n)
+    rng = np.random.default_rng(seed)
+    sources = sorted({e.source for e in entries})
+    if len(sources) >= k:
+        sizes = {s: sum(e.source == s for e in entries) for s in sources}
+        order = sorted(rng.permutation(len(sources)), key=lambda i: -sizes[sources[i]])  # largest first
+        load, fold_of_source = np.zeros(k), {}
+        for i in order:  # each source to the lightest fold: folds stay about equal
+            lightest = int(np.argmin(load))
+            fold_of_source[sources[i]] = lightest
+            load[lightest] += sizes[sources[i]]
+        return np.array([fold_of_source[e.source] for e in entries])
+    return np.resize(np.arange(k), n)[rng.permutation(n)]
+
+
+@dataclass
+class ScoredPixels:
+    """The pixels one held-out entry is scored on: flat ``index`` into its image (painted pixels
+    only) and ``weight`` per pixel (how many pixels of its class each stands for)."""
+
+    index: np.ndarray
+    weight: np.ndarray
+
+    @classmethod
+    def of(cls, entry: SupportEntry, rng: np.random.Generator, limit: int) -> ScoredPixels:
+        """Every painted pixel, or, past ``limit``, a seeded sample of each class (the rarer class
+        whole up to half of ``limit``), weighted so that the Dice stays that of the whole entry."""
+        known = np.arange(entry.mask.size) if entry.known is None else np.flatnonzero(entry.known.reshape(-1))
+        if len(known) <= limit:
+            return cls(known, np.ones(len(known)))
+        positive = entry.mask.reshape(-1)[known]
+        index, weight, budget = [], [], limit
+        for rank, members in enumerate(sorted((known[positive], known[~positive]), key=len)):
+            take = min(len(members), budget // (2 - rank))
+            index.append(rng.choice(members, take, replace=False) if take < len(members) else members)
+            weight.append(np.full(take, len(members) / max(take, 1)))
+            budget -= take
+        return cls(np.concatenate(index), np.concatenate(weight))
+
+    def dice(self, probabilities: np.ndarray, mask: np.ndarray, threshold: float) -> float:
+        """Weighted Dice of ``probabilities`` (the entry's whole map, or already at ``index``)."""
+        values = probabilities.reshape(-1)
+        predicted = (values[self.index] if values.size == mask.size else values) >= threshold
+        truth = mask.reshape(-1)[self.index]
+        overlap = float(self.weight[predicted & truth].sum())
+        total = float(self.weight[predicted].sum() + self.weight[truth].sum())
+        return 1.0 if total == 0 else 2.0 * overlap / total
+
+
+@dataclass
+class TaskModel:
+    """What one task learned: the method that runs, its estimate, the fitted classifiers, and the
+    network's support subsets (dense masks)."""
+
+    label: int
+    method: str
+    estimate: Estimate
+    subsets: list[list[SupportEntry]]
+    colour: bool = False
+    pixel: PixelClassifier | None = None
+    stacked: PixelClassifier | None = None
+
+    def needs_network(self, method: str | None = None) -> bool:
+        return (method or self.method) in ("network", "stacked")
+
+    def needs_features(self, method: str | None = None) -> bool:
+        method = method or self.method
+        return method == "pixel-classifier" or (method == "stacked" and self.stacked is not None)
+
+    def predict(
+        self, features: np.ndarray | None, network: np.ndarray | None, method: str | None = None
+    ) -> np.ndarray:
+        """Probabilities ``"b H W"`` from ``features "b H W F"`` and/or the network's ``"b H W"``."""
+        method = method or self.method
+        if method == "network" or (method == "stacked" and self.stacked is None and not self.estimate.dice):
+            return network  # stacking needs cross-validation: with too few entries it is the network
+        if method == "pixel-classifier":
+            return _require(self.pixel, method, self.label).predict_map(features)
+        stacked = np.concatenate([features, network[..., None]], axis=-1)
+        return _require(self.stacked, method, self.label).predict_map(stacked)
+
+
+def _require(classifier: PixelClassifier | None, method: str, label: int) -> PixelClassifier:
+    if classifier is None:
+        raise OpenSegError(f"label {label}: the {method} was not fitted (fit with that method, or fit_all)")
+    return classifier
+
+
+class _Entries:
+    """A task's entries with their feature maps (kept while small, else recomputed) and sampled pixels."""
+
+    def __init__(self, entries: list[SupportEntry], colour: bool, rng: np.random.Generator):
+        self.entries, self.colour = entries, colour
+        self.keep = (
+            sum(e.image.size for e in entries) * 4 * (feature_count(colour) + 1) <= FEATURE_CACHE_BYTES
+        )
+        self.maps: dict[int, np.ndarray] = {}
+        self.pixels = sample_pixels([e.mask for e in entries], [e.known for e in entries], rng)
+        self.rows = []
+        for i, picked in enumerate(self.pixels):
+            maps = self.features(i)
+            self.rows.append(maps.reshape(-1, maps.shape[-1])[picked])
+        self.labels = [e.mask.reshape(-1)[p] for e, p in zip(entries, self.pixels)]
+        self.scored = [ScoredPixels.of(e, rng, MAX_SCORED_PIXELS) for e in entries]
+
+    @classmethod
+    def plain(cls, entries: list[SupportEntry]) -> _Entries:
+        """Entries without features (nothing to fit: the network alone)."""
+        data = cls.__new__(cls)
+        data.entries, data.colour, data.keep, data.maps = entries, False, False, {}
+        rng = np.random.default_rng(0)
+        data.scored = [ScoredPixels.of(e, rng, MAX_SCORED_PIXELS) for e in entries]
+        return data
+
+    def features(self, i: int) -> np.ndarray:
+        if i in self.maps:
+            return self.maps[i]
+        entry = self.entries[i]
+        maps = pixel_features(entry.image, entry.colour if self.colour else None)
+        if self.keep:
+            self.maps[i] = maps
+        return maps
+
+    def fit(
+        self,
+        which: Sequence[int],
+        settings: StackingSettings,
+        seed: int,
+        network: list[np.ndarray] | None = None,
+    ) -> PixelClassifier:
+        """A classifier fitted to the sampled pixels of entries ``which`` (plus their network
+        probabilities ``network`` as a last feature: the stacked classifier)."""
+        rows = [self.rows[i] for i in which]
+        if network is not None:
+            rows = [
+                np.concatenate([r, network[i].reshape(-1)[self.pixels[i], None]], axis=1)
+                for r, i in zip(rows, which)
+            ]
+        classifier = PixelClassifier(settings.classifier, settings.balance, seed)
+        return classifier.fit(np.concatenate(rows), np.concatenate([self.labels[i] for i in which]))
+
+    def predict(self, classifier: PixelClassifier, i: int, network: np.ndarray | None = None) -> np.ndarray:
+        maps = self.features(i)
+        if network is not None:
+            maps = np.concatenate([maps, network[..., None]], axis=-1)
+        return classifier.predict_map(maps)
+
+    def predict_scored(
+        self, classifier: PixelClassifier, i: int, network: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Probabilities at the scored pixels of entry ``i`` only (cross-validation needs no more)."""
+        maps = self.features(i)
+        index = self.scored[i].index
+        rows = maps.reshape(-1, maps.shape[-1])[index]
+        if network is not None:
+            rows = np.concatenate([rows, network.reshape(-1)[index, None]], axis=1)
+        return classifier.predict(rows)
+
+    def dense(self, which: Sequence[int], classifier: PixelClassifier | None) -> list[SupportEntry]:
+        """Entries ``which`` with whole masks for the network: painted pixels as painted, the rest
+        as ``classifier`` predicts them (entries without strokes as they are)."""
+        out = []
+        for i in which:
+            entry = self.entries[i]
+            if entry.known is None or classifier is None:
+                out.append(entry)
+                continue
+            guess = self.predict(classifier, i) >= 0.5
+            out.append(with_masks([entry], [np.where(entry.known, entry.mask, guess)])[0])
+        return out
+
+
+def _draw(entries: list[SupportEntry], size: int, rng: np.random.Generator) -> list[SupportEntry]:
+    if len(entries) <= size:
+        return entries
+    return [entries[i] for i in sorted(rng.choice(len(entries), size, replace=False))]
+
+
+def _network_on(
+    network: Network,
+    entries: list[SupportEntry],
+    subset: list[SupportEntry],
+    threshold: float,
+    aspect: Aspect,
+) -> list[np.ndarray]:
+    """The network's probabilities ``"H W"`` for each of ``entries`` from ``subset`` (batched by shape)."""
+    out: list[np.ndarray | None] = [None] * len(entries)
+    shapes: dict[tuple, list[int]] = {}
+    for i, entry in enumerate(entries):
+        shapes.setdefault(entry.image.shape, []).append(i)
+    for members in shapes.values():
+        for start in range(0, len(members), 8):
+            chunk = members[start : start + 8]
+            probs = network.predict(
+                np.stack([entries[i].image for i in chunk]), [subset], threshold, aspect=aspect
+            )
+            for i, p in zip(chunk, probs):
+                out[i] = p
+    return out
+
+
+def iter_fit_task(
+    network: Network,
+    entries: Sequence[SupportEntry],
+    label: int,
+    subsets: list[list[SupportEntry]],
+    settings: StackingSettings,
+    *,
+    support_size: int,
+    seed: int = 0,
+    colour: bool = False,
+    threshold: float = 0.5,
+    aspect: Aspect = "pad",
+) -> Generator[Progress, None, TaskModel]:
+    """Cross-validate and fit one task (see the module docstring); yields progress per fold.
+
+    ``entries`` are the task's support entries; ``subsets`` the network's support subsets for
+    queries (entries of ``entries``; their masks are made dense here when they are strokes).
+    """
+    rng = np.random.default_rng([seed, label])
+    entries = list(entries)
+    if len(entries) > settings.max_entries:
+        entries = [entries[i] for i in sorted(rng.choice(len(entries), settings.max_entries, replace=False))]
+    n, method = len(entries), settings.method
+    sparse = any(e.known is not None for e in entries)
+    if n < MIN_CV_ENTRIES:
+        return (yield from _fit_without_cv(entries, label, subsets, settings, seed, colour, rng, sparse))
+    wanted = set(METHODS) if settings.fit_all or method == "auto" else {method}
+    classifiers = bool(wanted & {"pixel-classifier", "stacked"}) or sparse
+    run_network = bool(wanted & {"network", "stacked"})
+    data = _Entries(entries, colour, rng) if classifiers else _Entries.plain(entries)
+    folds = assign_folds(entries, settings.folds, seed + label)
+    k = int(folds.max()) + 1
+    total = k + 1
+    net_oof: list[np.ndarray | None] = [None] * n
+    pixel_oof: list[np.ndarray | None] = [None] * n
+    for f in range(k):
+        yield Progress(f, total, f"cross-validating label {label}")
+        train, held = np.flatnonzero(folds != f).tolist(), np.flatnonzero(folds == f).tolist()
+        fold_pixel = data.fit(train, settings, seed) if classifiers else None
+        if run_network:
+            subset = _draw(
+                data.dense(train, fold_pixel if sparse else None),
+                support_size,
+                np.random.default_rng([seed, label, f]),
+            )
+            for i, p in zip(
+                held, _network_on(network, [entries[i] for i in held], subset, threshold, aspect)
+            ):
+                net_oof[i] = p
+        for i in held if fold_pixel is not None else []:
+            pixel_oof[i] = data.predict_scored(fold_pixel, i)
+    scored = data.scored
+    scores: dict[str, list[float]] = {}
+    if run_network:
+        scores["network"] = [
+            scored[i].dice(p, e.mask, threshold) for i, (p, e) in enumerate(zip(net_oof, entries))
+        ]
+    if classifiers:
+        scores["pixel-classifier"] = [
+            scored[i].dice(p, e.mask, threshold) for i, (p, e) in enumerate(zip(pixel_oof, entries))
+        ]
+    if "stacked" in wanted:
+        stacked_oof = [None] * n
+        for f in range(k):
+            train, held = np.flatnonzero(folds != f).tolist(), np.flatnonzero(folds == f).tolist()
+            fold_stacked = data.fit(train, settings, seed, net_oof)
+            for i in held:
+                stacked_oof[i] = data.predict_scored(fold_stacked, i, net_oof[i])
+        scores["stacked"] = [
+            scored[i].dice(p, e.mask, threshold) for i, (p, e) in enumerate(zip(stacked_oof, entries))
+        ]
+    dice = {m: (float(np.mean(s)), float(np.std(s))) for m, s in scores.items()}
+    if method == "auto":
+        method = max(dice, key=lambda m: (round(dice[m][0], 6), -METHODS.index(m)))
+    yield Progress(k, total, f"fitting label {label}")
+    everything = list(range(n))
+    keep_pixel = settings.fit_all or method == "pixel-classifier"
+    pixel = data.fit(everything, settings, seed) if (keep_pixel or sparse) else None
+    stacked = (
+        data.fit(everything, settings, seed, net_oof)
+        if ("stacked" in wanted and (settings.fit_all or method == "stacked"))
+        else None
+    )
+    estimate = Estimate(label, method, n, dice, _note(entries, sparse))
+    model = TaskModel(
+        label,
+        method,
+        estimate,
+        _dense_subsets(subsets, data, pixel if sparse else None),
+        colour,
+        pixel if keep_pixel else None,
+        stacked,
+    )
+    yield Progress(total, total, f"fitted label {label}")
+    log.info("label %d: %s", label, estimate.describe())
+    return model
+
+
+def _note(entries: list[SupportEntry], sparse: bool) -> str:
+    return "scored on painted pixels only" if sparse else ""
+
+
+def _dense_subsets(subsets: list[list[SupportEntry]], data: _Entries, classifier: PixelClassifier | None):
+    """The network's query subsets with dense masks for stroke entries (``classifier`` fills them)."""
+    if classifier is None:
+        return subsets
+    index = {id(e): i for i, e in enumerate(data.entries)}
+    out = []
+    for subset in subsets:
+        dense = []
+        for entry in subset:
+            if entry.known is None:
+                dense.append(entry)
+            elif id(entry) in index:
+                dense.extend(data.dense([index[id(entry)]], classifier))
+            else:  # an entry left out of the fitting sample: its own features, the same classifier
+                guess = classifier.predict_map(
+                    pixel_features(entry.image, entry.colour if data.colour else None)
+                )
+                dense.extend(with_masks([entry], [np.where(entry.known, entry.mask, guess >= 0.5)]))
+        out.append(dense)
+    return out
+
+
+def _fit_without_cv(entries, label, subsets, settings, seed, colour, rng, sparse):
+    """A task with fewer than :data:`MIN_CV_ENTRIES` entries: no estimate; ``auto`` and ``stacked``
+    run the network (which needs no fitting), the pixel classifier is fitted if asked for."""
+    n = len(entries)
+    yield Progress(0, 1, f"fitting label {label}")
+    asked = settings.method
+    method = "pixel-classifier" if asked == "pixel-classifier" else "network"
+    classifiers = method == "pixel-classifier" or sparse or settings.fit_all
+    data = _Entries(entries, colour, rng) if classifiers else None
+    pixel = data.fit(range(n), settings, seed) if classifiers else None
+    word = "example" if n == 1 else "examples"
+    note = f"{n} {word}: too few to cross-validate (3 or more are needed); " + (
+        "the pixel classifier as asked" if method == "pixel-classifier" else "the network alone"
+    )
+    estimate = Estimate(label, method, n, {}, note)
+    dense = _dense_subsets(subsets, data, pixel if sparse else None) if data is not None else subsets
+    yield Progress(1, 1, f"fitted label {label}")
+    return TaskModel(
+        label,
+        method,
+        estimate,
+        dense,
+        colour,
+        pixel if (method == "pixel-classifier" or settings.fit_all) else None,
+        None,
+    )
