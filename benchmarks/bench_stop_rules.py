@@ -3,18 +3,22 @@
 Each object is propagated once with the confidence stop off (fronts end only where the object
 vanishes), recording every predicted slice's confidence, predicted area and overlap with the truth.
 A stop rule is then replayed on those records, front by front, with the rule ``iter_propagate``
-applies (``Front.observe``: ``stop_after`` consecutive vanished or doubtful slices end a front; the
-doubtful slices of that final run are left empty), and the 3D Dice is recomputed. The replay ignores
+applies (``StopRule.judge`` and ``Front.observe``: ``stop_after`` consecutive vanished or doubtful
+slices end a front; the doubtful slices of that final run are left empty), and the 3D Dice is
+recomputed. Rules: an absolute confidence threshold, one relative to the front's first slice, and
+the area trend (a slice more than ``max_growth`` times the front's last accepted area is doubtful). The replay ignores
 one thing: a front that stops earlier no longer feeds the shared bank, so the other front's later
 slices could differ; on the validation objects replayed and real runs agreed within 0.4 Dice points.
 
-Objects (needs ../shared/data): the hippocampus validation subjects, the validation structures of
-the brain scan (``bench_propagation.VALIDATION_STRUCTURES``), seven large structures of that scan
-(:data:`LARGE_STRUCTURES`) and the bundled sample's white and grey matter; prompt = the true mask on
-the slice where the object is largest, as in ``bench_propagation.py``.
+Objects (needs ../shared/data): the hippocampus validation subjects, the LGG validation patients,
+the validation structures of the brain scan (``bench_propagation.VALIDATION_STRUCTURES``), seven
+large structures of that scan (:data:`LARGE_STRUCTURES`) and the bundled sample's white and grey
+matter; prompt = the true mask on the slice where the object is largest, as in
+``bench_propagation.py``. The recording runs with the library's default memories.
 
-Run: ``nice -n 10 python benchmarks/bench_stop_rules.py [--threads 2] [--weights W] [--json OUT]`` (about 15
-minutes on 2 cores); it prints a Markdown table (docs/propagation.md).
+Run: ``nice -n 10 python benchmarks/bench_stop_rules.py [--threads 2] [--weights W ...] [--json OUT]``
+(both bundled files by default; about 15 minutes per file on 2 quiet cores); it prints a Markdown
+table per file (docs/propagation.md).
 """
 
 from __future__ import annotations
@@ -23,38 +27,62 @@ import argparse
 import json
 import logging
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench_propagation import VALIDATION_STRUCTURES, Case, brain_cases, hippocampus_cases, prompt_of
-from napari_openseg.core.fronts import Front
+from bench_propagation import (
+    BUNDLED,
+    VALIDATION_STRUCTURES,
+    Case,
+    brain_cases,
+    hippocampus_cases,
+    lgg_cases,
+    prompt_of,
+)
+from napari_openseg.core.fronts import Front, StopRule
 from napari_openseg.core.propagate import iter_propagate
-from napari_openseg.model.registry import load_model, propagation_weights
+from napari_openseg.model.registry import load_model
 from napari_openseg.sample import load_sample
 from napari_openseg.training.splits import shared_data_dir
 
 log = logging.getLogger("bench_stop_rules")
 #: Brainstem, cerebellar white matter and cortex (L, R), cerebral white matter (L, R).
 LARGE_STRUCTURES = (16, 7, 46, 8, 47, 2, 41)
-ABSOLUTE = (0.5, 0.55, 0.6, 0.65)
+ABSOLUTE = (0.3, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65)
 RELATIVE = (0.6, 0.7, 0.8)
+#: Area trends: a slice more than this many times the front's last accepted area is doubtful.
+GROWTH = (1.2, 1.3, 1.5, 2.0)
+#: Marks the reference rule that knows the truth (a bound on what a stop rule can reach).
+ORACLE = -1.0
+#: Lower thresholds of the two-level rules: below them a slice is doubtful whatever its area.
+LENIENT = (0.3, 0.4)
 
 
-def validation_cases():
-    image, labels = load_sample()
-    for value in (2, 1):
-        yield Case("sample", f"sample {value}", image.data, labels.data == value)
-    for case in brain_cases(LARGE_STRUCTURES):
-        yield Case("large", case.name, case.image, case.truth)
-    yield from brain_cases(VALIDATION_STRUCTURES)
-    yield from hippocampus_cases("val", None)
+GROUPS = ("sample", "large", "brain", "hippocampus", "lgg")
 
 
-def record(case: Case, net) -> dict:
+def validation_cases(groups=GROUPS, limit: int | None = None):
+    if "sample" in groups:
+        image, labels = load_sample()
+        for value in (2, 1):
+            yield Case("sample", f"sample {value}", image.data, labels.data == value)
+    if "large" in groups:
+        for case in brain_cases(LARGE_STRUCTURES):
+            yield Case("large", case.name, case.image, case.truth)
+    if "brain" in groups:
+        yield from brain_cases(VALIDATION_STRUCTURES)
+    if "hippocampus" in groups:
+        yield from hippocampus_cases("val", limit)
+    if "lgg" in groups:
+        yield from lgg_cases("val", limit)
+
+
+def record(case: Case, net, options: dict | None = None) -> dict:
     """Propagate ``case`` with the confidence stop off; per predicted slice: confidence and areas."""
     prompt, z = prompt_of(case.truth)
-    generator = iter_propagate(case.image, prompt, net, stop_confidence=0.0, device="cpu")
+    generator = iter_propagate(case.image, prompt, net, device="cpu", **{**(options or {}), "stop_confidence": 0.0})
     slices = []
     for step in generator:
         if step.payload:
@@ -65,16 +93,33 @@ def record(case: Case, net) -> dict:
             "prompt_area": int(case.truth[z].sum()), "slices": slices}
 
 
-def replay(obj: dict, threshold_of, stop_after: int = 2) -> float:
-    """3D Dice of ``obj`` had each front stopped by the rule ``threshold_of(front slices) -> float``."""
+def replay(obj: dict, threshold_of, stop_after: int = 2, max_growth: float = float("inf"),
+           lenient: float | None = None) -> float:
+    """3D Dice of ``obj`` had each front stopped by the rule ``threshold_of(front slices) -> float``,
+    the area trend ``max_growth`` and, with ``lenient``, a second threshold: a slice between the two
+    thresholds counts as doubtful only if its area also broke the trend."""
     overlap = predicted = obj["prompt_area"]
     for sign in (-1, 1):
         records = [r for r in obj["slices"] if np.sign(r["slice"] - obj["prompt_slice"]) == sign]
         threshold = threshold_of(records)
-        front, kept = Front(0, [r["slice"] for r in records]), []
+        strict = StopRule(stop_after, 0.0, threshold, max_growth)
+        front, kept, last_area = Front(0, [r["slice"] for r in records]), [], float(obj["prompt_area"])
         for r in records:
-            vanished = r["predicted"] == 0
-            front.observe(r["slice"], vanished, not vanished and r["confidence"] < threshold, r, stop_after)
+            # the recording already emptied vanished slices (min_area): they come with no pixels
+            if r["predicted"] == 0:
+                verdict = "vanished"
+            elif threshold == ORACLE:  # ends where the prediction first misses the object entirely
+                verdict = "doubtful" if r["overlap"] == 0 else "accepted"
+            elif lenient is None:
+                verdict = strict.judge(r["predicted"], r["confidence"], 1.0, last_area)
+            elif r["confidence"] < lenient:
+                verdict = "doubtful"
+            else:
+                grew = r["predicted"] > max_growth * last_area
+                verdict = "doubtful" if r["confidence"] < threshold and grew else "accepted"
+            front.observe(r["slice"], verdict == "vanished", verdict == "doubtful", r, stop_after)
+            if verdict == "accepted":
+                last_area = r["predicted"]
             kept.append(r)
             if front.stopped:  # iter_propagate undoes the doubtful slices of the final run
                 undone = [written for _, written in front.doubtful]
@@ -86,44 +131,63 @@ def replay(obj: dict, threshold_of, stop_after: int = 2) -> float:
 
 
 def rules():
+    """(name, threshold of a front's records, keywords of :func:`replay`)."""
+    yield "(reference) a front ends at its first slice that misses the object", lambda front: ORACLE, {"stop_after": 1}
     for t in ABSOLUTE:
-        yield f"confidence < {t}", lambda front, t=t: t
+        for after in (2, 3):
+            yield f"confidence < {t}, {after} in a row", lambda front, t=t: t, {"stop_after": after}
     for ratio in RELATIVE:  # relative to the confidence of the front's first slice
-        yield f"confidence < {ratio} x first slice's", lambda front, r=ratio: r * (front[0]["confidence"] if front else 1)
+        yield (f"confidence < {ratio} x first slice's",
+               lambda front, r=ratio: r * (front[0]["confidence"] if front else 1), {})
+    for t in ABSOLUTE:
+        for growth in GROWTH:
+            yield f"confidence < {t} or area > {growth} x last accepted", lambda front, t=t: t, {"max_growth": growth}
+    for low in LENIENT:
+        for t in ABSOLUTE:
+            for growth in GROWTH:
+                if low < t:
+                    yield (f"confidence < {low}, or < {t} and area > {growth} x last accepted",
+                           lambda front, t=t: t, {"max_growth": growth, "lenient": low})
 
 
 def report(objects: list[dict]) -> str:
     groups = sorted({o["dataset"] for o in objects})
     lines = ["| stop rule | " + " | ".join(f"{g} ({sum(o['dataset'] == g for o in objects)})" for g in groups)
-             + " |", "|---" * (len(groups) + 1) + "|"]
-    for name, rule in rules():
-        cells = [100 * np.mean([replay(o, rule) for o in objects if o["dataset"] == g]) for g in groups]
-        lines.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + " |")
-    return "\n".join(lines) + "\n\n3D Dice (%), mean per group of objects."
+             + " | mean |", "|---" * (len(groups) + 2) + "|"]
+    for name, rule, keywords in rules():
+        cells = [100 * np.mean([replay(o, rule, **keywords) for o in objects if o["dataset"] == g]) for g in groups]
+        lines.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {np.mean(cells):.1f} |")
+    return "\n".join(lines) + "\n\n3D Dice (%), mean per group of objects; mean: of the groups."
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--weights", help="weights name or path (default: propagation's, openseg-propagate)")
-    parser.add_argument("--json", help="write the per-slice records to this file")
-    parser.add_argument("--records", help="replay records written earlier with --json instead of propagating")
+    parser.add_argument("--weights", nargs="+", default=list(BUNDLED),
+                        help="weights names or files, each recorded in turn (default: both bundled files)")
+    parser.add_argument("--json", help="write the per-slice records to this file (one per weights: a suffix)")
+    parser.add_argument("--records", nargs="+", help="replay records written earlier with --json instead")
+    parser.add_argument("--data", nargs="+", default=list(GROUPS), choices=GROUPS, help="groups of objects to record")
+    parser.add_argument("--options", default="{}", help="other propagation settings for the recording, as JSON")
+    parser.add_argument("--subjects", type=int, help="only the first N hippocampus subjects and LGG patients")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.records:
-        with open(args.records) as handle:
-            objects = json.load(handle)
-    else:
-        if shared_data_dir() is None:
-            raise SystemExit("../shared/data is not present")
-        torch.set_num_threads(args.threads)
-        net, began = load_model(propagation_weights(args.weights)), time.perf_counter()
-        objects = [record(case, net) for case in validation_cases()]
-        print(f"{len(objects)} objects recorded in {(time.perf_counter() - began) / 60:.1f} min\n")
+        for path in args.records:
+            with open(path) as handle:
+                print(f"\n### {path}\n\n{report(json.load(handle))}")
+        return
+    if shared_data_dir() is None:
+        raise SystemExit("../shared/data is not present")
+    torch.set_num_threads(args.threads)
+    for weights in args.weights:
+        net, began = load_model(weights), time.perf_counter()
+        objects = [record(case, net, json.loads(args.options)) for case in validation_cases(args.data, args.subjects)]
+        print(f"\n### weights {weights}: {len(objects)} objects recorded in {(time.perf_counter() - began) / 60:.1f} min\n")
         if args.json:
-            with open(args.json, "w") as handle:
+            with open(f"{args.json}.{Path(weights).stem}.json", "w") as handle:
                 json.dump(objects, handle)
-    print(report(objects))
+        print(report(objects))
 
 
 if __name__ == "__main__":

@@ -305,6 +305,24 @@ def test_a_negative_seed_a_bad_axis_and_a_demo_into_a_file_get_messages(tmp_path
     assert "is a file; --out names the folder" in capsys.readouterr().err
 
 
+def test_segment_a_slice_range_and_the_auto_extent(tmp_path, nifti_pair, tiny_weights, capsys):
+    image, labels = nifti_pair  # the NIfTI's third axis (6 slices) is the slice axis 0
+    support = tmp_path / "support.npz"
+    main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)])
+    base = ["segment", str(image), "--support", str(support), "--weights", str(tiny_weights), "--support-size", "2"]
+    out = tmp_path / "range.nii.gz"
+    assert main([*base, "--out", str(out), "--slices", "1:3", "--probabilities"]) == 0
+    written = np.asarray(nib.load(str(out)).dataobj)
+    probabilities = np.asarray(nib.load(str(tmp_path / "range_prob.nii.gz")).dataobj)
+    assert not written[:, :, [0, 3, 4, 5]].any() and not probabilities[:, :, [0, 3, 4, 5]].any()
+    assert probabilities[:, :, 1:3].any()
+    capsys.readouterr()
+    assert main([*base, "--out", str(tmp_path / "auto.nii.gz"), "--extent", "auto"]) == 0
+    assert "slices kept per label (A:B, B not included): 1: " in capsys.readouterr().out
+    assert main([*base, "--out", str(tmp_path / "bad.nii.gz"), "--slices", "2-4"]) == 2
+    assert "written A:B" in capsys.readouterr().err and not (tmp_path / "bad.nii.gz").exists()
+
+
 def test_support_build_with_a_background_label_then_segment_writes_the_estimate(tmp_path, tiny_weights, capsys):
     import json
 

@@ -106,13 +106,17 @@ def test_stop_confidence_one_leaves_only_the_painted_slice(tmp_path, volume_file
     assert main([*args, "--stop-confidence", "1.5", "--overwrite"]) == 2
 
 
-def test_the_cli_defaults_are_the_library_defaults():
-    from napari_openseg.cli.propagate import BANK_SIZE, STOP_CONFIDENCE
-    from napari_openseg.core.memory import DEFAULT_CAPACITY
-    from napari_openseg.core.propagate import DEFAULT_STOP_CONFIDENCE
+def test_the_cli_shows_the_library_defaults_without_importing_torch():
+    import subprocess
+    import sys
 
-    assert BANK_SIZE == DEFAULT_CAPACITY
-    assert STOP_CONFIDENCE == DEFAULT_STOP_CONFIDENCE
+    from napari_openseg.core.propagation_settings import DEFAULT_CAPACITY, DEFAULT_STOP_CONFIDENCE
+
+    code = ("import sys; from napari_openseg.cli import build_parser; parser = build_parser(); "
+            "print('torch' in sys.modules); parser.parse_args(['propagate', '--help'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.startswith("False")
+    assert f"(default {DEFAULT_CAPACITY})" in out.stdout and f"(default {DEFAULT_STOP_CONFIDENCE};" in out.stdout
 
 
 def test_unordered_stack_from_tiff(tmp_path, tiny_weights):

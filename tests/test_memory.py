@@ -224,3 +224,18 @@ def test_slice_embeddings_ignore_brightness_offsets_and_are_unit_length():
 def test_bad_settings_say_what_is_wrong(kwargs, message):
     with pytest.raises(OpenSegError, match=message):
         MemoryBank(**kwargs)
+
+
+def test_the_short_term_memory_keeps_the_last_accepted_slices_oldest_out_first():
+    from napari_openseg.core.memory import ShortTermMemory
+
+    recent = ShortTermMemory(2)
+    for name in (1, 2, 3):
+        assert recent.accept(entry(at_angle(0), name=name))
+    assert names(recent) == [2, 3]  # slice 1, the oldest, left when 3 came
+    assert not recent.accept(entry(at_angle(0), name=4, empty=True))  # nothing drawn: nothing to show
+    assert names(recent) == [2, 3]
+    off = ShortTermMemory(0)
+    assert not off.accept(entry(at_angle(0), name=5)) and len(off) == 0
+    with pytest.raises(OpenSegError, match="0 or more"):
+        ShortTermMemory(-1)

@@ -180,20 +180,36 @@ def test_the_stop_rule_counts_runs_of_vanished_or_doubtful_slices():
     assert front.stopped and front.stopped_on_confidence and front.doubtful == [(4, "a"), (3, "b")]
 
 
-def test_a_stopped_front_gives_back_what_it_covered_not_background(blob_net):
+def test_a_stopped_front_gives_back_what_it_covered_not_background(blob_net, monkeypatch):
+    from napari_openseg.core import propagate as module
+
     image, truth = disc_volume((16, 40, 48), first=3, last=12)
     both = np.zeros(truth.shape, np.uint8)
     both[5] = truth[5]  # label 1: the whole disc on slice 5
     part = truth[9].copy()
     part[:, :26] = 0
-    both[9] = part * 2  # label 2: part of it on slice 9; its backward front reaches slice 3 and stops
+    both[9] = part * 2  # label 2: part of it on slice 9; its backward front reaches slices 4 and 3
+    # Label 2 is made doubtful on slices 4 and 3 (confidence 0.3 < 0.7), whatever the tiny network
+    # says there, and sure everywhere else: its backward front stops after slice 3 and gives back
+    # what it wrote on 4 and 3, where label 1's front (from slice 5) had already written.
+    measure = module._measure
+
+    def doubtful_on_4_and_3(run, value, s, probs, grid_mask):
+        measures = measure(run, value, s, probs, grid_mask)
+        measures["confidence"] = 0.3 if value == 2 and s in (3, 4) else 0.95
+        return measures
+
+    monkeypatch.setattr(module, "_measure", doubtful_on_4_and_3)
     options = dict(stop_confidence=0.7, stop_after=2, min_area=0.0, **FAST)
     steps, result = drain(iter_propagate(image, both, blob_net, **options))
     label_1 = {step.payload["slice"]: step.payload["mask"] for step in steps[1:] if step.payload["label"] == 1}
-    assert 2 in result.confidence_stops and not (result.labels[3] == 2).any()
+    label_2 = {step.payload["slice"]: step.payload["mask"] for step in steps[1:] if step.payload["label"] == 2}
+    assert label_2[4].any() and label_2[3].any()  # label 2 wrote there before its front stopped
+    assert result.confidence_stops == {2: [4]} and not (result.labels[3:5] == 2).any()
     assert label_1[3].sum() > 0 and (result.labels[3][label_1[3]] == 1).all()  # none of label 1's lost
     alone = propagate(image, np.where(both == 1, 1, 0).astype(np.uint8), blob_net, **options)
-    assert np.array_equal(result.labels[3] == 1, alone.labels[3] == 1)
+    for s in (3, 4):
+        assert np.array_equal(result.labels[s] == 1, alone.labels[s] == 1)
 
 
 def test_undoing_goes_back_through_labels_that_were_undone_themselves():
@@ -288,15 +304,15 @@ def test_support_terms_kept_per_entry_give_exactly_the_direct_prediction():
     index = torch.as_tensor(draws)
     with torch.inference_mode():
         direct = fast_forward(net, query, images[index], masks[index].unsqueeze(2))
-        unkept = fast_forward(net, query, encoded=_encoded_support(net, bank, draws, keep=False))
+        unkept = fast_forward(net, query, encoded=_encoded_support(net, bank.entries, draws, keep=False))
         assert all(e.encoded is None for e in bank.entries)  # over the memory budget: nothing is kept
-        kept = fast_forward(net, query, encoded=_encoded_support(net, bank, draws))
-        again = fast_forward(net, query, encoded=_encoded_support(net, bank, draws))  # from the kept terms
+        kept = fast_forward(net, query, encoded=_encoded_support(net, bank.entries, draws))
+        again = fast_forward(net, query, encoded=_encoded_support(net, bank.entries, draws))  # from the kept terms
     # Terms are computed for the entries drawn, and only for them.
     assert {k for k, e in enumerate(bank.entries) if e.encoded is not None} == set(np.unique(draws).tolist())
     assert torch.allclose(direct, kept, atol=1e-5) and torch.equal(kept, again) and torch.equal(kept, unkept)
     # Draws holding the same entries in another order are one support set, predicted once.
-    probs = _predict(net, bank, np.stack([draws[0], draws[0][::-1], draws[1]]), query[0], keep=True)
+    probs = _predict(net, bank.entries, np.stack([draws[0], draws[0][::-1], draws[1]]), query[0], keep=True)
     assert probs.shape == (3, 32, 32) and torch.equal(probs[0], probs[1])
     assert torch.allclose(probs[2], torch.sigmoid(direct[1, 0]), atol=1e-5)
 
@@ -394,3 +410,67 @@ def test_progress_shows_what_each_slice_wrote_and_errors_name_the_label(tiny_net
     speck[2, 5, 5] = 4  # one voxel: gone on the 32x32 grid
     with pytest.raises(OpenSegError, match="label 4 is too small on the model grid"):
         propagate(np.random.default_rng(0).random((6, 64, 64)), speck, tiny_net, device="cpu")
+
+
+def test_each_front_gives_its_last_accepted_slices_as_a_support_set_of_their_own(blob_net, disc, monkeypatch):
+    from napari_openseg.core import propagate as module
+
+    image, truth, prompt, z = disc
+    # Stated in advance, forward front (z+1, z+2, ...), short-term memory of 2: slice z+1 is predicted
+    # from the long-term draws and the painted slice z as the short-term set; z+2 from {z, z+1}. Slice
+    # z+2 is made doubtful, so it does not enter: z+3 is predicted from {z, z+1} again, and z+4 from
+    # {z+1, z+3}. The long-term draws come first and never hold more than the bank's entries.
+    measure, predict, used = module._measure, module._predict, {}
+
+    def doubtful_at_z2(run, value, s, probs, grid_mask):
+        measures = measure(run, value, s, probs, grid_mask)
+        measures["confidence"] = 0.3 if s == z + 2 else 0.95
+        return measures
+
+    def recording(net, entries, sets, image, keep):
+        used.setdefault(len(used), [[entries[i].slice_index for i in members] for members in sets])
+        return predict(net, entries, sets, image, keep)
+
+    monkeypatch.setattr(module, "_measure", doubtful_at_z2)
+    monkeypatch.setattr(module, "_predict", recording)
+    steps, _ = drain(iter_propagate(image, prompt, blob_net, short_term=2, stop_after=3, direction="forward",
+                                    **FAST))
+    order = [step.payload["slice"] for step in steps[1:]]
+    sets = {s: used[k] for k, s in enumerate(order)}
+    assert [sets[s][-1] for s in (z + 1, z + 2, z + 3, z + 4)] == [[z], [z, z + 1], [z, z + 1], [z + 1, z + 3]]
+    assert all(len(sets[s]) == FAST["draws"] + 1 for s in order)
+    assert [step.payload["verdict"] for step in steps[1:4]] == ["accepted", "doubtful", "accepted"]
+    # Without a short-term memory the slice sees the long-term draws only (the bank before).
+    used.clear()
+    steps, _ = drain(iter_propagate(image, prompt, blob_net, short_term=0, direction="forward", **FAST))
+    assert all(len(sets) == FAST["draws"] for sets in used.values())
+
+
+def test_the_stop_rule_judges_a_slice_by_its_area_and_confidence():
+    from napari_openseg.core.fronts import StopRule
+
+    rule = StopRule(stop_after=2, min_area=0.1, stop_confidence=0.6, max_growth=1.5)
+    # painted area 100: below 10 pixels the object has vanished, whatever the confidence
+    assert rule.judge(area=5, confidence=0.99, painted_area=100, last_area=50) == "vanished"
+    assert rule.judge(area=0, confidence=0.99, painted_area=5, last_area=5) == "vanished"  # < 1 pixel
+    assert rule.judge(area=40, confidence=0.5, painted_area=100, last_area=50) == "doubtful"  # 0.5 < 0.6
+    assert rule.judge(area=80, confidence=0.9, painted_area=100, last_area=50) == "doubtful"  # 80 > 1.5 x 50
+    assert rule.judge(area=70, confidence=0.9, painted_area=100, last_area=50) == "accepted"
+    assert rule.judge(area=70, confidence=0.9, painted_area=100, last_area=None) == "accepted"
+
+
+def test_a_set_of_one_entry_repeated_is_predicted_as_that_entry_alone():
+    from napari_openseg.core.memory import MemoryEntry
+    from napari_openseg.core.propagate import _predict
+    from napari_openseg.model.fast import fast_forward, prepare_for_inference
+    from napari_openseg.model.universeg import build_network
+
+    torch.manual_seed(0)
+    net = prepare_for_inference(build_network((8, 8, 8), grid_size=32), torch.device("cpu"), torch.float32)
+    images, masks = torch.rand(2, 1, 32, 32), (torch.rand(2, 32, 32) > 0.6).float()
+    entries = [MemoryEntry(images[k, 0], masks[k], 1.0, torch.zeros(4)) for k in range(2)]
+    query = torch.rand(1, 32, 32)
+    probs = _predict(net, entries, [[1] * 8, [0, 1]], query, keep=False)
+    with torch.inference_mode():
+        eight = fast_forward(net, query[None], images[[1] * 8][None], masks[[1] * 8][None, :, None])
+    assert torch.allclose(probs[0], torch.sigmoid(eight[0, 0]), atol=1e-5)  # the network's mean over copies

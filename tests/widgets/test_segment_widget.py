@@ -411,6 +411,37 @@ def test_closing_the_query_image_during_a_run_cancels_it(viewer, qtbot, tiny_wei
     assert widget.panel.bar.value() <= 3 < 30  # it stopped within a batch or two, not at the end
 
 
+def test_the_slice_range_defaults_to_the_painted_slices_plus_a_margin(viewer, qtbot, tiny_weights, inline, errors):
+    from napari_openseg.core.support import entries_from_arrays
+
+    image, mask = disc_volume(depth=30, size=32)
+    layer = viewer.add_image(image, name="vol")
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    widget.query_combo.select(layer)
+    assert widget.whole_volume.isChecked()  # nothing painted on 'vol' yet: the whole volume
+    painted = np.zeros_like(mask)
+    painted[[10, 18]] = 1
+    get_session(viewer).add_entries(entries_from_arrays(image, painted, source="vol"))
+    # Painted slices 10 and 18: their range (8 slices) widened by a quarter of it on each side: 8 to 20.
+    assert not widget.whole_volume.isChecked()
+    assert (widget.range_from.value(), widget.range_to.value()) == (8, 20)
+    widget.axis_combo.setCurrentText("0")
+    counts = []
+    widget.preview_updated.connect(counts.append)
+    assert run_and_wait(qtbot, widget) == "done"
+    assert counts[-1] == 13  # slices 8..20
+    output = viewer.layers["vol openseg"].data
+    assert not output[:8].any() and not output[21:].any()
+    widget.whole_volume.setChecked(True)
+    assert not widget.range_from.isEnabled()
+    assert run_and_wait(qtbot, widget) == "done"
+    assert counts[-1] == 30
+    widget.whole_volume.setChecked(False)
+    widget.range_from.setValue(20)
+    widget.range_to.setValue(12)
+    assert widget.run() is None and "'to' must be at least 'from'" in errors[-1]
+
+
 def test_the_expected_dice_and_method_are_shown_and_cleared_with_the_support(viewer, qtbot, tiny_weights, inline):
     image, mask = disc_volume(depth=10, size=32)
     viewer.add_image(image, name="vol")

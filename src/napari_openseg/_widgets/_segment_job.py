@@ -24,17 +24,20 @@ from napari_openseg.core.support import SupportSet
 @dataclass
 class Query:
     """One image to segment: ``image`` is ``"H W"``, ``"H W 3"`` (``rgb``) or ``"Z H W"`` (any
-    slice ``axis``)."""
+    slice ``axis``; only the slices ``[A, B)`` if ``slices`` is given)."""
 
     name: str
     image: np.ndarray
     rgb: bool = False
     axis: int = 0
+    slices: tuple[int, int] | None = None
 
     @property
     def n_slices(self) -> int:
         spatial = np.ndim(self.image) - (1 if self.rgb else 0)
-        return 1 if spatial == 2 else int(np.shape(self.image)[self.axis])
+        if spatial == 2:
+            return 1
+        return self.slices[1] - self.slices[0] if self.slices else int(np.shape(self.image)[self.axis])
 
 
 def iter_segment_queries(
@@ -61,7 +64,7 @@ def iter_segment_queries(
     with leave_a_core_free():
         for index, query in enumerate(queries):
             stage = query.name if len(queries) == 1 else f"{query.name} ({index + 1}/{len(queries)})"
-            steps = task.iter_run(engine, query.image, axis=query.axis, rgb=query.rgb)
+            steps = task.iter_run(engine, query.image, axis=query.axis, rgb=query.rgb, slices=query.slices)
             while True:
                 try:
                     step = next(steps)

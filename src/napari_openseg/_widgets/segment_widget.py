@@ -19,6 +19,7 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
+    QHBoxLayout,
     QLabel,
     QPushButton,
     QSpinBox,
@@ -28,6 +29,7 @@ from qtpy.QtWidgets import (
 
 from napari_openseg.core.engine import CHOICES
 from napari_openseg.core.expected_time import describe_expected_time, format_duration, seconds_per_slice
+from napari_openseg.core.extent import EXTENTS, RANGE_MARGIN, painted_range
 from napari_openseg.core.support import SupportSet
 from napari_openseg.errors import OpenSegError
 
@@ -97,6 +99,8 @@ class SegmentationWidget(QWidget):
         self.method_combo.currentTextChanged.connect(self._title_settings)
         self._title_settings()
         connect_widget(self.session.support_changed, self, self._support_changed)
+        self.query_combo.selection_changed.connect(self.reset_range)
+        self.axis_combo.currentIndexChanged.connect(self.reset_range)
         self._support_changed(self.session.support)
 
     @property
@@ -133,6 +137,7 @@ class SegmentationWidget(QWidget):
         )
         self.method_combo.addItems(CHOICES)
         self.axis_combo = form_row(form, "Slice axis", AxisCombo(), "axis of a volume to segment along")
+        self._add_range_rows(form)
         self.probabilities = form_row(
             form, "", QCheckBox("Add probability layers"), "one image layer per task with its probability"
         )
@@ -149,6 +154,62 @@ class SegmentationWidget(QWidget):
     def weights_spec(self) -> str:
         """The chosen weights as a name or a path, or an ``OpenSegError`` saying how to get some."""
         return self.picker.weights_spec()
+
+    # --- slice range and extent ------------------------------------------------------------------
+
+    def _add_range_rows(self, form: QFormLayout) -> None:
+        self.range_from, self.range_to = QSpinBox(), QSpinBox()
+        self.whole_volume = QCheckBox("whole volume")
+        row = QWidget()
+        line = QHBoxLayout(row)
+        line.setContentsMargins(0, 0, 0, 0)
+        for part in (self.range_from, QLabel("to"), self.range_to, self.whole_volume):
+            line.addWidget(part)
+        form_row(form, "Slices", row,
+                 f"volumes: segment only slices 'from' to 'to' (both included) along the slice axis; by "
+                 f"default the slices painted on this image in the support set, widened by "
+                 f"{RANGE_MARGIN:.0%} of their range on each side (with 'All open image layers': each "
+                 "image's own painted slices)")
+        self.whole_volume.toggled.connect(self._show_range_state)
+        self.extent_combo = form_row(form, "Extent", QComboBox(),
+                                     "auto: each label ends where it fades out on two slices in a row, "
+                                     "starting from the slices painted for it; all: every slice in the range")
+        self.extent_combo.addItems(list(EXTENTS))
+
+    def reset_range(self, *_args) -> None:
+        """Set the slice range to this image's painted slices plus the margin (whole volume if none)."""
+        layer = self.query_combo.current()
+        span = None
+        if layer is not None and layer != BATCH and layer.ndim - int(getattr(layer, "rgb", False)) == 3:
+            try:
+                axis = self.axis_combo.axis_for(self.viewer, layer)
+            except OpenSegError:
+                axis = None
+            if axis is not None:
+                n_slices = int(np.shape(layer.data)[axis])
+                for box in (self.range_from, self.range_to):
+                    box.setRange(0, n_slices - 1)
+                span = painted_range(self.session.support, layer.name, axis, n_slices)
+                first, stop = span or (0, n_slices)
+                self.range_from.setValue(first)
+                self.range_to.setValue(stop - 1)
+        self.whole_volume.setChecked(span is None and layer != BATCH)
+        self._show_range_state()
+
+    def _show_range_state(self, *_args) -> None:
+        single = self.query_combo.current() != BATCH
+        for box in (self.range_from, self.range_to):
+            box.setEnabled(single and not self.whole_volume.isChecked())
+
+    def _slices_for(self, layer, axis: int, n_slices: int) -> tuple[int, int] | None:
+        if self.whole_volume.isChecked():
+            return None
+        if self.query_combo.current() == BATCH:
+            return painted_range(self.session.support, layer.name, axis, n_slices)
+        first, last = self.range_from.value(), self.range_to.value()
+        if last < first:
+            raise OpenSegError(f"the slice range {first} to {last} is empty: 'to' must be at least 'from'")
+        return first, min(last + 1, n_slices)
 
     # --- running -----------------------------------------------------------------------------
 
@@ -172,8 +233,10 @@ class SegmentationWidget(QWidget):
                 skipped.append((layer.name, str(err)))
                 continue
             axis = self.axis_combo.axis_for(self.viewer, layer)
+            volume = np.ndim(data) - rgb == 3
+            slices = self._slices_for(layer, axis, int(np.shape(data)[axis])) if volume else None
             kept.append(layer)
-            queries.append(Query(layer.name, data, rgb, axis))
+            queries.append(Query(layer.name, data, rgb, axis, slices))
         if not kept:
             raise OpenSegError("no open image can be segmented: " + "; ".join(reason for _, reason in skipped))
         return kept, queries, [name for name, _ in skipped]
@@ -225,6 +288,7 @@ class SegmentationWidget(QWidget):
             "threshold": self.threshold.value(),
             "method": self.method_combo.currentText(),
             "keep_probabilities": self.probabilities.isChecked(),
+            "extent": self.extent_combo.currentText(),
         }
         expected = describe_expected_time(sum(query.n_slices for query in queries), snapshot.counts(),
                                           options["support_size"], options["ensemble"], on_gpu=on_gpu)
@@ -303,6 +367,7 @@ class SegmentationWidget(QWidget):
         self._show_expected()
         if self.panel.running:
             return
+        self.reset_range()
         self.estimate.setText("")  # it described the support set that was
         counts = support.counts()
         self.status.setText(

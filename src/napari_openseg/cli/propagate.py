@@ -12,13 +12,14 @@ from pathlib import Path
 
 from . import AXIS_HELP
 
-# core.memory.DEFAULT_CAPACITY and core.propagate.DEFAULT_STOP_CONFIDENCE, spelled out so that
-# building the parser imports no torch (a test keeps them equal).
-BANK_SIZE = 16
-STOP_CONFIDENCE = 0.6
-
 
 def register(subparsers) -> None:
+    from ..core.propagation_settings import (  # torch-free
+        DEFAULT_CAPACITY,
+        DEFAULT_SHORT_TERM,
+        DEFAULT_STOP_CONFIDENCE,
+    )
+
     parser = subparsers.add_parser(
         "propagate", help="carry objects painted on one or more slices through a volume"
     )
@@ -26,7 +27,9 @@ def register(subparsers) -> None:
     parser.add_argument("--prompt", required=True, metavar="LABELS", help="labels of the image's shape: painted slice(s), zeros elsewhere")
     parser.add_argument("--out", required=True, metavar="OUT", help="output labels file (.nii.gz, .tif, .npy)")
     parser.add_argument("--axis", type=int, default=0, metavar="A", help=AXIS_HELP)
-    parser.add_argument("--bank-size", type=int, default=BANK_SIZE, metavar="M", help="M: memory bank size per object (default %(default)s)")
+    parser.add_argument("--bank-size", type=int, default=DEFAULT_CAPACITY, metavar="M", help="M: memory bank size per object (default %(default)s)")
+    parser.add_argument("--short-term", type=int, default=DEFAULT_SHORT_TERM, metavar="K",
+                        help="K: each front's short-term memory, its last K accepted slices (0: none; default %(default)s)")
     parser.add_argument("--weights", metavar="NAME|PATH", help="weights name (default openseg-propagate; openseg-default means the same here; "
                         "universeg-v1) or file path")
     parser.add_argument("--json", metavar="OUT", help="also write the per-slice confidence to this JSON file")
@@ -34,7 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--complete-slices", type=int, nargs="+", default=[], metavar="S",
                         help="slices whose labels are complete: an object absent there stops there")
     parser.add_argument("--stop-confidence", type=float, metavar="C",
-                        help=f"slices less confident than C count towards ending an object (default {STOP_CONFIDENCE}; 0 = off)")
+                        help=f"slices less confident than C count towards ending an object (default {DEFAULT_STOP_CONFIDENCE}; 0 = off)")
     parser.add_argument("--unordered", action="store_true",
                         help="the slices are an unordered stack of 2D images (one-prompt segmentation)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
@@ -70,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
             label_values=args.label_values,
             complete_slices=args.complete_slices,
             bank_size=args.bank_size,
+            short_term=args.short_term,
             unordered=args.unordered,
             device=args.device,
             seed=args.seed,

@@ -11,7 +11,7 @@ from . import AXIS_HELP
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs the segmentation engine."""
-    from ..core.engine import CHOICES, DEFAULT_METHOD, DEFAULT_SUPPORT_SIZE
+    from ..core.engine_settings import CHOICES, DEFAULT_METHOD, DEFAULT_SUPPORT_SIZE  # torch-free
 
     parser.add_argument("--weights", help="weights name (openseg-default, universeg-v1) or file path")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
@@ -31,6 +31,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     """The options of a segmentation (``openseg segment`` and ``openseg batch segment``), read back by
     :func:`engine_options`."""
     parser.add_argument("--axis", type=int, default=0, help=AXIS_HELP)
+    parser.add_argument("--slices", metavar="A:B", help="volumes: segment only slices A to B-1 along the axis "
+                        "(either may be left out: 40:, :90); the rest stays background")
+    parser.add_argument("--extent", choices=["all", "auto"], default="all",
+                        help="volumes: 'auto' ends each label where it fades out, starting from the slices "
+                             "painted for it (default %(default)s; docs/propagation.md)")
     parser.add_argument("--label-values", type=int, nargs="+", help="only these tasks")
     parser.add_argument("--threshold", type=float, default=0.5, help="background below this probability")
     parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
@@ -41,12 +46,17 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options of a :class:`~napari_openseg.core.cohort_tasks.SegmentTask` (the keywords of
     :func:`~napari_openseg.core.inference.iter_segment`) that :func:`add_engine_options` set (the
     weights are its positional ``model``)."""
+    from ..core.extent import parse_slice_range
     from ..errors import OpenSegError
 
     if not -3 <= args.axis < 3:  # checked here: the core checks it per volume, after a 2D input's output
         raise OpenSegError(f"--axis must be 0, 1 or 2 (or -1..-3), got {args.axis}")
+    if args.slices is not None:
+        parse_slice_range(args.slices)  # a typo is refused before any work
     return {
         "axis": args.axis,
+        "slices": args.slices,
+        "extent": args.extent,
         "label_values": args.label_values,
         "support_size": args.support_size,
         "ensemble": args.ensemble,
@@ -152,6 +162,9 @@ def segment_all(args: argparse.Namespace, support, options: dict[str, Any]) -> i
                         overwrite=args.overwrite)
         counts = {v: int((result.labels == v).sum()) for v in result.label_values}
         print(f"{out_path}: voxels per label {counts}")
+        if result.extent is not None:
+            kept = ", ".join(f"{v}: {a}:{b}" for v, (a, b) in result.extent.items())
+            print(f"slices kept per label (A:B, B not included): {kept}")
         for line in result.describe_estimates():
             print(f"  {line}")
         report.append({"input": str(image_path), "output": str(out_path), "voxels": {str(v): n for v, n in counts.items()},

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 #: the settings hash, so that a cohort resumed on another device or batch size is not recomputed.
 PLACEMENT_OPTIONS = frozenset({"device", "batch_size", "keep_probabilities"})
 #: A segmentation's options that go to each image's run (``iter_segment_with``); the others make the engine.
-RUN_OPTIONS = frozenset({"axis", "batch_size", "keep_probabilities"})
+RUN_OPTIONS = frozenset({"axis", "batch_size", "keep_probabilities", "slices", "extent"})
 
 
 class CohortTask(Protocol):

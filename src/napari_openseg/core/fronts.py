@@ -7,6 +7,8 @@ a front ends at a blocked slice (another painted slice, or a complete slice wher
 absent), and the slices past that block go to the other front. All fronts advance together: every
 front's first slice, then every front's second, and so on.
 
+Each front has a short-term memory of the last slices it accepted and stops by a :class:`StopRule`.
+
 Unordered stacks: each object in turn takes the remaining image most similar to an entry of its
 memory bank.
 """
@@ -18,10 +20,39 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .memory import MemoryBank
+from .memory import MemoryBank, ShortTermMemory
+from .propagation_settings import DIRECTIONS, PropagationSettings
 
-#: Steps along the slice axis that each direction takes from a prompt.
-DIRECTIONS = {"both": (-1, 1), "forward": (1,), "backward": (-1,)}
+__all__ = ["DIRECTIONS", "Front", "StopRule", "make_fronts", "ordered_schedule", "similarity_schedule"]
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """How one predicted slice counts towards ending its front (see :class:`Front`).
+
+    A slice is ``"vanished"`` when its object covers less than ``min_area`` times the painted area
+    (and at least one pixel), ``"doubtful"`` when it is drawn but its confidence is below
+    ``stop_confidence`` or its area is more than ``max_growth`` times the front's last accepted
+    area, and ``"accepted"`` otherwise.
+    """
+
+    stop_after: int
+    min_area: float
+    stop_confidence: float
+    max_growth: float
+
+    @classmethod
+    def of(cls, settings: PropagationSettings) -> StopRule:
+        return cls(settings.stop_after, settings.min_area, settings.stop_confidence, settings.max_growth)
+
+    def judge(self, area: float, confidence: float, painted_area: float, last_area: float | None) -> str:
+        if area < max(1.0, self.min_area * painted_area):
+            return "vanished"
+        if confidence < self.stop_confidence:
+            return "doubtful"
+        if last_area is not None and area > self.max_growth * last_area:
+            return "doubtful"
+        return "accepted"
 
 
 @dataclass
@@ -29,13 +60,18 @@ class Front:
     """Slices one object's front visits, in order, and how many it has seen vanish in a row.
 
     ``doubtful`` holds the (slice, what was written) of the current run of vanished slices whose
-    prediction was kept because only its confidence was low: if the front stops, they are undone."""
+    prediction was kept because only its confidence was low: if the front stops, they are undone.
+    ``recent`` is the front's short-term memory and ``last_area`` the area of the last slice it
+    accepted (the painted one to begin with); ``origin`` is the painted slice it starts from."""
 
     label: int
     slices: list[int]
     vanished: int = 0
     stopped: bool = False
     doubtful: list = field(default_factory=list)
+    recent: ShortTermMemory = field(default_factory=lambda: ShortTermMemory(0))
+    last_area: float | None = None
+    origin: int | None = None
 
     def observe(self, slice_index: int, vanished: bool, doubtful: bool, written, stop_after: int) -> None:
         """Count one visited slice towards the stop rule: ``stop_after`` vanished or doubtful slices
@@ -81,7 +117,7 @@ def make_fronts(label: int, pinned: list[int], blocked: set[int], n_slices: int,
                 slices.append(s)
                 s += step
             if slices:
-                fronts.append(Front(label, slices))
+                fronts.append(Front(label, slices, origin=start))
     return fronts
 
 

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import OpenSegError
 from .engine import DEFAULT_METHOD, DEFAULT_SUPPORT_SIZE, Engine, Estimate, auto_batch_size
+from .extent import EXTENTS, ExtentTracker, painted_slices, resolve_slice_range
 from .preprocess import Aspect, colour_channels, normalize_intensity
 from .progress import Progress, run_to_end
 from .support import SupportSet, check_image
@@ -38,6 +39,8 @@ class SegmentationResult:
     label_values: list[int]
     probabilities: np.ndarray | None = None
     estimates: dict[int, Estimate] = field(default_factory=dict)
+    #: Per task, the slices ``[first, stop)`` it was kept on (``extent="auto"``; see core/extent.py).
+    extent: dict[int, tuple[int, int]] | None = None
 
     def describe_estimates(self) -> list[str]:
         """One line per task: "label 1: expected Dice 0.81 +/- 0.05 from 16 examples, method: stacked"."""
@@ -92,6 +95,8 @@ def iter_segment(
     rgb: bool | None = None,
     keep_probabilities: bool = True,
     formulation: str = "fast",
+    slices=None,
+    extent: str = "all",
     **stacking,
 ) -> Generator[Progress, None, SegmentationResult]:
     """Segment ``image`` (``"H W"`` or a volume with slices along ``axis``) from ``support``.
@@ -113,25 +118,39 @@ def iter_segment(
         Query slices per forward pass; ``None`` picks one from S and the device.
     formulation
         ``"fast"`` (default) or ``"direct"`` (the paper's, one slice at a time; same result, slower).
+    slices, extent
+        Volumes only: the slice range to segment (``"A:B"``, ``(A, B)``, a ``slice``; A included, B
+        not; indices along ``axis``, which for a NIfTI volume is the file's third axis when 0; the
+        rest stays background), and ``"all"`` or ``"auto"``: each task ends where it fades out, as a
+        propagation front does (:mod:`.extent`; the result's ``extent`` says where; a 2D image is its
+        own extent).
 
     Yields progress while the tasks are fitted (``done`` 0) and then per batch (``payload``:
     ``start``, ``stop`` slice indices and ``labels``, that batch's label map ``"b H W"``); returns a
     :class:`SegmentationResult` with each task's cross-validated estimate.
     """
-    _check_run(image, rgb, axis, batch_size)
+    _check_run(image, rgb, axis, batch_size, slices, extent)
     engine = Engine(support, model, label_values=label_values, support_size=support_size, ensemble=ensemble,
                     threshold=threshold, method=method, device=device, precision=precision, aspect=aspect,
                     seed=seed, formulation=formulation, **stacking)
     return (yield from iter_segment_with(engine, image, axis=axis, rgb=rgb, batch_size=batch_size,
-                                         keep_probabilities=keep_probabilities))
+                                         keep_probabilities=keep_probabilities, slices=slices, extent=extent))
 
 
-def _check_run(image: np.ndarray, rgb: bool | None, axis: int, batch_size: int | None) -> np.ndarray:
+def _check_run(
+    image: np.ndarray, rgb: bool | None, axis: int, batch_size: int | None, slices=None, extent: str = "all"
+) -> np.ndarray:
     image = check_image(image, rgb)
     if batch_size is not None and batch_size < 1:
         raise OpenSegError(f"batch size must be >= 1 (or left out for automatic), got {batch_size}")
     if image.ndim == 3 and not -3 <= axis < 3:
         raise OpenSegError(f"slice axis must be 0, 1 or 2 for a 3D volume, got {axis}")
+    if extent not in EXTENTS:
+        raise OpenSegError(f"extent must be one of {', '.join(EXTENTS)}, got {extent!r}")
+    if image.ndim == 2 and slices is not None:
+        raise OpenSegError("a slice range applies to volumes, not to a 2D image")
+    if image.ndim == 3 and slices is not None:
+        resolve_slice_range(slices, image.shape[axis])  # an empty or malformed range, before any work
     return image
 
 
@@ -143,10 +162,12 @@ def iter_segment_with(
     rgb: bool | None = None,
     batch_size: int | None = None,
     keep_probabilities: bool = True,
+    slices=None,
+    extent: str = "all",
 ) -> Generator[Progress, None, SegmentationResult]:
     """:func:`iter_segment` with an :class:`~napari_openseg.core.engine.Engine` made before (one
     engine segments many images and fits its tasks once)."""
-    grey = _check_run(image, rgb, axis, batch_size)
+    grey = _check_run(image, rgb, axis, batch_size, slices, extent)
     colour = colour_channels(image, rgb)
     volume = normalize_intensity(grey)
     stack = volume[None] if grey.ndim == 2 else np.moveaxis(volume, axis, 0)
@@ -154,6 +175,7 @@ def iter_segment_with(
     if colour is not None and engine.uses_colour(True):
         colour_stack = colour[None] if grey.ndim == 2 else np.moveaxis(colour, axis, 0)
     n_slices, height, width = stack.shape
+    first, last = resolve_slice_range(slices, n_slices)
     values = engine.values
     fitting = engine.iter_fit(colour_stack is not None)
     while True:
@@ -162,7 +184,7 @@ def iter_segment_with(
         except StopIteration as stop:
             estimates = {v: model.estimate for v, model in stop.value.items()}
             break
-        yield Progress(0, n_slices, step.stage)
+        yield Progress(0, last - first, step.stage)
     batch = batch_size or auto_batch_size(engine.support_size, engine.device)
     out_dtype = label_dtype(max(values))
     labels_out = np.zeros((n_slices, height, width), out_dtype)
@@ -170,21 +192,28 @@ def iter_segment_with(
     log.info("segmenting %d slice(s) of %dx%d, tasks %s (%s), S=%d, K=%d on %s",
              n_slices, height, width, values, ", ".join(e.method for e in estimates.values()), engine.support_size,
              engine.ensemble, engine.device)
-    yield Progress(0, n_slices, "segmenting")
-    for start in range(0, n_slices, batch):
-        stop = min(n_slices, start + batch)
+    tracker = None
+    if extent == "auto" and grey.ndim == 3:
+        painted = painted_slices(engine.support, values, stack, axis % 3)
+        tracker = ExtentTracker(values, n_slices, painted, engine.threshold)
+    yield Progress(0, last - first, "segmenting")
+    for start in range(first, last, batch):
+        stop = min(last, start + batch)
         probs = engine.predict(stack[start:stop], None if colour_stack is None else colour_stack[start:stop])
         chunk_labels = combine_tasks(probs, values, engine.threshold, out_dtype)
         labels_out[start:stop] = chunk_labels
         if probs_out is not None:
             probs_out[:, start:stop] = probs.transpose(1, 0, 2, 3)
-        yield Progress(stop, n_slices, "segmenting", {"start": start, "stop": stop, "labels": chunk_labels})
+        if tracker is not None:
+            tracker.add(start, probs, chunk_labels)
+        yield Progress(stop - first, last - first, "segmenting", {"start": start, "stop": stop, "labels": chunk_labels})
 
     if grey.ndim == 2:
         probs_final = probs_out[:, 0] if probs_out is not None else None
         return SegmentationResult(labels_out[0], list(values), probs_final, estimates)
+    extents = tracker.apply(labels_out, probs_out) if tracker is not None else None
     probs_final = np.moveaxis(probs_out, 1, axis % 3 + 1) if probs_out is not None else None
-    return SegmentationResult(np.moveaxis(labels_out, 0, axis), list(values), probs_final, estimates)
+    return SegmentationResult(np.moveaxis(labels_out, 0, axis), list(values), probs_final, estimates, extents)
 
 
 def segment(image: np.ndarray, support: SupportSet, model=None, **kwargs) -> SegmentationResult:

@@ -1,8 +1,12 @@
-"""The self-sorting memory bank (Medical SAM 2, section 3.2) that feeds slice propagation.
+"""Propagation's two memories: the self-sorting long-term bank (Medical SAM 2, section 3.2) of each
+object and the short-term memory of each front (SLM-SAM 2).
 
-The in-context network is the propagator and the bank is its support set: every entry is a slice
+The in-context network is the propagator and the memories are its support: every entry is a slice
 image on the model grid with its mask (painted or predicted), the confidence of that mask and an
-embedding of the image.
+embedding of the image. The long-term bank (:class:`MemoryBank`) keeps the painted slices and the
+most confident and most diverse predictions of an object, whichever front made them; the short-term
+memory (:class:`ShortTermMemory`) keeps the last few slices one front accepted, the nearest
+neighbours of the slice it predicts next, whose object looks most like the one to find.
 
 Embedding. UniverSeg has no query-only encoder: from its first block on, the query's features are
 mixed with the mean of the support, so any network feature of a slice would change with the support
@@ -27,6 +31,9 @@ Rules (``policy="self-sorting"``):
   painted entry most similar to the slice. Its prediction joins the others, so a bank that drifts
   away from what was painted disagrees with it and its confidence falls (docs/propagation.md).
 
+Short-term memory: the last ``size`` slices a front accepted (predicted and not doubtful), oldest
+out first; propagation gives them to the network as a support set of their own.
+
 The other policies are the baselines of the benchmark: ``"fifo"`` (every prediction with foreground
 is admitted and the oldest unpinned entry leaves; retrieval returns the whole bank), ``"admit-all"``
 (every prediction with foreground is admitted, no confidence floor or condition, and replaces ``j``
@@ -44,18 +51,15 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import OpenSegError
+from .propagation_settings import DEFAULT_CAPACITY, DEFAULT_FLOOR, DEFAULT_TEMPERATURE, POLICIES
 
 log = logging.getLogger(__name__)
 
 Policy = Literal["self-sorting", "fifo", "admit-all", "prompt-only"]
-POLICIES: tuple[str, ...] = ("self-sorting", "fifo", "admit-all", "prompt-only")
 
 #: Side of the pooled image that forms an embedding.
 EMBEDDING_GRID = 16
-DEFAULT_CAPACITY = 16
-DEFAULT_FLOOR = 0.5
 DEFAULT_MARGIN = 0.1
-DEFAULT_TEMPERATURE = 0.05
 
 
 def slice_embeddings(images: torch.Tensor) -> torch.Tensor:
@@ -241,3 +245,23 @@ class MemoryBank:
         if prompt_set and count > 1:
             sets[-1] = self._most_similar_pinned_index(embedding)
         return sets
+
+
+class ShortTermMemory:
+    """The last ``size`` slices one front accepted, oldest out first (``size`` 0 keeps nothing)."""
+
+    def __init__(self, size: int):
+        if size < 0:
+            raise OpenSegError(f"the short-term memory holds 0 or more slices, got {size}")
+        self.size = int(size)
+        self.entries: list[MemoryEntry] = []
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def accept(self, entry: MemoryEntry) -> bool:
+        """Keep ``entry`` (an accepted slice with foreground) as the newest; whether it was kept."""
+        if self.size == 0 or entry.foreground == 0:
+            return False
+        self.entries = [*self.entries, entry][-self.size :]
+        return True

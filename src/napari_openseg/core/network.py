@@ -23,12 +23,11 @@ import torch
 
 from ..errors import OpenSegError
 from .device import resolve_device, resolve_precision
+from .engine_settings import DEFAULT_SUPPORT_SIZE  # noqa: F401 (re-exported: S when none is asked for)
 from .ensemble import EnsembleMean
 from .preprocess import Aspect, GridMapping, from_grid, masks_to_grid, to_grid
 from .support import SupportEntry
 
-#: Entries per prediction (S) when none is asked for.
-DEFAULT_SUPPORT_SIZE = 16
 #: Memory the encoded support sets of one run may keep between batches.
 ENCODED_SUPPORT_BUDGET = 2 * 1024**3
 FORMULATIONS = ("fast", "direct")

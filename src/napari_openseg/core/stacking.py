@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import OpenSegError
+from .engine_settings import CHOICES, DEFAULT_METHOD, METHODS
 from .network import Network, with_masks
 from .pixel_classifier import (
     DEFAULT_CLASSIFIER,
@@ -45,9 +46,6 @@ from .support import SupportEntry
 
 log = logging.getLogger(__name__)
 
-METHODS = ("network", "pixel-classifier", "stacked")
-CHOICES = ("auto", *METHODS)
-DEFAULT_METHOD = "auto"
 DEFAULT_FOLDS = 4
 #: Fewer entries than this are not cross-validated (``auto`` runs the network alone).
 MIN_CV_ENTRIES = 3
