@@ -85,10 +85,10 @@ def train(args) -> None:
 
 
 def maps(args) -> None:
-    from napari_openseg.core.inference import load_support
     from napari_openseg.core.novelty_free import training_free_novelty
     from napari_openseg.core.novelty_map import novelty_map
     from napari_openseg.core.novelty_model import NoveltyModel
+    from napari_openseg.core.support import load_support
 
     folder = args.out_dir / "lgg_maps"
     folder.mkdir(parents=True, exist_ok=True)

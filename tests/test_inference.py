@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from napari_openseg.core.inference import combine_tasks, iter_segment, label_dtype, segment
+from napari_openseg.core.inference import combine_tasks, iter_segment, segment
 from napari_openseg.core.progress import Progress
-from napari_openseg.core.support import build_support_set
+from napari_openseg.core.support import build_support_set, label_dtype
 from napari_openseg.errors import OpenSegError
 
 

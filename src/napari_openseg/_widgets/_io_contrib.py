@@ -31,8 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from napari_openseg.core.inference import label_dtype
-from napari_openseg.core.support import FORMAT_NAME, METADATA_KEY
+from napari_openseg.core.support import FORMAT_NAME, METADATA_KEY, label_dtype
 from napari_openseg.errors import OpenSegError
 from napari_openseg.file_limits import MAX_SUPPORT_EXPANSION, read_npz
 from napari_openseg.io import NIFTI_SUFFIXES, ImageData, read_image, smallest_integer_array

@@ -227,10 +227,10 @@ def run_map(args: argparse.Namespace) -> int:
 def _map(args: argparse.Namespace, out: Path, extra: dict[str, Path]) -> int:
     import numpy as np
 
-    from ..core.inference import load_support
     from ..core.novelty_free import iter_training_free_novelty
     from ..core.novelty_map import iter_novelty_map
     from ..core.novelty_model import NoveltyModel, check_mask, check_seed
+    from ..core.support import load_support
     from ..errors import OpenSegError
     from ..io import read_image, write_image
     from ._progress import with_progress_bar

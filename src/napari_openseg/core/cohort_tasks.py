@@ -133,7 +133,7 @@ class SegmentTask:
     tag: ClassVar[str] = "labels"
 
     def settings(self) -> dict[str, Any]:
-        from .inference import load_support
+        from .support import load_support
 
         # the support set's entries, not its file's bytes: the same set saved again is the same setting
         return {
@@ -148,7 +148,7 @@ class SegmentTask:
         task's options (on ``device`` when given, else the options' device): support set and network
         loaded and checked; its tasks are fitted on the first image and kept for the rest."""
         from .engine import Engine
-        from .inference import load_support
+        from .support import load_support
 
         options = {key: value for key, value in self.options.items() if key not in RUN_OPTIONS}
         if device is not None:
@@ -204,7 +204,7 @@ class NoveltyTask:
             )
 
     def settings(self) -> dict[str, Any]:
-        from .inference import load_support
+        from .support import load_support
 
         seed = [digest(part) for part in self.unknown_seed] if self.unknown_seed is not None else None
         if self.model is not None:
@@ -221,9 +221,9 @@ class NoveltyTask:
         """``(novelty model, None, None)`` or ``(support set, network, unknown seed arrays)``; the map
         moves them to its device (``device`` comes to :meth:`iter_run` as an override)."""
         from ..io import read_image
-        from .inference import load_support
         from .network import load_network
         from .novelty_model import NoveltyModel, check_seed
+        from .support import load_support
 
         if self.model is not None:
             model = self.model if isinstance(self.model, NoveltyModel) else NoveltyModel.load(self.model)

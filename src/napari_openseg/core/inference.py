@@ -25,7 +25,7 @@ from .engine import DEFAULT_METHOD, DEFAULT_SUPPORT_SIZE, Engine, Estimate, auto
 from .extent import EXTENTS, ExtentTracker, painted_slices, resolve_slice_range
 from .preprocess import Aspect, colour_channels, normalize_intensity
 from .progress import Progress, run_to_end
-from .support import SupportSet, check_image
+from .support import SupportSet, check_image, label_dtype
 
 log = logging.getLogger(__name__)
 
@@ -50,16 +50,6 @@ class SegmentationResult:
         if self.probabilities is None:
             raise OpenSegError("probabilities were not kept; run with keep_probabilities=True")
         return self.probabilities[self.label_values.index(label)]
-
-
-def label_dtype(max_label: int) -> np.dtype:
-    """Smallest unsigned type that holds every label value."""
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if max_label <= np.iinfo(dtype).max:
-            return np.dtype(dtype)
-    if max_label > np.iinfo(np.int64).max:
-        raise OpenSegError(f"label value {max_label} is beyond 64-bit labels; renumber the labels")
-    return np.dtype(np.int64)
 
 
 def combine_tasks(
@@ -221,10 +211,3 @@ def segment(image: np.ndarray, support: SupportSet, model=None, **kwargs) -> Seg
     return run_to_end(iter_segment(image, support, model, **kwargs))
 
 
-def load_support(support: SupportSet | str | Path) -> SupportSet:
-    """A support set, or the one stored in a file."""
-    if isinstance(support, SupportSet):
-        return support
-    if isinstance(support, (str, Path)):
-        return SupportSet.load(support)
-    raise OpenSegError(f"support must be a SupportSet or the path of a support-set file, got {type(support).__name__}")

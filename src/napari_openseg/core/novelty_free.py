@@ -28,7 +28,6 @@ import torch
 
 from ..errors import OpenSegError
 from .engine import DEFAULT_SUPPORT_SIZE, auto_batch_size, prepare_network
-from .inference import label_dtype, load_support
 from .novelty import (
     APPEARANCE_SIGMA,
     DEFAULT_SIDE,
@@ -43,7 +42,7 @@ from .novelty_model import body_mask, check_mask, check_seed, check_volume
 from .preprocess import from_grid, masks_to_grid, normalize_intensity, to_grid
 from .progress import Progress, run_to_end
 from .prototypes import DEFAULT_MOMENTUM, PrototypeBank
-from .support import SupportSet
+from .support import SupportSet, label_dtype, load_support
 
 log = logging.getLogger(__name__)
 

@@ -211,7 +211,7 @@ def iter_novelty_map(
 
 def _segmentation(logits: torch.Tensor, shape: tuple[int, ...], class_values: list[int]) -> np.ndarray:
     """Argmax over resized logits ``"K d h w"``, one class at a time, as label values."""
-    from .inference import label_dtype
+    from .support import label_dtype
 
     best = best_index = None
     for index, channel in enumerate(logits):

@@ -38,7 +38,6 @@ from .confidence import combine, consistency, draw_measures
 from .engine import ENCODED_SUPPORT_BUDGET, encode_tensors, prepare_network, probabilities
 from .ensemble import combine_members
 from .fronts import Front, StopRule, make_fronts, ordered_schedule, similarity_schedule
-from .inference import label_dtype
 from .memory import MemoryBank, MemoryEntry, ShortTermMemory, slice_embeddings
 from .preprocess import Aspect, from_grid, masks_to_grid, normalize_intensity, to_grid
 from .progress import Progress, run_to_end
@@ -50,7 +49,7 @@ from .propagation_settings import (
     DIRECTIONS,
     PropagationSettings,
 )
-from .support import check_image, check_labels
+from .support import check_image, check_labels, label_dtype
 
 __all__ = [
     "DEFAULT_DRAWS",

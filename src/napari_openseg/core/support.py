@@ -506,3 +506,22 @@ def coverage_warning(entries: Sequence[SupportEntry], share: float = SPARSE_COVE
 def build_support_set(image: np.ndarray, labels: np.ndarray, **kwargs) -> SupportSet:
     """A new :class:`SupportSet` from one image and its labels; see :func:`entries_from_arrays`."""
     return SupportSet(entries=entries_from_arrays(image, labels, **kwargs))
+
+
+def label_dtype(max_label: int) -> np.dtype:
+    """Smallest unsigned type that holds every label value."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if max_label <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    if max_label > np.iinfo(np.int64).max:
+        raise OpenSegError(f"label value {max_label} is beyond 64-bit labels; renumber the labels")
+    return np.dtype(np.int64)
+
+
+def load_support(support: SupportSet | str | Path) -> SupportSet:
+    """A support set, or the one stored in a file."""
+    if isinstance(support, SupportSet):
+        return support
+    if isinstance(support, (str, Path)):
+        return SupportSet.load(support)
+    raise OpenSegError(f"support must be a SupportSet or the path of a support-set file, got {type(support).__name__}")
