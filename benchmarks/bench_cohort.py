@@ -118,7 +118,7 @@ def stage_times(volumes: list[Path], support: Path, options: dict) -> dict[str, 
     worker does once, on its first item."""
     import numpy as np
 
-    from napari_openseg.core.cohort_tasks import SegmentTask
+    from napari_openseg.core.cohort.tasks import SegmentTask
     from napari_openseg.io import ImageData, read_image, write_image
     from napari_openseg.model.registry import clear_cache
 

@@ -23,8 +23,8 @@ import torch
 from napari_openseg.core.metrics import dice_score
 from napari_openseg.model.fast import fast_forward
 from napari_openseg.model.registry import network_from_file
+from napari_openseg.training.incontext.tasks import build_bank, sample_episode, shared_volumes
 from napari_openseg.training.splits import shared_data_dir
-from napari_openseg.training.tasks import build_bank, sample_episode, shared_volumes
 
 
 def measure(weights: str, bank, episodes: int, support_size: int, seed: int) -> dict[str, float]:

@@ -244,7 +244,7 @@ def print_quality(results: dict, args) -> None:
 
 def timing(args, data: Path) -> None:
     """CPU seconds to segment 3D volumes with the network alone and with auto (S = 16, K = 1)."""
-    from napari_openseg.core.inference import segment
+    from napari_openseg.core.segment.inference import segment
     from napari_openseg.core.support import build_support_set
     from napari_openseg.io import read_image
     from napari_openseg.sample import evenly_spaced_slices, load_sample

@@ -6,7 +6,7 @@ Protocol (needs ../shared/data). Each structure is painted (its true mask) on th
 axis 0: the slices at 25 %, 50 % and 75 % of its true extent. One support set holds every painted
 slice of every structure; the volume is segmented once with every slice (``extent="all"``), and the
 auto extent's stop rules are then applied by the same code ``iter_segment`` runs
-(:class:`~napari_openseg.core.extent.ExtentTracker` on the same probabilities), so each row is
+(:class:`~napari_openseg.core.segment.extent.ExtentTracker` on the same probabilities), so each row is
 exactly what ``segment(..., extent="auto", ...)`` with that rule returns.
 
 Data: ``--split val`` (choices): eight structures of the VoxelMorph scan (lateral ventricle,
@@ -26,7 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_openseg.core.extent import (
+from napari_openseg.core.metrics import dice_score
+from napari_openseg.core.preprocess import normalize_intensity
+from napari_openseg.core.segment.extent import (
     EXTENT_MARGIN,
     EXTENT_MIN_AREA,
     EXTENT_RELATIVE,
@@ -37,9 +39,7 @@ from napari_openseg.core.extent import (
     painted_range,
     painted_slices,
 )
-from napari_openseg.core.inference import segment
-from napari_openseg.core.metrics import dice_score
-from napari_openseg.core.preprocess import normalize_intensity
+from napari_openseg.core.segment.inference import segment
 from napari_openseg.core.support import build_support_set
 from napari_openseg.io import read_image
 from napari_openseg.model.registry import load_model

@@ -38,7 +38,7 @@ from tests._hostile import (  # noqa: E402
 
 #: Imports, and a first network on the meta device (PyTorch's meta machinery takes about 77 MiB once).
 NOVELTY_IMPORTS = """
-from napari_openseg.core.novelty_model import NoveltyModel
+from napari_openseg.core.novelty.model import NoveltyModel
 from napari_openseg.model.medopenseg import MedOpenSegConfig, state_dict_shapes
 state_dict_shapes(MedOpenSegConfig())
 """
@@ -49,8 +49,8 @@ expected_shapes(UniverSegConfig())
 """
 TINY_NET = """
 import numpy as np, torch
-from napari_openseg.core.inference import segment
-from napari_openseg.core.propagate import propagate
+from napari_openseg.core.segment.inference import segment
+from napari_openseg.core.propagate.propagation import propagate
 from napari_openseg.core.support import build_support_set
 from napari_openseg.io import read_image
 from napari_openseg.model.universeg import build_network
@@ -79,8 +79,8 @@ def support_meta(count: int = 1) -> bytes:
 
 
 def novelty_file(folder: Path, **config) -> Path:
-    from napari_openseg.core.novelty_model import NoveltyModel
-    from napari_openseg.core.prototypes import PrototypeBank
+    from napari_openseg.core.novelty.model import NoveltyModel
+    from napari_openseg.core.novelty.prototypes import PrototypeBank
     from napari_openseg.model.medopenseg import MedOpenSeg, MedOpenSegConfig
 
     torch.manual_seed(0)

@@ -39,7 +39,7 @@ DEFAULT_OUT = Path(__file__).resolve().parents[1] / "runs" / "bench_novelty"
 
 def train(args) -> None:
     from napari_openseg.cli._progress import with_progress_bar
-    from napari_openseg.training.novelty_train import NoveltyTrainSettings, iter_train_novelty
+    from napari_openseg.training.novelty.train import NoveltyTrainSettings, iter_train_novelty
 
     case = protocol.load_case(args.data)
     settings = NoveltyTrainSettings(
@@ -70,7 +70,7 @@ def _model_path(args) -> Path:
 
 
 def _auroc_rows(label: str, raw: np.ndarray, mask: np.ndarray, k: int, use_unknown: bool, truth: dict) -> dict:
-    from napari_openseg.core.novelty import auroc, maps_from_raw
+    from napari_openseg.core.novelty.scores import auroc, maps_from_raw
 
     maps = maps_from_raw(raw, mask, k, use_unknown)
     row = {"variant": label}
@@ -89,8 +89,8 @@ def _truth(case: dict) -> dict:
 
 def evaluate(args) -> None:
     from napari_openseg.core.metrics import dice_per_label
-    from napari_openseg.core.novelty_map import novelty_map, unknown_seed_embeddings
-    from napari_openseg.core.novelty_model import NoveltyModel
+    from napari_openseg.core.novelty.model import NoveltyModel
+    from napari_openseg.core.novelty.volume_map import novelty_map, unknown_seed_embeddings
 
     case = protocol.load_case(args.data)
     truth = _truth(case)
@@ -144,7 +144,7 @@ def _save(args, stage: str, result: dict) -> None:
 
 def free(args) -> None:
     from napari_openseg.core.metrics import dice_per_label
-    from napari_openseg.core.novelty_free import (
+    from napari_openseg.core.novelty.free import (
         training_free_novelty,
     )
     from napari_openseg.core.support import build_support_set
@@ -223,9 +223,9 @@ def _rss_gib() -> float:
 def _time_one(args) -> None:
     import torch
 
-    from napari_openseg.core.novelty_free import iter_training_free_novelty
-    from napari_openseg.core.novelty_map import iter_novelty_map
-    from napari_openseg.core.novelty_model import NoveltyModel
+    from napari_openseg.core.novelty.free import iter_training_free_novelty
+    from napari_openseg.core.novelty.model import NoveltyModel
+    from napari_openseg.core.novelty.volume_map import iter_novelty_map
     from napari_openseg.core.progress import Progress
     from napari_openseg.core.support import build_support_set
     from napari_openseg.model.medopenseg import MedOpenSeg, MedOpenSegConfig
@@ -269,10 +269,10 @@ def _time_one(args) -> None:
 def _default_model(num_classes: int):
     """The architecture ``openseg novelty train`` makes by default, untrained (timing only), with
     random unit prototypes."""
-    from napari_openseg.core.novelty_model import NoveltyModel
-    from napari_openseg.core.prototypes import PrototypeBank
+    from napari_openseg.core.novelty.model import NoveltyModel
+    from napari_openseg.core.novelty.prototypes import PrototypeBank
     from napari_openseg.model.medopenseg import MedOpenSeg, MedOpenSegConfig
-    from napari_openseg.training.novelty_train import NoveltyTrainSettings
+    from napari_openseg.training.novelty.train import NoveltyTrainSettings
 
     settings = NoveltyTrainSettings()
     torch.manual_seed(0)

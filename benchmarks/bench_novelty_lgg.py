@@ -54,7 +54,7 @@ def support(args) -> None:
 
 def train(args) -> None:
     from napari_openseg.cli._progress import with_progress_bar
-    from napari_openseg.training.novelty_train import NoveltyTrainSettings, iter_train_novelty
+    from napari_openseg.training.novelty.train import NoveltyTrainSettings, iter_train_novelty
 
     cases = [lgg.load_case(args.data, c) for c in lgg.cases(args.data, "train")]
     settings = NoveltyTrainSettings(ignore_values=(lgg.IGNORED,), seed=0)
@@ -85,9 +85,9 @@ def train(args) -> None:
 
 
 def maps(args) -> None:
-    from napari_openseg.core.novelty_free import training_free_novelty
-    from napari_openseg.core.novelty_map import novelty_map
-    from napari_openseg.core.novelty_model import NoveltyModel
+    from napari_openseg.core.novelty.free import training_free_novelty
+    from napari_openseg.core.novelty.model import NoveltyModel
+    from napari_openseg.core.novelty.volume_map import novelty_map
     from napari_openseg.core.support import load_support
 
     folder = args.out_dir / "lgg_maps"
@@ -135,7 +135,7 @@ def _load_maps(args, case_id: str) -> dict:
 
 def _normalised_maps(stored: dict, case: dict, normalized: np.ndarray, sides, sigmas) -> dict:
     """Cosine, distance and every (side, sigma) appearance map, normalised inside the head."""
-    from napari_openseg.core.novelty import appearance_novelty, novelty_components, robust_normalize
+    from napari_openseg.core.novelty.scores import appearance_novelty, novelty_components, robust_normalize
 
     head = case["head"]
     cosine, distance = novelty_components(stored["raw"].astype(np.float32), int(stored["num_classes"]), False)
@@ -147,7 +147,7 @@ def _normalised_maps(stored: dict, case: dict, normalized: np.ndarray, sides, si
 
 
 def _auroc(score, positive, negative, sample) -> float:
-    from napari_openseg.core.novelty import auroc
+    from napari_openseg.core.novelty.scores import auroc
 
     if sample is None:
         return auroc(score, positive, negative)
@@ -158,7 +158,7 @@ def _auroc(score, positive, negative, sample) -> float:
 def score(args) -> None:
     from scipy import ndimage
 
-    from napari_openseg.core.novelty import APPEARANCE_SIGMA, DEFAULT_SIDE, DEFAULT_WEIGHTS, fuse
+    from napari_openseg.core.novelty.scores import APPEARANCE_SIGMA, DEFAULT_SIDE, DEFAULT_WEIGHTS, fuse
     from napari_openseg.core.preprocess import normalize_intensity
 
     chosen = lgg.cases(args.data, args.split)[: args.limit or None]

@@ -54,8 +54,8 @@ import numpy as np
 import torch
 
 from napari_openseg.core.metrics import dice_score
-from napari_openseg.core.propagate import iter_propagate
-from napari_openseg.core.propagation_settings import PropagationSettings
+from napari_openseg.core.propagate.propagation import iter_propagate
+from napari_openseg.core.propagate.settings import PropagationSettings
 from napari_openseg.io import read_image
 from napari_openseg.model.registry import load_model
 from napari_openseg.training.splits import hippocampus_splits, shared_data_dir

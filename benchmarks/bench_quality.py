@@ -106,7 +106,7 @@ def on_grid(net, grid: int):
 
 def inference_time(net, repeats: int = 3) -> float:
     """Seconds per 128x128 query slice with S = 16, K = 1 (default batch), best of ``repeats``."""
-    from napari_openseg.core.inference import segment
+    from napari_openseg.core.segment.inference import segment
     from napari_openseg.core.support import build_support_set
 
     rng = np.random.default_rng(0)

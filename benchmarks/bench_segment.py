@@ -20,7 +20,7 @@ thresholded at the median of the direct probabilities; with trained weights (``-
 (``auto``), for every S: the automatic choice is checked against what it could have picked.
 
 ``--ensembles 1 2 5`` times the fast float32 path (the default settings of ``openseg segment``) for
-every S and each K, seconds per slice: what ``core/expected_time.py`` quotes before a run. The
+every S and each K, seconds per slice: what ``core/segment/expected_time.py`` quotes before a run. The
 support volume has more entries per task than S, so every one of the K subsets is a distinct draw.
 
     python benchmarks/bench_segment.py --ensembles 1 2 5 --support-sizes 1 4 16 64 --slices 8 \
@@ -68,8 +68,8 @@ def current_rss_mb() -> float:
 def worker(args: argparse.Namespace) -> None:
     import torch
 
-    from napari_openseg.core.inference import iter_segment
     from napari_openseg.core.progress import run_to_end
+    from napari_openseg.core.segment.inference import iter_segment
     from napari_openseg.core.support import build_support_set
     from napari_openseg.model.registry import load_model, network_from_file
     from napari_openseg.model.universeg import UniverSeg

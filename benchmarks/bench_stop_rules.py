@@ -41,8 +41,8 @@ from bench_propagation import (
     lgg_cases,
     prompt_of,
 )
-from napari_openseg.core.fronts import Front, StopRule
-from napari_openseg.core.propagate import iter_propagate
+from napari_openseg.core.propagate.fronts import Front, StopRule
+from napari_openseg.core.propagate.propagation import iter_propagate
 from napari_openseg.model.registry import load_model
 from napari_openseg.sample import load_sample
 from napari_openseg.training.splits import shared_data_dir

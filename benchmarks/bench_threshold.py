@@ -79,7 +79,7 @@ def slice_dice(net, data: Path, sizes: list[int]) -> list[tuple[str, int, dict[s
 def volume_dice(data: Path) -> list[tuple[str, dict[str, float]]]:
     import nibabel as nib
 
-    from napari_openseg.core.inference import segment
+    from napari_openseg.core.segment.inference import segment
     from napari_openseg.core.support import SupportSet, build_support_set
     from napari_openseg.sample import evenly_spaced_slices, load_sample
     from napari_openseg.training.splits import hippocampus_splits

@@ -20,9 +20,9 @@ import torch  # noqa: E402
 
 from napari_openseg.model.fast import fast_forward  # noqa: E402
 from napari_openseg.model.universeg import build_network  # noqa: E402
-from napari_openseg.training.augment import augment_entries, augment_task  # noqa: E402
-from napari_openseg.training.episodes import EpisodeConfig, soft_dice_loss, training_batch  # noqa: E402
-from napari_openseg.training.synth import SynthConfig, synthetic_task  # noqa: E402
+from napari_openseg.training.incontext.augment import augment_entries, augment_task  # noqa: E402
+from napari_openseg.training.incontext.episodes import EpisodeConfig, soft_dice_loss, training_batch  # noqa: E402
+from napari_openseg.training.incontext.synth import SynthConfig, synthetic_task  # noqa: E402
 
 
 def timed(function, repeats: int) -> float:

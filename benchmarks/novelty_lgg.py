@@ -6,7 +6,7 @@ label 1 = the FLAIR abnormality, the tumour). Research licence: evaluation only.
 * **Split**: the task bank's (:mod:`napari_openseg.training.taskbank`), a stable hash of the case id:
   ``sha256("lgg_flair_volumes:<case>")`` mapped to [0, 1), below 0.7 train, below 0.85 val, else test
   (33 / 6 / 11 patients).
-* **Inside the head**: :func:`~napari_openseg.core.novelty_model.body_mask` of the volume.
+* **Inside the head**: :func:`~napari_openseg.core.novelty.model.body_mask` of the volume.
 * **What the user painted** (healthy tissue only; the tumour is never labelled): 1 = *scalp and
   skull*, head voxels within :data:`RING_PX` pixels of the head's outline in their slice; 2 = *inside
   the skull*, the deeper head voxels; 0 = background. The training-free option's support set holds
@@ -47,7 +47,7 @@ def cases(data_dir: Path, split: str | None = None) -> list[str]:
 
 def load_case(data_dir: Path, case: str) -> dict:
     """Image, tumour mask, head mask and the painted healthy classes of one patient."""
-    from napari_openseg.core.novelty_model import body_mask
+    from napari_openseg.core.novelty.model import body_mask
     from napari_openseg.core.preprocess import normalize_intensity
     from napari_openseg.io import read_image
 

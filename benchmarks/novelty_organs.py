@@ -123,8 +123,8 @@ def run(args) -> None:
     """Stage ``organs``: training-free maps of every case, AUROC of each map, beside plain intensity."""
     import time
 
-    from napari_openseg.core.novelty import APPEARANCE_SIGMA, DEFAULT_WEIGHTS, auroc, maps_from_raw
-    from napari_openseg.core.novelty_free import training_free_novelty
+    from napari_openseg.core.novelty.free import training_free_novelty
+    from napari_openseg.core.novelty.scores import APPEARANCE_SIGMA, DEFAULT_WEIGHTS, auroc, maps_from_raw
     from napari_openseg.core.preprocess import normalize_intensity
     from napari_openseg.core.support import build_support_set
 

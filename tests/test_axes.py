@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from napari_openseg.core.axes import axis_text, shape_text
-from napari_openseg.core.novelty_free import iter_training_free_novelty
-from napari_openseg.core.novelty_model import check_volume
-from napari_openseg.core.propagate import iter_propagate
+from napari_openseg.core.novelty.free import iter_training_free_novelty
+from napari_openseg.core.novelty.model import check_volume
+from napari_openseg.core.propagate.propagation import iter_propagate
 from napari_openseg.core.support import SupportSet
 from napari_openseg.errors import OpenSegError
 

@@ -8,8 +8,7 @@ import pytest
 
 from napari_openseg.cli import main
 from napari_openseg.training.splits import shared_data_dir
-
-from .conftest import needs_shared
+from tests.conftest import needs_shared
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def test_default_weights_are_bundled_small_and_documented(name):
 
 def test_default_weights_segment_a_bright_square_from_one_example():
     """Smoke test of real use: one labelled slice of a simple volume is enough for the next slices."""
-    from napari_openseg.core.inference import segment
+    from napari_openseg.core.segment.inference import segment
     from napari_openseg.core.support import build_support_set
 
     rng = np.random.default_rng(0)

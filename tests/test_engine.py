@@ -205,7 +205,7 @@ def test_one_network_is_prepared_once_and_reused(tiny_net):
 
 @pytest.mark.parametrize("method", ["network", "pixel-classifier", "stacked", "auto"])
 def test_every_method_segments_a_volume_in_batches_the_same_way(tiny_net, method):
-    from napari_openseg.core.inference import segment
+    from napari_openseg.core.segment.inference import segment
 
     rng = np.random.default_rng(6)
     pairs = [flat_classes(rng) for _ in range(5)]

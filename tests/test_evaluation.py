@@ -13,8 +13,7 @@ from napari_openseg.errors import OpenSegError
 from napari_openseg.evaluation.baselines import label_prior
 from napari_openseg.evaluation.data import SINGLE_VOLUME_GAP, find_folder, single_volume_split, split_cases
 from napari_openseg.evaluation.evaluate import METHODS, evaluate, iter_evaluate
-
-from .conftest import needs_shared
+from tests.conftest import needs_shared
 
 pytest.importorskip("sklearn")
 iio = pytest.importorskip("imageio.v3")

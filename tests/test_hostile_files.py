@@ -12,22 +12,21 @@ import pytest
 import torch
 
 from napari_openseg.cli import main
-from napari_openseg.core.novelty_model import NoveltyModel
-from napari_openseg.core.prototypes import PrototypeBank
+from napari_openseg.core.novelty.model import NoveltyModel
+from napari_openseg.core.novelty.prototypes import PrototypeBank
 from napari_openseg.core.support import FORMAT_NAME, FORMAT_VERSION, SupportSet
 from napari_openseg.errors import OpenSegError
 from napari_openseg.file_limits import human_size
 from napari_openseg.io import read_image
 from napari_openseg.model import registry
 from napari_openseg.model.universeg import UniverSeg, build_network
-
-from ._hostile import MIB, gzip_bytes, measure, nifti_header, npy_header, write_gzip_bomb, write_zip
+from tests._hostile import MIB, gzip_bytes, measure, nifti_header, npy_header, write_gzip_bomb, write_zip
 
 #: The most a refused file may raise the peak memory (imports excluded): far below what it declares.
 SMALL_MIB = 64
 #: Imports, and a first network on the meta device: PyTorch's meta machinery takes about 77 MiB once.
 IMPORT_NOVELTY = """
-from napari_openseg.core.novelty_model import NoveltyModel
+from napari_openseg.core.novelty.model import NoveltyModel
 from napari_openseg.model.medopenseg import MedOpenSegConfig, state_dict_shapes
 state_dict_shapes(MedOpenSegConfig())
 """

@@ -19,10 +19,11 @@ import pytest
 
 from napari_openseg import io
 from napari_openseg.cli import main
-from napari_openseg.core import novelty_free, novelty_map
-from napari_openseg.core.inference import segment
-from napari_openseg.core.novelty_model import check_volume
-from napari_openseg.core.propagate import propagate
+from napari_openseg.core.novelty import free as novelty_free
+from napari_openseg.core.novelty import volume_map as novelty_map
+from napari_openseg.core.novelty.model import check_volume
+from napari_openseg.core.propagate.propagation import propagate
+from napari_openseg.core.segment.inference import segment
 from napari_openseg.core.support import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -32,8 +33,7 @@ from napari_openseg.core.support import (
     check_labels,
 )
 from napari_openseg.errors import OpenSegError
-
-from ._hostile import measure
+from tests._hostile import measure
 
 
 @pytest.fixture
@@ -177,7 +177,7 @@ def test_a_4_by_20000_image_is_segmented_without_a_20000_square(tmp_path):
     tifffile.imwrite(path, np.random.default_rng(0).random((4, 20000)).astype(np.float32))
     setup = f"""
         import numpy as np, torch
-        from napari_openseg.core.inference import segment
+        from napari_openseg.core.segment.inference import segment
         from napari_openseg.core.support import build_support_set
         from napari_openseg.io import read_image
         from napari_openseg.model.universeg import build_network
@@ -469,7 +469,7 @@ def test_novelty_masks_and_seeds_are_checked_before_any_work(small_support, monk
 
 
 def test_novelty_seed_checks_the_mask_before_loading_the_model(tmp_path, monkeypatch, capsys):
-    from napari_openseg.core import novelty_model
+    from napari_openseg.core.novelty import model as novelty_model
 
     def no_work(*args, **kwargs):
         raise AssertionError("the model was loaded before the inputs were checked")

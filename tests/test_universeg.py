@@ -7,8 +7,7 @@ import torch
 
 from napari_openseg.model.fast import encode_support, fast_features, fast_forward
 from napari_openseg.model.universeg import UniverSeg, UniverSegConfig, build_network, config_from_state_dict
-
-from .conftest import SHARED_REFS, needs_shared
+from tests.conftest import SHARED_REFS, needs_shared
 
 # The official v1 layout (JJGO/UniverSeg@833a0c3): block -> (cross-conv input channels).
 ENC_CROSS_IN = [3, 128, 128, 128]

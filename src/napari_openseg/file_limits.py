@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import OpenSegError
+from napari_openseg.errors import OpenSegError
 
 MEMORY_LIMIT_ENV = "OPENSEG_MEMORY_LIMIT"
 #: deflate cannot expand data more than 1032 times (258-byte matches coded in 2 bits).

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import OpenSegError
-from .file_limits import (
+from napari_openseg.errors import OpenSegError
+from napari_openseg.file_limits import (
     CHUNK,
     EXPANSION_FLOOR,
     MAX_DEFLATE_EXPANSION,
@@ -32,7 +32,7 @@ from .file_limits import (
     drain,
     read_npy,
 )
-from .output_files import NEW_FILE_MODE, atomic_path, check_output, same_file  # noqa: F401 (re-exported)
+from napari_openseg.output_files import NEW_FILE_MODE, atomic_path, check_output, same_file  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
 

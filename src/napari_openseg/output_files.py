@@ -11,7 +11,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import OpenSegError
+from napari_openseg.errors import OpenSegError
 
 
 def _new_file_mode() -> int:

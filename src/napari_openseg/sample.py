@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import ImageData, read_image
+from napari_openseg.io import ImageData, read_image
 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample_data"
 SAMPLE_IMAGE = SAMPLE_DIR / "mni152_2mm_t1.nii.gz"

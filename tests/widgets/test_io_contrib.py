@@ -16,8 +16,7 @@ from napari_openseg._widgets._io_contrib import (
 from napari_openseg._widgets._session import get_session
 from napari_openseg.core.support import build_support_set
 from napari_openseg.errors import OpenSegError
-
-from .conftest import disc_volume
+from tests.widgets.conftest import disc_volume
 
 AFFINE = np.array([[1.5, 0, 0, -20], [0, 2.0, 0, 10], [0, 0, 3.0, 5], [0, 0, 0, 1]])
 

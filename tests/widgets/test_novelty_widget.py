@@ -10,11 +10,10 @@ from napari_openseg._widgets import novelty_widget
 from napari_openseg._widgets._layers import owner_info
 from napari_openseg._widgets._session import get_session
 from napari_openseg._widgets.novelty_widget import FREE, NO_SEED, TRAINED, NoveltyWidget
-from napari_openseg.core.novelty_model import NoveltyModel
+from napari_openseg.core.novelty.model import NoveltyModel
 from napari_openseg.core.support import build_support_set
-from napari_openseg.training.novelty_train import train_novelty
-
-from .._novelty_data import sphere_volume, tiny_settings
+from napari_openseg.training.novelty.train import train_novelty
+from tests._novelty_data import sphere_volume, tiny_settings
 
 pytestmark = pytest.mark.qt
 

@@ -12,9 +12,8 @@ from napari_openseg._widgets import propagate_widget
 from napari_openseg._widgets._layers import current_slice, owner_info
 from napari_openseg._widgets._session import get_session
 from napari_openseg._widgets.propagate_widget import PropagationWidget
-from napari_openseg.core.propagate import DEFAULT_STOP_CONFIDENCE
-
-from .._blobs import disc_volume, largest_slice, one_thread
+from napari_openseg.core.propagate.propagation import DEFAULT_STOP_CONFIDENCE
+from tests._blobs import disc_volume, largest_slice, one_thread
 
 pytestmark = [pytest.mark.qt, pytest.mark.usefixtures(one_thread.__name__)]
 

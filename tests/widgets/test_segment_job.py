@@ -9,8 +9,7 @@ from napari_openseg._widgets import _segment_job
 from napari_openseg._widgets._segment_job import Query, iter_segment_queries, leave_a_core_free
 from napari_openseg.core.progress import run_to_end
 from napari_openseg.core.support import build_support_set
-
-from .conftest import disc_volume
+from tests.widgets.conftest import disc_volume
 
 
 def test_queries_share_one_support_set_and_count_slices(tiny_net):

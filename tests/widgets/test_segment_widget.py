@@ -12,10 +12,9 @@ from napari_openseg._widgets._layers import owner_info
 from napari_openseg._widgets._session import get_session
 from napari_openseg._widgets.segment_widget import BATCH, SegmentationWidget
 from napari_openseg._widgets.support_widget import SupportSetWidget
-from napari_openseg.core import inference
+from napari_openseg.core.segment import inference
 from napari_openseg.core.support import build_support_set
-
-from .conftest import disc_volume
+from tests.widgets.conftest import disc_volume
 
 pytestmark = pytest.mark.qt
 

@@ -9,8 +9,7 @@ from qtpy.QtCore import Qt
 from napari_openseg._widgets._session import get_session
 from napari_openseg._widgets.support_widget import SupportSetWidget, present_values
 from napari_openseg.core.support import SupportSet
-
-from .conftest import disc_volume
+from tests.widgets.conftest import disc_volume
 
 pytestmark = pytest.mark.qt
 

@@ -21,9 +21,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ..core.axes import axis_text
-from ..errors import OpenSegError
-from ._layers import owner_info, slice_axis
+from napari_openseg._widgets._layers import owner_info, slice_axis
+from napari_openseg.core.axes import axis_text
+from napari_openseg.errors import OpenSegError
 
 
 def parse_label_values(text: str) -> list[int] | None:

@@ -31,13 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from napari_openseg._widgets._layers import NIFTI_KEY
 from napari_openseg.core.support import FORMAT_NAME, METADATA_KEY, label_dtype
 from napari_openseg.errors import OpenSegError
 from napari_openseg.file_limits import MAX_SUPPORT_EXPANSION, read_npz
 from napari_openseg.io import NIFTI_SUFFIXES, ImageData, read_image, smallest_integer_array
 from napari_openseg.io import write_image as write_image_file
-
-from ._layers import NIFTI_KEY
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +131,7 @@ def read_support_file(path: str) -> list[tuple]:
     import napari
     from napari.utils.notifications import show_info
 
-    from ._session import get_session
+    from napari_openseg._widgets._session import get_session
 
     viewer = napari.current_viewer()
     if viewer is None:

@@ -14,12 +14,11 @@ from magicgui.widgets import FileEdit
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QFormLayout, QLabel, QWidget
 
+from napari_openseg._widgets._controls import Collapsible, form_row
+from napari_openseg._widgets._session import connect_widget
 from napari_openseg.core.device import available_devices
 from napari_openseg.errors import OpenSegError
 from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, REGISTRY, is_available
-
-from ._controls import Collapsible, form_row
-from ._session import connect_widget
 
 WEIGHTS_FILE = "Weights file…"
 

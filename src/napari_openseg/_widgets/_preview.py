@@ -22,7 +22,7 @@ import numpy as np
 from qtpy.QtCore import QEventLoop, QTimer
 from qtpy.QtWidgets import QApplication
 
-from ._layers import (
+from napari_openseg._widgets._layers import (
     NIFTI_KEY,
     find_owned_layer,
     geometry_of,

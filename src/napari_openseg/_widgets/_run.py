@@ -25,11 +25,10 @@ from typing import Any
 from qtpy.QtCore import QEvent, QObject, Qt, Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QWidget
 
-from napari_openseg.core.expected_time import format_duration
+from napari_openseg._widgets._threading import WorkHandle, report_error, run_in_background
 from napari_openseg.core.progress import Progress
+from napari_openseg.core.segment.expected_time import format_duration
 from napari_openseg.errors import OpenSegError
-
-from ._threading import WorkHandle, report_error, run_in_background
 
 #: Class name of napari's notification pop-ups (closed by name: napari does not export the class).
 NOTIFICATION_CLASS = "NapariQtNotification"

@@ -1,7 +1,7 @@
 """The background job behind the segmentation widget: several query images, one support set.
 
 It runs the open images through the same core path as a cohort of files
-(:class:`~napari_openseg.core.cohort_tasks.SegmentTask`: one engine, its tasks fitted once, run per
+(:class:`~napari_openseg.core.cohort.tasks.SegmentTask`: one engine, its tasks fitted once, run per
 image) and re-counts their progress in slices across all images; no Qt, no layers.
 """
 
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from napari_openseg.core.cohort_tasks import SegmentTask
-from napari_openseg.core.inference import SegmentationResult
+from napari_openseg.core.cohort.tasks import SegmentTask
 from napari_openseg.core.progress import Progress
+from napari_openseg.core.segment.inference import SegmentationResult
 from napari_openseg.core.support import SupportSet
 
 
@@ -51,8 +51,8 @@ def iter_segment_queries(
 
     Progress counts slices over all queries; each record's ``payload`` carries the core's batch
     (``start``, ``stop``, ``labels``) plus ``query``, the index of the image it belongs to.
-    ``options`` are a :class:`~napari_openseg.core.cohort_tasks.SegmentTask`'s: the engine's and
-    :func:`~napari_openseg.core.inference.iter_segment_with`'s keywords (device, support_size, ensemble,
+    ``options`` are a :class:`~napari_openseg.core.cohort.tasks.SegmentTask`'s: the engine's and
+    :func:`~napari_openseg.core.segment.inference.iter_segment_with`'s keywords (device, support_size, ensemble,
     threshold, method, batch_size, keep_probabilities, ...).
     """
     total = sum(query.n_slices for query in queries)

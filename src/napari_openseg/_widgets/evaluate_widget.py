@@ -17,14 +17,13 @@ from magicgui.widgets import ComboBox, Container, FileEdit, LineEdit, SpinBox, T
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QFileDialog, QHBoxLayout, QLabel, QPushButton, QVBoxLayout, QWidget
 
+from napari_openseg._widgets._controls import Collapsible, dock_layout, parse_label_values
+from napari_openseg._widgets._model_picker import ModelPicker
+from napari_openseg._widgets._run import RunPanel
+from napari_openseg._widgets._session import get_session, unwrap_viewer
+from napari_openseg._widgets._threading import WorkHandle, report_error
 from napari_openseg.errors import OpenSegError
 from napari_openseg.evaluation.evaluate import EvaluationReport, iter_evaluate
-
-from ._controls import Collapsible, dock_layout, parse_label_values
-from ._model_picker import ModelPicker
-from ._run import RunPanel
-from ._session import get_session, unwrap_viewer
-from ._threading import WorkHandle, report_error
 
 #: Rows the table shows before it scrolls (it never pushes the dock past a small screen).
 TABLE_MIN_HEIGHT = 90

@@ -32,17 +32,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_openseg.core.axes import shape_text
-from napari_openseg.core.novelty import DEFAULT_SIDE, NoveltyMaps
-from napari_openseg.core.novelty_free import iter_training_free_novelty
-from napari_openseg.core.novelty_map import iter_novelty_map, unknown_seed_embeddings
-from napari_openseg.core.novelty_model import NoveltyModel
-from napari_openseg.core.progress import Progress
-from napari_openseg.errors import OpenSegError
-from napari_openseg.training.novelty_train import NoveltyTrainSettings, iter_train_novelty
-
-from ._controls import LayerCombo, dock_layout, form_row, is_image, is_user_labels
-from ._layers import (
+from napari_openseg._widgets._controls import LayerCombo, dock_layout, form_row, is_image, is_user_labels
+from napari_openseg._widgets._layers import (
     find_owned_layer,
     layer_image,
     owner_info,
@@ -50,10 +41,18 @@ from ._layers import (
     remove_owned_layers,
     slice_axis,
 )
-from ._model_picker import ModelPicker
-from ._run import RunPanel
-from ._session import get_session, unwrap_viewer
-from ._threading import WorkHandle, report_error
+from napari_openseg._widgets._model_picker import ModelPicker
+from napari_openseg._widgets._run import RunPanel
+from napari_openseg._widgets._session import get_session, unwrap_viewer
+from napari_openseg._widgets._threading import WorkHandle, report_error
+from napari_openseg.core.axes import shape_text
+from napari_openseg.core.novelty.free import iter_training_free_novelty
+from napari_openseg.core.novelty.model import NoveltyModel
+from napari_openseg.core.novelty.scores import DEFAULT_SIDE, NoveltyMaps
+from napari_openseg.core.novelty.volume_map import iter_novelty_map, unknown_seed_embeddings
+from napari_openseg.core.progress import Progress
+from napari_openseg.errors import OpenSegError
+from napari_openseg.training.novelty.train import NoveltyTrainSettings, iter_train_novelty
 
 TRAINED, FREE = "a trained model", "the support set (no training)"
 #: The seed is optional: a labels layer is used as one only when the user picks it.

@@ -1,7 +1,7 @@
 """Dock widget: paint an object on one slice of a volume and carry it through the whole volume.
 
 It reads an image layer and the user's labels layer holding the painted prompt(s), runs
-:func:`~napari_openseg.core.propagate.iter_propagate` in a worker (:mod:`._run`: progress bar with
+:func:`~napari_openseg.core.propagate.propagation.iter_propagate` in a worker (:mod:`._run`: progress bar with
 the time left, Cancel; closing the image or the dock cancels), and writes the result into the
 plugin's own labels layer ``"<image> propagated"``, never into the painted layer. While it runs, a
 preview layer fills in slice by slice and the confidence plot grows. Correction loop: fix any slice
@@ -31,15 +31,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_openseg.core.expected_time import format_duration
-from napari_openseg.core.fronts import DIRECTIONS
-from napari_openseg.core.memory import DEFAULT_CAPACITY
-from napari_openseg.core.propagate import DEFAULT_STOP_CONFIDENCE, PropagationResult, iter_propagate
-from napari_openseg.errors import OpenSegError
-from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, propagation_weights
-
-from ._confidence_plot import ConfidencePlot
-from ._controls import (
+from napari_openseg._widgets._confidence_plot import ConfidencePlot
+from napari_openseg._widgets._controls import (
     AxisCombo,
     Collapsible,
     LayerCombo,
@@ -49,11 +42,21 @@ from ._controls import (
     is_user_labels,
     parse_label_values,
 )
-from ._layers import current_slice, layer_image, put_output_layer, remove_owned_layers
-from ._model_picker import ModelPicker
-from ._run import RunPanel
-from ._session import get_session, unwrap_viewer
-from ._threading import WorkHandle, report_error
+from napari_openseg._widgets._layers import current_slice, layer_image, put_output_layer, remove_owned_layers
+from napari_openseg._widgets._model_picker import ModelPicker
+from napari_openseg._widgets._run import RunPanel
+from napari_openseg._widgets._session import get_session, unwrap_viewer
+from napari_openseg._widgets._threading import WorkHandle, report_error
+from napari_openseg.core.propagate.fronts import DIRECTIONS
+from napari_openseg.core.propagate.memory import DEFAULT_CAPACITY
+from napari_openseg.core.propagate.propagation import (
+    DEFAULT_STOP_CONFIDENCE,
+    PropagationResult,
+    iter_propagate,
+)
+from napari_openseg.core.segment.expected_time import format_duration
+from napari_openseg.errors import OpenSegError
+from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, propagation_weights
 
 ROLE, PREVIEW_ROLE = "propagation", "propagation-preview"
 

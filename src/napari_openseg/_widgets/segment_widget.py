@@ -1,7 +1,7 @@
 """Dock widget that segments one image layer, or every open image layer, from the support set.
 
 The run happens in a worker thread (:mod:`._run`): the dock's progress bar counts slices and says
-how long is left, and the status line says beforehand what to expect (:mod:`napari_openseg.core.expected_time`).
+how long is left, and the status line says beforehand what to expect (:mod:`napari_openseg.core.segment.expected_time`).
 Closing the query image or the dock cancels the run. While it runs, the slices fill in batch by batch in a read-only preview (see :mod:`._preview`): a new
 ``"<name> (running)"`` layer that becomes the output ``"<name> openseg"`` at the end, or, when
 the plugin's earlier output is to be replaced, that output layer itself. The result counts only
@@ -27,20 +27,31 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_openseg._widgets._controls import (
+    AxisCombo,
+    Collapsible,
+    LayerCombo,
+    dock_layout,
+    form_row,
+    is_image,
+)
+from napari_openseg._widgets._layers import layer_image, owned_roles, put_output_layer, remove_owned_layers
+from napari_openseg._widgets._model_picker import ModelPicker
+from napari_openseg._widgets._preview import Preview
+from napari_openseg._widgets._run import RunPanel
+from napari_openseg._widgets._segment_job import Query, iter_segment_queries
+from napari_openseg._widgets._session import connect_widget, get_session, unwrap_viewer
+from napari_openseg._widgets._threading import WorkHandle
 from napari_openseg.core.engine import CHOICES
-from napari_openseg.core.expected_time import describe_expected_time, format_duration, seconds_per_slice
-from napari_openseg.core.extent import EXTENTS, RANGE_MARGIN, painted_range
+from napari_openseg.core.engine_settings import DEFAULT_SUPPORT_SIZE
+from napari_openseg.core.segment.expected_time import (
+    describe_expected_time,
+    format_duration,
+    seconds_per_slice,
+)
+from napari_openseg.core.segment.extent import EXTENTS, RANGE_MARGIN, painted_range
 from napari_openseg.core.support import SupportSet
 from napari_openseg.errors import OpenSegError
-
-from ._controls import AxisCombo, Collapsible, LayerCombo, dock_layout, form_row, is_image
-from ._layers import layer_image, owned_roles, put_output_layer, remove_owned_layers
-from ._model_picker import ModelPicker
-from ._preview import Preview
-from ._run import RunPanel
-from ._segment_job import Query, iter_segment_queries
-from ._session import connect_widget, get_session, unwrap_viewer
-from ._threading import WorkHandle
 
 BATCH = "All open image layers"
 
@@ -113,7 +124,7 @@ class SegmentationWidget(QWidget):
             form, "Support size S", QSpinBox(), "examples shown to the network per prediction"
         )
         self.support_size.setRange(1, 256)
-        self.support_size.setValue(16)
+        self.support_size.setValue(DEFAULT_SUPPORT_SIZE)
         self.ensemble = form_row(
             form, "Ensemble K", QSpinBox(),
             "predictions from K different draws of S entries, combined; K times slower, and it changes "

@@ -28,16 +28,15 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from napari_openseg._widgets._controls import AxisCombo, LayerCombo, dock_layout, form_row, is_image
+from napari_openseg._widgets._gallery import SupportGallery
+from napari_openseg._widgets._layers import current_slice, is_preview, layer_image, slice_axis
+from napari_openseg._widgets._session import connect_widget, get_session, unwrap_viewer
+from napari_openseg._widgets._threading import WorkHandle, report_error, run_in_background
 from napari_openseg.core.axes import axis_text
 from napari_openseg.core.progress import Progress
 from napari_openseg.core.support import SupportSet, coverage_warning, entries_from_arrays, painted_across
 from napari_openseg.errors import OpenSegError
-
-from ._controls import AxisCombo, LayerCombo, dock_layout, form_row, is_image
-from ._gallery import SupportGallery
-from ._layers import current_slice, is_preview, layer_image, slice_axis
-from ._session import connect_widget, get_session, unwrap_viewer
-from ._threading import WorkHandle, report_error, run_in_background
 
 NO_BACKGROUND = "none (whole masks)"
 

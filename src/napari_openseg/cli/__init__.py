@@ -14,8 +14,8 @@ import signal
 import sys
 import threading
 
-from .. import __version__
-from ..errors import OpenSegError
+from napari_openseg import __version__
+from napari_openseg.errors import OpenSegError
 
 SUBCOMMAND_MODULES = (
     "info", "support", "segment", "batch", "demo", "train", "evaluate", "novelty", "propagate",

@@ -11,8 +11,8 @@ from pathlib import Path
 def check_inputs(paths: Sequence[str | Path], what: str = "input") -> None:
     """Refuse, before any work, a missing input or one of a type that cannot be read (all of them
     are checked, so that the tenth of ten files is not found missing after nine were segmented)."""
-    from ..errors import OpenSegError
-    from ..io import image_format
+    from napari_openseg.errors import OpenSegError
+    from napari_openseg.io import image_format
 
     missing = [str(p) for p in paths if not Path(p).is_file()]
     if missing:
@@ -29,7 +29,7 @@ def check_inputs(paths: Sequence[str | Path], what: str = "input") -> None:
 def output_folder(path: str | Path, option: str) -> Iterator[Path]:
     """The folder named by ``option`` (``--out-dir``), made with its parents when missing; a folder
     made here is removed again if the command stops with an error before anything was written in it."""
-    from ..errors import OpenSegError
+    from napari_openseg.errors import OpenSegError
 
     folder = Path(path)
     if folder.exists() and not folder.is_dir():

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Callable, Generator
 from typing import TypeVar
 
-from ..core.progress import Progress
+from napari_openseg.core.progress import Progress
 
 Result = TypeVar("Result")
 

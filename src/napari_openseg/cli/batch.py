@@ -1,4 +1,4 @@
-"""``openseg batch``: one task over a cohort of files, on Dask, resumable (:mod:`napari_openseg.core.cohort`).
+"""``openseg batch``: one task over a cohort of files, on Dask, resumable (:mod:`napari_openseg.core.cohort.runner`).
 
 * ``openseg batch segment --support S.npz --out-dir DIR [--scheduler local|ADDRESS|none] [--workers N]
   [--threads-per-worker T] [segment's options] INPUTS...``
@@ -15,8 +15,8 @@ import argparse
 import logging
 import sys
 
-from .novelty import add_map_options, check_map_options, novel_side
-from .segment import add_engine_options, engine_options
+from napari_openseg.cli.novelty import add_map_options, check_map_options, novel_side
+from napari_openseg.cli.segment import add_engine_options, engine_options
 
 
 def add_cohort_options(parser: argparse.ArgumentParser) -> None:
@@ -65,14 +65,14 @@ def register(subparsers) -> None:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from ..core.cohort_tasks import SegmentTask
+    from napari_openseg.core.cohort.tasks import SegmentTask
 
     return run_task(SegmentTask(args.support, args.weights, engine_options(args)), args)
 
 
 def run_novelty(args: argparse.Namespace) -> int:
-    from ..core.cohort_tasks import NoveltyTask
-    from ..errors import OpenSegError
+    from napari_openseg.core.cohort.tasks import NoveltyTask
+    from napari_openseg.errors import OpenSegError
 
     check_map_options(args)
     if args.seed_mask and not args.seed_image:
@@ -108,10 +108,10 @@ def run_novelty(args: argparse.Namespace) -> int:
 def run_task(task, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..core.cohort import iter_cohort, plan_cohort
-    from ..core.cohort_dask import require_distributed
-    from ..errors import OpenSegError
-    from ._progress import with_progress_bar
+    from napari_openseg.cli._progress import with_progress_bar
+    from napari_openseg.core.cohort.cluster import require_distributed
+    from napari_openseg.core.cohort.runner import iter_cohort, plan_cohort
+    from napari_openseg.errors import OpenSegError
 
     if not getattr(args, "verbose", False):  # Dask's own log (cluster start and stop) only with -v
         logging.getLogger("distributed").setLevel(logging.ERROR)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import AXIS_HELP
+from napari_openseg.cli import AXIS_HELP
 
 
 def register(subparsers) -> None:
@@ -18,7 +18,7 @@ def register(subparsers) -> None:
                         help="how many evenly spaced slices count as painted (default 8)")
     parser.add_argument("--axis", type=int, default=0, help=f"{AXIS_HELP} (axial slices for the sample)")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier demo results")
-    from .segment import add_model_options
+    from napari_openseg.cli.segment import add_model_options
 
     add_model_options(parser)
     parser.set_defaults(handler=run)
@@ -29,16 +29,16 @@ def run(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from ..core.axes import axis_text
-    from ..core.device import resolve_device
-    from ..core.expected_time import describe_expected_time
-    from ..core.inference import iter_segment
-    from ..core.metrics import dice_per_label
-    from ..core.support import build_support_set
-    from ..errors import OpenSegError
-    from ..io import check_writable, write_image
-    from ..sample import SAMPLE_LABEL_NAMES, evenly_spaced_slices, load_sample
-    from ._progress import with_progress_bar
+    from napari_openseg.cli._progress import with_progress_bar
+    from napari_openseg.core.axes import axis_text
+    from napari_openseg.core.device import resolve_device
+    from napari_openseg.core.metrics import dice_per_label
+    from napari_openseg.core.segment.expected_time import describe_expected_time
+    from napari_openseg.core.segment.inference import iter_segment
+    from napari_openseg.core.support import build_support_set
+    from napari_openseg.errors import OpenSegError
+    from napari_openseg.io import check_writable, write_image
+    from napari_openseg.sample import SAMPLE_LABEL_NAMES, evenly_spaced_slices, load_sample
 
     image, labels = load_sample()
     if not 0 <= args.axis < image.data.ndim:

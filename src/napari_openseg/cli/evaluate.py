@@ -6,7 +6,8 @@ import argparse
 
 
 def register(subparsers) -> None:
-    from ..core.pixel_classifier import CLASSIFIERS, DEFAULT_CLASSIFIER
+    from napari_openseg.core.engine_settings import DEFAULT_SUPPORT_SIZE
+    from napari_openseg.core.pixel_classifier import CLASSIFIERS, DEFAULT_CLASSIFIER
 
     parser = subparsers.add_parser(
         "evaluate", help="Dice of the model and baselines on a labelled folder",
@@ -18,7 +19,7 @@ def register(subparsers) -> None:
                     "cross-validated estimate is printed beside the measured Dice.",
     )
     parser.add_argument("dir", help="labelled folder")
-    parser.add_argument("--support-size", type=int, default=16, help="S: support entries per prediction")
+    parser.add_argument("--support-size", type=int, default=DEFAULT_SUPPORT_SIZE, help="S: support entries per prediction")
     parser.add_argument("--ensemble", type=int, default=1, help="K: support subsets combined per prediction")
     parser.add_argument("--weights", help="weights name (openseg-default, universeg-v1) or file path")
     parser.add_argument("--seed", type=int, default=0, help="seed of the support subsets and query samples")
@@ -37,9 +38,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluation.evaluate import METHODS, iter_evaluate
-    from ..io import check_writable
-    from ._progress import with_progress_bar
+    from napari_openseg.cli._progress import with_progress_bar
+    from napari_openseg.evaluation.evaluate import METHODS, iter_evaluate
+    from napari_openseg.io import check_writable
 
     if args.json:
         check_writable(args.json, args.overwrite)  # refuse before any work is done

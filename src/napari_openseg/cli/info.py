@@ -23,9 +23,9 @@ def register(subparsers) -> None:
 def run_info(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import __version__
-    from ..core.device import available_devices, resolve_device
-    from ..model.registry import cache_dir
+    from napari_openseg import __version__
+    from napari_openseg.core.device import available_devices, resolve_device
+    from napari_openseg.model.registry import cache_dir
 
     print(f"napari-openseg {__version__}")
     print(f"torch {torch.__version__}; devices: {', '.join(available_devices())}; auto -> {resolve_device('auto')}")
@@ -34,7 +34,7 @@ def run_info(args: argparse.Namespace) -> int:
 
 
 def run_list(args: argparse.Namespace) -> int:
-    from ..model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, REGISTRY
+    from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, REGISTRY
 
     for entry in REGISTRY.values():
         state = "present" if entry.path.is_file() else ("missing" if entry.bundled else "not downloaded")
@@ -47,8 +47,8 @@ def run_list(args: argparse.Namespace) -> int:
 def run_download(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from ..errors import OpenSegError
-    from ..model.registry import REGISTRY, download_weights
+    from napari_openseg.errors import OpenSegError
+    from napari_openseg.model.registry import REGISTRY, download_weights
 
     entry = REGISTRY.get(args.name)
     if entry is None:

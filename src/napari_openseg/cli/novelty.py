@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import AXIS_HELP
+from napari_openseg.cli import AXIS_HELP
+from napari_openseg.core.engine_settings import DEFAULT_SUPPORT_SIZE  # torch-free
 
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
 
@@ -96,13 +97,13 @@ def add_map_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed-image", help="volume the --seed-mask was painted on (default: --image)")
     parser.add_argument("--weights", help="in-context weights for --support (name or file)")
     parser.add_argument("--axis", type=int, default=0, help=f"for --support: {AXIS_HELP}")
-    parser.add_argument("--support-size", type=int, default=16, help="S for --support")
+    parser.add_argument("--support-size", type=int, default=DEFAULT_SUPPORT_SIZE, help="S for --support")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
 def check_map_options(args: argparse.Namespace) -> None:
     """Refuse combinations of :func:`add_map_options`' options that contradict each other."""
-    from ..errors import OpenSegError
+    from napari_openseg.errors import OpenSegError
 
     if args.model and (args.seed_mask or args.seed_image):
         raise OpenSegError("--seed-mask is for --support; seed a trained model with `openseg novelty seed`")
@@ -129,10 +130,10 @@ TRAIN_OPTIONS = {"epochs": "epochs", "max_steps": "max_steps", "samples_per_volu
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ..errors import OpenSegError
-    from ..io import check_writable, read_image
-    from ..training.novelty_train import NoveltyTrainSettings, iter_train_novelty
-    from ._progress import with_progress_bar
+    from napari_openseg.cli._progress import with_progress_bar
+    from napari_openseg.errors import OpenSegError
+    from napari_openseg.io import check_writable, read_image
+    from napari_openseg.training.novelty.train import NoveltyTrainSettings, iter_train_novelty
 
     out = Path(args.out)
     check_writable(out, args.overwrite, inputs=[*args.image, *args.labels])
@@ -161,9 +162,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_seed(args: argparse.Namespace) -> int:
-    from ..core.novelty_map import unknown_seed_embeddings
-    from ..core.novelty_model import NoveltyModel, check_seed
-    from ..io import check_writable, read_image
+    from napari_openseg.core.novelty.model import NoveltyModel, check_seed
+    from napari_openseg.core.novelty.volume_map import unknown_seed_embeddings
+    from napari_openseg.io import check_writable, read_image
 
     check_writable(args.out, args.overwrite, inputs=[args.model, args.image, args.mask])
     image = read_image(args.image)
@@ -181,7 +182,7 @@ SCORE_FILES = ("cosine", "distance", "appearance", "segmentation")
 
 
 def score_paths(out: Path, folder: Path) -> dict[str, Path]:
-    from ..io import strip_suffix
+    from napari_openseg.io import strip_suffix
 
     suffix = out.name[len(strip_suffix(out)) :]
     stem = strip_suffix(out)
@@ -190,13 +191,13 @@ def score_paths(out: Path, folder: Path) -> dict[str, Path]:
 
 def default_out(image: Path) -> Path:
     """``<image>_novelty`` beside the image, in its format."""
-    from ..io import strip_suffix
+    from napari_openseg.io import strip_suffix
 
     return image.with_name(f"{strip_suffix(image)}_novelty{image.name[len(strip_suffix(image)):]}")
 
 
 def region_path(out: Path) -> Path:
-    from ..io import strip_suffix
+    from napari_openseg.io import strip_suffix
 
     return out.with_name(f"{strip_suffix(out)}_novel_region{out.name[len(strip_suffix(out)):]}")
 
@@ -207,8 +208,8 @@ def novel_side(args: argparse.Namespace) -> str | None:
 
 
 def run_map(args: argparse.Namespace) -> int:
-    from ..io import check_writable
-    from ._files import output_folder
+    from napari_openseg.cli._files import output_folder
+    from napari_openseg.io import check_writable
 
     out = Path(args.out) if args.out else default_out(Path(args.image))
     inputs = [p for p in (args.model, args.support, args.image, args.mask, args.seed_mask, args.seed_image) if p]
@@ -227,13 +228,13 @@ def run_map(args: argparse.Namespace) -> int:
 def _map(args: argparse.Namespace, out: Path, extra: dict[str, Path]) -> int:
     import numpy as np
 
-    from ..core.novelty_free import iter_training_free_novelty
-    from ..core.novelty_map import iter_novelty_map
-    from ..core.novelty_model import NoveltyModel, check_mask, check_seed
-    from ..core.support import load_support
-    from ..errors import OpenSegError
-    from ..io import read_image, write_image
-    from ._progress import with_progress_bar
+    from napari_openseg.cli._progress import with_progress_bar
+    from napari_openseg.core.novelty.free import iter_training_free_novelty
+    from napari_openseg.core.novelty.model import NoveltyModel, check_mask, check_seed
+    from napari_openseg.core.novelty.volume_map import iter_novelty_map
+    from napari_openseg.core.support import load_support
+    from napari_openseg.errors import OpenSegError
+    from napari_openseg.io import read_image, write_image
 
     side = novel_side(args)
     image = read_image(args.image)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import AXIS_HELP
+from napari_openseg.cli import AXIS_HELP
 
 
 def register(subparsers) -> None:
-    from ..core.propagation_settings import (  # torch-free
+    from napari_openseg.core.propagate.settings import (
         DEFAULT_CAPACITY,
         DEFAULT_SHORT_TERM,
         DEFAULT_STOP_CONFIDENCE,
@@ -49,11 +49,11 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from ..core.propagate import iter_propagate
-    from ..errors import OpenSegError
-    from ..io import atomic_path, check_writable, read_image, write_image
-    from ..model.registry import propagation_weights
-    from ._progress import with_progress_bar
+    from napari_openseg.cli._progress import with_progress_bar
+    from napari_openseg.core.propagate.propagation import iter_propagate
+    from napari_openseg.errors import OpenSegError
+    from napari_openseg.io import atomic_path, check_writable, read_image, write_image
+    from napari_openseg.model.registry import propagation_weights
 
     inputs = [args.image, args.prompt]
     check_writable(args.out, args.overwrite, image=True, inputs=inputs)  # refuse before any work is done

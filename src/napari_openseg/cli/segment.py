@@ -6,12 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from . import AXIS_HELP
+from napari_openseg.cli import AXIS_HELP
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that runs the segmentation engine."""
-    from ..core.engine_settings import CHOICES, DEFAULT_METHOD, DEFAULT_SUPPORT_SIZE  # torch-free
+    from napari_openseg.core.engine_settings import (  # torch-free
+        CHOICES,
+        DEFAULT_METHOD,
+        DEFAULT_SUPPORT_SIZE,
+    )
 
     parser.add_argument("--weights", help="weights name (openseg-default, universeg-v1) or file path")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
@@ -43,11 +47,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The options of a :class:`~napari_openseg.core.cohort_tasks.SegmentTask` (the keywords of
-    :func:`~napari_openseg.core.inference.iter_segment`) that :func:`add_engine_options` set (the
+    """The options of a :class:`~napari_openseg.core.cohort.tasks.SegmentTask` (the keywords of
+    :func:`~napari_openseg.core.segment.inference.iter_segment`) that :func:`add_engine_options` set (the
     weights are its positional ``model``)."""
-    from ..core.extent import parse_slice_range
-    from ..errors import OpenSegError
+    from napari_openseg.core.segment.extent import parse_slice_range
+    from napari_openseg.errors import OpenSegError
 
     if not -3 <= args.axis < 3:  # checked here: the core checks it per volume, after a 2D input's output
         raise OpenSegError(f"--axis must be 0, 1 or 2 (or -1..-3), got {args.axis}")
@@ -84,8 +88,8 @@ def register(subparsers) -> None:
 
 
 def output_paths(args: argparse.Namespace) -> list[Path]:
-    from ..errors import OpenSegError
-    from ..io import result_path
+    from napari_openseg.errors import OpenSegError
+    from napari_openseg.io import result_path
 
     if args.out:
         if len(args.images) != 1:
@@ -101,15 +105,15 @@ def output_paths(args: argparse.Namespace) -> list[Path]:
 
 
 def probability_path(path: Path) -> Path:
-    from ..io import strip_suffix
+    from napari_openseg.io import strip_suffix
 
     suffix = path.name[len(strip_suffix(path)) :]
     return path.with_name(f"{strip_suffix(path)}_prob{suffix}")
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..core.support import SupportSet
-    from ._files import check_inputs, output_folder
+    from napari_openseg.cli._files import check_inputs, output_folder
+    from napari_openseg.core.support import SupportSet
 
     options = engine_options(args)  # checks --axis before anything is read
     check_inputs(args.images)  # all of them, before the first is segmented
@@ -126,11 +130,11 @@ def segment_all(args: argparse.Namespace, support, options: dict[str, Any]) -> i
 
     import numpy as np
 
-    from ..core.cohort_tasks import SegmentTask
-    from ..core.device import resolve_device
-    from ..core.expected_time import describe_expected_time
-    from ..io import atomic_path, check_writable, read_image, write_image
-    from ._progress import with_progress_bar
+    from napari_openseg.cli._progress import with_progress_bar
+    from napari_openseg.core.cohort.tasks import SegmentTask
+    from napari_openseg.core.device import resolve_device
+    from napari_openseg.core.segment.expected_time import describe_expected_time
+    from napari_openseg.io import atomic_path, check_writable, read_image, write_image
 
     outputs = output_paths(args)
     inputs = [*args.images, args.support]

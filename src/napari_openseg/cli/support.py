@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import AXIS_HELP
+from napari_openseg.cli import AXIS_HELP
 
 
 def register(subparsers) -> None:
@@ -31,9 +31,9 @@ def register(subparsers) -> None:
 def run_build(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..core.support import SupportSet, coverage_warning, entries_from_arrays
-    from ..errors import OpenSegError
-    from ..io import check_writable, read_image
+    from napari_openseg.core.support import SupportSet, coverage_warning, entries_from_arrays
+    from napari_openseg.errors import OpenSegError
+    from napari_openseg.io import check_writable, read_image
 
     if len(args.image) != len(args.labels):
         raise OpenSegError(f"give one --labels per --image ({len(args.image)} images, {len(args.labels)} labels)")
@@ -77,7 +77,7 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from ..core.support import SupportSet
+    from napari_openseg.core.support import SupportSet
 
     support = SupportSet.load(args.path)
     background = support.metadata.get("background_label")

@@ -63,8 +63,8 @@ def register(subparsers) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    from ..training.episodes import EpisodeConfig
-    from ..training.trainer import TrainConfig
+    from napari_openseg.training.incontext.episodes import EpisodeConfig
+    from napari_openseg.training.incontext.trainer import TrainConfig
 
     episodes = EpisodeConfig(
         batch_size=args.batch_size, support_min=args.support_min, support_max=args.support_max,
@@ -87,7 +87,7 @@ def check_options(args: argparse.Namespace) -> None:
     """Refuse settings that cannot train before anything is written (a refused run leaves no folder)."""
     from pathlib import Path
 
-    from ..errors import OpenSegError
+    from napari_openseg.errors import OpenSegError
 
     at_least_one = ("steps", "stop_after", "val_every", "checkpoint_every", "log_every", "batch_size", "threads")
     for option in at_least_one:
@@ -112,9 +112,9 @@ def check_options(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..training.splits import shared_data_dir
-    from ..training.trainer import iter_train
-    from . import Terminated
+    from napari_openseg.cli import Terminated
+    from napari_openseg.training.incontext.trainer import iter_train
+    from napari_openseg.training.splits import shared_data_dir
 
     check_options(args)
     if args.threads:

@@ -23,8 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import OpenSegError
-from .network import (
+from napari_openseg.core.network import (
     DEFAULT_SUPPORT_SIZE,
     ENCODED_SUPPORT_BUDGET,
     EnsemblePredictor,
@@ -38,11 +37,20 @@ from .network import (
     support_tensors,
     weights_name,
 )
-from .pixel_classifier import pixel_features
-from .preprocess import Aspect, from_grid
-from .progress import Progress, run_to_end
-from .stacking import CHOICES, DEFAULT_METHOD, METHODS, Estimate, StackingSettings, TaskModel, iter_fit_task
-from .support import SupportEntry, SupportSet
+from napari_openseg.core.pixel_classifier import pixel_features
+from napari_openseg.core.preprocess import Aspect, from_grid
+from napari_openseg.core.progress import Progress, run_to_end
+from napari_openseg.core.stacking import (
+    CHOICES,
+    DEFAULT_METHOD,
+    METHODS,
+    Estimate,
+    StackingSettings,
+    TaskModel,
+    iter_fit_task,
+)
+from napari_openseg.core.support import SupportEntry, SupportSet
+from napari_openseg.errors import OpenSegError
 
 __all__ = [
     "CHOICES",

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import OpenSegError
-from .device import resolve_device, resolve_precision
-from .engine_settings import DEFAULT_SUPPORT_SIZE  # noqa: F401 (re-exported: S when none is asked for)
-from .ensemble import EnsembleMean
-from .preprocess import Aspect, GridMapping, from_grid, masks_to_grid, to_grid
-from .support import SupportEntry
+from napari_openseg.core.device import resolve_device, resolve_precision
+from napari_openseg.core.engine_settings import DEFAULT_SUPPORT_SIZE  # noqa: F401 (re-exported: S when none is asked for)
+from napari_openseg.core.ensemble import EnsembleMean
+from napari_openseg.core.preprocess import Aspect, GridMapping, from_grid, masks_to_grid, to_grid
+from napari_openseg.core.support import SupportEntry
+from napari_openseg.errors import OpenSegError
 
 #: Memory the encoded support sets of one run may keep between batches.
 ENCODED_SUPPORT_BUDGET = 2 * 1024**3
@@ -36,8 +36,8 @@ FORMULATIONS = ("fast", "direct")
 def load_network(model=None, *, propagation: bool = False):
     """The (shared, unprepared) network for ``model``: a weights name, a file path, a ``UniverSeg``
     network, or ``None`` for the default weights (propagation's default with ``propagation``)."""
-    from ..model.registry import load_model, propagation_weights
-    from ..model.universeg import UniverSeg
+    from napari_openseg.model.registry import load_model, propagation_weights
+    from napari_openseg.model.universeg import UniverSeg
 
     if isinstance(model, UniverSeg):
         return model
@@ -52,7 +52,7 @@ def prepare_network(
     """A :class:`Network` ready for inference; see :func:`load_network` for ``model``.
 
     A :class:`Network` already on that device and in that precision is returned as it is."""
-    from ..model.fast import prepare_for_inference
+    from napari_openseg.model.fast import prepare_for_inference
 
     torch_device = resolve_device(device)
     dtype = resolve_precision(precision, torch_device)
@@ -112,7 +112,7 @@ class Network:
 
     def features(self, query: torch.Tensor, encoded) -> torch.Tensor:
         """``query "B 1 g g"`` -> the last decoder features ``"B C g g"``."""
-        from ..model.fast import fast_features
+        from napari_openseg.model.fast import fast_features
 
         with torch.inference_mode():
             return fast_features(self.net, query, encoded=encoded)
@@ -145,7 +145,7 @@ class Network:
 def encode_tensors(net, images: torch.Tensor, labels: torch.Tensor):
     """The first block's support terms (:func:`~napari_openseg.model.fast.encode_support`) of
     ``"B' S 1 g g"`` support images and labels on the grid of the prepared network ``net``."""
-    from ..model.fast import encode_support
+    from napari_openseg.model.fast import encode_support
 
     with torch.inference_mode():
         return encode_support(net, images, labels)
@@ -154,7 +154,7 @@ def encode_tensors(net, images: torch.Tensor, labels: torch.Tensor):
 def probabilities(net, query: torch.Tensor, encoded) -> torch.Tensor:
     """The forward pass: ``query "B 1 g g"`` and an encoded support -> probabilities ``"B 1 g g"``
     (float32) of the prepared network ``net``."""
-    from ..model.fast import fast_forward
+    from napari_openseg.model.fast import fast_forward
 
     with torch.inference_mode():
         return torch.sigmoid(fast_forward(net, query, encoded=encoded).float())

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from ..errors import OpenSegError
+from napari_openseg.errors import OpenSegError
 
 #: Gaussian scales (pixels) of the features; ilastik's defaults lie in this range.
 FEATURE_SIGMAS = (0.7, 1.6, 3.5, 5.0)

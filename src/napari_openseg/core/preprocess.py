@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import OpenSegError
+from napari_openseg.errors import OpenSegError
 
 Aspect = Literal["pad", "stretch"]
 RGB_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)

@@ -30,19 +30,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import OpenSegError
-from .engine_settings import CHOICES, DEFAULT_METHOD, METHODS
-from .network import Network, with_masks
-from .pixel_classifier import (
+from napari_openseg.core.engine_settings import CHOICES, DEFAULT_METHOD, METHODS
+from napari_openseg.core.network import Network, with_masks
+from napari_openseg.core.pixel_classifier import (
     DEFAULT_CLASSIFIER,
     PixelClassifier,
     feature_count,
     pixel_features,
     sample_pixels,
 )
-from .preprocess import Aspect
-from .progress import Progress
-from .support import SupportEntry
+from napari_openseg.core.preprocess import Aspect
+from napari_openseg.core.progress import Progress
+from napari_openseg.core.support import SupportEntry
+from napari_openseg.errors import OpenSegError
 
 log = logging.getLogger(__name__)
 

@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from ..errors import OpenSegError
-from ..file_limits import MAX_SUPPORT_EXPANSION, read_npz
-from ..io import atomic_path
-from .axes import axis_text, shape_text
-from .preprocess import colour_channels, normalize_intensity, to_single_channel
+from napari_openseg import __version__
+from napari_openseg.core.axes import axis_text, shape_text
+from napari_openseg.core.preprocess import colour_channels, normalize_intensity, to_single_channel
+from napari_openseg.errors import OpenSegError
+from napari_openseg.file_limits import MAX_SUPPORT_EXPANSION, read_npz
+from napari_openseg.io import atomic_path
 
 log = logging.getLogger(__name__)
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OpenSegError
-from ..file_limits import check_budget, check_stored_size, human_size
+from napari_openseg.errors import OpenSegError
+from napari_openseg.file_limits import check_budget, check_stored_size, human_size
 
 
 def load_tensor_file(path: str | Path, unreadable: str) -> object:

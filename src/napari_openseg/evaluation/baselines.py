@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..core.preprocess import from_grid, masks_to_grid, to_grid
-from ..core.support import SupportEntry
+from napari_openseg.core.preprocess import from_grid, masks_to_grid, to_grid
+from napari_openseg.core.support import SupportEntry
 
 
 def label_prior(support: Sequence[SupportEntry], query_shape: tuple[int, int], grid: int) -> np.ndarray:

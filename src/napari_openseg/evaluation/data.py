@@ -25,12 +25,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..core.axes import shape_text
-from ..core.preprocess import colour_channels, normalize_intensity, to_single_channel
-from ..core.support import SupportEntry, check_labels, entries_from_arrays
-from ..errors import OpenSegError
-from ..io import PICTURE_SUFFIXES, TIFF_SUFFIXES, read_image, strip_suffix
-from ..training.splits import split_subjects
+from napari_openseg.core.axes import shape_text
+from napari_openseg.core.preprocess import colour_channels, normalize_intensity, to_single_channel
+from napari_openseg.core.support import SupportEntry, check_labels, entries_from_arrays
+from napari_openseg.errors import OpenSegError
+from napari_openseg.io import PICTURE_SUFFIXES, TIFF_SUFFIXES, read_image, strip_suffix
+from napari_openseg.training.splits import split_subjects
 
 log = logging.getLogger(__name__)
 

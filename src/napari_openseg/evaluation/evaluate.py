@@ -31,12 +31,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..core.engine import DEFAULT_SUPPORT_SIZE, Engine, Network, load_network, prepare_network, weights_name
-from ..core.metrics import dice_score
-from ..core.progress import Progress, run_to_end
-from ..errors import OpenSegError
-from .baselines import label_prior
-from .data import BUNDLED_WEIGHTS_CASES, EvalFolder, EvalTask, Query, build_tasks, find_folder, split_roles
+from napari_openseg.core.engine import (
+    DEFAULT_SUPPORT_SIZE,
+    Engine,
+    Network,
+    load_network,
+    prepare_network,
+    weights_name,
+)
+from napari_openseg.core.metrics import dice_score
+from napari_openseg.core.progress import Progress, run_to_end
+from napari_openseg.errors import OpenSegError
+from napari_openseg.evaluation.baselines import label_prior
+from napari_openseg.evaluation.data import (
+    BUNDLED_WEIGHTS_CASES,
+    EvalFolder,
+    EvalTask,
+    Query,
+    build_tasks,
+    find_folder,
+    split_roles,
+)
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +98,7 @@ class EvaluationReport:
         return {"settings": self.settings, "summary": self.summary(), "tasks": tasks}
 
     def write_json(self, path: str | Path, overwrite: bool = False) -> Path:
-        from ..io import atomic_path
+        from napari_openseg.io import atomic_path
 
         with atomic_path(path, overwrite) as tmp:
             tmp.write_text(json.dumps(self.to_dict(), indent=2))
@@ -172,7 +187,7 @@ def support_subsets(task: EvalTask, size: int, ensemble: int, rng: np.random.Gen
 def networks(model, methods: Sequence[str], seed: int, device: torch.device) -> tuple[dict[str, Network], int]:
     """Prepared networks (:class:`~napari_openseg.core.engine.Network`) by method name (``network``
     for the weights, which every engine method uses; ``random_init``), and the grid of ``model``."""
-    from ..model.universeg import UniverSeg
+    from napari_openseg.model.universeg import UniverSeg
 
     net = load_network(model)
     nets = {}
@@ -327,7 +342,7 @@ def iter_evaluate(
     the tasks; ``stacking`` goes to the engine (folds, classifier, balance). Yields progress per case
     read and per task; returns an :class:`EvaluationReport`.
     """
-    from ..core.device import resolve_device
+    from napari_openseg.core.device import resolve_device
 
     unknown = set(methods) - set(METHODS)
     if unknown or not methods:

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .universeg import LEAKY_SLOPE, CrossBlock, UniverSeg, check_inputs, downsample, upsample
+from napari_openseg.model.universeg import (
+    LEAKY_SLOPE,
+    CrossBlock,
+    UniverSeg,
+    check_inputs,
+    downsample,
+    upsample,
+)
 
 #: Support entries processed together at full resolution; bounds memory without costing speed.
 FULL_RES_CHUNK = 8

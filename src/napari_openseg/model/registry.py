@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from ..core.tensor_files import layout_mismatch, load_tensor_file
-from ..errors import OpenSegError
-from .universeg import UniverSeg, UniverSegConfig, config_from_state_dict
+from napari_openseg.core.tensor_files import layout_mismatch, load_tensor_file
+from napari_openseg.errors import OpenSegError
+from napari_openseg.model.universeg import UniverSeg, UniverSegConfig, config_from_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def network_from_file(path: str | Path) -> UniverSeg:
 
 def save_weights(net: UniverSeg, path: str | Path, info: dict | None = None, half: bool = False) -> Path:
     """Write ``net`` as a napari-openseg weights file (optionally stored in float16)."""
-    from ..io import atomic_path
+    from napari_openseg.io import atomic_path
 
     state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
              for k, v in net.state_dict().items()}

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import OpenSegError
+from napari_openseg.errors import OpenSegError
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def discover(data_dir: str | Path, manifest: dict[str, DataSet] | None = None) -
 
 def set_cases(dataset: DataSet, data_dir: str | Path) -> dict[str, list[str]]:
     """File stems of the set's labelled pairs by split (sorted)."""
-    from ..evaluation.data import find_folder
+    from napari_openseg.evaluation.data import find_folder
 
     folder = find_folder(Path(data_dir) / dataset.name)
     out: dict[str, list[str]] = {split: [] for split in SPLITS}
@@ -186,13 +186,13 @@ def build_task_bank(
     data_dir: str | Path,
     all_slices: bool = False,
 ):
-    """One :class:`~napari_openseg.training.tasks.TaskBank` of the ``split`` cases of ``sets``.
+    """One :class:`~napari_openseg.training.incontext.tasks.TaskBank` of the ``split`` cases of ``sets``.
 
     2D sets give one task per label value (axis 0; each image is its own subject's slice, so
     episodes draw support from other cases); 3D sets one per (label, axis), as
-    :func:`~napari_openseg.training.tasks.build_bank`. ``all_slices`` keeps images and slices without
+    :func:`~napari_openseg.training.incontext.tasks.build_bank`. ``all_slices`` keeps images and slices without
     a label, as the empty queries of that label's task."""
-    from .tasks import VolumeSpec, build_bank
+    from napari_openseg.training.incontext.tasks import VolumeSpec, build_bank
 
     if split not in SPLITS:
         raise OpenSegError(f"split must be one of {SPLITS}, got {split!r}")
@@ -223,9 +223,9 @@ def build_task_bank(
 
 def _picture_bank(dataset: DataSet, stems: Sequence[str], grid: int, data_dir, all_slices: bool):
     """The task bank of a 2D set's images (each image one subject, grouped by case)."""
-    from ..core.preprocess import masks_to_grid, normalize_intensity, to_grid
-    from ..evaluation.data import find_folder, read_case
-    from .tasks import SliceTask, TaskBank
+    from napari_openseg.core.preprocess import masks_to_grid, normalize_intensity, to_grid
+    from napari_openseg.evaluation.data import find_folder, read_case
+    from napari_openseg.training.incontext.tasks import SliceTask, TaskBank
 
     folder = find_folder(Path(data_dir) / dataset.name)
     images, labels, cases = [], [], []
@@ -270,7 +270,7 @@ def merge_banks(banks: Sequence):
     """One bank of several (image ids and subject ids renumbered)."""
     from dataclasses import replace
 
-    from .tasks import TaskBank
+    from napari_openseg.training.incontext.tasks import TaskBank
 
     if len(banks) == 1:
         return banks[0]

@@ -1,0 +1,1 @@
+"""Cohorts: one task over many files, resumable, locally or on Dask."""

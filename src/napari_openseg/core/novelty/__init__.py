@@ -1,0 +1,1 @@
+"""Novelty maps: prototypes, scores, trained and training-free maps, intensity signatures."""

@@ -1,0 +1,1 @@
+"""Prompt propagation: fronts, the self-sorting memory bank, confidence and stop rules."""

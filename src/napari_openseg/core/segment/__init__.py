@@ -1,0 +1,1 @@
+"""Segmentation by example: slice-by-slice inference, ensembles, object extent."""

@@ -1,0 +1,1 @@
+"""Training the in-context network: synthetic and real tasks, episodes, the trainer."""

@@ -1,0 +1,1 @@
+"""Training a MedOpenSeg novelty model on labelled volumes."""
