@@ -454,17 +454,17 @@ def test_novelty_masks_and_seeds_are_checked_before_any_work(small_support, monk
     monkeypatch.setattr(novelty_map.NoveltyModel, "load", no_work)
     volume = np.random.default_rng(4).random((6, 24, 24)).astype(np.float32)
     wrong = np.ones((6, 24, 23), bool)
-    with pytest.raises(OpenSegError, match=re.escape("mask of shape (6, 24, 23) does not match the volume")):
+    with pytest.raises(OpenSegError, match=re.escape("mask of shape (6, 24, 23) in array order")):
         novelty_free.training_free_novelty(volume, small_support, mask=wrong)
     with pytest.raises(
-        OpenSegError, match=re.escape("the unknown seed mask of shape (6, 24, 23) does not match")
+        OpenSegError, match=re.escape("the unknown seed mask of shape (6, 24, 23) in array order")
     ):
         novelty_free.training_free_novelty(volume, small_support, unknown_seed=(volume, wrong))
     with pytest.raises(OpenSegError, match="the unknown seed mask is empty"):
         novelty_free.training_free_novelty(
             volume, small_support, unknown_seed=(volume, np.zeros(volume.shape))
         )
-    with pytest.raises(OpenSegError, match=re.escape("mask of shape (6, 24, 23) does not match the volume")):
+    with pytest.raises(OpenSegError, match=re.escape("mask of shape (6, 24, 23) in array order")):
         list(novelty_map.iter_novelty_map(volume, "model.pt", mask=wrong))
 
 
@@ -491,7 +491,7 @@ def test_novelty_seed_checks_the_mask_before_loading_the_model(tmp_path, monkeyp
             str(tmp_path / "m2.pt"),
         ]
     )
-    assert code == 2 and "does not match the volume of shape (6, 24, 24)" in capsys.readouterr().err
+    assert code == 2 and "does not match the volume of shape (6, 24, 24) in array order" in capsys.readouterr().err
 
 
 def test_unit_support_entries_made_in_code_follow_the_same_rules(small_support):
