@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write every number to this file")
-    parser.add_argument("--tables-from", metavar="JSON", help="print the tables of an earlier run's --json file")
+    parser.add_argument(
+        "--tables-from", metavar="JSON", help="print the tables of an earlier run's --json file"
+    )
     args = parser.parse_args(argv)
     if args.tables_from:
         return reprint(Path(args.tables_from), args)
@@ -181,7 +183,9 @@ def default_trained_on(weights: dict[str, str], sets) -> dict[str, set[str]]:
     }
 
 
-def print_tables(results: dict, labels: list[str], baselines: list[str], trained: dict, args, elapsed: float | None):
+def print_tables(
+    results: dict, labels: list[str], baselines: list[str], trained: dict, args, elapsed: float | None
+):
     columns = labels + baselines
     print(
         f"split: {args.split}; seed {args.seed}; up to {args.max_queries} query slices per task; K = 1; "

@@ -44,8 +44,13 @@ def measure(weights: str, bank, episodes: int, support_size: int, seed: int) -> 
                     dice.append(dice_score(predicted.numpy(), truth.numpy()))
                     true_area.append(float(truth.sum()))
     false_area = np.asarray(false_area)
-    return {"mean": false_area.mean(), "median": float(np.median(false_area)),
-            "empty": float(np.mean(false_area <= 5)), "dice": float(np.mean(dice)), "area": float(np.mean(true_area))}
+    return {
+        "mean": false_area.mean(),
+        "median": float(np.median(false_area)),
+        "empty": float(np.mean(false_area <= 5)),
+        "dice": float(np.mean(dice)),
+        "area": float(np.mean(true_area)),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,15 +68,21 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     grid = network_from_file(args.weights[0]).config.grid_size
     bank = build_bank(shared_volumes(data, "val")["hippocampus"], grid, all_slices=True)
-    print(f"hippocampus validation subjects, grid {grid}, S = {args.support_size}, "
-          f"{args.episodes} episodes per task and kind, {len(bank.tasks)} tasks\n")
-    print("| weights | area drawn on empty slices, mean / median (px) | empty slices left empty (<= 5 px) "
-          "| Dice where the structure is | its mean area (px) |")
+    print(
+        f"hippocampus validation subjects, grid {grid}, S = {args.support_size}, "
+        f"{args.episodes} episodes per task and kind, {len(bank.tasks)} tasks\n"
+    )
+    print(
+        "| weights | area drawn on empty slices, mean / median (px) | empty slices left empty (<= 5 px) "
+        "| Dice where the structure is | its mean area (px) |"
+    )
     print("|---|---|---|---|---|")
     for weights in args.weights:
         r = measure(weights, bank, args.episodes, args.support_size, args.seed)
-        print(f"| {weights} | {r['mean']:.0f} / {r['median']:.0f} | {100 * r['empty']:.0f} % | {r['dice']:.3f} "
-              f"| {r['area']:.0f} |")
+        print(
+            f"| {weights} | {r['mean']:.0f} / {r['median']:.0f} | {100 * r['empty']:.0f} % | {r['dice']:.3f} "
+            f"| {r['area']:.0f} |"
+        )
     return 0
 
 

@@ -41,17 +41,27 @@ def member_logits(net, images: np.ndarray, subsets: list[list]) -> tuple[torch.T
     query, mapping = to_grid(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)), grid)
     query = query.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-        logits = [fast_forward(net, query, encoded=encode_support(net, *support_tensors(s, grid, "pad", "cpu",
-                                                                                          torch.float32)))
-                  for s in subsets]
+        logits = [
+            fast_forward(
+                net,
+                query,
+                encoded=encode_support(net, *support_tensors(s, grid, "pad", "cpu", torch.float32)),
+            )
+            for s in subsets
+        ]
     return torch.stack([logit[:, 0] for logit in logits]), mapping
 
 
 def combined(logits: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each rule's probabilities ``"b g g"`` (thresholded at 0.5 afterwards)."""
     probs = torch.sigmoid(logits)
-    return {"K=1": probs[0], "mean": probs.mean(0), "logit mean": torch.sigmoid(logits.mean(0)),
-            "median": probs.median(0).values, "area-matched": combine_members(probs, 0.5, "area-matched")}
+    return {
+        "K=1": probs[0],
+        "mean": probs.mean(0),
+        "logit mean": torch.sigmoid(logits.mean(0)),
+        "median": probs.median(0).values,
+        "area-matched": combine_members(probs, 0.5, "area-matched"),
+    }
 
 
 def main() -> None:
@@ -68,7 +78,9 @@ def main() -> None:
     net = nets["network"].net
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for family, (folder, labels, max_queries) in family_folders(data, Path(scratch), selection=True).items():
+        for family, (folder, labels, max_queries) in family_folders(
+            data, Path(scratch), selection=True
+        ).items():
             _, tasks = run_to_end(load_tasks(folder, "val", labels))
             for size in args.support_sizes:
                 per_rule = {rule: [] for rule in RULES}
@@ -90,8 +102,11 @@ def main() -> None:
         print(f"| {family} | {size} | " + " | ".join(f"{scores[r]:.1f}" for r in RULES) + " |")
     for size in args.support_sizes:
         sub = [scores for _, s, scores in rows if s == size]
-        print(f"| mean of families | {size} | " + " | ".join(f"{np.mean([x[r] for x in sub]):.1f}" for r in RULES)
-              + " |")
+        print(
+            f"| mean of families | {size} | "
+            + " | ".join(f"{np.mean([x[r] for x in sub]):.1f}" for r in RULES)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

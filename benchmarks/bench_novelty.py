@@ -43,22 +43,42 @@ def train(args) -> None:
 
     case = protocol.load_case(args.data)
     settings = NoveltyTrainSettings(
-        epochs=args.epochs, samples_per_volume=args.samples_per_volume, batch_size=args.batch_size,
-        learning_rate=args.learning_rate, downsample=args.downsample, ignore_values=(protocol.IGNORED,),
-        roi_size=tuple(args.roi), seed=0, flips=args.flips,
+        epochs=args.epochs,
+        samples_per_volume=args.samples_per_volume,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        downsample=args.downsample,
+        ignore_values=(protocol.IGNORED,),
+        roi_size=tuple(args.roi),
+        seed=0,
+        flips=args.flips,
     )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     result = with_progress_bar(
-        iter_train_novelty([protocol.train_half(case["image"].data)], [protocol.train_half(case["train_labels"])],
-                           settings, checkpoint=args.out_dir / "checkpoint.pt", resume=True, device="cpu"),
+        iter_train_novelty(
+            [protocol.train_half(case["image"].data)],
+            [protocol.train_half(case["train_labels"])],
+            settings,
+            checkpoint=args.out_dir / "checkpoint.pt",
+            resume=True,
+            device="cpu",
+        ),
         "train",
     )
     result.model.save(args.out_dir / "model.pt")
     elapsed = time.perf_counter() - began
-    (args.out_dir / "train_log.json").write_text(json.dumps(
-        {"steps": result.steps, "losses": result.losses, "seconds_this_run": elapsed,
-         "threads": torch.get_num_threads()}, indent=1))
+    (args.out_dir / "train_log.json").write_text(
+        json.dumps(
+            {
+                "steps": result.steps,
+                "losses": result.losses,
+                "seconds_this_run": elapsed,
+                "threads": torch.get_num_threads(),
+            },
+            indent=1,
+        )
+    )
     print(f"trained {result.steps} steps; this run {elapsed:.0f} s; final loss {result.losses[-1]:.3f}")
 
 
@@ -69,7 +89,9 @@ def _model_path(args) -> Path:
     raise SystemExit(f"no trained model in {args.out_dir}: run the train stage first")
 
 
-def _auroc_rows(label: str, raw: np.ndarray, mask: np.ndarray, k: int, use_unknown: bool, truth: dict) -> dict:
+def _auroc_rows(
+    label: str, raw: np.ndarray, mask: np.ndarray, k: int, use_unknown: bool, truth: dict
+) -> dict:
     from napari_openseg.core.novelty.scores import auroc, maps_from_raw
 
     maps = maps_from_raw(raw, mask, k, use_unknown)
@@ -96,8 +118,9 @@ def evaluate(args) -> None:
     truth = _truth(case)
     model = NoveltyModel.load(_model_path(args))
     test = protocol.test_half(case["image"].data)
-    seed_emb = unknown_seed_embeddings(protocol.train_half(case["image"].data), protocol.train_half(case["seed"]),
-                                       model, device="cpu")
+    seed_emb = unknown_seed_embeddings(
+        protocol.train_half(case["image"].data), protocol.train_half(case["seed"]), model, device="cpu"
+    )
     seeded = NoveltyModel(model.network, model.bank.copy(), model.class_values, model.downsample)
     seeded.bank.seed_unknown(seed_emb, "left putamen (training half)")
     k = model.config.num_classes
@@ -109,14 +132,23 @@ def evaluate(args) -> None:
         _auroc_rows("unknown: one-shot seed", base.raw, base.mask, k, True, truth),
     ]
     adapted = novelty_map(test, seeded, device="cpu", adapt_unknown=args.adapt_steps, keep_raw=True)
-    rows.append(_auroc_rows(f"unknown: seed + {args.adapt_steps} adaptation steps", adapted.raw, adapted.mask, k,
-                            True, truth))
-    free = novelty_map(test, model, device="cpu", seed_free=True, adapt_unknown=args.adapt_steps, keep_raw=True)
-    rows.append(_auroc_rows("unknown: seed-free (outliers + adaptation)", free.raw, free.mask, k, True, truth))
+    rows.append(
+        _auroc_rows(
+            f"unknown: seed + {args.adapt_steps} adaptation steps", adapted.raw, adapted.mask, k, True, truth
+        )
+    )
+    free = novelty_map(
+        test, model, device="cpu", seed_free=True, adapt_unknown=args.adapt_steps, keep_raw=True
+    )
+    rows.append(
+        _auroc_rows("unknown: seed-free (outliers + adaptation)", free.raw, free.mask, k, True, truth)
+    )
     dice = dice_per_label(base.segmentation, truth["labels"], sorted(protocol.KNOWN))
     info = model.info
-    print(f"\n### Trained MedOpenSeg ({info.get('trained_steps')} steps, downsample {model.downsample}, "
-          f"roi {list(model.config.roi_size)}); test-half map {seconds:.1f} s\n")
+    print(
+        f"\n### Trained MedOpenSeg ({info.get('trained_steps')} steps, downsample {model.downsample}, "
+        f"roi {list(model.config.roi_size)}); test-half map {seconds:.1f} s\n"
+    )
     _print_auroc(rows)
     print("\nKnown-class Dice of the segmentation head (right hemisphere):\n")
     print("| class | Dice |\n|---|---|")
@@ -130,8 +162,10 @@ def _print_auroc(rows: list[dict]) -> None:
     print("| variant | AUROC cosine | AUROC distance sum | AUROC fused | flagged unseen | flagged known |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['variant']} | {r['cosine']:.3f} | {r['distance']:.3f} | {r['fused']:.3f} | "
-              f"{r['flagged_unseen']:.1%} | {r['flagged_known']:.1%} |")
+        print(
+            f"| {r['variant']} | {r['cosine']:.3f} | {r['distance']:.3f} | {r['fused']:.3f} | "
+            f"{r['flagged_unseen']:.1%} | {r['flagged_known']:.1%} |"
+        )
 
 
 def _save(args, stage: str, result: dict) -> None:
@@ -157,21 +191,47 @@ def free(args) -> None:
     support = build_support_set(train_image, protocol.train_half(case["known"]), axis=args.axis)
     test = protocol.test_half(case["image"].data)
     began = time.perf_counter()
-    maps = training_free_novelty(test, support, str(weights), axis=args.axis, device="cpu", keep_raw=True,
-                                 unknown_seed=(train_image, protocol.train_half(case["seed"])))
+    maps = training_free_novelty(
+        test,
+        support,
+        str(weights),
+        axis=args.axis,
+        device="cpu",
+        keep_raw=True,
+        unknown_seed=(train_image, protocol.train_half(case["seed"])),
+    )
     seconds = time.perf_counter() - began
     raw, k = maps.raw, len(protocol.KNOWN) + 1
-    rows = [_auroc_rows("no unknown prototype", raw, maps.mask, k, False, truth),
-            _auroc_rows("unknown: one-shot seed", raw, maps.mask, k, True, truth)]
+    rows = [
+        _auroc_rows("no unknown prototype", raw, maps.mask, k, False, truth),
+        _auroc_rows("unknown: one-shot seed", raw, maps.mask, k, True, truth),
+    ]
     if args.adapt_steps:
-        adapted = training_free_novelty(test, support, str(weights), axis=args.axis, device="cpu", keep_raw=True,
-                                        unknown_seed=(train_image, protocol.train_half(case["seed"])),
-                                        adapt_unknown=args.adapt_steps)
-        rows.append(_auroc_rows(f"unknown: seed + {args.adapt_steps} adaptation steps", adapted.raw, adapted.mask,
-                                k, True, truth))
+        adapted = training_free_novelty(
+            test,
+            support,
+            str(weights),
+            axis=args.axis,
+            device="cpu",
+            keep_raw=True,
+            unknown_seed=(train_image, protocol.train_half(case["seed"])),
+            adapt_unknown=args.adapt_steps,
+        )
+        rows.append(
+            _auroc_rows(
+                f"unknown: seed + {args.adapt_steps} adaptation steps",
+                adapted.raw,
+                adapted.mask,
+                k,
+                True,
+                truth,
+            )
+        )
     dice = dice_per_label(maps.segmentation, truth["labels"], sorted(protocol.KNOWN))
-    print(f"\n### Training-free (in-context features, weights {weights.name}, axis {args.axis}, "
-          f"{len(support)} support entries); map {seconds:.1f} s\n")
+    print(
+        f"\n### Training-free (in-context features, weights {weights.name}, axis {args.axis}, "
+        f"{len(support)} support entries); map {seconds:.1f} s\n"
+    )
     _print_auroc(rows)
     print(f"\nNearest-prototype segmentation, mean known-class Dice {np.mean(list(dice.values())):.3f}")
     _save(args, "free", {"rows": rows, "dice": dice, "weights": str(weights)})
@@ -193,17 +253,32 @@ SWIN_TIMING_CASES = {
 def timing(args) -> None:
     on_cuda = args.device.startswith("cuda")  # the only device whose peak memory torch reports here
     where = f"{args.device}, peak GPU memory allocated" if on_cuda else args.device.upper()
-    print(f"\n### Time and peak memory of one map of the whole 160x192x224 volume ({where}, "
-          f"{args.threads} threads, fresh process each)\n")
+    print(
+        f"\n### Time and peak memory of one map of the whole 160x192x224 volume ({where}, "
+        f"{args.threads} threads, fresh process each)\n"
+    )
     gpu = " peak GPU (GiB) |" if on_cuda else ""
-    print(f"| configuration | windows or slices | seconds | CPU seconds | peak RSS (GiB) | RSS before the map (GiB) |"
-          f"{gpu}")
+    print(
+        f"| configuration | windows or slices | seconds | CPU seconds | peak RSS (GiB) | RSS before the map (GiB) |"
+        f"{gpu}"
+    )
     print("|---|---|---|---|---|---|" + ("---|" if gpu else ""))
     results = {}
     cases = {**TIMING_CASES, **(SWIN_TIMING_CASES if args.swin else {})}
     for label, kind in cases.items():
-        command = [sys.executable, __file__, "_time_one", "--kind", kind, "--out-dir", str(args.out_dir),
-                   "--threads", str(args.threads), "--device", args.device] + (["--weights", args.weights] if args.weights else [])
+        command = [
+            sys.executable,
+            __file__,
+            "_time_one",
+            "--kind",
+            kind,
+            "--out-dir",
+            str(args.out_dir),
+            "--threads",
+            str(args.threads),
+            "--device",
+            args.device,
+        ] + (["--weights", args.weights] if args.weights else [])
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"| {label} | failed: {done.stderr.strip().splitlines()[-1:]} | | | | |")
@@ -211,8 +286,10 @@ def timing(args) -> None:
         r = json.loads(done.stdout.strip().splitlines()[-1])
         results[label] = r
         cell = f" {r['gpu_peak_gib']:.2f} |" if gpu else ""
-        print(f"| {label} | {r['units']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_gib']:.2f} | "
-              f"{r['before_gib']:.2f} |{cell}")
+        print(
+            f"| {label} | {r['units']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | {r['peak_gib']:.2f} | "
+            f"{r['before_gib']:.2f} |{cell}"
+        )
     _save(args, "timing", results)
 
 
@@ -262,8 +339,18 @@ def _time_one(args) -> None:
         torch.cuda.synchronize()
     seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
     gpu_peak = torch.cuda.max_memory_allocated() / 1024**3 if on_cuda else 0.0
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu, "peak_gib": _rss_gib(), "before_gib": before,
-                      "units": units, "gpu_peak_gib": gpu_peak}))
+    print(
+        json.dumps(
+            {
+                "seconds": seconds,
+                "cpu_seconds": cpu,
+                "peak_gib": _rss_gib(),
+                "before_gib": before,
+                "units": units,
+                "gpu_peak_gib": gpu_peak,
+            }
+        )
+    )
 
 
 def _default_model(num_classes: int):
@@ -276,9 +363,13 @@ def _default_model(num_classes: int):
 
     settings = NoveltyTrainSettings()
     torch.manual_seed(0)
-    config = MedOpenSegConfig(num_classes=num_classes, feature_size=settings.feature_size,
-                              embedding_dim=settings.embedding_dim, roi_size=settings.roi_size,
-                              backbone=settings.backbone)
+    config = MedOpenSegConfig(
+        num_classes=num_classes,
+        feature_size=settings.feature_size,
+        embedding_dim=settings.embedding_dim,
+        roi_size=settings.roi_size,
+        backbone=settings.backbone,
+    )
     values = list(range(num_classes))
     bank = PrototypeBank(values, settings.embedding_dim)
     bank.set_from_means(torch.randn(num_classes, settings.embedding_dim), torch.arange(num_classes))
@@ -287,13 +378,32 @@ def _default_model(num_classes: int):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["train", "evaluate", "free", "timing", "all", "_time_one",
-                                          "organs", *bench_novelty_lgg.STAGES])
+    parser.add_argument(
+        "stage",
+        choices=[
+            "train",
+            "evaluate",
+            "free",
+            "timing",
+            "all",
+            "_time_one",
+            "organs",
+            *bench_novelty_lgg.STAGES,
+        ],
+    )
     parser.add_argument("--kind", help=argparse.SUPPRESS)
-    parser.add_argument("--adapt-steps", type=int, default=5, help="adaptation steps of the unknown prototype")
-    parser.add_argument("--axis", type=int, default=2, help="slice axis of the training-free option (2: sagittal)")
-    parser.add_argument("--out-dir", type=Path, help=f"default {DEFAULT_OUT} (LGG stages: "
-                        f"{bench_novelty_lgg.out_dir_default(DEFAULT_OUT.parents[1])})")
+    parser.add_argument(
+        "--adapt-steps", type=int, default=5, help="adaptation steps of the unknown prototype"
+    )
+    parser.add_argument(
+        "--axis", type=int, default=2, help="slice axis of the training-free option (2: sagittal)"
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        help=f"default {DEFAULT_OUT} (LGG stages: "
+        f"{bench_novelty_lgg.out_dir_default(DEFAULT_OUT.parents[1])})",
+    )
     parser.add_argument("--epochs", type=int, default=300, help="2 steps each (default: the 600 measured)")
     parser.add_argument("--samples-per-volume", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
@@ -301,10 +411,14 @@ def main() -> int:
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--downsample", type=int, default=2)
     parser.add_argument("--flips", action="store_true", help="train with random flips along every axis")
-    parser.add_argument("--weights", help="in-context weights for the training-free option (default: openseg-default)")
+    parser.add_argument(
+        "--weights", help="in-context weights for the training-free option (default: openseg-default)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="device of the timing stage's maps (cpu, cuda, ...)")
-    parser.add_argument("--swin", action="store_true", help="timing: also the SwinUNETR model of the train stage")
+    parser.add_argument(
+        "--swin", action="store_true", help="timing: also the SwinUNETR model of the train stage"
+    )
     bench_novelty_lgg.add_arguments(parser)
     args = parser.parse_args()
     lgg_stage = args.stage in bench_novelty_lgg.STAGES

@@ -54,8 +54,10 @@ BRAIN_LABELS = (2, 3, 4, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 24, 28, 31)
 AAL_LABELS = tuple(range(1, 117, 10))
 #: Disjoint tasks for choices made before the final measurement (the model grid): the right-hemisphere
 #: labels among VoxelMorph's 30 and AAL regions 5, 15, ..., 115.
-SELECTION_LABELS = {"brain_structures": (41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63),
-                    "colin27_aal": tuple(range(5, 117, 10))}
+SELECTION_LABELS = {
+    "brain_structures": (41, 42, 43, 46, 47, 49, 50, 51, 52, 53, 54, 60, 63),
+    "colin27_aal": tuple(range(5, 117, 10)),
+}
 
 
 def family_folders(
@@ -65,10 +67,18 @@ def family_folders(
 
     ``selection`` gives the disjoint selection tasks (:data:`SELECTION_LABELS`) instead."""
     singles = {
-        "brain_structures": ("voxelmorph_test_scan/vol_uint8.nii.gz", "voxelmorph_test_scan/seg_freesurfer_labels.nii.gz",
-                             BRAIN_LABELS, 3),
-        "mni152_gm_wm": ("mni152_nilearn/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-                         "mni152_nilearn/derived_labels_bg0_gm1_wm2.nii.gz", None, 8),
+        "brain_structures": (
+            "voxelmorph_test_scan/vol_uint8.nii.gz",
+            "voxelmorph_test_scan/seg_freesurfer_labels.nii.gz",
+            BRAIN_LABELS,
+            3,
+        ),
+        "mni152_gm_wm": (
+            "mni152_nilearn/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+            "mni152_nilearn/derived_labels_bg0_gm1_wm2.nii.gz",
+            None,
+            8,
+        ),
         "colin27_aal": ("colin27_aal_mricron/ch2.nii.gz", "colin27_aal_mricron/aal.nii.gz", AAL_LABELS, 3),
     }
     folders = {"hippocampus": (data / "msd_task04_hippocampus", None, 16)}
@@ -118,7 +128,9 @@ def inference_time(net, repeats: int = 3) -> float:
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        segment(volume, support, net, support_size=16, device="cpu", keep_probabilities=False, method="network")
+        segment(
+            volume, support, net, support_size=16, device="cpu", keep_probabilities=False, method="network"
+        )
         best = min(best, (time.perf_counter() - start) / len(volume))
     return best
 
@@ -131,12 +143,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", nargs="+", help="only these families")
     parser.add_argument("--support-sizes", type=int, nargs="+", default=list(SUPPORT_SIZES))
     parser.add_argument("--ensembles", type=int, nargs="+", default=list(ENSEMBLES))
-    parser.add_argument("--ensemble-rule", default="area-matched", choices=RULES,
-                        help="how the K predictions are combined (napari_openseg.core.ensemble)")
+    parser.add_argument(
+        "--ensemble-rule",
+        default="area-matched",
+        choices=RULES,
+        help="how the K predictions are combined (napari_openseg.core.ensemble)",
+    )
     parser.add_argument("--skip-pixel-classifier", action="store_true", help="a quicker run without it")
     parser.add_argument("--grid", type=int, help="run the weights on this grid instead of their own")
-    parser.add_argument("--selection", action="store_true",
-                        help="measure on the selection tasks (SELECTION_LABELS), not the reported ones")
+    parser.add_argument(
+        "--selection",
+        action="store_true",
+        help="measure on the selection tasks (SELECTION_LABELS), not the reported ones",
+    )
     parser.add_argument("--json", help="also write every number to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -147,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu")
     nets, grid = networks(args.weights, ("network", "random_init"), args.seed, device)
     if args.grid:
-        nets = {name: prepare_network(on_grid(network.net, args.grid), device) for name, network in nets.items()}
+        nets = {
+            name: prepare_network(on_grid(network.net, args.grid), device) for name, network in nets.items()
+        }
         grid = args.grid
     info = nets["network"].weights_info
     started = time.perf_counter()
@@ -170,20 +191,43 @@ def main(argv: list[str] | None = None) -> int:
                     methods = ["network", "label_prior"] + (["random_init"] if ensemble == 1 else [])
                     methods += ["pixel_classifier"] if with_pixel else []
                     tick = time.perf_counter()
-                    scores = run_to_end(iter_evaluate_tasks(
-                        tasks, nets, grid, methods=methods, support_size=size, ensemble=ensemble,
-                        seed=args.seed, max_queries=queries, device=device, ensemble_rule=args.ensemble_rule))
-                    scores = {k: dict(t, dice={("model" if m == "network" else m): v for m, v in t["dice"].items()})
-                              for k, t in scores.items()}  # the tables call the network "model"
+                    scores = run_to_end(
+                        iter_evaluate_tasks(
+                            tasks,
+                            nets,
+                            grid,
+                            methods=methods,
+                            support_size=size,
+                            ensemble=ensemble,
+                            seed=args.seed,
+                            max_queries=queries,
+                            device=device,
+                            ensemble_rule=args.ensemble_rule,
+                        )
+                    )
+                    scores = {
+                        k: dict(t, dice={("model" if m == "network" else m): v for m, v in t["dice"].items()})
+                        for k, t in scores.items()
+                    }  # the tables call the network "model"
                     methods = ["model" if m == "network" else m for m in methods]
-                    means = {m: float(np.mean([np.mean(t["dice"][m]) for t in scores.values()])) for m in methods}
-                    results.setdefault(family, {})[f"S{size}_K{ensemble}"] = {
-                        "means": means, "tasks": len(scores),
-                        "queries": int(sum(len(t["dice"]["model"]) for t in scores.values())),
-                        "per_task": {k: {m: float(np.mean(v["dice"][m])) for m in methods} for k, v in scores.items()},
+                    means = {
+                        m: float(np.mean([np.mean(t["dice"][m]) for t in scores.values()])) for m in methods
                     }
-                    print(f"# {family} S={size} K={ensemble}: " + ", ".join(f"{m} {v:.3f}" for m, v in means.items())
-                          + f" ({time.perf_counter() - tick:.0f} s)", file=sys.stderr, flush=True)
+                    results.setdefault(family, {})[f"S{size}_K{ensemble}"] = {
+                        "means": means,
+                        "tasks": len(scores),
+                        "queries": int(sum(len(t["dice"]["model"]) for t in scores.values())),
+                        "per_task": {
+                            k: {m: float(np.mean(v["dice"][m])) for m in methods} for k, v in scores.items()
+                        },
+                    }
+                    print(
+                        f"# {family} S={size} K={ensemble}: "
+                        + ", ".join(f"{m} {v:.3f}" for m, v in means.items())
+                        + f" ({time.perf_counter() - tick:.0f} s)",
+                        file=sys.stderr,
+                        flush=True,
+                    )
     seconds = inference_time(nets["network"])
     print_tables(results, args, info, seconds, time.perf_counter() - started)
     if args.json:
@@ -198,17 +242,26 @@ def cell(results: dict, family: str, key: str, method: str) -> str:
 
 def print_tables(results: dict, args, info: dict, seconds: float, elapsed: float) -> None:
     families = list(results)
-    print(f"weights: {info.get('source', args.weights)} (step {info.get('step', '?')}); seed {args.seed}; "
-          f"torch threads {args.threads}; K = 5 combined by the {args.ensemble_rule} rule; "
-          "Dice in points (0-100), mean over tasks of the mean over query slices\n")
+    print(
+        f"weights: {info.get('source', args.weights)} (step {info.get('step', '?')}); seed {args.seed}; "
+        f"torch threads {args.threads}; K = 5 combined by the {args.ensemble_rule} rule; "
+        "Dice in points (0-100), mean over tasks of the mean over query slices\n"
+    )
     header = "| family | S | model K=1 | model K=5 | random K=1 | random K=5 | label prior K=1 | label prior K=5 | pixel classifier |"
     print(header)
     print("|" + "|".join(["---"] * 9) + "|")
     for family in families + ["mean of families"]:
         for size in args.support_sizes:
             row = [family, str(size)]
-            for method, ensemble in (("model", 1), ("model", 5), ("random_init", 1), ("random_init", 5),
-                                     ("label_prior", 1), ("label_prior", 5), ("pixel_classifier", 1)):
+            for method, ensemble in (
+                ("model", 1),
+                ("model", 5),
+                ("random_init", 1),
+                ("random_init", 5),
+                ("label_prior", 1),
+                ("label_prior", 5),
+                ("pixel_classifier", 1),
+            ):
                 key = f"S{size}_K{ensemble}"
                 if family == "mean of families":
                     values = [results[f].get(key, {}).get("means", {}).get(method) for f in families]
@@ -217,12 +270,16 @@ def print_tables(results: dict, args, info: dict, seconds: float, elapsed: float
                 else:
                     row.append(cell(results, family, key, method))
             print("| " + " | ".join(row) + " |")
-    counts = {f: (results[f][next(iter(results[f]))]["tasks"], results[f][next(iter(results[f]))]["queries"])
-              for f in families}
+    counts = {
+        f: (results[f][next(iter(results[f]))]["tasks"], results[f][next(iter(results[f]))]["queries"])
+        for f in families
+    }
     print("\ntasks / query slices per family: " + ", ".join(f"{f} {t}/{q}" for f, (t, q) in counts.items()))
-    print(f"default model inference (grid {args.grid or 'of the weights'}): {1000 * seconds:.1f} ms per 128x128 "
-          f"query slice at S=16, K=1 "
-          f"(CPU, {args.threads} threads)")
+    print(
+        f"default model inference (grid {args.grid or 'of the weights'}): {1000 * seconds:.1f} ms per 128x128 "
+        f"query slice at S=16, K=1 "
+        f"(CPU, {args.threads} threads)"
+    )
     print(f"benchmark run time: {elapsed / 60:.1f} min\n")
     print_goals(results, args)
 
@@ -233,7 +290,12 @@ def family_mean(results: dict, key: str, method: str) -> float | None:
 
 
 def task_mean(results: dict, key: str, method: str) -> float | None:
-    values = [t[method] for r in results.values() for t in r.get(key, {}).get("per_task", {}).values() if method in t]
+    values = [
+        t[method]
+        for r in results.values()
+        for t in r.get(key, {}).get("per_task", {}).values()
+        if method in t
+    ]
     return float(np.mean(values)) if values else None
 
 
@@ -243,21 +305,32 @@ def print_goals(results: dict, args) -> None:
         print(f"goals ({name}):")
         for size in args.support_sizes:
             key = f"S{size}_K1"
-            model, prior, pixel = (mean(results, key, m) for m in ("model", "label_prior", "pixel_classifier"))
+            model, prior, pixel = (
+                mean(results, key, m) for m in ("model", "label_prior", "pixel_classifier")
+            )
             if None in (model, prior, pixel):
                 continue
-            print(f"  S={size}: model - label prior = {100 * (model - prior):+.1f} points (goal >= +10: "
-                  f"{'met' if model - prior >= 0.10 else 'NOT met'}); model - pixel classifier = "
-                  f"{100 * (model - pixel):+.1f} ({'met' if model > pixel else 'NOT met'})")
+            print(
+                f"  S={size}: model - label prior = {100 * (model - prior):+.1f} points (goal >= +10: "
+                f"{'met' if model - prior >= 0.10 else 'NOT met'}); model - pixel classifier = "
+                f"{100 * (model - pixel):+.1f} ({'met' if model > pixel else 'NOT met'})"
+            )
         curve = [mean(results, f"S{s}_K1", "model") for s in args.support_sizes]
         if None not in curve:
             rising = all(b >= a - 0.005 for a, b in zip(curve, curve[1:]))
-            print(f"  model Dice by S {args.support_sizes}: {[round(100 * c, 1) for c in curve]} "
-                  f"({'rises' if rising else 'does NOT rise'} with S, 0.5-point tolerance)")
+            print(
+                f"  model Dice by S {args.support_sizes}: {[round(100 * c, 1) for c in curve]} "
+                f"({'rises' if rising else 'does NOT rise'} with S, 0.5-point tolerance)"
+            )
         if 5 in args.ensembles and 1 in args.ensembles:
-            gaps = [mean(results, f"S{s}_K5", "model") - mean(results, f"S{s}_K1", "model") for s in args.support_sizes]
-            print(f"  K=5 minus K=1 by S: {[round(100 * g, 1) for g in gaps]} "
-                  f"({'does not hurt' if min(gaps) >= -0.005 else 'HURTS somewhere'})")
+            gaps = [
+                mean(results, f"S{s}_K5", "model") - mean(results, f"S{s}_K1", "model")
+                for s in args.support_sizes
+            ]
+            print(
+                f"  K=5 minus K=1 by S: {[round(100 * g, 1) for g in gaps]} "
+                f"({'does not hurt' if min(gaps) >= -0.005 else 'HURTS somewhere'})"
+            )
 
 
 if __name__ == "__main__":

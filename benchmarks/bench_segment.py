@@ -41,8 +41,12 @@ from pathlib import Path
 
 import numpy as np
 
-VARIANTS = {"direct": ("direct", "float32"), "fast f32": ("fast", "float32"), "fast bf16": ("fast", "bfloat16"),
-            "fast f16": ("fast", "float16")}
+VARIANTS = {
+    "direct": ("direct", "float32"),
+    "fast f32": ("fast", "float32"),
+    "fast bf16": ("fast", "bfloat16"),
+    "fast f16": ("fast", "float16"),
+}
 #: float16 is refused on the CPU (slow there); it is measured on GPUs only.
 GPU_ONLY = {"fast f16"}
 
@@ -89,9 +93,15 @@ def worker(args: argparse.Namespace) -> None:
     slices = args.direct_slices if formulation == "direct" else args.slices
     volume = query[:slices]
     batch = args.worker_batch or None  # 0: the automatic choice
-    options = dict(method="network", support_size=args.support_size, device=args.device, precision=precision,
-                   formulation=formulation, batch_size=1 if formulation == "direct" else batch,
-                   ensemble=args.worker_ensemble)
+    options = dict(
+        method="network",
+        support_size=args.support_size,
+        device=args.device,
+        precision=precision,
+        formulation=formulation,
+        batch_size=1 if formulation == "direct" else batch,
+        ensemble=args.worker_ensemble,
+    )
     run_to_end(iter_segment(volume[:1], support, net, **options))  # warm-up: allocator, kernels
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -115,12 +125,37 @@ def worker(args: argparse.Namespace) -> None:
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "slices": slices, "peak_mb": peak}))
 
 
-def run_worker(args: argparse.Namespace, name: str, size: int, out: Path, batch: int = 0, ensemble: int = 1) -> dict:
-    command = [sys.executable, __file__, "--worker", name, "--support-size", str(size),
-               "--out", str(out), "--slices", str(args.slices), "--size", str(args.size),
-               "--direct-slices", str(args.direct_slices), "--weights", args.weights,
-               "--device", args.device, "--threads", str(args.threads), "--worker-batch", str(batch),
-               "--worker-ensemble", str(ensemble), "--support-slices", str(args.support_slices)]
+def run_worker(
+    args: argparse.Namespace, name: str, size: int, out: Path, batch: int = 0, ensemble: int = 1
+) -> dict:
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--support-size",
+        str(size),
+        "--out",
+        str(out),
+        "--slices",
+        str(args.slices),
+        "--size",
+        str(args.size),
+        "--direct-slices",
+        str(args.direct_slices),
+        "--weights",
+        args.weights,
+        "--device",
+        args.device,
+        "--threads",
+        str(args.threads),
+        "--worker-batch",
+        str(batch),
+        "--worker-ensemble",
+        str(ensemble),
+        "--support-slices",
+        str(args.support_slices),
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{name} S={size} batch {batch or 'auto'} failed:\n{done.stderr}")
@@ -133,8 +168,10 @@ def batch_table(args: argparse.Namespace) -> None:
 
     from napari_openseg.core.engine import auto_batch_size
 
-    print(f"# bench_segment --batch-sizes: {args.slices} slices of {args.size}x{args.size}, weights "
-          f"{args.weights}, device {args.device}, threads {args.threads or torch.get_num_threads()}")
+    print(
+        f"# bench_segment --batch-sizes: {args.slices} slices of {args.size}x{args.size}, weights "
+        f"{args.weights}, device {args.device}, threads {args.threads or torch.get_num_threads()}"
+    )
     print("| S | batch | slices/s | peak memory (MB) |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,8 +180,10 @@ def batch_table(args: argparse.Namespace) -> None:
             for batch in [0, *args.batch_sizes]:
                 row = run_worker(args, "fast f32", size, Path(tmp) / "p.npy", batch)
                 label = f"auto ({auto})" if batch == 0 else str(batch)
-                print(f"| {size} | {label} | {row['slices'] / row['seconds']:.2f} | {row['peak_mb']:.0f} |",
-                      flush=True)
+                print(
+                    f"| {size} | {label} | {row['slices'] / row['seconds']:.2f} | {row['peak_mb']:.0f} |",
+                    flush=True,
+                )
 
 
 def ensemble_table(args: argparse.Namespace) -> None:
@@ -154,21 +193,27 @@ def ensemble_table(args: argparse.Namespace) -> None:
     threads = args.threads or torch.get_num_threads()
     # more entries per task than the largest S, so that each of the K subsets is a distinct draw
     args.support_slices = max(args.slices, 2 * max(args.support_sizes) + 8)
-    print(f"# bench_segment --ensembles: {args.slices} slices of {args.size}x{args.size}, 2 tasks, weights "
-          f"{args.weights}, device {args.device}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"threads {threads}")
+    print(
+        f"# bench_segment --ensembles: {args.slices} slices of {args.size}x{args.size}, 2 tasks, weights "
+        f"{args.weights}, device {args.device}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"threads {threads}"
+    )
     # CPU time is what the process used (all its threads): on a machine shared with other work it is
     # what the run would take alone, where the wall clock also counts the waiting.
-    print("| S | K | wall s per slice (2 tasks) | CPU s per slice (2 tasks) | CPU s per slice and task | "
-          "peak memory (MB) |")
+    print(
+        "| S | K | wall s per slice (2 tasks) | CPU s per slice (2 tasks) | CPU s per slice and task | "
+        "peak memory (MB) |"
+    )
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.support_sizes:
             for ensemble in args.ensembles:
                 row = run_worker(args, "fast f32", size, Path(tmp) / "p.npy", ensemble=ensemble)
                 wall, cpu = row["seconds"] / row["slices"], row["cpu_seconds"] / row["slices"]
-                print(f"| {size} | {ensemble} | {wall:.3f} | {cpu:.3f} | {cpu / 2:.3f} | {row['peak_mb']:.0f} |",
-                      flush=True)
+                print(
+                    f"| {size} | {ensemble} | {wall:.3f} | {cpu:.3f} | {cpu / 2:.3f} | {row['peak_mb']:.0f} |",
+                    flush=True,
+                )
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -177,7 +222,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--support-sizes", type=int, nargs="+", default=[8, 16, 64])
     parser.add_argument("--slices", type=int, default=64)
     parser.add_argument("--size", type=int, default=256)
@@ -206,10 +253,14 @@ def main() -> None:
 
     import torch
 
-    print(f"# bench_segment: {args.slices} slices of {args.size}x{args.size}, weights {args.weights}, "
-          f"device {args.device}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
-          f"threads {args.threads or torch.get_num_threads()}")
-    print("| S | variant | slices timed | slices/s | speed-up vs direct | peak memory (MB) | mask Dice vs direct |")
+    print(
+        f"# bench_segment: {args.slices} slices of {args.size}x{args.size}, weights {args.weights}, "
+        f"device {args.device}, torch {torch.__version__}, {os.cpu_count()} CPUs, "
+        f"threads {args.threads or torch.get_num_threads()}"
+    )
+    print(
+        "| S | variant | slices timed | slices/s | speed-up vs direct | peak memory (MB) | mask Dice vs direct |"
+    )
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.support_sizes:
@@ -225,10 +276,17 @@ def main() -> None:
             direct_rate = rows["direct"]["slices"] / rows["direct"]["seconds"]
             for name, row in rows.items():
                 rate = row["slices"] / row["seconds"]
-                agree = np.mean([dice(reference[c] > threshold, probs[name][c] > threshold)
-                                 for c in range(reference.shape[0])])
-                print(f"| {size} | {name} | {row['slices']} | {rate:.2f} | {rate / direct_rate:.2f}x | "
-                      f"{row['peak_mb']:.0f} | {agree:.4f} |", flush=True)
+                agree = np.mean(
+                    [
+                        dice(reference[c] > threshold, probs[name][c] > threshold)
+                        for c in range(reference.shape[0])
+                    ]
+                )
+                print(
+                    f"| {size} | {name} | {row['slices']} | {rate:.2f} | {rate / direct_rate:.2f}x | "
+                    f"{row['peak_mb']:.0f} | {agree:.4f} |",
+                    flush=True,
+                )
     if args.weights == "random-v1":
         print("\nmask threshold: median of the direct probabilities (random weights)")
 

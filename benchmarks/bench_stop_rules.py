@@ -82,19 +82,38 @@ def validation_cases(groups=GROUPS, limit: int | None = None):
 def record(case: Case, net, options: dict | None = None) -> dict:
     """Propagate ``case`` with the confidence stop off; per predicted slice: confidence and areas."""
     prompt, z = prompt_of(case.truth)
-    generator = iter_propagate(case.image, prompt, net, device="cpu", **{**(options or {}), "stop_confidence": 0.0})
+    generator = iter_propagate(
+        case.image, prompt, net, device="cpu", **{**(options or {}), "stop_confidence": 0.0}
+    )
     slices = []
     for step in generator:
         if step.payload:
             s, mask = step.payload["slice"], step.payload["mask"]
-            slices.append({"slice": s, "confidence": step.payload["confidence"], "predicted": int(mask.sum()),
-                           "overlap": int((mask & case.truth[s]).sum())})
-    return {"dataset": case.dataset, "case": case.name, "prompt_slice": z, "truth": int(case.truth.sum()),
-            "prompt_area": int(case.truth[z].sum()), "slices": slices}
+            slices.append(
+                {
+                    "slice": s,
+                    "confidence": step.payload["confidence"],
+                    "predicted": int(mask.sum()),
+                    "overlap": int((mask & case.truth[s]).sum()),
+                }
+            )
+    return {
+        "dataset": case.dataset,
+        "case": case.name,
+        "prompt_slice": z,
+        "truth": int(case.truth.sum()),
+        "prompt_area": int(case.truth[z].sum()),
+        "slices": slices,
+    }
 
 
-def replay(obj: dict, threshold_of, stop_after: int = 2, max_growth: float = float("inf"),
-           lenient: float | None = None) -> float:
+def replay(
+    obj: dict,
+    threshold_of,
+    stop_after: int = 2,
+    max_growth: float = float("inf"),
+    lenient: float | None = None,
+) -> float:
     """3D Dice of ``obj`` had each front stopped by the rule ``threshold_of(front slices) -> float``,
     the area trend ``max_growth`` and, with ``lenient``, a second threshold: a slice between the two
     thresholds counts as doubtful only if its area also broke the trend."""
@@ -132,30 +151,50 @@ def replay(obj: dict, threshold_of, stop_after: int = 2, max_growth: float = flo
 
 def rules():
     """(name, threshold of a front's records, keywords of :func:`replay`)."""
-    yield "(reference) a front ends at its first slice that misses the object", lambda front: ORACLE, {"stop_after": 1}
+    yield (
+        "(reference) a front ends at its first slice that misses the object",
+        lambda front: ORACLE,
+        {"stop_after": 1},
+    )
     for t in ABSOLUTE:
         for after in (2, 3):
             yield f"confidence < {t}, {after} in a row", lambda front, t=t: t, {"stop_after": after}
     for ratio in RELATIVE:  # relative to the confidence of the front's first slice
-        yield (f"confidence < {ratio} x first slice's",
-               lambda front, r=ratio: r * (front[0]["confidence"] if front else 1), {})
+        yield (
+            f"confidence < {ratio} x first slice's",
+            lambda front, r=ratio: r * (front[0]["confidence"] if front else 1),
+            {},
+        )
     for t in ABSOLUTE:
         for growth in GROWTH:
-            yield f"confidence < {t} or area > {growth} x last accepted", lambda front, t=t: t, {"max_growth": growth}
+            yield (
+                f"confidence < {t} or area > {growth} x last accepted",
+                lambda front, t=t: t,
+                {"max_growth": growth},
+            )
     for low in LENIENT:
         for t in ABSOLUTE:
             for growth in GROWTH:
                 if low < t:
-                    yield (f"confidence < {low}, or < {t} and area > {growth} x last accepted",
-                           lambda front, t=t: t, {"max_growth": growth, "lenient": low})
+                    yield (
+                        f"confidence < {low}, or < {t} and area > {growth} x last accepted",
+                        lambda front, t=t: t,
+                        {"max_growth": growth, "lenient": low},
+                    )
 
 
 def report(objects: list[dict]) -> str:
     groups = sorted({o["dataset"] for o in objects})
-    lines = ["| stop rule | " + " | ".join(f"{g} ({sum(o['dataset'] == g for o in objects)})" for g in groups)
-             + " | mean |", "|---" * (len(groups) + 2) + "|"]
+    lines = [
+        "| stop rule | "
+        + " | ".join(f"{g} ({sum(o['dataset'] == g for o in objects)})" for g in groups)
+        + " | mean |",
+        "|---" * (len(groups) + 2) + "|",
+    ]
     for name, rule, keywords in rules():
-        cells = [100 * np.mean([replay(o, rule, **keywords) for o in objects if o["dataset"] == g]) for g in groups]
+        cells = [
+            100 * np.mean([replay(o, rule, **keywords) for o in objects if o["dataset"] == g]) for g in groups
+        ]
         lines.append(f"| {name} | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {np.mean(cells):.1f} |")
     return "\n".join(lines) + "\n\n3D Dice (%), mean per group of objects; mean: of the groups."
 
@@ -163,12 +202,20 @@ def report(objects: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--weights", nargs="+", default=list(BUNDLED),
-                        help="weights names or files, each recorded in turn (default: both bundled files)")
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        default=list(BUNDLED),
+        help="weights names or files, each recorded in turn (default: both bundled files)",
+    )
     parser.add_argument("--json", help="write the per-slice records to this file (one per weights: a suffix)")
     parser.add_argument("--records", nargs="+", help="replay records written earlier with --json instead")
-    parser.add_argument("--data", nargs="+", default=list(GROUPS), choices=GROUPS, help="groups of objects to record")
-    parser.add_argument("--options", default="{}", help="other propagation settings for the recording, as JSON")
+    parser.add_argument(
+        "--data", nargs="+", default=list(GROUPS), choices=GROUPS, help="groups of objects to record"
+    )
+    parser.add_argument(
+        "--options", default="{}", help="other propagation settings for the recording, as JSON"
+    )
     parser.add_argument("--subjects", type=int, help="only the first N hippocampus subjects and LGG patients")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -182,8 +229,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for weights in args.weights:
         net, began = load_model(weights), time.perf_counter()
-        objects = [record(case, net, json.loads(args.options)) for case in validation_cases(args.data, args.subjects)]
-        print(f"\n### weights {weights}: {len(objects)} objects recorded in {(time.perf_counter() - began) / 60:.1f} min\n")
+        objects = [
+            record(case, net, json.loads(args.options)) for case in validation_cases(args.data, args.subjects)
+        ]
+        print(
+            f"\n### weights {weights}: {len(objects)} objects recorded in {(time.perf_counter() - began) / 60:.1f} min\n"
+        )
         if args.json:
             with open(f"{args.json}.{Path(weights).stem}.json", "w") as handle:
                 json.dump(objects, handle)

@@ -58,7 +58,9 @@ def label_map(probabilities: np.ndarray, values: list[int], decision: str) -> np
 def slice_dice(net, data: Path, sizes: list[int]) -> list[tuple[str, int, dict[str, float]]]:
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        for family, (folder, labels, max_queries) in family_folders(data, Path(scratch), selection=True).items():
+        for family, (folder, labels, max_queries) in family_folders(
+            data, Path(scratch), selection=True
+        ).items():
             _, tasks = run_to_end(load_tasks(folder, "val", labels))
             for size in sizes:
                 per_task = {d: [] for d in DECISIONS}
@@ -87,15 +89,22 @@ def volume_dice(data: Path) -> list[tuple[str, dict[str, float]]]:
     root, splits = data / "msd_task04_hippocampus", hippocampus_splits(data)
 
     support_subjects, query_subjects = splits["train"][:12], splits["val"][:10]
-    volumes = {subject: tuple(np.asarray(nib.load(root / sub / f"{subject}.nii.gz").dataobj)
-                              for sub in ("imagesTr", "labelsTr"))
-               for subject in support_subjects + query_subjects}  # read once, used along every axis
+    volumes = {
+        subject: tuple(
+            np.asarray(nib.load(root / sub / f"{subject}.nii.gz").dataobj) for sub in ("imagesTr", "labelsTr")
+        )
+        for subject in support_subjects + query_subjects
+    }  # read once, used along every axis
 
     def scores(image, labels, support, axis) -> dict[str, dict[int, float]]:
         result = segment(image, support, None, axis=axis, support_size=16, device="cpu", method="network")
         by_slice = np.moveaxis(result.probabilities, axis + 1, 1)
-        return {d: dice_per_label(np.moveaxis(label_map(by_slice, result.label_values, d), 0, axis), labels,
-                                  result.label_values) for d in DECISIONS}
+        return {
+            d: dice_per_label(
+                np.moveaxis(label_map(by_slice, result.label_values, d), 0, axis), labels, result.label_values
+            )
+            for d in DECISIONS
+        }
 
     rows = []
     for axis in (0, 1, 2):
@@ -104,8 +113,12 @@ def volume_dice(data: Path) -> list[tuple[str, dict[str, float]]]:
             support.extend(build_support_set(*volumes[subject], axis=axis, source=subject).entries)
         found = [scores(*volumes[subject], support, axis) for subject in query_subjects]
         for value, name in ((1, "anterior"), (2, "posterior")):
-            rows.append((f"hippocampus {name}, axis {axis}",
-                         {d: 100 * float(np.mean([f[d][value] for f in found])) for d in DECISIONS}))
+            rows.append(
+                (
+                    f"hippocampus {name}, axis {axis}",
+                    {d: 100 * float(np.mean([f[d][value] for f in found])) for d in DECISIONS},
+                )
+            )
             print(f"# {rows[-1]}", flush=True)
     image, labels = load_sample()
     painted = evenly_spaced_slices(labels.data, 0, 8)  # the demo's support
@@ -136,10 +149,17 @@ def main() -> None:
     if "slices" in parts:
         net = networks(None, ["network"], 0, torch.device("cpu"))[0]["network"].net
         rows = slice_dice(net, data, args.support_sizes)
-        means = [(f"mean of families, S = {s}", {d: float(np.mean([r[d] for _, size, r in rows if size == s]))
-                                                 for d in DECISIONS}) for s in args.support_sizes]
-        print_table("Slice Dice on the selection tasks, K = 1 (points)",
-                    [(f"{f}, S = {s}", r) for f, s, r in rows] + means)
+        means = [
+            (
+                f"mean of families, S = {s}",
+                {d: float(np.mean([r[d] for _, size, r in rows if size == s])) for d in DECISIONS},
+            )
+            for s in args.support_sizes
+        ]
+        print_table(
+            "Slice Dice on the selection tasks, K = 1 (points)",
+            [(f"{f}, S = {s}", r) for f, s, r in rows] + means,
+        )
     if "volumes" in parts:
         print_table("Whole-volume 3D Dice, S = 16, K = 1 (points)", volume_dice(data))
 

@@ -43,14 +43,20 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
-    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs visible, "
-          f"load average {os.getloadavg()[0]:.1f} at start\n")
-    print("| grid | synthetic images/s | augmented images/s (in-task + task) | batch (B=8, S=8) s | train step s | images/s through a step |")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs visible, "
+        f"load average {os.getloadavg()[0]:.1f} at start\n"
+    )
+    print(
+        "| grid | synthetic images/s | augmented images/s (in-task + task) | batch (B=8, S=8) s | train step s | images/s through a step |"
+    )
     print("|---|---|---|---|---|---|")
     for grid in args.grids:
         row = measure(grid, args.repeats)
-        print(f"| {grid} | {row['synthetic']:.0f} | {row['augmented']:.0f} | {row['batch']:.2f} | "
-              f"{row['step']:.2f} | {72 / (row['step'] + row['batch']):.0f} |")
+        print(
+            f"| {grid} | {row['synthetic']:.0f} | {row['augmented']:.0f} | {row['batch']:.2f} | "
+            f"{row['step']:.2f} | {72 / (row['step'] + row['batch']):.0f} |"
+        )
 
 
 def measure(grid: int, repeats: int) -> dict[str, float]:
@@ -70,12 +76,19 @@ def measure(grid: int, repeats: int) -> dict[str, float]:
     query = batch.query.contiguous(memory_format=torch.channels_last)
 
     def step():
-        loss = soft_dice_loss(fast_forward(net, query, batch.support_images, batch.support_masks), batch.query_masks)
+        loss = soft_dice_loss(
+            fast_forward(net, query, batch.support_images, batch.support_masks), batch.query_masks
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
 
-    return {"synthetic": 9 / seconds, "augmented": 9 / augmented, "batch": batch_time, "step": timed(step, repeats)}
+    return {
+        "synthetic": 9 / seconds,
+        "augmented": 9 / augmented,
+        "batch": batch_time,
+        "step": timed(step, repeats),
+    }
 
 
 if __name__ == "__main__":

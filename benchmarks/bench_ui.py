@@ -95,7 +95,10 @@ def weights_spec() -> tuple[str, str]:
 
     if is_available(DEFAULT_WEIGHTS):
         config, _, _ = read_weights_file(resolve_weights_path(DEFAULT_WEIGHTS))
-        return DEFAULT_WEIGHTS, f"{DEFAULT_WEIGHTS} (widths {list(config.encoder_channels)}, grid {config.grid_size})"
+        return (
+            DEFAULT_WEIGHTS,
+            f"{DEFAULT_WEIGHTS} (widths {list(config.encoder_channels)}, grid {config.grid_size})",
+        )
     import torch
 
     torch.manual_seed(0)
@@ -133,8 +136,11 @@ def main() -> None:
     parser.add_argument("--support-size", type=int, default=16)
     parser.add_argument("--weights", help="weights name or file (default: openseg-default, else random)")
     parser.add_argument("--view", choices=("2d", "3d"), default="2d", help="viewer display mode")
-    parser.add_argument("--freeze-activity-indicator", action="store_true",
-                        help="stop napari's animated activity indicator (diagnostic)")
+    parser.add_argument(
+        "--freeze-activity-indicator",
+        action="store_true",
+        help="stop napari's animated activity indicator (diagnostic)",
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore", message=".*PyQt5 backend.*")
 
@@ -163,7 +169,9 @@ def main() -> None:
     painted = np.zeros_like(truth)
     painted[slices] = truth[slices]
     viewer.add_labels(painted, name="painted", scale=spacing)  # what the user painted, as in real use
-    get_session(viewer).replace_support(build_support_set(data, painted, slice_indices=slices, source="volume"))
+    get_session(viewer).replace_support(
+        build_support_set(data, painted, slice_indices=slices, source="volume")
+    )
     _, widget = viewer.window.add_plugin_dock_widget("napari-openseg", "Segment")
     widget.set_weights(spec)
     widget.query_combo.select(layer)
@@ -206,36 +214,48 @@ def main() -> None:
         widget.run_finished.disconnect(with_outcome.append)
         widget.preview_updated.disconnect(shown)
         running = sorted(meter.late_between(marks["clicked"], marks["end"]))
-        rows.append({
-            "run": f"{repeat + 1} ({'first' if repeat == 0 else 'rerun'})",
-            "outcome": with_outcome[0],
-            "click": (marks["clicked"] - marks["click"]) * 1000,
-            "first": marks.get("first", float("nan")) - marks["click"],
-            "total": marks["end"] - marks["click"],
-            "max": running[-1],
-            "p99": running[int(0.99 * (len(running) - 1))],
-            "median": statistics.median(running),
-            "over": sum(v > STALL_GOAL_MS for v in running),
-            "ticks": len(running),
-            "handler": (statistics.mean(handler_ms), max(handler_ms)) if handler_ms else (float("nan"),) * 2,
-        })
+        rows.append(
+            {
+                "run": f"{repeat + 1} ({'first' if repeat == 0 else 'rerun'})",
+                "outcome": with_outcome[0],
+                "click": (marks["clicked"] - marks["click"]) * 1000,
+                "first": marks.get("first", float("nan")) - marks["click"],
+                "total": marks["end"] - marks["click"],
+                "max": running[-1],
+                "p99": running[int(0.99 * (len(running) - 1))],
+                "median": statistics.median(running),
+                "over": sum(v > STALL_GOAL_MS for v in running),
+                "ticks": len(running),
+                "handler": (statistics.mean(handler_ms), max(handler_ms))
+                if handler_ms
+                else (float("nan"),) * 2,
+            }
+        )
 
     shape = "x".join(map(str, data.shape))
-    print(f"# bench_ui: {args.volume} volume {shape}, {args.view} view, weights {weights_name}, "
-          f"S={args.support_size}, tasks {sorted(get_session(viewer).support.counts())}"
-          f"{', activity indicator frozen' if args.freeze_activity_indicator else ''}")
-    print(f"# {platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"napari {napari.__version__}, Qt platform {QGuiApplication.platformName()}; "
-          f"one canvas repaint (idle): {frame_ms:.0f} ms")
+    print(
+        f"# bench_ui: {args.volume} volume {shape}, {args.view} view, weights {weights_name}, "
+        f"S={args.support_size}, tasks {sorted(get_session(viewer).support.counts())}"
+        f"{', activity indicator frozen' if args.freeze_activity_indicator else ''}"
+    )
+    print(
+        f"# {platform.machine()}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"napari {napari.__version__}, Qt platform {QGuiApplication.platformName()}; "
+        f"one canvas repaint (idle): {frame_ms:.0f} ms"
+    )
     print()
-    print("| run | outcome | click (ms) | first slices shown (s) | whole run (s) "
-          "| longest stall while it runs (ms) | p99 / median lateness (ms) "
-          f"| ticks > {STALL_GOAL_MS} ms / ticks | plugin's work per batch, mean / max (ms) |")
+    print(
+        "| run | outcome | click (ms) | first slices shown (s) | whole run (s) "
+        "| longest stall while it runs (ms) | p99 / median lateness (ms) "
+        f"| ticks > {STALL_GOAL_MS} ms / ticks | plugin's work per batch, mean / max (ms) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['run']} | {r['outcome']} | {r['click']:.0f} | {r['first']:.2f} | {r['total']:.1f} "
-              f"| {r['max']:.0f} | {r['p99']:.0f} / {r['median']:.1f} | {r['over']} / {r['ticks']} "
-              f"| {r['handler'][0]:.0f} / {r['handler'][1]:.0f} |")
+        print(
+            f"| {r['run']} | {r['outcome']} | {r['click']:.0f} | {r['first']:.2f} | {r['total']:.1f} "
+            f"| {r['max']:.0f} | {r['p99']:.0f} / {r['median']:.1f} | {r['over']} / {r['ticks']} "
+            f"| {r['handler'][0]:.0f} / {r['handler'][1]:.0f} |"
+        )
     viewer.close()
 
 

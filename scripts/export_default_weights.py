@@ -36,11 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", help="weights file written by `openseg train` (best.pt or weights.pt)")
     parser.add_argument("--note", default="", help="free text stored in the file's info (e.g. interim)")
-    parser.add_argument("--name", default="openseg-default", choices=[n for n, e in REGISTRY.items() if e.bundled],
-                        help="which bundled weights to write (default: %(default)s)")
+    parser.add_argument(
+        "--name",
+        default="openseg-default",
+        choices=[n for n, e in REGISTRY.items() if e.bundled],
+        help="which bundled weights to write (default: %(default)s)",
+    )
     parser.add_argument("--target", help="write here instead of the package's file for --name")
-    parser.add_argument("--grid", type=int, help="store this model grid instead of the run's (the network is "
-                                                  "fully convolutional; choose it on the selection tasks)")
+    parser.add_argument(
+        "--grid",
+        type=int,
+        help="store this model grid instead of the run's (the network is "
+        "fully convolutional; choose it on the selection tasks)",
+    )
     args = parser.parse_args(argv)
     torch.set_flush_denormal(True)
     net = network_from_file(args.source)
@@ -70,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
         "note": args.note,
     }
     save_weights(net, target, info)
-    print(f"wrote {target} ({target.stat().st_size / 1e6:.2f} MB): step {info['step']}, grid {info['grid']}, "
-          f"validation Dice {val}")
+    print(
+        f"wrote {target} ({target.stat().st_size / 1e6:.2f} MB): step {info['step']}, grid {info['grid']}, "
+        f"validation Dice {val}"
+    )
     return 0
 
 

@@ -37,7 +37,9 @@ def block_mean(volume: np.ndarray, factor: int) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("wheel", type=Path)
     args = parser.parse_args()
     with zipfile.ZipFile(args.wheel) as wheel:

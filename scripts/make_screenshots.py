@@ -165,7 +165,9 @@ def main() -> None:
 
     # 4. batch mode: a second volume (the sample with noise and another contrast) and both at once
     rng = np.random.default_rng(0)
-    second = np.clip(image_layer.data.astype(np.float32) ** 1.3 + rng.normal(0, 40, image_layer.data.shape), 0, None)
+    second = np.clip(
+        image_layer.data.astype(np.float32) ** 1.3 + rng.normal(0, 40, image_layer.data.shape), 0, None
+    )
     viewer.add_image(second.astype(np.float32), name="second volume", scale=image_layer.scale)
     segment_widget.query_combo.select(BATCH)
     outcome.clear()

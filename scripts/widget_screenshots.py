@@ -79,8 +79,16 @@ def novelty_screenshot(napari, image, labels, weights: str, out: Path) -> None:
     session.set_model(weights=weights, device="cpu")
     # Only grey matter is known: white matter plays the unseen structure the map should flag. These
     # are the entries the Support set widget makes from the painted slices (scripts/make_screenshots.py).
-    session.replace_support(build_support_set(image.data, labels.data, axis=0, source="mni152",
-                                              slice_indices=PAINTED_SLICES, label_values=[KNOWN_LABEL]))
+    session.replace_support(
+        build_support_set(
+            image.data,
+            labels.data,
+            axis=0,
+            source="mni152",
+            slice_indices=PAINTED_SLICES,
+            label_values=[KNOWN_LABEL],
+        )
+    )
     _, widget = viewer.window.add_plugin_dock_widget("napari-openseg", "Novelty")
     widget.image_combo.select(image_layer)
     widget.mode.setCurrentText(FREE)

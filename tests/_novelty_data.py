@@ -24,7 +24,16 @@ def sphere_volume(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def tiny_settings(**overrides):
     from napari_openseg.training.novelty.train import NoveltyTrainSettings
 
-    values = dict(epochs=2, samples_per_volume=1, batch_size=1, roi_size=SHAPE, embedding_dim=8, downsample=1,
-                  depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), learning_rate=1e-3)
+    values = dict(
+        epochs=2,
+        samples_per_volume=1,
+        batch_size=1,
+        roi_size=SHAPE,
+        embedding_dim=8,
+        downsample=1,
+        depths=(1, 1, 1, 1),
+        num_heads=(1, 1, 1, 1),
+        learning_rate=1e-3,
+    )
     values.update(overrides)
     return NoveltyTrainSettings(**values)

@@ -29,11 +29,26 @@ def nifti_pair(tmp_path):
 def test_support_build_then_segment_keeps_shape_and_affine(tmp_path, nifti_pair, tiny_weights, capsys):
     image, labels = nifti_pair
     support = tmp_path / "support.npz"
-    assert main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)]) == 0
+    assert (
+        main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)]) == 0
+    )
     assert "label 1: 6, label 2: 3" in capsys.readouterr().out
     out = tmp_path / "seg.nii.gz"
-    code = main(["segment", str(image), "--support", str(support), "--out", str(out),
-                 "--weights", str(tiny_weights), "--support-size", "2", "--probabilities"])
+    code = main(
+        [
+            "segment",
+            str(image),
+            "--support",
+            str(support),
+            "--out",
+            str(out),
+            "--weights",
+            str(tiny_weights),
+            "--support-size",
+            "2",
+            "--probabilities",
+        ]
+    )
     assert code == 0
     written, source = nib.load(str(out)), nib.load(str(image))
     assert written.shape == source.shape and np.allclose(written.affine, source.affine)
@@ -49,8 +64,24 @@ def test_several_inputs_go_to_an_output_folder(tmp_path, nifti_pair, tiny_weight
     second.write_bytes(image.read_bytes())
     outdir = tmp_path / "out"
     outdir.mkdir()
-    assert main(["segment", str(image), str(second), "--support", str(support), "--out-dir", str(outdir),
-                 "--weights", str(tiny_weights), "--label-values", "1"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(image),
+                str(second),
+                "--support",
+                str(support),
+                "--out-dir",
+                str(outdir),
+                "--weights",
+                str(tiny_weights),
+                "--label-values",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in outdir.iterdir()) == ["img_openseg.nii.gz", "second_openseg.nii.gz"]
 
 
@@ -60,7 +91,16 @@ def test_existing_output_is_refused_before_any_work(tmp_path, nifti_pair, tiny_w
     main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)])
     out = tmp_path / "seg.nii.gz"
     out.write_bytes(b"precious")
-    args = ["segment", str(image), "--support", str(support), "--out", str(out), "--weights", str(tiny_weights)]
+    args = [
+        "segment",
+        str(image),
+        "--support",
+        str(support),
+        "--out",
+        str(out),
+        "--weights",
+        str(tiny_weights),
+    ]
     assert main(args) == 2
     assert "exists; choose another name or pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == b"precious"
@@ -70,9 +110,14 @@ def test_existing_output_is_refused_before_any_work(tmp_path, nifti_pair, tiny_w
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["support", "build", "--image", "IMG", "--labels", "IMG", "--out", "OUT"], "whole-number label values"),
-        (["support", "build", "--image", "IMG", "--labels", "IMG", "--labels", "LAB", "--out", "OUT"],
-         "give one --labels per --image"),
+        (
+            ["support", "build", "--image", "IMG", "--labels", "IMG", "--out", "OUT"],
+            "whole-number label values",
+        ),
+        (
+            ["support", "build", "--image", "IMG", "--labels", "IMG", "--labels", "LAB", "--out", "OUT"],
+            "give one --labels per --image",
+        ),
         (["segment", "IMG", "--support", "IMG", "--out", "OUT"], "is a NIfTI image, not a support-set file"),
         (["segment", "IMG", "--support", "SUP", "--out", "OUT", "--weights", "nope"], "neither a known"),
         (["segment", "IMG", "--support", "SUP", "--out", "OUT", "--device", "cuda:3"], "cuda"),
@@ -98,15 +143,25 @@ def test_inputs_that_would_share_an_output_name_are_refused(tmp_path, nifti_pair
     (tmp_path / "out").mkdir()
     for folder in ("a", "b"):
         (tmp_path / folder / "img.nii.gz").write_bytes(image.read_bytes())
-    args = ["segment", str(tmp_path / "a" / "img.nii.gz"), str(tmp_path / "b" / "img.nii.gz"),
-            "--support", str(support), "--out-dir", str(tmp_path / "out"), "--weights", str(tiny_weights)]
+    args = [
+        "segment",
+        str(tmp_path / "a" / "img.nii.gz"),
+        str(tmp_path / "b" / "img.nii.gz"),
+        "--support",
+        str(support),
+        "--out-dir",
+        str(tmp_path / "out"),
+        "--weights",
+        str(tiny_weights),
+    ]
     assert main(args + ["--overwrite"]) == 2
     assert "would share the output" in capsys.readouterr().err
     assert list((tmp_path / "out").iterdir()) == []
 
 
-def test_a_missing_output_folder_is_made_and_every_input_is_checked_first(tmp_path, nifti_pair, tiny_weights,
-                                                                          capsys):
+def test_a_missing_output_folder_is_made_and_every_input_is_checked_first(
+    tmp_path, nifti_pair, tiny_weights, capsys
+):
     image, labels = nifti_pair
     support = tmp_path / "support.npz"
     main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)])
@@ -153,12 +208,16 @@ def test_help_shows_each_default_once():
             assert option.count("(default") <= 1, (name, option)
 
 
-@pytest.mark.parametrize("option, message", [
-    (["--batch-size", "-3"], "batch size must be >= 1"),
-    (["--out", "OUT.png"], "not pictures"),
-])
-def test_bad_segment_options_are_refused_before_any_work(tmp_path, nifti_pair, tiny_weights, capsys,
-                                                         monkeypatch, option, message):
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--batch-size", "-3"], "batch size must be >= 1"),
+        (["--out", "OUT.png"], "not pictures"),
+    ],
+)
+def test_bad_segment_options_are_refused_before_any_work(
+    tmp_path, nifti_pair, tiny_weights, capsys, monkeypatch, option, message
+):
     image, labels = nifti_pair
     support = tmp_path / "support.npz"
     main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)])
@@ -183,23 +242,40 @@ def test_demo_refuses_a_bad_axis_and_a_failed_demo_leaves_nothing(tmp_path, caps
 def test_train_refuses_shares_outside_0_1_and_leaves_no_folder_for_a_refused_run(tmp_path, capsys):
     assert main(["train", str(tmp_path / "r1"), "--real-fraction", "1.5", "--steps", "1"]) == 2
     assert "--real-fraction is a share of episodes, between 0 and 1" in capsys.readouterr().err
-    assert main(["train", str(tmp_path / "r2"), "--init-weights", str(tmp_path / "none.pt"), "--steps", "1",
-                 "--real-fraction", "0"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                str(tmp_path / "r2"),
+                "--init-weights",
+                str(tmp_path / "none.pt"),
+                "--steps",
+                "1",
+                "--real-fraction",
+                "0",
+            ]
+        )
+        == 2
+    )
     capsys.readouterr()
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--steps", "0"], "--steps must be 1 or more"),
-    (["--val-every", "0"], "--val-every must be 1 or more"),
-    (["--batch-size", "0"], "--batch-size must be 1 or more"),
-    (["--grid", "36"], "the grid must be a multiple of 8 with 4 encoder widths"),
-    (["--widths", "8"], "a network needs at least 2 encoder widths"),
-    (["--lr", "-1"], "--lr must be above 0"),
-    (["--workers", "-1"], "--workers must be 0 or more"),
-])
-def test_train_settings_that_cannot_train_are_refused_before_anything_is_written(tmp_path, capsys, options,
-                                                                                  message):
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--steps", "0"], "--steps must be 1 or more"),
+        (["--val-every", "0"], "--val-every must be 1 or more"),
+        (["--batch-size", "0"], "--batch-size must be 1 or more"),
+        (["--grid", "36"], "the grid must be a multiple of 8 with 4 encoder widths"),
+        (["--widths", "8"], "a network needs at least 2 encoder widths"),
+        (["--lr", "-1"], "--lr must be above 0"),
+        (["--workers", "-1"], "--workers must be 0 or more"),
+    ],
+)
+def test_train_settings_that_cannot_train_are_refused_before_anything_is_written(
+    tmp_path, capsys, options, message
+):
     assert main(["train", str(tmp_path / "run"), "--real-fraction", "0", *options]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
@@ -246,9 +322,26 @@ def test_hippocampus_volume_from_shared_data(tmp_path, tiny_weights):
     image, labels = data / "imagesTr" / "hippocampus_001.nii.gz", data / "labelsTr" / "hippocampus_001.nii.gz"
     query = data / "imagesTr" / "hippocampus_003.nii.gz"
     support, out = tmp_path / "hippo.npz", tmp_path / "hippo_003.nii.gz"
-    assert main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)]) == 0
-    assert main(["segment", str(query), "--support", str(support), "--out", str(out),
-                 "--weights", str(tiny_weights), "--support-size", "4"]) == 0
+    assert (
+        main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)]) == 0
+    )
+    assert (
+        main(
+            [
+                "segment",
+                str(query),
+                "--support",
+                str(support),
+                "--out",
+                str(out),
+                "--weights",
+                str(tiny_weights),
+                "--support-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     written, source = nib.load(str(out)), nib.load(str(query))
     assert written.shape == source.shape and np.allclose(written.affine, source.affine)
 
@@ -262,10 +355,26 @@ def test_a_volume_four_voxels_deep_on_its_x_axis_is_a_volume_not_rgb(tmp_path, t
     nib.save(nib.Nifti1Image(image, np.eye(4)), str(paths[0]))
     nib.save(nib.Nifti1Image(labels, np.eye(4)), str(paths[1]))
     support = tmp_path / "support.npz"
-    assert main(["support", "build", "--image", str(paths[0]), "--labels", str(paths[1]), "--out", str(support)]) == 0
+    assert (
+        main(["support", "build", "--image", str(paths[0]), "--labels", str(paths[1]), "--out", str(support)])
+        == 0
+    )
     out = tmp_path / "seg.nii.gz"
-    assert main(["segment", str(paths[0]), "--support", str(support), "--out", str(out),
-                 "--weights", str(tiny_weights)]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(paths[0]),
+                "--support",
+                str(support),
+                "--out",
+                str(out),
+                "--weights",
+                str(tiny_weights),
+            ]
+        )
+        == 0
+    )
     assert nib.load(str(out)).shape == (4, 16, 10)
 
 
@@ -278,17 +387,25 @@ def test_support_build_takes_each_requested_label_from_the_images_that_hold_it(t
             labels[1 + 2 * k, 2:6, 2:6] = value
         for kind, data in (("img", rng.random((6, 12, 12)).astype(np.float32)), ("lab", labels)):
             nib.save(nib.Nifti1Image(data, np.eye(4)), str(tmp_path / f"{name}_{kind}.nii.gz"))
-        paths += ["--image", str(tmp_path / f"{name}_img.nii.gz"), "--labels", str(tmp_path / f"{name}_lab.nii.gz")]
+        paths += [
+            "--image",
+            str(tmp_path / f"{name}_img.nii.gz"),
+            "--labels",
+            str(tmp_path / f"{name}_lab.nii.gz"),
+        ]
     out = tmp_path / "set.npz"
     assert main(["support", "build", *paths, "--label-values", "1", "2", "--out", str(out)]) == 0
     assert "label 1: 4, label 2: 4" in capsys.readouterr().out  # 1 from a alone, 2 from b alone
-    assert main(["support", "build", *paths, "--label-values", "1", "4", "--out", str(tmp_path / "x.npz")]) == 2
+    assert (
+        main(["support", "build", *paths, "--label-values", "1", "4", "--out", str(tmp_path / "x.npz")]) == 2
+    )
     assert "label value 4 occurs in none of the --labels files" in capsys.readouterr().err
     assert not (tmp_path / "x.npz").exists()
 
 
-def test_a_negative_seed_a_bad_axis_and_a_demo_into_a_file_get_messages(tmp_path, nifti_pair, tiny_weights,
-                                                                         capsys):
+def test_a_negative_seed_a_bad_axis_and_a_demo_into_a_file_get_messages(
+    tmp_path, nifti_pair, tiny_weights, capsys
+):
     image, labels = nifti_pair
     support = tmp_path / "support.npz"
     main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)])
@@ -308,7 +425,16 @@ def test_segment_a_slice_range_and_the_auto_extent(tmp_path, nifti_pair, tiny_we
     image, labels = nifti_pair  # the NIfTI's third axis (6 slices) is the slice axis 0
     support = tmp_path / "support.npz"
     main(["support", "build", "--image", str(image), "--labels", str(labels), "--out", str(support)])
-    base = ["segment", str(image), "--support", str(support), "--weights", str(tiny_weights), "--support-size", "2"]
+    base = [
+        "segment",
+        str(image),
+        "--support",
+        str(support),
+        "--weights",
+        str(tiny_weights),
+        "--support-size",
+        "2",
+    ]
     out = tmp_path / "range.nii.gz"
     assert main([*base, "--out", str(out), "--slices", "1:3", "--probabilities"]) == 0
     written = np.asarray(nib.load(str(out)).dataobj)
@@ -322,7 +448,9 @@ def test_segment_a_slice_range_and_the_auto_extent(tmp_path, nifti_pair, tiny_we
     assert "written A:B" in capsys.readouterr().err and not (tmp_path / "bad.nii.gz").exists()
 
 
-def test_support_build_with_a_background_label_then_segment_writes_the_estimate(tmp_path, tiny_weights, capsys):
+def test_support_build_with_a_background_label_then_segment_writes_the_estimate(
+    tmp_path, tiny_weights, capsys
+):
     import json
 
     rng = np.random.default_rng(0)
@@ -337,14 +465,46 @@ def test_support_build_with_a_background_label_then_segment_writes_the_estimate(
     for array, path in zip((image, strokes), paths):
         np.save(path, array)
     support = tmp_path / "support.npz"
-    assert main(["support", "build", "--image", str(paths[0]), "--labels", str(paths[1]), "--out", str(support),
-                 "--background-label", "2"]) == 0
+    assert (
+        main(
+            [
+                "support",
+                "build",
+                "--image",
+                str(paths[0]),
+                "--labels",
+                str(paths[1]),
+                "--out",
+                str(support),
+                "--background-label",
+                "2",
+            ]
+        )
+        == 0
+    )
     assert "label 1: 6" in capsys.readouterr().out
     assert main(["support", "show", str(support)]) == 0
     assert "strokes (background label 2)" in capsys.readouterr().out
     out, report = tmp_path / "seg.npy", tmp_path / "seg.json"
-    assert main(["segment", str(paths[0]), "--support", str(support), "--out", str(out), "--weights",
-                 str(tiny_weights), "--method", "pixel-classifier", "--json", str(report)]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                str(paths[0]),
+                "--support",
+                str(support),
+                "--out",
+                str(out),
+                "--weights",
+                str(tiny_weights),
+                "--method",
+                "pixel-classifier",
+                "--json",
+                str(report),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "label 1: expected Dice" in printed and "method: pixel-classifier" in printed
     task = json.loads(report.read_text())["outputs"][0]["tasks"]["1"]
@@ -361,6 +521,19 @@ def test_support_build_warns_when_masks_look_like_strokes(tmp_path, capsys):
     paths = [tmp_path / f"{name}.npy" for name in ("img", "scribble")]
     for array, path in zip((image, scribble), paths):
         np.save(path, array)
-    assert main(["support", "build", "--image", str(paths[0]), "--labels", str(paths[1]),
-                 "--out", str(tmp_path / "s.npz")]) == 0
+    assert (
+        main(
+            [
+                "support",
+                "build",
+                "--image",
+                str(paths[0]),
+                "--labels",
+                str(paths[1]),
+                "--out",
+                str(tmp_path / "s.npz"),
+            ]
+        )
+        == 0
+    )
     assert "--background-label" in capsys.readouterr().err

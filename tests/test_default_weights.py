@@ -56,5 +56,7 @@ def test_propagation_runs_with_its_own_default_unless_told_otherwise(tmp_path):
     assert propagation_weights("universeg-v1") == "universeg-v1"
     assert propagation_weights(tmp_path / "mine.pt") == str(tmp_path / "mine.pt")
     # Two different trainings: the names must not lead to the same file.
-    default, propagate = (read_weights_file(REGISTRY[n].path)[2] for n in (DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS))
+    default, propagate = (
+        read_weights_file(REGISTRY[n].path)[2] for n in (DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS)
+    )
     assert (default["step"], default["seed"]) != (propagate["step"], propagate["seed"])

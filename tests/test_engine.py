@@ -229,7 +229,9 @@ def test_scoring_a_sample_of_pixels_gives_the_whole_entrys_dice():
     prediction[105:140, 50:95] = True
     entry = SupportEntry(rng.random(mask.shape).astype(np.float32), mask, 1)
     scored = ScoredPixels.of(entry, rng, limit=8000)
-    assert len(scored.index) == 8000 and mask.reshape(-1)[scored.index].sum() == mask.sum()  # all of the rare class
+    assert (
+        len(scored.index) == 8000 and mask.reshape(-1)[scored.index].sum() == mask.sum()
+    )  # all of the rare class
     assert abs(scored.dice(prediction.astype(np.float32), mask, 0.5) - dice_score(prediction, mask)) < 0.04
     whole = ScoredPixels.of(SupportEntry(entry.image[:50, :50], mask[:50, :50], 1), rng, limit=4000)
     assert len(whole.index) == 2500 and np.all(whole.weight == 1)

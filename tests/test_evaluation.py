@@ -62,7 +62,9 @@ def nifti_folder(tmp_path):
         labels = np.zeros((16, 20, 24), np.uint8)
         labels[(zz - 8) ** 2 + (yy - 8) ** 2 + (xx - 8) ** 2 <= 16] = 1
         labels[4:10, 12:17, 14:20] = 2
-        image = (50 + 5 * rng.standard_normal(labels.shape) + 60 * (labels == 1) - 30 * (labels == 2)).astype(np.float32)
+        image = (50 + 5 * rng.standard_normal(labels.shape) + 60 * (labels == 1) - 30 * (labels == 2)).astype(
+            np.float32
+        )
         for array, folder in ((image, "imagesTr"), (labels, "labelsTr")):
             nib.save(nib.Nifti1Image(array, np.eye(4)), str(root / folder / f"subject_{i:03d}.nii.gz"))
     return root
@@ -70,8 +72,22 @@ def nifti_folder(tmp_path):
 
 def test_evaluate_picture_folder_writes_the_json_contract(picture_folder, tiny_weights, tmp_path, capsys):
     out = tmp_path / "report.json"
-    code = main(["evaluate", str(picture_folder), "--support-size", "2", "--ensemble", "2",
-                 "--weights", str(tiny_weights), "--seed", "3", "--json", str(out)])
+    code = main(
+        [
+            "evaluate",
+            str(picture_folder),
+            "--support-size",
+            "2",
+            "--ensemble",
+            "2",
+            "--weights",
+            str(tiny_weights),
+            "--seed",
+            "3",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     assert "mean over tasks" in capsys.readouterr().out
     report = json.loads(out.read_text())
@@ -114,8 +130,16 @@ def test_evaluate_nifti_folder_slices_every_axis(nifti_folder, tiny_weights, tmp
 
 def test_progress_comes_after_every_batch_so_that_cancel_stops_within_a_task(nifti_folder, tiny_weights):
     steps = []
-    generator = iter_evaluate(nifti_folder, str(tiny_weights), support_size=2, batch_size=1, max_queries=3,
-                              methods=["model"], label_values=[1], axes=[0])
+    generator = iter_evaluate(
+        nifti_folder,
+        str(tiny_weights),
+        support_size=2,
+        batch_size=1,
+        max_queries=3,
+        methods=["model"],
+        label_values=[1],
+        axes=[0],
+    )
     try:
         while True:
             steps.append(next(generator))
@@ -166,14 +190,21 @@ def msd_folder(root, names, shape=(12, 20, 20), box=(slice(2, 10), slice(5, 15))
 
 def test_the_report_says_where_support_really_came_from_and_which_queries_are_not_new(tmp_path, tiny_weights):
     # three cases: none falls in validation, so the support comes from train
-    three = evaluate(msd_folder(tmp_path / "three", ["a", "b", "c"]), str(tiny_weights), support_size=64,
-                     methods=["label_prior"], axes=[0])
+    three = evaluate(
+        msd_folder(tmp_path / "three", ["a", "b", "c"]),
+        str(tiny_weights),
+        support_size=64,
+        methods=["label_prior"],
+        axes=[0],
+    )
     assert three.settings["support_split"] == "val" and three.settings["support_from"] == "train"
     note = three.split_note()
     assert "support from the train cases" in note and "no case fell in val" in note
     assert "used their whole pool once" in note  # S = 64 is more than any pool here
     # a training subject of the bundled weights as the one case: flagged
-    one = msd_folder(tmp_path / "seen", ["hippocampus_001"], shape=(30, 20, 20), box=(slice(3, 27), slice(5, 15)))
+    one = msd_folder(
+        tmp_path / "seen", ["hippocampus_001"], shape=(30, 20, 20), box=(slice(3, 27), slice(5, 15))
+    )
     seen = evaluate(one, str(tiny_weights), support_size=2, methods=["label_prior"])
     assert seen.settings["queries_in_bundled_training"] == ["hippocampus_001"]
     assert "1 query case(s) were training or selection cases of the bundled weights" in seen.split_note()
@@ -181,8 +212,15 @@ def test_the_report_says_where_support_really_came_from_and_which_queries_are_no
 
 
 def test_a_method_named_twice_counts_once_and_labels_without_a_task_are_named(nifti_folder, tiny_weights):
-    report = evaluate(nifti_folder, str(tiny_weights), support_size=2, max_queries=2, axes=[0],
-                      methods=["label_prior", "label_prior"], label_values=[1, 9])
+    report = evaluate(
+        nifti_folder,
+        str(tiny_weights),
+        support_size=2,
+        max_queries=2,
+        axes=[0],
+        methods=["label_prior", "label_prior"],
+        label_values=[1, 9],
+    )
     assert report.settings["methods"] == ["label_prior"]
     assert report.task_scores("label_1/axis_0")["label_prior"]["n"] == 2
     assert report.settings["labels_without_task"] == [9]
@@ -229,14 +267,34 @@ def test_evaluate_refuses_bad_folders_and_options(tmp_path, picture_folder, tiny
         evaluate(picture_folder, str(tiny_weights), support_size=0)
     existing = tmp_path / "taken.json"
     existing.write_text("{}")
-    assert main(["evaluate", str(picture_folder), "--weights", str(tiny_weights), "--json", str(existing)]) == 2
+    assert (
+        main(["evaluate", str(picture_folder), "--weights", str(tiny_weights), "--json", str(existing)]) == 2
+    )
     assert "exists" in capsys.readouterr().err and existing.read_text() == "{}"
 
 
 def test_evaluate_cli_label_and_method_subsets(picture_folder, tiny_weights, tmp_path):
     out = tmp_path / "subset.json"
-    assert main(["evaluate", str(picture_folder), "--weights", str(tiny_weights), "--label-values", "2",
-                 "--methods", "model", "label_prior", "--max-queries", "1", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(picture_folder),
+                "--weights",
+                str(tiny_weights),
+                "--label-values",
+                "2",
+                "--methods",
+                "model",
+                "label_prior",
+                "--max-queries",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     report = json.loads(out.read_text())
     assert list(report["tasks"]) == ["label_2"]
     assert set(report["summary"]) == {"model", "label_prior"}

@@ -491,7 +491,10 @@ def test_novelty_seed_checks_the_mask_before_loading_the_model(tmp_path, monkeyp
             str(tmp_path / "m2.pt"),
         ]
     )
-    assert code == 2 and "does not match the volume of shape (6, 24, 24) in array order" in capsys.readouterr().err
+    assert (
+        code == 2
+        and "does not match the volume of shape (6, 24, 24) in array order" in capsys.readouterr().err
+    )
 
 
 def test_unit_support_entries_made_in_code_follow_the_same_rules(small_support):

@@ -81,8 +81,9 @@ def test_tiff_keeps_the_z_spacing_for_types_imagej_cannot_read(tmp_path, dtype):
 def test_an_rgb_tiff_has_its_pixel_size_on_the_image_axes(tmp_path):
     import tifffile
 
-    tifffile.imwrite(tmp_path / "rgb.tif", np.zeros((6, 7, 3), np.uint8), photometric="rgb",
-                     resolution=(1 / 0.5, 1 / 0.25))
+    tifffile.imwrite(
+        tmp_path / "rgb.tif", np.zeros((6, 7, 3), np.uint8), photometric="rgb", resolution=(1 / 0.5, 1 / 0.25)
+    )
     assert np.allclose(io.read_image(tmp_path / "rgb.tif").spacing, (0.25, 0.5, 1.0))
 
 
@@ -165,8 +166,12 @@ def test_scaled_16_bit_nifti_is_read_as_float32_with_its_scale_applied(tmp_path)
 def test_a_result_of_an_rgb_tiff_gets_the_pixel_size_of_the_image_axes(tmp_path):
     import tifffile
 
-    tifffile.imwrite(str(tmp_path / "rgb.tif"), np.zeros((20, 30, 3), np.uint8), photometric="rgb",
-                     resolution=(1 / 0.5, 1 / 0.25))
+    tifffile.imwrite(
+        str(tmp_path / "rgb.tif"),
+        np.zeros((20, 30, 3), np.uint8),
+        photometric="rgb",
+        resolution=(1 / 0.5, 1 / 0.25),
+    )
     reference = io.read_image(tmp_path / "rgb.tif")
     labels = io.write_image(tmp_path / "labels.tif", np.zeros((20, 30), np.uint8), reference)
     assert np.allclose(io.read_image(labels).spacing, (0.25, 0.5))  # was (0.5, 1.0): colour taken as x
@@ -178,11 +183,22 @@ def test_ome_tiff_pixel_sizes_are_read_and_an_imagej_unit_is_kept(tmp_path):
     import tifffile
 
     volume = np.zeros((5, 6, 7), np.float32)
-    tifffile.imwrite(str(tmp_path / "scan.ome.tif"), volume, ome=True,
-                     metadata={"axes": "ZYX", "PhysicalSizeZ": 3.0, "PhysicalSizeY": 0.25, "PhysicalSizeX": 0.5})
+    tifffile.imwrite(
+        str(tmp_path / "scan.ome.tif"),
+        volume,
+        ome=True,
+        metadata={"axes": "ZYX", "PhysicalSizeZ": 3.0, "PhysicalSizeY": 0.25, "PhysicalSizeX": 0.5},
+    )
     assert np.allclose(io.read_image(tmp_path / "scan.ome.tif").spacing, (3.0, 0.25, 0.5))
-    tifffile.imwrite(str(tmp_path / "ij.tif"), volume, imagej=True, resolution=(2.0, 4.0),
-                     metadata={"spacing": 3.0, "unit": "um", "axes": "ZYX"})
-    out = io.write_image(tmp_path / "out.tif", np.zeros(volume.shape, np.uint8), io.read_image(tmp_path / "ij.tif"))
+    tifffile.imwrite(
+        str(tmp_path / "ij.tif"),
+        volume,
+        imagej=True,
+        resolution=(2.0, 4.0),
+        metadata={"spacing": 3.0, "unit": "um", "axes": "ZYX"},
+    )
+    out = io.write_image(
+        tmp_path / "out.tif", np.zeros(volume.shape, np.uint8), io.read_image(tmp_path / "ij.tif")
+    )
     with tifffile.TiffFile(str(out)) as tif:
         assert tif.imagej_metadata["unit"] == "um" and tif.imagej_metadata["spacing"] == 3.0

@@ -113,6 +113,8 @@ def test_the_grid_mapping_gives_the_numbers_of_padding_to_a_square_without_makin
     direct = F.interpolate(square, size=(grid, grid), mode="bilinear", align_corners=False, antialias=shrink)
     assert torch.allclose(grid_slices, direct, atol=1e-6)
     values = torch.rand(2, 3, grid, grid, generator=gen)
-    back = F.interpolate(values, size=(side, side), mode="bilinear", align_corners=False, antialias=side < grid)
+    back = F.interpolate(
+        values, size=(side, side), mode="bilinear", align_corners=False, antialias=side < grid
+    )
     back = back[..., oy : oy + shape[0], ox : ox + shape[1]]
     assert torch.allclose(from_grid(values, mapping), back, atol=1e-6)

@@ -78,7 +78,9 @@ def test_download_from_a_local_address_into_the_cache(tmp_path):
     source = tmp_path / "official.pt"
     torch.save(UniverSeg().state_dict(), source)
     seen = []
-    path = registry.download_weights("universeg-v1", url=source.as_uri(), progress=lambda d, t: seen.append(d))
+    path = registry.download_weights(
+        "universeg-v1", url=source.as_uri(), progress=lambda d, t: seen.append(d)
+    )
     assert path == registry.cache_dir() / "universeg_v1_nf64_ss64_STA.pt" and path.is_file()
     assert seen[-1] == source.stat().st_size
     assert registry.is_available("universeg-v1")
@@ -118,8 +120,16 @@ def test_a_download_cut_short_is_refused_and_leaves_nothing():
 
 
 def _own_format_file(path, config, state_dict):
-    torch.save({"format": registry.WEIGHTS_FORMAT, "version": 1, "config": config, "state_dict": state_dict,
-                "info": {}}, path)
+    torch.save(
+        {
+            "format": registry.WEIGHTS_FORMAT,
+            "version": 1,
+            "config": config,
+            "state_dict": state_dict,
+            "info": {},
+        },
+        path,
+    )
     return path
 
 

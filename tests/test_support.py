@@ -103,11 +103,20 @@ def test_validate_names_empty_sets_and_empty_tasks():
         build_support_set(image, labels).validate([4])
 
 
-@pytest.mark.parametrize("image, mask, message", [
-    (np.full((4, 4), np.nan, np.float32), np.ones((4, 4), bool), "has an image that holds NaN or infinite values"),
-    (np.zeros((4, 4), np.float32), np.ones((4, 5), bool), "has image (4, 4) and mask (4, 5)"),
-])
-def test_entries_made_by_hand_that_load_would_refuse_are_neither_saved_nor_used(tmp_path, image, mask, message):
+@pytest.mark.parametrize(
+    "image, mask, message",
+    [
+        (
+            np.full((4, 4), np.nan, np.float32),
+            np.ones((4, 4), bool),
+            "has an image that holds NaN or infinite values",
+        ),
+        (np.zeros((4, 4), np.float32), np.ones((4, 5), bool), "has image (4, 4) and mask (4, 5)"),
+    ],
+)
+def test_entries_made_by_hand_that_load_would_refuse_are_neither_saved_nor_used(
+    tmp_path, image, mask, message
+):
     good = SupportEntry(np.zeros((4, 4), np.float32), np.ones((4, 4), bool), 1)
     support = SupportSet([good, SupportEntry(image, mask, 2, source="script")])
     with pytest.raises(OpenSegError, match=re.escape(f"support entry 1 (label 2, from script) {message}")):
@@ -184,18 +193,27 @@ def test_newer_format_version_is_refused(tmp_path):
 
 
 def hand_made(path, image, label=1, metadata=None, version=None):
-    meta = {"format": support_module.FORMAT_NAME, "version": support_module.FORMAT_VERSION if version is None
-            else version, "entries": [{"label": label}], "metadata": {} if metadata is None else metadata}
-    np.savez(path, openseg_support=np.array(json.dumps(meta)), image_0=image, mask_0=np.ones(image.shape, bool))
+    meta = {
+        "format": support_module.FORMAT_NAME,
+        "version": support_module.FORMAT_VERSION if version is None else version,
+        "entries": [{"label": label}],
+        "metadata": {} if metadata is None else metadata,
+    }
+    np.savez(
+        path, openseg_support=np.array(json.dumps(meta)), image_0=image, mask_0=np.ones(image.shape, bool)
+    )
     return path
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"image": np.full((4, 4), np.nan, np.float32)}, "NaN or infinite"),
-    ({"label": -3}, "task labels are positive"),
-    ({"metadata": [1, 2]}, "metadata is not a mapping"),
-    ({"version": "1"}, "no valid format version ('1')"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"image": np.full((4, 4), np.nan, np.float32)}, "NaN or infinite"),
+        ({"label": -3}, "task labels are positive"),
+        ({"metadata": [1, 2]}, "metadata is not a mapping"),
+        ({"version": "1"}, "no valid format version ('1')"),
+    ],
+)
 def test_hand_made_files_with_impossible_content_are_refused(tmp_path, change, message):
     arguments = {"image": np.zeros((4, 4), np.float32), **change}
     with pytest.raises(OpenSegError, match=re.escape(message)):
@@ -284,7 +302,9 @@ def test_strokes_with_a_background_label_keep_their_painted_pixels_through_a_fil
     assert [np.array_equal(a.known, b.known) for a, b in zip(support.entries, loaded.entries)] == [True, True]
     with np.load(path) as archive:
         assert json.loads(str(archive["openseg_support"]))["version"] == 2
-        assert json.loads(str(archive["openseg_support"]))["entries"][0]["painted"] == int((strokes[2] != 0).sum())
+        assert json.loads(str(archive["openseg_support"]))["entries"][0]["painted"] == int(
+            (strokes[2] != 0).sum()
+        )
 
 
 def test_sets_without_strokes_or_colour_stay_version_1_and_version_1_files_are_read(tmp_path):

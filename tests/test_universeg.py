@@ -114,7 +114,9 @@ def test_fast_formulation_has_the_same_gradients():
     for forward in (net, lambda *x: fast_forward(net, *x)):
         net.zero_grad()
         forward(query, images, labels).square().mean().backward()
-        grads.append([p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()])
+        grads.append(
+            [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in net.parameters()]
+        )
     for direct, fast in zip(*grads):
         assert torch.allclose(direct, fast, atol=1e-5, rtol=1e-3)
 

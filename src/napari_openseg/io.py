@@ -93,9 +93,7 @@ def image_format(path: str | Path) -> str:
         return "npy"
     if name.endswith(PICTURE_SUFFIXES):
         return "picture"
-    raise OpenSegError(
-        f"{path}: unsupported file type; use .nii/.nii.gz, .tif/.tiff, .npy or .png/.jpg"
-    )
+    raise OpenSegError(f"{path}: unsupported file type; use .nii/.nii.gz, .tif/.tiff, .npy or .png/.jpg")
 
 
 def result_path(folder: str | Path, source: str | Path, tag: str) -> Path:
@@ -209,11 +207,14 @@ def _read_verified_gzip(path: Path, image_class) -> np.ndarray:
             data = _scaled_nifti_data(img)
             end = int(img.header.get_data_offset()) + data.size * img.get_data_dtype().itemsize
             if drain(stream, limit=max(end, EXPANSION_FLOOR)) > max(end, EXPANSION_FLOOR):
-                raise OpenSegError(f"{path}: its compressed stream holds far more data than its header "
-                                   "declares; the file is damaged or not what it seems")
+                raise OpenSegError(
+                    f"{path}: its compressed stream holds far more data than its header "
+                    "declares; the file is damaged or not what it seems"
+                )
     except (OSError, EOFError, zlib.error) as err:
-        raise OpenSegError(f"{path} is damaged: its gzip stream does not check out ({err}); "
-                           "nothing was read") from err
+        raise OpenSegError(
+            f"{path} is damaged: its gzip stream does not check out ({err}); nothing was read"
+        ) from err
     return data
 
 
@@ -235,8 +236,9 @@ def _read_tiff(path: Path) -> ImageData:
         _check_tiff_size(tif, path)
         data = tif.asarray()
         if len(tif.series) > 1:
-            log.warning("%s holds %d image series; reading the first, of shape %s", path, len(tif.series),
-                        data.shape)
+            log.warning(
+                "%s holds %d image series; reading the first, of shape %s", path, len(tif.series), data.shape
+            )
         spacing = [1.0] * data.ndim
         # ImageJ files keep the Z spacing in their description, and so do this module's other TIFFs
         meta = tif.imagej_metadata or (tif.shaped_metadata or [{}])[0] or {}
@@ -300,8 +302,11 @@ def _read_picture(path: Path) -> ImageData:
     import imageio.v3 as iio
 
     properties = iio.improps(path)  # the header: shape and type, no pixels
-    check_budget(array_bytes(properties.shape, properties.dtype), path,
-                 f"its header declares {describe_array(properties.shape, properties.dtype)}")
+    check_budget(
+        array_bytes(properties.shape, properties.dtype),
+        path,
+        f"its header declares {describe_array(properties.shape, properties.dtype)}",
+    )
     data = np.asarray(iio.imread(path))
     return ImageData(data=data, path=path, extra={"rgb": data.ndim == 3 and data.shape[-1] in (3, 4)})
 
@@ -408,7 +413,9 @@ def _write_tiff(tmp: Path, data: np.ndarray, reference: ImageData | None) -> Non
         spatial = min(data.ndim, 3)
         spacing = (1.0,) * spatial
     else:
-        axes = reference.spacing[:-1] if reference.extra.get("rgb") else reference.spacing  # colour is not space
+        axes = (
+            reference.spacing[:-1] if reference.extra.get("rgb") else reference.spacing
+        )  # colour is not space
         spatial = min(len(axes), data.ndim)
         spacing = axes[len(axes) - spatial :]
     channels = data.ndim - spatial

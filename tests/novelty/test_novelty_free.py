@@ -41,14 +41,18 @@ def test_maps_have_the_volume_shape_along_any_axis(case):
     assert set(np.unique(maps.segmentation)) <= {0, 1, 2}
     assert np.all(maps.fused[~maps.mask] == 0)
     support_x = build_support_set(image, sphere_volume()[1], axis=2)
-    assert training_free_novelty(image, support_x, net, axis=2, support_size=4, device="cpu").fused.shape == image.shape
+    assert (
+        training_free_novelty(image, support_x, net, axis=2, support_size=4, device="cpu").fused.shape
+        == image.shape
+    )
 
 
 def test_seeded_unknown_prototype_marks_the_seeded_structure(case):
     net, image, _, support = case
     blob = image > 0.9
-    maps = training_free_novelty(image, support, net, axis=0, support_size=4, device="cpu",
-                                 unknown_seed=(image, blob))
+    maps = training_free_novelty(
+        image, support, net, axis=0, support_size=4, device="cpu", unknown_seed=(image, blob)
+    )
     assert maps.used_unknown
     assert maps.fused[blob].mean() > maps.fused[maps.mask & ~blob].mean()
     with pytest.raises(OpenSegError, match="the unknown seed mask is empty"):
@@ -74,10 +78,20 @@ def test_adapting_the_unknown_prototype_moves_it_and_needs_a_seed(case, monkeypa
     monkeypatch.setattr(novelty_free, "ADAPT_STRIDE", 1)
     net, image, _, support = case
     blob = image > 0.9
-    seeded = training_free_novelty(image, support, net, axis=0, support_size=4, device="cpu",
-                                   unknown_seed=(image, blob), keep_raw=True)
-    adapted = training_free_novelty(image, support, net, axis=0, support_size=4, device="cpu",
-                                    unknown_seed=(image, blob), adapt_unknown=3, keep_raw=True)
+    seeded = training_free_novelty(
+        image, support, net, axis=0, support_size=4, device="cpu", unknown_seed=(image, blob), keep_raw=True
+    )
+    adapted = training_free_novelty(
+        image,
+        support,
+        net,
+        axis=0,
+        support_size=4,
+        device="cpu",
+        unknown_seed=(image, blob),
+        adapt_unknown=3,
+        keep_raw=True,
+    )
     assert adapted.used_unknown and adapted.fused.shape == image.shape
     # The known-class columns do not depend on the unknown prototype; its cosine column moves with it.
     assert np.allclose(adapted.raw[:2], seeded.raw[:2], atol=1e-5)
@@ -92,8 +106,8 @@ def test_the_segmentation_holds_only_predicted_classes_even_where_two_touch():
     image = np.zeros((4, 48, 48), np.float32)
     labels = np.zeros((4, 48, 48), np.uint8)
     for value, rows, cols in ((1, (8, 40), (4, 24)), (3, (8, 40), (24, 44)), (2, (42, 47), (4, 10))):
-        image[:, rows[0]:rows[1], cols[0]:cols[1]] = value
-        labels[:, rows[0]:rows[1], cols[0]:cols[1]] = value
+        image[:, rows[0] : rows[1], cols[0] : cols[1]] = value
+        labels[:, rows[0] : rows[1], cols[0] : cols[1]] = value
     image += np.random.default_rng(0).normal(0, 0.05, image.shape).astype(np.float32)
     support = build_support_set(image, labels)
     maps = training_free_novelty(image, support, support_size=4, device="cpu", prototype_slices=4)

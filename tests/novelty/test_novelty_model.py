@@ -27,8 +27,9 @@ def trained(tmp_path_factory):
 
 def test_network_heads_have_the_documented_shapes():
     torch.manual_seed(0)
-    config = MedOpenSegConfig(num_classes=3, embedding_dim=5, roi_size=(32, 32, 64), depths=(1, 1, 1, 1),
-                              num_heads=(1, 1, 1, 1))
+    config = MedOpenSegConfig(
+        num_classes=3, embedding_dim=5, roi_size=(32, 32, 64), depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1)
+    )
     net = MedOpenSeg(config).eval()
     with torch.no_grad():
         logits, embeddings = net(torch.rand(2, 1, 32, 32, 64))
@@ -57,12 +58,16 @@ def test_dice_ce_ignores_voxels_marked_minus_one():
 
 def test_prototype_guided_loss_matches_the_formula():
     prototypes = torch.eye(2)
-    emb = torch.tensor([[1.0, 0.0], [0.0, 2.0]]).T.reshape(1, 2, 1, 1, 2)  # voxel 0 = (1, 0), voxel 1 = (0, 2)
+    emb = torch.tensor([[1.0, 0.0], [0.0, 2.0]]).T.reshape(
+        1, 2, 1, 1, 2
+    )  # voxel 0 = (1, 0), voxel 1 = (0, 2)
     target = torch.tensor([0, 1]).reshape(1, 1, 1, 2)
     total, ca, pc = prototype_guided_loss(emb, target, prototypes, lambda_pc=0.5)
     # squared distances: voxel 0 -> (0, 2); voxel 1 -> (5, 1)
-    expected_ca = (-torch.log_softmax(torch.tensor([0.0, -2.0]), 0)[0]
-                   - torch.log_softmax(torch.tensor([-5.0, -1.0]), 0)[1]) / 2
+    expected_ca = (
+        -torch.log_softmax(torch.tensor([0.0, -2.0]), 0)[0]
+        - torch.log_softmax(torch.tensor([-5.0, -1.0]), 0)[1]
+    ) / 2
     assert ca == pytest.approx(float(expected_ca), abs=1e-6)
     assert pc == pytest.approx((0.0 + 1.0) / 2)
     assert total == pytest.approx(float(expected_ca) + 0.25, abs=1e-6)
@@ -101,15 +106,24 @@ def test_training_writes_a_resumable_checkpoint_that_carries_the_prototypes(trai
     assert torch.allclose(model.bank.prototypes.norm(dim=1), torch.ones(3))
     assert torch.equal(model.bank.prototypes, result.model.bank.prototypes)
     image, labels = sphere_volume()
-    resumed = train_novelty([image], [labels], tiny_settings(epochs=3), checkpoint=checkpoint, resume=True,
-                            device="cpu")
+    resumed = train_novelty(
+        [image], [labels], tiny_settings(epochs=3), checkpoint=checkpoint, resume=True, device="cpu"
+    )
     assert resumed.steps == 3 and resumed.losses[:2] == result.losses
     assert NoveltyModel.load(checkpoint).info["trained_steps"] == 3
     with pytest.raises(OpenSegError, match="has trained 3 steps already"):  # it reported 1 step before
-        train_novelty([image], [labels], tiny_settings(epochs=1), checkpoint=checkpoint, resume=True, device="cpu")
+        train_novelty(
+            [image], [labels], tiny_settings(epochs=1), checkpoint=checkpoint, resume=True, device="cpu"
+        )
     with pytest.raises(OpenSegError, match="trained on classes"):
-        train_novelty([image], [np.minimum(labels, 1)], tiny_settings(epochs=4), checkpoint=checkpoint,
-                      resume=True, device="cpu")
+        train_novelty(
+            [image],
+            [np.minimum(labels, 1)],
+            tiny_settings(epochs=4),
+            checkpoint=checkpoint,
+            resume=True,
+            device="cpu",
+        )
 
 
 def test_model_file_round_trip_and_refusals(trained, tmp_path):
@@ -128,10 +142,12 @@ def test_model_file_round_trip_and_refusals(trained, tmp_path):
         NoveltyModel.load(tmp_path / "other.pt")
     with pytest.raises(OpenSegError, match="does not exist"):
         NoveltyModel.load(tmp_path / "missing.pt")
-    for damage, message in ((lambda c: c.pop("class_values"), "lacks class_values"),
-                            (lambda c: c.update(downsample=0), "shrink factor is 0"),
-                            (lambda c: c["bank"].update(unknown=torch.zeros(3)), "unknown prototype has 3 values"),
-                            (lambda c: c["bank"]["prototypes"].fill_(float("nan")), "NaN or infinite prototypes")):
+    for damage, message in (
+        (lambda c: c.pop("class_values"), "lacks class_values"),
+        (lambda c: c.update(downsample=0), "shrink factor is 0"),
+        (lambda c: c["bank"].update(unknown=torch.zeros(3)), "unknown prototype has 3 values"),
+        (lambda c: c["bank"]["prototypes"].fill_(float("nan")), "NaN or infinite prototypes"),
+    ):
         damaged = torch.load(path, weights_only=True)
         damage(damaged)
         torch.save(damaged, tmp_path / "damaged.pt")
@@ -150,11 +166,12 @@ def test_whole_volume_map_has_the_input_shape_and_uses_the_unknown_prototype(tra
     assert set(np.unique(maps.segmentation)) <= {0, 1, 2}
     assert np.all(maps.fused[~maps.mask] == 0)
     blob = np.zeros(big.shape, bool)
-    blob[..., 47:58] = (big[..., 47:58] > 0.9)
+    blob[..., 47:58] = big[..., 47:58] > 0.9
     seeded = model.bank.copy()
     seeded.seed_unknown(unknown_seed_embeddings(big, blob, model, device="cpu"))
-    with_unknown = novelty_map(big, NoveltyModel(model.network, seeded, model.class_values), device="cpu",
-                               adapt_unknown=2)
+    with_unknown = novelty_map(
+        big, NoveltyModel(model.network, seeded, model.class_values), device="cpu", adapt_unknown=2
+    )
     assert with_unknown.used_unknown
     # seeded on the blob itself, the unknown prototype must make the blob the most novel region
     assert with_unknown.fused[blob].mean() > with_unknown.fused[maps.mask & ~blob].mean()
@@ -187,7 +204,9 @@ def test_shrunk_labels_keep_every_value_exactly_and_pick_the_nearest_voxel():
 
 def test_the_unet_backbone_has_the_same_heads_and_checks_its_divisor():
     torch.manual_seed(0)
-    config = MedOpenSegConfig(num_classes=3, embedding_dim=5, roi_size=(8, 16, 24), backbone="unet", feature_size=4)
+    config = MedOpenSegConfig(
+        num_classes=3, embedding_dim=5, roi_size=(8, 16, 24), backbone="unet", feature_size=4
+    )
     net = MedOpenSeg(config).eval()
     with torch.no_grad():
         logits, embeddings = net(torch.rand(2, 1, 8, 16, 24))
@@ -203,7 +222,9 @@ def test_a_unet_model_file_loads_and_an_unknown_backbone_is_refused(tmp_path):
     from napari_openseg.core.novelty.prototypes import PrototypeBank
 
     torch.manual_seed(0)
-    config = MedOpenSegConfig(num_classes=2, embedding_dim=4, roi_size=(8, 16, 16), backbone="unet", feature_size=4)
+    config = MedOpenSegConfig(
+        num_classes=2, embedding_dim=4, roi_size=(8, 16, 16), backbone="unet", feature_size=4
+    )
     bank = PrototypeBank([0, 1], 4)
     bank.set_from_means(torch.randn(2, 4), torch.arange(2))
     path = NoveltyModel(MedOpenSeg(config).eval(), bank, [0, 1], 2).save(tmp_path / "unet.pt")
@@ -223,8 +244,14 @@ def test_max_steps_ends_a_run_early_and_a_resume_may_raise_it(tmp_path):
     settings = tiny_settings(epochs=5, max_steps=2)
     first = train_novelty([image], [labels], settings, checkpoint=tmp_path / "c.pt", device="cpu")
     assert first.steps == 2 and len(first.losses) == 2
-    more = train_novelty([image], [labels], tiny_settings(epochs=5, max_steps=3), checkpoint=tmp_path / "c.pt",
-                         resume=True, device="cpu")
+    more = train_novelty(
+        [image],
+        [labels],
+        tiny_settings(epochs=5, max_steps=3),
+        checkpoint=tmp_path / "c.pt",
+        resume=True,
+        device="cpu",
+    )
     assert more.steps == 3 and more.losses[:2] == first.losses
     with pytest.raises(OpenSegError, match="max steps must be >= 1"):
         tiny_settings(max_steps=0)
@@ -246,11 +273,14 @@ def test_the_model_keeps_its_intensity_signature_and_unlike_volumes_are_matched_
     mask = body_mask(normalized, normalized=True)
     same, notes = check_intensities(normalized, mask, reference)
     assert same is normalized and notes == []  # the training volume itself is used as it is
-    brighter = normalized ** 0.5  # the same tissue order, another histogram: matched
+    brighter = normalized**0.5  # the same tissue order, another histogram: matched
     matched, notes = check_intensities(brighter, mask, reference)
     assert notes and "matched" in notes[0]
     own_before = signature_distance(reference, _signature(brighter, mask))
-    assert SAME_BELOW < own_before <= REFUSE_ABOVE and signature_distance(reference, _signature(matched, mask)) < 0.02
+    assert (
+        SAME_BELOW < own_before <= REFUSE_ABOVE
+        and signature_distance(reference, _signature(matched, mask)) < 0.02
+    )
     inverted = 1.0 - normalized
     with pytest.raises(OpenSegError, match="differ too much from the model's training volumes"):
         check_intensities(inverted, mask, reference)

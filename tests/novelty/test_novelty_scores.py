@@ -104,12 +104,14 @@ def test_bank_save_and_load_round_trip(tmp_path):
 
 def test_cosine_and_distance_scores_of_hand_made_embeddings():
     bank = axis_bank()
-    x = torch.tensor([
-        [1.0, 0.0, 0.0, 0.0],  # on prototype 0
-        [0.0, 2.0, 0.0, 0.0],  # along prototype 1, twice as long
-        [0.0, 0.0, 0.0, 1.0],  # orthogonal to every prototype
-        [0.0, 0.0, 0.0, 3.0],  # orthogonal and far away
-    ])
+    x = torch.tensor(
+        [
+            [1.0, 0.0, 0.0, 0.0],  # on prototype 0
+            [0.0, 2.0, 0.0, 0.0],  # along prototype 1, twice as long
+            [0.0, 0.0, 0.0, 1.0],  # orthogonal to every prototype
+            [0.0, 0.0, 0.0, 3.0],  # orthogonal and far away
+        ]
+    )
     raw = score_channels(x, bank, chunk=3)  # chunk smaller than N: chunking must not change results
     assert torch.allclose(raw[:, 0], torch.tensor([1.0, 1.0, 0.0, 0.0]))
     # sum_c |x - p_c|^2 by hand: on p0: 0 + 2 + 2; 2*e1: 5 + 1 + 5; e3: 2 * 3; 3*e3: 10 * 3
@@ -180,7 +182,9 @@ def test_auroc_values_and_errors():
     assert auroc(-score, novel, ~novel) == 0.0
     assert auroc(np.ones(6), novel, ~novel) == 0.5  # ties count one half
     known = np.array([1, 1, 0, 0, 0, 0], bool)  # voxel 2 takes no part
-    assert auroc(np.array([0.1, 0.6, 9, 0.5, 0.7, 0.2]), np.array([0, 0, 0, 1, 1, 1], bool), known) == pytest.approx(4 / 6)  # 4 of 6 pairs ordered
+    assert auroc(
+        np.array([0.1, 0.6, 9, 0.5, 0.7, 0.2]), np.array([0, 0, 0, 1, 1, 1], bool), known
+    ) == pytest.approx(4 / 6)  # 4 of 6 pairs ordered
     with pytest.raises(OpenSegError, match="at least one novel"):
         auroc(score, np.zeros(6, bool), ~novel)
     with pytest.raises(OpenSegError, match="both novel and known"):

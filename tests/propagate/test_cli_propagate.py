@@ -36,9 +36,27 @@ def test_propagate_writes_labels_with_the_image_geometry_and_a_confidence_report
 ):
     (image, prompt_path), prompt, z = volume_files
     out, report = tmp_path / "out.nii.gz", tmp_path / "conf.json"
-    code = main(["propagate", "--image", str(image), "--prompt", str(prompt_path), "--out", str(out),
-                 "--axis", "0", "--bank-size", "4", "--weights", str(tiny_weights), "--json", str(report),
-                 "--device", "cpu"])
+    code = main(
+        [
+            "propagate",
+            "--image",
+            str(image),
+            "--prompt",
+            str(prompt_path),
+            "--out",
+            str(out),
+            "--axis",
+            "0",
+            "--bank-size",
+            "4",
+            "--weights",
+            str(tiny_weights),
+            "--json",
+            str(report),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     written, source = nib.load(str(out)), nib.load(str(image))
     assert written.shape == source.shape and np.allclose(written.affine, source.affine)
@@ -51,16 +69,34 @@ def test_propagate_writes_labels_with_the_image_geometry_and_a_confidence_report
     finite = [s["confidence"] for s in data["slices"] if s["confidence"] is not None]
     assert finite and data["slices"][weakest]["confidence"] == min(finite)
     assert f"least confident slice {weakest}" in capsys.readouterr().out
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["conf.json", "out.nii.gz", "prompt.nii.gz",
-                                                           "tiny.pt", "vol.nii.gz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "conf.json",
+        "out.nii.gz",
+        "prompt.nii.gz",
+        "tiny.pt",
+        "vol.nii.gz",
+    ]
 
 
 def test_existing_outputs_are_refused_before_any_work(tmp_path, volume_files, tiny_weights, capsys):
     (image, prompt_path), _, _ = volume_files
     out, report = tmp_path / "out.nii.gz", tmp_path / "conf.json"
     report.write_text("keep me")
-    args = ["propagate", "--image", str(image), "--prompt", str(prompt_path), "--out", str(out),
-            "--weights", str(tiny_weights), "--json", str(report), "--device", "cpu"]
+    args = [
+        "propagate",
+        "--image",
+        str(image),
+        "--prompt",
+        str(prompt_path),
+        "--out",
+        str(out),
+        "--weights",
+        str(tiny_weights),
+        "--json",
+        str(report),
+        "--device",
+        "cpu",
+    ]
     assert main(args) == 2
     assert "exists" in capsys.readouterr().err
     assert report.read_text() == "keep me" and not out.exists()
@@ -71,8 +107,18 @@ def test_existing_outputs_are_refused_before_any_work(tmp_path, volume_files, ti
 def test_json_and_out_must_be_two_files_and_out_a_writable_type(tmp_path, volume_files, tiny_weights, capsys):
     (image, prompt_path), _, _ = volume_files
     out = tmp_path / "out.npy"
-    args = ["propagate", "--image", str(image), "--prompt", str(prompt_path), "--weights", str(tiny_weights),
-            "--device", "cpu", "--overwrite"]
+    args = [
+        "propagate",
+        "--image",
+        str(image),
+        "--prompt",
+        str(prompt_path),
+        "--weights",
+        str(tiny_weights),
+        "--device",
+        "cpu",
+        "--overwrite",
+    ]
     assert main([*args, "--out", str(out), "--json", str(out)]) == 2
     assert "--json and --out name the same file" in capsys.readouterr().err
     assert main([*args, "--out", str(tmp_path / "out.png")]) == 2
@@ -85,19 +131,47 @@ def test_a_prompt_of_another_shape_is_an_error_that_says_so(tmp_path, volume_fil
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, prompt[:, :-1])
     out = tmp_path / "out.tif"
-    code = main(["propagate", "--image", str(image), "--prompt", str(wrong), "--out", str(out),
-                 "--weights", str(tiny_weights), "--device", "cpu"])
+    code = main(
+        [
+            "propagate",
+            "--image",
+            str(image),
+            "--prompt",
+            str(wrong),
+            "--out",
+            str(out),
+            "--weights",
+            str(tiny_weights),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 2
     assert "do not match" in capsys.readouterr().err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == [
-        "prompt.nii.gz", "tiny.pt", "vol.nii.gz", "wrong.npy"]
+        "prompt.nii.gz",
+        "tiny.pt",
+        "vol.nii.gz",
+        "wrong.npy",
+    ]
 
 
 def test_stop_confidence_one_leaves_only_the_painted_slice(tmp_path, volume_files, tiny_weights, capsys):
     (image, prompt_path), prompt, _ = volume_files
     out = tmp_path / "out.npy"
-    args = ["propagate", "--image", str(image), "--prompt", str(prompt_path), "--out", str(out),
-            "--weights", str(tiny_weights), "--device", "cpu"]
+    args = [
+        "propagate",
+        "--image",
+        str(image),
+        "--prompt",
+        str(prompt_path),
+        "--out",
+        str(out),
+        "--weights",
+        str(tiny_weights),
+        "--device",
+        "cpu",
+    ]
     assert main([*args, "--stop-confidence", "1.0"]) == 0
     assert np.array_equal(np.load(out), prompt)  # every front ended on its first two, undone, slices
     printed = capsys.readouterr().out
@@ -111,11 +185,15 @@ def test_the_cli_shows_the_library_defaults_without_importing_torch():
 
     from napari_openseg.core.propagate.settings import DEFAULT_CAPACITY, DEFAULT_STOP_CONFIDENCE
 
-    code = ("import sys; from napari_openseg.cli import build_parser; parser = build_parser(); "
-            "print('torch' in sys.modules); parser.parse_args(['propagate', '--help'])")
+    code = (
+        "import sys; from napari_openseg.cli import build_parser; parser = build_parser(); "
+        "print('torch' in sys.modules); parser.parse_args(['propagate', '--help'])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.startswith("False")
-    assert f"(default {DEFAULT_CAPACITY})" in out.stdout and f"(default {DEFAULT_STOP_CONFIDENCE};" in out.stdout
+    assert (
+        f"(default {DEFAULT_CAPACITY})" in out.stdout and f"(default {DEFAULT_STOP_CONFIDENCE};" in out.stdout
+    )
 
 
 def test_unordered_stack_from_tiff(tmp_path, tiny_weights):
@@ -127,8 +205,22 @@ def test_unordered_stack_from_tiff(tmp_path, tiny_weights):
     tifffile.imwrite(tmp_path / "stack.tif", image)
     tifffile.imwrite(tmp_path / "prompt.tif", prompt)
     out = tmp_path / "out.tif"
-    code = main(["propagate", "--image", str(tmp_path / "stack.tif"), "--prompt", str(tmp_path / "prompt.tif"),
-                 "--out", str(out), "--unordered", "--weights", str(tiny_weights), "--device", "cpu"])
+    code = main(
+        [
+            "propagate",
+            "--image",
+            str(tmp_path / "stack.tif"),
+            "--prompt",
+            str(tmp_path / "prompt.tif"),
+            "--out",
+            str(out),
+            "--unordered",
+            "--weights",
+            str(tiny_weights),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     labels = tifffile.imread(out)
     assert labels.shape == image.shape and np.array_equal(labels[3], prompt[3])
@@ -138,8 +230,24 @@ def test_without_weights_the_propagation_default_carries_the_disc(tmp_path, volu
     """No --weights: the bundled openseg-propagate weights run, and they follow a plain bright disc."""
     (image, prompt_path), _, _ = volume_files
     out, report = tmp_path / "out.nii.gz", tmp_path / "conf.json"
-    assert main(["propagate", "--image", str(image), "--prompt", str(prompt_path), "--out", str(out),
-                 "--json", str(report), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "propagate",
+                "--image",
+                str(image),
+                "--prompt",
+                str(prompt_path),
+                "--out",
+                str(out),
+                "--json",
+                str(report),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert json.loads(report.read_text())["weights"] == "openseg-propagate"
     _, truth = disc_volume((12, 20, 22), first=2, last=9)
     labels = read_image(out).data > 0

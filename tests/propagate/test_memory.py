@@ -28,7 +28,9 @@ def unit(*xyz: float) -> torch.Tensor:
     return v / v.norm()
 
 
-def entry(embedding: torch.Tensor, confidence: float = 0.9, name: int = 0, empty: bool = False) -> MemoryEntry:
+def entry(
+    embedding: torch.Tensor, confidence: float = 0.9, name: int = 0, empty: bool = False
+) -> MemoryEntry:
     mask = torch.zeros(GRID, GRID)
     if not empty:
         mask[2:5, 2:5] = 1
@@ -141,8 +143,10 @@ def test_on_ordered_fronts_the_similarity_condition_always_holds_so_admit_all_ev
     for bank in banks.values():
         bank.pin(entry(at_angle(0), 1.0, name=0))
     offers = [sign * 7 * step for step in range(1, 9) for sign in (1, -1)]
-    actions = {policy: [bank.offer(entry(at_angle(a), 0.9, name=a)) for a in offers]
-               for policy, bank in banks.items()}
+    actions = {
+        policy: [bank.offer(entry(at_angle(a), 0.9, name=a)) for a in offers]
+        for policy, bank in banks.items()
+    }
     assert actions["self-sorting"] == actions["admit-all"]
     assert actions["self-sorting"][4:] == ["replaced"] * (len(offers) - 4)
     assert sorted(names(banks["self-sorting"])) == sorted(names(banks["admit-all"])) == [-56, -49, 0, 7, 56]
@@ -199,7 +203,10 @@ def test_the_prompt_set_is_the_most_similar_painted_entry_alone():
     # FIFO and prompt-only banks return the whole bank in every set, prompt set or not.
     fifo = MemoryBank(capacity=4, policy="fifo")
     fifo.entries = list(bank.entries)
-    assert fifo.draw(query, 5, 2, np.random.default_rng(0), prompt_set=True).tolist() == [[0, 1, 2], [0, 1, 2]]
+    assert fifo.draw(query, 5, 2, np.random.default_rng(0), prompt_set=True).tolist() == [
+        [0, 1, 2],
+        [0, 1, 2],
+    ]
 
 
 def test_slice_embeddings_ignore_brightness_offsets_and_are_unit_length():
@@ -218,8 +225,12 @@ def test_slice_embeddings_ignore_brightness_offsets_and_are_unit_length():
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"capacity": 0}, "at least one"), ({"policy": "lifo"}, "unknown memory policy"),
-     ({"floor": 1.5}, "floor"), ({"temperature": 0}, "temperature")],
+    [
+        ({"capacity": 0}, "at least one"),
+        ({"policy": "lifo"}, "unknown memory policy"),
+        ({"floor": 1.5}, "floor"),
+        ({"temperature": 0}, "temperature"),
+    ],
 )
 def test_bad_settings_say_what_is_wrong(kwargs, message):
     with pytest.raises(OpenSegError, match=message):

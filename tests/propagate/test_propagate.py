@@ -94,16 +94,20 @@ def test_a_tie_between_two_prompts_goes_to_the_lower_one(blob_net):
     assert not result.labels[4:6].any()
 
 
-@pytest.mark.parametrize("direction, expected", [
-    ("forward", [4, 11, 5, 12, 6, 13, 7, 14, 8, 15, 9]),
-    ("backward", [2, 9, 1, 8, 0, 7, 6, 5, 4]),
-])
+@pytest.mark.parametrize(
+    "direction, expected",
+    [
+        ("forward", [4, 11, 5, 12, 6, 13, 7, 14, 8, 15, 9]),
+        ("backward", [2, 9, 1, 8, 0, 7, 6, 5, 4]),
+    ],
+)
 def test_one_direction_runs_each_front_to_the_next_prompt(tiny_net, direction, expected):
     image, truth = disc_volume((16, 24, 24), first=0, last=15, seed=1)
     prompt = np.zeros_like(truth)
     prompt[[3, 10]] = truth[[3, 10]]
-    steps, result = drain(iter_propagate(image, prompt, tiny_net, min_area=0.0, stop_after=99,
-                                         direction=direction, **FAST))
+    steps, result = drain(
+        iter_propagate(image, prompt, tiny_net, min_area=0.0, stop_after=99, direction=direction, **FAST)
+    )
     # With no front coming the other way, nothing meets half-way: a front runs to the next prompt.
     assert [s.payload["slice"] for s in steps[1:]] == expected
     assert np.isfinite(result.confidence[0, expected]).all()
@@ -148,8 +152,9 @@ def test_a_run_of_low_confidence_slices_ends_a_front_and_is_left_empty(blob_net,
     # Every prediction's confidence is below 1: each front stops after `stop_after` slices, and the
     # slices of that run are undone, so only the painted slice remains.
     for stop_after in (2, 3):
-        steps, result = drain(iter_propagate(image, prompt, blob_net, stop_confidence=1.0, stop_after=stop_after,
-                                             **FAST))
+        steps, result = drain(
+            iter_propagate(image, prompt, blob_net, stop_confidence=1.0, stop_after=stop_after, **FAST)
+        )
         predicted = sorted(s.payload["slice"] for s in steps[1:])
         assert predicted == [z + d for d in range(-stop_after, stop_after + 1) if d != 0]
         assert np.array_equal(result.labels, prompt)
@@ -201,8 +206,12 @@ def test_a_stopped_front_gives_back_what_it_covered_not_background(blob_net, mon
     monkeypatch.setattr(module, "_measure", doubtful_on_4_and_3)
     options = dict(stop_confidence=0.7, stop_after=2, min_area=0.0, **FAST)
     steps, result = drain(iter_propagate(image, both, blob_net, **options))
-    label_1 = {step.payload["slice"]: step.payload["mask"] for step in steps[1:] if step.payload["label"] == 1}
-    label_2 = {step.payload["slice"]: step.payload["mask"] for step in steps[1:] if step.payload["label"] == 2}
+    label_1 = {
+        step.payload["slice"]: step.payload["mask"] for step in steps[1:] if step.payload["label"] == 1
+    }
+    label_2 = {
+        step.payload["slice"]: step.payload["mask"] for step in steps[1:] if step.payload["label"] == 2
+    }
     assert label_2[4].any() and label_2[3].any()  # label 2 wrote there before its front stopped
     assert result.confidence_stops == {2: [4]} and not (result.labels[3:5] == 2).any()
     assert label_1[3].sum() > 0 and (result.labels[3][label_1[3]] == 1).all()  # none of label 1's lost
@@ -306,7 +315,9 @@ def test_support_terms_kept_per_entry_give_exactly_the_direct_prediction():
         unkept = fast_forward(net, query, encoded=_encoded_support(net, bank.entries, draws, keep=False))
         assert all(e.encoded is None for e in bank.entries)  # over the memory budget: nothing is kept
         kept = fast_forward(net, query, encoded=_encoded_support(net, bank.entries, draws))
-        again = fast_forward(net, query, encoded=_encoded_support(net, bank.entries, draws))  # from the kept terms
+        again = fast_forward(
+            net, query, encoded=_encoded_support(net, bank.entries, draws)
+        )  # from the kept terms
     # Terms are computed for the entries drawn, and only for them.
     assert {k for k, e in enumerate(bank.entries) if e.encoded is not None} == set(np.unique(draws).tolist())
     assert torch.allclose(direct, kept, atol=1e-5) and torch.equal(kept, again) and torch.equal(kept, unkept)
@@ -392,7 +403,10 @@ def test_a_front_blocked_before_half_way_leaves_the_rest_to_the_other_front():
     10, which stops at 8, so nothing predicted them."""
     fronts = make_fronts(1, [1, 10], {1, 10, 8}, 14, (-1, 1))
     assert [f.slices for f in fronts] == [[0], [2, 3, 4, 5, 6, 7], [9], [11, 12, 13]]
-    assert [f.slices for f in make_fronts(1, [1, 10], {1, 10}, 14, (-1, 1))][1:3] == [[2, 3, 4, 5], [9, 8, 7, 6]]
+    assert [f.slices for f in make_fronts(1, [1, 10], {1, 10}, 14, (-1, 1))][1:3] == [
+        [2, 3, 4, 5],
+        [9, 8, 7, 6],
+    ]
 
 
 def test_progress_shows_what_each_slice_wrote_and_errors_name_the_label(tiny_net):
@@ -400,7 +414,9 @@ def test_progress_shows_what_each_slice_wrote_and_errors_name_the_label(tiny_net
     prompt = np.zeros(truth.shape, np.uint8)
     prompt[2], prompt[3] = truth[2], truth[3] * 2  # label 2 painted where label 1's front goes
     steps, result = drain(iter_propagate(image, prompt, tiny_net, min_area=0.0, stop_after=99, **FAST))
-    on_painted = [step.payload for step in steps[1:] if step.payload["slice"] == 3 and step.payload["label"] == 1]
+    on_painted = [
+        step.payload for step in steps[1:] if step.payload["slice"] == 3 and step.payload["label"] == 1
+    ]
     assert on_painted and on_painted[0]["mask"].any()  # label 1 reached label 2's painted slice
     for payload in on_painted:  # what it wrote there, never over the painted voxels (the preview showed them)
         assert not (payload["mask"] & (prompt[3] == 2)).any()
@@ -432,11 +448,17 @@ def test_each_front_gives_its_last_accepted_slices_as_a_support_set_of_their_own
 
     monkeypatch.setattr(module, "_measure", doubtful_at_z2)
     monkeypatch.setattr(module, "_predict", recording)
-    steps, _ = drain(iter_propagate(image, prompt, blob_net, short_term=2, stop_after=3, direction="forward",
-                                    **FAST))
+    steps, _ = drain(
+        iter_propagate(image, prompt, blob_net, short_term=2, stop_after=3, direction="forward", **FAST)
+    )
     order = [step.payload["slice"] for step in steps[1:]]
     sets = {s: used[k] for k, s in enumerate(order)}
-    assert [sets[s][-1] for s in (z + 1, z + 2, z + 3, z + 4)] == [[z], [z, z + 1], [z, z + 1], [z + 1, z + 3]]
+    assert [sets[s][-1] for s in (z + 1, z + 2, z + 3, z + 4)] == [
+        [z],
+        [z, z + 1],
+        [z, z + 1],
+        [z + 1, z + 3],
+    ]
     assert all(len(sets[s]) == FAST["draws"] + 1 for s in order)
     assert [step.payload["verdict"] for step in steps[1:4]] == ["accepted", "doubtful", "accepted"]
     # Without a short-term memory the slice sees the long-term draws only (the bank before).

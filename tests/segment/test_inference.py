@@ -43,7 +43,9 @@ def test_slices_are_segmented_independently_of_the_axis_order(tiny_net, support)
     """Segmenting along axis 2 equals transposing, segmenting along axis 0 and transposing back."""
     image, _ = volume_with_labels((5, 9, 14), seed=2)
     along_last = segment(image, support, tiny_net, axis=2, support_size=4, method="stacked").probabilities
-    moved = segment(np.moveaxis(image, 2, 0), support, tiny_net, axis=0, support_size=4, method="stacked").probabilities
+    moved = segment(
+        np.moveaxis(image, 2, 0), support, tiny_net, axis=0, support_size=4, method="stacked"
+    ).probabilities
     assert np.allclose(along_last, np.moveaxis(moved, 1, 3), atol=1e-5)
 
 
@@ -77,7 +79,9 @@ def test_ensembling_is_seeded_and_averages_different_subsets(tiny_net, support):
     first = segment(image, support, tiny_net, seed=1, **kwargs).probabilities
     again = segment(image, support, tiny_net, seed=1, **kwargs).probabilities
     other = segment(image, support, tiny_net, seed=2, **kwargs).probabilities
-    single = segment(image, support, tiny_net, seed=1, support_size=2, ensemble=1, method="network").probabilities
+    single = segment(
+        image, support, tiny_net, seed=1, support_size=2, ensemble=1, method="network"
+    ).probabilities
     assert np.array_equal(first, again)
     assert not np.allclose(first, other)
     assert not np.allclose(first, single)
@@ -109,7 +113,7 @@ def test_progress_counts_slices_and_carries_partial_labels(tiny_net, support):
     fitting = [s for s in steps if s.stage != "segmenting"]  # the tasks are fitted first (cross-validation)
     assert fitting and all(s.done == 0 and s.total == 5 for s in fitting)
     assert "cross-validating label 1" in {s.stage for s in fitting}
-    segmenting = steps[len(fitting):]
+    segmenting = steps[len(fitting) :]
     assert [s.done for s in segmenting] == [0, 2, 4, 5] and steps[-1].total == 5
     assert segmenting[1].payload["labels"].shape == (2, 16, 16)
 
@@ -149,6 +153,7 @@ def test_a_4d_image_is_refused(tiny_net, support):
 def test_direct_formulation_gives_the_same_result(tiny_net, support):
     image, _ = volume_with_labels((3, 20, 20), seed=8)
     fast = segment(image, support, tiny_net, support_size=3, ensemble=2, method="network").probabilities
-    direct = segment(image, support, tiny_net, support_size=3, ensemble=2, formulation="direct",
-                     method="network").probabilities
+    direct = segment(
+        image, support, tiny_net, support_size=3, ensemble=2, formulation="direct", method="network"
+    ).probabilities
     assert np.abs(fast - direct).max() < 1e-4

@@ -27,15 +27,51 @@ from napari_openseg.training.incontext.trainer import (
     train,
 )
 
-TINY = ["--widths", "8", "8", "8", "--grid", "32", "--batch-size", "2", "--support-min", "1",
-        "--support-max", "3", "--support-sampling", "log-uniform", "--real-fraction", "0", "--val-every", "3", "--checkpoint-every", "1",
-        "--log-every", "1", "--device", "cpu", "--lr", "0.003"]
+TINY = [
+    "--widths",
+    "8",
+    "8",
+    "8",
+    "--grid",
+    "32",
+    "--batch-size",
+    "2",
+    "--support-min",
+    "1",
+    "--support-max",
+    "3",
+    "--support-sampling",
+    "log-uniform",
+    "--real-fraction",
+    "0",
+    "--val-every",
+    "3",
+    "--checkpoint-every",
+    "1",
+    "--log-every",
+    "1",
+    "--device",
+    "cpu",
+    "--lr",
+    "0.003",
+]
 
 
 def tiny_config(**changes) -> TrainConfig:
     episodes = EpisodeConfig(batch_size=2, support_min=1, support_max=3, real_fraction=0.0)
-    base = dict(steps=4, widths=(8, 8, 8), grid=32, lr=3e-3, warmup=2, episodes=episodes, real_families=(),
-                val_every=3, val_synthetic=4, checkpoint_every=1, log_every=1)
+    base = dict(
+        steps=4,
+        widths=(8, 8, 8),
+        grid=32,
+        lr=3e-3,
+        warmup=2,
+        episodes=episodes,
+        real_families=(),
+        val_every=3,
+        val_synthetic=4,
+        checkpoint_every=1,
+        log_every=1,
+    )
     base.update(changes)
     return TrainConfig(**base)
 
@@ -103,8 +139,9 @@ def test_training_lowers_the_loss_on_a_fixed_batch():
     optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
     first = None
     for _ in range(25):
-        loss = soft_dice_loss(fast_forward(net, batch.query, batch.support_images, batch.support_masks),
-                              batch.query_masks)
+        loss = soft_dice_loss(
+            fast_forward(net, batch.query, batch.support_images, batch.support_masks), batch.query_masks
+        )
         first = loss.item() if first is None else first
         optimizer.zero_grad()
         loss.backward()
@@ -189,7 +226,9 @@ def test_stopping_a_run_keeps_a_checkpoint_of_the_last_step(tmp_path):
     """Closing the generator (Cancel, Ctrl-C, `kill`) saves the steps done since the last checkpoint."""
     from napari_openseg.training.incontext.trainer import iter_train
 
-    run = iter_train(tiny_config(steps=50, checkpoint_every=100, val_every=100), tmp_path / "run", device="cpu")
+    run = iter_train(
+        tiny_config(steps=50, checkpoint_every=100, val_every=100), tmp_path / "run", device="cpu"
+    )
     steps = [next(run).done for _ in range(4)]  # the first record is the start (step 0)
     run.close()
     assert steps == [0, 1, 2, 3]
@@ -219,7 +258,12 @@ def test_the_grid_is_checked_against_the_source_weights_before_anything_is_writt
     assert not (tmp_path / "run").exists()
     two_levels = save_weights(build_network((4, 4), grid_size=16), tmp_path / "shallow.pt")
     # a grid that only the run's own --widths (three levels) would refuse
-    assert train(tiny_config(steps=1, grid=18, init_weights=str(two_levels)), tmp_path / "ok", device="cpu")["step"] == 1
+    assert (
+        train(tiny_config(steps=1, grid=18, init_weights=str(two_levels)), tmp_path / "ok", device="cpu")[
+            "step"
+        ]
+        == 1
+    )
 
 
 def test_resuming_a_run_that_is_already_that_long_is_refused(tmp_path):
@@ -240,7 +284,9 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_checkpoint(tmp_path, m
         train(tiny_config(steps=2), tmp_path / "run", device="cpu")
     assert not (tmp_path / "run" / CHECKPOINT).exists()
     monkeypatch.undo()
-    assert train(tiny_config(steps=2), tmp_path / "run", device="cpu")["step"] == 2  # started again, not refused
+    assert (
+        train(tiny_config(steps=2), tmp_path / "run", device="cpu")["step"] == 2
+    )  # started again, not refused
 
 
 def test_an_interrupted_write_of_best_pt_is_written_again_at_the_next_validation(tmp_path, monkeypatch):

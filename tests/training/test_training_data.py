@@ -100,7 +100,13 @@ def test_real_tasks_cover_every_label_and_axis():
     from napari_openseg.training.splits import hippocampus_splits
 
     volumes = shared_volumes(SHARED_DATA, "val")
-    assert sorted(volumes) == ["brain_structures", "colin27_aal", "colin27_brodmann", "hippocampus", "mni152_gm_wm"]
+    assert sorted(volumes) == [
+        "brain_structures",
+        "colin27_aal",
+        "colin27_brodmann",
+        "hippocampus",
+        "mni152_gm_wm",
+    ]
     assert [v.subject for v in volumes["hippocampus"]] == hippocampus_splits()["val"]
     bank = build_bank(volumes["hippocampus"][:3], grid=32)
     assert {(t.label, t.axis) for t in bank.tasks} == {(v, a) for v in (1, 2) for a in (0, 1, 2)}
@@ -138,7 +144,9 @@ def test_empty_target_episodes_take_slices_without_the_label():
     batch = training_batch(0, 0, EpisodeConfig(batch_size=4, real_fraction=1.0, empty_fraction=1.0), bank)
     assert all(s.endswith(":empty") for s in batch.sources) and float(batch.query_masks.sum()) == 0
     plain = training_batch(0, 0, EpisodeConfig(batch_size=4, real_fraction=1.0), bank)
-    assert not any(s.endswith(":empty") for s in plain.sources) and bool(plain.query_masks.flatten(1).any(1).all())
+    assert not any(s.endswith(":empty") for s in plain.sources) and bool(
+        plain.query_masks.flatten(1).any(1).all()
+    )
 
 
 def test_cross_entropy_term_pushes_a_blob_off_an_empty_target():

@@ -53,7 +53,9 @@ def test_evaluates_a_folder_and_saves_the_report(widget, folder, tmp_path, inlin
     widget.run()
     assert finished == ["done"]
     caption = widget.caption.text()
-    assert caption.startswith("pictures: S=2") and str(folder) not in caption  # the folder's name, not its path
+    assert (
+        caption.startswith("pictures: S=2") and str(folder) not in caption
+    )  # the folder's name, not its path
     assert "support from the val cases" in caption
     table = widget.table.to_dict("split")  # a real table: a row per task, a column per method
     assert list(table["index"]) == ["label_1", "mean over tasks"]
@@ -106,7 +108,9 @@ def test_a_failed_run_leaves_the_last_report_on_show(widget, folder, inline, err
     widget.run_finished.connect(finished.append)
     widget.run()
     assert finished == ["failed"] and "is not a folder" in errors[-1]
-    assert widget.table.to_dict("split") == shown and widget.save_button.isEnabled()  # Save writes what is shown
+    assert (
+        widget.table.to_dict("split") == shown and widget.save_button.isEnabled()
+    )  # Save writes what is shown
 
 
 def test_cancel_in_a_worker(widget, folder, qtbot, threaded):

@@ -67,7 +67,9 @@ def test_labels_or_image(tmp_path, name, native, intent, kind):
 
 
 def test_label_name_hints():
-    assert has_label_name("sub-01_dseg.nii.gz") and has_label_name("Labels.nii") and has_label_name("x-mask.nii")
+    assert (
+        has_label_name("sub-01_dseg.nii.gz") and has_label_name("Labels.nii") and has_label_name("x-mask.nii")
+    )
     assert not has_label_name("t1_brain.nii.gz") and not has_label_name("measurement.nii")  # word starts only
 
 
@@ -130,7 +132,9 @@ def test_a_4d_layer_keeps_the_spacing_of_every_axis_and_a_rotation_is_flagged(tm
     assert not warned
     rotated = np.eye(3)
     rotated[:2, :2] = [[0.0, -1.0], [1.0, 0.0]]
-    write_image(str(out), np.zeros((3, 4), np.float32), {"scale": (1.0, 1.0), "rotate": rotated, "metadata": {}})
+    write_image(
+        str(out), np.zeros((3, 4), np.float32), {"scale": (1.0, 1.0), "rotate": rotated, "metadata": {}}
+    )
     assert warned and "rotation, shear or affine is not written" in warned[-1]
 
 
@@ -194,8 +198,12 @@ def test_an_image_and_its_labels_under_one_name_open_as_x_and_x_labels(tmp_path)
     rng = np.random.default_rng(0)
     (tmp_path / "imagesTr").mkdir()
     (tmp_path / "labelsTr").mkdir()
-    image = save_nifti(tmp_path / "imagesTr" / "case_001.nii.gz", rng.normal(100, 20, (6, 7, 8)).astype(np.float32))
-    labels = save_nifti(tmp_path / "labelsTr" / "case_001.nii.gz", (rng.random((6, 7, 8)) > 0.5).astype(np.uint8))
+    image = save_nifti(
+        tmp_path / "imagesTr" / "case_001.nii.gz", rng.normal(100, 20, (6, 7, 8)).astype(np.float32)
+    )
+    labels = save_nifti(
+        tmp_path / "labelsTr" / "case_001.nii.gz", (rng.random((6, 7, 8)) > 0.5).astype(np.uint8)
+    )
     [(_, image_kwargs, image_kind)] = read(image)
     [(_, labels_kwargs, labels_kind)] = read(labels)
     assert (image_kind, image_kwargs["name"]) == ("image", "case_001")
@@ -205,7 +213,9 @@ def test_an_image_and_its_labels_under_one_name_open_as_x_and_x_labels(tmp_path)
 
 
 def test_a_nifti_three_voxels_deep_on_x_opens_as_a_volume_not_as_rgb(tmp_path):
-    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((3, 8, 9)).astype(np.float32), AFFINE),
-             str(tmp_path / "thin.nii.gz"))
+    nib.save(
+        nib.Nifti1Image(np.random.default_rng(0).random((3, 8, 9)).astype(np.float32), AFFINE),
+        str(tmp_path / "thin.nii.gz"),
+    )
     [(data, kwargs, kind)] = read(tmp_path / "thin.nii.gz")
     assert kind == "image" and data.shape == (9, 8, 3) and kwargs["rgb"] is False

@@ -54,13 +54,27 @@ def test_wheel_ships_the_manifest(tmp_path):
         if (ROOT / name).exists():
             shutil.copy2(ROOT / name, source / name)
     shutil.copytree(
-        ROOT / "src", source / "src", symlinks=True,
+        ROOT / "src",
+        source / "src",
+        symlinks=True,
         ignore=shutil.ignore_patterns("*.egg-info", "__pycache__", "*.pt", "*.nii.gz"),
     )
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
-         "-w", str(tmp_path / "dist"), str(source)],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(tmp_path / "dist"),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     [wheel] = (tmp_path / "dist").glob("napari_openseg-*.whl")

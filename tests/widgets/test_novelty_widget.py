@@ -78,7 +78,9 @@ def test_cancel_stops_training_without_a_model(scene, qtbot, threaded):
     assert "Cancelled" in widget.status.text()
 
 
-def test_compute_shows_one_heat_map_and_an_outline_named_after_the_image(scene, qtbot, inline, model_path, viewer):
+def test_compute_shows_one_heat_map_and_an_outline_named_after_the_image(
+    scene, qtbot, inline, model_path, viewer
+):
     widget, image_layer, *_ = scene
     assert widget.load_model(str(model_path))
     before = len(viewer.layers)
@@ -92,7 +94,8 @@ def test_compute_shows_one_heat_map_and_an_outline_named_after_the_image(scene, 
 
 
 def test_compute_adds_heat_map_regions_and_segmentation_and_the_slider_moves_the_threshold(
-        scene, qtbot, inline, model_path, viewer):
+    scene, qtbot, inline, model_path, viewer
+):
     widget, image_layer, labels_layer, labels = scene
     assert widget.load_model(str(model_path))
     widget.extra_maps.setChecked(True)
@@ -101,8 +104,13 @@ def test_compute_adds_heat_map_regions_and_segmentation_and_the_slider_moves_the
     assert owner_info(heat)["role"] == "novelty" and heat.colormap.name == "inferno"
     assert tuple(heat.contrast_limits) == (0.0, 1.0) and heat.data.shape == labels.shape
     assert np.allclose(heat.scale, image_layer.scale)
-    for name in ("vol novelty (unlike every class)", "vol novelty (far from all classes)",
-                 "vol novelty (unlike its own class)", "vol known classes", "vol novel region"):
+    for name in (
+        "vol novelty (unlike every class)",
+        "vol novelty (far from all classes)",
+        "vol novelty (unlike its own class)",
+        "vol known classes",
+        "vol novel region",
+    ):
         assert name in viewer.layers
     assert not viewer.layers["vol novelty (unlike every class)"].visible  # on request, and hidden at first
     regions = viewer.layers["vol novel region"]
@@ -145,8 +153,9 @@ def test_closing_the_image_during_compute_says_so(scene, qtbot, threaded, model_
     assert "vol novelty" not in viewer.layers
 
 
-def test_rgb_images_are_refused_and_unchecked_extra_maps_are_removed(scene, qtbot, inline, model_path, viewer,
-                                                                     errors):
+def test_rgb_images_are_refused_and_unchecked_extra_maps_are_removed(
+    scene, qtbot, inline, model_path, viewer, errors
+):
     widget, *_ = scene
     assert widget.load_model(str(model_path))
     widget.extra_maps.setChecked(True)
@@ -196,7 +205,9 @@ def test_training_free_mode_uses_the_session_support_set(scene, qtbot, inline, t
     seeded = widget.maps.fused.copy()
     widget.adapt.setValue(3)  # the seeded unknown prototype adapts on the volume
     assert run(qtbot, widget.compute) == "compute done" and widget.maps.used_unknown
-    assert viewer.layers["vol novelty"].data.shape == labels.shape and not np.array_equal(widget.maps.fused, seeded)
+    assert viewer.layers["vol novelty"].data.shape == labels.shape and not np.array_equal(
+        widget.maps.fused, seeded
+    )
 
 
 def test_no_labels_layer_is_a_seed_unless_chosen(viewer, qtbot, inline, tiny_weights):
@@ -219,8 +230,14 @@ def test_no_labels_layer_is_a_seed_unless_chosen(viewer, qtbot, inline, tiny_wei
 
 def test_training_controls_follow_the_mode(scene):
     widget, *_ = scene
-    training = (widget.train_button, widget.load_button, widget.add_pair_button, widget.labels_combo,
-                widget.epochs, widget.flips)
+    training = (
+        widget.train_button,
+        widget.load_button,
+        widget.add_pair_button,
+        widget.labels_combo,
+        widget.epochs,
+        widget.flips,
+    )
     assert all(control.isEnabled() for control in training)
     widget.mode.setCurrentText(FREE)
     assert not any(control.isEnabled() for control in training)

@@ -57,7 +57,9 @@ def test_run_writes_a_new_labels_layer_and_plots_the_confidence(viewer, qtbot, s
     output = viewer.layers["vol propagated"]
     assert owner_info(output)["role"] == "propagation"
     assert output.data.shape == painted.shape and np.array_equal(output.data[z], painted[z])
-    assert np.allclose(output.scale, image_layer.scale) and np.allclose(output.translate, image_layer.translate)
+    assert np.allclose(output.scale, image_layer.scale) and np.allclose(
+        output.translate, image_layer.translate
+    )
     assert np.array_equal(painted_layer.data, painted)  # the user's layer is untouched
     assert shown and shown == sorted(shown)
     values = widget.plot.values

@@ -26,7 +26,9 @@ def test_queries_share_one_support_set_and_count_slices(tiny_net):
             break
     assert [r.labels.shape for r in results] == [(5, 32, 32), (32, 32)]
     assert steps[0].stage == "loading weights" and steps[0].total == 6
-    batches = [(s.payload["query"], s.payload["start"], s.payload["stop"], s.done) for s in steps if s.payload]
+    batches = [
+        (s.payload["query"], s.payload["start"], s.payload["stop"], s.done) for s in steps if s.payload
+    ]
     assert batches == [(0, 0, 2, 2), (0, 2, 4, 4), (0, 4, 5, 5), (1, 0, 1, 6)]
     assert all(s.total == 6 for s in steps)
 
@@ -49,7 +51,9 @@ def test_leave_a_core_free(monkeypatch):
 def test_thread_count_is_restored_after_a_run(tiny_net):
     volume, mask = disc_volume(depth=3, size=32)
     before = torch.get_num_threads()
-    run_to_end(iter_segment_queries([Query("v", volume)], build_support_set(volume, mask), tiny_net, device="cpu"))
+    run_to_end(
+        iter_segment_queries([Query("v", volume)], build_support_set(volume, mask), tiny_net, device="cpu")
+    )
     assert torch.get_num_threads() == before
 
 

@@ -42,7 +42,9 @@ def test_workflow_paint_two_slices_build_support_segment(viewer, qtbot, tiny_wei
     painted[3], painted[8] = mask[3], mask[8]
     before = painted.copy()
     image_layer = viewer.add_image(image, name="vol", scale=(2.5, 0.5, 0.5), translate=(10.0, 0.0, 0.0))
-    labels_layer = viewer.add_labels(painted, name="painted", scale=(2.5, 0.5, 0.5), translate=(10.0, 0.0, 0.0))
+    labels_layer = viewer.add_labels(
+        painted, name="painted", scale=(2.5, 0.5, 0.5), translate=(10.0, 0.0, 0.0)
+    )
 
     support_widget = SupportSetWidget(viewer)
     qtbot.addWidget(support_widget)
@@ -123,7 +125,6 @@ def test_cancel_stops_within_a_batch_and_changes_nothing(
         preview = viewer.layers["vol (running)"]
         seen_preview.append((done, preview.editable, preview is output))
 
-
     widget.preview_updated.connect(on_preview)
     assert run_and_wait(qtbot, widget) == "cancelled"
     # one batch shown, in a read-only layer: the old output itself on a rerun
@@ -172,8 +173,9 @@ def test_batch_mode_one_output_per_open_image(viewer, qtbot, tiny_weights, threa
     assert len(viewer.layers) == count
 
 
-def test_batch_after_a_single_run_leaves_no_preview_and_follows_moved_sources(viewer, qtbot, tiny_weights,
-                                                                             threaded):
+def test_batch_after_a_single_run_leaves_no_preview_and_follows_moved_sources(
+    viewer, qtbot, tiny_weights, threaded
+):
     a, mask = disc_volume(depth=6, size=32, seed=1)
     b, _ = disc_volume(depth=6, size=32, seed=2)
     layer_a = viewer.add_image(a, name="A")
@@ -277,9 +279,17 @@ def test_a_model_chosen_by_a_script_shows_in_the_widget(viewer, qtbot, tiny_weig
     assert widget.weights_spec() == str(tiny_weights) and widget.picker.device_combo.currentText() == "cpu"
     assert get_session(viewer).weights == str(tiny_weights)  # nothing was sent back
     get_session(viewer).set_model(weights="openseg-default")
-    assert widget.picker.weights_combo.currentText() == "openseg-default" and "bundled" in widget.picker.weights_note.text()
-    get_session(viewer).set_model(weights="universeg-v1", device="cuda")  # neither is here: shown, not ignored
-    assert (widget.picker.weights_combo.currentText(), widget.picker.device_combo.currentText()) == ("universeg-v1", "cuda")
+    assert (
+        widget.picker.weights_combo.currentText() == "openseg-default"
+        and "bundled" in widget.picker.weights_note.text()
+    )
+    get_session(viewer).set_model(
+        weights="universeg-v1", device="cuda"
+    )  # neither is here: shown, not ignored
+    assert (widget.picker.weights_combo.currentText(), widget.picker.device_combo.currentText()) == (
+        "universeg-v1",
+        "cuda",
+    )
     assert "not installed" in widget.picker.weights_note.text()
 
 
@@ -290,7 +300,8 @@ def test_a_weights_path_with_a_tilde_is_a_file(viewer, qtbot, tiny_weights, monk
 
 
 def test_a_second_segment_run_on_the_same_image_is_refused_while_the_first_runs(
-        viewer, qtbot, tiny_weights, threaded, errors, monkeypatch):
+    viewer, qtbot, tiny_weights, threaded, errors, monkeypatch
+):
     image, mask = disc_volume(depth=6, size=32)
     layer = viewer.add_image(image, name="vol")
     get_session(viewer).replace_support(build_support_set(image, mask, slice_indices=[1, 4]))
@@ -410,7 +421,9 @@ def test_closing_the_query_image_during_a_run_cancels_it(viewer, qtbot, tiny_wei
     assert widget.panel.bar.value() <= 3 < 30  # it stopped within a batch or two, not at the end
 
 
-def test_the_slice_range_defaults_to_the_painted_slices_plus_a_margin(viewer, qtbot, tiny_weights, inline, errors):
+def test_the_slice_range_defaults_to_the_painted_slices_plus_a_margin(
+    viewer, qtbot, tiny_weights, inline, errors
+):
     from napari_openseg.core.support import entries_from_arrays
 
     image, mask = disc_volume(depth=30, size=32)
@@ -441,7 +454,9 @@ def test_the_slice_range_defaults_to_the_painted_slices_plus_a_margin(viewer, qt
     assert widget.run() is None and "'to' must be at least 'from'" in errors[-1]
 
 
-def test_the_expected_dice_and_method_are_shown_and_cleared_with_the_support(viewer, qtbot, tiny_weights, inline):
+def test_the_expected_dice_and_method_are_shown_and_cleared_with_the_support(
+    viewer, qtbot, tiny_weights, inline
+):
     image, mask = disc_volume(depth=10, size=32)
     viewer.add_image(image, name="vol")
     session = get_session(viewer)
@@ -451,7 +466,11 @@ def test_the_expected_dice_and_method_are_shown_and_cleared_with_the_support(vie
     widget.method_combo.setCurrentText("pixel-classifier")
     assert run_and_wait(qtbot, widget) == "done"
     text = widget.estimate.text()
-    assert text.startswith("label 1: expected Dice ") and text.endswith("from 4 examples, method: pixel-classifier")
-    assert 0.8 < float(text.split("Dice ")[1].split()[0]) <= 1.0  # a bright disc: the pixel classifier finds it
+    assert text.startswith("label 1: expected Dice ") and text.endswith(
+        "from 4 examples, method: pixel-classifier"
+    )
+    assert (
+        0.8 < float(text.split("Dice ")[1].split()[0]) <= 1.0
+    )  # a bright disc: the pixel classifier finds it
     session.clear_support()
     assert widget.estimate.text() == ""

@@ -52,8 +52,10 @@ def test_add_current_slice_refuses_an_axis_the_viewer_does_not_show(viewer, pain
     viewer.dims.set_point(0, 3 * 3.0)
     widget.axis_combo.setCurrentText("1")  # the viewer slices along axis 0
     assert widget.add_current_slice() is None
-    assert "the viewer shows slices along axis 0 (array order: the NIfTI file's third axis), not along axis 1" \
+    assert (
+        "the viewer shows slices along axis 0 (array order: the NIfTI file's third axis), not along axis 1"
         in errors[-1]
+    )
     assert len(get_session(viewer).support) == 0
     widget.axis_combo.setCurrentText("0")
     widget.add_current_slice()
@@ -207,7 +209,9 @@ def test_errors_are_notified_and_nothing_is_added(viewer, inline, qtbot, errors)
     wrong = viewer.add_labels(np.ones((12, 30, 30), np.uint8), name="wrong shape")
     widget.labels_combo.select(wrong)
     widget.add_all_slices()
-    assert "do not match the image" in errors[-1] and "pick the labels layer painted on this image" in errors[-1]
+    assert (
+        "do not match the image" in errors[-1] and "pick the labels layer painted on this image" in errors[-1]
+    )
 
     volume_rgb = viewer.add_image(np.zeros((4, 16, 16, 3), np.uint8), name="rgb volume", rgb=True)
     widget.image_combo.select(volume_rgb)
@@ -246,7 +250,9 @@ def test_docked_widgets_share_the_viewer_session(viewer, qtbot):
     assert segment_widget.query_combo.layers() == [layer]
 
 
-def test_a_background_label_makes_strokes_and_masks_like_strokes_get_a_warning(viewer, inline, qtbot, monkeypatch):
+def test_a_background_label_makes_strokes_and_masks_like_strokes_get_a_warning(
+    viewer, inline, qtbot, monkeypatch
+):
     import napari.utils.notifications as notifications
 
     warnings: list[str] = []
@@ -261,7 +267,10 @@ def test_a_background_label_makes_strokes_and_masks_like_strokes_get_a_warning(v
     widget = SupportSetWidget(viewer)
     qtbot.addWidget(widget)
     assert [widget.background_combo.itemText(i) for i in range(widget.background_combo.count())] == [
-        "none (whole masks)", "label 1", "label 2"]
+        "none (whole masks)",
+        "label 1",
+        "label 2",
+    ]
     widget.add_all_slices()  # no background label: label 2 is a structure, label 1 looks like strokes
     support = get_session(viewer).support
     assert support.labels == [1, 2] and all(e.known is None for e in support.entries)

@@ -40,7 +40,10 @@ def mode(request, monkeypatch):
 def test_runs_to_the_end_and_reports_progress(qtbot, mode):
     seen, done, finished = [], [], []
     handle = run_in_background(
-        lambda: counting(3), "count", on_done=done.append, on_progress=seen.append,
+        lambda: counting(3),
+        "count",
+        on_done=done.append,
+        on_progress=seen.append,
         on_finished=lambda: finished.append(True),
     )
     qtbot.waitUntil(lambda: bool(finished), timeout=10_000)
@@ -51,11 +54,14 @@ def test_runs_to_the_end_and_reports_progress(qtbot, mode):
     assert all((step.payload["thread"] == main) == (mode == "inline") for step in seen)
 
 
-@pytest.mark.parametrize("failure", [OpenSegError("paint something first"), RuntimeError("CUDA out of memory")])
+@pytest.mark.parametrize(
+    "failure", [OpenSegError("paint something first"), RuntimeError("CUDA out of memory")]
+)
 def test_errors_become_notifications(qtbot, mode, errors, failure):
     done, finished = [], []
-    run_in_background(counting(5, fail=failure), "count", on_done=done.append,
-                      on_finished=lambda: finished.append(True))
+    run_in_background(
+        counting(5, fail=failure), "count", on_done=done.append, on_finished=lambda: finished.append(True)
+    )
     qtbot.waitUntil(lambda: bool(finished), timeout=10_000)
     assert done == []
     assert len(errors) == 1
@@ -70,8 +76,13 @@ def test_cancel_stops_at_the_next_step_threaded(qtbot, monkeypatch):
     monkeypatch.setenv(_threading.INLINE_ENV, "0")
     gate = threading.Event()
     seen, done, finished = [], [], []
-    handle = run_in_background(counting(100, gate), "count", on_done=done.append,
-                               on_progress=seen.append, on_finished=lambda: finished.append(True))
+    handle = run_in_background(
+        counting(100, gate),
+        "count",
+        on_done=done.append,
+        on_progress=seen.append,
+        on_finished=lambda: finished.append(True),
+    )
     handle.cancel()
     gate.set()
     qtbot.waitUntil(lambda: bool(finished), timeout=10_000)

@@ -22,7 +22,9 @@ class ConfidencePlot(QWidget):
         self.current: int | None = None
         self.setMinimumHeight(70)
         self.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
-        self.setToolTip("confidence per slice (click a bar to go to that slice; grey: painted or not predicted)")
+        self.setToolTip(
+            "confidence per slice (click a bar to go to that slice; grey: painted or not predicted)"
+        )
 
     def set_values(self, values: np.ndarray) -> None:
         self.values = np.asarray(values, np.float32)

@@ -180,8 +180,10 @@ def _write(path: str, data: Any, meta: dict, labels: bool = False) -> list[str]:
             array = _label_array(array)
         reference = _reference(array, meta)
         if reference.header is None and _is_rotated(meta):
-            show_warning(f"{Path(path).name}: the layer's rotation, shear or affine is not written, only "
-                         "its scale and translate")
+            show_warning(
+                f"{Path(path).name}: the layer's rotation, shear or affine is not written, only "
+                "its scale and translate"
+            )
         # napari's save dialog has already asked before replacing an existing file
         write_image_file(path, array, reference, overwrite=True)
     except Exception as err:
@@ -203,8 +205,11 @@ def _is_rotated(meta: dict) -> bool:
     shear = np.asarray(meta.get("shear", 0.0), float)
     affine = meta.get("affine")
     affine = np.asarray(getattr(affine, "affine_matrix", affine) if affine is not None else np.eye(2), float)
-    return (rotate.ndim == 2 and not np.allclose(rotate, np.eye(len(rotate)))) or bool(np.any(shear != 0)) or (
-        affine.ndim == 2 and not np.allclose(affine, np.eye(len(affine))))
+    return (
+        (rotate.ndim == 2 and not np.allclose(rotate, np.eye(len(rotate))))
+        or bool(np.any(shear != 0))
+        or (affine.ndim == 2 and not np.allclose(affine, np.eye(len(affine))))
+    )
 
 
 def write_labels(path: str, data: Any, meta: dict) -> list[str]:

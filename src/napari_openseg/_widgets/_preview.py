@@ -72,8 +72,9 @@ class Preview:
         if earlier is None:
             earlier = find_owned_layer(self.viewer, self.output_role, source)
             if earlier is not None and type(earlier).__name__ == "Labels" and earlier.ndim == len(shape):
-                self._borrowed[key] = _Borrowed(earlier, earlier.data, earlier.name, earlier.editable,
-                                                geometry_of(earlier))
+                self._borrowed[key] = _Borrowed(
+                    earlier, earlier.data, earlier.name, earlier.editable, geometry_of(earlier)
+                )
             else:
                 earlier = None
         if earlier is not None:

@@ -66,9 +66,11 @@ SIDES = {
     "unlike every class only": None,
 }
 #: The score maps shown on request: (attribute of NoveltyMaps, role, layer name suffix).
-SCORE_LAYERS = (("cosine", "novelty:cosine", "novelty (unlike every class)"),
-                ("distance", "novelty:distance", "novelty (far from all classes)"),
-                ("appearance", "novelty:appearance", "novelty (unlike its own class)"))
+SCORE_LAYERS = (
+    ("cosine", "novelty:cosine", "novelty (unlike every class)"),
+    ("distance", "novelty:distance", "novelty (far from all classes)"),
+    ("appearance", "novelty:appearance", "novelty (unlike its own class)"),
+)
 
 
 class NoveltyWidget(QWidget):
@@ -94,58 +96,92 @@ class NoveltyWidget(QWidget):
         self._novel_layer = None
 
         form = QFormLayout()
-        self.image_combo = form_row(form, "Image", LayerCombo(napari_viewer, is_image), "volume to train on or map")
+        self.image_combo = form_row(
+            form, "Image", LayerCombo(napari_viewer, is_image), "volume to train on or map"
+        )
         self.labels_combo = form_row(
-            form, "Known classes", LayerCombo(napari_viewer, is_user_labels),
+            form,
+            "Known classes",
+            LayerCombo(napari_viewer, is_user_labels),
             "labels layer with the tissue you know painted (0 = background); the map flags what looks "
-            "like none of it")
+            "like none of it",
+        )
         self.pair_list = QListWidget()
         self.pair_list.setMaximumHeight(60)
         self.pair_list.setToolTip("training pairs; double-click one to remove it")
         self.add_pair_button = QPushButton("Add image + labels pair")
-        self.epochs = form_row(form, "Epochs", QSpinBox(), "training passes (4 patches per volume each); a "
-                               "run stops after 300 steps, about 10 minutes on a 2-core CPU")
+        self.epochs = form_row(
+            form,
+            "Epochs",
+            QSpinBox(),
+            "training passes (4 patches per volume each); a "
+            "run stops after 300 steps, about 10 minutes on a 2-core CPU",
+        )
         self.epochs.setRange(1, 10_000)
         self.epochs.setValue(20)
         self.flips = form_row(
-            form, "", QCheckBox("Random flips"),
+            form,
+            "",
+            QCheckBox("Random flips"),
             "flip training patches along every axis: known classes segment much better on unseen parts "
-            "(for example the other hemisphere), the novelty map is a little weaker (docs/novelty.md)")
-        self.mode = form_row(form, "Compare with", QComboBox(),
-                             "the known classes of a model trained here (MedOpenSeg), or of the support set "
-                             "through the in-context network (nothing to train)")
+            "(for example the other hemisphere), the novelty map is a little weaker (docs/novelty.md)",
+        )
+        self.mode = form_row(
+            form,
+            "Compare with",
+            QComboBox(),
+            "the known classes of a model trained here (MedOpenSeg), or of the support set "
+            "through the in-context network (nothing to train)",
+        )
         self.mode.addItems([TRAINED, FREE])
         self.side = form_row(
-            form, "Novel when", QComboBox(),
+            form,
+            "Novel when",
+            QComboBox(),
             "besides looking unlike every known class, a voxel is novel when its intensity departs from "
-            "the class it sits in: FLAIR and T2 lesions are brighter than the tissue around them")
+            "the class it sits in: FLAIR and T2 lesions are brighter than the tissue around them",
+        )
         self.side.addItems(list(SIDES))
         self.side.setCurrentIndex(list(SIDES.values()).index(DEFAULT_SIDE))
         self.seed_combo = form_row(
-            form, "Unknown example", LayerCombo(napari_viewer, is_user_labels, (NO_SEED,), default_extra=NO_SEED),
+            form,
+            "Unknown example",
+            LayerCombo(napari_viewer, is_user_labels, (NO_SEED,), default_extra=NO_SEED),
             "optional: a labels layer with ONE example of tissue that is not among the known classes "
-            "painted; the map then also measures how close each voxel is to it (the unknown prototype)")
-        self.adapt = form_row(form, "Refine example (steps)", QSpinBox(),
-                              "steps that move the unknown example's prototype towards the voxels of this "
-                              "volume that resemble it (no labels used); 0 = off")
+            "painted; the map then also measures how close each voxel is to it (the unknown prototype)",
+        )
+        self.adapt = form_row(
+            form,
+            "Refine example (steps)",
+            QSpinBox(),
+            "steps that move the unknown example's prototype towards the voxels of this "
+            "volume that resemble it (no labels used); 0 = off",
+        )
         self.adapt.setRange(0, 50)
         self.extra_maps = form_row(
-            form, "", QCheckBox("Also show the score maps and known classes"),
+            form,
+            "",
+            QCheckBox("Also show the score maps and known classes"),
             "three more heat maps: unlike every known class (cosine), far from all classes (distance sum), "
-            "unlike its own class (intensity); and the known classes found in the image")
+            "unlike its own class (intensity); and the known classes found in the image",
+        )
         self.picker = ModelPicker(self.session)
         self.model_section = self.picker.section()
         self.panel = RunPanel("Novelty", host=self)
 
         self.train_button, self.load_button = QPushButton("Train"), QPushButton("Load model…")
         self.save_button, self.seed_button = QPushButton("Save model…"), QPushButton("Seed unknown")
-        self.seed_button.setToolTip("make the model's unknown prototype from the unknown example painted above")
+        self.seed_button.setToolTip(
+            "make the model's unknown prototype from the unknown example painted above"
+        )
         self.compute_button, self.cancel_button = QPushButton("Compute"), self.panel.cancel_button
         self.threshold = QSlider(Qt.Horizontal)
         self.threshold.setRange(0, SLIDER_STEPS)
         self.threshold_label = QLabel("Novel above: -")
-        self.threshold.setToolTip("voxels whose novelty is above this value form the novel region; it starts "
-                                  "at the automatic (Otsu) threshold of the image")
+        self.threshold.setToolTip(
+            "voxels whose novelty is above this value form the novel region; it starts "
+            "at the automatic (Otsu) threshold of the image"
+        )
         self.status = self.panel.status
         self.status.setText("Train or load a model, or choose the support set.")
 
@@ -155,8 +191,10 @@ class NoveltyWidget(QWidget):
         layout.addWidget(QLabel("Training pairs (empty: the image and labels above)"))
         layout.addWidget(self.pair_list)
         layout.addWidget(self.add_pair_button)
-        for row in ((self.train_button, self.load_button, self.save_button),
-                    (self.seed_button, self.compute_button)):
+        for row in (
+            (self.train_button, self.load_button, self.save_button),
+            (self.seed_button, self.compute_button),
+        ):
             line = QHBoxLayout()
             for button in row:
                 line.addWidget(button)
@@ -179,8 +217,7 @@ class NoveltyWidget(QWidget):
         self.panel.running_changed.connect(self._set_running)
         self.panel.finished.connect(self._finished)
         self.threshold.valueChanged.connect(self._threshold_moved)
-        self.mode.currentTextChanged.connect(
-            lambda _text: self._set_running(self._busy))
+        self.mode.currentTextChanged.connect(lambda _text: self._set_running(self._busy))
         self._set_running(False)
 
     # --- inputs --------------------------------------------------------------------------------
@@ -191,8 +228,10 @@ class NoveltyWidget(QWidget):
             raise OpenSegError("open a volume first (File > Open)")
         data, rgb = layer_image(source)
         if rgb:
-            raise OpenSegError(f"'{source.name}' is an RGB image; novelty maps are made of single-channel "
-                               "volumes (split the channels and choose one)")
+            raise OpenSegError(
+                f"'{source.name}' is an RGB image; novelty maps are made of single-channel "
+                "volumes (split the channels and choose one)"
+            )
         return source, np.asarray(data)
 
     def _side(self) -> str | None:
@@ -210,16 +249,23 @@ class NoveltyWidget(QWidget):
             return
         shape = np.shape(layer_image(image)[0])
         if tuple(np.shape(labels.data)) != tuple(shape):
-            report_error(OpenSegError(f"'{labels.name}' has shape {shape_text(np.shape(labels.data))}, "
-                                      f"'{image.name}' {shape_text(shape)}: pick the labels painted on "
-                                      "this image"), "Novelty")
+            report_error(
+                OpenSegError(
+                    f"'{labels.name}' has shape {shape_text(np.shape(labels.data))}, "
+                    f"'{image.name}' {shape_text(shape)}: pick the labels painted on "
+                    "this image"
+                ),
+                "Novelty",
+            )
             return
         self.pairs.append((image, labels))
         self._show_pairs()
 
     def _show_pairs(self, *_args) -> None:
         """List the pairs whose layers are still open, under their current names."""
-        self.pairs = [(i, lab) for i, lab in self.pairs if i in self.viewer.layers and lab in self.viewer.layers]
+        self.pairs = [
+            (i, lab) for i, lab in self.pairs if i in self.viewer.layers and lab in self.viewer.layers
+        ]
         self.pair_list.clear()
         self.pair_list.addItems([f"{i.name} + {lab.name}" for i, lab in self.pairs])
 
@@ -247,8 +293,9 @@ class NoveltyWidget(QWidget):
             self.panel.refuse("a run is in progress: wait for it or press Cancel")
             return None
         self._action = action
-        return self.panel.start(factory, on_done, on_progress=self._show_step, message=message,
-                                watch=watch, viewer=self.viewer)
+        return self.panel.start(
+            factory, on_done, on_progress=self._show_step, message=message, watch=watch, viewer=self.viewer
+        )
 
     def train(self) -> WorkHandle | None:
         """Train a new model on the training pairs (known classes only)."""
@@ -260,8 +307,12 @@ class NoveltyWidget(QWidget):
             return None
         self.losses = []
         device = self.picker.device()
-        return self._start("train", lambda: iter_train_novelty(images, labels, settings, device=device),
-                           self._trained, message=f"Training on {len(images)} volume(s)…")
+        return self._start(
+            "train",
+            lambda: iter_train_novelty(images, labels, settings, device=device),
+            self._trained,
+            message=f"Training on {len(images)} volume(s)…",
+        )
 
     def load_model(self, path: str | None = None) -> bool:
         """Load a model file (asks for one when ``path`` is None)."""
@@ -284,7 +335,9 @@ class NoveltyWidget(QWidget):
             report_error(OpenSegError("train or load a model first"), "Novelty")
             return None
         if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, "Save novelty model", "novelty.pt", "Novelty model (*.pt)")
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Save novelty model", "novelty.pt", "Novelty model (*.pt)"
+            )
             if not path:
                 return None
         try:  # the dialog already asked before replacing a file
@@ -301,8 +354,10 @@ class NoveltyWidget(QWidget):
             _, image = self._volume()
             seed = self._seed_layer()
             if seed is None:
-                raise OpenSegError("paint one instance of the unseen structure in a labels layer and choose it "
-                                   "as 'Unknown seed'")
+                raise OpenSegError(
+                    "paint one instance of the unseen structure in a labels layer and choose it "
+                    "as 'Unknown seed'"
+                )
             mask = np.asarray(seed.data) != 0
         except OpenSegError as err:
             self.panel.refuse(err)
@@ -322,9 +377,19 @@ class NoveltyWidget(QWidget):
             if self.mode.currentText() == TRAINED:
                 if self.model is None:
                     raise OpenSegError("train or load a model first, or choose 'support set (no training)'")
-                model, adapt, device, side = self.model, self.adapt.value(), self.picker.device(), self._side()
-                factory = lambda: iter_novelty_map(image, model, adapt_unknown=adapt, side=side,  # noqa: E731
-                                                   device=device)
+                model, adapt, device, side = (
+                    self.model,
+                    self.adapt.value(),
+                    self.picker.device(),
+                    self._side(),
+                )
+                factory = lambda: iter_novelty_map(
+                    image,
+                    model,
+                    adapt_unknown=adapt,
+                    side=side,  # noqa: E731
+                    device=device,
+                )
             else:
                 support = self.session.support_snapshot()
                 weights, device = self.picker.weights_spec(), self.picker.device()
@@ -336,14 +401,26 @@ class NoveltyWidget(QWidget):
                 adapt = self.adapt.value() if seed is not None else 0  # as for a model without a seed
                 side = self._side()
                 factory = lambda: iter_training_free_novelty(  # noqa: E731
-                    image, support, weights, axis=axis, unknown_seed=seed, adapt_unknown=adapt, side=side,
-                    device=device)
+                    image,
+                    support,
+                    weights,
+                    axis=axis,
+                    unknown_seed=seed,
+                    adapt_unknown=adapt,
+                    side=side,
+                    device=device,
+                )
         except OpenSegError as err:
             self.panel.refuse(err)
             return None
         self._source = source
-        return self._start("compute", factory, self._show_maps, message=f"Computing the novelty of "
-                           f"'{source.name}'…", watch=[source])
+        return self._start(
+            "compute",
+            factory,
+            self._show_maps,
+            message=f"Computing the novelty of '{source.name}'…",
+            watch=[source],
+        )
 
     def cancel(self) -> None:
         self.panel.cancel()
@@ -357,8 +434,10 @@ class NoveltyWidget(QWidget):
 
     def _trained(self, result) -> None:
         self.model = result.model
-        self.status.setText(f"Trained {result.steps} steps; final loss {result.losses[-1]:.4f}. "
-                            "Save the model, seed the unknown prototype, or Compute.")
+        self.status.setText(
+            f"Trained {result.steps} steps; final loss {result.losses[-1]:.4f}. "
+            "Save the model, seed the unknown prototype, or Compute."
+        )
 
     def _seeded(self, embeddings, voxels: int) -> None:
         self.model.bank.seed_unknown(embeddings, "painted in napari")
@@ -370,20 +449,41 @@ class NoveltyWidget(QWidget):
             self.panel.set_outcome("closed", f"'{source.name}' was closed during the run; nothing was added")
             return
         self.maps, self._maps_source = maps, source
-        heat = {"layer_type": "image", "colormap": "inferno", "contrast_limits": (0.0, 1.0), "blending": "additive"}
-        put_output_layer(self.viewer, source, maps.fused, role="novelty", name=f"{source.name} novelty", **heat)
+        heat = {
+            "layer_type": "image",
+            "colormap": "inferno",
+            "contrast_limits": (0.0, 1.0),
+            "blending": "additive",
+        }
+        put_output_layer(
+            self.viewer, source, maps.fused, role="novelty", name=f"{source.name} novelty", **heat
+        )
         extra = self.extra_maps.isChecked()
         stale = []  # an earlier run's layers would pass for this one's
         for attribute, role, suffix in SCORE_LAYERS:
             values = getattr(maps, attribute)
             if extra and values is not None:
-                put_output_layer(self.viewer, source, values, role=role, name=f"{source.name} {suffix}",
-                                 visible=False, **heat)
+                put_output_layer(
+                    self.viewer,
+                    source,
+                    values,
+                    role=role,
+                    name=f"{source.name} {suffix}",
+                    visible=False,
+                    **heat,
+                )
             else:
                 stale.append(find_owned_layer(self.viewer, role, source))
         if extra and maps.segmentation is not None:
-            put_output_layer(self.viewer, source, maps.segmentation, role="novelty:known",
-                             name=f"{source.name} known classes", opacity=0.4, visible=False)
+            put_output_layer(
+                self.viewer,
+                source,
+                maps.segmentation,
+                role="novelty:known",
+                name=f"{source.name} known classes",
+                opacity=0.4,
+                visible=False,
+            )
         else:
             stale.append(find_owned_layer(self.viewer, "novelty:known", source))
         remove_owned_layers(self.viewer, stale)
@@ -393,8 +493,10 @@ class NoveltyWidget(QWidget):
         self.threshold.blockSignals(False)
         self._threshold_moved(self.threshold.value())
         if self.adapt.value() and not maps.used_unknown:
-            self.status.setText(self.status.text() + " No unknown example was used, so 'Refine example' did "
-                                "nothing: paint one and seed it first.")
+            self.status.setText(
+                self.status.text() + " No unknown example was used, so 'Refine example' did "
+                "nothing: paint one and seed it first."
+            )
         if maps.notes:
             self.status.setText(self.status.text() + " Note: " + "; ".join(maps.notes) + ".")
 
@@ -402,8 +504,13 @@ class NoveltyWidget(QWidget):
         """The novel region as a cyan outline (a colour the inferno heat map never shows)."""
         from napari.utils.colormaps import DirectLabelColormap
 
-        layer = put_output_layer(self.viewer, self._maps_source, regions.astype(np.uint8), role="novelty:regions",
-                                 name=f"{self._maps_source.name} novel region")
+        layer = put_output_layer(
+            self.viewer,
+            self._maps_source,
+            regions.astype(np.uint8),
+            role="novelty:regions",
+            name=f"{self._maps_source.name} novel region",
+        )
         layer.contour = 2
         layer.colormap = DirectLabelColormap(color_dict={None: "transparent", 0: "transparent", 1: "cyan"})
         return layer
@@ -433,8 +540,15 @@ class NoveltyWidget(QWidget):
         controls only in the trained-model mode (the training-free mode uses the support set)."""
         trained = self.mode.currentText() == TRAINED
         self.compute_button.setEnabled(not running)
-        for control in (self.train_button, self.load_button, self.add_pair_button, self.labels_combo,
-                        self.epochs, self.flips, self.pair_list):
+        for control in (
+            self.train_button,
+            self.load_button,
+            self.add_pair_button,
+            self.labels_combo,
+            self.epochs,
+            self.flips,
+            self.pair_list,
+        ):
             control.setEnabled(not running and trained)
         self.adapt.setEnabled(not running)  # both modes adapt a seeded unknown prototype
         self.side.setEnabled(not running)

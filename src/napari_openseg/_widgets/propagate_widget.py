@@ -83,9 +83,13 @@ class PropagationWidget(QWidget):
         self._preview = None
 
         form = QFormLayout()
-        self.image_combo = form_row(form, "Image", LayerCombo(napari_viewer, is_image), "the volume to segment")
+        self.image_combo = form_row(
+            form, "Image", LayerCombo(napari_viewer, is_image), "the volume to segment"
+        )
         self.prompt_combo = form_row(
-            form, "Painted prompt", LayerCombo(napari_viewer, is_user_labels),
+            form,
+            "Painted prompt",
+            LayerCombo(napari_viewer, is_user_labels),
             "your labels layer with the object painted on one or more slices (it is never changed)",
         )
         self.picker = ModelPicker(self.session, explain=_propagation_note)
@@ -124,7 +128,9 @@ class PropagationWidget(QWidget):
         self.stop_confidence.valueChanged.connect(self._title_settings)
         self._title_settings()
         napari_viewer.dims.events.current_step.connect(self._follow_slider)
-        self.destroyed.connect(lambda *_: napari_viewer.dims.events.current_step.disconnect(self._follow_slider))
+        self.destroyed.connect(
+            lambda *_: napari_viewer.dims.events.current_step.disconnect(self._follow_slider)
+        )
         self._set_running(False)
 
     @property
@@ -132,13 +138,17 @@ class PropagationWidget(QWidget):
         return self.panel.cancel_button
 
     def _title_settings(self, *_args) -> None:
-        self.settings_section.set_title(f"Settings: bank {self.bank_size.value()}, stop below "
-                                        f"{self.stop_confidence.value():.2f}")
+        self.settings_section.set_title(
+            f"Settings: bank {self.bank_size.value()}, stop below {self.stop_confidence.value():.2f}"
+        )
 
     def _settings_form(self) -> QFormLayout:
         form = QFormLayout()
         self.label_values = form_row(
-            form, "Label values", QLineEdit(), "comma-separated label values to propagate (empty: every painted one)"
+            form,
+            "Label values",
+            QLineEdit(),
+            "comma-separated label values to propagate (empty: every painted one)",
         )
         self.label_values.setPlaceholderText("all painted labels")
         self.bank_size = form_row(form, "Memory bank size", QSpinBox(), "M: slices remembered per object")
@@ -146,11 +156,16 @@ class PropagationWidget(QWidget):
         self.bank_size.setValue(DEFAULT_CAPACITY)
         self.axis_combo = form_row(form, "Slice axis", AxisCombo(), "the axis to propagate along")
         self.direction_combo = form_row(
-            form, "Direction", QComboBox(), "from each painted slice: both ways, or towards higher/lower indices"
+            form,
+            "Direction",
+            QComboBox(),
+            "from each painted slice: both ways, or towards higher/lower indices",
         )
         self.direction_combo.addItems(list(DIRECTIONS))
         self.stop_confidence = form_row(
-            form, "Stop below confidence", QDoubleSpinBox(),
+            form,
+            "Stop below confidence",
+            QDoubleSpinBox(),
             "an object ends after two slices less confident than this (0: only where it vanishes); "
             "lower it if a large structure stops too early",
         )
@@ -158,7 +173,9 @@ class PropagationWidget(QWidget):
         self.stop_confidence.setSingleStep(0.05)
         self.stop_confidence.setValue(DEFAULT_STOP_CONFIDENCE)
         self.unordered = form_row(
-            form, "", QCheckBox("Slices are unrelated 2D images"),
+            form,
+            "",
+            QCheckBox("Slices are unrelated 2D images"),
             "one-prompt segmentation of a stack: images are taken in order of similarity, not stack order",
         )
         return form
@@ -177,10 +194,14 @@ class PropagationWidget(QWidget):
             if self.result is None:
                 raise OpenSegError("run once first, then fix slices in the output layer and run again")
             if self.output is None or self.output not in self.viewer.layers:
-                raise OpenSegError("the output layer of the last run was closed: run again from the painted "
-                                   "prompt, then fix slices in its output")
+                raise OpenSegError(
+                    "the output layer of the last run was closed: run again from the painted "
+                    "prompt, then fix slices in its output"
+                )
             if self._run.get("source") is not source:
-                raise OpenSegError(f"the last run was on '{self._run['source'].name}': choose that image again")
+                raise OpenSegError(
+                    f"the last run was on '{self._run['source'].name}': choose that image again"
+                )
             edited = np.asarray(self.output.data)
             changed = self.result.changed_slices(edited)
             if not changed:
@@ -194,8 +215,15 @@ class PropagationWidget(QWidget):
             if painted is None:
                 raise OpenSegError("add a labels layer and paint the object on one slice (the prompt)")
             prompt, complete = np.array(painted.data), []
-        return {"source": source, "image": np.asarray(image), "rgb": rgb, "prompt": prompt,
-                "complete": complete, "axis": axis, "values": values}
+        return {
+            "source": source,
+            "image": np.asarray(image),
+            "rgb": rgb,
+            "prompt": prompt,
+            "complete": complete,
+            "axis": axis,
+            "values": values,
+        }
 
     def run(self, corrections: bool = False) -> WorkHandle | None:
         """Start a run (returns its handle), or show what is missing and return ``None``."""
@@ -211,10 +239,15 @@ class PropagationWidget(QWidget):
         run["corrections"] = corrections
         run["live"] = np.full(np.shape(run["image"])[run["axis"]] if run["image"].ndim > 2 else 0, np.nan)
         options = {
-            "axis": run["axis"], "label_values": run["values"], "complete_slices": run["complete"],
-            "bank_size": self.bank_size.value(), "direction": self.direction_combo.currentText(),
-            "stop_confidence": self.stop_confidence.value(), "unordered": self.unordered.isChecked(),
-            "device": self.picker.device(), "rgb": run["rgb"],
+            "axis": run["axis"],
+            "label_values": run["values"],
+            "complete_slices": run["complete"],
+            "bank_size": self.bank_size.value(),
+            "direction": self.direction_combo.currentText(),
+            "stop_confidence": self.stop_confidence.value(),
+            "unordered": self.unordered.isChecked(),
+            "device": self.picker.device(),
+            "rgb": run["rgb"],
         }
         if corrections:  # its fixes are this run's prompts: no painting on it until the result replaces it
             self.output.editable = False
@@ -246,8 +279,14 @@ class PropagationWidget(QWidget):
         self.plot.set_values(live)
         if self._preview is None:
             prompt = self._pending["prompt"]  # its type holds every label value painted in it
-            self._preview = put_output_layer(self.viewer, source, np.zeros(prompt.shape, prompt.dtype),
-                                             role=PREVIEW_ROLE, name=f"{source.name} (propagating)", opacity=0.5)
+            self._preview = put_output_layer(
+                self.viewer,
+                source,
+                np.zeros(prompt.shape, prompt.dtype),
+                role=PREVIEW_ROLE,
+                name=f"{source.name} (propagating)",
+                opacity=0.5,
+            )
             self._preview.editable = False  # strokes on a layer that is dropped at the end would be lost
         plane = np.moveaxis(self._preview.data, self._pending["axis"], 0)[s]
         plane[payload["mask"]] = payload["label"]
@@ -260,7 +299,9 @@ class PropagationWidget(QWidget):
         if source not in self.viewer.layers:
             self.panel.set_outcome("closed", f"'{source.name}' was closed during the run; nothing was added")
             return
-        corrected = self.output if self._pending["corrections"] and self.output in self.viewer.layers else None
+        corrected = (
+            self.output if self._pending["corrections"] and self.output in self.viewer.layers else None
+        )
         self._run, self.result = self._pending, result
         # A copy: painting on the layer must not change the result that corrections are found against.
         if corrected is not None:  # the layer the fixes were painted on: this run is its next version
@@ -268,15 +309,18 @@ class PropagationWidget(QWidget):
             corrected.editable = True
             self.output = corrected
         else:
-            self.output = put_output_layer(self.viewer, source, result.labels.copy(), role=ROLE,
-                                           name=f"{source.name} propagated")
+            self.output = put_output_layer(
+                self.viewer, source, result.labels.copy(), role=ROLE, name=f"{source.name} propagated"
+            )
         self.viewer.layers.selection.active = self.output  # the current output, where fixes go
         self.plot.set_values(result.slice_confidence())
         weakest = result.least_confident_slice()
         text = f"Done in {format_duration(self.panel.elapsed)}: '{self.output.name}' (selected)."
         if weakest is not None:
-            text += (f" Least confident: slice {weakest} ({result.slice_confidence()[weakest]:.2f}). Fix slices "
-                     f"in '{self.output.name}', then press 'Run again with corrections'.")
+            text += (
+                f" Least confident: slice {weakest} ({result.slice_confidence()[weakest]:.2f}). Fix slices "
+                f"in '{self.output.name}', then press 'Run again with corrections'."
+            )
         hint = result.confidence_stop_hint("'Stop below confidence'")
         if hint:
             text += " " + hint

@@ -77,7 +77,9 @@ class SegmentationWidget(QWidget):
 
         form = QFormLayout()
         self.query_combo = form_row(
-            form, "Query", LayerCombo(napari_viewer, is_image, extra_items=(BATCH,)),
+            form,
+            "Query",
+            LayerCombo(napari_viewer, is_image, extra_items=(BATCH,)),
             "the image to segment, or all open image layers (one output each)",
         )
         self.picker = ModelPicker(self.session)
@@ -126,7 +128,9 @@ class SegmentationWidget(QWidget):
         self.support_size.setRange(1, 256)
         self.support_size.setValue(DEFAULT_SUPPORT_SIZE)
         self.ensemble = form_row(
-            form, "Ensemble K", QSpinBox(),
+            form,
+            "Ensemble K",
+            QSpinBox(),
             "predictions from K different draws of S entries, combined; K times slower, and it changes "
             "something only for tasks with more entries than S. Measured: a larger S gains more for less "
             "time (docs/user-guide.md, Speed)",
@@ -142,7 +146,9 @@ class SegmentationWidget(QWidget):
         self.threshold.setSingleStep(0.05)
         self.threshold.setValue(0.5)
         self.method_combo = form_row(
-            form, "Method", QComboBox(),
+            form,
+            "Method",
+            QComboBox(),
             "auto: per task, the best of the network, the pixel classifier and both stacked, by "
             "cross-validation on the support set; or one of them",
         )
@@ -155,8 +161,10 @@ class SegmentationWidget(QWidget):
         return form
 
     def _title_settings(self, *_args) -> None:
-        self.settings_section.set_title(f"Settings: S={self.support_size.value()}, K={self.ensemble.value()}, "
-                                        f"threshold {self.threshold.value():.2f}, {self.method_combo.currentText()}")
+        self.settings_section.set_title(
+            f"Settings: S={self.support_size.value()}, K={self.ensemble.value()}, "
+            f"threshold {self.threshold.value():.2f}, {self.method_combo.currentText()}"
+        )
 
     def set_weights(self, spec) -> None:
         """Choose weights by registry name or file path (for scripts and tests)."""
@@ -176,15 +184,23 @@ class SegmentationWidget(QWidget):
         line.setContentsMargins(0, 0, 0, 0)
         for part in (self.range_from, QLabel("to"), self.range_to, self.whole_volume):
             line.addWidget(part)
-        form_row(form, "Slices", row,
-                 f"volumes: segment only slices 'from' to 'to' (both included) along the slice axis; by "
-                 f"default the slices painted on this image in the support set, widened by "
-                 f"{RANGE_MARGIN:.0%} of their range on each side (with 'All open image layers': each "
-                 "image's own painted slices)")
+        form_row(
+            form,
+            "Slices",
+            row,
+            f"volumes: segment only slices 'from' to 'to' (both included) along the slice axis; by "
+            f"default the slices painted on this image in the support set, widened by "
+            f"{RANGE_MARGIN:.0%} of their range on each side (with 'All open image layers': each "
+            "image's own painted slices)",
+        )
         self.whole_volume.toggled.connect(self._show_range_state)
-        self.extent_combo = form_row(form, "Extent", QComboBox(),
-                                     "auto: each label ends where it fades out on two slices in a row, "
-                                     "starting from the slices painted for it; all: every slice in the range")
+        self.extent_combo = form_row(
+            form,
+            "Extent",
+            QComboBox(),
+            "auto: each label ends where it fades out on two slices in a row, "
+            "starting from the slices painted for it; all: every slice in the range",
+        )
         self.extent_combo.addItems(list(EXTENTS))
 
     def reset_range(self, *_args) -> None:
@@ -249,13 +265,16 @@ class SegmentationWidget(QWidget):
             kept.append(layer)
             queries.append(Query(layer.name, data, rgb, axis, slices))
         if not kept:
-            raise OpenSegError("no open image can be segmented: " + "; ".join(reason for _, reason in skipped))
+            raise OpenSegError(
+                "no open image can be segmented: " + "; ".join(reason for _, reason in skipped)
+            )
         return kept, queries, [name for name, _ in skipped]
 
     def _update_run_button(self) -> None:
         self.run_button.setEnabled(not self.panel.running and len(self.session.support) > 0)
         self.run_button.setToolTip(
-            "segment the query from the support set" if len(self.session.support)
+            "segment the query from the support set"
+            if len(self.session.support)
             else "build a support set first (Support set widget: paint, then Add current slice)"
         )
 
@@ -284,7 +303,9 @@ class SegmentationWidget(QWidget):
             layers, queries, skipped = self._queries()
             busy = [layer.name for layer in layers if str(layer.unique_id) in self.session.segmenting]
             if busy:
-                raise OpenSegError(f"another Segment run is writing to {', '.join(busy)}: wait for it or cancel it")
+                raise OpenSegError(
+                    f"another Segment run is writing to {', '.join(busy)}: wait for it or cancel it"
+                )
             weights = self.picker.weights_spec()
             device = self.picker.device()
             on_gpu = _resolved_type(device) != "cpu"
@@ -301,8 +322,13 @@ class SegmentationWidget(QWidget):
             "keep_probabilities": self.probabilities.isChecked(),
             "extent": self.extent_combo.currentText(),
         }
-        expected = describe_expected_time(sum(query.n_slices for query in queries), snapshot.counts(),
-                                          options["support_size"], options["ensemble"], on_gpu=on_gpu)
+        expected = describe_expected_time(
+            sum(query.n_slices for query in queries),
+            snapshot.counts(),
+            options["support_size"],
+            options["ensemble"],
+            on_gpu=on_gpu,
+        )
         self._sources = layers
         self.session.segmenting.update(str(layer.unique_id) for layer in layers)
         self._axes = [query.axis for query in queries]
@@ -331,7 +357,9 @@ class SegmentationWidget(QWidget):
         source = self._sources[index]
         if source not in self.viewer.layers:
             return
-        self._preview.write(index, source, self._axes[index], payload["start"], payload["stop"], payload["labels"])
+        self._preview.write(
+            index, source, self._axes[index], payload["start"], payload["stop"], payload["labels"]
+        )
         self.preview_updated.emit(step.done)
 
     def _write_outputs(self, results) -> None:
@@ -345,17 +373,32 @@ class SegmentationWidget(QWidget):
             if layer is None:
                 layer = put_output_layer(self.viewer, source, result.labels, role="segmentation", name=name)
             written.append(layer)
-            mapped = {f"probability:{v}" for v in result.label_values} if result.probabilities is not None else set()
-            remove_owned_layers(self.viewer, [  # an earlier run's maps of tasks this run has not mapped
-                stale for role, stale in owned_roles(self.viewer, source).items()
-                if role.startswith("probability:") and role not in mapped
-            ])
+            mapped = (
+                {f"probability:{v}" for v in result.label_values}
+                if result.probabilities is not None
+                else set()
+            )
+            remove_owned_layers(
+                self.viewer,
+                [  # an earlier run's maps of tasks this run has not mapped
+                    stale
+                    for role, stale in owned_roles(self.viewer, source).items()
+                    if role.startswith("probability:") and role not in mapped
+                ],
+            )
             if result.probabilities is not None:
                 for value in result.label_values:
                     put_output_layer(
-                        self.viewer, source, result.probability(value), role=f"probability:{value}",
-                        name=f"{source.name} p(label {value})", layer_type="image",
-                        colormap="magma", contrast_limits=(0.0, 1.0), blending="additive", visible=False,
+                        self.viewer,
+                        source,
+                        result.probability(value),
+                        role=f"probability:{value}",
+                        name=f"{source.name} p(label {value})",
+                        layer_type="image",
+                        colormap="magma",
+                        contrast_limits=(0.0, 1.0),
+                        blending="additive",
+                        visible=False,
                     )
         self._preview.drop()
         text = f"Done in {format_duration(self.panel.elapsed)}: {', '.join(layer.name for layer in written) or 'no layer'}"

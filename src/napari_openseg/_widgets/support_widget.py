@@ -91,7 +91,9 @@ class SupportSetWidget(QWidget):
         )
         self.values_list.setMaximumHeight(60)
         self.background_combo = form_row(
-            form, "Background label", QComboBox(),
+            form,
+            "Background label",
+            QComboBox(),
             "for strokes: the label you painted background with; other labels are structures and "
             "unpainted pixels (0) count as unknown, not as background",
         )
@@ -107,8 +109,14 @@ class SupportSetWidget(QWidget):
         self.load_button = QPushButton("Load…")
         buttons = QGridLayout()
         for i, button in enumerate(
-            (self.add_slice_button, self.add_all_button, self.remove_button, self.clear_button,
-             self.save_button, self.load_button)
+            (
+                self.add_slice_button,
+                self.add_all_button,
+                self.remove_button,
+                self.clear_button,
+                self.save_button,
+                self.load_button,
+            )
         ):
             buttons.addWidget(button, i // 2, i % 2)
 
@@ -254,7 +262,11 @@ class SupportSetWidget(QWidget):
                     f"the viewer shows slices along {axis_text(shown)}, not along axis {axis}: set Slice axis "
                     "to auto to add the slice on screen (or use Add all labelled slices)"
                 )
-            slices = [current_slice(self.viewer, image_layer, axis)] if current_only and image_layer.ndim == 3 else None
+            slices = (
+                [current_slice(self.viewer, image_layer, axis)]
+                if current_only and image_layer.ndim == 3
+                else None
+            )
             labels = np.array(labels_layer.data, copy=True)  # painting may go on while we read
         except OpenSegError as err:
             report_error(err, what)
@@ -274,7 +286,13 @@ class SupportSetWidget(QWidget):
             if slices is not None:
                 _refuse_a_cut_across(labels, axis, slices[0], values, name)
             entries = entries_from_arrays(
-                image, labels, axis=axis, source=source, label_values=values, slice_indices=slices, rgb=rgb,
+                image,
+                labels,
+                axis=axis,
+                source=source,
+                label_values=values,
+                slice_indices=slices,
+                rgb=rgb,
                 background_label=background,
             )
             yield Progress(1, 1, "reading slices")
@@ -333,7 +351,9 @@ class SupportSetWidget(QWidget):
 
     def _save_dialog(self) -> None:
         if not len(self.session.support):
-            report_error(OpenSegError("the support set is empty: add slices before saving"), "Save support set")
+            report_error(
+                OpenSegError("the support set is empty: add slices before saving"), "Save support set"
+            )
             return
         path, _ = QFileDialog.getSaveFileName(self, "Save support set", "support.npz", "Support sets (*.npz)")
         if path:

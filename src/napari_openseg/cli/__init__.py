@@ -18,7 +18,15 @@ from napari_openseg import __version__
 from napari_openseg.errors import OpenSegError
 
 SUBCOMMAND_MODULES = (
-    "info", "support", "segment", "batch", "demo", "train", "evaluate", "novelty", "propagate",
+    "info",
+    "support",
+    "segment",
+    "batch",
+    "demo",
+    "train",
+    "evaluate",
+    "novelty",
+    "propagate",
 )
 
 #: How every command's help describes a slice axis (the project's arrays are NIfTI's axes reversed).
@@ -107,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt as err:
         # outputs are written whole or not at all, but those finished before Ctrl-C stay
-        print("openseg: cancelled; no file was left half-written (outputs finished before stay)", file=sys.stderr)
+        print(
+            "openseg: cancelled; no file was left half-written (outputs finished before stay)",
+            file=sys.stderr,
+        )
         return 143 if isinstance(err, Terminated) else 130
 
 

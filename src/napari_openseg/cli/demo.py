@@ -14,8 +14,12 @@ def register(subparsers) -> None:
         help="segment the bundled sample (MNI152, grey/white matter) from a few of its labelled slices",
     )
     parser.add_argument("--out", default="openseg-demo", help="folder for the results (default openseg-demo)")
-    parser.add_argument("--labelled-slices", type=int, default=8,
-                        help="how many evenly spaced slices count as painted (default 8)")
+    parser.add_argument(
+        "--labelled-slices",
+        type=int,
+        default=8,
+        help="how many evenly spaced slices count as painted (default 8)",
+    )
     parser.add_argument("--axis", type=int, default=0, help=f"{AXIS_HELP} (axial slices for the sample)")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier demo results")
     from napari_openseg.cli.segment import add_model_options
@@ -56,15 +60,28 @@ def run(args: argparse.Namespace) -> int:
         check_writable(path, args.overwrite)
 
     chosen = evenly_spaced_slices(labels.data, args.axis, args.labelled_slices)
-    support = build_support_set(image.data, labels.data, axis=args.axis, source="mni152_2mm",
-                                slice_indices=chosen.tolist())
+    support = build_support_set(
+        image.data, labels.data, axis=args.axis, source="mni152_2mm", slice_indices=chosen.tolist()
+    )
     on_gpu = resolve_device(args.device).type != "cpu"
-    print(f"sample: {describe_expected_time(n_slices, support.counts(), args.support_size, args.ensemble, on_gpu)}",
-          file=sys.stderr)
+    print(
+        f"sample: {describe_expected_time(n_slices, support.counts(), args.support_size, args.ensemble, on_gpu)}",
+        file=sys.stderr,
+    )
     result = with_progress_bar(
-        iter_segment(image.data, support, args.weights, axis=args.axis, support_size=args.support_size,
-                     ensemble=args.ensemble, method=args.method, device=args.device, precision=args.precision,
-                     seed=args.seed, keep_probabilities=False),
+        iter_segment(
+            image.data,
+            support,
+            args.weights,
+            axis=args.axis,
+            support_size=args.support_size,
+            ensemble=args.ensemble,
+            method=args.method,
+            device=args.device,
+            precision=args.precision,
+            seed=args.seed,
+            keep_probabilities=False,
+        ),
         "segment sample",
         unit="slice",
     )
@@ -74,8 +91,10 @@ def run(args: argparse.Namespace) -> int:
     held_out = np.setdiff1d(np.arange(n_slices), chosen)
     truth = np.take(labels.data, held_out, axis=args.axis)
     scores = dice_per_label(np.take(result.labels, held_out, axis=args.axis), truth, result.label_values)
-    print(f"support: {len(support)} entries from slices {chosen.tolist()} along {axis_text(args.axis)} -> "
-          f"{support_path}")
+    print(
+        f"support: {len(support)} entries from slices {chosen.tolist()} along {axis_text(args.axis)} -> "
+        f"{support_path}"
+    )
     print(f"result: {result_path}")
     for line in result.describe_estimates():
         print(f"  {line}")

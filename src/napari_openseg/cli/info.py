@@ -28,7 +28,9 @@ def run_info(args: argparse.Namespace) -> int:
     from napari_openseg.model.registry import cache_dir
 
     print(f"napari-openseg {__version__}")
-    print(f"torch {torch.__version__}; devices: {', '.join(available_devices())}; auto -> {resolve_device('auto')}")
+    print(
+        f"torch {torch.__version__}; devices: {', '.join(available_devices())}; auto -> {resolve_device('auto')}"
+    )
     print(f"weights cache: {cache_dir()}  (set OPENSEG_CACHE_DIR to move it)")
     return run_list(args)
 
@@ -38,7 +40,9 @@ def run_list(args: argparse.Namespace) -> int:
 
     for entry in REGISTRY.values():
         state = "present" if entry.path.is_file() else ("missing" if entry.bundled else "not downloaded")
-        default = {DEFAULT_WEIGHTS: " (default)", PROPAGATION_WEIGHTS: " (propagation's default)"}.get(entry.name, "")
+        default = {DEFAULT_WEIGHTS: " (default)", PROPAGATION_WEIGHTS: " (propagation's default)"}.get(
+            entry.name, ""
+        )
         print(f"  {entry.name}{default}: {state}; {entry.description}")
         print(f"      licence: {entry.licence}; file: {entry.path}")
     return 0
@@ -54,8 +58,13 @@ def run_download(args: argparse.Namespace) -> int:
     if entry is None:
         raise OpenSegError(f"no weights are named {args.name!r}; known: {', '.join(REGISTRY)}")
     if entry.bundled:
-        print(f"{entry.name} ships with napari-openseg; nothing to download (--url is not used)", file=sys.stderr)
-    bar = tqdm(unit="B", unit_scale=True, desc=args.name, file=sys.stderr)  # the licence is logged by the download
+        print(
+            f"{entry.name} ships with napari-openseg; nothing to download (--url is not used)",
+            file=sys.stderr,
+        )
+    bar = tqdm(
+        unit="B", unit_scale=True, desc=args.name, file=sys.stderr
+    )  # the licence is logged by the download
 
     def progress(done: int, total: int | None) -> None:
         bar.total = total

@@ -29,29 +29,52 @@ def register(subparsers) -> None:
     train.add_argument("--out", required=True, help="model file to write (.pt)")
     # Defaults live in NoveltyTrainSettings; an option left out keeps the settings' value.
     train.add_argument("--epochs", type=int, help="passes of --samples-per-volume patches (default 20)")
-    train.add_argument("--max-steps", type=int,
-                       help="stop after this many steps (default 300, about 10 minutes on a 2-core CPU; 0: no limit)")
+    train.add_argument(
+        "--max-steps",
+        type=int,
+        help="stop after this many steps (default 300, about 10 minutes on a 2-core CPU; 0: no limit)",
+    )
     train.add_argument("--samples-per-volume", type=int, help="patches per volume per epoch (default 4)")
     train.add_argument("--batch-size", type=int, help="patches per step (default 2)")
     train.add_argument("--learning-rate", type=float, help="AdamW learning rate (default 1e-3)")
-    train.add_argument("--backbone", choices=["unet", "swinunetr"],
-                       help="unet: a small residual U-Net that trains on a CPU (default); swinunetr: the paper's")
-    train.add_argument("--roi", type=int, nargs=3, metavar=("Z", "Y", "X"),
-                       help="patch size, sides divisible by 8 (unet) or 32 (swinunetr) (default 16 64 64)")
+    train.add_argument(
+        "--backbone",
+        choices=["unet", "swinunetr"],
+        help="unet: a small residual U-Net that trains on a CPU (default); swinunetr: the paper's",
+    )
+    train.add_argument(
+        "--roi",
+        type=int,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        help="patch size, sides divisible by 8 (unet) or 32 (swinunetr) (default 16 64 64)",
+    )
     train.add_argument("--downsample", type=int, help="shrink volumes by this factor first (default 2)")
-    train.add_argument("--feature-size", type=int, help="network width (default 8; a multiple of 12 for swinunetr)")
+    train.add_argument(
+        "--feature-size", type=int, help="network width (default 8; a multiple of 12 for swinunetr)"
+    )
     train.add_argument("--embedding-dim", type=int, help="F, the embedding size (default 32)")
-    train.add_argument("--ignore-label", type=int, action="append", default=[],
-                       help="label value to leave out of training (repeatable; not 0, the background)")
+    train.add_argument(
+        "--ignore-label",
+        type=int,
+        action="append",
+        default=[],
+        help="label value to leave out of training (repeatable; not 0, the background)",
+    )
     train.add_argument("--flips", action="store_true", help="random flips along every axis")
     train.add_argument("--checkpoint", help="checkpoint file (default: MODEL with .ckpt.pt)")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from the checkpoint if it exists, with its stored settings (only --epochs "
-                            "may change)")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the checkpoint if it exists, with its stored settings (only --epochs may change)",
+    )
     train.add_argument("--device", default="auto", help=DEVICE_HELP)
     train.add_argument("--seed", type=int, default=0, help="seed of the patch sampling and initial weights")
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace an existing MODEL; without --resume, also start a new checkpoint")
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing MODEL; without --resume, also start a new checkpoint",
+    )
     train.set_defaults(handler=run_train)
 
     seed = commands.add_parser("seed", help="seed the unknown prototype from one painted unseen structure")
@@ -65,10 +88,16 @@ def register(subparsers) -> None:
 
     novelty_map = commands.add_parser("map", help="write the novelty map of a volume")
     novelty_map.add_argument("--image", required=True, help="volume to map")
-    novelty_map.add_argument("--out", help="novelty heat map to write (NIfTI, TIFF or NPY; default "
-                             "<image>_novelty beside the image); the novel region goes beside it as <out>_novel_region")
-    novelty_map.add_argument("--scores-out", help="folder for the three score maps (cosine, distance, appearance) "
-                             "and the known classes (made if missing)")
+    novelty_map.add_argument(
+        "--out",
+        help="novelty heat map to write (NIfTI, TIFF or NPY; default "
+        "<image>_novelty beside the image); the novel region goes beside it as <out>_novel_region",
+    )
+    novelty_map.add_argument(
+        "--scores-out",
+        help="folder for the three score maps (cosine, distance, appearance) "
+        "and the known classes (made if missing)",
+    )
     novelty_map.add_argument("--mask", help="foreground mask file (default: the body found by intensity)")
     add_map_options(novelty_map)
     novelty_map.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -80,20 +109,37 @@ def add_map_options(parser: argparse.ArgumentParser) -> None:
     together by :func:`check_map_options`."""
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="novelty model file (from `openseg novelty train`)")
-    source.add_argument("--support", help="support-set file: training-free option (in-context network features)")
-    parser.add_argument("--novel-when", choices=["brighter", "darker", "either", "unlike-every-class"],
-                        default="brighter", help="which intensity departures from its own known class make a "
-                        "voxel novel (default brighter, as FLAIR and T2 lesions are); unlike-every-class: "
-                        "no intensity map")
-    parser.add_argument("--intensity", choices=["auto", "match", "as-is"], default="auto",
-                        help="a trained model meeting a volume whose intensities differ from its training "
-                        "volumes: auto matches them when they are close enough and refuses otherwise, "
-                        "match always matches, as-is uses them untouched (default auto)")
+    source.add_argument(
+        "--support", help="support-set file: training-free option (in-context network features)"
+    )
+    parser.add_argument(
+        "--novel-when",
+        choices=["brighter", "darker", "either", "unlike-every-class"],
+        default="brighter",
+        help="which intensity departures from its own known class make a "
+        "voxel novel (default brighter, as FLAIR and T2 lesions are); unlike-every-class: "
+        "no intensity map",
+    )
+    parser.add_argument(
+        "--intensity",
+        choices=["auto", "match", "as-is"],
+        default="auto",
+        help="a trained model meeting a volume whose intensities differ from its training "
+        "volumes: auto matches them when they are close enough and refuses otherwise, "
+        "match always matches, as-is uses them untouched (default auto)",
+    )
     parser.add_argument("--no-unknown", action="store_true", help="ignore the model's unknown prototype")
-    parser.add_argument("--adapt-unknown", type=int, default=0, metavar="N",
-                        help="adapt the unknown prototype on each volume for N steps")
-    parser.add_argument("--seed-mask", help="for --support: mask (non-zero = one unseen structure) "
-                        "that seeds the unknown prototype")
+    parser.add_argument(
+        "--adapt-unknown",
+        type=int,
+        default=0,
+        metavar="N",
+        help="adapt the unknown prototype on each volume for N steps",
+    )
+    parser.add_argument(
+        "--seed-mask",
+        help="for --support: mask (non-zero = one unseen structure) that seeds the unknown prototype",
+    )
     parser.add_argument("--seed-image", help="volume the --seed-mask was painted on (default: --image)")
     parser.add_argument("--weights", help="in-context weights for --support (name or file)")
     parser.add_argument("--axis", type=int, default=0, help=f"for --support: {AXIS_HELP}")
@@ -112,8 +158,10 @@ def check_map_options(args: argparse.Namespace) -> None:
     if args.adapt_unknown < 0:
         raise OpenSegError(f"--adapt-unknown is a number of steps (0 or more), got {args.adapt_unknown}")
     if args.support and args.no_unknown and args.seed_mask:
-        raise OpenSegError("--no-unknown and --seed-mask contradict each other: a training-free map has an "
-                           "unknown prototype only when --seed-mask seeds it; leave out one of them")
+        raise OpenSegError(
+            "--no-unknown and --seed-mask contradict each other: a training-free map has an "
+            "unknown prototype only when --seed-mask seeds it; leave out one of them"
+        )
     if args.support and args.adapt_unknown and not args.seed_mask:
         raise OpenSegError("--adapt-unknown with --support needs --seed-mask (one unseen structure painted)")
 
@@ -123,10 +171,18 @@ def default_checkpoint(out: Path) -> Path:
     return out.with_name(f"{name}.ckpt.pt")
 
 
-TRAIN_OPTIONS = {"epochs": "epochs", "max_steps": "max_steps", "samples_per_volume": "samples_per_volume",
-                 "batch_size": "batch_size", "learning_rate": "learning_rate", "backbone": "backbone",
-                 "roi": "roi_size", "downsample": "downsample", "feature_size": "feature_size",
-                 "embedding_dim": "embedding_dim"}
+TRAIN_OPTIONS = {
+    "epochs": "epochs",
+    "max_steps": "max_steps",
+    "samples_per_volume": "samples_per_volume",
+    "batch_size": "batch_size",
+    "learning_rate": "learning_rate",
+    "backbone": "backbone",
+    "roi": "roi_size",
+    "downsample": "downsample",
+    "feature_size": "feature_size",
+    "embedding_dim": "embedding_dim",
+}
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -142,22 +198,33 @@ def run_train(args: argparse.Namespace) -> int:
     checkpoint = Path(args.checkpoint) if args.checkpoint else default_checkpoint(out)
     check_writable(checkpoint, overwrite=True, inputs=[*args.image, *args.labels])
     if checkpoint.exists() and not (args.resume or args.overwrite):
-        raise OpenSegError(f"checkpoint {checkpoint} exists: pass --resume to continue it, or --overwrite to "
-                           "start again from scratch")
+        raise OpenSegError(
+            f"checkpoint {checkpoint} exists: pass --resume to continue it, or --overwrite to "
+            "start again from scratch"
+        )
     images = [read_image(p).data for p in args.image]
     labels = [read_image(p).data for p in args.labels]
-    given = {field: getattr(args, option) for option, field in TRAIN_OPTIONS.items()
-             if getattr(args, option) is not None}
+    given = {
+        field: getattr(args, option)
+        for option, field in TRAIN_OPTIONS.items()
+        if getattr(args, option) is not None
+    }
     if given.get("max_steps") == 0:
         given["max_steps"] = None
-    settings = NoveltyTrainSettings(ignore_values=tuple(args.ignore_label), flips=args.flips, seed=args.seed, **given)
+    settings = NoveltyTrainSettings(
+        ignore_values=tuple(args.ignore_label), flips=args.flips, seed=args.seed, **given
+    )
     result = with_progress_bar(
-        iter_train_novelty(images, labels, settings, checkpoint=checkpoint, resume=args.resume, device=args.device),
+        iter_train_novelty(
+            images, labels, settings, checkpoint=checkpoint, resume=args.resume, device=args.device
+        ),
         "novelty train",
     )
     result.model.save(out, overwrite=args.overwrite)
-    print(f"{out}: {result.steps} steps, classes {result.model.class_values}, "
-          f"final loss {result.losses[-1]:.4f}; checkpoint {checkpoint}")
+    print(
+        f"{out}: {result.steps} steps, classes {result.model.class_values}, "
+        f"final loss {result.losses[-1]:.4f}; checkpoint {checkpoint}"
+    )
     return 0
 
 
@@ -171,8 +238,10 @@ def run_seed(args: argparse.Namespace) -> int:
     mask = read_image(args.mask).data != 0
     check_seed(image.data, mask)  # before the model is loaded
     model = NoveltyModel.load(args.model)
-    model.bank.seed_unknown(unknown_seed_embeddings(image.data, mask, model, args.device),
-                            f"one painted instance in {Path(args.mask).name}")
+    model.bank.seed_unknown(
+        unknown_seed_embeddings(image.data, mask, model, args.device),
+        f"one painted instance in {Path(args.mask).name}",
+    )
     model.save(args.out, overwrite=args.overwrite)
     print(f"{args.out}: unknown prototype seeded from {int(mask.sum())} voxels")
     return 0
@@ -193,13 +262,13 @@ def default_out(image: Path) -> Path:
     """``<image>_novelty`` beside the image, in its format."""
     from napari_openseg.io import strip_suffix
 
-    return image.with_name(f"{strip_suffix(image)}_novelty{image.name[len(strip_suffix(image)):]}")
+    return image.with_name(f"{strip_suffix(image)}_novelty{image.name[len(strip_suffix(image)) :]}")
 
 
 def region_path(out: Path) -> Path:
     from napari_openseg.io import strip_suffix
 
-    return out.with_name(f"{strip_suffix(out)}_novel_region{out.name[len(strip_suffix(out)):]}")
+    return out.with_name(f"{strip_suffix(out)}_novel_region{out.name[len(strip_suffix(out)) :]}")
 
 
 def novel_side(args: argparse.Namespace) -> str | None:
@@ -212,7 +281,9 @@ def run_map(args: argparse.Namespace) -> int:
     from napari_openseg.io import check_writable
 
     out = Path(args.out) if args.out else default_out(Path(args.image))
-    inputs = [p for p in (args.model, args.support, args.image, args.mask, args.seed_mask, args.seed_image) if p]
+    inputs = [
+        p for p in (args.model, args.support, args.image, args.mask, args.seed_mask, args.seed_image) if p
+    ]
     check_writable(out, args.overwrite, image=True, inputs=inputs)
     check_writable(region_path(out), args.overwrite, image=True, inputs=inputs)
     check_map_options(args)
@@ -246,19 +317,37 @@ def _map(args: argparse.Namespace, out: Path, extra: dict[str, Path]) -> int:
     if args.model:
         model = NoveltyModel.load(args.model)
         if args.adapt_unknown and not args.no_unknown and model.bank.unknown is None:
-            raise OpenSegError(f"{args.model} has no unknown prototype to adapt; seed one first with "
-                               "`openseg novelty seed`, or leave out --adapt-unknown")
+            raise OpenSegError(
+                f"{args.model} has no unknown prototype to adapt; seed one first with "
+                "`openseg novelty seed`, or leave out --adapt-unknown"
+            )
         maps = with_progress_bar(
-            iter_novelty_map(image.data, model, mask=mask, use_unknown=not args.no_unknown,
-                             adapt_unknown=args.adapt_unknown, side=side, intensity=args.intensity,
-                             device=args.device),
+            iter_novelty_map(
+                image.data,
+                model,
+                mask=mask,
+                use_unknown=not args.no_unknown,
+                adapt_unknown=args.adapt_unknown,
+                side=side,
+                intensity=args.intensity,
+                device=args.device,
+            ),
             f"novelty {image.name}",
         )
     else:
         maps = with_progress_bar(
-            iter_training_free_novelty(image.data, load_support(args.support), args.weights, axis=args.axis,
-                                       support_size=args.support_size, mask=mask, unknown_seed=seed,
-                                       adapt_unknown=args.adapt_unknown, side=side, device=args.device),
+            iter_training_free_novelty(
+                image.data,
+                load_support(args.support),
+                args.weights,
+                axis=args.axis,
+                support_size=args.support_size,
+                mask=mask,
+                unknown_seed=seed,
+                adapt_unknown=args.adapt_unknown,
+                side=side,
+                device=args.device,
+            ),
             f"novelty {image.name}",
         )
     write_image(out, maps.fused, image, overwrite=args.overwrite)
@@ -270,6 +359,8 @@ def _map(args: argparse.Namespace, out: Path, extra: dict[str, Path]) -> int:
     for note in maps.notes:
         print(f"note: {note}")
     novel = int(maps.novel_regions().sum())
-    print(f"{out}: novelty in [0, 1]; the automatic threshold {maps.threshold:.3f} flags {novel} voxels "
-          f"({100 * novel / max(1, int(maps.mask.sum())):.1f}% of the body), written to {region_path(out)}")
+    print(
+        f"{out}: novelty in [0, 1]; the automatic threshold {maps.threshold:.3f} flags {novel} voxels "
+        f"({100 * novel / max(1, int(maps.mask.sum())):.1f}% of the body), written to {region_path(out)}"
+    )
     return 0

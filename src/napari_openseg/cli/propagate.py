@@ -24,22 +24,57 @@ def register(subparsers) -> None:
         "propagate", help="carry objects painted on one or more slices through a volume"
     )
     parser.add_argument("--image", required=True, metavar="VOL", help="volume or 2D stack (NIfTI, TIFF, NPY)")
-    parser.add_argument("--prompt", required=True, metavar="LABELS", help="labels of the image's shape: painted slice(s), zeros elsewhere")
-    parser.add_argument("--out", required=True, metavar="OUT", help="output labels file (.nii.gz, .tif, .npy)")
+    parser.add_argument(
+        "--prompt",
+        required=True,
+        metavar="LABELS",
+        help="labels of the image's shape: painted slice(s), zeros elsewhere",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="OUT", help="output labels file (.nii.gz, .tif, .npy)"
+    )
     parser.add_argument("--axis", type=int, default=0, metavar="A", help=AXIS_HELP)
-    parser.add_argument("--bank-size", type=int, default=DEFAULT_CAPACITY, metavar="M", help="M: memory bank size per object (default %(default)s)")
-    parser.add_argument("--short-term", type=int, default=DEFAULT_SHORT_TERM, metavar="K",
-                        help="K: each front's short-term memory, its last K accepted slices (0: none; default %(default)s)")
-    parser.add_argument("--weights", metavar="NAME|PATH", help="weights name (default openseg-propagate; openseg-default means the same here; "
-                        "universeg-v1) or file path")
+    parser.add_argument(
+        "--bank-size",
+        type=int,
+        default=DEFAULT_CAPACITY,
+        metavar="M",
+        help="M: memory bank size per object (default %(default)s)",
+    )
+    parser.add_argument(
+        "--short-term",
+        type=int,
+        default=DEFAULT_SHORT_TERM,
+        metavar="K",
+        help="K: each front's short-term memory, its last K accepted slices (0: none; default %(default)s)",
+    )
+    parser.add_argument(
+        "--weights",
+        metavar="NAME|PATH",
+        help="weights name (default openseg-propagate; openseg-default means the same here; "
+        "universeg-v1) or file path",
+    )
     parser.add_argument("--json", metavar="OUT", help="also write the per-slice confidence to this JSON file")
     parser.add_argument("--label-values", type=int, nargs="+", metavar="V", help="only these painted labels")
-    parser.add_argument("--complete-slices", type=int, nargs="+", default=[], metavar="S",
-                        help="slices whose labels are complete: an object absent there stops there")
-    parser.add_argument("--stop-confidence", type=float, metavar="C",
-                        help=f"slices less confident than C count towards ending an object (default {DEFAULT_STOP_CONFIDENCE}; 0 = off)")
-    parser.add_argument("--unordered", action="store_true",
-                        help="the slices are an unordered stack of 2D images (one-prompt segmentation)")
+    parser.add_argument(
+        "--complete-slices",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="S",
+        help="slices whose labels are complete: an object absent there stops there",
+    )
+    parser.add_argument(
+        "--stop-confidence",
+        type=float,
+        metavar="C",
+        help=f"slices less confident than C count towards ending an object (default {DEFAULT_STOP_CONFIDENCE}; 0 = off)",
+    )
+    parser.add_argument(
+        "--unordered",
+        action="store_true",
+        help="the slices are an unordered stack of 2D images (one-prompt segmentation)",
+    )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the support draws")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -85,16 +120,23 @@ def run(args: argparse.Namespace) -> int:
     write_image(args.out, result.labels, image, overwrite=args.overwrite)
     summary = result.summary()
     if args.json:
-        report = {"image": str(args.image), "prompt": str(args.prompt), "out": str(args.out),
-                  "weights": propagation_weights(args.weights), **summary}
+        report = {
+            "image": str(args.image),
+            "prompt": str(args.prompt),
+            "out": str(args.out),
+            "weights": propagation_weights(args.weights),
+            **summary,
+        }
         with atomic_path(args.json, args.overwrite) as tmp:
             tmp.write_text(json.dumps(report, indent=1) + "\n")
     counts = {v: int((result.labels == v).sum()) for v in result.label_values}
     print(f"{args.out}: voxels per label {counts}")
     weakest = summary["least_confident_slice"]
     if weakest is not None:
-        print(f"mean confidence {summary['mean_confidence']:.3f}; least confident slice {weakest} "
-              f"({summary['slices'][weakest]['confidence']:.3f}): check it first")
+        print(
+            f"mean confidence {summary['mean_confidence']:.3f}; least confident slice {weakest} "
+            f"({summary['slices'][weakest]['confidence']:.3f}): check it first"
+        )
     hint = result.confidence_stop_hint("--stop-confidence")
     if hint:
         print(hint)

@@ -18,16 +18,28 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     )
 
     parser.add_argument("--weights", help="weights name (openseg-default, universeg-v1) or file path")
-    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
+    )
     parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--support-size", type=int, default=DEFAULT_SUPPORT_SIZE, help="S: entries per prediction")
-    parser.add_argument("--ensemble", type=int, default=1,
-                        help="K: predictions from K draws of S entries, combined; K times slower and it only acts "
-                             "on tasks with more than S entries: a larger S gains more for less time "
-                             "(docs/performance.md)")
-    parser.add_argument("--method", default=DEFAULT_METHOD, choices=CHOICES,
-                        help="auto (per task, the best cross-validated on the support set), network, "
-                             "pixel-classifier or stacked (filters and the network's probability)")
+    parser.add_argument(
+        "--support-size", type=int, default=DEFAULT_SUPPORT_SIZE, help="S: entries per prediction"
+    )
+    parser.add_argument(
+        "--ensemble",
+        type=int,
+        default=1,
+        help="K: predictions from K draws of S entries, combined; K times slower and it only acts "
+        "on tasks with more than S entries: a larger S gains more for less time "
+        "(docs/performance.md)",
+    )
+    parser.add_argument(
+        "--method",
+        default=DEFAULT_METHOD,
+        choices=CHOICES,
+        help="auto (per task, the best cross-validated on the support set), network, "
+        "pixel-classifier or stacked (filters and the network's probability)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the support subsets")
 
 
@@ -35,11 +47,19 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     """The options of a segmentation (``openseg segment`` and ``openseg batch segment``), read back by
     :func:`engine_options`."""
     parser.add_argument("--axis", type=int, default=0, help=AXIS_HELP)
-    parser.add_argument("--slices", metavar="A:B", help="volumes: segment only slices A to B-1 along the axis "
-                        "(either may be left out: 40:, :90); the rest stays background")
-    parser.add_argument("--extent", choices=["all", "auto"], default="all",
-                        help="volumes: 'auto' ends each label where it fades out, starting from the slices "
-                             "painted for it (default %(default)s; docs/propagation.md)")
+    parser.add_argument(
+        "--slices",
+        metavar="A:B",
+        help="volumes: segment only slices A to B-1 along the axis "
+        "(either may be left out: 40:, :90); the rest stays background",
+    )
+    parser.add_argument(
+        "--extent",
+        choices=["all", "auto"],
+        default="all",
+        help="volumes: 'auto' ends each label where it fades out, starting from the slices "
+        "painted for it (default %(default)s; docs/propagation.md)",
+    )
     parser.add_argument("--label-values", type=int, nargs="+", help="only these tasks")
     parser.add_argument("--threshold", type=float, default=0.5, help="background below this probability")
     parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
@@ -99,8 +119,10 @@ def output_paths(args: argparse.Namespace) -> list[Path]:
     paths = [result_path(folder, p, "openseg") for p in args.images]
     clashes = sorted({str(p) for p in paths if paths.count(p) > 1})
     if clashes:
-        raise OpenSegError(f"inputs with the same name would share the output {', '.join(clashes)}: "
-                           "segment them into different --out-dir folders")
+        raise OpenSegError(
+            f"inputs with the same name would share the output {', '.join(clashes)}: "
+            "segment them into different --out-dir folders"
+        )
     return paths
 
 
@@ -153,8 +175,10 @@ def segment_all(args: argparse.Namespace, support, options: dict[str, Any]) -> i
         image = read_image(image_path)
         spatial = image.data.shape[:-1] if image.rgb else image.data.shape
         n_slices = 1 if len(spatial) == 2 else spatial[args.axis]
-        print(f"{image.name}: {describe_expected_time(n_slices, tasks, args.support_size, args.ensemble, on_gpu)}",
-              file=sys.stderr)
+        print(
+            f"{image.name}: {describe_expected_time(n_slices, tasks, args.support_size, args.ensemble, on_gpu)}",
+            file=sys.stderr,
+        )
         result = with_progress_bar(
             task.iter_run(engine, image.data, rgb=image.rgb, keep_probabilities=args.probabilities),
             f"segment {image.name}",
@@ -162,8 +186,12 @@ def segment_all(args: argparse.Namespace, support, options: dict[str, Any]) -> i
         )
         write_image(out_path, result.labels, image, overwrite=args.overwrite)
         if args.probabilities:
-            write_image(probability_path(out_path), result.probabilities.astype(np.float32), image,
-                        overwrite=args.overwrite)
+            write_image(
+                probability_path(out_path),
+                result.probabilities.astype(np.float32),
+                image,
+                overwrite=args.overwrite,
+            )
         counts = {v: int((result.labels == v).sum()) for v in result.label_values}
         print(f"{out_path}: voxels per label {counts}")
         if result.extent is not None:
@@ -171,12 +199,28 @@ def segment_all(args: argparse.Namespace, support, options: dict[str, Any]) -> i
             print(f"slices kept per label (A:B, B not included): {kept}")
         for line in result.describe_estimates():
             print(f"  {line}")
-        report.append({"input": str(image_path), "output": str(out_path), "voxels": {str(v): n for v, n in counts.items()},
-                       "tasks": {str(v): e.to_dict() for v, e in result.estimates.items()}})
+        report.append(
+            {
+                "input": str(image_path),
+                "output": str(out_path),
+                "voxels": {str(v): n for v, n in counts.items()},
+                "tasks": {str(v): e.to_dict() for v, e in result.estimates.items()},
+            }
+        )
     if args.json:
         with atomic_path(args.json, args.overwrite) as tmp:
-            tmp.write_text(json.dumps({"support": str(args.support), "weights": args.weights or "default",
-                                       "method": args.method, "support_size": args.support_size,
-                                       "ensemble": args.ensemble, "outputs": report}, indent=2))
+            tmp.write_text(
+                json.dumps(
+                    {
+                        "support": str(args.support),
+                        "weights": args.weights or "default",
+                        "method": args.method,
+                        "support_size": args.support_size,
+                        "ensemble": args.ensemble,
+                        "outputs": report,
+                    },
+                    indent=2,
+                )
+            )
         print(f"wrote {args.json}")
     return 0

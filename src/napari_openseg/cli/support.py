@@ -18,9 +18,13 @@ def register(subparsers) -> None:
     build.add_argument("--axis", type=int, default=0, help=AXIS_HELP)
     build.add_argument("--label-values", type=int, nargs="+", help="only these label values (tasks)")
     build.add_argument("--slices", type=int, nargs="+", help="only these slice indices")
-    build.add_argument("--background-label", type=int, metavar="B",
-                       help="the labels are strokes: B marks background, other values structures, 0 unpainted "
-                            "pixels (neither fitted nor scored)")
+    build.add_argument(
+        "--background-label",
+        type=int,
+        metavar="B",
+        help="the labels are strokes: B marks background, other values structures, 0 unpainted "
+        "pixels (neither fitted nor scored)",
+    )
     build.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     build.set_defaults(handler=run_build)
     show = actions.add_parser("show", help="print what a support-set file holds")
@@ -36,7 +40,9 @@ def run_build(args: argparse.Namespace) -> int:
     from napari_openseg.io import check_writable, read_image
 
     if len(args.image) != len(args.labels):
-        raise OpenSegError(f"give one --labels per --image ({len(args.image)} images, {len(args.labels)} labels)")
+        raise OpenSegError(
+            f"give one --labels per --image ({len(args.image)} images, {len(args.labels)} labels)"
+        )
     check_writable(args.out, args.overwrite, inputs=[*args.image, *args.labels])
     metadata = {"axis": args.axis}
     if args.background_label is not None:

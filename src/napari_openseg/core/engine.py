@@ -123,8 +123,10 @@ class Engine:
         elif isinstance(support, (list, tuple)) and all(isinstance(e, SupportEntry) for e in support):
             support = SupportSet(list(support))
         elif not isinstance(support, SupportSet):
-            raise OpenSegError("support must be a SupportSet or the path of a support-set file, "
-                               f"got {type(support).__name__}")
+            raise OpenSegError(
+                "support must be a SupportSet or the path of a support-set file, "
+                f"got {type(support).__name__}"
+            )
         if support_size < 1 or ensemble < 1:
             raise OpenSegError(f"support size and ensemble must be >= 1, got S={support_size}, K={ensemble}")
         if not 0.0 <= threshold <= 1.0:

@@ -65,7 +65,9 @@ class EnsembleMean:
         return area_matched(mean, self.area / self.members, self.threshold)
 
 
-def combine_members(members: torch.Tensor, threshold: float = 0.5, rule: str = "area-matched") -> torch.Tensor:
+def combine_members(
+    members: torch.Tensor, threshold: float = 0.5, rule: str = "area-matched"
+) -> torch.Tensor:
     """Members stacked as ``"K ... H W"`` -> their combination ``"... H W"`` (see :class:`EnsembleMean`)."""
     ensemble = EnsembleMean(threshold, rule)
     for member in members:

@@ -189,7 +189,9 @@ class SupportSet:
             infos = meta.get("entries")
             if not isinstance(infos, list) or not all(isinstance(info, dict) for info in infos):
                 raise OpenSegError(f"{path}: its list of entries is damaged")
-            names = [f"{kind}_{i}" for i in range(len(infos)) for kind in ("image", "mask", "known", "colour")]
+            names = [
+                f"{kind}_{i}" for i in range(len(infos)) for kind in ("image", "mask", "known", "colour")
+            ]
             arrays = read_npz(path, names, MAX_SUPPORT_EXPANSION, SUPPORT_FILE)
             entries = [_entry_from_file(arrays, i, info, path) for i, info in enumerate(infos)]
             metadata = meta.get("metadata", {})
@@ -267,8 +269,13 @@ def _entry_from_file(arrays: dict[str, np.ndarray], index: int, info: dict, path
     )
 
 
-def _entry_problem(image: np.ndarray, mask: np.ndarray, label: int, known: np.ndarray | None = None,
-                   colour: np.ndarray | None = None) -> str | None:
+def _entry_problem(
+    image: np.ndarray,
+    mask: np.ndarray,
+    label: int,
+    known: np.ndarray | None = None,
+    colour: np.ndarray | None = None,
+) -> str | None:
     """What makes an entry unusable (the same rules on saving, loading and segmenting), or None."""
     image, mask = np.asarray(image), np.asarray(mask)
     if image.ndim != 2 or image.shape != mask.shape:
@@ -283,11 +290,15 @@ def _entry_problem(image: np.ndarray, mask: np.ndarray, label: int, known: np.nd
         return "has an image that holds NaN or infinite values"
     low, high = float(image.min()), float(image.max())
     if low < 0.0 or high > 1.0:
-        return (f"has image values from {low:g} to {high:g}; support images are normalised to [0, 1] "
-                "(build entries with entries_from_arrays)")
+        return (
+            f"has image values from {low:g} to {high:g}; support images are normalised to [0, 1] "
+            "(build entries with entries_from_arrays)"
+        )
     if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 1 <= int(label) < 2**63:
         return f"has label value {label!r}; task labels are positive whole numbers below 2**63"
-    if known is not None and (np.shape(known) != image.shape or np.any(np.asarray(mask) & ~np.asarray(known))):
+    if known is not None and (
+        np.shape(known) != image.shape or np.any(np.asarray(mask) & ~np.asarray(known))
+    ):
         return "has painted pixels that do not match its mask (shape, or mask pixels not painted)"
     if colour is not None and (np.shape(colour) != (*image.shape, 3) or not np.all(np.isfinite(colour))):
         return f"has colour channels of shape {np.shape(colour)} (or not finite) for an image {image.shape}"
@@ -302,8 +313,10 @@ def _check_entries(entries: Sequence[SupportEntry], labels: Iterable[int] | None
             continue
         problem = _entry_problem(entry.image, entry.mask, entry.label, entry.known, entry.colour)
         if problem:
-            raise OpenSegError(f"support entry {index} (label {entry.label}, from {entry.source}) {problem}; "
-                               "build it again from its image and labels")
+            raise OpenSegError(
+                f"support entry {index} (label {entry.label}, from {entry.source}) {problem}; "
+                "build it again from its image and labels"
+            )
 
 
 def check_labels(labels: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -346,7 +359,9 @@ def check_image(image: np.ndarray, rgb: bool | None = None) -> np.ndarray:
     if image.size == 0:
         raise OpenSegError(f"the image is empty (shape {image.shape}): it has no voxels to segment")
     if not has_finite_values(image):
-        raise OpenSegError("the image holds no finite values (all NaN or infinite): there is nothing to segment")
+        raise OpenSegError(
+            "the image holds no finite values (all NaN or infinite): there is nothing to segment"
+        )
     return image
 
 
@@ -399,8 +414,9 @@ def entries_from_arrays(
             raise OpenSegError("slice indices only apply to 3D volumes")
         bad = [i for i in slice_indices if not 0 <= int(i) < stack_img.shape[0]]
         if bad:
-            raise OpenSegError(f"slice index {bad[0]} is outside 0..{stack_img.shape[0] - 1} along "
-                               f"{axis_text(axis_used)}")
+            raise OpenSegError(
+                f"slice index {bad[0]} is outside 0..{stack_img.shape[0] - 1} along {axis_text(axis_used)}"
+            )
         indices = sorted({int(i) for i in slice_indices})
     present = set(np.unique(labels).tolist()) - {0}
     wanted = _wanted_values(present, label_values, background_label)
@@ -421,19 +437,25 @@ def entries_from_arrays(
                         slice_index=index,
                         axis=axis_used,
                         known=known,
-                        colour=None if stack_colour is None else np.ascontiguousarray(stack_colour[plane_index]),
+                        colour=None
+                        if stack_colour is None
+                        else np.ascontiguousarray(stack_colour[plane_index]),
                     )
                 )
     if not entries:
         raise OpenSegError("the chosen slices contain none of the chosen label values")
     if background_label is not None and not any(np.any(e.known & ~e.mask) for e in entries):
-        raise OpenSegError(f"no background is painted with the background label {background_label} on the chosen "
-                           "slices: paint some background with it (strokes are enough)")
+        raise OpenSegError(
+            f"no background is painted with the background label {background_label} on the chosen "
+            "slices: paint some background with it (strokes are enough)"
+        )
     log.info("built %d support entries from %s", len(entries), source)
     return entries
 
 
-def painted_across(labels: np.ndarray, axis: int, index: int, values: Iterable[int]) -> tuple[int, int, list[int]] | None:
+def painted_across(
+    labels: np.ndarray, axis: int, index: int, values: Iterable[int]
+) -> tuple[int, int, list[int]] | None:
     """Whether slice ``index`` along ``axis`` of a ``"Z H W"`` labels volume only cuts across slices
     painted along another axis (a transposed view): ``(value, other_axis, painted_slices)`` for the
     first such label value, else ``None``.
@@ -462,24 +484,35 @@ def painted_across(labels: np.ndarray, axis: int, index: int, values: Iterable[i
     return None
 
 
-def _wanted_values(present: set[int], label_values: Sequence[int] | None, background: int | None) -> list[int]:
+def _wanted_values(
+    present: set[int], label_values: Sequence[int] | None, background: int | None
+) -> list[int]:
     """The task values: ``label_values`` (or every painted value) without the background label."""
     if background is not None:
         if int(background) < 1:
-            raise OpenSegError(f"the background label must be a painted value (1 or more), got {background}; "
-                               "0 marks unpainted pixels")
+            raise OpenSegError(
+                f"the background label must be a painted value (1 or more), got {background}; "
+                "0 marks unpainted pixels"
+            )
         if int(background) not in present:
-            raise OpenSegError(f"the background label {background} is not painted; painted labels: {sorted(present)}")
+            raise OpenSegError(
+                f"the background label {background} is not painted; painted labels: {sorted(present)}"
+            )
         if label_values is not None and int(background) in {int(v) for v in label_values}:
             raise OpenSegError(f"label {background} is the background label, not a task")
         present = present - {int(background)}
     if not present:
-        raise OpenSegError("the labels contain no foreground (all zero): paint at least one slice"
-                           if background is None else "only the background is painted: paint a structure too")
+        raise OpenSegError(
+            "the labels contain no foreground (all zero): paint at least one slice"
+            if background is None
+            else "only the background is painted: paint a structure too"
+        )
     wanted = sorted(present) if label_values is None else [int(v) for v in label_values]
     missing = [v for v in wanted if v not in present]
     if missing:
-        raise OpenSegError(f"label value {missing[0]} does not occur in the labels; present: {sorted(present)}")
+        raise OpenSegError(
+            f"label value {missing[0]} does not occur in the labels; present: {sorted(present)}"
+        )
     return wanted
 
 
@@ -497,10 +530,12 @@ def coverage_warning(entries: Sequence[SupportEntry], share: float = SPARSE_COVE
     if not sparse:
         return None
     which = ", ".join(f"label {v} on {n} slice{'s' if n != 1 else ''}" for v, n in sorted(sparse.items()))
-    return (f"{which}: the mask covers under {share:.0%} of its bounding box. If these are strokes, every "
-            "unpainted pixel counts as background: paint some background with a label of its own and choose "
-            "it as the background label (unpainted pixels then count as unknown), or fill the structures. "
-            "Thin structures such as vessels can look like this and need nothing.")
+    return (
+        f"{which}: the mask covers under {share:.0%} of its bounding box. If these are strokes, every "
+        "unpainted pixel counts as background: paint some background with a label of its own and choose "
+        "it as the background label (unpainted pixels then count as unknown), or fill the structures. "
+        "Thin structures such as vessels can look like this and need nothing."
+    )
 
 
 def build_support_set(image: np.ndarray, labels: np.ndarray, **kwargs) -> SupportSet:
@@ -524,4 +559,6 @@ def load_support(support: SupportSet | str | Path) -> SupportSet:
         return support
     if isinstance(support, (str, Path)):
         return SupportSet.load(support)
-    raise OpenSegError(f"support must be a SupportSet or the path of a support-set file, got {type(support).__name__}")
+    raise OpenSegError(
+        f"support must be a SupportSet or the path of a support-set file, got {type(support).__name__}"
+    )

@@ -150,14 +150,122 @@ def read_case(folder: EvalFolder, name: str) -> Case:
 #: MSD Task04 subjects the bundled weights were trained on (train split) or chosen on (val split):
 #: the split of the full 130-subject folder (``training.splits.hippocampus_splits``), kept here because
 #: a folder with other subjects splits differently (tests check it against that folder).
-BUNDLED_WEIGHTS_CASES = frozenset(f"hippocampus_{i:03d}" for i in (
-    1, 3, 4, 7, 8, 11, 14, 15, 17, 19, 20, 23, 24, 25, 26, 33, 34, 36, 37, 39, 42, 44, 45, 46, 48,
-    50, 51, 52, 53, 57, 58, 60, 64, 65, 67, 68, 70, 74, 75, 77, 83, 84, 87, 89, 90, 91, 92, 93, 94,
-    95, 96, 97, 98, 99, 101, 102, 104, 107, 108, 109, 114, 123, 124, 125, 126, 127, 130, 132, 133,
-    135, 136, 138, 141, 142, 143, 144, 145, 146, 148, 149, 150, 152, 154, 158, 160, 161, 162, 164,
-    165, 166, 169, 170, 171, 172, 173, 175, 177, 178, 180, 181, 184, 185, 189, 190, 193, 194, 195,
-    197, 199, 204, 207
-))
+BUNDLED_WEIGHTS_CASES = frozenset(
+    f"hippocampus_{i:03d}"
+    for i in (
+        1,
+        3,
+        4,
+        7,
+        8,
+        11,
+        14,
+        15,
+        17,
+        19,
+        20,
+        23,
+        24,
+        25,
+        26,
+        33,
+        34,
+        36,
+        37,
+        39,
+        42,
+        44,
+        45,
+        46,
+        48,
+        50,
+        51,
+        52,
+        53,
+        57,
+        58,
+        60,
+        64,
+        65,
+        67,
+        68,
+        70,
+        74,
+        75,
+        77,
+        83,
+        84,
+        87,
+        89,
+        90,
+        91,
+        92,
+        93,
+        94,
+        95,
+        96,
+        97,
+        98,
+        99,
+        101,
+        102,
+        104,
+        107,
+        108,
+        109,
+        114,
+        123,
+        124,
+        125,
+        126,
+        127,
+        130,
+        132,
+        133,
+        135,
+        136,
+        138,
+        141,
+        142,
+        143,
+        144,
+        145,
+        146,
+        148,
+        149,
+        150,
+        152,
+        154,
+        158,
+        160,
+        161,
+        162,
+        164,
+        165,
+        166,
+        169,
+        170,
+        171,
+        172,
+        173,
+        175,
+        177,
+        178,
+        180,
+        181,
+        184,
+        185,
+        189,
+        190,
+        193,
+        194,
+        195,
+        197,
+        199,
+        204,
+        207,
+    )
+)
 
 
 def split_cases(names: list[str], support_split: str = "val") -> tuple[list[str], list[str]]:
@@ -230,7 +338,9 @@ def build_tasks(
         normalized = normalize_intensity(case.image)
         values = _values(case.labels, wanted)
         for axis in axes if values else []:
-            entries = entries_from_arrays(case.image, case.labels, axis=axis, source=case.name, label_values=values)
+            entries = entries_from_arrays(
+                case.image, case.labels, axis=axis, source=case.name, label_values=values
+            )
             for value in sorted({e.label for e in entries}):
                 own = [e for e in entries if e.label == value]
                 support_idx, query_idx = single_volume_split(np.array([e.slice_index for e in own]))
@@ -244,8 +354,9 @@ def build_tasks(
             case = read_case(folder, name)
             values = _values(case.labels, wanted)
             for axis in axes if values else []:
-                for entry in entries_from_arrays(case.image, case.labels, axis=axis or 0, source=name,
-                                                 label_values=values):
+                for entry in entries_from_arrays(
+                    case.image, case.labels, axis=axis or 0, source=name, label_values=values
+                ):
                     entry.colour = case.colour  # a 2D picture's colour (None for volumes)
                     task(entry.label, axis).support.append(entry)
             yield f"read {name}", []
@@ -256,13 +367,19 @@ def build_tasks(
                 for axis in axes:
                     task(value, axis).queries.extend(_queries(case, normalized, value, axis))
             yield f"read {name}", []
-    usable = [t for _, t in sorted(tasks.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1]))
-              if t.support and t.queries]
+    usable = [
+        t
+        for _, t in sorted(tasks.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1]))
+        if t.support and t.queries
+    ]
     if not usable:
         if len(names) == 1:
             raise OpenSegError(
                 f"{folder.root}: one case, split by slices, and no label spans enough slices to keep "
-                f"support slices more than {SINGLE_VOLUME_GAP} slices away from the central queries")
+                f"support slices more than {SINGLE_VOLUME_GAP} slices away from the central queries"
+            )
         asked = f" (asked for {sorted(wanted)})" if wanted else ""
-        raise OpenSegError(f"{folder.root}: no label value{asked} occurs in both the support and the query cases")
+        raise OpenSegError(
+            f"{folder.root}: no label value{asked} occurs in both the support and the query cases"
+        )
     yield "tasks", usable

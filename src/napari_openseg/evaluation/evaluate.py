@@ -57,7 +57,12 @@ log = logging.getLogger(__name__)
 
 METHODS = ("model", "network", "pixel_classifier", "stacked", "random_init", "label_prior")
 #: Report names of the engine's methods (``None``: each task's own choice, the engine as users run it).
-ENGINE_METHODS = {"model": None, "network": "network", "pixel_classifier": "pixel-classifier", "stacked": "stacked"}
+ENGINE_METHODS = {
+    "model": None,
+    "network": "network",
+    "pixel_classifier": "pixel-classifier",
+    "stacked": "stacked",
+}
 
 
 @dataclass
@@ -84,8 +89,11 @@ class EvaluationReport:
         for method in [m for m in METHODS if m in methods]:
             means = [float(np.mean(t["dice"][method])) for t in self.tasks.values() if t["dice"].get(method)]
             out[method] = {"mean": float(np.mean(means)), "std": float(np.std(means)), "tasks": len(means)}
-            pairs = [(self.task_scores(k)[method]["estimate"], self.task_scores(k)[method]["mean"])
-                     for k in self.tasks if "estimate" in self.task_scores(k).get(method, {})]
+            pairs = [
+                (self.task_scores(k)[method]["estimate"], self.task_scores(k)[method]["mean"])
+                for k in self.tasks
+                if "estimate" in self.task_scores(k).get(method, {})
+            ]
             if pairs:
                 out[method]["estimate_error"] = float(np.mean([abs(e - m) for e, m in pairs]))
         return out
@@ -110,8 +118,10 @@ class EvaluationReport:
         tasks whose support pool was smaller than S."""
         s = self.settings
         if s.get("split") == "by slice":
-            note = ("one case in the folder: support and queries are different slices of it "
-                    "(the support split does not apply)")
+            note = (
+                "one case in the folder: support and queries are different slices of it "
+                "(the support split does not apply)"
+            )
         else:
             source = s.get("support_from", s.get("support_split", "val"))
             note = f"support from the {source} cases, queries from the test cases"
@@ -119,16 +129,22 @@ class EvaluationReport:
                 note += f" (no case fell in {s['support_split']}, so support came from {source})"
         seen = s.get("queries_in_bundled_training") or []
         if seen:
-            note += (f"\nwarning: {len(seen)} query case(s) were training or selection cases of the bundled "
-                     f"weights ({', '.join(seen[:4])}{', ...' if len(seen) > 4 else ''}): their Dice overstates")
+            note += (
+                f"\nwarning: {len(seen)} query case(s) were training or selection cases of the bundled "
+                f"weights ({', '.join(seen[:4])}{', ...' if len(seen) > 4 else ''}): their Dice overstates"
+            )
         missing = s.get("labels_without_task") or []
         if missing:
-            note += (f"\nlabel value(s) {', '.join(map(str, missing))}: no task (not in both the support "
-                     "and the query cases)")
+            note += (
+                f"\nlabel value(s) {', '.join(map(str, missing))}: no task (not in both the support "
+                "and the query cases)"
+            )
         small = [key for key, task in self.tasks.items() if task["support_pool"] <= s.get("support_size", 0)]
         if small:
-            note += (f"\n{len(small)} task(s) had at most S support entries and used their whole pool once "
-                     f"(smaller S, K = 1): {', '.join(small[:4])}{', ...' if len(small) > 4 else ''}")
+            note += (
+                f"\n{len(small)} task(s) had at most S support entries and used their whole pool once "
+                f"(smaller S, K = 1): {', '.join(small[:4])}{', ...' if len(small) > 4 else ''}"
+            )
         return note
 
     def table(self) -> str:
@@ -153,10 +169,16 @@ class EvaluationReport:
         lines = [f"{'task':<24}" + "".join(f"{m + ' meas / est':>30}" for m in methods)]
         for key in self.tasks:
             scores = self.task_scores(key)
-            cells = "".join(f"{scores[m]['mean']:>23.3f} / {scores[m]['estimate']:.2f}" if "estimate" in scores[m]
-                            else f"{scores[m]['mean']:>23.3f} /   — " for m in methods)
+            cells = "".join(
+                f"{scores[m]['mean']:>23.3f} / {scores[m]['estimate']:.2f}"
+                if "estimate" in scores[m]
+                else f"{scores[m]['mean']:>23.3f} /   — "
+                for m in methods
+            )
             lines.append(f"{key:<24}{cells}")
-        lines.append(f"{'mean |est - meas|':<24}" + "".join(f"{summary[m]['estimate_error']:>30.3f}" for m in methods))
+        lines.append(
+            f"{'mean |est - meas|':<24}" + "".join(f"{summary[m]['estimate_error']:>30.3f}" for m in methods)
+        )
         return "\n".join(lines)
 
 
@@ -169,7 +191,12 @@ def query_batches(queries: list[Query], size: int) -> list[list[Query]]:
     batches: list[list[Query]] = []
     for query in queries:
         last = batches[-1] if batches else None
-        if last and len(last) < size and last[0].case == query.case and last[0].image.shape == query.image.shape:
+        if (
+            last
+            and len(last) < size
+            and last[0].case == query.case
+            and last[0].image.shape == query.image.shape
+        ):
             last.append(query)
         else:
             batches.append([query])
@@ -184,7 +211,9 @@ def support_subsets(task: EvalTask, size: int, ensemble: int, rng: np.random.Gen
     return [[pool[i] for i in sorted(rng.choice(len(pool), size, replace=False))] for _ in range(ensemble)]
 
 
-def networks(model, methods: Sequence[str], seed: int, device: torch.device) -> tuple[dict[str, Network], int]:
+def networks(
+    model, methods: Sequence[str], seed: int, device: torch.device
+) -> tuple[dict[str, Network], int]:
     """Prepared networks (:class:`~napari_openseg.core.engine.Network`) by method name (``network``
     for the weights, which every engine method uses; ``random_init``), and the grid of ``model``."""
     from napari_openseg.model.universeg import UniverSeg
@@ -200,7 +229,12 @@ def networks(model, methods: Sequence[str], seed: int, device: torch.device) -> 
 
 
 def task_episodes(
-    task: EvalTask, support_size: int, ensemble: int, seed: int, max_queries: int | None = None, batch_size: int = 8,
+    task: EvalTask,
+    support_size: int,
+    ensemble: int,
+    seed: int,
+    max_queries: int | None = None,
+    batch_size: int = 8,
     queries_per_draw: int | None = None,
 ) -> Generator[tuple[list[Query], list[list]], None, None]:
     """``(query batch, K support subsets)`` of one task, seeded by ``(seed, label, axis)``: every method
@@ -232,8 +266,12 @@ def load_tasks(
     for stage, found in build_tasks(evaluation_folder, support_split, label_values):
         tasks = found
         yield Progress(0, 0, stage)
-    tasks = [t for t in tasks if (label_values is None or t.label in label_values)
-             and (axes is None or t.axis is None or t.axis in axes)]
+    tasks = [
+        t
+        for t in tasks
+        if (label_values is None or t.label in label_values)
+        and (axes is None or t.axis is None or t.axis in axes)
+    ]
     if not tasks:
         raise OpenSegError(f"no task left after choosing labels {label_values} and axes {axes}")
     return evaluation_folder, tasks
@@ -268,14 +306,31 @@ def iter_evaluate_tasks(
         estimate: dict[str, list[float]] = {m: [] for m in engine_methods}
         chosen: dict[str, int] = {}
         engine, drawn = None, None
-        for batch, subsets in task_episodes(task, support_size, ensemble, seed, max_queries, batch_size,
-                                            queries_per_draw):
+        for batch, subsets in task_episodes(
+            task, support_size, ensemble, seed, max_queries, batch_size, queries_per_draw
+        ):
             images = np.stack([q.image for q in batch])
             probs: dict[str, np.ndarray] = {}
             if engine_methods:
-                if subsets is not drawn:  # a new support draw: the engine is fitted to it, as a user's would be
-                    engine, drawn = _fitted_engine(task, batch, subsets, nets["network"], engine_methods,
-                                                   support_size, ensemble, seed, estimate, chosen, stacking), subsets
+                if (
+                    subsets is not drawn
+                ):  # a new support draw: the engine is fitted to it, as a user's would be
+                    engine, drawn = (
+                        _fitted_engine(
+                            task,
+                            batch,
+                            subsets,
+                            nets["network"],
+                            engine_methods,
+                            support_size,
+                            ensemble,
+                            seed,
+                            estimate,
+                            chosen,
+                            stacking,
+                        ),
+                        subsets,
+                    )
                 probs.update(_engine_methods(engine, batch, images, engine_methods))
             if "random_init" in methods:
                 probs["random_init"] = nets["random_init"].predict(images, subsets, rule=ensemble_rule)
@@ -284,22 +339,50 @@ def iter_evaluate_tasks(
                 probs["label_prior"] = np.broadcast_to(prior, images.shape)
             for name in methods:
                 dice[name].extend(dice_score(p >= 0.5, q.mask) for p, q in zip(probs[name], batch))
-            yield Progress(number, len(tasks), f"evaluating {task.name}")  # a task can take minutes: stop here
-        results[task.key] = {"label": task.label, "axis": task.axis, "support_pool": len(task.support),
-                             "queries_available": len(task.queries), "dice": dice, "estimate": estimate}
+            yield Progress(
+                number, len(tasks), f"evaluating {task.name}"
+            )  # a task can take minutes: stop here
+        results[task.key] = {
+            "label": task.label,
+            "axis": task.axis,
+            "support_pool": len(task.support),
+            "queries_available": len(task.queries),
+            "dice": dice,
+            "estimate": estimate,
+        }
         if chosen:
             results[task.key]["model_methods"] = chosen
         yield Progress(number + 1, len(tasks), f"evaluated {task.name}")
     return results
 
 
-def _fitted_engine(task: EvalTask, batch: list[Query], subsets: list[list], network: Network, methods: list[str],
-                   support_size: int, ensemble: int, seed: int, estimate: dict, chosen: dict, stacking: dict) -> Engine:
+def _fitted_engine(
+    task: EvalTask,
+    batch: list[Query],
+    subsets: list[list],
+    network: Network,
+    methods: list[str],
+    support_size: int,
+    ensemble: int,
+    seed: int,
+    estimate: dict,
+    chosen: dict,
+    stacking: dict,
+) -> Engine:
     """The engine fitted to one support draw, as users run it; its estimates and the method ``model``
     chose are added to ``estimate`` and ``chosen``."""
     entries = list({id(e): e for subset in subsets for e in subset}.values())
-    engine = Engine(entries, network, support_size=support_size, ensemble=ensemble, seed=seed, threshold=0.5,
-                    subsets={task.label: subsets}, fit_all=True, **stacking)
+    engine = Engine(
+        entries,
+        network,
+        support_size=support_size,
+        ensemble=ensemble,
+        seed=seed,
+        threshold=0.5,
+        subsets={task.label: subsets},
+        fit_all=True,
+        **stacking,
+    )
     report = engine.estimates(_colour(batch) is not None and engine.uses_colour(True))[task.label]
     for name in methods:
         method = ENGINE_METHODS[name] or report.method
@@ -313,7 +396,9 @@ def _colour(batch: list[Query]) -> np.ndarray | None:
     return np.stack([q.colour for q in batch]) if all(q.colour is not None for q in batch) else None
 
 
-def _engine_methods(engine: Engine, batch: list[Query], images: np.ndarray, methods: list[str]) -> dict[str, np.ndarray]:
+def _engine_methods(
+    engine: Engine, batch: list[Query], images: np.ndarray, methods: list[str]
+) -> dict[str, np.ndarray]:
     """Probabilities ``"b H W"`` of each report method of the engine (one task)."""
     found = engine.predict_methods(images, _colour(batch), [ENGINE_METHODS[m] for m in methods])
     return {name: found[ENGINE_METHODS[name]][:, 0] for name in methods}
@@ -358,18 +443,36 @@ def iter_evaluate(
     cases = len(found.pairs)
     query_cases = sorted({q.case for t in tasks for q in t.queries})
     settings = {
-        "folder": str(folder), "layout": found.layout, "cases": cases,
-        "split": "by slice" if cases == 1 else "by case", "support_size": support_size,
-        "ensemble": ensemble, "seed": seed, "support_split": support_split,
+        "folder": str(folder),
+        "layout": found.layout,
+        "cases": cases,
+        "split": "by slice" if cases == 1 else "by case",
+        "support_size": support_size,
+        "ensemble": ensemble,
+        "seed": seed,
+        "support_split": support_split,
         "support_from": split_roles(sorted(found.pairs), support_split)[2] if cases > 1 else None,
         "queries_in_bundled_training": sorted(set(query_cases) & BUNDLED_WEIGHTS_CASES),
         "labels_without_task": sorted(set(label_values or []) - {t.label for t in tasks}),
-        "max_queries": max_queries, "weights": weights_name(model), "grid": grid, "methods": list(methods),
+        "max_queries": max_queries,
+        "weights": weights_name(model),
+        "grid": grid,
+        "methods": list(methods),
         **stacking,
     }
     results = yield from iter_evaluate_tasks(
-        tasks, nets, grid, methods=methods, support_size=support_size, ensemble=ensemble, seed=seed,
-        max_queries=max_queries, batch_size=batch_size, device=torch_device, **stacking)
+        tasks,
+        nets,
+        grid,
+        methods=methods,
+        support_size=support_size,
+        ensemble=ensemble,
+        seed=seed,
+        max_queries=max_queries,
+        batch_size=batch_size,
+        device=torch_device,
+        **stacking,
+    )
     return EvaluationReport(settings, results)
 
 

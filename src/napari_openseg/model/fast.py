@@ -63,7 +63,9 @@ def mean_over_support(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=1)
 
 
-def encode_support(net: UniverSeg, support_images: torch.Tensor, support_labels: torch.Tensor) -> EncodedSupport:
+def encode_support(
+    net: UniverSeg, support_images: torch.Tensor, support_labels: torch.Tensor
+) -> EncodedSupport:
     """Precompute the first block's support terms: ``"B' S 1 H W"`` images and labels."""
     block = net.enc_blocks[0]
     _, w_support, _ = _split_cross(block, 1)

@@ -68,7 +68,7 @@ REGISTRY: dict[str, WeightsEntry] = {
     "openseg-propagate": WeightsEntry(
         name="openseg-propagate",
         description="napari-openseg's own phase-3 weights, propagation's default: their confidence ends "
-                    "fronts where objects end (see docs/model-card.md)",
+        "fronts where objects end (see docs/model-card.md)",
         licence="BSD-3-Clause (same as napari-openseg); see docs/model-card.md for the training data",
         filename="openseg-propagate.pt",
         bundled=True,
@@ -134,8 +134,9 @@ def download_weights(
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OpenSegError(f"cannot use {target.parent} as the weights cache ({err}); set {CACHE_ENV} "
-                           "to a folder") from err
+        raise OpenSegError(
+            f"cannot use {target.parent} as the weights cache ({err}); set {CACHE_ENV} to a folder"
+        ) from err
     partial = target.with_name(target.name + ".partial")
     try:
         with urllib.request.urlopen(source, timeout=timeout) as response, open(partial, "wb") as out:
@@ -164,7 +165,9 @@ def download_weights(
         try:  # the official file has no checksum: install it only if it loads as these weights
             network_from_file(partial)
         except OpenSegError as err:
-            raise OpenSegError(f"what {source} sent is not the {name} weights ({err}); nothing was installed") from err
+            raise OpenSegError(
+                f"what {source} sent is not the {name} weights ({err}); nothing was installed"
+            ) from err
         os.replace(partial, target)
     finally:  # refused, or interrupted while checking: no half-checked file stays in the cache
         partial.unlink(missing_ok=True)
@@ -198,10 +201,16 @@ def read_weights_file(path: str | Path) -> tuple[UniverSegConfig, dict[str, torc
             config = UniverSegConfig(**fields)
         except (TypeError, ValueError) as err:
             raise OpenSegError(f"{path}: its architecture cannot be built ({err})") from err
-        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-            raise OpenSegError(f"{path}: its state dict holds entries that are not tensors; the file is damaged")
+        if not isinstance(state_dict, dict) or not all(
+            isinstance(v, torch.Tensor) for v in state_dict.values()
+        ):
+            raise OpenSegError(
+                f"{path}: its state dict holds entries that are not tensors; the file is damaged"
+            )
         if not isinstance(info, dict):
-            raise OpenSegError(f"{path}: its info is a {type(info).__name__}, not a mapping; the file is damaged")
+            raise OpenSegError(
+                f"{path}: its info is a {type(info).__name__}, not a mapping; the file is damaged"
+            )
     elif isinstance(content, dict) and all(isinstance(v, torch.Tensor) for v in content.values()):
         try:
             config = config_from_state_dict(content)
@@ -217,7 +226,9 @@ def read_weights_file(path: str | Path) -> tuple[UniverSegConfig, dict[str, torc
 
 def _config_kwargs(config: dict, path: Path) -> dict:
     if not isinstance(config, dict):
-        raise OpenSegError(f"{path}: its architecture is a {type(config).__name__}, not a mapping; the file is damaged")
+        raise OpenSegError(
+            f"{path}: its architecture is a {type(config).__name__}, not a mapping; the file is damaged"
+        )
     allowed = {"encoder_channels", "decoder_channels", "grid_size"}
     unknown = set(config) - allowed
     if unknown:
@@ -228,10 +239,13 @@ def _config_kwargs(config: dict, path: Path) -> dict:
             fits, kind = whole(value), "a whole number"
         else:
             fits = (key == "decoder_channels" and value is None) or (
-                isinstance(value, (list, tuple)) and all(whole(v) for v in value))
+                isinstance(value, (list, tuple)) and all(whole(v) for v in value)
+            )
             kind = "a list of whole numbers"
         if not fits:
-            raise OpenSegError(f"{path}: its architecture's {key} is {value!r}, not {kind}; the file is damaged")
+            raise OpenSegError(
+                f"{path}: its architecture's {key} is {value!r}, not {kind}; the file is damaged"
+            )
     return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
 
 
@@ -243,7 +257,9 @@ def _check_bounds(config: UniverSegConfig, path: Path) -> None:
             f"channels; weights files hold at most {MAX_LEVELS} levels of {MAX_CHANNELS}: the file is damaged"
         )
     if config.grid_size > MAX_GRID:
-        raise OpenSegError(f"{path}: its grid size {config.grid_size} is above {MAX_GRID}; the file is damaged")
+        raise OpenSegError(
+            f"{path}: its grid size {config.grid_size} is above {MAX_GRID}; the file is damaged"
+        )
 
 
 def expected_shapes(config: UniverSegConfig) -> dict[str, torch.Size]:
@@ -272,8 +288,10 @@ def save_weights(net: UniverSeg, path: str | Path, info: dict | None = None, hal
     """Write ``net`` as a napari-openseg weights file (optionally stored in float16)."""
     from napari_openseg.io import atomic_path
 
-    state = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
-             for k, v in net.state_dict().items()}
+    state = {
+        k: (v.half() if half and v.is_floating_point() else v).detach().cpu().contiguous()
+        for k, v in net.state_dict().items()
+    }
     payload = {
         "format": WEIGHTS_FORMAT,
         "version": 1,

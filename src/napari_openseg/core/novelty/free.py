@@ -61,8 +61,16 @@ def slice_key(entry) -> tuple:
 class InContextEmbedder:
     """Embeds slices with the in-context network, one fixed support subset per known task."""
 
-    def __init__(self, support: SupportSet, model=None, *, support_size: int = DEFAULT_SUPPORT_SIZE, seed: int = 0,
-                 device: str | torch.device = "auto", batch_size: int | None = None):
+    def __init__(
+        self,
+        support: SupportSet,
+        model=None,
+        *,
+        support_size: int = DEFAULT_SUPPORT_SIZE,
+        seed: int = 0,
+        device: str | torch.device = "auto",
+        batch_size: int | None = None,
+    ):
         self.tasks = support.validate()
         self.support = support
         self.network = prepare_network(model, device, "float32")
@@ -97,7 +105,9 @@ class InContextEmbedder:
         return result
 
 
-def _prototype_slices(support: SupportSet, limit: int, seed: int) -> list[tuple[tuple, np.ndarray, np.ndarray]]:
+def _prototype_slices(
+    support: SupportSet, limit: int, seed: int
+) -> list[tuple[tuple, np.ndarray, np.ndarray]]:
     """Distinct support slices ``(key, image "H W", class label map "H W")``; unmarked pixels are 0."""
     by_image: dict[tuple, list] = {}
     for entry in support.entries:
@@ -124,7 +134,9 @@ def build_bank(embedder: InContextEmbedder, prototype_slices: int = 16, seed: in
         query, _ = to_grid(torch.from_numpy(image[None]).float().to(embedder.device), embedder.grid)
         emb = embedder.embed(query, embedder.leave_out(key))[0]  # "E g g"
         for index, value in enumerate(values):
-            cls_mask = masks_to_grid(torch.from_numpy(labels[None] == value).to(embedder.device), embedder.grid)
+            cls_mask = masks_to_grid(
+                torch.from_numpy(labels[None] == value).to(embedder.device), embedder.grid
+            )
             picked = cls_mask[0, 0].bool()
             if picked.any():
                 all_emb.append(emb[:, picked].T.cpu())
@@ -143,15 +155,18 @@ def _slices(volume: np.ndarray, axis: int) -> np.ndarray:
     return np.moveaxis(volume, axis, 0)
 
 
-def seed_unknown_from(embedder: InContextEmbedder, bank: PrototypeBank, image: np.ndarray,
-                      seed_mask: np.ndarray, axis: int = 0) -> None:
+def seed_unknown_from(
+    embedder: InContextEmbedder, bank: PrototypeBank, image: np.ndarray, seed_mask: np.ndarray, axis: int = 0
+) -> None:
     """Seed ``bank``'s unknown prototype from one painted instance (``seed_mask``) in ``image``."""
     image, seed_mask = check_seed(image, seed_mask)
     stack, masks = _slices(normalize_intensity(image), axis), _slices(seed_mask, axis)
     found = []
     for index in np.flatnonzero(masks.any(axis=(1, 2))):
         query, _ = to_grid(torch.from_numpy(stack[index][None]).to(embedder.device), embedder.grid)
-        picked = masks_to_grid(torch.from_numpy(masks[index][None]).to(embedder.device), embedder.grid)[0, 0].bool()
+        picked = masks_to_grid(torch.from_numpy(masks[index][None]).to(embedder.device), embedder.grid)[
+            0, 0
+        ].bool()
         if picked.any():
             found.append(embedder.embed(query)[0][:, picked].T.cpu())
     if not found:
@@ -205,10 +220,13 @@ def iter_training_free_novelty(
     if adapt_unknown and unknown_seed is None:
         raise OpenSegError("adapting the unknown prototype needs an unknown seed: paint one unseen structure")
     if support_size < 1 or adapt_unknown < 0 or (batch_size is not None and batch_size < 1):
-        raise OpenSegError(f"support size and batch size must be >= 1 and adaptation steps >= 0, got "
-                           f"S={support_size}, batch {batch_size}, {adapt_unknown} steps")
-    embedder = InContextEmbedder(support, model, support_size=support_size, seed=seed, device=device,
-                                 batch_size=batch_size)
+        raise OpenSegError(
+            f"support size and batch size must be >= 1 and adaptation steps >= 0, got "
+            f"S={support_size}, batch {batch_size}, {adapt_unknown} steps"
+        )
+    embedder = InContextEmbedder(
+        support, model, support_size=support_size, seed=seed, device=device, batch_size=batch_size
+    )
     bank = build_bank(embedder, prototype_slices, seed)
     if unknown_seed is not None:
         seed_unknown_from(embedder, bank, unknown_seed[0], unknown_seed[1], axis)
@@ -227,14 +245,18 @@ def iter_training_free_novelty(
         # The bank built here replaces prototypes by their means (momentum 0); the unknown one adapts
         # with the usual moving average.
         won = bank.adapt_unknown(torch.cat(sample), steps=adapt_unknown, momentum=DEFAULT_MOMENTUM)
-        log.info("unknown prototype adapted on %d embeddings; it wins %.2f%% of them",
-                 sum(len(x) for x in sample), 100 * won)
+        log.info(
+            "unknown prototype adapted on %d embeddings; it wins %.2f%% of them",
+            sum(len(x) for x in sample),
+            100 * won,
+        )
     raw = np.zeros((4, *stack.shape), np.float32)
     nearest = np.zeros(stack.shape, np.min_scalar_type(bank.num_classes))  # class indices, not label values
     for start in range(0, n, embedder.batch_size):
         stop = min(n, start + embedder.batch_size)
-        query, mapping = to_grid(torch.from_numpy(np.ascontiguousarray(stack[start:stop])).to(embedder.device),
-                                 embedder.grid)
+        query, mapping = to_grid(
+            torch.from_numpy(np.ascontiguousarray(stack[start:stop])).to(embedder.device), embedder.grid
+        )
         emb = embedder.embed(query)  # "b E g g"
         flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
         scores = score_channels(flat, bank).reshape(emb.shape[0], *emb.shape[2:], 4).permute(0, 3, 1, 2)
@@ -246,11 +268,20 @@ def iter_training_free_novelty(
     raw = np.moveaxis(raw, 1, axis % 3 + 1)
     values = np.asarray(bank.class_values, dtype=label_dtype(max(bank.class_values)))
     segmentation = np.moveaxis(values[nearest], 0, axis)
-    return maps_from_raw(raw, mask, bank.num_classes, bank.unknown is not None, weights, segmentation,
-                         keep_raw, normalized, side, sigma)
+    return maps_from_raw(
+        raw,
+        mask,
+        bank.num_classes,
+        bank.unknown is not None,
+        weights,
+        segmentation,
+        keep_raw,
+        normalized,
+        side,
+        sigma,
+    )
 
 
 def training_free_novelty(image: np.ndarray, support: SupportSet, model=None, **kwargs) -> NoveltyMaps:
     """Run :func:`iter_training_free_novelty` to the end."""
     return run_to_end(iter_training_free_novelty(image, support, model, **kwargs))
-

@@ -97,7 +97,8 @@ def _plain(value):
 def read_model_file(path: str | Path) -> dict:
     """The raw content of a novelty model or checkpoint file, checked for its format."""
     content = load_format_file(
-        path, MODEL_FORMAT,
+        path,
+        MODEL_FORMAT,
         missing="novelty model {path} does not exist; train one with `openseg novelty train`",
         unreadable="{path} is not a loadable novelty model: only plain tensors are accepted ({detail})",
         foreign="{path} is not a napari-openseg novelty model (train one with `openseg novelty train`)",
@@ -110,8 +111,15 @@ def read_model_file(path: str | Path) -> dict:
 #: Bounds on an architecture read from a file, checked before anything is built: far above what
 #: ``openseg novelty train`` makes (width 12, embeddings 128, 64^3 patches), far below what exhausts
 #: a machine's memory (a width of 4800 asked for 22 GB before the weights were looked at).
-ARCHITECTURE_BOUNDS = {"num_classes": 1024, "feature_size": 96, "embedding_dim": 1024, "in_channels": 8,
-                       "depths": 8, "num_heads": 64, "roi_size": 256}
+ARCHITECTURE_BOUNDS = {
+    "num_classes": 1024,
+    "feature_size": 96,
+    "embedding_dim": 1024,
+    "in_channels": 8,
+    "depths": 8,
+    "num_heads": 64,
+    "roi_size": 256,
+}
 
 
 def _architecture(config) -> MedOpenSegConfig:
@@ -119,15 +127,20 @@ def _architecture(config) -> MedOpenSegConfig:
     from napari_openseg.model.medopenseg import DIVISORS, MedOpenSegConfig
 
     if not isinstance(config, dict):
-        raise OpenSegError(f"the model file's architecture is a {type(config).__name__}, not a mapping; "
-                           "the file is damaged")
+        raise OpenSegError(
+            f"the model file's architecture is a {type(config).__name__}, not a mapping; the file is damaged"
+        )
     unknown = sorted(set(config) - set(ARCHITECTURE_BOUNDS) - {"backbone"})
     if unknown:
-        raise OpenSegError(f"the model file's architecture has unknown fields {unknown}; upgrade napari-openseg")
+        raise OpenSegError(
+            f"the model file's architecture has unknown fields {unknown}; upgrade napari-openseg"
+        )
     backbone = config.get("backbone", "swinunetr")
     if backbone not in DIVISORS:
-        raise OpenSegError(f"the model file's backbone is {backbone!r}, not one of {', '.join(DIVISORS)}; "
-                           "upgrade napari-openseg or retrain the model")
+        raise OpenSegError(
+            f"the model file's backbone is {backbone!r}, not one of {', '.join(DIVISORS)}; "
+            "upgrade napari-openseg or retrain the model"
+        )
     whole = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
     for key, value in config.items():
         if key == "backbone":
@@ -136,8 +149,10 @@ def _architecture(config) -> MedOpenSegConfig:
         if not numbers or not all(whole(v) for v in numbers):
             raise OpenSegError(f"the model file's {key} is {value!r}, not whole numbers; the file is damaged")
         if max(numbers) > ARCHITECTURE_BOUNDS[key]:
-            raise OpenSegError(f"the model file's {key} is {value!r}; files hold at most "
-                               f"{ARCHITECTURE_BOUNDS[key]}: the file is damaged")
+            raise OpenSegError(
+                f"the model file's {key} is {value!r}; files hold at most "
+                f"{ARCHITECTURE_BOUNDS[key]}: the file is damaged"
+            )
     try:
         return MedOpenSegConfig(**config)
     except (TypeError, ValueError) as err:
@@ -171,7 +186,9 @@ def model_from_payload(content: dict, device: str | torch.device = "cpu") -> Nov
         raise OpenSegError(f"the model file's shrink factor is {downsample}; it must be 1 or more")
     info = content.get("info", {})
     if not isinstance(info, dict):
-        raise OpenSegError(f"the model file's info is a {type(info).__name__}, not a mapping; the file is damaged")
+        raise OpenSegError(
+            f"the model file's info is a {type(info).__name__}, not a mapping; the file is damaged"
+        )
     network = MedOpenSeg(config)
     try:
         network.load_state_dict(state_dict, strict=True)
@@ -204,7 +221,9 @@ def body_mask(image: np.ndarray, normalized: bool = False) -> np.ndarray:
     if mask.ndim == 3:
         for axis in range(3):
             plane = np.zeros((3, 3, 3), bool)
-            plane[tuple(1 if a == axis else slice(None) for a in range(3))] = ndimage.generate_binary_structure(2, 1)
+            plane[tuple(1 if a == axis else slice(None) for a in range(3))] = (
+                ndimage.generate_binary_structure(2, 1)
+            )
             mask = ndimage.binary_fill_holes(mask, structure=plane)
     return mask
 

@@ -213,8 +213,10 @@ class PrototypeBank:
         if state.get("unknown") is not None:
             unknown = _as_tensor(state["unknown"])
             if unknown.numel() != bank.dim or not torch.isfinite(unknown).all():
-                raise OpenSegError(f"the unknown prototype has {unknown.numel()} values (or non-finite ones); "
-                                   f"the bank's embeddings have {bank.dim}")
+                raise OpenSegError(
+                    f"the unknown prototype has {unknown.numel()} values (or non-finite ones); "
+                    f"the bank's embeddings have {bank.dim}"
+                )
             bank.unknown = unknown.reshape(bank.dim).clone()
             bank.unknown_source = str(state.get("unknown_source", ""))
         return bank
@@ -234,7 +236,9 @@ class PrototypeBank:
     def load(cls, path: str | Path) -> PrototypeBank:
         """Read a file written by :meth:`save` (plain tensors only)."""
         content = load_format_file(
-            path, BANK_FORMAT, missing="{path}: no such prototype-bank file",
+            path,
+            BANK_FORMAT,
+            missing="{path}: no such prototype-bank file",
             unreadable="{path} is not a readable prototype-bank file ({detail})",
             foreign="{path} is not a napari-openseg prototype-bank file",
         )

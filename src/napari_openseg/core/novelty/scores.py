@@ -90,11 +90,15 @@ def score_channels(embeddings: torch.Tensor, bank: PrototypeBank, chunk: int = S
     return out
 
 
-def class_similarities(embeddings: torch.Tensor, bank: PrototypeBank, chunk: int = SCORE_CHUNK) -> torch.Tensor:
+def class_similarities(
+    embeddings: torch.Tensor, bank: PrototypeBank, chunk: int = SCORE_CHUNK
+) -> torch.Tensor:
     """Cosine similarity ``"N K"`` of each of ``embeddings "N F"`` to each known prototype."""
     protos = bank.prototypes.to(device=embeddings.device, dtype=torch.float32)
-    parts = [F.normalize(embeddings[s : s + chunk].float(), dim=1) @ protos.T
-             for s in range(0, embeddings.shape[0], chunk)]
+    parts = [
+        F.normalize(embeddings[s : s + chunk].float(), dim=1) @ protos.T
+        for s in range(0, embeddings.shape[0], chunk)
+    ]
     return torch.cat(parts) if parts else torch.zeros(0, protos.shape[0], device=embeddings.device)
 
 
@@ -241,7 +245,9 @@ def auroc(score: np.ndarray, positive: np.ndarray, negative: np.ndarray) -> floa
     score = np.asarray(score, np.float64)
     positive, negative = np.asarray(positive, bool), np.asarray(negative, bool)
     if not (score.shape == positive.shape == negative.shape):
-        raise OpenSegError(f"score {score.shape}, positive {positive.shape} and negative {negative.shape} differ")
+        raise OpenSegError(
+            f"score {score.shape}, positive {positive.shape} and negative {negative.shape} differ"
+        )
     if (positive & negative).any():
         raise OpenSegError("a voxel cannot be both novel and known")
     if not np.isfinite(score[positive | negative]).all():  # NaN would rank above every value

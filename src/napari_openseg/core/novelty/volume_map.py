@@ -90,8 +90,9 @@ def _resize_to(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """``"C d h w"`` -> ``"C *shape"`` (trilinear), one channel at a time to bound memory."""
     if tuple(x.shape[1:]) == tuple(shape):
         return x
-    return torch.cat([F.interpolate(c[None, None], size=shape, mode="trilinear", align_corners=False)[0]
-                      for c in x])
+    return torch.cat(
+        [F.interpolate(c[None, None], size=shape, mode="trilinear", align_corners=False)[0] for c in x]
+    )
 
 
 def iter_novelty_map(
@@ -149,8 +150,10 @@ def iter_novelty_map(
     net = model.network.to(torch_device).eval()
     bank = model.bank.copy()
     if not bank.ready:
-        raise OpenSegError(f"the model's prototypes were never set for classes {bank.missing_classes()}; "
-                           "train it longer or on volumes that contain these classes")
+        raise OpenSegError(
+            f"the model's prototypes were never set for classes {bank.missing_classes()}; "
+            "train it longer or on volumes that contain these classes"
+        )
     seed_free = seed_free and use_unknown and bank.unknown is None
     use_unknown = use_unknown and (bank.unknown is not None or seed_free)
     normalized = normalize_intensity(image)
@@ -169,8 +172,10 @@ def iter_novelty_map(
 
     if adapt:
         small_mask = torch.from_numpy(labels_to_working(mask.astype(np.uint8), factor).astype(bool))
-        small_mask = F.pad(small_mask, [0, volume.shape[4] - shape[2], 0, volume.shape[3] - shape[1],
-                                        0, volume.shape[2] - shape[0]])
+        small_mask = F.pad(
+            small_mask,
+            [0, volume.shape[4] - shape[2], 0, volume.shape[3] - shape[1], 0, volume.shape[2] - shape[0]],
+        )
         sample = []
         for window in adapt_windows:
             with torch.inference_mode():

@@ -57,7 +57,11 @@ def draw_measures(probs: torch.Tensor, threshold: float = 0.5) -> dict[str, floa
 
 
 def consistency(
-    net, image: torch.Tensor, mask: torch.Tensor, reference_image: torch.Tensor, reference_mask: torch.Tensor,
+    net,
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    reference_image: torch.Tensor,
+    reference_mask: torch.Tensor,
     threshold: float = 0.5,
 ) -> float:
     """Dice with which ``(image, mask)`` (``"g g"``), as the only support, segments

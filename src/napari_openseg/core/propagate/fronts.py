@@ -90,7 +90,9 @@ class Front:
         return self.stopped and len(self.doubtful) == self.vanished
 
 
-def make_fronts(label: int, pinned: list[int], blocked: set[int], n_slices: int, steps: tuple[int, ...]) -> list[Front]:
+def make_fronts(
+    label: int, pinned: list[int], blocked: set[int], n_slices: int, steps: tuple[int, ...]
+) -> list[Front]:
     """A front per prompt slice and direction in ``steps`` (-1, +1); each slice goes to the nearer
     prompt; blocked slices end fronts."""
     fronts = []

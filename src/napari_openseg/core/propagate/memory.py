@@ -210,7 +210,9 @@ class MemoryBank:
         return i, j, float(to_new[i]), float(to_i[j])
 
     def _replace(self, index: int, entry: MemoryEntry) -> str:
-        log.debug("slice %s replaces slice %s in the bank", entry.slice_index, self.entries[index].slice_index)
+        log.debug(
+            "slice %s replaces slice %s in the bank", entry.slice_index, self.entries[index].slice_index
+        )
         self.entries[index] = self._stamp(entry)
         return "replaced"
 
@@ -232,7 +234,12 @@ class MemoryBank:
         return torch.softmax(logits.double(), dim=0).cpu().numpy()
 
     def draw(
-        self, embedding: torch.Tensor, size: int, count: int, rng: np.random.Generator, prompt_set: bool = False
+        self,
+        embedding: torch.Tensor,
+        size: int,
+        count: int,
+        rng: np.random.Generator,
+        prompt_set: bool = False,
     ) -> np.ndarray:
         """``"count size"`` entry indices: the support sets for the slice with ``embedding "D"``.
 

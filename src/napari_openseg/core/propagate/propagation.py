@@ -96,8 +96,11 @@ def _blank_slices(stack: np.ndarray) -> list[int]:
         return []
     blank = [s for s in range(stack.shape[0]) if not np.isfinite(stack[s]).any()]
     if blank:
-        log.warning("%d slice(s) hold no finite values (%s); no object is drawn on them", len(blank),
-                    ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else ""))
+        log.warning(
+            "%d slice(s) hold no finite values (%s); no object is drawn on them",
+            len(blank),
+            ", ".join(map(str, blank[:10])) + (", ..." if len(blank) > 10 else ""),
+        )
     return blank
 
 

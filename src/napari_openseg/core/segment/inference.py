@@ -44,7 +44,9 @@ class SegmentationResult:
 
     def describe_estimates(self) -> list[str]:
         """One line per task: "label 1: expected Dice 0.81 +/- 0.05 from 16 examples, method: stacked"."""
-        return [f"label {v}: {self.estimates[v].describe()}" for v in self.label_values if v in self.estimates]
+        return [
+            f"label {v}: {self.estimates[v].describe()}" for v in self.label_values if v in self.estimates
+        ]
 
     def probability(self, label: int) -> np.ndarray:
         if self.probabilities is None:
@@ -120,11 +122,33 @@ def iter_segment(
     :class:`SegmentationResult` with each task's cross-validated estimate.
     """
     _check_run(image, rgb, axis, batch_size, slices, extent)
-    engine = Engine(support, model, label_values=label_values, support_size=support_size, ensemble=ensemble,
-                    threshold=threshold, method=method, device=device, precision=precision, aspect=aspect,
-                    seed=seed, formulation=formulation, **stacking)
-    return (yield from iter_segment_with(engine, image, axis=axis, rgb=rgb, batch_size=batch_size,
-                                         keep_probabilities=keep_probabilities, slices=slices, extent=extent))
+    engine = Engine(
+        support,
+        model,
+        label_values=label_values,
+        support_size=support_size,
+        ensemble=ensemble,
+        threshold=threshold,
+        method=method,
+        device=device,
+        precision=precision,
+        aspect=aspect,
+        seed=seed,
+        formulation=formulation,
+        **stacking,
+    )
+    return (
+        yield from iter_segment_with(
+            engine,
+            image,
+            axis=axis,
+            rgb=rgb,
+            batch_size=batch_size,
+            keep_probabilities=keep_probabilities,
+            slices=slices,
+            extent=extent,
+        )
+    )
 
 
 def _check_run(
@@ -179,9 +203,17 @@ def iter_segment_with(
     out_dtype = label_dtype(max(values))
     labels_out = np.zeros((n_slices, height, width), out_dtype)
     probs_out = np.zeros((len(values), n_slices, height, width), np.float32) if keep_probabilities else None
-    log.info("segmenting %d slice(s) of %dx%d, tasks %s (%s), S=%d, K=%d on %s",
-             n_slices, height, width, values, ", ".join(e.method for e in estimates.values()), engine.support_size,
-             engine.ensemble, engine.device)
+    log.info(
+        "segmenting %d slice(s) of %dx%d, tasks %s (%s), S=%d, K=%d on %s",
+        n_slices,
+        height,
+        width,
+        values,
+        ", ".join(e.method for e in estimates.values()),
+        engine.support_size,
+        engine.ensemble,
+        engine.device,
+    )
     tracker = None
     if extent == "auto" and grey.ndim == 3:
         painted = painted_slices(engine.support, values, stack, axis % 3)
@@ -196,7 +228,9 @@ def iter_segment_with(
             probs_out[:, start:stop] = probs.transpose(1, 0, 2, 3)
         if tracker is not None:
             tracker.add(start, probs, chunk_labels)
-        yield Progress(stop - first, last - first, "segmenting", {"start": start, "stop": stop, "labels": chunk_labels})
+        yield Progress(
+            stop - first, last - first, "segmenting", {"start": start, "stop": stop, "labels": chunk_labels}
+        )
 
     if grey.ndim == 2:
         probs_final = probs_out[:, 0] if probs_out is not None else None
@@ -209,5 +243,3 @@ def iter_segment_with(
 def segment(image: np.ndarray, support: SupportSet, model=None, **kwargs) -> SegmentationResult:
     """Run :func:`iter_segment` to the end and return its result."""
     return run_to_end(iter_segment(image, support, model, **kwargs))
-
-

@@ -57,7 +57,9 @@ class TaskAugment:
 def check_pair(images: torch.Tensor, masks: torch.Tensor) -> None:
     """Raise ``ValueError`` unless ``images`` and ``masks`` are both ``"N 1 g g"`` of one shape."""
     if images.dim() != 4 or images.shape[1] != 1 or masks.shape != images.shape:
-        raise ValueError(f'images and masks must both be "N 1 g g", got {tuple(images.shape)} and {tuple(masks.shape)}')
+        raise ValueError(
+            f'images and masks must both be "N 1 g g", got {tuple(images.shape)} and {tuple(masks.shape)}'
+        )
 
 
 def _coin(gen: torch.Generator, p: float, n: int = 1) -> torch.Tensor:
@@ -92,10 +94,13 @@ def spatial(images: torch.Tensor, masks: torch.Tensor, gen: torch.Generator, cfg
     grid = grid + elastic.permute(0, 2, 3, 1)
     flip_x = _coin(gen, cfg.p_flip, n).view(n, 1, 1)
     flip_y = _coin(gen, cfg.p_flip, n).view(n, 1, 1)
-    grid = torch.stack([torch.where(flip_x, -grid[..., 0], grid[..., 0]),
-                        torch.where(flip_y, -grid[..., 1], grid[..., 1])], dim=-1)
-    warped = F.grid_sample(torch.cat([images, masks], 1), grid, mode="bilinear",
-                           padding_mode="zeros", align_corners=False)
+    grid = torch.stack(
+        [torch.where(flip_x, -grid[..., 0], grid[..., 0]), torch.where(flip_y, -grid[..., 1], grid[..., 1])],
+        dim=-1,
+    )
+    warped = F.grid_sample(
+        torch.cat([images, masks], 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     return warped[:, :1], (warped[:, 1:] > 0.5).to(masks.dtype)
 
 

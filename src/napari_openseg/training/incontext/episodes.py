@@ -151,8 +151,14 @@ def hard_dice(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def validation_episodes(
-    bank: TaskBank | None, support_size: int, per_task: int, synthetic: int, seed: int = 777,
-    synth: SynthConfig = DEFAULT_SYNTH, empty_per_task: int = 0, per_family: int | None = None,
+    bank: TaskBank | None,
+    support_size: int,
+    per_task: int,
+    synthetic: int,
+    seed: int = 777,
+    synth: SynthConfig = DEFAULT_SYNTH,
+    empty_per_task: int = 0,
+    per_family: int | None = None,
 ) -> dict[str, Episodes]:
     """Fixed, unaugmented validation episodes by family: ``per_task`` per real task and ``synthetic``
     episodes of held-out synthetic families (a seed namespace training never uses).
@@ -175,7 +181,8 @@ def validation_episodes(
             for i in range(per_family // 2 if empty_per_task and with_absent else 0):
                 task = with_absent[i % len(with_absent)]
                 out.setdefault(family + ":empty", []).append(
-                    sample_episode(bank, task, support_size, rng, empty_query=True))
+                    sample_episode(bank, task, support_size, rng, empty_query=True)
+                )
                 names.setdefault(family + ":empty", []).append(task.name)
     elif bank is not None:
         for task in bank.tasks:
@@ -184,9 +191,13 @@ def validation_episodes(
                 names.setdefault(task.family, []).append(task.name)
             for _ in range(empty_per_task if len(task.absent_ids) else 0):
                 family = task.family + ":empty"
-                out.setdefault(family, []).append(sample_episode(bank, task, support_size, rng, empty_query=True))
+                out.setdefault(family, []).append(
+                    sample_episode(bank, task, support_size, rng, empty_query=True)
+                )
                 names.setdefault(family, []).append(task.name)
     for i in range(synthetic):
-        out.setdefault("synthetic", []).append(synthetic_task((seed, VALIDATION_STEP, i), support_size + 1, synth))
+        out.setdefault("synthetic", []).append(
+            synthetic_task((seed, VALIDATION_STEP, i), support_size + 1, synth)
+        )
         names.setdefault("synthetic", []).append("synthetic")
     return {family: stack_episodes(items, names[family]) for family, items in out.items()}

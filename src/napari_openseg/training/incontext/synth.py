@@ -70,7 +70,9 @@ def _randint(gen: torch.Generator, low: int, high: int) -> int:
     return int(torch.randint(low, high + 1, (), generator=gen))
 
 
-def smooth_field(gen: torch.Generator, channels: int, resolution: int, size: int, count: int = 1) -> torch.Tensor:
+def smooth_field(
+    gen: torch.Generator, channels: int, resolution: int, size: int, count: int = 1
+) -> torch.Tensor:
     """``"count channels size size"`` smooth noise: normal noise at ``resolution`` upsampled bicubically."""
     coarse = torch.randn(count, channels, resolution, resolution, generator=gen)
     return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
@@ -140,7 +142,9 @@ def make_members(
     size = family.base_fields.shape[-1]
     n_labels = family.n_labels
     fields = family.base_fields.expand(count, -1, -1, -1)
-    fields = fields + family.member_jitter * smooth_field(gen, n_labels, family.jitter_resolution, size, count)
+    fields = fields + family.member_jitter * smooth_field(
+        gen, n_labels, family.jitter_resolution, size, count
+    )
     displacement = smooth_field(gen, 2, 5, size, count) * family.warp_pixels
     labels = _warp(fields, displacement).argmax(dim=1)
 

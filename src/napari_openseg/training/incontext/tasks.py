@@ -83,12 +83,18 @@ class TaskBank:
             self._by_family = by_family
         return self._by_family
 
-    def select(self, families: Iterable[str] | None = None, labels: Iterable[int] | None = None) -> list[SliceTask]:
+    def select(
+        self, families: Iterable[str] | None = None, labels: Iterable[int] | None = None
+    ) -> list[SliceTask]:
         fams = None if families is None else set(families)
         labs = None if labels is None else {int(v) for v in labels}
-        return [t for t in self.tasks if (fams is None or t.family in fams) and (labs is None or t.label in labs)]
+        return [
+            t for t in self.tasks if (fams is None or t.family in fams) and (labs is None or t.label in labs)
+        ]
 
-    def entries(self, task: SliceTask, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def entries(
+        self, task: SliceTask, indices: Sequence[int] | np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Images and masks ``"n 1 g g"`` (float32) of the task entries at ``indices``."""
         indices = np.asarray(indices, dtype=np.int64)
         images = self.images[torch.from_numpy(task.image_ids[indices])].float()
@@ -148,8 +154,9 @@ def build_bank(
                 nonempty = masks.flatten(1).any(dim=1).numpy()
                 if not nonempty.any():
                     continue
-                entry = collected.setdefault((spec.family, value, axis),
-                                             {k: [] for k in ("ids", "masks", "subj", "slices", "absent")})
+                entry = collected.setdefault(
+                    (spec.family, value, axis), {k: [] for k in ("ids", "masks", "subj", "slices", "absent")}
+                )
                 entry["absent"].append(count + np.flatnonzero(~has_value))
                 entry["ids"].append(count + present[nonempty])
                 entry["masks"].append(masks[torch.from_numpy(nonempty)])
@@ -159,8 +166,16 @@ def build_bank(
     if not images:
         raise OpenSegError("none of the volumes has any labelled voxel")
     tasks = [
-        SliceTask(family, value, axis, np.concatenate(e["ids"]), torch.cat(e["masks"]),
-                  np.concatenate(e["subj"]), np.concatenate(e["slices"]), np.concatenate(e["absent"]))
+        SliceTask(
+            family,
+            value,
+            axis,
+            np.concatenate(e["ids"]),
+            torch.cat(e["masks"]),
+            np.concatenate(e["subj"]),
+            np.concatenate(e["slices"]),
+            np.concatenate(e["absent"]),
+        )
         for (family, value, axis), e in sorted(collected.items())
     ]
     log.info("task bank: %d volumes, %d slices, %d tasks on a %d grid", len(volumes), count, len(tasks), grid)
@@ -190,18 +205,29 @@ def shared_volumes(data_dir: Path, split: str | None = None) -> dict[str, list[V
     colin = data_dir / "colin27_aal_mricron"
     return {
         "hippocampus": hippocampus_volumes(data_dir, hippo),
-        "brain_structures": [VolumeSpec("brain_structures", "test_scan", vm / "vol_uint8.nii.gz",
-                                        vm / "seg_freesurfer_labels.nii.gz")],
-        "mni152_gm_wm": [VolumeSpec("mni152_gm_wm", "mni152_2009a",
-                                    mni / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-                                    mni / "derived_labels_bg0_gm1_wm2.nii.gz")],
+        "brain_structures": [
+            VolumeSpec(
+                "brain_structures", "test_scan", vm / "vol_uint8.nii.gz", vm / "seg_freesurfer_labels.nii.gz"
+            )
+        ],
+        "mni152_gm_wm": [
+            VolumeSpec(
+                "mni152_gm_wm",
+                "mni152_2009a",
+                mni / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+                mni / "derived_labels_bg0_gm1_wm2.nii.gz",
+            )
+        ],
         "colin27_aal": [VolumeSpec("colin27_aal", "colin27", colin / "ch2.nii.gz", colin / "aal.nii.gz")],
-        "colin27_brodmann": [VolumeSpec("colin27_brodmann", "colin27", colin / "ch2.nii.gz",
-                                        colin / "brodmann.nii.gz")],
+        "colin27_brodmann": [
+            VolumeSpec("colin27_brodmann", "colin27", colin / "ch2.nii.gz", colin / "brodmann.nii.gz")
+        ],
     }
 
 
-def episode_indices(task: SliceTask, support_size: int, rng: np.random.Generator, min_gap: int = 3) -> np.ndarray:
+def episode_indices(
+    task: SliceTask, support_size: int, rng: np.random.Generator, min_gap: int = 3
+) -> np.ndarray:
     """Entry indices ``[query, support...]`` of one episode of ``task``.
 
     Support entries come from other subjects than the query's when the task has several subjects,
@@ -222,7 +248,11 @@ def episode_indices(task: SliceTask, support_size: int, rng: np.random.Generator
 
 
 def sample_episode(
-    bank: TaskBank, task: SliceTask, support_size: int, rng: np.random.Generator, min_gap: int = 3,
+    bank: TaskBank,
+    task: SliceTask,
+    support_size: int,
+    rng: np.random.Generator,
+    min_gap: int = 3,
     empty_query: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """A query and ``support_size`` support entries of ``task`` (see :func:`episode_indices`):

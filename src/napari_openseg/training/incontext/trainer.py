@@ -109,8 +109,10 @@ def real_banks(config: TrainConfig, data_dir: Path | None) -> tuple[TaskBank | N
     if config.episodes.real_fraction <= 0 or not (config.real_families or config.task_bank):
         return None, None
     if data_dir is None:
-        raise OpenSegError("real training tasks need ../shared/data (or $OPENSEG_SHARED_DATA); "
-                           "pass --real-fraction 0 to train on synthetic tasks only")
+        raise OpenSegError(
+            "real training tasks need ../shared/data (or $OPENSEG_SHARED_DATA); "
+            "pass --real-fraction 0 to train on synthetic tasks only"
+        )
     every = config.episodes.empty_fraction > 0  # empty queries also come from a volume's unlabelled ends
     if config.task_bank:
         from napari_openseg.training.taskbank import build_task_bank, discover, trainable_sets
@@ -123,17 +125,29 @@ def real_banks(config: TrainConfig, data_dir: Path | None) -> tuple[TaskBank | N
     unknown = set(config.real_families) - set(train_volumes)
     if unknown:
         raise OpenSegError(f"unknown real families {sorted(unknown)}; known: {sorted(train_volumes)}")
-    train = build_bank([v for f in config.real_families for v in train_volumes[f]], config.grid, all_slices=every)
-    val = (build_bank(val_volumes["hippocampus"], config.grid, all_slices=every)
-           if "hippocampus" in config.real_families else None)
+    train = build_bank(
+        [v for f in config.real_families for v in train_volumes[f]], config.grid, all_slices=every
+    )
+    val = (
+        build_bank(val_volumes["hippocampus"], config.grid, all_slices=every)
+        if "hippocampus" in config.real_families
+        else None
+    )
     return train, val
 
 
 def _validation_sets(config: TrainConfig, val_bank: TaskBank | None) -> dict[str, Episodes]:
     empty = config.val_per_task // 2 if config.episodes.empty_fraction > 0 else 0
     per_family = config.val_per_family if config.task_bank else None
-    return validation_episodes(val_bank, config.val_support, config.val_per_task, config.val_synthetic,
-                               synth=SynthConfig(size=config.grid), empty_per_task=empty, per_family=per_family)
+    return validation_episodes(
+        val_bank,
+        config.val_support,
+        config.val_per_task,
+        config.val_synthetic,
+        synth=SynthConfig(size=config.grid),
+        empty_per_task=empty,
+        per_family=per_family,
+    )
 
 
 def _new_network(config: TrainConfig, checkpoint: dict | None = None) -> UniverSeg:
@@ -159,8 +173,10 @@ def check_architecture(config: TrainConfig) -> None:
     divisor = UniverSegConfig(encoder_channels=config.widths).downsampling
     if config.grid < divisor or config.grid % divisor:
         source = f" (those of {config.init_weights})" if config.init_weights else ""
-        raise OpenSegError(f"the grid must be a multiple of {divisor} with {levels} encoder widths{source}, "
-                           f"got {config.grid}")
+        raise OpenSegError(
+            f"the grid must be a multiple of {divisor} with {levels} encoder widths{source}, "
+            f"got {config.grid}"
+        )
 
 
 class _StepBatches(torch.utils.data.Dataset):
@@ -173,7 +189,9 @@ class _StepBatches(torch.utils.data.Dataset):
         return max(0, self.end - self.first)
 
     def __getitem__(self, index: int) -> Episodes:
-        return training_batch(self.first + index, self.config.seed, self.config.episodes, self.bank, self.synth)
+        return training_batch(
+            self.first + index, self.config.seed, self.config.episodes, self.bank, self.synth
+        )
 
 
 def _step_batches(batches: _StepBatches, workers: int):
@@ -181,19 +199,31 @@ def _step_batches(batches: _StepBatches, workers: int):
     if workers <= 0:
         return (batches[i] for i in range(len(batches)))
     # batch_size=None: each item already is a whole batch; workers build the next steps ahead.
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=workers,
-                                         prefetch_factor=4, persistent_workers=False)
+    loader = torch.utils.data.DataLoader(
+        batches,
+        batch_size=None,
+        shuffle=False,
+        num_workers=workers,
+        prefetch_factor=4,
+        persistent_workers=False,
+    )
     return iter(loader)
 
 
 def _to_device(episodes: Episodes, device: torch.device) -> tuple[torch.Tensor, ...]:
     cl = torch.channels_last
-    return (episodes.query.to(device).contiguous(memory_format=cl), episodes.query_masks.to(device),
-            episodes.support_images.to(device), episodes.support_masks.to(device))
+    return (
+        episodes.query.to(device).contiguous(memory_format=cl),
+        episodes.query_masks.to(device),
+        episodes.support_images.to(device),
+        episodes.support_masks.to(device),
+    )
 
 
 @torch.no_grad()
-def validate(net: UniverSeg, sets: dict[str, Episodes], device: torch.device, batch: int = 16) -> dict[str, float]:
+def validate(
+    net: UniverSeg, sets: dict[str, Episodes], device: torch.device, batch: int = 16
+) -> dict[str, float]:
     """Mean hard Dice (threshold 0.5) per family of fixed validation episodes."""
     net.eval()
     scores = {}
@@ -212,7 +242,9 @@ def validate(net: UniverSeg, sets: dict[str, Episodes], device: torch.device, ba
 class _Run:
     """Mutable state of a run and how it is saved."""
 
-    def __init__(self, config: TrainConfig, out_dir: Path, device: torch.device, checkpoint: dict | None = None):
+    def __init__(
+        self, config: TrainConfig, out_dir: Path, device: torch.device, checkpoint: dict | None = None
+    ):
         self.config, self.out_dir, self.device = config, out_dir, device
         self.net = _new_network(config, checkpoint).to(device).to(memory_format=torch.channels_last)
         self.optimizer = torch.optim.Adam(self.net.parameters(), lr=config.lr)
@@ -225,9 +257,14 @@ class _Run:
 
     def save(self) -> None:
         payload = {
-            "format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "step": self.step,
-            "model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "torch_rng": torch.get_rng_state(), "history": self.history, "best": self.best,
+            "format": CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "step": self.step,
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "history": self.history,
+            "best": self.best,
             "unlogged_losses": self.unlogged_losses,
         }
         with atomic_path(self.out_dir / CHECKPOINT, overwrite=True) as tmp:
@@ -245,8 +282,13 @@ class _Run:
             tmp.write_text("".join(json.dumps(entry) + "\n" for entry in self.history))
 
     def info(self, **extra) -> dict:
-        return {"trained_by": "napari-openseg training.trainer", "step": self.step, "seed": self.config.seed,
-                "train_config": json.dumps(self.config.to_dict()), **extra}
+        return {
+            "trained_by": "napari-openseg training.trainer",
+            "step": self.step,
+            "seed": self.config.seed,
+            "train_config": json.dumps(self.config.to_dict()),
+            **extra,
+        }
 
     def record(self, entry: dict) -> None:
         self.history.append(entry)
@@ -257,7 +299,8 @@ class _Run:
 def read_checkpoint(out_dir: Path) -> dict:
     """The checkpoint stored in a run folder, or a message that says what to do."""
     return load_format_file(
-        Path(out_dir) / CHECKPOINT, CHECKPOINT_FORMAT,
+        Path(out_dir) / CHECKPOINT,
+        CHECKPOINT_FORMAT,
         missing="{path} does not exist: nothing to resume; start a run without --resume",
         unreadable="{path} is not a loadable training checkpoint ({detail})",
         foreign="{path} is not a napari-openseg training checkpoint",
@@ -297,13 +340,20 @@ def iter_train(
         # A resumed run keeps its stored settings; only its length and decay may change.
         checkpoint = read_checkpoint(out_dir)
         stored = TrainConfig.from_dict(checkpoint["config"])
-        config = replace(stored, steps=config.steps or stored.steps,
-                         decay_start=stored.decay_start if config.decay_start is None else config.decay_start)
+        config = replace(
+            stored,
+            steps=config.steps or stored.steps,
+            decay_start=stored.decay_start if config.decay_start is None else config.decay_start,
+        )
         if config.steps <= int(checkpoint["step"]):
-            raise OpenSegError(f"the run in {out_dir} is at step {int(checkpoint['step'])} of {config.steps} "
-                               "already; pass a larger --steps to train it on")
+            raise OpenSegError(
+                f"the run in {out_dir} is at step {int(checkpoint['step'])} of {config.steps} "
+                "already; pass a larger --steps to train it on"
+            )
     elif (out_dir / CHECKPOINT).exists():
-        raise OpenSegError(f"{out_dir} already holds a run; pass --resume to continue it or pick another folder")
+        raise OpenSegError(
+            f"{out_dir} already holds a run; pass --resume to continue it or pick another folder"
+        )
     elif config.init_weights:  # fine-tuning keeps the source's architecture
         config = replace(config, widths=network_from_file(config.init_weights).config.encoder_channels)
     check_architecture(config)
@@ -343,8 +393,12 @@ def iter_train(
             payload = {"step": run.step, "loss": losses[-1], "lr": learning_rate(config, run.step - 1)}
             if run.step % config.log_every == 0 or run.step == end:
                 elapsed = time.perf_counter() - tick
-                payload.update(loss=sum(losses) / len(losses), images_per_s=images_seen / max(elapsed, 1e-9),
-                               seconds_per_step=elapsed / timed_steps, support_size=int(images.shape[1]))
+                payload.update(
+                    loss=sum(losses) / len(losses),
+                    images_per_s=images_seen / max(elapsed, 1e-9),
+                    seconds_per_step=elapsed / timed_steps,
+                    support_size=int(images.shape[1]),
+                )
                 run.record(dict(payload, time=time.time()))
                 tick, images_seen, timed_steps = time.perf_counter(), 0, 0
                 losses.clear()
@@ -383,7 +437,9 @@ def train(config: TrainConfig, out_dir: str | Path, **kwargs) -> dict:
     return run_to_end(iter_train(config, out_dir, **kwargs))
 
 
-def validation_dice(weights: str | Path, data_dir: Path | None, config: TrainConfig | None = None) -> dict[str, float]:
+def validation_dice(
+    weights: str | Path, data_dir: Path | None, config: TrainConfig | None = None
+) -> dict[str, float]:
     """The run's validation Dice (hippocampus val split, held-out synthetic families) of a weights file."""
     config = config or TrainConfig()
     net = network_from_file(weights)

@@ -20,8 +20,10 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     from monai.losses import DiceLoss
 
     if logits.dim() != 5 or target.shape != (logits.shape[0], *logits.shape[2:]):
-        raise ValueError(f'expected logits "B K D H W" and target "B D H W", got {tuple(logits.shape)} '
-                         f"and {tuple(target.shape)}")
+        raise ValueError(
+            f'expected logits "B K D H W" and target "B D H W", got {tuple(logits.shape)} '
+            f"and {tuple(target.shape)}"
+        )
     valid = target != IGNORE
     if not valid.any():
         return logits.sum() * 0.0
@@ -44,8 +46,10 @@ def prototype_guided_loss(
     the own prototype, averaged within each class present and then over those classes.
     """
     if embeddings.dim() != 5 or prototypes.dim() != 2 or embeddings.shape[1] != prototypes.shape[1]:
-        raise ValueError(f'expected embeddings "B F D H W" and prototypes "K F", got '
-                         f"{tuple(embeddings.shape)} and {tuple(prototypes.shape)}")
+        raise ValueError(
+            f'expected embeddings "B F D H W" and prototypes "K F", got '
+            f"{tuple(embeddings.shape)} and {tuple(prototypes.shape)}"
+        )
     valid = target != IGNORE
     if not valid.any():
         zero = embeddings.sum() * 0.0

@@ -96,9 +96,14 @@ class NoveltyTrainSettings:
         from napari_openseg.model.medopenseg import MedOpenSegConfig
 
         try:  # refuse a bad architecture before any data is read
-            MedOpenSegConfig(feature_size=self.feature_size, embedding_dim=self.embedding_dim,
-                             roi_size=self.roi_size, depths=self.depths, num_heads=self.num_heads,
-                             backbone=self.backbone)
+            MedOpenSegConfig(
+                feature_size=self.feature_size,
+                embedding_dim=self.embedding_dim,
+                roi_size=self.roi_size,
+                depths=self.depths,
+                num_heads=self.num_heads,
+                backbone=self.backbone,
+            )
         except ValueError as err:
             raise OpenSegError(str(err)) from err
 
@@ -115,16 +120,22 @@ class TrainingResult:
 def _prepare(images, labels, settings: NoveltyTrainSettings) -> tuple[list[dict], list[int], list[float]]:
     """Working-resolution volumes and class maps, the class values, and the volumes' intensity signature."""
     if len(images) != len(labels) or not images:
-        raise OpenSegError(f"give one labels volume per image: got {len(images)} image(s) and {len(labels)} labels")
+        raise OpenSegError(
+            f"give one labels volume per image: got {len(images)} image(s) and {len(labels)} labels"
+        )
     if 0 in settings.ignore_values:
-        raise OpenSegError("0 is the background class and cannot be ignored: the novelty scores compare every "
-                           "voxel with a background prototype")
+        raise OpenSegError(
+            "0 is the background class and cannot be ignored: the novelty scores compare every "
+            "voxel with a background prototype"
+        )
     pairs = []
     for image, label in zip(images, labels):
         image = check_volume(image)
         label = check_labels(label, image.shape)
         pairs.append((image, label))
-    present = sorted(set().union(*(np.unique(lab).tolist() for _, lab in pairs)) - set(settings.ignore_values))
+    present = sorted(
+        set().union(*(np.unique(lab).tolist() for _, lab in pairs)) - set(settings.ignore_values)
+    )
     values = sorted(set(present) | {0})
     if len(values) < 2:
         raise OpenSegError("the labels hold no known class besides background: paint at least one structure")
@@ -149,12 +160,18 @@ def _transforms(settings: NoveltyTrainSettings, num_classes: int):
     steps = [
         T.SpatialPadd(keys="image", spatial_size=settings.roi_size, mode="constant"),
         T.SpatialPadd(keys="classes", spatial_size=settings.roi_size, mode="constant", value=IGNORE),
-        T.SpatialPadd(keys="crop_classes", spatial_size=settings.roi_size, mode="constant", value=num_classes),
+        T.SpatialPadd(
+            keys="crop_classes", spatial_size=settings.roi_size, mode="constant", value=num_classes
+        ),
         T.ClassesToIndicesd(keys="crop_classes", num_classes=num_classes + 1),
         T.RandCropByLabelClassesd(
-            keys=["image", "classes"], label_key="crop_classes", spatial_size=settings.roi_size,
-            num_classes=num_classes + 1, ratios=[1.0] * num_classes + [0.0],
-            num_samples=settings.batch_size, indices_key="crop_classes_cls_indices",
+            keys=["image", "classes"],
+            label_key="crop_classes",
+            spatial_size=settings.roi_size,
+            num_classes=num_classes + 1,
+            ratios=[1.0] * num_classes + [0.0],
+            num_samples=settings.batch_size,
+            indices_key="crop_classes_cls_indices",
             allow_smaller=False,
         ),
         T.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
@@ -210,17 +227,26 @@ def iter_train_novelty(
     if state is not None:
         model = model_from_payload(state, torch_device)
         if model.class_values != values:
-            raise OpenSegError(f"{checkpoint} was trained on classes {model.class_values}, these labels hold {values}")
+            raise OpenSegError(
+                f"{checkpoint} was trained on classes {model.class_values}, these labels hold {values}"
+            )
     else:
         torch.manual_seed(settings.seed)
-        config = MedOpenSegConfig(num_classes=k, feature_size=settings.feature_size,
-                                  embedding_dim=settings.embedding_dim, roi_size=settings.roi_size,
-                                  depths=settings.depths, num_heads=settings.num_heads,
-                                  backbone=settings.backbone)
+        config = MedOpenSegConfig(
+            num_classes=k,
+            feature_size=settings.feature_size,
+            embedding_dim=settings.embedding_dim,
+            roi_size=settings.roi_size,
+            depths=settings.depths,
+            num_heads=settings.num_heads,
+            backbone=settings.backbone,
+        )
         bank = PrototypeBank(values, settings.embedding_dim, settings.momentum)
         model = NoveltyModel(MedOpenSeg(config).to(torch_device), bank, values, settings.downsample)
     net = model.network.train()
-    optimizer = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    optimizer = torch.optim.AdamW(
+        net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay
+    )
     start, losses = 0, []
     if state is not None:
         optimizer.load_state_dict(state["training"]["optimizer"])
@@ -230,14 +256,22 @@ def iter_train_novelty(
     if settings.max_steps is not None:
         total = min(total, settings.max_steps)
     if total < start:  # the network has trained further than asked: it cannot be reported as shorter
-        raise OpenSegError(f"{checkpoint} has trained {start} steps already, more than {settings.epochs} "
-                           f"epoch(s) of {steps_per_epoch} steps or --max-steps {settings.max_steps}; pass "
-                           f"at least --epochs {math.ceil(start / steps_per_epoch)} and --max-steps {start} "
-                           "to resume it")
+        raise OpenSegError(
+            f"{checkpoint} has trained {start} steps already, more than {settings.epochs} "
+            f"epoch(s) of {steps_per_epoch} steps or --max-steps {settings.max_steps}; pass "
+            f"at least --epochs {math.ceil(start / steps_per_epoch)} and --max-steps {start} "
+            "to resume it"
+        )
     transform = _transforms(settings, k)
-    model.info = {"trained_steps": start, "settings": _settings_dict(settings), "class_values": values,
-                  "intensity_signature": signature}
-    log.info("training %d classes %s on %d volume(s): %d steps on %s", k, values, len(data), total, torch_device)
+    model.info = {
+        "trained_steps": start,
+        "settings": _settings_dict(settings),
+        "class_values": values,
+        "intensity_signature": signature,
+    }
+    log.info(
+        "training %d classes %s on %d volume(s): %d steps on %s", k, values, len(data), total, torch_device
+    )
     yield Progress(start, total, "training")
     began = time.perf_counter()
     for step in range(start, total):
@@ -246,8 +280,9 @@ def iter_train_novelty(
         valid = targets != IGNORE
         model.bank.update(embeddings.detach().permute(0, 2, 3, 4, 1)[valid], targets[valid])
         seg = dice_ce_loss(logits, targets)
-        pgr, _, _ = prototype_guided_loss(embeddings, targets, model.bank.prototypes.to(torch_device),
-                                          settings.lambda_pc)
+        pgr, _, _ = prototype_guided_loss(
+            embeddings, targets, model.bank.prototypes.to(torch_device), settings.lambda_pc
+        )
         loss = seg + settings.pgr_weight * pgr
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -258,11 +293,27 @@ def iter_train_novelty(
         epoch = math.ceil(done / steps_per_epoch)
         if checkpoint is not None and (done % steps_per_epoch == 0 or done == total):
             model.info["trained_steps"] = done
-            model.save(checkpoint, training={"optimizer": optimizer.state_dict(), "step": done,
-                                             "losses": losses, "settings": _settings_dict(settings)})
-        yield Progress(done, total, f"epoch {epoch}/{settings.epochs} loss {losses[-1]:.3f}",
-                       {"loss": losses[-1], "segmentation_loss": float(seg.detach()),
-                        "prototype_loss": float(pgr.detach()), "epoch": epoch, "step": done})
+            model.save(
+                checkpoint,
+                training={
+                    "optimizer": optimizer.state_dict(),
+                    "step": done,
+                    "losses": losses,
+                    "settings": _settings_dict(settings),
+                },
+            )
+        yield Progress(
+            done,
+            total,
+            f"epoch {epoch}/{settings.epochs} loss {losses[-1]:.3f}",
+            {
+                "loss": losses[-1],
+                "segmentation_loss": float(seg.detach()),
+                "prototype_loss": float(pgr.detach()),
+                "epoch": epoch,
+                "step": done,
+            },
+        )
     log.info("trained %d steps in %.0f s", total - start, time.perf_counter() - began)
     model.info["trained_steps"] = total
     model.network.eval()
