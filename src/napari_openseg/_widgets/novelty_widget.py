@@ -383,12 +383,8 @@ class NoveltyWidget(QWidget):
                     self.picker.device(),
                     self._side(),
                 )
-                factory = lambda: iter_novelty_map(
-                    image,
-                    model,
-                    adapt_unknown=adapt,
-                    side=side,  # noqa: E731
-                    device=device,
+                factory = lambda: iter_novelty_map(  # noqa: E731
+                    image, model, adapt_unknown=adapt, side=side, device=device
                 )
             else:
                 support = self.session.support_snapshot()
