@@ -253,10 +253,10 @@ def test_docked_widgets_share_the_viewer_session(viewer, qtbot):
 def test_a_background_label_makes_strokes_and_masks_like_strokes_get_a_warning(
     viewer, inline, qtbot, monkeypatch
 ):
-    import napari.utils.notifications as notifications
+    from napari_openseg._widgets import support_widget as module
 
     warnings: list[str] = []
-    monkeypatch.setattr(notifications, "show_warning", warnings.append)
+    monkeypatch.setattr(module, "show_warning", warnings.append)
     image, mask = disc_volume()
     strokes = np.zeros_like(mask)
     idx = np.arange(12, 20)
