@@ -158,7 +158,8 @@ def _auroc(score, positive, negative, sample) -> float:
 def score(args) -> None:
     from scipy import ndimage
 
-    from napari_openseg.core.novelty.scores import APPEARANCE_SIGMA, DEFAULT_SIDE, DEFAULT_WEIGHTS, fuse
+    from napari_openseg.core.novelty.scores import fuse
+    from napari_openseg.core.novelty.settings import APPEARANCE_SIGMA, DEFAULT_SIDE, DEFAULT_WEIGHTS
     from napari_openseg.core.preprocess import normalize_intensity
 
     chosen = lgg.cases(args.data, args.split)[: args.limit or None]

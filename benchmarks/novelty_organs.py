@@ -124,7 +124,8 @@ def run(args) -> None:
     import time
 
     from napari_openseg.core.novelty.free import training_free_novelty
-    from napari_openseg.core.novelty.scores import APPEARANCE_SIGMA, DEFAULT_WEIGHTS, auroc, maps_from_raw
+    from napari_openseg.core.novelty.scores import auroc, maps_from_raw
+    from napari_openseg.core.novelty.settings import APPEARANCE_SIGMA, DEFAULT_WEIGHTS
     from napari_openseg.core.preprocess import normalize_intensity
     from napari_openseg.core.support import build_support_set
 

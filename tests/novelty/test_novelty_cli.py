@@ -401,7 +401,7 @@ def test_user_mistakes_get_a_message(files, capsys):
     assert main([*free, "--no-unknown", "--seed-mask", str(files / "seed.nii.gz")]) == 2
     assert "--no-unknown and --seed-mask contradict" in capsys.readouterr().err
     assert main([*free, "--adapt-unknown", "-2", "--seed-mask", str(files / "seed.nii.gz")]) == 2
-    assert "--adapt-unknown is a number of steps" in capsys.readouterr().err
+    assert "adaptation steps must be >= 0" in capsys.readouterr().err
     assert main([*free[:-1], str(files / "y.png")]) == 2
     assert "not pictures" in capsys.readouterr().err
     assert not (files / "x.pt").exists() and not (files / "y.nii.gz").exists()
@@ -453,7 +453,7 @@ def test_training_free_map_refuses_a_support_size_of_0(files, tiny_weights, caps
         )
         == 2
     )
-    assert "support size and batch size must be >= 1" in capsys.readouterr().err
+    assert "support size must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "n.nii.gz").exists()
 
 

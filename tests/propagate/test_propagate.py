@@ -174,8 +174,10 @@ def test_the_stop_rule_counts_runs_of_vanished_or_doubtful_slices():
     for s, (vanished, doubtful) in zip((5, 6, 7), [(False, True), (False, False), (True, False)]):
         front.observe(s, vanished, doubtful, f"written {s}", stop_after=2)
         assert not front.stopped  # a confident slice broke the first run; the second is one long
+    assert front.failing_run == 1
     front.observe(8, False, True, "written 8", stop_after=2)
-    assert front.stopped and not front.stopped_on_confidence  # slice 7 vanished: not a confidence stop
+    assert front.stopped and front.failing_run == 2
+    assert not front.stopped_on_confidence  # slice 7 vanished: not a confidence stop
     assert front.doubtful == [(8, "written 8")]  # what iter_propagate undoes
 
     front = Front(1, [4, 3, 2])

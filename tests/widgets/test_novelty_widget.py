@@ -11,6 +11,7 @@ from napari_openseg._widgets._layers import owner_info
 from napari_openseg._widgets._session import get_session
 from napari_openseg._widgets.novelty_widget import FREE, NO_SEED, TRAINED, NoveltyWidget
 from napari_openseg.core.novelty.model import NoveltyModel
+from napari_openseg.core.novelty.settings import NoveltySettings
 from napari_openseg.core.support import build_support_set
 from napari_openseg.training.novelty.train import train_novelty
 from tests._novelty_data import sphere_volume, tiny_settings
@@ -191,6 +192,14 @@ def test_seed_unknown_then_compute_uses_it(scene, qtbot, inline, model_path):
     assert run(qtbot, widget.seed_unknown) == "seed done"
     assert widget.model.bank.unknown is not None
     assert run(qtbot, widget.compute) == "compute done" and widget.maps.used_unknown
+
+
+def test_the_settings_start_at_the_defaults_and_follow_the_controls(scene):
+    widget = scene[0]
+    assert widget.settings() == NoveltySettings()
+    widget.side.setCurrentText("unlike every class only")
+    widget.adapt.setValue(4)
+    assert widget.settings() == NoveltySettings(side=None, adapt_unknown=4)
 
 
 def test_training_free_mode_uses_the_session_support_set(scene, qtbot, inline, tiny_weights, viewer):

@@ -12,6 +12,7 @@ from napari_openseg._widgets._layers import owner_info
 from napari_openseg._widgets._session import get_session
 from napari_openseg._widgets.segment_widget import BATCH, SegmentationWidget
 from napari_openseg._widgets.support_widget import SupportSetWidget
+from napari_openseg.core.engine_settings import SegmentSettings
 from napari_openseg.core.segment import inference
 from napari_openseg.core.support import build_support_set
 from tests.widgets.conftest import disc_volume
@@ -34,6 +35,16 @@ def make_segmenter(viewer, qtbot, weights) -> SegmentationWidget:
 
 def names(viewer) -> list[str]:
     return [layer.name for layer in viewer.layers]
+
+
+def test_the_settings_start_at_the_defaults_and_follow_the_controls(viewer, qtbot):
+    widget = SegmentationWidget(viewer)
+    qtbot.addWidget(widget)
+    assert widget.settings() == SegmentSettings()
+    widget.threshold.setValue(0.7)
+    widget.method_combo.setCurrentText("network")
+    widget.extent_combo.setCurrentText("auto")
+    assert widget.settings() == SegmentSettings(threshold=0.7, method="network", extent="auto")
 
 
 def test_workflow_paint_two_slices_build_support_segment(viewer, qtbot, tiny_weights, threaded):

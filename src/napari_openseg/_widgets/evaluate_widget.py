@@ -22,6 +22,7 @@ from napari_openseg._widgets._model_picker import ModelPicker
 from napari_openseg._widgets._run import RunPanel
 from napari_openseg._widgets._session import get_session, unwrap_viewer
 from napari_openseg._widgets._threading import WorkHandle, report_error
+from napari_openseg.core.engine_settings import DEFAULT_ENSEMBLE, DEFAULT_SUPPORT_SIZE
 from napari_openseg.errors import OpenSegError
 from napari_openseg.evaluation.evaluate import EvaluationReport, iter_evaluate
 
@@ -93,10 +94,14 @@ class EvaluateWidget(QWidget):
         """The fields under Settings: S, K, the seed, the queries per task, the support split and
         the label values."""
         self.support_size = SpinBox(
-            value=16, min=1, max=256, label="Support size S", tooltip="support entries per prediction"
+            value=DEFAULT_SUPPORT_SIZE,
+            min=1,
+            max=256,
+            label="Support size S",
+            tooltip="support entries per prediction",
         )
         self.ensemble = SpinBox(
-            value=1,
+            value=DEFAULT_ENSEMBLE,
             min=1,
             max=32,
             label="Ensemble K",

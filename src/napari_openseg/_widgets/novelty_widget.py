@@ -13,6 +13,7 @@ the viewer's session choice, shown in the Model section.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,7 +49,8 @@ from napari_openseg._widgets._threading import WorkHandle, report_error
 from napari_openseg.core.axes import shape_text
 from napari_openseg.core.novelty.free import iter_training_free_novelty
 from napari_openseg.core.novelty.model import NoveltyModel
-from napari_openseg.core.novelty.scores import DEFAULT_SIDE, NoveltyMaps
+from napari_openseg.core.novelty.scores import NoveltyMaps
+from napari_openseg.core.novelty.settings import NoveltySettings
 from napari_openseg.core.novelty.volume_map import iter_novelty_map, unknown_seed_embeddings
 from napari_openseg.core.progress import Progress
 from napari_openseg.errors import OpenSegError
@@ -142,7 +144,7 @@ class NoveltyWidget(QWidget):
             "the class it sits in: FLAIR and T2 lesions are brighter than the tissue around them",
         )
         self.side.addItems(list(SIDES))
-        self.side.setCurrentIndex(list(SIDES.values()).index(DEFAULT_SIDE))
+        self.side.setCurrentIndex(list(SIDES.values()).index(NoveltySettings().side))
         self.seed_combo = form_row(
             form,
             "Unknown example",
@@ -158,6 +160,7 @@ class NoveltyWidget(QWidget):
             "volume that resemble it (no labels used); 0 = off",
         )
         self.adapt.setRange(0, 50)
+        self.adapt.setValue(NoveltySettings().adapt_unknown)
         self.extra_maps = form_row(
             form,
             "",
@@ -234,8 +237,9 @@ class NoveltyWidget(QWidget):
             )
         return source, np.asarray(data)
 
-    def _side(self) -> str | None:
-        return SIDES[self.side.currentText()]
+    def settings(self) -> NoveltySettings:
+        """The map's settings as the controls show them (the others at their defaults)."""
+        return NoveltySettings(adapt_unknown=self.adapt.value(), side=SIDES[self.side.currentText()])
 
     def _seed_layer(self):
         chosen = self.seed_combo.current()
@@ -377,14 +381,10 @@ class NoveltyWidget(QWidget):
             if self.mode.currentText() == TRAINED:
                 if self.model is None:
                     raise OpenSegError("train or load a model first, or choose 'support set (no training)'")
-                model, adapt, device, side = (
-                    self.model,
-                    self.adapt.value(),
-                    self.picker.device(),
-                    self._side(),
-                )
+                model, device = self.model, self.picker.device()
+                settings = self.settings()
                 factory = lambda: iter_novelty_map(  # noqa: E731
-                    image, model, adapt_unknown=adapt, side=side, device=device
+                    image, model, settings=settings, device=device
                 )
             else:
                 support = self.session.support_snapshot()
@@ -394,17 +394,11 @@ class NoveltyWidget(QWidget):
                 if seed is not None and not seed[1].any():
                     seed = None
                 axis = slice_axis(self.viewer, source)
-                adapt = self.adapt.value() if seed is not None else 0  # as for a model without a seed
-                side = self._side()
+                settings = self.settings()
+                if seed is None:  # nothing to adapt, as for a model without an unknown prototype
+                    settings = replace(settings, adapt_unknown=0)
                 factory = lambda: iter_training_free_novelty(  # noqa: E731
-                    image,
-                    support,
-                    weights,
-                    axis=axis,
-                    unknown_seed=seed,
-                    adapt_unknown=adapt,
-                    side=side,
-                    device=device,
+                    image, support, weights, settings=settings, axis=axis, unknown_seed=seed, device=device
                 )
         except OpenSegError as err:
             self.panel.refuse(err)

@@ -12,6 +12,8 @@ added at the end.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
@@ -42,14 +44,13 @@ from napari_openseg._widgets._run import RunPanel
 from napari_openseg._widgets._segment_job import Query, iter_segment_queries
 from napari_openseg._widgets._session import connect_widget, get_session, unwrap_viewer
 from napari_openseg._widgets._threading import WorkHandle
-from napari_openseg.core.engine import CHOICES
-from napari_openseg.core.engine_settings import DEFAULT_SUPPORT_SIZE
+from napari_openseg.core.engine_settings import CHOICES, EXTENTS, SegmentSettings
 from napari_openseg.core.segment.expected_time import (
     describe_expected_time,
     format_duration,
     seconds_per_slice,
 )
-from napari_openseg.core.segment.extent import EXTENTS, RANGE_MARGIN, painted_range
+from napari_openseg.core.segment.extent import RANGE_MARGIN, painted_range
 from napari_openseg.core.support import SupportSet
 from napari_openseg.errors import OpenSegError
 
@@ -121,12 +122,13 @@ class SegmentationWidget(QWidget):
         return self.panel.cancel_button
 
     def _settings_form(self) -> QFormLayout:
+        defaults = SegmentSettings()
         form = QFormLayout()
         self.support_size = form_row(
             form, "Support size S", QSpinBox(), "examples shown to the network per prediction"
         )
         self.support_size.setRange(1, 256)
-        self.support_size.setValue(DEFAULT_SUPPORT_SIZE)
+        self.support_size.setValue(defaults.support_size)
         self.ensemble = form_row(
             form,
             "Ensemble K",
@@ -136,6 +138,7 @@ class SegmentationWidget(QWidget):
             "time (docs/user-guide.md, Speed)",
         )
         self.ensemble.setRange(1, 32)
+        self.ensemble.setValue(defaults.ensemble)
         self.expected = QLabel()
         self.expected.setWordWrap(True)
         form.addRow("", self.expected)
@@ -144,7 +147,7 @@ class SegmentationWidget(QWidget):
         )
         self.threshold.setRange(0.0, 1.0)
         self.threshold.setSingleStep(0.05)
-        self.threshold.setValue(0.5)
+        self.threshold.setValue(defaults.threshold)
         self.method_combo = form_row(
             form,
             "Method",
@@ -153,6 +156,7 @@ class SegmentationWidget(QWidget):
             "cross-validation on the support set; or one of them",
         )
         self.method_combo.addItems(CHOICES)
+        self.method_combo.setCurrentText(defaults.method)
         self.axis_combo = form_row(form, "Slice axis", AxisCombo(), "axis of a volume to segment along")
         self._add_range_rows(form)
         self.probabilities = form_row(
@@ -169,6 +173,16 @@ class SegmentationWidget(QWidget):
     def set_weights(self, spec) -> None:
         """Choose weights by registry name or file path (for scripts and tests)."""
         self.picker.set_weights(spec)
+
+    def settings(self) -> SegmentSettings:
+        """The settings as the controls show them (the others at their defaults)."""
+        return SegmentSettings(
+            support_size=self.support_size.value(),
+            ensemble=self.ensemble.value(),
+            threshold=self.threshold.value(),
+            method=self.method_combo.currentText(),
+            extent=self.extent_combo.currentText(),
+        )
 
     def weights_spec(self) -> str:
         """The chosen weights as a name or a path, or an ``OpenSegError`` saying how to get some."""
@@ -202,6 +216,7 @@ class SegmentationWidget(QWidget):
             "starting from the slices painted for it; all: every slice in the range",
         )
         self.extent_combo.addItems(list(EXTENTS))
+        self.extent_combo.setCurrentText(SegmentSettings().extent)
 
     def reset_range(self, *_args) -> None:
         """Set the slice range to this image's painted slices plus the margin (whole volume if none)."""
@@ -309,24 +324,17 @@ class SegmentationWidget(QWidget):
             weights = self.picker.weights_spec()
             device = self.picker.device()
             on_gpu = _resolved_type(device) != "cpu"
+            settings = self.settings()
         except OpenSegError as err:
             self.panel.refuse(err)
             return None
         snapshot = self.session.support_snapshot()
-        options = {
-            "device": device,
-            "support_size": self.support_size.value(),
-            "ensemble": self.ensemble.value(),
-            "threshold": self.threshold.value(),
-            "method": self.method_combo.currentText(),
-            "keep_probabilities": self.probabilities.isChecked(),
-            "extent": self.extent_combo.currentText(),
-        }
+        options = {**asdict(settings), "device": device, "keep_probabilities": self.probabilities.isChecked()}
         expected = describe_expected_time(
             sum(query.n_slices for query in queries),
             snapshot.counts(),
-            options["support_size"],
-            options["ensemble"],
+            settings.support_size,
+            settings.ensemble,
             on_gpu=on_gpu,
         )
         self._sources = layers

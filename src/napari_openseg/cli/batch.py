@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from napari_openseg.cli.novelty import add_map_options, check_map_options, novel_side
+from napari_openseg.cli.novelty import add_map_options, check_map_options, map_options
 from napari_openseg.cli.segment import add_engine_options, engine_options
 
 
@@ -78,29 +78,14 @@ def run_novelty(args: argparse.Namespace) -> int:
     if args.seed_mask and not args.seed_image:
         raise OpenSegError("--seed-mask needs --seed-image, the volume it was painted on")
     if args.model:
-        task = NoveltyTask(
-            model=args.model,
-            options={
-                "use_unknown": not args.no_unknown,
-                "adapt_unknown": args.adapt_unknown,
-                "side": novel_side(args),
-                "intensity": args.intensity,
-                "device": args.device,
-            },
-        )
+        task = NoveltyTask(model=args.model, options=map_options(args))
     else:
         seed = (args.seed_image, args.seed_mask) if args.seed_mask else None
         task = NoveltyTask(
             support=args.support,
             weights=args.weights,
             unknown_seed=seed,
-            options={
-                "axis": args.axis,
-                "support_size": args.support_size,
-                "adapt_unknown": args.adapt_unknown,
-                "side": novel_side(args),
-                "device": args.device,
-            },
+            options={"axis": args.axis, **map_options(args)},
         )
     return run_task(task, args)
 

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from napari_openseg.cli._progress import with_progress_bar
+    from napari_openseg.cli.segment import model_settings
     from napari_openseg.core.axes import axis_text
     from napari_openseg.core.device import resolve_device
     from napari_openseg.core.metrics import dice_per_label
@@ -58,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
     result_path = out_dir / "sample_openseg.nii.gz"
     for path in (support_path, result_path):
         check_writable(path, args.overwrite)
+    settings = model_settings(args)  # a bad value is refused before the support set is built
 
     chosen = evenly_spaced_slices(labels.data, args.axis, args.labelled_slices)
     support = build_support_set(
@@ -73,13 +75,9 @@ def run(args: argparse.Namespace) -> int:
             image.data,
             support,
             args.weights,
+            settings=settings,
             axis=args.axis,
-            support_size=args.support_size,
-            ensemble=args.ensemble,
-            method=args.method,
             device=args.device,
-            precision=args.precision,
-            seed=args.seed,
             keep_probabilities=False,
         ),
         "segment sample",

@@ -6,7 +6,7 @@ import argparse
 
 
 def register(subparsers) -> None:
-    from napari_openseg.core.engine_settings import DEFAULT_SUPPORT_SIZE
+    from napari_openseg.core.engine_settings import DEFAULT_ENSEMBLE, DEFAULT_SUPPORT_SIZE
     from napari_openseg.core.pixel_classifier import CLASSIFIERS, DEFAULT_CLASSIFIER
 
     parser = subparsers.add_parser(
@@ -23,7 +23,9 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--support-size", type=int, default=DEFAULT_SUPPORT_SIZE, help="S: support entries per prediction"
     )
-    parser.add_argument("--ensemble", type=int, default=1, help="K: support subsets combined per prediction")
+    parser.add_argument(
+        "--ensemble", type=int, default=DEFAULT_ENSEMBLE, help="K: support subsets combined per prediction"
+    )
     parser.add_argument("--weights", help="weights name (openseg-default, universeg-v1) or file path")
     parser.add_argument("--seed", type=int, default=0, help="seed of the support subsets and query samples")
     parser.add_argument("--json", help="write per-task Dice (mean, std, n) for every method to this file")

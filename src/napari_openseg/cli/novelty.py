@@ -13,9 +13,18 @@ import argparse
 from pathlib import Path
 
 from napari_openseg.cli import AXIS_HELP
-from napari_openseg.core.engine_settings import DEFAULT_SUPPORT_SIZE  # torch-free
+from napari_openseg.core.novelty.settings import (  # torch-free
+    APPEARANCE_SIDES,
+    INTENSITY_MODES,
+    NoveltySettings,
+)
 
 DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
+#: ``--novel-when`` for no intensity (appearance) map: novel means unlike every known class only.
+NO_SIDE = "unlike-every-class"
+#: The settings that :func:`add_map_options` sets for a trained model's map and a training-free one.
+MODEL_MAP_OPTIONS = ("use_unknown", "adapt_unknown", "side", "intensity")
+SUPPORT_MAP_OPTIONS = ("support_size", "adapt_unknown", "side")
 
 
 def register(subparsers) -> None:
@@ -106,7 +115,9 @@ def register(subparsers) -> None:
 
 def add_map_options(parser: argparse.ArgumentParser) -> None:
     """The options of a novelty map (``openseg novelty map`` and ``openseg batch novelty``), checked
-    together by :func:`check_map_options`."""
+    together by :func:`check_map_options`; the defaults are
+    :class:`~napari_openseg.core.novelty.settings.NoveltySettings`'s."""
+    defaults = NoveltySettings()
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", help="novelty model file (from `openseg novelty train`)")
     source.add_argument(
@@ -114,25 +125,24 @@ def add_map_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--novel-when",
-        choices=["brighter", "darker", "either", "unlike-every-class"],
-        default="brighter",
-        help="which intensity departures from its own known class make a "
-        "voxel novel (default brighter, as FLAIR and T2 lesions are); unlike-every-class: "
-        "no intensity map",
+        choices=[*APPEARANCE_SIDES, NO_SIDE],
+        default=defaults.side or NO_SIDE,
+        help="which intensity departures from its own known class make a voxel novel (brighter: "
+        "as FLAIR and T2 lesions are; unlike-every-class: no intensity map; default %(default)s)",
     )
     parser.add_argument(
         "--intensity",
-        choices=["auto", "match", "as-is"],
-        default="auto",
+        choices=INTENSITY_MODES,
+        default=defaults.intensity,
         help="a trained model meeting a volume whose intensities differ from its training "
         "volumes: auto matches them when they are close enough and refuses otherwise, "
-        "match always matches, as-is uses them untouched (default auto)",
+        "match always matches, as-is uses them untouched (default %(default)s)",
     )
     parser.add_argument("--no-unknown", action="store_true", help="ignore the model's unknown prototype")
     parser.add_argument(
         "--adapt-unknown",
         type=int,
-        default=0,
+        default=defaults.adapt_unknown,
         metavar="N",
         help="adapt the unknown prototype on each volume for N steps",
     )
@@ -143,7 +153,7 @@ def add_map_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed-image", help="volume the --seed-mask was painted on (default: --image)")
     parser.add_argument("--weights", help="in-context weights for --support (name or file)")
     parser.add_argument("--axis", type=int, default=0, help=f"for --support: {AXIS_HELP}")
-    parser.add_argument("--support-size", type=int, default=DEFAULT_SUPPORT_SIZE, help="S for --support")
+    parser.add_argument("--support-size", type=int, default=defaults.support_size, help="S for --support")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
@@ -155,8 +165,7 @@ def check_map_options(args: argparse.Namespace) -> None:
         raise OpenSegError("--seed-mask is for --support; seed a trained model with `openseg novelty seed`")
     if args.seed_image and not args.seed_mask:
         raise OpenSegError("--seed-image needs --seed-mask, the unseen structure painted on it")
-    if args.adapt_unknown < 0:
-        raise OpenSegError(f"--adapt-unknown is a number of steps (0 or more), got {args.adapt_unknown}")
+    map_settings(args)  # each value checked on its own
     if args.support and args.no_unknown and args.seed_mask:
         raise OpenSegError(
             "--no-unknown and --seed-mask contradict each other: a training-free map has an "
@@ -273,7 +282,27 @@ def region_path(out: Path) -> Path:
 
 def novel_side(args: argparse.Namespace) -> str | None:
     """``--novel-when`` as the maps' ``side`` (``None``: no intensity map)."""
-    return None if args.novel_when == "unlike-every-class" else args.novel_when
+    return None if args.novel_when == NO_SIDE else args.novel_when
+
+
+def map_settings(args: argparse.Namespace) -> NoveltySettings:
+    """The :class:`~napari_openseg.core.novelty.settings.NoveltySettings` of :func:`add_map_options`'
+    options."""
+    return NoveltySettings(
+        side=novel_side(args),
+        intensity=args.intensity,
+        use_unknown=not args.no_unknown,
+        adapt_unknown=args.adapt_unknown,
+        support_size=args.support_size,
+    )
+
+
+def map_options(args: argparse.Namespace) -> dict:
+    """The keywords of the map (``--model``: a trained model's, ``--support``: a training-free one's)
+    that :func:`add_map_options` sets, with the device."""
+    settings = map_settings(args)
+    names = MODEL_MAP_OPTIONS if args.model else SUPPORT_MAP_OPTIONS
+    return {**{name: getattr(settings, name) for name in names}, "device": args.device}
 
 
 def run_map(args: argparse.Namespace) -> int:
@@ -307,7 +336,7 @@ def _map(args: argparse.Namespace, out: Path, extra: dict[str, Path]) -> int:
     from napari_openseg.errors import OpenSegError
     from napari_openseg.io import read_image, write_image
 
-    side = novel_side(args)
+    settings = map_settings(args)
     image = read_image(args.image)
     mask = check_mask(read_image(args.mask).data != 0, image.data.shape) if args.mask else None
     seed = None
@@ -322,16 +351,7 @@ def _map(args: argparse.Namespace, out: Path, extra: dict[str, Path]) -> int:
                 "`openseg novelty seed`, or leave out --adapt-unknown"
             )
         maps = with_progress_bar(
-            iter_novelty_map(
-                image.data,
-                model,
-                mask=mask,
-                use_unknown=not args.no_unknown,
-                adapt_unknown=args.adapt_unknown,
-                side=side,
-                intensity=args.intensity,
-                device=args.device,
-            ),
+            iter_novelty_map(image.data, model, settings=settings, mask=mask, device=args.device),
             f"novelty {image.name}",
         )
     else:
@@ -340,12 +360,10 @@ def _map(args: argparse.Namespace, out: Path, extra: dict[str, Path]) -> int:
                 image.data,
                 load_support(args.support),
                 args.weights,
+                settings=settings,
                 axis=args.axis,
-                support_size=args.support_size,
                 mask=mask,
                 unknown_seed=seed,
-                adapt_unknown=args.adapt_unknown,
-                side=side,
                 device=args.device,
             ),
             f"novelty {image.name}",

@@ -18,6 +18,7 @@ def register(subparsers) -> None:
         DEFAULT_CAPACITY,
         DEFAULT_SHORT_TERM,
         DEFAULT_STOP_CONFIDENCE,
+        PropagationSettings,
     )
 
     parser = subparsers.add_parser(
@@ -76,7 +77,9 @@ def register(subparsers) -> None:
         help="the slices are an unordered stack of 2D images (one-prompt segmentation)",
     )
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the support draws")
+    parser.add_argument(
+        "--seed", type=int, default=PropagationSettings().seed, help="seed of the support draws"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     parser.set_defaults(handler=run)
 

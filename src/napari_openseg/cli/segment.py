@@ -7,45 +7,53 @@ from pathlib import Path
 from typing import Any
 
 from napari_openseg.cli import AXIS_HELP
+from napari_openseg.core.engine_settings import CHOICES, EXTENTS, PRECISIONS, SegmentSettings  # torch-free
+
+#: The fields of :class:`~napari_openseg.core.engine_settings.SegmentSettings` that
+#: :func:`add_model_options` sets.
+MODEL_SETTINGS = ("support_size", "ensemble", "method", "precision", "seed")
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """Options shared by every command that runs the segmentation engine."""
-    from napari_openseg.core.engine_settings import (  # torch-free
-        CHOICES,
-        DEFAULT_METHOD,
-        DEFAULT_SUPPORT_SIZE,
-    )
-
+    """Options shared by every command that runs the segmentation engine; the defaults are
+    :class:`~napari_openseg.core.engine_settings.SegmentSettings`'s."""
+    defaults = SegmentSettings()
     parser.add_argument("--weights", help="weights name (openseg-default, universeg-v1) or file path")
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
     )
-    parser.add_argument("--precision", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--precision", default=defaults.precision, choices=PRECISIONS)
     parser.add_argument(
-        "--support-size", type=int, default=DEFAULT_SUPPORT_SIZE, help="S: entries per prediction"
+        "--support-size", type=int, default=defaults.support_size, help="S: entries per prediction"
     )
     parser.add_argument(
         "--ensemble",
         type=int,
-        default=1,
+        default=defaults.ensemble,
         help="K: predictions from K draws of S entries, combined; K times slower and it only acts "
         "on tasks with more than S entries: a larger S gains more for less time "
         "(docs/performance.md)",
     )
     parser.add_argument(
         "--method",
-        default=DEFAULT_METHOD,
+        default=defaults.method,
         choices=CHOICES,
         help="auto (per task, the best cross-validated on the support set), network, "
         "pixel-classifier or stacked (filters and the network's probability)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the support subsets")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the support subsets")
+
+
+def model_settings(args: argparse.Namespace, **more) -> SegmentSettings:
+    """The :class:`~napari_openseg.core.engine_settings.SegmentSettings` of :func:`add_model_options`'
+    options and ``more`` fields: a bad value is refused before any file is read."""
+    return SegmentSettings(**{name: getattr(args, name) for name in MODEL_SETTINGS}, **more)
 
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     """The options of a segmentation (``openseg segment`` and ``openseg batch segment``), read back by
     :func:`engine_options`."""
+    defaults = SegmentSettings()
     parser.add_argument("--axis", type=int, default=0, help=AXIS_HELP)
     parser.add_argument(
         "--slices",
@@ -55,13 +63,15 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--extent",
-        choices=["all", "auto"],
-        default="all",
+        choices=EXTENTS,
+        default=defaults.extent,
         help="volumes: 'auto' ends each label where it fades out, starting from the slices "
         "painted for it (default %(default)s; docs/propagation.md)",
     )
     parser.add_argument("--label-values", type=int, nargs="+", help="only these tasks")
-    parser.add_argument("--threshold", type=float, default=0.5, help="background below this probability")
+    parser.add_argument(
+        "--threshold", type=float, default=defaults.threshold, help="background below this probability"
+    )
     parser.add_argument("--batch-size", type=int, help="slices per forward pass (default: automatic)")
     add_model_options(parser)
 
@@ -69,7 +79,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options of a :class:`~napari_openseg.core.cohort.tasks.SegmentTask` (the keywords of
     :func:`~napari_openseg.core.segment.inference.iter_segment`) that :func:`add_engine_options` set (the
-    weights are its positional ``model``)."""
+    weights are its positional ``model``), checked as
+    :class:`~napari_openseg.core.engine_settings.SegmentSettings` before any work."""
     from napari_openseg.core.segment.extent import parse_slice_range
     from napari_openseg.errors import OpenSegError
 
@@ -77,19 +88,15 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         raise OpenSegError(f"--axis must be 0, 1 or 2 (or -1..-3), got {args.axis}")
     if args.slices is not None:
         parse_slice_range(args.slices)  # a typo is refused before any work
+    settings = model_settings(args, threshold=args.threshold, extent=args.extent)
     return {
         "axis": args.axis,
         "slices": args.slices,
-        "extent": args.extent,
         "label_values": args.label_values,
-        "support_size": args.support_size,
-        "ensemble": args.ensemble,
-        "method": args.method,
-        "threshold": args.threshold,
         "batch_size": args.batch_size,
         "device": args.device,
-        "precision": args.precision,
-        "seed": args.seed,
+        # the fields given on the command line only: the settings hash of a cohort stays as it was
+        **{name: getattr(settings, name) for name in (*MODEL_SETTINGS, "threshold", "extent")},
     }
 
 

@@ -10,6 +10,10 @@ Layout (each capability one subpackage; the shared modules beside them import no
 * shared: the engine (``engine``, ``network``, ``stacking``, ``pixel_classifier``), support sets
   (``support``), preprocessing, devices, progress records.
 
+Each capability's settings are a small frozen dataclass in a torch-free module, with the defaults
+beside it: :class:`SegmentSettings` (``engine_settings``), :class:`PropagationSettings`
+(``propagate.settings``), :class:`NoveltySettings` (``novelty.settings``).
+
 The names below are the public API; they are imported on first use, so ``import napari_openseg.core``
 stays light (no torch).
 """
@@ -24,10 +28,13 @@ _API = {
     "entries_from_arrays": "napari_openseg.core.support",
     "load_support": "napari_openseg.core.support",
     "Engine": "napari_openseg.core.engine",
+    "SegmentSettings": "napari_openseg.core.engine_settings",
     "iter_segment": "napari_openseg.core.segment.inference",
     "SegmentationResult": "napari_openseg.core.segment.inference",
+    "PropagationSettings": "napari_openseg.core.propagate.settings",
     "iter_propagate": "napari_openseg.core.propagate.propagation",
     "PropagationResult": "napari_openseg.core.propagate.result",
+    "NoveltySettings": "napari_openseg.core.novelty.settings",
     "iter_novelty_map": "napari_openseg.core.novelty.volume_map",
     "iter_training_free_novelty": "napari_openseg.core.novelty.free",
     "NoveltyModel": "napari_openseg.core.novelty.model",

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from napari_openseg.core.engine_settings import PRECISIONS, check_choice
 from napari_openseg.errors import OpenSegError
 
-PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: The torch number format of each of :data:`~napari_openseg.core.engine_settings.PRECISIONS`.
+DTYPES = {name: getattr(torch, name) for name in PRECISIONS}
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
@@ -46,11 +48,10 @@ def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     """``"float32" | "bfloat16" | "float16"`` -> dtype; float16 is refused on CPU, where it is slow
     and inexact."""
-    if precision not in PRECISIONS:
-        raise OpenSegError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    check_choice("precision", precision, PRECISIONS)
     if precision == "float16" and device.type == "cpu":
         raise OpenSegError("float16 is for GPUs; on the CPU use float32 or bfloat16")
-    return PRECISIONS[precision]
+    return DTYPES[precision]
 
 
 def available_devices() -> list[str]:

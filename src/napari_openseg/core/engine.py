@@ -23,8 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_openseg.core.network import (
+from napari_openseg.core.engine_settings import (
+    CHOICES,
+    DEFAULT_METHOD,
     DEFAULT_SUPPORT_SIZE,
+    METHODS,
+    SegmentSettings,
+)
+from napari_openseg.core.network import (
     ENCODED_SUPPORT_BUDGET,
     EnsemblePredictor,
     Network,
@@ -38,17 +44,9 @@ from napari_openseg.core.network import (
     weights_name,
 )
 from napari_openseg.core.pixel_classifier import pixel_features
-from napari_openseg.core.preprocess import Aspect, from_grid
+from napari_openseg.core.preprocess import from_grid
 from napari_openseg.core.progress import Progress, run_to_end
-from napari_openseg.core.stacking import (
-    CHOICES,
-    DEFAULT_METHOD,
-    METHODS,
-    Estimate,
-    StackingSettings,
-    TaskModel,
-    iter_fit_task,
-)
+from napari_openseg.core.stacking import Estimate, StackingSettings, TaskModel, iter_fit_task
 from napari_openseg.core.support import SupportEntry, SupportSet
 from napari_openseg.errors import OpenSegError
 
@@ -59,6 +57,7 @@ __all__ = [
     "ENCODED_SUPPORT_BUDGET",
     "METHODS",
     "Engine",
+    "SegmentSettings",
     "EnsemblePredictor",
     "Estimate",
     "Network",
@@ -87,17 +86,18 @@ class Engine:
         the default weights.
     label_values
         The tasks (default: every label of the support set).
-    support_size, ensemble, seed
-        S entries per network prediction, K subsets combined per task, and their seed.
-    method
-        ``"auto"`` (default: per task, the method with the best cross-validated Dice), ``"network"``,
-        ``"pixel-classifier"`` or ``"stacked"``.
+    settings
+        How to segment (:class:`~napari_openseg.core.engine_settings.SegmentSettings`: S, K, seed,
+        threshold, method, precision, ...; default: the defaults).
     subsets
         The network's support subsets per task (default: drawn by :func:`draw_subsets`); evaluation
         passes its own so that every method sees the same draws.
-    folds, classifier, balance, fit_all
-        Cross-validation folds, ``"boosting"`` or ``"forest"``, class balance, and fitting every
-        method (evaluation) rather than only the chosen one.
+    **options
+        Fields of :class:`~napari_openseg.core.engine_settings.SegmentSettings`, over ``settings``
+        (``support_size=8``, ``method="network"``, ...), and of
+        :class:`~napari_openseg.core.stacking.StackingSettings`: ``folds``, ``classifier``
+        (``"boosting"`` or ``"forest"``), ``balance``, ``max_entries``, and ``fit_all`` (every method
+        fitted, for evaluation, rather than only the chosen one).
     """
 
     def __init__(
@@ -106,17 +106,10 @@ class Engine:
         model=None,
         *,
         label_values: Sequence[int] | None = None,
-        support_size: int = DEFAULT_SUPPORT_SIZE,
-        ensemble: int = 1,
-        threshold: float = 0.5,
-        method: str = DEFAULT_METHOD,
+        settings: SegmentSettings | None = None,
         device: str | torch.device = "auto",
-        precision: str = "float32",
-        aspect: Aspect = "pad",
-        seed: int = 0,
-        formulation: str = "fast",
         subsets: dict[int, list[list[SupportEntry]]] | None = None,
-        **stacking,
+        **options,
     ):
         if isinstance(support, (str, Path)):
             support = SupportSet.load(support)
@@ -127,19 +120,15 @@ class Engine:
                 "support must be a SupportSet or the path of a support-set file, "
                 f"got {type(support).__name__}"
             )
-        if support_size < 1 or ensemble < 1:
-            raise OpenSegError(f"support size and ensemble must be >= 1, got S={support_size}, K={ensemble}")
-        if not 0.0 <= threshold <= 1.0:
-            raise OpenSegError(f"threshold must lie in [0, 1], got {threshold}")
-        if seed < 0:
-            raise OpenSegError(f"the seed must be 0 or more, got {seed}")
-        self.settings = StackingSettings(method=method, **stacking)
+        settings, stacking = SegmentSettings.split(settings, options)
+        self.settings: SegmentSettings = settings
+        self.stacking = StackingSettings(method=settings.method, **stacking)
         self.values = support.validate(label_values)
-        self.support, self.support_size, self.ensemble = support, support_size, ensemble
-        self.threshold, self.aspect, self.seed, self.formulation = threshold, aspect, seed, formulation
-        self.network = prepare_network(model, device, precision)
+        self.support = support
+        self.network = prepare_network(model, device, settings.precision)
         self.subsets = subsets or {
-            v: draw_subsets(support.task(v), v, support_size, ensemble, seed) for v in self.values
+            v: draw_subsets(support.task(v), v, settings.support_size, settings.ensemble, settings.seed)
+            for v in self.values
         }
         self._fitted: dict[bool, tuple[dict[int, TaskModel], EnsemblePredictor]] = {}
 
@@ -164,12 +153,12 @@ class Engine:
                 self.support.task(value),
                 value,
                 self.subsets[value],
-                self.settings,
-                support_size=self.support_size,
-                seed=self.seed,
+                self.stacking,
+                support_size=self.settings.support_size,
+                seed=self.settings.seed,
                 colour=colour,
-                threshold=self.threshold,
-                aspect=self.aspect,
+                threshold=self.settings.threshold,
+                aspect=self.settings.aspect,
             )
             while True:
                 try:
@@ -179,7 +168,10 @@ class Engine:
                     break
                 yield Progress(number * 100 + int(100 * step.fraction), 100 * len(self.values), step.stage)
         subsets = {v: model.subsets for v, model in models.items()}
-        predictor = EnsemblePredictor(self.network, subsets, self.threshold, self.aspect, self.formulation)
+        settings = self.settings
+        predictor = EnsemblePredictor(
+            self.network, subsets, settings.threshold, settings.aspect, settings.formulation
+        )
         self._fitted[colour] = (models, predictor)
         return models
 
@@ -208,7 +200,7 @@ class Engine:
         on_network = [v for v in self.values if any(models[v].needs_network(c[v]) for c in chosen.values())]
         network = {}
         if on_network:
-            query, mapping = self.network.query(slices, self.aspect)
+            query, mapping = self.network.query(slices, self.settings.aspect)
             probs = from_grid(predictor(query, on_network), mapping).clamp_(0, 1).cpu().numpy()
             network = dict(zip(on_network, probs.transpose(1, 0, 2, 3)))
         features = None

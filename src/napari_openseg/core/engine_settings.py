@@ -1,15 +1,112 @@
-"""The segmentation engine's defaults and choices, in one torch-free place.
+"""Segmentation's settings and their defaults, in one torch-free place.
 
 The command line builds its parser from these without importing torch (``openseg --help`` stays
-quick); :mod:`.network`, :mod:`.stacking` and :mod:`.engine` read them from here.
+quick); the Segment widget, :class:`~napari_openseg.core.engine.Engine`,
+:func:`~napari_openseg.core.segment.inference.iter_segment` and the modules under them
+(:mod:`.network`, :mod:`.stacking`, :mod:`.preprocess`, :mod:`.device`) read them from here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from napari_openseg.errors import OpenSegError
+
 #: S: support entries per network prediction.
 DEFAULT_SUPPORT_SIZE = 16
+#: K: predictions from K support subsets combined per task (docs/performance.md: a larger S gains
+#: more for less time).
+DEFAULT_ENSEMBLE = 1
+#: Minimum probability of the winning task for a voxel to be labelled.
+DEFAULT_THRESHOLD = 0.5
 #: How a task is segmented: the in-context network, the pixel classifier, or both stacked.
 METHODS: tuple[str, ...] = ("network", "pixel-classifier", "stacked")
 #: ``"auto"``: per task, the method with the best cross-validated Dice on the support set.
 CHOICES: tuple[str, ...] = ("auto", *METHODS)
 DEFAULT_METHOD = "auto"
+#: The network's number format (float16 only on GPUs, see :func:`~napari_openseg.core.device.resolve_precision`).
+PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
+DEFAULT_PRECISION = "float32"
+#: How a slice is fitted to the model grid: zero-padded to a square, or stretched (:mod:`.preprocess`).
+ASPECTS: tuple[str, ...] = ("pad", "stretch")
+DEFAULT_ASPECT = "pad"
+#: ``"fast"`` encodes each support subset once; ``"direct"`` is the paper's (same result, slower).
+FORMULATIONS: tuple[str, ...] = ("fast", "direct")
+DEFAULT_FORMULATION = "fast"
+#: ``"all"``: every slice (of the range); ``"auto"``: each task stops where it fades out
+#: (:mod:`~napari_openseg.core.segment.extent`).
+EXTENTS: tuple[str, ...] = ("all", "auto")
+DEFAULT_EXTENT = "all"
+
+
+def check_choice(what: str, value: Any, choices: Sequence[str]) -> None:
+    """Refuse a ``value`` that is not one of ``choices``, naming them."""
+    if value not in choices:
+        raise OpenSegError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SegmentSettings:
+    """How a support set segments an image, checked on creation.
+
+    Parameters
+    ----------
+    support_size, ensemble, seed
+        S entries per network prediction, K subsets combined per task, and their seed.
+    threshold
+        Minimum probability of the winning task for a voxel to be labelled.
+    method
+        ``"auto"`` (per task, the method with the best cross-validated Dice), ``"network"``,
+        ``"pixel-classifier"`` or ``"stacked"`` (:class:`~napari_openseg.core.engine.Engine`).
+    precision, aspect, formulation
+        The network's number format, how slices are fitted to its grid, and ``"fast"`` or
+        ``"direct"`` (the paper's formulation, one slice at a time; same result, slower).
+    extent
+        Volumes: ``"all"`` slices, or ``"auto"``: each task ends where it fades out.
+
+    Where a result is computed (device, batch size) and what it is computed of (image, support
+    set, weights, slice axis and range, tasks) are not settings; the stacking options (folds,
+    classifier, balance) are :class:`~napari_openseg.core.stacking.StackingSettings`.
+    """
+
+    support_size: int = DEFAULT_SUPPORT_SIZE
+    ensemble: int = DEFAULT_ENSEMBLE
+    threshold: float = DEFAULT_THRESHOLD
+    method: str = DEFAULT_METHOD
+    precision: str = DEFAULT_PRECISION
+    aspect: str = DEFAULT_ASPECT
+    seed: int = 0
+    formulation: str = DEFAULT_FORMULATION
+    extent: str = DEFAULT_EXTENT
+
+    def __post_init__(self) -> None:
+        if self.support_size < 1 or self.ensemble < 1:
+            raise OpenSegError(
+                f"support size and ensemble must be >= 1, got S={self.support_size}, K={self.ensemble}"
+            )
+        if not 0.0 <= self.threshold <= 1.0:
+            raise OpenSegError(f"threshold must lie in [0, 1], got {self.threshold}")
+        if self.seed < 0:
+            raise OpenSegError(f"the seed must be 0 or more, got {self.seed}")
+        check_choice("method", self.method, CHOICES)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("aspect", self.aspect, ASPECTS)
+        check_choice("formulation", self.formulation, FORMULATIONS)
+        check_choice("extent", self.extent, EXTENTS)
+
+    @classmethod
+    def split(
+        cls, settings: SegmentSettings | None, options: Mapping[str, Any]
+    ) -> tuple[SegmentSettings, dict[str, Any]]:
+        """``settings`` (``None``: the defaults) with the fields that ``options`` name replaced, and
+        the rest of ``options`` (the stacking options): the one place where keywords become settings."""
+        if settings is None:
+            settings = cls()
+        elif not isinstance(settings, cls):
+            raise OpenSegError(f"settings must be a SegmentSettings, got {type(settings).__name__}")
+        names = {f.name for f in fields(cls)}
+        given = {key: value for key, value in options.items() if key in names}
+        rest = {key: value for key, value in options.items() if key not in names}
+        return (replace(settings, **given) if given else settings), rest

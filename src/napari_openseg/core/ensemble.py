@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import torch
 
+from napari_openseg.core.engine_settings import DEFAULT_THRESHOLD
+
 #: How ensembles are combined: ``"area-matched"`` (default) or ``"mean"`` (the plain mean).
 RULES = ("area-matched", "mean")
 
 
-def area_matched(mean: torch.Tensor, area: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
+def area_matched(
+    mean: torch.Tensor, area: torch.Tensor, threshold: float = DEFAULT_THRESHOLD
+) -> torch.Tensor:
     """Remap ``mean "... H W"`` so that thresholding at ``threshold`` keeps, per image, the
     ``area "..."`` (rounded) most probable pixels; an area of 0 leaves every pixel below it."""
     flat = mean.float().flatten(-2)
@@ -37,7 +41,7 @@ class EnsembleMean:
     Only the running sum and each image's running foreground area are kept, not the members.
     """
 
-    def __init__(self, threshold: float = 0.5, rule: str = "area-matched"):
+    def __init__(self, threshold: float = DEFAULT_THRESHOLD, rule: str = "area-matched"):
         if rule not in RULES:
             raise ValueError(f"ensemble rule must be one of {', '.join(RULES)}, got {rule!r}")
         self.threshold, self.rule = float(threshold), rule
@@ -66,7 +70,7 @@ class EnsembleMean:
 
 
 def combine_members(
-    members: torch.Tensor, threshold: float = 0.5, rule: str = "area-matched"
+    members: torch.Tensor, threshold: float = DEFAULT_THRESHOLD, rule: str = "area-matched"
 ) -> torch.Tensor:
     """Members stacked as ``"K ... H W"`` -> their combination ``"... H W"`` (see :class:`EnsembleMean`)."""
     ensemble = EnsembleMean(threshold, rule)

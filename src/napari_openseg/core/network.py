@@ -22,15 +22,20 @@ import numpy as np
 import torch
 
 from napari_openseg.core.device import resolve_device, resolve_precision
-from napari_openseg.core.engine_settings import DEFAULT_SUPPORT_SIZE  # noqa: F401 (re-exported: S when none is asked for)
+from napari_openseg.core.engine_settings import (
+    DEFAULT_ASPECT,
+    DEFAULT_FORMULATION,
+    DEFAULT_PRECISION,
+    DEFAULT_THRESHOLD,
+    FORMULATIONS,
+    check_choice,
+)
 from napari_openseg.core.ensemble import EnsembleMean
 from napari_openseg.core.preprocess import Aspect, GridMapping, from_grid, masks_to_grid, to_grid
 from napari_openseg.core.support import SupportEntry
-from napari_openseg.errors import OpenSegError
 
 #: Memory the encoded support sets of one run may keep between batches.
 ENCODED_SUPPORT_BUDGET = 2 * 1024**3
-FORMULATIONS = ("fast", "direct")
 
 
 def load_network(model=None, *, propagation: bool = False):
@@ -47,7 +52,11 @@ def load_network(model=None, *, propagation: bool = False):
 
 
 def prepare_network(
-    model=None, device: str | torch.device = "auto", precision: str = "float32", *, propagation: bool = False
+    model=None,
+    device: str | torch.device = "auto",
+    precision: str = DEFAULT_PRECISION,
+    *,
+    propagation: bool = False,
 ) -> Network:
     """A :class:`Network` ready for inference; see :func:`load_network` for ``model``.
 
@@ -86,19 +95,19 @@ class Network:
     def weights_info(self) -> dict:
         return dict(getattr(self.net, "weights_info", {}) or {})
 
-    def query(self, slices: np.ndarray, aspect: Aspect = "pad") -> tuple[torch.Tensor, GridMapping]:
+    def query(self, slices: np.ndarray, aspect: Aspect = DEFAULT_ASPECT) -> tuple[torch.Tensor, GridMapping]:
         """Normalised ``"N H W"`` slices -> ``"N 1 g g"`` queries (channels-last) and the mapping back."""
         tensor = torch.from_numpy(np.ascontiguousarray(slices, dtype=np.float32)).to(self.device)
         query, mapping = to_grid(tensor, self.grid, aspect)
         return query.to(self.dtype).contiguous(memory_format=torch.channels_last), mapping
 
     def support_tensors(
-        self, entries: Sequence[SupportEntry], aspect: Aspect = "pad"
+        self, entries: Sequence[SupportEntry], aspect: Aspect = DEFAULT_ASPECT
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Entries -> ``images "1 S 1 g g"`` and ``labels "1 S 1 g g"`` on the model grid."""
         return support_tensors(entries, self.grid, aspect, self.device, self.dtype)
 
-    def encode(self, entries: Sequence[SupportEntry], aspect: Aspect = "pad"):
+    def encode(self, entries: Sequence[SupportEntry], aspect: Aspect = DEFAULT_ASPECT):
         """The first block's support terms of one support set (reused for every query)."""
         return encode_tensors(self.net, *self.support_tensors(entries, aspect))
 
@@ -129,9 +138,9 @@ class Network:
         self,
         slices: np.ndarray,
         subsets: Sequence[Sequence[SupportEntry]],
-        threshold: float = 0.5,
+        threshold: float = DEFAULT_THRESHOLD,
         rule: str = "area-matched",
-        aspect: Aspect = "pad",
+        aspect: Aspect = DEFAULT_ASPECT,
     ) -> np.ndarray:
         """Probabilities ``"b H W"`` of normalised slices ``"b H W"`` (one shape), combined over the
         support ``subsets`` by ``rule`` (:mod:`.ensemble`)."""
@@ -201,13 +210,12 @@ class EnsemblePredictor:
         self,
         network: Network,
         subsets: dict[int, list[list[SupportEntry]]],
-        threshold: float = 0.5,
-        aspect: Aspect = "pad",
-        formulation: str = "fast",
+        threshold: float = DEFAULT_THRESHOLD,
+        aspect: Aspect = DEFAULT_ASPECT,
+        formulation: str = DEFAULT_FORMULATION,
         rule: str = "area-matched",
     ):
-        if formulation not in FORMULATIONS:
-            raise OpenSegError(f"formulation must be 'fast' or 'direct', got {formulation!r}")
+        check_choice("formulation", formulation, FORMULATIONS)
         self.network, self.subsets, self.threshold = network, subsets, threshold
         self.aspect, self.formulation, self.rule = aspect, formulation, rule
         net = network.net

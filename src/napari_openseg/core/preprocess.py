@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_openseg.core.engine_settings import ASPECTS, DEFAULT_ASPECT, check_choice
 from napari_openseg.errors import OpenSegError
 
 Aspect = Literal["pad", "stretch"]
@@ -90,7 +91,7 @@ class GridMapping:
 
     shape: tuple[int, int]
     grid: int
-    aspect: Aspect = "pad"
+    aspect: Aspect = DEFAULT_ASPECT
 
     @property
     def padded_shape(self) -> tuple[int, int]:
@@ -115,7 +116,9 @@ def _resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return y.to(dtype)
 
 
-def to_grid(slices: torch.Tensor, grid: int, aspect: Aspect = "pad") -> tuple[torch.Tensor, GridMapping]:
+def to_grid(
+    slices: torch.Tensor, grid: int, aspect: Aspect = DEFAULT_ASPECT
+) -> tuple[torch.Tensor, GridMapping]:
     """``"N H W"`` float slices -> ``"N 1 grid grid"`` and the mapping that undoes it.
 
     With ``"pad"`` the long axis is resized first, and the short one is then padded to the long one's
@@ -124,8 +127,7 @@ def to_grid(slices: torch.Tensor, grid: int, aspect: Aspect = "pad") -> tuple[to
     """
     if slices.dim() != 3:
         raise ValueError(f'slices must be "N H W", got {tuple(slices.shape)}')
-    if aspect not in ("pad", "stretch"):
-        raise OpenSegError(f"aspect must be 'pad' or 'stretch', got {aspect!r}")
+    check_choice("aspect", aspect, ASPECTS)
     mapping = GridMapping((int(slices.shape[1]), int(slices.shape[2])), int(grid), aspect)
     x = slices.unsqueeze(1)
     (h, w), (side, _), (oy, ox) = mapping.shape, mapping.padded_shape, mapping.offsets
@@ -138,7 +140,7 @@ def to_grid(slices: torch.Tensor, grid: int, aspect: Aspect = "pad") -> tuple[to
     return _resize(x, (grid, grid)), mapping
 
 
-def masks_to_grid(masks: torch.Tensor, grid: int, aspect: Aspect = "pad") -> torch.Tensor:
+def masks_to_grid(masks: torch.Tensor, grid: int, aspect: Aspect = DEFAULT_ASPECT) -> torch.Tensor:
     """``"N H W"`` binary masks -> ``"N 1 grid grid"`` binary float masks."""
     soft, _ = to_grid(masks.float(), grid, aspect)
     return (soft > 0.5).to(soft.dtype)

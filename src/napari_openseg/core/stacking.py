@@ -30,7 +30,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from napari_openseg.core.engine_settings import CHOICES, DEFAULT_METHOD, METHODS
+from napari_openseg.core.engine_settings import (
+    CHOICES,
+    DEFAULT_ASPECT,
+    DEFAULT_METHOD,
+    DEFAULT_THRESHOLD,
+    METHODS,
+    check_choice,
+)
 from napari_openseg.core.network import Network, with_masks
 from napari_openseg.core.pixel_classifier import (
     DEFAULT_CLASSIFIER,
@@ -69,8 +76,7 @@ class StackingSettings:
     fit_all: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in CHOICES:
-            raise OpenSegError(f"method must be one of {', '.join(CHOICES)}, got {self.method!r}")
+        check_choice("method", self.method, CHOICES)
         if self.folds < 2 or self.max_entries < MIN_CV_ENTRIES:
             raise OpenSegError(
                 f"cross-validation needs >= 2 folds and >= {MIN_CV_ENTRIES} entries per task, got "
@@ -333,8 +339,8 @@ def iter_fit_task(
     support_size: int,
     seed: int = 0,
     colour: bool = False,
-    threshold: float = 0.5,
-    aspect: Aspect = "pad",
+    threshold: float = DEFAULT_THRESHOLD,
+    aspect: Aspect = DEFAULT_ASPECT,
 ) -> Generator[Progress, None, TaskModel]:
     """Cross-validate and fit one task (see the module docstring); yields progress per fold.
 

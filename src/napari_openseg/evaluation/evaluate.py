@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 from napari_openseg.core.engine import (
-    DEFAULT_SUPPORT_SIZE,
     Engine,
     Network,
     load_network,
     prepare_network,
     weights_name,
 )
+from napari_openseg.core.engine_settings import DEFAULT_ENSEMBLE, DEFAULT_SUPPORT_SIZE, DEFAULT_THRESHOLD
 from napari_openseg.core.metrics import dice_score
 from napari_openseg.core.progress import Progress, run_to_end
 from napari_openseg.errors import OpenSegError
@@ -284,7 +284,7 @@ def iter_evaluate_tasks(
     *,
     methods: Sequence[str] = METHODS,
     support_size: int = DEFAULT_SUPPORT_SIZE,
-    ensemble: int = 1,
+    ensemble: int = DEFAULT_ENSEMBLE,
     seed: int = 0,
     max_queries: int | None = None,
     batch_size: int = 8,
@@ -378,7 +378,7 @@ def _fitted_engine(
         support_size=support_size,
         ensemble=ensemble,
         seed=seed,
-        threshold=0.5,
+        threshold=DEFAULT_THRESHOLD,
         subsets={task.label: subsets},
         fit_all=True,
         **stacking,
@@ -409,7 +409,7 @@ def iter_evaluate(
     model=None,
     *,
     support_size: int = DEFAULT_SUPPORT_SIZE,
-    ensemble: int = 1,
+    ensemble: int = DEFAULT_ENSEMBLE,
     seed: int = 0,
     support_split: str = "val",
     max_queries: int | None = None,

@@ -26,18 +26,17 @@ from collections.abc import Generator
 import numpy as np
 import torch
 
-from napari_openseg.core.engine import DEFAULT_SUPPORT_SIZE, auto_batch_size, prepare_network
+from napari_openseg.core.engine import auto_batch_size, prepare_network
+from napari_openseg.core.engine_settings import DEFAULT_ASPECT, DEFAULT_SUPPORT_SIZE
 from napari_openseg.core.novelty.model import body_mask, check_mask, check_seed, check_volume
 from napari_openseg.core.novelty.prototypes import DEFAULT_MOMENTUM, PrototypeBank
 from napari_openseg.core.novelty.scores import (
-    APPEARANCE_SIGMA,
-    DEFAULT_SIDE,
-    DEFAULT_WEIGHTS,
     NoveltyMaps,
     class_similarities,
     maps_from_raw,
     score_channels,
 )
+from napari_openseg.core.novelty.settings import DEFAULT_PROTOTYPE_SLICES, FREE_OPTIONS, NoveltySettings
 from napari_openseg.core.novelty.volume_map import ADAPT_STRIDE
 from napari_openseg.core.preprocess import from_grid, masks_to_grid, normalize_intensity, to_grid
 from napari_openseg.core.progress import Progress, run_to_end
@@ -81,7 +80,7 @@ class InContextEmbedder:
         self._encoded = {t: self._encode(self.subsets[t]) for t in self.tasks}
 
     def _encode(self, entries):
-        return self.network.encode(entries, "pad")
+        return self.network.encode(entries, DEFAULT_ASPECT)
 
     @property
     def dim(self) -> int:
@@ -125,7 +124,9 @@ def _prototype_slices(
     return slices
 
 
-def build_bank(embedder: InContextEmbedder, prototype_slices: int = 16, seed: int = 0) -> PrototypeBank:
+def build_bank(
+    embedder: InContextEmbedder, prototype_slices: int = DEFAULT_PROTOTYPE_SLICES, seed: int = 0
+) -> PrototypeBank:
     """Prototype bank of the support's classes (background 0 included) in the embedder's space."""
     values = [0] + list(embedder.tasks)
     bank = PrototypeBank(values, embedder.dim, momentum=0.0)
@@ -188,28 +189,29 @@ def iter_training_free_novelty(
     support: SupportSet,
     model=None,
     *,
+    settings: NoveltySettings | None = None,
     axis: int = 0,
-    support_size: int = DEFAULT_SUPPORT_SIZE,
-    seed: int = 0,
     mask: np.ndarray | None = None,
     unknown_seed: tuple[np.ndarray, np.ndarray] | None = None,
-    adapt_unknown: int = 0,
-    prototype_slices: int = 16,
-    weights=DEFAULT_WEIGHTS,
-    side: str | None = DEFAULT_SIDE,
-    sigma: float = APPEARANCE_SIGMA,
     batch_size: int | None = None,
     device: str | torch.device = "auto",
     keep_raw: bool = False,
+    **options,
 ) -> Generator[Progress, None, NoveltyMaps]:
     """Novelty maps of a ``"D H W"`` volume from a support set, with no training.
 
     ``model``: in-context weights name, file or network (default weights when None);
     ``unknown_seed``: optional ``(image, mask)`` with one painted instance of an unseen structure;
-    ``adapt_unknown``: steps adapting it on this volume's unlabelled embeddings (needs the seed);
-    ``weights``, ``side``, ``sigma``: fusion and appearance map (:func:`~napari_openseg.core.novelty.scores.maps_from_raw`).
-    Yields progress per batch of slices; returns :class:`~napari_openseg.core.novelty.scores.NoveltyMaps`.
+    ``settings``: :class:`~napari_openseg.core.novelty.settings.NoveltySettings` (default: the
+    defaults), of which a training-free map uses ``support_size``, ``seed``, ``prototype_slices``,
+    ``adapt_unknown`` (steps adapting the unknown prototype on this volume's unlabelled embeddings;
+    needs the seed) and ``weights``, ``side``, ``sigma`` (fusion and appearance map,
+    :func:`~napari_openseg.core.novelty.scores.maps_from_raw`); ``options``: those fields as keywords,
+    over ``settings``. Yields progress per batch of slices; returns
+    :class:`~napari_openseg.core.novelty.scores.NoveltyMaps`.
     """
+    settings = NoveltySettings.merge(settings, options, FREE_OPTIONS, "a training-free map")
+    adapt_unknown = settings.adapt_unknown
     image = check_volume(image)
     support = load_support(support)
     mask = check_mask(mask, image.shape)
@@ -219,15 +221,17 @@ def iter_training_free_novelty(
     mask = body_mask(normalized, normalized=True) if mask is None else mask
     if adapt_unknown and unknown_seed is None:
         raise OpenSegError("adapting the unknown prototype needs an unknown seed: paint one unseen structure")
-    if support_size < 1 or adapt_unknown < 0 or (batch_size is not None and batch_size < 1):
-        raise OpenSegError(
-            f"support size and batch size must be >= 1 and adaptation steps >= 0, got "
-            f"S={support_size}, batch {batch_size}, {adapt_unknown} steps"
-        )
+    if batch_size is not None and batch_size < 1:
+        raise OpenSegError(f"batch size must be >= 1 (or left out for automatic), got {batch_size}")
     embedder = InContextEmbedder(
-        support, model, support_size=support_size, seed=seed, device=device, batch_size=batch_size
+        support,
+        model,
+        support_size=settings.support_size,
+        seed=settings.seed,
+        device=device,
+        batch_size=batch_size,
     )
-    bank = build_bank(embedder, prototype_slices, seed)
+    bank = build_bank(embedder, settings.prototype_slices, settings.seed)
     if unknown_seed is not None:
         seed_unknown_from(embedder, bank, unknown_seed[0], unknown_seed[1], axis)
     stack = _slices(normalized, axis)
@@ -273,12 +277,12 @@ def iter_training_free_novelty(
         mask,
         bank.num_classes,
         bank.unknown is not None,
-        weights,
+        settings.weights,
         segmentation,
         keep_raw,
         normalized,
-        side,
-        sigma,
+        settings.side,
+        settings.sigma,
     )
 
 

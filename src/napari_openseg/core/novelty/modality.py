@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from napari_openseg.core.engine_settings import check_choice
+from napari_openseg.core.novelty.settings import DEFAULT_INTENSITY, INTENSITY_MODES
 from napari_openseg.errors import OpenSegError
 
 #: Quantile levels of a signature.
 QUANTILES = np.linspace(0.0, 1.0, 21)
 SAME_BELOW = 0.07
 REFUSE_ABOVE = 0.25
-INTENSITY_MODES = ("auto", "match", "as-is")
 #: Voxels read for a signature (a strided sample of larger bodies).
 SIGNATURE_SAMPLE = 2_000_000
 
@@ -72,12 +73,11 @@ def check_intensities(
     normalized: np.ndarray,
     mask: np.ndarray,
     reference: list[float] | None,
-    mode: str = "auto",
+    mode: str = DEFAULT_INTENSITY,
     what: str = "the model's training volumes",
 ) -> tuple[np.ndarray, list[str]]:
     """Apply the policy of the module docstring: returns the intensities to use and notes for the user."""
-    if mode not in INTENSITY_MODES:
-        raise OpenSegError(f"intensity handling must be one of {', '.join(INTENSITY_MODES)}, got {mode!r}")
+    check_choice("intensity handling", mode, INTENSITY_MODES)
     if reference is None or mode == "as-is":
         return normalized, []
     own = intensity_signature(normalized, mask)

@@ -41,23 +41,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_openseg.core.engine_settings import check_choice
 from napari_openseg.core.novelty.prototypes import PrototypeBank
+from napari_openseg.core.novelty.settings import (  # the maps' defaults and choices live there
+    APPEARANCE_SIDES,
+    APPEARANCE_SIGMA,
+    DEFAULT_SIDE,
+    DEFAULT_WEIGHTS,
+    check_fusion_weights,
+    check_weights,
+)
 from napari_openseg.errors import OpenSegError
 
 #: Voxels per chunk when scoring embeddings (bounds the ``"N K"`` similarity matrices).
 SCORE_CHUNK = 1 << 18
 #: Raw score channels, in the order :func:`score_channels` stacks them.
 CHANNELS = ("cos_known", "eds_known", "cos_unknown", "dist_unknown")
-#: The normalised maps the fused map averages, in the order of :data:`DEFAULT_WEIGHTS`.
-SCORES = ("cosine", "distance", "appearance")
-#: Weights of cosine, distance and appearance novelty in the fused map, chosen on the validation
-#: patients of the LGG protocol (docs/novelty.md); without an appearance map the other two keep theirs.
-DEFAULT_WEIGHTS = (0.1, 0.1, 0.8)
-#: Which departures from its class make a voxel look novel (:func:`appearance_novelty`).
-APPEARANCE_SIDES = ("brighter", "darker", "either")
-DEFAULT_SIDE = "brighter"
-#: Gaussian smoothing (voxels) of the intensities that :func:`appearance_novelty` compares.
-APPEARANCE_SIGMA = 2.0
 #: Voxels per class used for its median and spread (a strided sample of larger classes).
 APPEARANCE_SAMPLE = 1_000_000
 
@@ -145,14 +144,6 @@ def robust_normalize(
     return out
 
 
-def check_weights(weights) -> tuple[float, ...]:
-    """Fusion weights: one finite number >= 0 per map, not all 0."""
-    values = tuple(float(w) for w in weights)
-    if not values or any(not np.isfinite(w) or w < 0 for w in values) or sum(values) <= 0:
-        raise OpenSegError(f"fusion weights must be numbers >= 0 that are not all 0, got {list(weights)}")
-    return values
-
-
 def fuse(maps, weights) -> np.ndarray:
     """Fused novelty: weighted mean of *normalised* maps (see the module docstring).
 
@@ -185,8 +176,7 @@ def appearance_novelty(
     """
     from scipy import ndimage
 
-    if side not in APPEARANCE_SIDES:
-        raise OpenSegError(f"appearance side must be one of {', '.join(APPEARANCE_SIDES)}, got {side!r}")
+    check_choice("appearance side", side, APPEARANCE_SIDES)
     image = np.asarray(image, np.float32)
     classes, mask = np.asarray(classes), np.asarray(mask, bool)
     if not (image.shape == classes.shape == mask.shape):
@@ -310,16 +300,14 @@ def maps_from_raw(
 ) -> NoveltyMaps:
     """Normalise, fuse and threshold raw score channels ``"4 *shape"`` inside ``mask``.
 
-    ``weights``: of cosine, distance and appearance novelty (:data:`SCORES`). The appearance map is
-    computed when ``image`` (the normalised intensities) and ``segmentation`` are given and ``side``
-    is not None.
+    ``weights``: of cosine, distance and appearance novelty
+    (:data:`~napari_openseg.core.novelty.settings.SCORES`). The appearance map is computed when
+    ``image`` (the normalised intensities) and ``segmentation`` are given and ``side`` is not None.
     """
     mask = np.asarray(mask, bool)
     if not mask.any():
         raise OpenSegError("the foreground mask is empty: there is no body to score")
-    weights = check_weights(weights)
-    if len(weights) != len(SCORES):
-        raise OpenSegError(f"give one fusion weight per map ({', '.join(SCORES)}), got {list(weights)}")
+    weights = check_fusion_weights(weights)
     cosine, distance = novelty_components(raw, num_classes, use_unknown)
     cosine = robust_normalize(cosine, mask)
     distance = robust_normalize(distance, mask)

@@ -39,14 +39,8 @@ from napari_openseg.core.novelty.model import (
     labels_to_working,
     to_working,
 )
-from napari_openseg.core.novelty.scores import (
-    APPEARANCE_SIGMA,
-    DEFAULT_SIDE,
-    DEFAULT_WEIGHTS,
-    NoveltyMaps,
-    maps_from_raw,
-    score_channels,
-)
+from napari_openseg.core.novelty.scores import NoveltyMaps, maps_from_raw, score_channels
+from napari_openseg.core.novelty.settings import TRAINED_OPTIONS, NoveltySettings
 from napari_openseg.core.preprocess import normalize_intensity
 from napari_openseg.core.progress import Progress, run_to_end
 from napari_openseg.errors import OpenSegError
@@ -99,17 +93,11 @@ def iter_novelty_map(
     image: np.ndarray,
     model: NoveltyModel | str | Path,
     *,
+    settings: NoveltySettings | None = None,
     mask: np.ndarray | None = None,
-    use_unknown: bool = True,
-    adapt_unknown: int = 0,
-    seed_free: bool = False,
-    overlap: float = 0.25,
-    weights=DEFAULT_WEIGHTS,
-    side: str | None = DEFAULT_SIDE,
-    sigma: float = APPEARANCE_SIGMA,
-    intensity: str = "auto",
     device: str | torch.device = "auto",
     keep_raw: bool = False,
+    **options,
 ) -> Generator[Progress, None, NoveltyMaps]:
     """Novelty maps and known-class segmentation of a ``"D H W"`` volume.
 
@@ -117,6 +105,10 @@ def iter_novelty_map(
     ----------
     model
         A :class:`NoveltyModel` or the path of a model file.
+    settings
+        How the map is made (:class:`~napari_openseg.core.novelty.settings.NoveltySettings`; default:
+        the defaults); the fields it uses, below, may also be given as keywords (``**options``),
+        which replace the settings' values.
     mask
         Foreground in which scores are normalised; default :func:`body_mask` of the image.
     use_unknown
@@ -134,16 +126,16 @@ def iter_novelty_map(
     intensity
         ``"auto"``, ``"match"`` or ``"as-is"``: how a volume unlike the training volumes is treated
         (:func:`~napari_openseg.core.novelty.modality.check_intensities`).
+    overlap
+        Overlap of the sliding windows, a fraction of a window.
 
     Yields progress per window; returns :class:`~napari_openseg.core.novelty.scores.NoveltyMaps` whose
     ``segmentation`` holds the known-class label values.
     """
+    settings = NoveltySettings.merge(settings, options, TRAINED_OPTIONS, "a trained model's map")
+    use_unknown, adapt_unknown, overlap = settings.use_unknown, settings.adapt_unknown, settings.overlap
     image = check_volume(image)
     mask = check_mask(mask, image.shape)
-    if not 0.0 <= overlap < 1.0:
-        raise OpenSegError(f"window overlap must lie in [0, 1), got {overlap}")
-    if adapt_unknown < 0:
-        raise OpenSegError(f"adaptation steps must be >= 0, got {adapt_unknown}")
     if isinstance(model, (str, Path)):
         model = NoveltyModel.load(model)
     torch_device = resolve_device(device)
@@ -154,11 +146,12 @@ def iter_novelty_map(
             f"the model's prototypes were never set for classes {bank.missing_classes()}; "
             "train it longer or on volumes that contain these classes"
         )
-    seed_free = seed_free and use_unknown and bank.unknown is None
+    seed_free = settings.seed_free and use_unknown and bank.unknown is None
     use_unknown = use_unknown and (bank.unknown is not None or seed_free)
     normalized = normalize_intensity(image)
     mask = body_mask(normalized, normalized=True) if mask is None else mask
-    normalized, notes = check_intensities(normalized, mask, model.info.get("intensity_signature"), intensity)
+    signature = model.info.get("intensity_signature")
+    normalized, notes = check_intensities(normalized, mask, signature, settings.intensity)
 
     factor = model.downsample
     volume, shape = _pad_to(to_working(normalized, factor).to(torch_device), model.config.roi_size)
@@ -209,7 +202,18 @@ def iter_novelty_map(
     accum = (accum / coverage.clamp_min(1e-8))[crop].cpu()
     raw = _resize_to(accum[k:], image.shape).numpy()
     segmentation = _segmentation(accum[:k], image.shape, model.class_values)
-    maps = maps_from_raw(raw, mask, k, use_unknown, weights, segmentation, keep_raw, normalized, side, sigma)
+    maps = maps_from_raw(
+        raw,
+        mask,
+        k,
+        use_unknown,
+        settings.weights,
+        segmentation,
+        keep_raw,
+        normalized,
+        settings.side,
+        settings.sigma,
+    )
     maps.notes = notes
     return maps
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from napari_openseg.core.engine_settings import DEFAULT_THRESHOLD
+
 #: The measures whose product is the confidence (see docs/performance.md for how each tracks Dice).
 CONFIDENCE_TERMS: tuple[str, ...] = ("sharpness", "agreement", "consistency")
 
@@ -32,7 +34,7 @@ def _dice(a: torch.Tensor, b: torch.Tensor) -> float:
     return 1.0 if total == 0 else 2.0 * float((a * b).sum()) / total
 
 
-def draw_measures(probs: torch.Tensor, threshold: float = 0.5) -> dict[str, float]:
+def draw_measures(probs: torch.Tensor, threshold: float = DEFAULT_THRESHOLD) -> dict[str, float]:
     """``sharpness`` and ``agreement`` of one slice's predictions ``probs "K g g"`` (K draws)."""
     if probs.dim() != 3:
         raise ValueError(f'probs must be "K g g", got {tuple(probs.shape)}')
@@ -62,7 +64,7 @@ def consistency(
     mask: torch.Tensor,
     reference_image: torch.Tensor,
     reference_mask: torch.Tensor,
-    threshold: float = 0.5,
+    threshold: float = DEFAULT_THRESHOLD,
 ) -> float:
     """Dice with which ``(image, mask)`` (``"g g"``), as the only support, segments
     ``reference_image`` back into ``reference_mask``; 1.0 for an empty ``mask``."""

@@ -57,16 +57,17 @@ class StopRule:
 
 @dataclass
 class Front:
-    """Slices one object's front visits, in order, and how many it has seen vanish in a row.
+    """Slices one object's front visits, in order, and its current run of failing slices.
 
-    ``doubtful`` holds the (slice, what was written) of the current run of vanished slices whose
-    prediction was kept because only its confidence was low: if the front stops, they are undone.
+    ``failing_run`` counts the slices in a row, up to the last one visited, where the object vanished
+    or was doubtful; ``doubtful`` holds the (slice, what was written) of the doubtful ones of that run,
+    whose prediction was kept because only its confidence was low: if the front stops, they are undone.
     ``recent`` is the front's short-term memory and ``last_area`` the area of the last slice it
     accepted (the painted one to begin with); ``origin`` is the painted slice it starts from."""
 
     label: int
     slices: list[int]
-    vanished: int = 0
+    failing_run: int = 0
     stopped: bool = False
     doubtful: list = field(default_factory=list)
     recent: ShortTermMemory = field(default_factory=lambda: ShortTermMemory(0))
@@ -77,17 +78,17 @@ class Front:
         """Count one visited slice towards the stop rule: ``stop_after`` vanished or doubtful slices
         in a row stop the front. ``written`` is what to undo for a doubtful slice if it stops."""
         if vanished or doubtful:
-            self.vanished += 1
+            self.failing_run += 1
             if doubtful:
                 self.doubtful.append((slice_index, written))
         else:
-            self.vanished, self.doubtful = 0, []
-        self.stopped = self.vanished >= stop_after
+            self.failing_run, self.doubtful = 0, []
+        self.stopped = self.failing_run >= stop_after
 
     @property
     def stopped_on_confidence(self) -> bool:
         """Stopped with every slice of the final run drawn but none confident (none vanished)."""
-        return self.stopped and len(self.doubtful) == self.vanished
+        return self.stopped and len(self.doubtful) == self.failing_run
 
 
 def make_fronts(

@@ -34,6 +34,7 @@ import torch
 
 from napari_openseg.core.axes import shape_text
 from napari_openseg.core.engine import ENCODED_SUPPORT_BUDGET, encode_tensors, prepare_network, probabilities
+from napari_openseg.core.engine_settings import DEFAULT_PRECISION
 from napari_openseg.core.ensemble import combine_members
 from napari_openseg.core.preprocess import Aspect, from_grid, masks_to_grid, normalize_intensity, to_grid
 from napari_openseg.core.progress import Progress, run_to_end
@@ -427,7 +428,7 @@ def iter_propagate(
     label_values: Sequence[int] | None = None,
     complete_slices: Sequence[int] = (),
     device: str | torch.device = "auto",
-    precision: str = "float32",
+    precision: str = DEFAULT_PRECISION,
     rgb: bool | None = None,
     **options,
 ) -> Generator[Progress, None, PropagationResult]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+from napari_openseg.core.engine_settings import ASPECTS, DEFAULT_ASPECT, DEFAULT_THRESHOLD, check_choice
 from napari_openseg.errors import OpenSegError
 
 #: Bank policies: the published rules and the benchmark's baselines (see core/propagate/memory.py).
@@ -79,8 +80,8 @@ class PropagationSettings:
     max_growth: float = DEFAULT_MAX_GROWTH
     direction: str = "both"
     unordered: bool = False
-    threshold: float = 0.5
-    aspect: str = "pad"
+    threshold: float = DEFAULT_THRESHOLD
+    aspect: str = DEFAULT_ASPECT
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -116,6 +117,7 @@ class PropagationSettings:
             raise OpenSegError(f"the retrieval temperature must be > 0, got {self.temperature}")
         if not self.max_growth > 1.0:
             raise OpenSegError(f"max_growth must be > 1 (inf: off), got {self.max_growth}")
+        check_choice("aspect", self.aspect, ASPECTS)
 
     @classmethod
     def from_options(cls, **options) -> PropagationSettings:

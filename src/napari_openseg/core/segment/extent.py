@@ -27,11 +27,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from napari_openseg.core.engine_settings import DEFAULT_THRESHOLD
 from napari_openseg.core.propagate.settings import DEFAULT_MIN_AREA, DEFAULT_STOP_AFTER
 from napari_openseg.errors import OpenSegError
 
-#: ``"all"``: every slice (of the range); ``"auto"``: each task stops where it ends (above).
-EXTENTS: tuple[str, ...] = ("all", "auto")
 #: The auto extent's stop rule, chosen on the validation structures of the VoxelMorph scan with the
 #: openseg-default weights (``benchmarks/bench_extent.py --split val``; docs/propagation.md, *Object
 #: extent in segmentation*): doubtful below 0.96 times the task's sharpness on its painted slices,
@@ -103,7 +102,7 @@ def painted_range(
     return max(0, first - pad), min(n_slices, last + pad + 1)
 
 
-def slice_sharpness(probabilities: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+def slice_sharpness(probabilities: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
     """``"N H W"`` probabilities of one task -> ``"N"``: the soft Dice between each slice's
     probabilities and its own mask (1 when every pixel is clearly in or out); a slice with nothing
     drawn scores how clearly its pixels are out, as :func:`.confidence.draw_measures` does."""
@@ -190,7 +189,11 @@ class ExtentTracker:
     """
 
     def __init__(
-        self, values: Sequence[int], n_slices: int, painted: dict[int, list[int]], threshold: float = 0.5
+        self,
+        values: Sequence[int],
+        n_slices: int,
+        painted: dict[int, list[int]],
+        threshold: float = DEFAULT_THRESHOLD,
     ):
         self.values = [int(v) for v in values]
         self.painted = painted

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_openseg.core.engine import DEFAULT_METHOD, DEFAULT_SUPPORT_SIZE, Engine, Estimate, auto_batch_size
-from napari_openseg.core.preprocess import Aspect, colour_channels, normalize_intensity
+from napari_openseg.core.engine import Engine, Estimate, auto_batch_size
+from napari_openseg.core.engine_settings import DEFAULT_EXTENT, EXTENTS, SegmentSettings, check_choice
+from napari_openseg.core.preprocess import colour_channels, normalize_intensity
 from napari_openseg.core.progress import Progress, run_to_end
-from napari_openseg.core.segment.extent import EXTENTS, ExtentTracker, painted_slices, resolve_slice_range
+from napari_openseg.core.segment.extent import ExtentTracker, painted_slices, resolve_slice_range
 from napari_openseg.core.support import SupportSet, check_image, label_dtype
 from napari_openseg.errors import OpenSegError
 
@@ -73,23 +74,15 @@ def iter_segment(
     support: SupportSet | str | Path,
     model=None,
     *,
+    settings: SegmentSettings | None = None,
     axis: int = 0,
     label_values: Sequence[int] | None = None,
-    support_size: int = DEFAULT_SUPPORT_SIZE,
-    ensemble: int = 1,
-    threshold: float = 0.5,
-    method: str = DEFAULT_METHOD,
     batch_size: int | None = None,
     device: str | torch.device = "auto",
-    precision: str = "float32",
-    aspect: Aspect = "pad",
-    seed: int = 0,
     rgb: bool | None = None,
     keep_probabilities: bool = True,
-    formulation: str = "fast",
     slices=None,
-    extent: str = "all",
-    **stacking,
+    **options,
 ) -> Generator[Progress, None, SegmentationResult]:
     """Segment ``image`` (``"H W"`` or a volume with slices along ``axis``) from ``support``.
 
@@ -98,18 +91,20 @@ def iter_segment(
     model
         A weights name, a weights file path, or a ``UniverSeg`` network; ``None`` is the default
         weights.
-    support_size, ensemble
-        S entries per prediction and K predictions combined per task (area-matched mean, see
-        :mod:`.ensemble`).
-    threshold
-        Minimum probability of the winning task for a voxel to be labelled.
-    method
-        ``"auto"`` (default), ``"network"``, ``"pixel-classifier"`` or ``"stacked"``; see
-        :class:`~napari_openseg.core.engine.Engine` (``stacking`` holds its other options).
+    settings
+        How to segment (:class:`~napari_openseg.core.engine_settings.SegmentSettings`; default: the
+        defaults).
+    **options
+        Fields of :class:`~napari_openseg.core.engine_settings.SegmentSettings`, over ``settings``:
+        ``support_size`` and ``ensemble`` (S entries per prediction and K predictions combined per
+        task, area-matched mean, see :mod:`.ensemble`), ``threshold`` (minimum probability of the
+        winning task for a voxel to be labelled), ``method`` (``"auto"``, ``"network"``,
+        ``"pixel-classifier"`` or ``"stacked"``; see :class:`~napari_openseg.core.engine.Engine`),
+        ``precision``, ``aspect``, ``seed``, ``formulation`` (``"fast"`` or ``"direct"``, the paper's,
+        one slice at a time; same result, slower) and ``extent`` (below); and the stacking options of
+        the :class:`~napari_openseg.core.engine.Engine` (folds, classifier, balance).
     batch_size
         Query slices per forward pass; ``None`` picks one from S and the device.
-    formulation
-        ``"fast"`` (default) or ``"direct"`` (the paper's, one slice at a time; same result, slower).
     slices, extent
         Volumes only: the slice range to segment (``"A:B"``, ``(A, B)``, a ``slice``; A included, B
         not; indices along ``axis``, which for a NIfTI volume is the file's third axis when 0; the
@@ -121,22 +116,9 @@ def iter_segment(
     ``start``, ``stop`` slice indices and ``labels``, that batch's label map ``"b H W"``); returns a
     :class:`SegmentationResult` with each task's cross-validated estimate.
     """
-    _check_run(image, rgb, axis, batch_size, slices, extent)
-    engine = Engine(
-        support,
-        model,
-        label_values=label_values,
-        support_size=support_size,
-        ensemble=ensemble,
-        threshold=threshold,
-        method=method,
-        device=device,
-        precision=precision,
-        aspect=aspect,
-        seed=seed,
-        formulation=formulation,
-        **stacking,
-    )
+    settings, stacking = SegmentSettings.split(settings, options)
+    _check_run(image, rgb, axis, batch_size, slices, settings.extent)
+    engine = Engine(support, model, label_values=label_values, settings=settings, device=device, **stacking)
     return (
         yield from iter_segment_with(
             engine,
@@ -146,21 +128,24 @@ def iter_segment(
             batch_size=batch_size,
             keep_probabilities=keep_probabilities,
             slices=slices,
-            extent=extent,
         )
     )
 
 
 def _check_run(
-    image: np.ndarray, rgb: bool | None, axis: int, batch_size: int | None, slices=None, extent: str = "all"
+    image: np.ndarray,
+    rgb: bool | None,
+    axis: int,
+    batch_size: int | None,
+    slices=None,
+    extent: str = DEFAULT_EXTENT,
 ) -> np.ndarray:
     image = check_image(image, rgb)
     if batch_size is not None and batch_size < 1:
         raise OpenSegError(f"batch size must be >= 1 (or left out for automatic), got {batch_size}")
     if image.ndim == 3 and not -3 <= axis < 3:
         raise OpenSegError(f"slice axis must be 0, 1 or 2 for a 3D volume, got {axis}")
-    if extent not in EXTENTS:
-        raise OpenSegError(f"extent must be one of {', '.join(EXTENTS)}, got {extent!r}")
+    check_choice("extent", extent, EXTENTS)
     if image.ndim == 2 and slices is not None:
         raise OpenSegError("a slice range applies to volumes, not to a 2D image")
     if image.ndim == 3 and slices is not None:
@@ -177,10 +162,11 @@ def iter_segment_with(
     batch_size: int | None = None,
     keep_probabilities: bool = True,
     slices=None,
-    extent: str = "all",
+    extent: str | None = None,
 ) -> Generator[Progress, None, SegmentationResult]:
     """:func:`iter_segment` with an :class:`~napari_openseg.core.engine.Engine` made before (one
-    engine segments many images and fits its tasks once)."""
+    engine segments many images and fits its tasks once); ``extent`` ``None`` is the engine's."""
+    extent = engine.settings.extent if extent is None else extent
     grey = _check_run(image, rgb, axis, batch_size, slices, extent)
     colour = colour_channels(image, rgb)
     volume = normalize_intensity(grey)
@@ -199,7 +185,7 @@ def iter_segment_with(
             estimates = {v: model.estimate for v, model in stop.value.items()}
             break
         yield Progress(0, last - first, step.stage)
-    batch = batch_size or auto_batch_size(engine.support_size, engine.device)
+    batch = batch_size or auto_batch_size(engine.settings.support_size, engine.device)
     out_dtype = label_dtype(max(values))
     labels_out = np.zeros((n_slices, height, width), out_dtype)
     probs_out = np.zeros((len(values), n_slices, height, width), np.float32) if keep_probabilities else None
@@ -210,19 +196,19 @@ def iter_segment_with(
         width,
         values,
         ", ".join(e.method for e in estimates.values()),
-        engine.support_size,
-        engine.ensemble,
+        engine.settings.support_size,
+        engine.settings.ensemble,
         engine.device,
     )
     tracker = None
     if extent == "auto" and grey.ndim == 3:
         painted = painted_slices(engine.support, values, stack, axis % 3)
-        tracker = ExtentTracker(values, n_slices, painted, engine.threshold)
+        tracker = ExtentTracker(values, n_slices, painted, engine.settings.threshold)
     yield Progress(0, last - first, "segmenting")
     for start in range(first, last, batch):
         stop = min(last, start + batch)
         probs = engine.predict(stack[start:stop], None if colour_stack is None else colour_stack[start:stop])
-        chunk_labels = combine_tasks(probs, values, engine.threshold, out_dtype)
+        chunk_labels = combine_tasks(probs, values, engine.settings.threshold, out_dtype)
         labels_out[start:stop] = chunk_labels
         if probs_out is not None:
             probs_out[:, start:stop] = probs.transpose(1, 0, 2, 3)
