@@ -192,7 +192,7 @@ def test_estimate_reads_as_the_widget_shows_it(tiny_net):
     estimate = engine.estimates()[1]
     pattern = (
         r"expected Dice [01]\.\d\d \+/- 0\.\d\d from 5 examples, method: stacked "
-        r"\(too few examples to choose a method by \(12 or more are needed\)\)"
+        r"\(too few examples to choose a method by: 12 or more are needed\)"
     )
     assert re.fullmatch(pattern, estimate.describe()) and estimate.method in estimate.describe()
     assert estimate.to_dict()["expected_dice"] == round(estimate.expected[0], 4)

@@ -406,7 +406,7 @@ def iter_fit_task(
     if method == "auto":
         method = _choose(dice, n)
         if n < MIN_CHOICE_ENTRIES:
-            few = f"too few examples to choose a method by ({MIN_CHOICE_ENTRIES} or more are needed)"
+            few = f"too few examples to choose a method by: {MIN_CHOICE_ENTRIES} or more are needed"
             note = "; ".join(filter(None, [note, few]))
     yield Progress(k, total, f"fitting label {label}")
     everything = list(range(n))
