@@ -16,7 +16,8 @@ volumes (the bundled MNI152 sample and a hippocampus test volume) at S = 16, K =
 alone and with ``auto`` (fit once per task, predict per slice in batches).
 
 Run: ``python benchmarks/bench_engine.py --split test --seeds 0 1 2 --strokes --threads 1 --json OUT``;
-prints Markdown tables (docs/performance.md, docs/model-card.md). Needs ../shared.
+prints Markdown tables (docs/evaluation.md, docs/model-card.md). Needs ../shared. Runs over different
+``--sets`` (side by side, one per core) print one table with ``--tables-from A.json B.json``.
 """
 
 from __future__ import annotations
@@ -162,6 +163,8 @@ def quality(args, data: Path) -> dict:
                     row["chosen"][method] = row["chosen"].get(method, 0) + count
                 if args.strokes:
                     row["dice"].setdefault("strokes", []).append(float(np.mean(sparse[key]["dice"]["model"])))
+        if args.json:  # after every set, so that a long run stopped early keeps what it measured
+            save(args, results)
         means = {m: np.mean([np.mean(t["dice"][m]) for t in entry["tasks"].values()]) for m in METHODS}
         print(
             f"# {dataset.name}: "
@@ -171,6 +174,28 @@ def quality(args, data: Path) -> dict:
             flush=True,
         )
     return results
+
+
+def save(args, results: dict) -> None:
+    """Write the run's settings and every number so far to ``args.json`` (replaced whole, atomically)."""
+    path = Path(args.json)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+    partial.replace(path)
+
+
+def merged(files: list[str]) -> tuple[argparse.Namespace, dict]:
+    """The settings and results of runs written with ``--json`` over different sets, as one run."""
+    runs = [json.loads(Path(f).read_text()) for f in files]
+    same = ("split", "seeds", "support_size", "max_queries", "classifier", "no_balance", "folds", "strokes")
+    for run in runs[1:]:
+        differs = [k for k in same if run["args"].get(k) != runs[0]["args"].get(k)]
+        if differs:
+            raise SystemExit(f"the runs differ in {', '.join(differs)}: their tables cannot be merged")
+    results = {}
+    for run in runs:
+        results.update(run["results"])
+    return argparse.Namespace(**runs[0]["args"]), results
 
 
 def set_means(entry: dict) -> dict[str, float]:
@@ -305,8 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stroke-share", type=float, default=0.2)
     parser.add_argument("--time", action="store_true", help="measure CPU time on 3D volumes instead")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", help="also write every number to this file")
+    parser.add_argument("--json", help="also write every number to this file (after every set)")
+    parser.add_argument(
+        "--tables-from", nargs="+", metavar="JSON", help="print the tables of earlier --json runs (merged)"
+    )
     args = parser.parse_args(argv)
+    if args.tables_from:
+        settings, results = merged(args.tables_from)
+        print_quality(results, settings)
+        return 0
     torch.set_num_threads(args.threads)
     if args.boosting:
         from napari_openseg.core import pixel_classifier
@@ -324,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     print_quality(results, args)
     print(f"\nbenchmark run time: {(time.perf_counter() - started) / 60:.1f} min")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+        save(args, results)
     return 0
 
 

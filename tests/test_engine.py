@@ -191,10 +191,27 @@ def test_estimate_reads_as_the_widget_shows_it(tiny_net):
     engine = Engine(entries([flat_classes(rng) for _ in range(5)]), tiny_net, device="cpu")
     estimate = engine.estimates()[1]
     pattern = (
-        r"expected Dice [01]\.\d\d \+/- 0\.\d\d from 5 examples, method: (network|pixel-classifier|stacked)"
+        r"expected Dice [01]\.\d\d \+/- 0\.\d\d from 5 examples, method: stacked "
+        r"\(too few examples to choose a method by: 12 or more are needed\)"
     )
     assert re.fullmatch(pattern, estimate.describe()) and estimate.method in estimate.describe()
     assert estimate.to_dict()["expected_dice"] == round(estimate.expected[0], 4)
+
+
+def test_auto_chooses_by_the_estimates_from_12_entries_and_stacks_below(tiny_net):
+    rng = np.random.default_rng(6)
+    pairs = [flat_classes(rng) for _ in range(12)]
+    few = Engine(entries(pairs[:11]), tiny_net, device="cpu").estimates()[1]
+    assert few.method == "stacked" and few.expected is not None and set(few.dice) == {*stacking.METHODS}
+    assert "too few examples to choose" in few.note
+    enough = Engine(entries(pairs), tiny_net, device="cpu").estimates()[1]
+    best = max(enough.dice, key=lambda m: enough.dice[m][0])
+    assert enough.examples == 12 and enough.method == best and enough.note == ""
+    # the rule itself: below 12 the estimates are not used, from 12 on the best one wins (ties: order)
+    dice = {"network": (0.9, 0.0), "pixel-classifier": (0.5, 0.0), "stacked": (0.7, 0.0)}
+    assert stacking._choose(dice, stacking.MIN_CHOICE_ENTRIES - 1) == "stacked"
+    assert stacking._choose(dice, stacking.MIN_CHOICE_ENTRIES) == "network"
+    assert stacking._choose({m: (0.8, 0.0) for m in dice}, 20) == "network"
 
 
 def test_one_network_is_prepared_once_and_reused(tiny_net):

@@ -26,7 +26,8 @@ from napari_openseg.core.cohort.runner import (
     plan_cohort,
     run_cohort,
 )
-from napari_openseg.core.cohort.tasks import SegmentTask, settings_hash
+from napari_openseg.core.cohort.tasks import NoveltyTask, SegmentTask, settings_hash
+from napari_openseg.core.novelty.region import region_path
 from napari_openseg.core.segment.inference import segment
 from napari_openseg.core.support import build_support_set
 from napari_openseg.errors import OpenSegError
@@ -159,6 +160,8 @@ def test_batch_on_a_local_cluster_writes_what_segment_writes(tmp_path, cohort, s
     assert f"{VOLUMES} done, 0 failed" in capsys.readouterr().out
     rows = manifest_rows(out)
     assert sorted(rows) == sorted(f"case_{i}_labels.nii.gz" for i in range(VOLUMES))
+    assert sorted(p.name for p in out.iterdir()) == sorted([*rows, MANIFEST_NAME])  # one file per item
+    assert all(row["outputs"] == name for name, row in rows.items())
     assert {row["status"] for row in rows.values()} == {"done"}
     assert {row["device"] for row in rows.values()} == {"cpu"}
     assert len({row["settings_hash"] for row in rows.values()}) == 1
@@ -383,16 +386,76 @@ def test_batch_novelty_writes_what_novelty_map_writes(tmp_path, cohort, capsys):
     out.mkdir()
     two = [inputs / "case_0.nii.gz", inputs / "case_1.nii.gz"]
     assert cli("batch", "novelty", *two, *engine(cohort), "--out-dir", out, "--scheduler", "none") == 0
+    rows = manifest_rows(out)
+    regions = []
     for index in (0, 1):
         single = tmp_path / f"single_{index}.nii.gz"
         assert cli("novelty", "map", *engine(cohort), "--image", two[index], "--out", single) == 0
-        batch = nib.load(str(out / f"case_{index}_novelty.nii.gz"))
-        assert np.array_equal(batch.affine, nib.load(str(inputs / f"case_{index}.nii.gz")).affine)
-        assert np.array_equal(np.asarray(batch.dataobj), np.asarray(nib.load(str(single)).dataobj))
+        heat, region = f"case_{index}_novelty.nii.gz", f"case_{index}_novelty_novel_region.nii.gz"
+        assert region_path(out / heat) == out / region  # the name `novelty map` gives it
+        assert rows[heat]["outputs"] == f"{heat};{region}" and rows[heat]["status"] == "done"
+        source = nib.load(str(inputs / f"case_{index}.nii.gz"))
+        for name, expected in ((heat, single), (region, region_path(single))):
+            batch = nib.load(str(out / name))
+            assert np.array_equal(batch.affine, source.affine)
+            assert batch.header.get_zooms() == source.header.get_zooms()
+            assert np.array_equal(np.asarray(batch.dataobj), np.asarray(nib.load(str(expected)).dataobj))
+        regions.append(read_image(out / region).data)
+    assert all(r.dtype == np.uint8 and set(np.unique(r)) == {0, 1} for r in regions)  # a region, not empty
+    outputs = [name for row in rows.values() for name in row["outputs"].split(";")]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*outputs, MANIFEST_NAME])
     assert (
         cli("batch", "novelty", inputs, "--support", support, "--seed-mask", support, "--out-dir", out) == 2
     )
     assert "--seed-mask needs --seed-image" in capsys.readouterr().err
+
+
+def test_a_missing_region_recomputes_its_item_only(tmp_path, cohort, capsys):
+    inputs, support, weights = cohort
+    out = tmp_path / "out"
+    out.mkdir()
+    three = [inputs / f"case_{index}.nii.gz" for index in range(3)]
+    command = ["batch", "novelty", *three, *engine(cohort), "--out-dir", out, "--scheduler", "none"]
+    assert cli(*command) == 0
+    files = sorted(p for p in out.glob("case_*"))
+    assert len(files) == 6
+    before = {p.name: (p.stat().st_mtime_ns, read_image(p).data) for p in files}
+    (out / "case_1_novelty_novel_region.nii.gz").unlink()
+
+    capsys.readouterr()
+    assert cli(*command) == 0
+    printed = capsys.readouterr()
+    assert "1 to compute, 2 done before" in printed.err
+    assert "1 done, 0 failed, 2 done before" in printed.out
+    for path in sorted(out.glob("case_*")):
+        stamp, data = before[path.name]
+        assert (path.stat().st_mtime_ns == stamp) == (not path.name.startswith("case_1")), path.name
+        assert np.array_equal(read_image(path).data, data), path.name
+    assert {row["status"] for row in manifest_rows(out).values()} == {"done"}
+    assert leftovers(out) == []
+
+
+def test_an_older_manifest_without_the_outputs_column_is_read(tmp_path, cohort):
+    """A folder from before novel regions: its manifest lists the heat maps alone, with no ``outputs``."""
+    inputs, support, weights = cohort
+    out = tmp_path / "out"
+    out.mkdir()
+    task = NoveltyTask(support=support, weights=weights, options={"support_size": 4})
+    segmentation = SegmentTask(support, weights, {"support_size": 4})
+    two = [inputs / "case_0.nii.gz", inputs / "case_1.nii.gz"]
+    rows = ["input,output,status,error,seconds,device,settings_hash"]
+    for source in two:
+        for tag, digest in (("novelty", settings_hash(task)), ("labels", settings_hash(segmentation))):
+            name = f"{source.name[: -len('.nii.gz')]}_{tag}.nii.gz"
+            (out / name).write_bytes(b"an old result")
+            rows.append(f"{source},{name},done,,1.00,cpu,{digest}")
+    (out / MANIFEST_NAME).write_text("\n".join(rows) + "\n")
+    assert len(plan_cohort(segmentation, two, out).skipped) == 2  # one output, listed and present
+    plan = plan_cohort(task, two, out)
+    assert plan.skipped == [] and len(plan.todo) == 2  # no region yet: computed again
+    (out / "case_0_novelty_novel_region.nii.gz").write_bytes(b"someone else's")
+    with pytest.raises(OpenSegError, match="does not list: .*case_0_novelty_novel_region.*--overwrite"):
+        plan_cohort(task, two, out)
 
 
 def test_local_clusters_fit_the_machine(monkeypatch):
@@ -479,4 +542,6 @@ def test_batch_novelty_with_a_novelty_model_writes_what_novelty_map_writes(tmp_p
     assert written.shape == sphere_volume(1)[0].shape and np.ptp(written) > 0  # a map, not a constant
     assert np.array_equal(written, read_image(single).data)
     assert np.array_equal(nib.load(str(out / "vol_novelty.nii.gz")).affine, nib.load(str(source)).affine)
+    region = read_image(out / "vol_novelty_novel_region.nii.gz").data
+    assert np.array_equal(region, read_image(region_path(single)).data) and region.any()
     assert {row["status"] for row in manifest_rows(out).values()} == {"done"}

@@ -5,8 +5,9 @@
 * ``openseg batch novelty (--model M | --support S.npz) --out-dir DIR [...] INPUTS...``
 
 INPUTS are files, folders, glob patterns or one CSV manifest with a ``path`` column. Results go to
-``DIR/<input>_labels.<ext>`` (``_novelty`` for novelty maps) and every item's fate to ``DIR/manifest.csv``.
-The exit status is 1 when any item failed.
+``DIR/<input>_labels.<ext>``, or for novelty maps ``DIR/<input>_novelty.<ext>`` and the novel region
+``DIR/<input>_novelty_novel_region.<ext>`` (the names ``openseg novelty map`` gives them), and every
+item's fate to ``DIR/manifest.csv``. The exit status is 1 when any item failed.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def register(subparsers) -> None:
     add_cohort_options(segment)
     segment.set_defaults(handler=run_segment)
 
-    novelty = commands.add_parser("novelty", help="novelty map of every input volume")
+    novelty = commands.add_parser("novelty", help="novelty map and novel region of every input volume")
     add_map_options(novelty)
     add_cohort_options(novelty)
     novelty.set_defaults(handler=run_novelty)

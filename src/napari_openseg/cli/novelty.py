@@ -4,7 +4,8 @@
 * ``openseg novelty seed --model MODEL --image VOL --mask MASK --out MODEL2`` (one-shot unknown seed)
 * ``openseg novelty map --model MODEL --image VOL [--out NOVELTY] [--scores-out DIR]``, or
   ``--support SUPPORT.npz`` instead of ``--model`` for the training-free option. By default it writes
-  ``<image>_novelty`` (the heat map) and ``<image>_novel_region`` (the thresholded mask) beside the image.
+  ``<image>_novelty`` (the heat map) and ``<image>_novelty_novel_region`` (the thresholded mask,
+  :func:`~napari_openseg.core.novelty.region.region_path`) beside the image.
 """
 
 from __future__ import annotations
@@ -274,12 +275,6 @@ def default_out(image: Path) -> Path:
     return image.with_name(f"{strip_suffix(image)}_novelty{image.name[len(strip_suffix(image)) :]}")
 
 
-def region_path(out: Path) -> Path:
-    from napari_openseg.io import strip_suffix
-
-    return out.with_name(f"{strip_suffix(out)}_novel_region{out.name[len(strip_suffix(out)) :]}")
-
-
 def novel_side(args: argparse.Namespace) -> str | None:
     """``--novel-when`` as the maps' ``side`` (``None``: no intensity map)."""
     return None if args.novel_when == NO_SIDE else args.novel_when
@@ -307,6 +302,7 @@ def map_options(args: argparse.Namespace) -> dict:
 
 def run_map(args: argparse.Namespace) -> int:
     from napari_openseg.cli._files import output_folder
+    from napari_openseg.core.novelty.region import region_path
     from napari_openseg.io import check_writable
 
     out = Path(args.out) if args.out else default_out(Path(args.image))
@@ -326,11 +322,10 @@ def run_map(args: argparse.Namespace) -> int:
 
 
 def _map(args: argparse.Namespace, out: Path, extra: dict[str, Path]) -> int:
-    import numpy as np
-
     from napari_openseg.cli._progress import with_progress_bar
     from napari_openseg.core.novelty.free import iter_training_free_novelty
     from napari_openseg.core.novelty.model import NoveltyModel, check_mask, check_seed
+    from napari_openseg.core.novelty.region import region_path, region_volume
     from napari_openseg.core.novelty.volume_map import iter_novelty_map
     from napari_openseg.core.support import load_support
     from napari_openseg.errors import OpenSegError
@@ -369,14 +364,15 @@ def _map(args: argparse.Namespace, out: Path, extra: dict[str, Path]) -> int:
             f"novelty {image.name}",
         )
     write_image(out, maps.fused, image, overwrite=args.overwrite)
-    write_image(region_path(out), maps.novel_regions().astype(np.uint8), image, overwrite=args.overwrite)
+    region = region_volume(maps)
+    write_image(region_path(out), region, image, overwrite=args.overwrite)
     for kind, path in extra.items():
         values = getattr(maps, kind)
         if values is not None:  # no appearance map with --novel-when unlike-every-class
             write_image(path, values, image, overwrite=args.overwrite)
     for note in maps.notes:
         print(f"note: {note}")
-    novel = int(maps.novel_regions().sum())
+    novel = int(region.sum())  # uint8 sums to a uint64
     print(
         f"{out}: novelty in [0, 1]; the automatic threshold {maps.threshold:.3f} flags {novel} voxels "
         f"({100 * novel / max(1, int(maps.mask.sum())):.1f}% of the body), written to {region_path(out)}"

@@ -13,8 +13,11 @@ For a task with entries E (at most ``max_entries``, a seeded sample):
    and pixel by pixel.
 4. **Estimates** (:class:`Estimate`): each held-out entry's Dice, on its painted pixels only, per
    method; mean and standard deviation over the entries.
-5. **Choice** (``method="auto"``): the method with the highest estimated Dice. Tasks with fewer than
-   :data:`MIN_CV_ENTRIES` entries are not cross-validated: ``auto`` runs the network and says so.
+5. **Choice** (``method="auto"``): the method with the highest estimated Dice, once the task has
+   :data:`MIN_CHOICE_ENTRIES` entries; with fewer, the estimates are too noisy to choose by and
+   ``auto`` runs the stacked method (which learns how far to trust the network), still reporting the
+   estimates. Tasks with fewer than :data:`MIN_CV_ENTRIES` entries are not cross-validated: ``auto``
+   runs the network and says so.
 6. **Final fits** on every entry, for the chosen method (for every method with ``fit_all``).
 
 Strokes: entries with a ``known`` mask (painted pixels; see :mod:`.support`) are fitted and scored on
@@ -56,6 +59,10 @@ log = logging.getLogger(__name__)
 DEFAULT_FOLDS = 4
 #: Fewer entries than this are not cross-validated (``auto`` runs the network alone).
 MIN_CV_ENTRIES = 3
+#: ``auto`` chooses by the cross-validated estimates from this many entries on (4 folds of >= 3
+#: held-out entries each); below it runs the stacked method. Chosen on the task bank's validation
+#: split (docs/evaluation.md): 10, 12 and 16 tie there, and 12 is the smallest with 3 entries a fold.
+MIN_CHOICE_ENTRIES = 12
 #: Entries one task fits and cross-validates on (a seeded sample of larger tasks).
 MAX_FIT_ENTRIES = 32
 #: Pixels a held-out entry is scored on (a weighted sample of each class past this; see :class:`ScoredPixels`).
@@ -401,8 +408,12 @@ def iter_fit_task(
             scored[i].dice(p, e.mask, threshold) for i, (p, e) in enumerate(zip(stacked_oof, entries))
         ]
     dice = {m: (float(np.mean(s)), float(np.std(s))) for m, s in scores.items()}
+    note = _note(entries, sparse)
     if method == "auto":
-        method = max(dice, key=lambda m: (round(dice[m][0], 6), -METHODS.index(m)))
+        method = _choose(dice, n)
+        if n < MIN_CHOICE_ENTRIES:
+            few = f"too few examples to choose a method by: {MIN_CHOICE_ENTRIES} or more are needed"
+            note = "; ".join(filter(None, [note, few]))
     yield Progress(k, total, f"fitting label {label}")
     everything = list(range(n))
     keep_pixel = settings.fit_all or method == "pixel-classifier"
@@ -412,7 +423,7 @@ def iter_fit_task(
         if ("stacked" in wanted and (settings.fit_all or method == "stacked"))
         else None
     )
-    estimate = Estimate(label, method, n, dice, _note(entries, sparse))
+    estimate = Estimate(label, method, n, dice, note)
     model = TaskModel(
         label,
         method,
@@ -425,6 +436,13 @@ def iter_fit_task(
     yield Progress(total, total, f"fitted label {label}")
     log.info("label %d: %s", label, estimate.describe())
     return model
+
+
+def _choose(dice: dict[str, tuple[float, float]], n: int) -> str:
+    """``auto``'s method for a task with ``n`` cross-validated entries (see the module docstring)."""
+    if n < MIN_CHOICE_ENTRIES:
+        return "stacked"
+    return max(dice, key=lambda m: (round(dice[m][0], 6), -METHODS.index(m)))
 
 
 def _note(entries: list[SupportEntry], sparse: bool) -> str:

@@ -1,15 +1,17 @@
 """Cohorts: one task (a support set's segmentation, a novelty map) over many files, resumable.
 
 :func:`plan_cohort` checks every input before any work (missing files are listed together), names each
-output ``<input name>_<tag>.<suffix>`` in the output folder (:func:`~napari_openseg.io.result_path`)
-and reads the folder's ``manifest.csv``: an item whose output exists and whose row says ``done`` with
-the same settings hash is skipped; any changed setting (options, the support set's entries, the
-weights' bytes) changes the hash and recomputes it. :func:`iter_cohort` runs the rest on Dask
-(:mod:`.cohort_dask`) or in this process, yielding progress per finished item. The manifest is
-rewritten atomically as items finish (at most once a second, and at the end); items not yet finished
-are ``pending`` in it. Outputs are written whole or not at all, and temporary files a killed worker
-left are removed at the start and end of a run, which a lock file keeps to one at a time per folder.
-A failed item (an unreadable file, a 4D image, ...) is recorded with its message; the others go on.
+output ``<input name>_<tag>.<suffix>`` in the output folder (:func:`~napari_openseg.io.result_path`, one
+per tag of the task: a novelty map and its novel region) and reads the folder's ``manifest.csv``: an
+item whose row says ``done`` with the same settings hash and lists all its outputs, and whose outputs
+all exist, is skipped; one missing output recomputes the item, and any changed setting (options, the
+support set's entries, the weights' bytes) changes the hash and recomputes it. :func:`iter_cohort`
+runs the rest on Dask (:mod:`.cohort_dask`) or in this process, yielding progress per finished item.
+The manifest is rewritten atomically as items finish (at most once a second, and at the end); items
+not yet finished are ``pending`` in it. Outputs are written whole or not at all (each file), and
+temporary files a killed worker left are removed at the start and end of a run, which a lock file
+keeps to one at a time per folder. A failed item (an unreadable file, a 4D image, ...) is recorded with
+its message; the others go on.
 """
 
 from __future__ import annotations
@@ -37,7 +39,12 @@ from napari_openseg.core.progress import Progress, run_to_end
 from napari_openseg.errors import OpenSegError
 
 MANIFEST_NAME = "manifest.csv"
-MANIFEST_FIELDS = ("input", "output", "status", "error", "seconds", "device", "settings_hash")
+#: The columns a manifest must have; ``outputs`` (added later) may be missing in one written before.
+REQUIRED_FIELDS = ("input", "output", "status", "error", "seconds", "device", "settings_hash")
+#: ``output``: an item's main output, which names its row; ``outputs``: all its files, main first,
+#: separated by :data:`OUTPUTS_SEPARATOR`.
+MANIFEST_FIELDS = (*REQUIRED_FIELDS, "outputs")
+OUTPUTS_SEPARATOR = ";"
 LOCK_NAME = ".openseg-batch.lock"
 #: Seconds between two rewrites of the manifest while items finish.
 MANIFEST_INTERVAL = 1.0
@@ -117,9 +124,9 @@ def read_manifest(path: str | Path) -> dict[str, dict[str, str]]:
     try:
         with open(path, newline="") as handle:
             reader = csv.DictReader(handle)
-            if not set(MANIFEST_FIELDS) <= set(reader.fieldnames or ()):
+            if not set(REQUIRED_FIELDS) <= set(reader.fieldnames or ()):
                 raise OpenSegError(
-                    f"{path} is not a batch manifest (it lacks the columns {', '.join(MANIFEST_FIELDS)});"
+                    f"{path} is not a batch manifest (it lacks the columns {', '.join(REQUIRED_FIELDS)});"
                     " move it away or choose another output folder"
                 )
             return {row["output"]: row for row in reader}
@@ -137,7 +144,19 @@ def write_manifest(path: Path, rows: dict[str, dict[str, str]]) -> None:
         writer = csv.DictWriter(handle, MANIFEST_FIELDS)
         writer.writeheader()
         for name in sorted(rows):
-            writer.writerow({key: rows[name].get(key, "") for key in MANIFEST_FIELDS})
+            writer.writerow({key: rows[name].get(key) or "" for key in MANIFEST_FIELDS})
+
+
+def output_names(item: CohortItem) -> str:
+    """The manifest's ``outputs`` of an item: its files' names, main first."""
+    return OUTPUTS_SEPARATOR.join(path.name for path in item.outputs)
+
+
+def listed_outputs(row: dict[str, str] | None) -> set[str]:
+    """The file names a manifest row claims (``output`` alone in a manifest written before ``outputs``)."""
+    if row is None:
+        return set()
+    return set(filter(None, (row.get("outputs") or row["output"]).split(OUTPUTS_SEPARATOR)))
 
 
 @dataclass
@@ -173,10 +192,14 @@ def plan_cohort(
         if Path(given).is_dir() and Path(given).resolve() == out_dir.resolve():
             raise OpenSegError(f"{out_dir} is the output folder; keep the inputs in another folder")
     sources = collect_inputs(inputs)
-    items = [CohortItem(source, result_path(out_dir, source, task.tag)) for source in sources]
+    items = [
+        CohortItem(source, tuple(result_path(out_dir, source, tag) for tag in task.tags))
+        for source in sources
+    ]
     by_output: dict[Path, list[Path]] = {}
     for item in items:
-        by_output.setdefault(item.output, []).append(item.source)
+        for output in item.outputs:
+            by_output.setdefault(output, []).append(item.source)
     clashes = [f"{', '.join(map(str, s))} -> {o.name}" for o, s in by_output.items() if len(s) > 1]
     if clashes:
         raise OpenSegError(
@@ -184,7 +207,7 @@ def plan_cohort(
             "rename them or run them into different output folders"
         )
     given = {source.resolve() for source in sources}
-    both = [item.output for item in items if item.output.resolve() in given]
+    both = [output for item in items for output in item.outputs if output.resolve() in given]
     if both:
         raise OpenSegError(
             f"{_listing(both)}: an output would replace one of the inputs; "
@@ -196,17 +219,20 @@ def plan_cohort(
     todo, skipped, foreign = [], [], []
     for item in items:
         row = rows.get(item.output.name)
+        unlisted = [path for path in item.outputs if path.name not in listed_outputs(row)]
         if (
             row is not None
             and row["status"] == "done"
             and row["settings_hash"] == digest
             and row["input"] == str(item.source)
-            and item.output.is_file()
+            and not unlisted
+            and all(path.is_file() for path in item.outputs)
         ):
             skipped.append(item)
+            rows[item.output.name] = {**row, "outputs": output_names(item)}
             continue
-        if row is None and item.output.exists() and not overwrite:
-            foreign.append(item.output)
+        if not overwrite:
+            foreign += [path for path in unlisted if os.path.lexists(path)]
         todo.append(item)
     if foreign:
         raise OpenSegError(
@@ -258,8 +284,9 @@ def _remove_partials(plan: CohortPlan) -> None:
     from napari_openseg.output_files import partial_files
 
     for item in plan.todo:
-        for stale in partial_files(item.output):
-            stale.unlink(missing_ok=True)
+        for output in item.outputs:
+            for stale in partial_files(output):
+                stale.unlink(missing_ok=True)
     for stale in partial_files(plan.manifest):
         stale.unlink(missing_ok=True)
 
@@ -291,6 +318,7 @@ def _row(result: ItemResult, digest: str) -> dict[str, str]:
         "seconds": f"{result.seconds:.2f}",
         "device": result.device,
         "settings_hash": digest,
+        "outputs": output_names(result.item),
     }
 
 
@@ -340,6 +368,7 @@ def iter_cohort(
                 "output": item.output.name,
                 "status": "pending",
                 "settings_hash": plan.settings_hash,
+                "outputs": output_names(item),
             }
         write_manifest(plan.manifest, rows)
         job = CohortJob(plan.task, plan.settings_hash)

@@ -1,10 +1,12 @@
 """What each item of a cohort runs: a task (segmentation, novelty map) applied to one image at a time.
 
 A task is a small picklable description (files, weights and keyword options) so that it can travel to
-Dask workers. :meth:`SegmentTask.prepare` loads what every item shares (the support set and the
-network); :func:`process_item` keeps that per process, keyed by the task's settings hash, so a worker
-loads it once and not per item. The napari Segment widget runs its open images through the same
-:class:`SegmentTask` (:meth:`~SegmentTask.prepare` once, :meth:`~SegmentTask.iter_run` per image).
+Dask workers. It names its outputs by ``tags`` (one file per tag and input, the first the main one)
+and :meth:`~SegmentTask.outputs` gives their arrays in that order. :meth:`SegmentTask.prepare` loads
+what every item shares (the support set and the network); :func:`process_item` keeps that per process,
+keyed by the task's settings hash, so a worker loads it once and not per item. The napari Segment
+widget runs its open images through the same :class:`SegmentTask` (:meth:`~SegmentTask.prepare` once,
+:meth:`~SegmentTask.iter_run` per image).
 
 Options are the keywords of the core function the task calls (``iter_segment``,
 ``iter_novelty_map``, ``iter_training_free_novelty``) and are passed through unchanged, so new
@@ -26,6 +28,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+from napari_openseg.core.novelty.region import REGION_SUFFIX, region_volume
 from napari_openseg.core.progress import Progress, run_to_end
 from napari_openseg.errors import OpenSegError
 
@@ -42,7 +45,8 @@ class CohortTask(Protocol):
     """What :func:`process_item` needs of a task."""
 
     name: ClassVar[str]
-    tag: ClassVar[str]
+    #: One output file per tag and input (``<input>_<tag>``), the first the main one.
+    tags: ClassVar[tuple[str, ...]]
     options: dict[str, Any]
 
     def settings(self) -> dict[str, Any]: ...
@@ -53,7 +57,7 @@ class CohortTask(Protocol):
 
     def iter_run(self, prepared: Any, image: np.ndarray, **overrides) -> Generator[Progress, None, Any]: ...
 
-    def output(self, result: Any) -> np.ndarray: ...
+    def outputs(self, result: Any) -> tuple[np.ndarray, ...]: ...
 
 
 def digest(source: Any) -> str | None:
@@ -130,7 +134,7 @@ class SegmentTask:
     options: dict[str, Any] = field(default_factory=dict)
 
     name: ClassVar[str] = "segment"
-    tag: ClassVar[str] = "labels"
+    tags: ClassVar[tuple[str, ...]] = ("labels",)
 
     def settings(self) -> dict[str, Any]:
         from napari_openseg.core.support import load_support
@@ -170,8 +174,9 @@ class SegmentTask:
         options.update((key, value) for key, value in overrides.items() if key != "device")
         return iter_segment_with(engine, image, **options)
 
-    def output(self, result) -> np.ndarray:
-        return result.labels
+    def outputs(self, result) -> tuple[np.ndarray, ...]:
+        """The labels."""
+        return (result.labels,)
 
 
 @dataclass
@@ -180,7 +185,9 @@ class NoveltyTask:
     :class:`~napari_openseg.core.novelty.model.NoveltyModel`), or training-free from ``support`` with
     in-context ``weights`` and an optional ``unknown_seed`` ``(image file, mask file)``.
 
-    ``options`` are the keywords of ``iter_novelty_map`` or ``iter_training_free_novelty``.
+    ``options`` are the keywords of ``iter_novelty_map`` or ``iter_training_free_novelty``. Each volume
+    gives the heat map and the novel region, named and thresholded as ``openseg novelty map`` does
+    (:mod:`napari_openseg.core.novelty.region`).
     """
 
     model: Any = None
@@ -190,7 +197,8 @@ class NoveltyTask:
     options: dict[str, Any] = field(default_factory=dict)
 
     name: ClassVar[str] = "novelty"
-    tag: ClassVar[str] = "novelty"
+    #: ``<input>_novelty_novel_region`` is ``region_path`` of ``<input>_novelty``, as `novelty map` names it
+    tags: ClassVar[tuple[str, ...]] = ("novelty", f"novelty{REGION_SUFFIX}")
 
     def __post_init__(self) -> None:
         if (self.model is None) == (self.support is None):
@@ -261,16 +269,22 @@ class NoveltyTask:
             return iter_novelty_map(image, first, **options)
         return iter_training_free_novelty(image, first, net, unknown_seed=seed, **options)
 
-    def output(self, result) -> np.ndarray:
-        return result.fused
+    def outputs(self, result) -> tuple[np.ndarray, ...]:
+        """The fused heat map and the novel region."""
+        return result.fused, region_volume(result)
 
 
 @dataclass(frozen=True)
 class CohortItem:
-    """One input file and the file its result goes to."""
+    """One input file and the files its results go to (in the order of the task's ``tags``)."""
 
     source: Path
-    output: Path
+    outputs: tuple[Path, ...]
+
+    @property
+    def output(self) -> Path:
+        """The main output, which names the item in the manifest."""
+        return self.outputs[0]
 
 
 @dataclass
@@ -378,8 +392,9 @@ def failure_message(err: BaseException) -> str:
 
 
 def process_item(item: CohortItem, job: CohortJob) -> ItemResult:
-    """Read ``item.source``, run the job's task, write ``item.output`` (atomically, with the input's
-    geometry); any error of the item is returned as a failed result, not raised."""
+    """Read ``item.source``, run the job's task, write each of ``item.outputs`` (each atomically, with
+    the input's geometry, once all are computed); any error of the item is returned as a failed result,
+    not raised."""
     from napari_openseg.core.device import resolve_device
     from napari_openseg.io import read_image, write_image
 
@@ -391,7 +406,9 @@ def process_item(item: CohortItem, job: CohortJob) -> ItemResult:
         prepared = prepared_for(job, overrides.get("device"))
         image = read_image(item.source)
         result = run_to_end(job.task.iter_run(prepared, image.data, rgb=image.rgb, **overrides))
-        write_image(item.output, job.task.output(result), image, overwrite=True)
+        arrays = job.task.outputs(result)
+        for path, array in zip(item.outputs, arrays, strict=True):
+            write_image(path, array, image, overwrite=True)
     except Exception as err:  # one item's failure is recorded; the cohort goes on
         if isinstance(err, OpenSegError):
             log.info("%s failed: %s", item.source, err)
