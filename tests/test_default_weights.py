@@ -17,20 +17,29 @@ from napari_openseg.model.registry import (
     propagation_weights,
     read_weights_file,
 )
+from napari_openseg.training.taskbank import load_manifest
 
 
-@pytest.mark.parametrize("name", [DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS])
-def test_default_weights_are_bundled_small_and_documented(name):
+@pytest.mark.parametrize("name", [DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, "openseg-v2"])
+def test_bundled_weights_are_small_documented_and_trained_on_permissive_data_only(name):
     entry = REGISTRY[name]
     assert entry.bundled and is_available(name), f"{entry.path} is missing"
     assert entry.path.stat().st_size < 5_000_000
     config, state, info = read_weights_file(entry.path)
     assert config.grid_size in (64, 96, 128) and config.encoder_channels == (32, 32, 32, 32)
-    assert "CC BY-SA 4.0" in info["training_data"] and "synthetic" in info["training_data"]
+    assert "synthetic" in info["training_data"] and "hippocampus" in info["training_data"]
     assert info["model_card"] == "docs/model-card.md" and int(info["step"]) > 0
     assert info["name"] == name
     train_config = json.loads(info["train_config"])
-    assert train_config["real_families"] == ["hippocampus"]  # nothing research-only was trained on
+    assert train_config["real_families"] == ["hippocampus"]
+    assert train_config.get("task_bank") in (None, "permissive")  # never "all": no research set
+    for dataset in load_manifest().values():  # the provenance names no research set either
+        if dataset.licence_class != "permissive":
+            assert dataset.name not in info["training_data"], dataset.name
+    if train_config.get("task_bank"):
+        assert "CC-BY-SA-4.0" in info["training_data"] and "Apache-2.0" in info["training_data"]
+    else:
+        assert "CC BY-SA 4.0" in info["training_data"]
     assert all(np.isfinite(v.float().numpy()).all() for v in state.values())
 
 

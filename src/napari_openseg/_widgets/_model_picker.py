@@ -18,7 +18,7 @@ from napari_openseg._widgets._controls import Collapsible, form_row
 from napari_openseg._widgets._session import connect_widget
 from napari_openseg.core.device import available_devices
 from napari_openseg.errors import OpenSegError
-from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, REGISTRY, is_available
+from napari_openseg.model.registry import DEFAULT_WEIGHTS, REGISTRY, is_available
 
 WEIGHTS_FILE = "Weights file…"
 
@@ -55,7 +55,7 @@ class ModelPicker(QWidget):
         self.device_combo = form_row(form, "Device", QComboBox(), "where the network runs")
         self.device_combo.addItems(["auto", *available_devices()])
 
-        for name in (DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, "universeg-v1"):
+        for name in (DEFAULT_WEIGHTS, *(n for n in REGISTRY if n != DEFAULT_WEIGHTS)):
             if name == DEFAULT_WEIGHTS or is_available(name):
                 self.weights_combo.addItem(name)
         self.weights_combo.addItem(WEIGHTS_FILE)

@@ -73,6 +73,14 @@ REGISTRY: dict[str, WeightsEntry] = {
         filename="openseg-propagate.pt",
         bundled=True,
     ),
+    "openseg-v2": WeightsEntry(
+        name="openseg-v2",
+        description="napari-openseg's weights trained on the permissive sets of the task bank (nine "
+        "modalities; see docs/model-card.md); not yet the default",
+        licence="BSD-3-Clause (same as napari-openseg); see docs/model-card.md for the training data",
+        filename="openseg-v2.pt",
+        bundled=True,
+    ),
     "universeg-v1": WeightsEntry(
         name="universeg-v1",
         description="official UniverSeg v1 weights (Butoi et al., 2023), 64 features, support size 64",
