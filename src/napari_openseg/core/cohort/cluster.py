@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 WORKER_TIMEOUT_S = 600.0
 
 #: How users get Dask: the package extra that carries it.
-INSTALL_HINT = "pip install 'napari-openseg[cluster]' (or: pip install 'dask[distributed]')"
+INSTALL_HINT = "pip install 'napari-openseg[cluster]' (or: pip install distributed)"
 
 
 def require_distributed():
