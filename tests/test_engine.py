@@ -209,9 +209,9 @@ def test_auto_chooses_by_the_estimates_from_12_entries_and_stacks_below(tiny_net
     assert enough.examples == 12 and enough.method == best and enough.note == ""
     # the rule itself: below 12 the estimates are not used, from 12 on the best one wins (ties: order)
     dice = {"network": (0.9, 0.0), "pixel-classifier": (0.5, 0.0), "stacked": (0.7, 0.0)}
-    assert stacking._choose(dice, stacking.MIN_CHOICE_ENTRIES - 1) == "stacked"
-    assert stacking._choose(dice, stacking.MIN_CHOICE_ENTRIES) == "network"
-    assert stacking._choose({m: (0.8, 0.0) for m in dice}, 20) == "network"
+    assert stacking._choose(dice, stacking.MIN_CHOICE_ENTRIES - 1)[0] == "stacked"
+    assert stacking._choose(dice, stacking.MIN_CHOICE_ENTRIES) == ("network", "")
+    assert stacking._choose({m: (0.8, 0.0) for m in dice}, 20) == ("network", "")
 
 
 def test_one_network_is_prepared_once_and_reused(tiny_net):

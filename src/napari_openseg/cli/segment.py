@@ -38,7 +38,8 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
         "--method",
         default=defaults.method,
         choices=CHOICES,
-        help="auto (per task, the best cross-validated on the support set), network, "
+        help="auto (per task: the best cross-validated on the support set from 12 examples, stacked "
+        "below), network, "
         "pixel-classifier or stacked (filters and the network's probability)",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the support subsets")

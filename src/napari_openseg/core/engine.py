@@ -6,7 +6,7 @@ and the support set, so that evaluation measures exactly what users run.
 * stacking and support cross-validation (:mod:`.stacking`): per task, the pixel classifier
   (:mod:`.pixel_classifier`) and the stacked classifier (filters + the network's probability) are
   cross-validated against the network on the support entries, and ``method="auto"`` runs the one with
-  the highest estimated Dice;
+  the highest estimated Dice (the stacked one for tasks with fewer than 12 entries);
 * :class:`Engine`: a support set, a network and the settings; it fits every task once
   (:meth:`Engine.iter_fit`) and then predicts batches of slices (:meth:`Engine.predict`).
 

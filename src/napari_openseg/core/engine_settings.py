@@ -23,7 +23,8 @@ DEFAULT_ENSEMBLE = 1
 DEFAULT_THRESHOLD = 0.5
 #: How a task is segmented: the in-context network, the pixel classifier, or both stacked.
 METHODS: tuple[str, ...] = ("network", "pixel-classifier", "stacked")
-#: ``"auto"``: per task, the method with the best cross-validated Dice on the support set.
+#: ``"auto"``: per task, the method with the best cross-validated Dice on the support set (stacked
+#: for tasks with too few entries to choose by, :data:`~napari_openseg.core.stacking.MIN_CHOICE_ENTRIES`).
 CHOICES: tuple[str, ...] = ("auto", *METHODS)
 DEFAULT_METHOD = "auto"
 #: The network's number format (float16 only on GPUs, see :func:`~napari_openseg.core.device.resolve_precision`).
@@ -58,7 +59,7 @@ class SegmentSettings:
     threshold
         Minimum probability of the winning task for a voxel to be labelled.
     method
-        ``"auto"`` (per task, the method with the best cross-validated Dice), ``"network"``,
+        ``"auto"`` (per task, the method with the best cross-validated Dice; stacked below 12 entries), ``"network"``,
         ``"pixel-classifier"`` or ``"stacked"`` (:class:`~napari_openseg.core.engine.Engine`).
     precision, aspect, formulation
         The network's number format, how slices are fitted to its grid, and ``"fast"`` or

@@ -410,10 +410,8 @@ def iter_fit_task(
     dice = {m: (float(np.mean(s)), float(np.std(s))) for m, s in scores.items()}
     note = _note(entries, sparse)
     if method == "auto":
-        method = _choose(dice, n)
-        if n < MIN_CHOICE_ENTRIES:
-            few = f"too few examples to choose a method by: {MIN_CHOICE_ENTRIES} or more are needed"
-            note = "; ".join(filter(None, [note, few]))
+        method, why = _choose(dice, n)
+        note = "; ".join(filter(None, [note, why]))
     yield Progress(k, total, f"fitting label {label}")
     everything = list(range(n))
     keep_pixel = settings.fit_all or method == "pixel-classifier"
@@ -438,11 +436,12 @@ def iter_fit_task(
     return model
 
 
-def _choose(dice: dict[str, tuple[float, float]], n: int) -> str:
-    """``auto``'s method for a task with ``n`` cross-validated entries (see the module docstring)."""
+def _choose(dice: dict[str, tuple[float, float]], n: int) -> tuple[str, str]:
+    """``auto``'s method for a task with ``n`` cross-validated entries (see the module docstring),
+    and why, when the estimates were not used to choose it."""
     if n < MIN_CHOICE_ENTRIES:
-        return "stacked"
-    return max(dice, key=lambda m: (round(dice[m][0], 6), -METHODS.index(m)))
+        return "stacked", f"too few examples to choose a method by: {MIN_CHOICE_ENTRIES} or more are needed"
+    return max(dice, key=lambda m: (round(dice[m][0], 6), -METHODS.index(m))), ""
 
 
 def _note(entries: list[SupportEntry], sparse: bool) -> str:
