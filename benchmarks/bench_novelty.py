@@ -279,6 +279,8 @@ def timing(args) -> None:
             "--device",
             args.device,
         ] + (["--weights", args.weights] if args.weights else [])
+        if args.support_size is not None:
+            command += ["--support-size", str(args.support_size)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"| {label} | failed: {done.stderr.strip().splitlines()[-1:]} | | | | |")
@@ -314,7 +316,9 @@ def _time_one(args) -> None:
         image[16:240, 32:224, 48:208] = case["image"].data  # the brain inside a 256^3 field of view
     if args.kind == "free":
         support = build_support_set(protocol.train_half(image), protocol.train_half(case["known"]), axis=0)
-        gen = iter_training_free_novelty(image, support, args.weights, axis=0, device=args.device)
+        gen = iter_training_free_novelty(
+            image, support, args.weights, axis=0, device=args.device, **bench_novelty_lgg.free_options(args)
+        )
     elif args.kind.startswith("default"):
         gen = iter_novelty_map(image, _default_model(len(protocol.KNOWN) + 1), device=args.device)
     else:

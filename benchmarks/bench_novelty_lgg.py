@@ -105,7 +105,14 @@ def maps(args) -> None:
             began, cpu = time.perf_counter(), _cpu_seconds()
             if source == "free":
                 result = training_free_novelty(
-                    image, support_set, args.weights, axis=0, device="cpu", mask=case["head"], keep_raw=True
+                    image,
+                    support_set,
+                    args.weights,
+                    axis=0,
+                    device="cpu",
+                    mask=case["head"],
+                    keep_raw=True,
+                    **free_options(args),
                 )
             else:
                 result = novelty_map(image, model, mask=case["head"], device="cpu", keep_raw=True)
@@ -120,6 +127,11 @@ def maps(args) -> None:
                 notes=json.dumps(result.notes),
             )
             print(f"{case_id} {source}: {wall:.1f} s wall, {cpu:.1f} s CPU {result.notes or ''}", flush=True)
+
+
+def free_options(args) -> dict:
+    """The training-free map's settings given on the command line (the defaults otherwise)."""
+    return {} if args.support_size is None else {"support_size": args.support_size}
 
 
 def _load_maps(args, case_id: str) -> dict:
@@ -280,6 +292,12 @@ def add_arguments(parser) -> None:
         choices=SOURCES,
         default=list(SOURCES),
         help="lgg-maps: which embeddings to map with",
+    )
+    parser.add_argument(
+        "--support-size",
+        type=int,
+        default=None,
+        help="lgg-maps, timing: support entries per task of the training-free map (default: the settings')",
     )
     parser.add_argument(
         "--lgg-epochs", type=int, default=0, help="lgg-train: epochs (0: the default settings')"

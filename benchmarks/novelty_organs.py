@@ -129,6 +129,8 @@ def run(args) -> None:
     from napari_openseg.core.preprocess import normalize_intensity
     from napari_openseg.core.support import build_support_set
 
+    from bench_novelty_lgg import free_options
+
     print("\n### Organ protocol (training-free, default weights); AUROC held-out vs known structures\n")
     print(
         "| case | intensity | cosine | distance | appearance brighter / darker / either | fused brighter | "
@@ -140,7 +142,14 @@ def run(args) -> None:
         support = build_support_set(data["support_image"], data["support_labels"], axis=case.slice_axis)
         began = time.perf_counter()
         maps = training_free_novelty(
-            data["image"], support, args.weights, axis=case.slice_axis, device="cpu", keep_raw=True, side=None
+            data["image"],
+            support,
+            args.weights,
+            axis=case.slice_axis,
+            device="cpu",
+            keep_raw=True,
+            side=None,
+            **free_options(args),
         )
         seconds = time.perf_counter() - began
         positive, negative = data["positive"] & maps.mask, data["negative"] & maps.mask

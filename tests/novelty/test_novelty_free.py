@@ -114,3 +114,26 @@ def test_the_segmentation_holds_only_predicted_classes_even_where_two_touch():
     segmentation = maps.segmentation  # the default weights tell these three apart
     assert not (segmentation[:, 8:40] == 2).any()
     assert not (segmentation[:, :, 44:] == 1).any()
+
+
+def test_slices_without_body_are_not_embedded_and_the_rest_is_unchanged(case, monkeypatch):
+    net, image, _, support = case
+    mask = np.zeros(image.shape, bool)
+    mask[3:-3] = True  # the first and last three slices hold no body
+    embedded = []
+    original = InContextEmbedder.embed
+
+    def counting(self, query, encoded=None):
+        embedded.append(query.shape[0])
+        return original(self, query, encoded)
+
+    monkeypatch.setattr(InContextEmbedder, "embed", counting)
+    options = {"axis": 0, "support_size": 4, "device": "cpu", "keep_raw": True, "batch_size": 1}
+    full = training_free_novelty(image, support, net, mask=np.ones(image.shape, bool), **options)
+    in_full, embedded[:] = len(embedded), []
+    masked = training_free_novelty(image, support, net, mask=mask, **options)
+    assert in_full - len(embedded) == 6  # the same prototype slices, six query slices fewer
+    assert np.all(masked.raw[:, :3] == 0) and np.all(masked.raw[:, -3:] == 0)
+    assert np.all(masked.segmentation[:3] == 0) and np.all(masked.segmentation[-3:] == 0)
+    assert np.allclose(masked.raw[:, 3:-3], full.raw[:, 3:-3], atol=1e-5)
+    assert np.array_equal(masked.segmentation[3:-3], full.segmentation[3:-3])

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from napari_openseg.core.engine import auto_batch_size, prepare_network
-from napari_openseg.core.engine_settings import DEFAULT_ASPECT, DEFAULT_SUPPORT_SIZE
+from napari_openseg.core.engine_settings import DEFAULT_ASPECT
 from napari_openseg.core.novelty.model import body_mask, check_mask, check_seed, check_volume
 from napari_openseg.core.novelty.prototypes import DEFAULT_MOMENTUM, PrototypeBank
 from napari_openseg.core.novelty.scores import (
@@ -36,7 +36,12 @@ from napari_openseg.core.novelty.scores import (
     maps_from_raw,
     score_channels,
 )
-from napari_openseg.core.novelty.settings import DEFAULT_PROTOTYPE_SLICES, FREE_OPTIONS, NoveltySettings
+from napari_openseg.core.novelty.settings import (
+    DEFAULT_FREE_SUPPORT_SIZE,
+    DEFAULT_PROTOTYPE_SLICES,
+    FREE_OPTIONS,
+    NoveltySettings,
+)
 from napari_openseg.core.novelty.volume_map import ADAPT_STRIDE
 from napari_openseg.core.preprocess import from_grid, masks_to_grid, normalize_intensity, to_grid
 from napari_openseg.core.progress import Progress, run_to_end
@@ -65,7 +70,7 @@ class InContextEmbedder:
         support: SupportSet,
         model=None,
         *,
-        support_size: int = DEFAULT_SUPPORT_SIZE,
+        support_size: int = DEFAULT_FREE_SUPPORT_SIZE,
         seed: int = 0,
         device: str | torch.device = "auto",
         batch_size: int | None = None,
@@ -236,7 +241,9 @@ def iter_training_free_novelty(
         seed_unknown_from(embedder, bank, unknown_seed[0], unknown_seed[1], axis)
     stack = _slices(normalized, axis)
     n = stack.shape[0]
-    sampled = list(range(0, n, ADAPT_SLICE_STRIDE)) if adapt_unknown else []
+    # Slices without a voxel of the body are never scored (every map is 0 outside it): skip them.
+    inside = np.flatnonzero(_slices(mask, axis).any(axis=(1, 2)))
+    sampled = list(inside[::ADAPT_SLICE_STRIDE]) if adapt_unknown else []
     adapt_batches = range(0, len(sampled), embedder.batch_size)
     total = n + len(adapt_batches)
     yield Progress(0, total, "training-free novelty")
@@ -255,20 +262,22 @@ def iter_training_free_novelty(
             100 * won,
         )
     raw = np.zeros((4, *stack.shape), np.float32)
-    nearest = np.zeros(stack.shape, np.min_scalar_type(bank.num_classes))  # class indices, not label values
-    for start in range(0, n, embedder.batch_size):
-        stop = min(n, start + embedder.batch_size)
+    # class indices, not label values; index 0 (background) where a slice is not embedded
+    nearest = np.zeros(stack.shape, np.min_scalar_type(bank.num_classes))
+    for first in range(0, len(inside), embedder.batch_size):
+        picked = inside[first : first + embedder.batch_size]
         query, mapping = to_grid(
-            torch.from_numpy(np.ascontiguousarray(stack[start:stop])).to(embedder.device), embedder.grid
+            torch.from_numpy(np.ascontiguousarray(stack[picked])).to(embedder.device), embedder.grid
         )
         emb = embedder.embed(query)  # "b E g g"
         flat = emb.permute(0, 2, 3, 1).reshape(-1, emb.shape[1])
         scores = score_channels(flat, bank).reshape(emb.shape[0], *emb.shape[2:], 4).permute(0, 3, 1, 2)
-        raw[:, start:stop] = from_grid(scores, mapping).permute(1, 0, 2, 3).cpu().numpy()
+        raw[:, picked] = from_grid(scores, mapping).permute(1, 0, 2, 3).cpu().numpy()
         # resize the similarities, not the class indices: indices 0 and 3 side by side would blend into 1
         sims = class_similarities(flat, bank).reshape(emb.shape[0], *emb.shape[2:], -1).permute(0, 3, 1, 2)
-        nearest[start:stop] = from_grid(sims, mapping).argmax(dim=1).cpu().numpy()
-        yield Progress(len(adapt_batches) + stop, total, "training-free novelty")
+        nearest[picked] = from_grid(sims, mapping).argmax(dim=1).cpu().numpy()
+        done = n - len(inside) + first + len(picked)
+        yield Progress(len(adapt_batches) + done, total, "training-free novelty")
     raw = np.moveaxis(raw, 1, axis % 3 + 1)
     values = np.asarray(bank.class_values, dtype=label_dtype(max(bank.class_values)))
     segmentation = np.moveaxis(values[nearest], 0, axis)
