@@ -123,13 +123,12 @@ def run(args) -> None:
     """Stage ``organs``: training-free maps of every case, AUROC of each map, beside plain intensity."""
     import time
 
+    from bench_novelty_lgg import free_options
     from napari_openseg.core.novelty.free import training_free_novelty
     from napari_openseg.core.novelty.scores import auroc, maps_from_raw
     from napari_openseg.core.novelty.settings import APPEARANCE_SIGMA, DEFAULT_WEIGHTS
     from napari_openseg.core.preprocess import normalize_intensity
     from napari_openseg.core.support import build_support_set
-
-    from bench_novelty_lgg import free_options
 
     print("\n### Organ protocol (training-free, default weights); AUROC held-out vs known structures\n")
     print(
