@@ -15,12 +15,14 @@ only and any other file on every permissive set's train split. Sets labelled by 
 
 Run: ``python benchmarks/bench_bank_quality.py --weights new=runs/v2/best.pt current=openseg-default
 --threads 2 [--json OUT]``; prints Markdown tables (they go into docs/model-card.md). Needs ../shared.
+``--json`` is written after every set, so a run stopped early keeps the sets it finished;
+``--tables-from A.json [B.json ...]`` prints the tables of such files, of one run (finished or not)
+or of runs over different ``--sets`` merged.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -36,6 +38,9 @@ from napari_openseg.evaluation.data import build_tasks, find_folder  # noqa: E40
 from napari_openseg.evaluation.evaluate import iter_evaluate_tasks, networks  # noqa: E402
 from napari_openseg.training.splits import shared_data_dir  # noqa: E402
 from napari_openseg.training.taskbank import discover, set_cases, trainable_sets  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from saved_runs import merge_runs, write_run  # noqa: E402
 
 BASELINES = ("label_prior", "pixel_classifier")
 
@@ -82,13 +87,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-pixel-classifier", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", help="also write every number to this file")
+    parser.add_argument("--json", help="also write every number to this file (after every set)")
     parser.add_argument(
-        "--tables-from", metavar="JSON", help="print the tables of an earlier run's --json file"
+        "--tables-from",
+        nargs="+",
+        metavar="JSON",
+        help="print the tables of earlier --json files (runs over different sets: merged)",
     )
     args = parser.parse_args(argv)
     if args.tables_from:
-        return reprint(Path(args.tables_from), args)
+        return reprint(args.tables_from, args)
     torch.set_num_threads(args.threads)
     data = shared_data_dir()
     if data is None:
@@ -145,30 +153,39 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+        if args.json:  # after every set, so that a run stopped early keeps what it measured
+            write_run(args.json, payload(results, weights, trained, args))
         print(f"# {dataset.name}: {time.perf_counter() - tick:.0f} s", file=sys.stderr, flush=True)
     print_tables(results, list(weights), baselines, trained, args, time.perf_counter() - started)
     if args.json:
-        payload = {
-            "results": results,
-            "weights": weights,
-            "trained_on": {k: sorted(v) for k, v in trained.items()},
-            "split": args.split,
-            "seed": args.seed,
-            "max_queries": args.max_queries,
-        }
-        Path(args.json).write_text(json.dumps(payload, indent=1))
+        write_run(args.json, payload(results, weights, trained, args))
     return 0
 
 
-def reprint(path: Path, args) -> int:
-    """The tables of a saved run, with the sets each weights file trained on as stored in it."""
-    saved = json.loads(path.read_text())
-    results, labels = saved["results"], list(saved["weights"])
+def payload(results: dict, weights: dict[str, str], trained: dict[str, set[str]], args) -> dict:
+    """What ``--json`` holds: every number so far and what :func:`reprint` needs to print it."""
+    return {
+        "results": results,
+        "weights": weights,
+        "trained_on": {k: sorted(v) for k, v in trained.items()},
+        "split": args.split,
+        "seed": args.seed,
+        "max_queries": args.max_queries,
+    }
+
+
+def reprint(files: list[str], args) -> int:
+    """The tables of saved runs (merged), with the sets each weights file trained on as stored."""
+    runs, results = merge_runs(files, ("weights", "split", "seed", "max_queries"))
+    if not results:
+        print(f"{', '.join(files)}: no set measured yet", file=sys.stderr)
+        return 1
+    saved, labels = runs[0], list(runs[0]["weights"])
     first = next(iter(results.values()))["scores"]
     columns = list(next(iter(first.values())))
     args.split, args.seed, args.max_queries = saved["split"], saved["seed"], saved["max_queries"]
     args.support_sizes = [int(s) for s in first]
-    trained = {k: set(v) for k, v in saved["trained_on"].items()}
+    trained = {k: set().union(*(run["trained_on"].get(k, ()) for run in runs)) for k in saved["trained_on"]}
     trained.update({k: set(v.split(",")) for k, _, v in (t.partition("=") for t in args.trained_on)})
     print_tables(results, labels, [c for c in columns if c not in labels], trained, args, None)
     return 0

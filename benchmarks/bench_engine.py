@@ -23,7 +23,6 @@ prints Markdown tables (docs/evaluation.md, docs/model-card.md). Needs ../shared
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -40,6 +39,9 @@ from napari_openseg.evaluation.data import build_tasks, find_folder  # noqa: E40
 from napari_openseg.evaluation.evaluate import iter_evaluate_tasks, networks  # noqa: E402
 from napari_openseg.training.splits import shared_data_dir  # noqa: E402
 from napari_openseg.training.taskbank import discover, set_cases  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from saved_runs import merge_runs, write_run  # noqa: E402
 
 METHODS = ("network", "pixel_classifier", "stacked", "model", "label_prior")
 
@@ -178,23 +180,13 @@ def quality(args, data: Path) -> dict:
 
 def save(args, results: dict) -> None:
     """Write the run's settings and every number so far to ``args.json`` (replaced whole, atomically)."""
-    path = Path(args.json)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
-    partial.replace(path)
+    write_run(args.json, {"args": vars(args), "results": results})
 
 
 def merged(files: list[str]) -> tuple[argparse.Namespace, dict]:
     """The settings and results of runs written with ``--json`` over different sets, as one run."""
-    runs = [json.loads(Path(f).read_text()) for f in files]
     same = ("split", "seeds", "support_size", "max_queries", "classifier", "no_balance", "folds", "strokes")
-    for run in runs[1:]:
-        differs = [k for k in same if run["args"].get(k) != runs[0]["args"].get(k)]
-        if differs:
-            raise SystemExit(f"the runs differ in {', '.join(differs)}: their tables cannot be merged")
-    results = {}
-    for run in runs:
-        results.update(run["results"])
+    runs, results = merge_runs(files, same, lambda run: run["args"])
     return argparse.Namespace(**runs[0]["args"]), results
 
 

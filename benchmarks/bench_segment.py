@@ -1,7 +1,8 @@
 """Engine speed and memory: the direct formulation against the fast path, on one 3D volume.
 
 The volume has 64 slices of 256x256 (smooth random shapes, two label values); the support set comes
-from a second volume drawn the same way. For S = 8, 16, 64 it measures, through ``iter_segment``:
+from a second volume drawn the same way. For S = 8, 16, 64 it measures, through the engine
+(``iter_segment_with``; the tasks are fitted before the timing, see ``--fit`` for that):
 
 * ``direct``: the paper's formulation, one slice at a time, float32 (concatenate, then convolve);
 * ``fast f32`` / ``fast bf16``: the fast path (query share once, first-block support terms once per
@@ -25,6 +26,15 @@ support volume has more entries per task than S, so every one of the K subsets i
 
     python benchmarks/bench_segment.py --ensembles 1 2 5 --support-sizes 1 4 16 64 --slices 8 \
         --size 128 --threads 1 --weights openseg-default
+
+``--fit 3 8 16 32`` times what a run does once before its first slice: the engine fits each task
+(support cross-validation, ``core/stacking.py``) with ``--methods`` at each S, for tasks with that
+many entries (two tasks, slices of one synthetic volume; CPU seconds per task). The weights are
+loaded and the classifier imported before the timing. It is what ``core/segment/expected_time.py``
+adds once to a run:
+
+    python benchmarks/bench_segment.py --fit 3 8 16 32 --support-sizes 16 --size 128 --threads 1 \
+        --weights openseg-default
 """
 
 from __future__ import annotations
@@ -69,14 +79,27 @@ def current_rss_mb() -> float:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def load_weights(weights: str):
+    """The network of ``weights``: ``random-v1`` (the official architecture, seeded) or a name or file."""
+    import torch
+
+    from napari_openseg.model.registry import load_model, network_from_file
+    from napari_openseg.model.universeg import UniverSeg
+
+    if weights == "random-v1":
+        refs = Path(__file__).resolve().parents[2] / "shared" / "refs" / "universeg_random_state.pt"
+        torch.manual_seed(0)
+        return network_from_file(refs) if refs.is_file() else UniverSeg().eval()
+    return load_model(weights, "cpu")
+
+
 def worker(args: argparse.Namespace) -> None:
     import torch
 
+    from napari_openseg.core.engine import Engine
     from napari_openseg.core.progress import run_to_end
-    from napari_openseg.core.segment.inference import iter_segment
+    from napari_openseg.core.segment.inference import iter_segment_with
     from napari_openseg.core.support import build_support_set
-    from napari_openseg.model.registry import load_model, network_from_file
-    from napari_openseg.model.universeg import UniverSeg
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,31 +107,30 @@ def worker(args: argparse.Namespace) -> None:
     query, _ = synthetic_volume(1, args.slices, args.size)
     support_image, support_labels = synthetic_volume(2, args.support_slices or args.slices, args.size)
     support = build_support_set(support_image, support_labels)
-    if args.weights == "random-v1":
-        refs = Path(__file__).resolve().parents[2] / "shared" / "refs" / "universeg_random_state.pt"
-        torch.manual_seed(0)
-        net = network_from_file(refs) if refs.is_file() else UniverSeg().eval()
-    else:
-        net = load_model(args.weights, "cpu")
+    net = load_weights(args.weights)
     slices = args.direct_slices if formulation == "direct" else args.slices
     volume = query[:slices]
     batch = args.worker_batch or None  # 0: the automatic choice
-    options = dict(
+    engine = Engine(
+        support,
+        net,
+        device=args.device,
         method="network",
         support_size=args.support_size,
-        device=args.device,
         precision=precision,
         formulation=formulation,
-        batch_size=1 if formulation == "direct" else batch,
         ensemble=args.worker_ensemble,
     )
-    run_to_end(iter_segment(volume[:1], support, net, **options))  # warm-up: allocator, kernels
+    options = dict(batch_size=1 if formulation == "direct" else batch)
+    # The tasks are fitted (support check) once, before the timing: per slice is what is measured
+    # here, the one-off check is --fit's.
+    run_to_end(iter_segment_with(engine, volume[:1], **options))  # warm-up: allocator, kernels, fit
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     before = current_rss_mb()
     start, start_cpu = time.perf_counter(), time.process_time()
-    result = run_to_end(iter_segment(volume, support, net, **options))
+    result = run_to_end(iter_segment_with(engine, volume, **options))
     cpu_seconds = time.process_time() - start_cpu
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -120,9 +142,67 @@ def worker(args: argparse.Namespace) -> None:
     # Agreement is checked on the direct run's input: intensities are normalised per volume, so the
     # first slices of a longer volume are not the same input as a volume of those slices alone.
     if slices != args.direct_slices:
-        result = run_to_end(iter_segment(query[: args.direct_slices], support, net, **options))
+        result = run_to_end(iter_segment_with(engine, query[: args.direct_slices], **options))
     np.save(args.out, result.probabilities)
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "slices": slices, "peak_mb": peak}))
+
+
+def fit_worker(args: argparse.Namespace) -> None:
+    """Fit two tasks of ``--fit-entries`` entries each once, timed (CPU and wall)."""
+    import torch
+
+    from napari_openseg.core.engine import Engine
+    from napari_openseg.core.pixel_classifier import PixelClassifier
+    from napari_openseg.core.support import build_support_set
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    entries = args.fit_entries
+    image, labels = synthetic_volume(2, 2 * entries + 16, args.size)
+    both = [z for z in range(len(labels)) if {1, 2} <= set(np.unique(labels[z]))][:entries]
+    if len(both) < entries:
+        sys.exit(f"the synthetic volume has {len(both)} slices with both labels, {entries} asked for")
+    support = build_support_set(image, labels, slice_indices=both)
+    net = load_weights(args.weights)
+    engine = Engine(support, net, device="cpu", method=args.fit_method, support_size=args.support_size)
+    engine.network.predict(support.task(1)[0].image[None], [support.task(1)[:1]])  # warm-up: kernels
+    rows = np.random.default_rng(0).normal(size=(64, 4))  # warm-up: the classifier's import
+    PixelClassifier().fit(rows, rows[:, 0] > 0)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    models = engine.fit()
+    cpu_seconds, seconds = time.process_time() - start_cpu, time.perf_counter() - start
+    methods = sorted({model.method for model in models.values()})
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "tasks": len(models), "ran": methods}))
+
+
+def fit_table(args: argparse.Namespace) -> None:
+    """The engine's fit per entry count, method and S, each in a fresh process."""
+    import torch
+
+    print(
+        f"# bench_segment --fit: two tasks, slices of {args.size}x{args.size}, weights {args.weights}, "
+        f"torch {torch.__version__}, {os.cpu_count()} CPUs, threads {args.threads or torch.get_num_threads()}"
+    )
+    print("| entries per task | S | method | CPU s per task | wall s per task | method that runs |")
+    print("|---|---|---|---|---|---|")
+    for entries in args.fit:
+        for size in args.support_sizes:
+            for method in args.methods:
+                command = [
+                    *(sys.executable, __file__, "--fit-worker", "--fit-entries", str(entries)),
+                    *("--fit-method", method, "--support-size", str(size), "--size", str(args.size)),
+                    *("--weights", args.weights, "--threads", str(args.threads)),
+                ]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode:
+                    sys.exit(f"fit of {entries} entries, S={size}, {method} failed:\n{done.stderr}")
+                row = json.loads(done.stdout.strip().splitlines()[-1])
+                tasks = row["tasks"]
+                print(
+                    f"| {entries} | {size} | {method} | {row['cpu_seconds'] / tasks:.2f} | "
+                    f"{row['seconds'] / tasks:.2f} | {', '.join(row['ran'])} |",
+                    flush=True,
+                )
 
 
 def run_worker(
@@ -239,10 +319,23 @@ def main() -> None:
     parser.add_argument("--ensembles", type=int, nargs="+", help="time fast f32 with these ensemble sizes K")
     parser.add_argument("--worker-ensemble", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--support-slices", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--fit", type=int, nargs="+", help="time the engine's fit at these entries per task")
+    parser.add_argument(
+        "--methods", nargs="+", default=["auto", "stacked", "network", "pixel-classifier"], help="for --fit"
+    )
+    parser.add_argument("--fit-worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--fit-entries", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--fit-method", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.fit_worker:
+        fit_worker(args)
+        return
     if args.worker:
         worker(args)
+        return
+    if args.fit:
+        fit_table(args)
         return
     if args.batch_sizes:
         batch_table(args)

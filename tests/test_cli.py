@@ -182,6 +182,10 @@ def test_a_missing_output_folder_is_made_and_every_input_is_checked_first(
     assert sorted(p.name for p in outdir.iterdir()) == ["img_openseg.nii.gz", "second_openseg.nii.gz"]
     err = capsys.readouterr().err  # the expected time, said before each run
     assert err.count("expected about ") == 2 and "per slice (1 task, S=16 (here 6), K=1" in err
+    # the one engine checks the support once, before the first image
+    assert err.count("once to check the support (1 task)") == 1
+    first, second = [line for line in err.splitlines() if "expected about" in line]
+    assert "once" in first and "once" not in second
 
 
 def test_a_nifti_passed_as_support_is_named_for_what_it_is(tmp_path, nifti_pair, capsys):

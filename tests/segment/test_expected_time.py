@@ -1,17 +1,26 @@
-"""The expected time said before a run: the measured table, what K costs, and when a GPU is named."""
+"""The expected time said before a run: the measured tables (per slice, and the one-off support
+check), what K costs, which methods and tasks are checked, and when a GPU is named."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from napari_openseg.core.engine_settings import CHOICES, MAX_FIT_ENTRIES
 from napari_openseg.core.segment import expected_time
 from napari_openseg.core.segment.expected_time import (
+    CHECK_RUNS_NETWORK,
+    CHECK_SUPPORT_SIZE,
+    CPU_CHECK_SECONDS_PER_TASK,
     CPU_SECONDS_PER_TASK,
+    check_seconds,
+    check_seconds_per_task,
     describe_expected_time,
     format_duration,
     seconds_per_slice,
     seconds_per_task,
 )
+from napari_openseg.errors import OpenSegError
 
 
 def test_the_table_is_measured_and_grows_with_s_and_k():
@@ -52,6 +61,106 @@ def test_the_sentence_names_the_slices_and_a_gpu_for_long_runs(monkeypatch):
     long = describe_expected_time(200, {1: 40}, 16, 1)
     assert "a CUDA GPU ran this architecture about 100 times faster" in long
     assert describe_expected_time(200, {1: 40}, 16, 1, on_gpu=True).startswith("on a GPU: no measured time")
+
+
+def test_auto_and_stacked_add_the_support_check_once_to_the_run():
+    tasks, slices = {1: 8, 2: 8}, 10
+    per_slice = seconds_per_slice(tasks, 16, 1)
+    for method in ("auto", "stacked"):
+        once = check_seconds_per_task(8, 16, method)
+        assert once == pytest.approx(CPU_CHECK_SECONDS_PER_TASK[method][8]) and once > 1.0
+        assert check_seconds(tasks, 16, method) == pytest.approx(2 * once)
+        text = describe_expected_time(slices, tasks, 16, 1, method=method)
+        assert f"about {format_duration(slices * per_slice)} for 10 slices plus about " in text
+        assert f"about {format_duration(2 * once)} once to check the support (2 tasks)" in text
+        assert text.endswith(f"about {format_duration(slices * per_slice + 2 * once)} in all")
+    # auto is the default; a run whose tasks are fitted already (a later image) has no check
+    assert describe_expected_time(slices, tasks, 16, 1) == describe_expected_time(
+        slices, tasks, 16, 1, method="auto"
+    )
+    fitted = describe_expected_time(slices, tasks, 16, 1, fitted=True)
+    assert "once" not in fitted and fitted.endswith(
+        f"about {format_duration(slices * per_slice)} for 10 slices"
+    )
+
+
+def test_the_check_grows_with_entries_up_to_the_fitting_sample_and_with_s():
+    for method in CHOICES:
+        times = [check_seconds_per_task(n, 16, method) for n in (3, 5, 8, 12, 16, 24, MAX_FIT_ENTRIES)]
+        assert times == sorted(times) and times[0] > 0, method
+        assert check_seconds_per_task(5 * MAX_FIT_ENTRIES, 16, method) == pytest.approx(times[-1])
+    for method in CHECK_RUNS_NETWORK:  # the network's share follows the time per slice in S
+        small, measured, large = (check_seconds_per_task(32, s, method) for s in (4, CHECK_SUPPORT_SIZE, 64))
+        assert small < measured < large, method
+        assert measured == pytest.approx(CPU_CHECK_SECONDS_PER_TASK[method][32])
+    # with 3 entries the folds train on 2: any S from 2 on gives the same check
+    assert check_seconds_per_task(3, 64, "auto") == pytest.approx(check_seconds_per_task(3, 2, "auto"))
+    assert check_seconds_per_task(32, 64, "pixel-classifier") == check_seconds_per_task(
+        32, 4, "pixel-classifier"
+    )
+    with pytest.raises(OpenSegError, match="method must be one of"):
+        check_seconds_per_task(8, 16, "unet")
+
+
+def test_tasks_with_fewer_than_three_entries_are_not_checked():
+    for method in ("auto", "stacked", "network"):
+        assert check_seconds_per_task(1, 16, method) == check_seconds_per_task(2, 16, method) == 0.0
+        assert "once" not in describe_expected_time(10, {1: 2, 2: 1}, 16, 1, method=method)
+        mixed = describe_expected_time(10, {1: 2, 2: 8}, 16, 1, method=method)
+        once = check_seconds_per_task(8, 16, method)
+        assert f"about {format_duration(once)} once to check the support (1 task)" in mixed
+    # the pixel classifier is still fitted to them, without a check
+    fit = check_seconds_per_task(2, 16, "pixel-classifier")
+    assert fit == pytest.approx(CPU_CHECK_SECONDS_PER_TASK["pixel-classifier"][2]) and fit > 0
+    text = describe_expected_time(10, {1: 2}, 16, 1, method="pixel-classifier")
+    assert f"about {format_duration(fit)} once to fit the pixel classifier (1 task)" in text
+    both = describe_expected_time(10, {1: 2, 2: 8}, 16, 1, method="pixel-classifier")
+    assert "once to check the support and fit the pixel classifier (2 tasks)" in both
+
+
+def test_the_network_method_checks_with_the_network_alone():
+    network = check_seconds_per_task(8, 16, "network")
+    assert network == pytest.approx(CPU_CHECK_SECONDS_PER_TASK["network"][8]) and network > 0
+    assert network < check_seconds_per_task(8, 16, "stacked") and network < check_seconds_per_task(
+        8, 16, "auto"
+    )
+    assert "once to check the support (1 task)" in describe_expected_time(10, {1: 8}, 16, 1, method="network")
+
+
+@pytest.mark.parametrize("method", CHOICES)
+@pytest.mark.parametrize("n", [2, 5])
+def test_the_model_checks_what_the_engine_fits(tiny_net, monkeypatch, method, n):
+    """The premises of the check's model, on the engine itself: which methods run the network on
+    the held-out entries, and which tasks are fitted at all."""
+    pytest.importorskip("sklearn")
+    from napari_openseg.core import stacking
+    from napari_openseg.core.engine import Engine
+    from napari_openseg.core.support import SupportEntry
+
+    rng = np.random.default_rng(n)
+    entries = []
+    for i in range(n):
+        mask = np.zeros((32, 32), bool)
+        mask[4 + i : 16 + i, 6:20] = True
+        image = np.where(mask, 0.8, 0.2) + rng.normal(0, 0.03, mask.shape)
+        entries.append(SupportEntry(image.astype(np.float32), mask, 1, source=f"image {i}"))
+    predicted, fitted = [], []
+    network_on, fit = stacking._network_on, stacking.PixelClassifier.fit
+
+    def counted_network_on(net, queries, *args):
+        predicted.extend(queries)
+        return network_on(net, queries, *args)
+
+    def counted_fit(classifier, *args):
+        fitted.append(classifier)
+        return fit(classifier, *args)
+
+    monkeypatch.setattr(stacking, "_network_on", counted_network_on)
+    monkeypatch.setattr(stacking.PixelClassifier, "fit", counted_fit)
+    Engine(entries, tiny_net, device="cpu", method=method).fit()
+    checked = n >= stacking.MIN_CV_ENTRIES
+    assert len(predicted) == (n if checked and method in CHECK_RUNS_NETWORK else 0)
+    assert (len(predicted) + len(fitted) > 0) == (check_seconds_per_task(n, 16, method) > 0)
 
 
 @pytest.mark.parametrize(

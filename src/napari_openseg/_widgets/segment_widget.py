@@ -46,6 +46,7 @@ from napari_openseg._widgets._session import connect_widget, get_session, unwrap
 from napari_openseg._widgets._threading import WorkHandle
 from napari_openseg.core.engine_settings import CHOICES, EXTENTS, SegmentSettings
 from napari_openseg.core.segment.expected_time import (
+    describe_check,
     describe_expected_time,
     format_duration,
     seconds_per_slice,
@@ -111,6 +112,7 @@ class SegmentationWidget(QWidget):
         for control in (self.support_size, self.ensemble, self.threshold):
             control.valueChanged.connect(self._title_settings)
         self.method_combo.currentTextChanged.connect(self._title_settings)
+        self.method_combo.currentTextChanged.connect(self._show_expected)
         self._title_settings()
         connect_widget(self.session.support_changed, self, self._support_changed)
         self.query_combo.selection_changed.connect(self.reset_range)
@@ -299,8 +301,13 @@ class SegmentationWidget(QWidget):
         if not counts:
             self.expected.setText("")
             return
-        per_slice = seconds_per_slice(counts, self.support_size.value(), self.ensemble.value())
-        self.expected.setText(f"about {format_duration(per_slice)} per slice on one CPU thread (measured)")
+        size = self.support_size.value()
+        per_slice = seconds_per_slice(counts, size, self.ensemble.value())
+        once = describe_check(counts, size, self.method_combo.currentText())
+        self.expected.setText(
+            f"about {format_duration(per_slice)} per slice on one CPU thread (measured)"
+            + (f", plus {once}" if once else "")
+        )
 
     def run(self) -> WorkHandle | None:
         """Start a run (returns its handle), or show what is missing and return ``None``."""
@@ -336,6 +343,7 @@ class SegmentationWidget(QWidget):
             settings.support_size,
             settings.ensemble,
             on_gpu=on_gpu,
+            method=settings.method,
         )
         self._sources = layers
         self.session.segmenting.update(str(layer.unique_id) for layer in layers)

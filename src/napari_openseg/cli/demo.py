@@ -66,10 +66,10 @@ def run(args: argparse.Namespace) -> int:
         image.data, labels.data, axis=args.axis, source="mni152_2mm", slice_indices=chosen.tolist()
     )
     on_gpu = resolve_device(args.device).type != "cpu"
-    print(
-        f"sample: {describe_expected_time(n_slices, support.counts(), args.support_size, args.ensemble, on_gpu)}",
-        file=sys.stderr,
+    expected = describe_expected_time(
+        n_slices, support.counts(), args.support_size, args.ensemble, on_gpu, method=args.method
     )
+    print(f"sample: {expected}", file=sys.stderr)
     result = with_progress_bar(
         iter_segment(
             image.data,

@@ -179,14 +179,20 @@ def segment_all(args: argparse.Namespace, support, options: dict[str, Any]) -> i
     report = []
     on_gpu = resolve_device(args.device).type != "cpu"
     tasks = {v: n for v, n in support.counts().items() if args.label_values is None or v in args.label_values}
-    for image_path, out_path in zip(args.images, outputs):
+    for number, (image_path, out_path) in enumerate(zip(args.images, outputs)):
         image = read_image(image_path)
         spatial = image.data.shape[:-1] if image.rgb else image.data.shape
         n_slices = 1 if len(spatial) == 2 else spatial[args.axis]
-        print(
-            f"{image.name}: {describe_expected_time(n_slices, tasks, args.support_size, args.ensemble, on_gpu)}",
-            file=sys.stderr,
+        expected = describe_expected_time(
+            n_slices,
+            tasks,
+            args.support_size,
+            args.ensemble,
+            on_gpu,
+            method=args.method,
+            fitted=number > 0,  # the engine checked the support for the first image
         )
+        print(f"{image.name}: {expected}", file=sys.stderr)
         result = with_progress_bar(
             task.iter_run(engine, image.data, rgb=image.rgb, keep_probabilities=args.probabilities),
             f"segment {image.name}",

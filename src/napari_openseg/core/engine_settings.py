@@ -27,6 +27,12 @@ METHODS: tuple[str, ...] = ("network", "pixel-classifier", "stacked")
 #: for tasks with too few entries to choose by, :data:`~napari_openseg.core.stacking.MIN_CHOICE_ENTRIES`).
 CHOICES: tuple[str, ...] = ("auto", *METHODS)
 DEFAULT_METHOD = "auto"
+#: Support cross-validation (:mod:`~napari_openseg.core.stacking`): folds per task; tasks with fewer
+#: entries than ``MIN_CV_ENTRIES`` are not cross-validated (``auto`` runs the network alone); a task
+#: fits and cross-validates on at most ``MAX_FIT_ENTRIES`` entries (a seeded sample of larger tasks).
+DEFAULT_FOLDS = 4
+MIN_CV_ENTRIES = 3
+MAX_FIT_ENTRIES = 32
 #: The network's number format (float16 only on GPUs, see :func:`~napari_openseg.core.device.resolve_precision`).
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
 DEFAULT_PRECISION = "float32"

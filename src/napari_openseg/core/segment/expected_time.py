@@ -3,9 +3,20 @@
 The table is ``benchmarks/bench_segment.py --ensembles`` with the bundled weights, fast float32, on
 one thread of the development CPU (docs/performance.md, *Time per slice*). A run costs, per slice,
 the sum over its tasks of the time at that task's S and K; a task with no more entries than S draws
-one subset however large K is (so K costs nothing there, and gives nothing). The figures are the reference machine's: another CPU, more
-threads or other weights change them, which is why the widgets and the command line also show the
-pace they measure once the run has started.
+one subset however large K is (so K costs nothing there, and gives nothing).
+
+Before its first slice a run fits each task once (:mod:`~napari_openseg.core.stacking`): a task with
+at least ``MIN_CV_ENTRIES`` entries is cross-validated on its support (up to ``MAX_FIT_ENTRIES``
+of them) with every method the run may use: the network's out-of-fold predictions for ``network``,
+the pixel classifier's fits per fold for ``pixel-classifier``, both and the stacked classifier's for
+``stacked`` and ``auto``. Smaller tasks are not checked; ``pixel-classifier`` still fits its
+classifier to them. That one-off time is a second measured table, ``bench_segment.py --fit``
+(:func:`check_seconds_per_task`). Stroke support (painted pixels only) also fits the pixel
+classifier for ``network``, which the table does not count.
+
+The figures are the reference machine's: another CPU, more threads or other weights change them,
+which is why the widgets and the command line also show the pace they measure once the run has
+started.
 
 Torch-free: the command line and the widgets call it before any weights are loaded.
 """
@@ -13,6 +24,15 @@ Torch-free: the command line and the widgets call it before any weights are load
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+
+from napari_openseg.core.engine_settings import (
+    CHOICES,
+    DEFAULT_FOLDS,
+    DEFAULT_METHOD,
+    MAX_FIT_ENTRIES,
+    MIN_CV_ENTRIES,
+    check_choice,
+)
 
 #: CPU seconds per slice and task on one thread, fast float32, by support size S and ensemble size K
 #: (``bench_segment.py --ensembles 1 2 5 --support-sizes 1 4 16 64 --slices 32 --size 128 --threads 1
@@ -23,6 +43,23 @@ CPU_SECONDS_PER_TASK: dict[int, dict[int, float]] = {
     16: {1: 0.262, 2: 0.556, 5: 1.403},
     64: {1: 0.936, 2: 1.855, 5: 4.935},
 }
+
+#: CPU seconds of the one-off support check per task, by method and entries per task, at S =
+#: :data:`CHECK_SUPPORT_SIZE`, synthetic 128 x 128 slices, on one thread (``bench_segment.py --fit 3 8
+#: 16 32 --support-sizes 16 --size 128 --threads 1 --weights openseg-default``, and ``--fit 2`` for the
+#: pixel classifier's fit without a check; docs/performance.md). ``auto`` and ``stacked`` cost about
+#: the same: both cross-validate the network and both classifiers.
+CPU_CHECK_SECONDS_PER_TASK: dict[str, dict[int, float]] = {
+    "auto": {3: 1.52, 8: 2.66, 16: 5.25, 32: 10.55},
+    "stacked": {3: 1.45, 8: 2.45, 16: 4.99, 32: 10.36},
+    "network": {3: 0.16, 8: 0.56, 16: 2.06, 32: 6.26},
+    "pixel-classifier": {2: 0.20, 3: 0.68, 8: 1.05, 16: 1.63, 32: 2.43},
+}
+#: The S of :data:`CPU_CHECK_SECONDS_PER_TASK`; at another S the network's share (its row) is scaled
+#: as the time per slice scales between the two.
+CHECK_SUPPORT_SIZE = 16
+#: Methods whose check runs the network on every held-out entry.
+CHECK_RUNS_NETWORK = ("auto", "stacked", "network")
 
 #: How many times a CUDA GPU ran the official architecture faster than the 2-core development CPU
 #: (NVIDIA H100 against 2 threads, S = 16, docs/performance.md): said when a run would be long.
@@ -72,18 +109,77 @@ def seconds_per_slice(
     return total
 
 
+def _out_of_fold_network(entries: int, support_size: int) -> float:
+    """Seconds per slice times queries of the check's network: each fold's entries predicted from up
+    to S entries of the other folds (folds as even as they can be)."""
+    folds = min(DEFAULT_FOLDS, entries)
+    total = 0.0
+    for fold in range(folds):
+        held = entries // folds + (1 if fold < entries % folds else 0)
+        total += held * seconds_per_task(min(support_size, entries - held))
+    return total
+
+
+def check_seconds_per_task(entries: int, support_size: int, method: str = DEFAULT_METHOD) -> float:
+    """CPU seconds (one thread of the reference CPU) that a run spends once, before its first slice,
+    fitting one task of ``entries`` entries with ``method``: the support check (see the module
+    docstring); 0 for a task the run does not fit (fewer than ``MIN_CV_ENTRIES`` entries, any method
+    but ``pixel-classifier``)."""
+    check_choice("method", method, CHOICES)
+    used = min(int(entries), MAX_FIT_ENTRIES)
+    if used < 1 or (used < MIN_CV_ENTRIES and method != "pixel-classifier"):
+        return 0.0
+    seconds = _between(CPU_CHECK_SECONDS_PER_TASK[method], used)
+    if method in CHECK_RUNS_NETWORK and used >= MIN_CV_ENTRIES and support_size != CHECK_SUPPORT_SIZE:
+        network = _between(CPU_CHECK_SECONDS_PER_TASK["network"], used)
+        scale = _out_of_fold_network(used, support_size) / _out_of_fold_network(used, CHECK_SUPPORT_SIZE)
+        seconds += network * (scale - 1.0)
+    return max(seconds, 0.0)
+
+
+def check_seconds(
+    task_entries: Mapping[int, int] | Iterable[int], support_size: int, method: str = DEFAULT_METHOD
+) -> float:
+    """:func:`check_seconds_per_task` summed over tasks with these entry counts."""
+    counts = task_entries.values() if isinstance(task_entries, Mapping) else task_entries
+    return sum(check_seconds_per_task(n, support_size, method) for n in counts)
+
+
+def describe_check(task_entries: Mapping[int, int], support_size: int, method: str = DEFAULT_METHOD) -> str:
+    """``"about 9 s once to check the support (2 tasks)"`` (:func:`check_seconds`), or ``""`` when
+    the run fits no task."""
+    checked = sum(n >= MIN_CV_ENTRIES for n in task_entries.values())
+    fitted = len(task_entries) - checked if method == "pixel-classifier" else 0
+    if checked + fitted == 0:
+        return ""
+    what = {
+        (True, False): "check the support",
+        (False, True): "fit the pixel classifier",
+        (True, True): "check the support and fit the pixel classifier",
+    }[(checked > 0, fitted > 0)]
+    tasks, seconds = checked + fitted, check_seconds(task_entries, support_size, method)
+    return f"about {format_duration(seconds)} once to {what} ({tasks} task{'s' if tasks != 1 else ''})"
+
+
 def describe_expected_time(
     n_slices: int,
     task_entries: Mapping[int, int],
     support_size: int,
     ensemble: int,
     on_gpu: bool = False,
+    *,
+    method: str = DEFAULT_METHOD,
+    fitted: bool = False,
 ) -> str:
-    """One sentence for before a run: time per slice and in all, and when a GPU would help."""
+    """One sentence for before a run: time per slice, the one-off support check of ``method``
+    (none when the tasks are ``fitted`` already: a later image of one run), the time in all, and
+    when a GPU would help."""
     if on_gpu:
         return "on a GPU: no measured time for these weights; the progress bar shows the pace"
     per_slice = seconds_per_slice(task_entries, support_size, ensemble)
-    total = per_slice * max(1, int(n_slices))
+    on_slices = per_slice * max(1, int(n_slices))
+    check = 0.0 if fitted else check_seconds(task_entries, support_size, method)
+    total = on_slices + check
     tasks = len(task_entries)
     drawn = sorted({min(int(support_size), int(n)) for n in task_entries.values()})
     used = (
@@ -94,8 +190,11 @@ def describe_expected_time(
     text = (
         f"expected about {format_duration(per_slice)} per slice ({tasks} task{'s' if tasks != 1 else ''}, "
         f"S={support_size}{used}, K={ensemble}, one thread of the reference CPU), about "
-        f"{format_duration(total)} for {n_slices} slice{'s' if n_slices != 1 else ''}"
+        f"{format_duration(on_slices)} for {n_slices} slice{'s' if n_slices != 1 else ''}"
     )
+    once = "" if fitted else describe_check(task_entries, support_size, method)
+    if once:
+        text += f" plus {once}, about {format_duration(total)} in all"
     unused = [n for n in task_entries.values() if n <= support_size]
     if ensemble > 1 and len(unused) == tasks:
         text += f"; K={ensemble} changes nothing here: no task has more than S entries"
