@@ -4,6 +4,8 @@
 * ``lgg-train``: the MedOpenSeg network on the training patients (CPU default settings);
 * ``lgg-maps --split S``: raw score channels and known classes of every patient of split ``S``, for
   both embeddings (cached in ``--out-dir``/lgg_maps, with the seconds each map took);
+* ``lgg-threshold --split S``: Dice of the novel region (the fused map above a level) with the
+  tumour, and the share of the head it flags, for fixed levels, Otsu's threshold and others;
 * ``lgg-score --split S``: AUROC per patient of every map, fused and alone, for both embeddings and
   their fusion, beside the plain intensity and the intensity smoothed like the appearance map (the
   simple baselines); ``--grid`` also tries other appearance sides, smoothings
@@ -271,7 +273,68 @@ def _report(args, rows: dict, singles: dict, seconds: dict) -> None:
     )
 
 
-STAGES = {"lgg-support": support, "lgg-train": train, "lgg-maps": maps, "lgg-score": score}
+#: Levels of the fused map compared by ``lgg-threshold`` (fixed ones; Otsu and mean + k sd beside).
+THRESHOLD_LEVELS = (0.6, 0.7, 0.8)
+
+
+def threshold(args) -> None:
+    """Stage ``lgg-threshold``: the novel region (fused map above a level) against the tumour, per rule."""
+    from skimage.filters import threshold_multiotsu
+
+    from napari_openseg.core.novelty.scores import maps_from_raw, otsu_threshold
+    from napari_openseg.core.novelty.settings import NoveltySettings
+    from napari_openseg.core.preprocess import normalize_intensity
+
+    settings = NoveltySettings()
+    found: dict[str, dict[str, list[float]]] = {}
+    for case_id in lgg.cases(args.data, args.split)[: args.limit or None]:
+        case = lgg.load_case(args.data, case_id)
+        positive, _ = lgg.truth(case)
+        head = case["head"]
+        for source, stored in _load_maps(args, case_id).items():
+            fused = maps_from_raw(
+                stored["raw"].astype(np.float32),
+                head,
+                int(stored["num_classes"]),
+                False,
+                settings.weights,
+                stored["segmentation"],
+                False,
+                normalize_intensity(case["image"].data),
+                settings.side,
+                settings.sigma,
+            ).fused
+            inside = fused[head]
+            rules = {
+                "Otsu": otsu_threshold(fused, head),
+                "multi-Otsu (3 classes), upper": float(threshold_multiotsu(inside, 3)[-1]),
+                "mean + 1.5 sd": float(inside.mean() + 1.5 * inside.std()),
+                "mean + 2 sd": float(inside.mean() + 2 * inside.std()),
+                **{f"{level:g}": level for level in THRESHOLD_LEVELS},
+            }
+            for rule, level in rules.items():
+                region = (fused > level) & head
+                dice = 2 * (region & positive).sum() / max(1, region.sum() + positive.sum())
+                row = found.setdefault(f"{source}: {rule}", {"dice": [], "share": [], "level": []})
+                row["dice"].append(float(dice))
+                row["share"].append(float(region.sum() / head.sum()))
+                row["level"].append(float(level))
+    print(f"\n### LGG {args.split} split: the novel region against the tumour\n")
+    print("| rule | Dice mean | Dice worst | share of the head flagged | mean level |\n|---|---|---|---|---|")
+    for rule, row in found.items():
+        print(
+            f"| {rule} | {np.mean(row['dice']):.3f} | {np.min(row['dice']):.3f} | {np.mean(row['share']):.3f} | "
+            f"{np.mean(row['level']):.2f} |"
+        )
+
+
+STAGES = {
+    "lgg-support": support,
+    "lgg-train": train,
+    "lgg-maps": maps,
+    "lgg-score": score,
+    "lgg-threshold": threshold,
+}
 
 
 def add_arguments(parser) -> None:

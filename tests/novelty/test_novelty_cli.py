@@ -90,7 +90,7 @@ def test_map_writes_fused_scores_and_segmentation_with_the_input_affine(model_fi
         )
         == 0
     )
-    assert "automatic threshold" in capsys.readouterr().out
+    assert "the threshold 0.700 flags" in capsys.readouterr().out  # NOVEL_THRESHOLD
     kinds = ("cosine", "distance", "appearance", "segmentation")
     for path in (
         out,
@@ -99,6 +99,8 @@ def test_map_writes_fused_scores_and_segmentation_with_the_input_affine(model_fi
     ):
         assert np.allclose(nib.load(str(path)).affine, AFFINE), path
     fused = read_image(out).data
+    region = read_image(files / "novelty_novel_region.nii.gz").data.astype(bool)
+    assert region.any() and fused[region].min() > 0.7 and not (fused[~region] > 0.7).any()
     assert fused.shape == (32, 32, 64) and fused.dtype == np.float32
     assert 0 <= fused.min() and fused.max() <= 1
     assert set(np.unique(read_image(scores / "novelty_segmentation.nii.gz").data)) <= {0, 1, 2}
@@ -141,6 +143,8 @@ def test_map_is_named_after_the_image_by_default(model_file, files, capsys, tmp_
                 "unlike-every-class",
                 "--scores-out",
                 str(tmp_path),
+                "--threshold",
+                "0.5",
             ]
         )
         == 0
@@ -148,6 +152,7 @@ def test_map_is_named_after_the_image_by_default(model_file, files, capsys, tmp_
     heat, region = tmp_path / "patient 7_novelty.nii.gz", tmp_path / "patient 7_novelty_novel_region.nii.gz"
     assert heat.is_file() and region.is_file()
     assert set(np.unique(read_image(region).data)) <= {0, 1}
+    assert np.array_equal(read_image(region).data.astype(bool), read_image(heat).data > 0.5)
     assert not (tmp_path / "patient 7_novelty_appearance.nii.gz").exists()  # no intensity map was asked for
     assert (tmp_path / "patient 7_novelty_cosine.nii.gz").is_file()
 
@@ -427,7 +432,16 @@ def test_adapting_a_model_without_an_unknown_and_a_scores_file_get_messages(mode
     assert not (files / "new").exists()  # a folder made for a run that wrote nothing is removed again
 
 
-def test_training_free_map_refuses_a_support_size_of_0(files, tiny_weights, capsys, tmp_path):
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--support-size", "0", "support size must be >= 1"),
+        ("--threshold", "1.5", "threshold must lie between 0 and 1"),
+    ],
+)
+def test_training_free_map_refuses_bad_settings(
+    files, tiny_weights, capsys, tmp_path, option, value, message
+):
     from napari_openseg.core.support import build_support_set
 
     image, labels = read_image(files / "vol.nii.gz").data, read_image(files / "lab.nii.gz").data
@@ -445,15 +459,15 @@ def test_training_free_map_refuses_a_support_size_of_0(files, tiny_weights, caps
                 str(tmp_path / "n.nii.gz"),
                 "--weights",
                 str(tiny_weights),
-                "--support-size",
-                "0",
+                option,
+                value,
                 "--device",
                 "cpu",
             ]
         )
         == 2
     )
-    assert "support size must be >= 1" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "n.nii.gz").exists()
 
 

@@ -31,6 +31,8 @@ from tests._novelty_data import sphere_volume
         ("support_size", 0, "support size must be >= 1"),
         ("prototype_slices", 0, "prototype slices must be >= 1"),
         ("seed", -3, "seed must be 0 or more"),
+        ("threshold", 0.0, "threshold must lie between 0 and 1"),
+        ("threshold", 1.0, "threshold must lie between 0 and 1"),
     ],
 )
 def test_bad_values_are_refused_with_a_message(field, value, message):

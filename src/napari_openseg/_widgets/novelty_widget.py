@@ -4,7 +4,7 @@ support set.
 Train (or Load) a model on image + labels pairs whose labels hold the known classes, then Compute
 on any volume: by default two layers named after the image, "<image> novelty" (0-1 heat map) and
 "<image> novel region" (its outline above a threshold that the slider moves live, starting at the
-automatic one); on request the three score maps and the known classes. "Seed unknown" sets the
+default level); on request the three score maps and the known classes. "Seed unknown" sets the
 unknown prototype from one painted example of tissue that is not among the known classes. Training
 and mapping run in the background (:mod:`._run`: progress bar with the time left and the loss, Cancel;
 closing the image or the dock cancels a Compute). Weights (for the training-free mode) and device are
@@ -50,7 +50,7 @@ from napari_openseg.core.axes import shape_text
 from napari_openseg.core.novelty.free import iter_training_free_novelty
 from napari_openseg.core.novelty.model import NoveltyModel
 from napari_openseg.core.novelty.scores import NoveltyMaps
-from napari_openseg.core.novelty.settings import NoveltySettings
+from napari_openseg.core.novelty.settings import NOVEL_THRESHOLD, NoveltySettings
 from napari_openseg.core.novelty.volume_map import iter_novelty_map, unknown_seed_embeddings
 from napari_openseg.core.progress import Progress
 from napari_openseg.errors import OpenSegError
@@ -182,8 +182,8 @@ class NoveltyWidget(QWidget):
         self.threshold.setRange(0, SLIDER_STEPS)
         self.threshold_label = QLabel("Novel above: -")
         self.threshold.setToolTip(
-            "voxels whose novelty is above this value form the novel region; it starts "
-            "at the automatic (Otsu) threshold of the image"
+            "voxels whose novelty is above this value form the novel region; it starts at the default "
+            f"level ({NOVEL_THRESHOLD:g}; the map runs from the body's 1st to its 99th percentile)"
         )
         self.status = self.panel.status
         self.status.setText("Train or load a model, or choose the support set.")
@@ -513,7 +513,7 @@ class NoveltyWidget(QWidget):
             return
         level = value / SLIDER_STEPS
         regions = self.maps.novel_regions(level)
-        self.threshold_label.setText(f"Novel above: {level:.3f} (automatic: {self.maps.threshold:.3f})")
+        self.threshold_label.setText(f"Novel above: {level:.3f} (default: {self.maps.threshold:.3f})")
         layer = self._novel_layer
         if layer is not None and layer in self.viewer.layers and not (owner_info(layer) or {}).get("edited"):
             layer.data = regions.astype(np.uint8)

@@ -24,8 +24,8 @@ DEVICE_HELP = "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps"
 #: ``--novel-when`` for no intensity (appearance) map: novel means unlike every known class only.
 NO_SIDE = "unlike-every-class"
 #: The settings that :func:`add_map_options` sets for a trained model's map and a training-free one.
-MODEL_MAP_OPTIONS = ("use_unknown", "adapt_unknown", "side", "intensity")
-SUPPORT_MAP_OPTIONS = ("support_size", "adapt_unknown", "side")
+MODEL_MAP_OPTIONS = ("use_unknown", "adapt_unknown", "side", "intensity", "threshold")
+SUPPORT_MAP_OPTIONS = ("support_size", "adapt_unknown", "side", "threshold")
 
 
 def register(subparsers) -> None:
@@ -140,6 +140,14 @@ def add_map_options(parser: argparse.ArgumentParser) -> None:
         "match always matches, as-is uses them untouched (default %(default)s)",
     )
     parser.add_argument("--no-unknown", action="store_true", help="ignore the model's unknown prototype")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=defaults.threshold,
+        metavar="T",
+        help="the novel region: novelty above T, between 0 and 1 (the map runs from the body's 1st to "
+        "its 99th percentile; default %(default)s)",
+    )
     parser.add_argument(
         "--adapt-unknown",
         type=int,
@@ -289,6 +297,7 @@ def map_settings(args: argparse.Namespace) -> NoveltySettings:
         use_unknown=not args.no_unknown,
         adapt_unknown=args.adapt_unknown,
         support_size=args.support_size,
+        threshold=args.threshold,
     )
 
 
@@ -374,7 +383,7 @@ def _map(args: argparse.Namespace, out: Path, extra: dict[str, Path]) -> int:
         print(f"note: {note}")
     novel = int(region.sum())  # uint8 sums to a uint64
     print(
-        f"{out}: novelty in [0, 1]; the automatic threshold {maps.threshold:.3f} flags {novel} voxels "
+        f"{out}: novelty in [0, 1]; the threshold {maps.threshold:.3f} flags {novel} voxels "
         f"({100 * novel / max(1, int(maps.mask.sum())):.1f}% of the body), written to {region_path(out)}"
     )
     return 0

@@ -26,8 +26,10 @@ has one, the unknown prototype ``p_u`` (all unit length):
   the mean is a soft "low cosine and high EDS" (the paper's dual criterion): a voxel must look novel
   to every score to reach the top, while a voxel that only one score flags still rises, which keeps
   the sensitivity that a hard AND (or a product, which one near-zero score kills) would lose.
-* The **adaptive threshold** is Otsu's threshold of the fused map inside the mask: the value that best
-  splits the map's histogram into two groups, so it follows each volume's own distribution.
+* The **novel region** is the fused map above a level (default
+  :data:`~napari_openseg.core.novelty.settings.NOVEL_THRESHOLD`); as every map is normalised inside
+  the mask, the level is relative to the volume's own distribution. :func:`otsu_threshold` stays for
+  other uses (the body mask): on fused maps it flagged half a head (docs/novelty.md).
 
 Every function works on chunks of voxels so that memory stays bounded (``"N K"`` similarities are
 never built for all voxels at once).
@@ -48,6 +50,7 @@ from napari_openseg.core.novelty.settings import (  # the maps' defaults and cho
     APPEARANCE_SIGMA,
     DEFAULT_SIDE,
     DEFAULT_WEIGHTS,
+    NOVEL_THRESHOLD,
     check_fusion_weights,
     check_weights,
 )
@@ -263,8 +266,8 @@ class NoveltyMaps:
     """Novelty of one volume; every map has the image's shape.
 
     ``fused``, ``cosine``, ``distance``, ``appearance``: normalised novelty in [0, 1] (0 outside
-    ``mask``; ``appearance`` None when it was not computed); ``threshold``: the adaptive (Otsu)
-    threshold of ``fused``; ``segmentation``: known-class labels (label values) when the model gives
+    ``mask``; ``appearance`` None when it was not computed); ``threshold``: the novel region's level
+    of ``fused`` (:data:`~napari_openseg.core.novelty.settings.NOVEL_THRESHOLD` unless chosen); ``segmentation``: known-class labels (label values) when the model gives
     them; ``raw``: the raw channels ``"4 *shape"`` if kept; ``notes``: what was done to the input
     that a user should know (for example intensities matched to a model's training volumes).
     """
@@ -281,7 +284,7 @@ class NoveltyMaps:
     notes: list[str] = field(default_factory=list)
 
     def novel_regions(self, threshold: float | None = None) -> np.ndarray:
-        """Voxels of the mask whose fused novelty exceeds ``threshold`` (default: the adaptive one)."""
+        """Voxels of the mask whose fused novelty exceeds ``threshold`` (default: the maps' own)."""
         level = self.threshold if threshold is None else float(threshold)
         return (self.fused > level) & self.mask
 
@@ -297,12 +300,14 @@ def maps_from_raw(
     image: np.ndarray | None = None,
     side: str | None = DEFAULT_SIDE,
     sigma: float = APPEARANCE_SIGMA,
+    threshold: float = NOVEL_THRESHOLD,
 ) -> NoveltyMaps:
     """Normalise, fuse and threshold raw score channels ``"4 *shape"`` inside ``mask``.
 
     ``weights``: of cosine, distance and appearance novelty
     (:data:`~napari_openseg.core.novelty.settings.SCORES`). The appearance map is computed when
-    ``image`` (the normalised intensities) and ``segmentation`` are given and ``side`` is not None.
+    ``image`` (the normalised intensities) and ``segmentation`` are given and ``side`` is not None;
+    ``threshold``: the novel region's level of fused novelty.
     """
     mask = np.asarray(mask, bool)
     if not mask.any():
@@ -320,7 +325,7 @@ def maps_from_raw(
         cosine=cosine,
         distance=distance,
         mask=mask,
-        threshold=otsu_threshold(fused, mask),
+        threshold=threshold,
         segmentation=segmentation,
         used_unknown=use_unknown,
         raw=raw if keep_raw else None,

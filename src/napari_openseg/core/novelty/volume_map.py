@@ -213,6 +213,7 @@ def iter_novelty_map(
         normalized,
         settings.side,
         settings.sigma,
+        settings.threshold,
     )
     maps.notes = notes
     return maps
