@@ -35,6 +35,13 @@ adds once to a run:
 
     python benchmarks/bench_segment.py --fit 3 8 16 32 --support-sizes 16 --size 128 --threads 1 \
         --weights openseg-default
+
+``--volume`` times a whole volume's segmentation with each of ``--methods``, the tasks' fit
+included (a fresh process per row; the kernels are warmed on another engine first): what a method
+adds to a run, against ``network``:
+
+    python benchmarks/bench_segment.py --volume --support-sizes 16 --slices 64 --size 256 --threads 1 \
+        --weights openseg-default
 """
 
 from __future__ import annotations
@@ -111,6 +118,9 @@ def worker(args: argparse.Namespace) -> None:
     slices = args.direct_slices if formulation == "direct" else args.slices
     volume = query[:slices]
     batch = args.worker_batch or None  # 0: the automatic choice
+    if args.worker_method:  # --volume: the whole run, fit included, on a fresh engine
+        volume_worker(args, support, net, query)
+        return
     engine = Engine(
         support,
         net,
@@ -145,6 +155,45 @@ def worker(args: argparse.Namespace) -> None:
         result = run_to_end(iter_segment_with(engine, query[: args.direct_slices], **options))
     np.save(args.out, result.probabilities)
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "slices": slices, "peak_mb": peak}))
+
+
+def volume_worker(args: argparse.Namespace, support, net, volume: np.ndarray) -> None:
+    """One whole run with ``--worker-method``: the engine fits its tasks, then segments every slice."""
+    from napari_openseg.core.engine import Engine
+    from napari_openseg.core.progress import run_to_end
+    from napari_openseg.core.segment.inference import iter_segment_with
+
+    def engine(method: str) -> Engine:
+        return Engine(support, net, device=args.device, method=method, support_size=args.support_size)
+
+    run_to_end(iter_segment_with(engine("network"), volume[:1]))  # warm-up on another engine
+    timed = engine(args.worker_method)
+    start, start_cpu = time.perf_counter(), time.process_time()
+    run_to_end(iter_segment_with(timed, volume))
+    cpu_seconds, seconds = time.process_time() - start_cpu, time.perf_counter() - start
+    ran = sorted({model.method for model in timed.fit().values()})  # cached: the run fitted them
+    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "slices": len(volume), "ran": ran}))
+
+
+def volume_table(args: argparse.Namespace) -> None:
+    """A whole volume per method and S, the fit included, each in a fresh process."""
+    import torch
+
+    print(
+        f"# bench_segment --volume: {args.slices} slices of {args.size}x{args.size}, 2 tasks, weights "
+        f"{args.weights}, threads {args.threads or torch.get_num_threads()}"
+    )
+    print("| S | method | method that ran | CPU s | wall s | CPU vs network |")
+    print("|---|---|---|---|---|---|")
+    for size in args.support_sizes:
+        rows = {}
+        for method in ["network", *(m for m in args.methods if m != "network")]:
+            rows[method] = row = run_worker(args, "fast f32", size, Path("unused.npy"), method=method)
+            print(
+                f"| {size} | {method} | {', '.join(row['ran'])} | {row['cpu_seconds']:.1f} | "
+                f"{row['seconds']:.1f} | {row['cpu_seconds'] / rows['network']['cpu_seconds']:.2f}x |",
+                flush=True,
+            )
 
 
 def fit_worker(args: argparse.Namespace) -> None:
@@ -206,7 +255,13 @@ def fit_table(args: argparse.Namespace) -> None:
 
 
 def run_worker(
-    args: argparse.Namespace, name: str, size: int, out: Path, batch: int = 0, ensemble: int = 1
+    args: argparse.Namespace,
+    name: str,
+    size: int,
+    out: Path,
+    batch: int = 0,
+    ensemble: int = 1,
+    method: str = "",
 ) -> dict:
     command = [
         sys.executable,
@@ -235,7 +290,7 @@ def run_worker(
         str(ensemble),
         "--support-slices",
         str(args.support_slices),
-    ]
+    ] + (["--worker-method", method] if method else [])
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode:
         sys.exit(f"{name} S={size} batch {batch or 'auto'} failed:\n{done.stderr}")
@@ -321,8 +376,15 @@ def main() -> None:
     parser.add_argument("--support-slices", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--fit", type=int, nargs="+", help="time the engine's fit at these entries per task")
     parser.add_argument(
-        "--methods", nargs="+", default=["auto", "stacked", "network", "pixel-classifier"], help="for --fit"
+        "--methods",
+        nargs="+",
+        default=["auto", "stacked", "network", "pixel-classifier"],
+        help="for --fit and --volume",
     )
+    parser.add_argument(
+        "--volume", action="store_true", help="time a whole volume per --methods, the fit included"
+    )
+    parser.add_argument("--worker-method", default="", help=argparse.SUPPRESS)
     parser.add_argument("--fit-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--fit-entries", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--fit-method", help=argparse.SUPPRESS)
@@ -336,6 +398,9 @@ def main() -> None:
         return
     if args.fit:
         fit_table(args)
+        return
+    if args.volume:
+        volume_table(args)
         return
     if args.batch_sizes:
         batch_table(args)
