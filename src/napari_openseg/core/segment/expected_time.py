@@ -35,13 +35,13 @@ from napari_openseg.core.engine_settings import (
 )
 
 #: CPU seconds per slice and task on one thread, fast float32, by support size S and ensemble size K
-#: (``bench_segment.py --ensembles 1 2 5 --support-sizes 1 4 16 64 --slices 32 --size 128 --threads 1
-#: --weights openseg-default``, docs/performance.md).
+#: (``bench_segment.py --ensembles 1 2 5 --support-sizes 1 4 16 64 --slices 16 --size 128 --threads 1
+#: --weights openseg-default``, quiet machine, 2026-12-07; docs/performance.md).
 CPU_SECONDS_PER_TASK: dict[int, dict[int, float]] = {
-    1: {1: 0.057, 2: 0.133, 5: 0.314},
-    4: {1: 0.093, 2: 0.177, 5: 0.438},
-    16: {1: 0.262, 2: 0.556, 5: 1.403},
-    64: {1: 0.936, 2: 1.855, 5: 4.935},
+    1: {1: 0.038, 2: 0.072, 5: 0.169},
+    4: {1: 0.047, 2: 0.098, 5: 0.236},
+    16: {1: 0.131, 2: 0.246, 5: 0.616},
+    64: {1: 0.510, 2: 0.934, 5: 2.592},
 }
 
 #: CPU seconds of the one-off support check per task, by method and entries per task, at S =
