@@ -168,11 +168,16 @@ def volume_worker(args: argparse.Namespace, support, net, volume: np.ndarray) ->
 
     run_to_end(iter_segment_with(engine("network"), volume[:1]))  # warm-up on another engine
     timed = engine(args.worker_method)
-    start, start_cpu = time.perf_counter(), time.process_time()
-    run_to_end(iter_segment_with(timed, volume))
-    cpu_seconds, seconds = time.process_time() - start_cpu, time.perf_counter() - start
+    _, seconds, cpu_seconds = clocked(lambda: run_to_end(iter_segment_with(timed, volume)))
     ran = sorted({model.method for model in timed.fit().values()})  # cached: the run fitted them
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "slices": len(volume), "ran": ran}))
+
+
+def clocked(call):
+    """``(call(), wall seconds, CPU seconds of this process)``."""
+    start, start_cpu = time.perf_counter(), time.process_time()
+    result = call()
+    return result, time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def volume_table(args: argparse.Namespace) -> None:
@@ -217,9 +222,7 @@ def fit_worker(args: argparse.Namespace) -> None:
     engine.network.predict(support.task(1)[0].image[None], [support.task(1)[:1]])  # warm-up: kernels
     rows = np.random.default_rng(0).normal(size=(64, 4))  # warm-up: the classifier's import
     PixelClassifier().fit(rows, rows[:, 0] > 0)
-    start, start_cpu = time.perf_counter(), time.process_time()
-    models = engine.fit()
-    cpu_seconds, seconds = time.process_time() - start_cpu, time.perf_counter() - start
+    models, seconds, cpu_seconds = clocked(engine.fit)
     methods = sorted({model.method for model in models.values()})
     print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds, "tasks": len(models), "ran": methods}))
 
