@@ -1,7 +1,8 @@
 """A long benchmark's ``--json`` file, kept after every set, and runs over different sets read as one.
 
-``write_run`` replaces the file whole (a temporary file in the same folder, then ``os.replace``), so a
-run stopped at any moment leaves the last complete file, with the same layout as the final one.
+``write_run`` replaces the file whole (:func:`napari_openseg.output_files.atomic_path`: a temporary
+file in the same folder, then a rename), so a run stopped at any moment leaves the last complete
+file, with the same layout as the final one.
 ``merge_runs`` reads several such files (runs side by side over different ``--sets``) and refuses
 to merge runs whose settings differ.
 """
@@ -9,21 +10,16 @@ to merge runs whose settings differ.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+
+from napari_openseg.output_files import atomic_path
 
 
 def write_run(path: str | Path, payload: dict) -> None:
     """Write ``payload`` as JSON to ``path``, atomically: readers see the old file or the new one."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")  # same folder: a rename
-    try:
+    with atomic_path(path, overwrite=True) as temporary:
         temporary.write_text(json.dumps(payload, indent=1))
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def merge_runs(
