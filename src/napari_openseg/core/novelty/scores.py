@@ -267,9 +267,10 @@ class NoveltyMaps:
 
     ``fused``, ``cosine``, ``distance``, ``appearance``: normalised novelty in [0, 1] (0 outside
     ``mask``; ``appearance`` None when it was not computed); ``threshold``: the novel region's level
-    of ``fused`` (:data:`~napari_openseg.core.novelty.settings.NOVEL_THRESHOLD` unless chosen); ``segmentation``: known-class labels (label values) when the model gives
-    them; ``raw``: the raw channels ``"4 *shape"`` if kept; ``notes``: what was done to the input
-    that a user should know (for example intensities matched to a model's training volumes).
+    of ``fused`` (:data:`~napari_openseg.core.novelty.settings.NOVEL_THRESHOLD` unless chosen);
+    ``segmentation``: known-class labels (label values) when the model gives them; ``raw``: the raw
+    channels ``"4 *shape"`` if kept; ``notes``: what was done to the input that a user should know
+    (for example intensities matched to a model's training volumes).
     """
 
     fused: np.ndarray
