@@ -22,7 +22,7 @@ and marked complete, and the object is propagated again. Confidence: Spearman co
 each predicted slice's confidence and its true 2D Dice, over slices where the prediction or the
 truth has foreground. ``--oracle-ends`` gives the first empty slice past each end of the true
 object as a complete slice, so every front covers the object's true extent and no more (pair it
-with ``--stop-confidence 0``).
+with ``--stop-confidence 0``, which turns both stops off).
 
 Data (``--data``): ``hippocampus`` (MSD Task04, subjects of ``--split``, labels 1 and 2), ``lgg``
 (the LGG FLAIR tumour volumes, patients split as the task bank splits them) and ``brain`` (the VoxelMorph
@@ -31,7 +31,7 @@ Choices are made on ``val``; tables report ``test``.
 
 Weights (``--weights``, one or more names or files): each is run in turn and gets its own tables;
 the default runs both bundled files, ``openseg-propagate`` and ``openseg-default``, each with its
-stop confidence (``--stop-confidence`` overrides). Propagation's default weights are
+stop rule (``--stop-confidence`` and ``--stop-ratio`` override it; the one not given is off). Propagation's default weights are
 ``openseg-propagate``.
 
 Run: ``nice -n 10 python benchmarks/bench_propagation.py [--split test] [--threads 1] [--json OUT]``;
@@ -55,7 +55,6 @@ import torch
 
 from napari_openseg.core.metrics import dice_score
 from napari_openseg.core.propagate.propagation import iter_propagate
-from napari_openseg.core.propagate.settings import PropagationSettings
 from napari_openseg.io import read_image
 from napari_openseg.model.registry import load_model
 from napari_openseg.training.splits import hippocampus_splits, shared_data_dir
@@ -74,8 +73,12 @@ BRAIN_STRUCTURES = (10, 11, 12, 17, 49, 50, 51, 53)  # thalamus, caudate, putame
 #: lateral ventricle, pallidum, amygdala, ventral diencephalon (L, R).
 VALIDATION_STRUCTURES = (4, 43, 13, 52, 18, 54, 28, 60)
 BUNDLED = ("openseg-propagate", "openseg-default")
-#: The stop confidence each bundled file was tuned to on the validation objects (docs/propagation.md).
-STOP_CONFIDENCE = {"openseg-propagate": PropagationSettings().stop_confidence, "openseg-default": 0.5}
+#: The stop rule each bundled file was tuned to on the validation objects (docs/propagation.md):
+#: ``openseg-propagate`` is the library's default (0.8 x the front's first slice's confidence).
+STOP_RULES = {
+    "openseg-propagate": {},
+    "openseg-default": {"stop_confidence": 0.5, "stop_ratio": 0.0},
+}
 MEASURES = ("confidence", "sharpness", "agreement", "consistency")
 
 
@@ -302,8 +305,12 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, help="only the first N subjects (patients) of the split")
     parser.add_argument("--variants", default="abcdef")
     parser.add_argument("--axis", type=int, default=0)
+    parser.add_argument("--stop-confidence", type=float, help="default: the rule tuned for each bundled file")
     parser.add_argument(
-        "--stop-confidence", type=float, help="default: the value tuned for each bundled file"
+        "--stop-ratio",
+        type=float,
+        help="stop below this times a front's first slice's confidence (with --stop-confidence: "
+        "what is not given is off)",
     )
     parser.add_argument(
         "--options",
@@ -313,7 +320,7 @@ def main() -> None:
     parser.add_argument(
         "--oracle-ends",
         action="store_true",
-        help="end every front where the true object ends; pair with --stop-confidence 0",
+        help="end every front where the true object ends; pair with --stop-confidence 0 (both stops off)",
     )
     parser.add_argument("--correction", action="store_true", help="also run (a) + 1 correction")
     parser.add_argument("--stack", action="store_true", help="run the one-prompt 2D stack instead of volumes")
@@ -336,12 +343,10 @@ def main() -> None:
     for weights in args.weights:
         began = time.perf_counter()
         name = Path(weights).stem if Path(weights).suffix else weights
-        stop = (
-            args.stop_confidence
-            if args.stop_confidence is not None
-            else STOP_CONFIDENCE.get(name, PropagationSettings().stop_confidence)
-        )
-        settings = {**json.loads(args.options), "stop_confidence": stop}
+        stop = STOP_RULES.get(name, {})
+        if args.stop_confidence is not None or args.stop_ratio is not None:  # what is not given is off
+            stop = {"stop_confidence": args.stop_confidence or 0.0, "stop_ratio": args.stop_ratio or 0.0}
+        settings = {**json.loads(args.options), **stop}
         net = load_model(weights)
         if args.stack:
             print(f"\n### weights {weights}, one-prompt 2D stacks ({args.split})\n")

@@ -16,7 +16,7 @@ large structures of that scan (:data:`LARGE_STRUCTURES`) and the bundled sample'
 matter; prompt = the true mask on the slice where the object is largest, as in
 ``bench_propagation.py``. The recording runs with the library's default memories.
 
-Run: ``nice -n 10 python benchmarks/bench_stop_rules.py [--threads 2] [--weights W ...] [--json OUT]``
+Run: ``nice -n 10 python benchmarks/bench_stop_rules.py [--split val|test] [--threads 2] [--weights W ...] [--json OUT]``
 (both bundled files by default; about 15 minutes per file on 2 quiet cores); it prints a Markdown
 table per file (docs/propagation.md).
 """
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from bench_propagation import (
+    BRAIN_STRUCTURES,
     BUNDLED,
     VALIDATION_STRUCTURES,
     Case,
@@ -46,6 +47,7 @@ from napari_openseg.core.propagate.propagation import iter_propagate
 from napari_openseg.model.registry import load_model
 from napari_openseg.sample import load_sample
 from napari_openseg.training.splits import shared_data_dir
+from saved_runs import write_run
 
 log = logging.getLogger("bench_stop_rules")
 #: Brainstem, cerebellar white matter and cortex (L, R), cerebral white matter (L, R).
@@ -63,7 +65,13 @@ LENIENT = (0.3, 0.4)
 GROUPS = ("sample", "large", "brain", "hippocampus", "lgg")
 
 
-def validation_cases(groups=GROUPS, limit: int | None = None):
+def validation_cases(groups=GROUPS, limit: int | None = None, split: str = "val"):
+    """The objects of ``groups``; ``split="test"`` takes the test subjects, patients and brain
+    structures of ``bench_propagation.py`` instead (the sample and the large structures are
+    validation only)."""
+    if split == "test":
+        yield from _test_cases(groups, limit)
+        return
     if "sample" in groups:
         image, labels = load_sample()
         for value in (2, 1):
@@ -79,11 +87,24 @@ def validation_cases(groups=GROUPS, limit: int | None = None):
         yield from lgg_cases("val", limit)
 
 
+def _test_cases(groups, limit):
+    if "brain" in groups:
+        yield from brain_cases(BRAIN_STRUCTURES)
+    if "hippocampus" in groups:
+        yield from hippocampus_cases("test", limit)
+    if "lgg" in groups:
+        yield from lgg_cases("test", limit)
+
+
 def record(case: Case, net, options: dict | None = None) -> dict:
     """Propagate ``case`` with the confidence stop off; per predicted slice: confidence and areas."""
     prompt, z = prompt_of(case.truth)
     generator = iter_propagate(
-        case.image, prompt, net, device="cpu", **{**(options or {}), "stop_confidence": 0.0}
+        case.image,
+        prompt,
+        net,
+        device="cpu",
+        **{**(options or {}), "stop_confidence": 0.0, "stop_ratio": 0.0},
     )
     slices = []
     for step in generator:
@@ -113,6 +134,7 @@ def replay(
     stop_after: int = 2,
     max_growth: float = float("inf"),
     lenient: float | None = None,
+    stop_ratio: float = 0.0,
 ) -> float:
     """3D Dice of ``obj`` had each front stopped by the rule ``threshold_of(front slices) -> float``,
     the area trend ``max_growth`` and, with ``lenient``, a second threshold: a slice between the two
@@ -121,7 +143,8 @@ def replay(
     for sign in (-1, 1):
         records = [r for r in obj["slices"] if np.sign(r["slice"] - obj["prompt_slice"]) == sign]
         threshold = threshold_of(records)
-        strict = StopRule(stop_after, 0.0, threshold, max_growth)
+        strict = StopRule(stop_after, 0.0, threshold, max_growth, stop_ratio)
+        first = records[0]["confidence"] if records else None
         front, kept, last_area = Front(0, [r["slice"] for r in records]), [], float(obj["prompt_area"])
         for r in records:
             # the recording already emptied vanished slices (min_area): they come with no pixels
@@ -130,7 +153,7 @@ def replay(
             elif threshold == ORACLE:  # ends where the prediction first misses the object entirely
                 verdict = "doubtful" if r["overlap"] == 0 else "accepted"
             elif lenient is None:
-                verdict = strict.judge(r["predicted"], r["confidence"], 1.0, last_area)
+                verdict = strict.judge(r["predicted"], r["confidence"], 1.0, last_area, first)
             elif r["confidence"] < lenient:
                 verdict = "doubtful"
             else:
@@ -160,11 +183,7 @@ def rules():
         for after in (2, 3):
             yield f"confidence < {t}, {after} in a row", lambda front, t=t: t, {"stop_after": after}
     for ratio in RELATIVE:  # relative to the confidence of the front's first slice
-        yield (
-            f"confidence < {ratio} x first slice's",
-            lambda front, r=ratio: r * (front[0]["confidence"] if front else 1),
-            {},
-        )
+        yield f"confidence < {ratio} x first slice's", lambda front: 0.0, {"stop_ratio": ratio}
     for t in ABSOLUTE:
         for growth in GROWTH:
             yield (
@@ -217,6 +236,12 @@ def main() -> None:
         "--options", default="{}", help="other propagation settings for the recording, as JSON"
     )
     parser.add_argument("--subjects", type=int, help="only the first N hippocampus subjects and LGG patients")
+    parser.add_argument(
+        "--split",
+        default="val",
+        choices=("val", "test"),
+        help="val (choices) or test (report; brain, hippocampus and lgg only)",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.records:
@@ -229,15 +254,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     for weights in args.weights:
         net, began = load_model(weights), time.perf_counter()
-        objects = [
-            record(case, net, json.loads(args.options)) for case in validation_cases(args.data, args.subjects)
-        ]
+        objects = []
+        for case in validation_cases(args.data, args.subjects, args.split):
+            objects.append(record(case, net, json.loads(args.options)))
+            if args.json:  # after every object: a long recording that is cut short keeps what it did
+                write_run(Path(f"{args.json}.{Path(weights).stem}.json"), objects)
         print(
             f"\n### weights {weights}: {len(objects)} objects recorded in {(time.perf_counter() - began) / 60:.1f} min\n"
         )
-        if args.json:
-            with open(f"{args.json}.{Path(weights).stem}.json", "w") as handle:
-                json.dump(objects, handle)
         print(report(objects))
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from napari_openseg.output_files import atomic_path
 
 
-def write_run(path: str | Path, payload: dict) -> None:
+def write_run(path: str | Path, payload: dict | list) -> None:
     """Write ``payload`` as JSON to ``path``, atomically: readers see the old file or the new one."""
     with atomic_path(path, overwrite=True) as temporary:
         temporary.write_text(json.dumps(payload, indent=1))

@@ -222,6 +222,32 @@ def test_a_stopped_front_gives_back_what_it_covered_not_background(blob_net, mon
         assert np.array_equal(result.labels[s] == 1, alone.labels[s] == 1)
 
 
+def test_the_relative_stop_ends_a_front_that_fades_not_one_that_is_steadily_unsure(
+    blob_net, disc, monkeypatch
+):
+    from napari_openseg.core.propagate import propagation as module
+
+    image, truth, prompt, z = disc  # the disc is on slices 4..19
+    measure = module._measure
+    # Backward front: unsure from its first slice on (0.5, then 0.45), but steadily so. Forward
+    # front: sure on its first two slices (0.9), then 0.6 < 0.8 x 0.9 from slice z + 3 on.
+    confidence = {z - d: 0.5 if d == 1 else 0.45 for d in range(1, z + 1)}
+    confidence.update({z + d: 0.9 if d <= 2 else 0.6 for d in range(1, 24 - z)})
+
+    def scripted(run, value, s, probs, grid_mask):
+        return {**measure(run, value, s, probs, grid_mask), "confidence": confidence[s]}
+
+    monkeypatch.setattr(module, "_measure", scripted)
+    relative = propagate(image, prompt, blob_net, **FAST)  # the default: 0.8 x the first slice's
+    assert relative.confidence_stops == {1: [z + 3]}  # forward ends at z + 3, z + 4, both undone
+    assert relative.labels[z + 1 : z + 3].any(axis=(1, 2)).all() and not relative.labels[z + 3 :].any()
+    assert relative.labels[5:z].any(axis=(1, 2)).all()  # backward runs on to the disc's end
+    # An absolute threshold between the two fronts' levels does the opposite on both.
+    absolute = propagate(image, prompt, blob_net, stop_confidence=0.55, stop_ratio=0.0, **FAST)
+    assert absolute.confidence_stops == {1: [z - 1]} and not absolute.labels[:z].any()
+    assert absolute.labels[z + 3 : 19].any(axis=(1, 2)).all()
+
+
 def test_undoing_goes_back_through_labels_that_were_undone_themselves():
     from napari_openseg.core.propagate.propagation import _undo, _Written
 
@@ -480,6 +506,17 @@ def test_the_stop_rule_judges_a_slice_by_its_area_and_confidence():
     assert rule.judge(area=80, confidence=0.9, painted_area=100, last_area=50) == "doubtful"  # 80 > 1.5 x 50
     assert rule.judge(area=70, confidence=0.9, painted_area=100, last_area=50) == "accepted"
     assert rule.judge(area=70, confidence=0.9, painted_area=100, last_area=None) == "accepted"
+    # Relative to the front's first slice: doubtful below 0.8 x 0.7 = 0.56 (absolute threshold off);
+    # the first slice itself (first_confidence None) is never doubtful by it.
+    relative = StopRule(stop_after=2, min_area=0.1, stop_confidence=0.0, max_growth=1.5, stop_ratio=0.8)
+    assert relative.judge(50, 0.55, 100, 50, first_confidence=0.7) == "doubtful"
+    assert relative.judge(50, 0.57, 100, 50, first_confidence=0.7) == "accepted"
+    assert relative.judge(50, 0.05, 100, 50, first_confidence=None) == "accepted"
+    assert relative.judge(5, 0.99, 100, 50, first_confidence=0.7) == "vanished"
+    # Both thresholds: the higher one counts.
+    both = StopRule(stop_after=2, min_area=0.1, stop_confidence=0.6, max_growth=1.5, stop_ratio=0.8)
+    assert both.judge(50, 0.58, 100, 50, first_confidence=0.5) == "doubtful"  # 0.58 < 0.6, > 0.4
+    assert both.judge(50, 0.7, 100, 50, first_confidence=0.95) == "doubtful"  # 0.7 < 0.76
 
 
 def test_a_set_of_one_entry_repeated_is_predicted_as_that_entry_alone():

@@ -12,7 +12,7 @@ from napari_openseg._widgets import propagate_widget
 from napari_openseg._widgets._layers import current_slice, owner_info
 from napari_openseg._widgets._session import get_session
 from napari_openseg._widgets.propagate_widget import PropagationWidget
-from napari_openseg.core.propagate.propagation import DEFAULT_STOP_CONFIDENCE
+from napari_openseg.core.propagate.settings import DEFAULT_STOP_CONFIDENCE, DEFAULT_STOP_RATIO
 from tests._blobs import disc_volume, largest_slice, one_thread
 
 pytestmark = [pytest.mark.qt, pytest.mark.usefixtures(one_thread.__name__)]
@@ -72,11 +72,15 @@ def test_run_writes_a_new_labels_layer_and_plots_the_confidence(viewer, qtbot, s
 def test_stop_confidence_control_ends_objects_at_the_painted_slice(viewer, qtbot, scene, inline):
     widget, _, _, painted, _ = scene
     assert widget.stop_confidence.value() == pytest.approx(DEFAULT_STOP_CONFIDENCE)
+    assert widget.stop_ratio.value() == pytest.approx(DEFAULT_STOP_RATIO)
+    assert widget.settings_section.button.text() == "Settings: bank 4, stop below 0.80 x first slice"
+    widget.stop_ratio.setValue(0.0)
     widget.stop_confidence.setValue(1.0)  # every prediction is doubtful: each front ends, undone
+    assert widget.settings_section.button.text() == "Settings: bank 4, stop below 1.00"
     assert run_and_wait(qtbot, widget) == "done"
     assert np.array_equal(viewer.layers["vol propagated"].data, painted)
     assert "Fronts ended on low confidence" in widget.status.text()
-    assert "lower 'Stop below confidence'" in widget.status.text()
+    assert "lower 'Stop below confidence' and run again" in widget.status.text()  # the one in use
 
 
 def test_go_to_least_confident_slice_then_correct_it_and_run_again(viewer, qtbot, scene, inline, errors):
@@ -107,6 +111,10 @@ def test_go_to_least_confident_slice_then_correct_it_and_run_again(viewer, qtbot
 def test_a_slice_corrected_once_can_be_corrected_again(viewer, qtbot, scene, inline, errors):
     """The second fix of a slice used to be refused: the set of complete slices did not grow."""
     widget, *_ = scene
+    # The tiny network is equally unsure (0.41) everywhere: a relative stop never ends its fronts
+    # and it fills whole slices; an absolute one ends them next to the prompt and leaves slice 3 empty.
+    widget.stop_ratio.setValue(0.0)
+    widget.stop_confidence.setValue(0.6)
     assert run_and_wait(qtbot, widget) == "done"
     widget.output.paint((3, 5, 5), 1, refresh=False)
     assert run_and_wait(qtbot, widget, corrections=True) == "done"
@@ -231,7 +239,7 @@ def test_an_output_painted_on_becomes_a_prompt_to_choose(viewer, qtbot, scene, i
     assert run_and_wait(qtbot, widget) == "done"
     output = widget.output
     assert output not in widget.prompt_combo.layers()
-    output.paint((5, 5, 5), 1, refresh=False)  # the user takes it over
+    output.paint((5, 5, 5), 2, refresh=False)  # the user takes it over (2: a change whatever was there)
     widget.prompt_combo.refresh()
     assert output in widget.prompt_combo.layers()
 

@@ -49,11 +49,8 @@ from napari_openseg._widgets._session import get_session, unwrap_viewer
 from napari_openseg._widgets._threading import WorkHandle, report_error
 from napari_openseg.core.propagate.fronts import DIRECTIONS
 from napari_openseg.core.propagate.memory import DEFAULT_CAPACITY
-from napari_openseg.core.propagate.propagation import (
-    DEFAULT_STOP_CONFIDENCE,
-    PropagationResult,
-    iter_propagate,
-)
+from napari_openseg.core.propagate.propagation import PropagationResult, iter_propagate
+from napari_openseg.core.propagate.settings import DEFAULT_STOP_CONFIDENCE, DEFAULT_STOP_RATIO
 from napari_openseg.core.segment.expected_time import format_duration
 from napari_openseg.errors import OpenSegError
 from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, propagation_weights
@@ -126,6 +123,7 @@ class PropagationWidget(QWidget):
         self.panel.finished.connect(self._finished)
         self.bank_size.valueChanged.connect(self._title_settings)
         self.stop_confidence.valueChanged.connect(self._title_settings)
+        self.stop_ratio.valueChanged.connect(self._title_settings)
         self._title_settings()
         napari_viewer.dims.events.current_step.connect(self._follow_slider)
         self.destroyed.connect(
@@ -138,9 +136,11 @@ class PropagationWidget(QWidget):
         return self.panel.cancel_button
 
     def _title_settings(self, *_args) -> None:
-        self.settings_section.set_title(
-            f"Settings: bank {self.bank_size.value()}, stop below {self.stop_confidence.value():.2f}"
-        )
+        stops = [f"{self.stop_ratio.value():.2f} x first slice"] if self.stop_ratio.value() > 0 else []
+        if self.stop_confidence.value() > 0:
+            stops.append(f"{self.stop_confidence.value():.2f}")
+        stop = f"stop below {' or '.join(stops)}" if stops else "no confidence stop"
+        self.settings_section.set_title(f"Settings: bank {self.bank_size.value()}, {stop}")
 
     def _settings_form(self) -> QFormLayout:
         form = QFormLayout()
@@ -162,12 +162,21 @@ class PropagationWidget(QWidget):
             "from each painted slice: both ways, or towards higher/lower indices",
         )
         self.direction_combo.addItems(list(DIRECTIONS))
+        self.stop_ratio = form_row(
+            form,
+            "Stop below × first slice",
+            QDoubleSpinBox(),
+            "an object ends after two slices whose confidence is below this fraction of the first "
+            "slice its front predicted (0: off); lower it if a structure stops too early",
+        )
+        self.stop_ratio.setRange(0.0, 0.99)
+        self.stop_ratio.setSingleStep(0.05)
+        self.stop_ratio.setValue(DEFAULT_STOP_RATIO)
         self.stop_confidence = form_row(
             form,
             "Stop below confidence",
             QDoubleSpinBox(),
-            "an object ends after two slices less confident than this (0: only where it vanishes); "
-            "lower it if a large structure stops too early",
+            "an object also ends after two slices less confident than this (0: off)",
         )
         self.stop_confidence.setRange(0.0, 1.0)
         self.stop_confidence.setSingleStep(0.05)
@@ -245,6 +254,7 @@ class PropagationWidget(QWidget):
             "bank_size": self.bank_size.value(),
             "direction": self.direction_combo.currentText(),
             "stop_confidence": self.stop_confidence.value(),
+            "stop_ratio": self.stop_ratio.value(),
             "unordered": self.unordered.isChecked(),
             "device": self.picker.device(),
             "rgb": run["rgb"],
@@ -321,7 +331,12 @@ class PropagationWidget(QWidget):
                 f" Least confident: slice {weakest} ({result.slice_confidence()[weakest]:.2f}). Fix slices "
                 f"in '{self.output.name}', then press 'Run again with corrections'."
             )
-        hint = result.confidence_stop_hint("'Stop below confidence'")
+        hint = result.confidence_stop_hint(
+            {
+                "'Stop below × first slice'": self.stop_ratio.value(),
+                "'Stop below confidence'": self.stop_confidence.value(),
+            }
+        )
         if hint:
             text += " " + hint
         self.panel.set_status(text)

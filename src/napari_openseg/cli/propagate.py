@@ -18,6 +18,7 @@ def register(subparsers) -> None:
         DEFAULT_CAPACITY,
         DEFAULT_SHORT_TERM,
         DEFAULT_STOP_CONFIDENCE,
+        DEFAULT_STOP_RATIO,
         PropagationSettings,
     )
 
@@ -72,6 +73,13 @@ def register(subparsers) -> None:
         help=f"slices less confident than C count towards ending an object (default {DEFAULT_STOP_CONFIDENCE}; 0 = off)",
     )
     parser.add_argument(
+        "--stop-ratio",
+        type=float,
+        metavar="R",
+        help="slices less confident than R times the first slice of their front count towards ending "
+        f"an object (default {DEFAULT_STOP_RATIO}; 0 = off; lower it if an object stops too early)",
+    )
+    parser.add_argument(
         "--unordered",
         action="store_true",
         help="the slices are an unordered stack of 2D images (one-prompt segmentation)",
@@ -89,13 +97,15 @@ def run(args: argparse.Namespace) -> int:
 
     from napari_openseg.cli._progress import with_progress_bar
     from napari_openseg.core.propagate.propagation import iter_propagate
+    from napari_openseg.core.propagate.settings import PropagationSettings
     from napari_openseg.errors import OpenSegError
     from napari_openseg.io import atomic_path, check_writable, read_image, write_image
     from napari_openseg.model.registry import propagation_weights
 
     inputs = [args.image, args.prompt]
     check_writable(args.out, args.overwrite, image=True, inputs=inputs)  # refuse before any work is done
-    options = {} if args.stop_confidence is None else {"stop_confidence": args.stop_confidence}
+    stops = {"stop_confidence": args.stop_confidence, "stop_ratio": args.stop_ratio}
+    options = {k: v for k, v in stops.items() if v is not None}
     if args.json:
         check_writable(args.json, args.overwrite, inputs=inputs)
         if Path(args.json).resolve() == Path(args.out).resolve():
@@ -140,7 +150,10 @@ def run(args: argparse.Namespace) -> int:
             f"mean confidence {summary['mean_confidence']:.3f}; least confident slice {weakest} "
             f"({summary['slices'][weakest]['confidence']:.3f}): check it first"
         )
-    hint = result.confidence_stop_hint("--stop-confidence")
+    used = PropagationSettings(**options)
+    hint = result.confidence_stop_hint(
+        {"--stop-ratio": used.stop_ratio, "--stop-confidence": used.stop_confidence}
+    )
     if hint:
         print(hint)
     return 0

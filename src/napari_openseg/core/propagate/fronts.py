@@ -32,23 +32,39 @@ class StopRule:
 
     A slice is ``"vanished"`` when its object covers less than ``min_area`` times the painted area
     (and at least one pixel), ``"doubtful"`` when it is drawn but its confidence is below
-    ``stop_confidence`` or its area is more than ``max_growth`` times the front's last accepted
-    area, and ``"accepted"`` otherwise.
+    ``stop_confidence`` or below ``stop_ratio`` times ``first_confidence`` (that of the front's
+    first slice; ``None`` while the first slice itself is judged), or its area is more than
+    ``max_growth`` times the front's last accepted area, and ``"accepted"`` otherwise.
     """
 
     stop_after: int
     min_area: float
     stop_confidence: float
     max_growth: float
+    stop_ratio: float = 0.0
 
     @classmethod
     def of(cls, settings: PropagationSettings) -> StopRule:
-        return cls(settings.stop_after, settings.min_area, settings.stop_confidence, settings.max_growth)
+        return cls(
+            settings.stop_after,
+            settings.min_area,
+            settings.stop_confidence,
+            settings.max_growth,
+            settings.stop_ratio,
+        )
 
-    def judge(self, area: float, confidence: float, painted_area: float, last_area: float | None) -> str:
+    def judge(
+        self,
+        area: float,
+        confidence: float,
+        painted_area: float,
+        last_area: float | None,
+        first_confidence: float | None = None,
+    ) -> str:
         if area < max(1.0, self.min_area * painted_area):
             return "vanished"
-        if confidence < self.stop_confidence:
+        relative = self.stop_ratio * (confidence if first_confidence is None else first_confidence)
+        if confidence < max(self.stop_confidence, relative):
             return "doubtful"
         if last_area is not None and area > self.max_growth * last_area:
             return "doubtful"
@@ -63,7 +79,8 @@ class Front:
     or was doubtful; ``doubtful`` holds the (slice, what was written) of the doubtful ones of that run,
     whose prediction was kept because only its confidence was low: if the front stops, they are undone.
     ``recent`` is the front's short-term memory and ``last_area`` the area of the last slice it
-    accepted (the painted one to begin with); ``origin`` is the painted slice it starts from."""
+    accepted (the painted one to begin with); ``origin`` is the painted slice it starts from;
+    ``first_confidence`` the confidence of the first slice it visited (what ``stop_ratio`` is of)."""
 
     label: int
     slices: list[int]
@@ -73,6 +90,7 @@ class Front:
     recent: ShortTermMemory = field(default_factory=lambda: ShortTermMemory(0))
     last_area: float | None = None
     origin: int | None = None
+    first_confidence: float | None = None
 
     def observe(self, slice_index: int, vanished: bool, doubtful: bool, written, stop_after: int) -> None:
         """Count one visited slice towards the stop rule: ``stop_after`` vanished or doubtful slices

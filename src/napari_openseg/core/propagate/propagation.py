@@ -380,8 +380,10 @@ def _record(run: _Run, value: int, s: int, front: Front | None, predicted: _Pred
     mask, full, conf = predicted.mask, predicted.full, predicted.measures["confidence"]
     verdict = "unordered"
     if front is not None:
+        if front.first_confidence is None:
+            front.first_confidence = conf
         verdict = StopRule.of(settings).judge(
-            float(mask.sum()), conf, run.painted_area[value], front.last_area
+            float(mask.sum()), conf, run.painted_area[value], front.last_area, front.first_confidence
         )
         if verdict == "vanished":
             mask = np.zeros_like(mask)

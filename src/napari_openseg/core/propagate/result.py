@@ -44,11 +44,13 @@ class PropagationResult:
             return None
         return int(np.nanargmin(per_slice))
 
-    def confidence_stop_hint(self, setting: str = "the stop confidence") -> str | None:
-        """A sentence naming the slices where fronts ended on low confidence, or None; ``setting``
-        is what the caller's user knows the stop threshold as (a widget control, a CLI option)."""
+    def confidence_stop_hint(self, settings: dict[str, float]) -> str | None:
+        """A sentence naming the slices where fronts ended on low confidence, or None. ``settings``
+        maps what the caller's user knows each stop threshold as (a widget control, a CLI option)
+        to its value; the hint names those in use (above 0)."""
         if not self.confidence_stops:
             return None
+        setting = " or ".join(name for name, value in settings.items() if value > 0) or "the stop"
         where = "; ".join(
             f"label {v}: slice {', '.join(map(str, s))}" for v, s in self.confidence_stops.items()
         )

@@ -25,8 +25,12 @@ DEFAULT_SHORT_TERM = 0
 #: Support sets drawn from the long-term bank per slice and entries per set. On the hippocampus
 #: validation subjects 2 x 8 gave the same Dice as 3 x 16 at 2.3 times the speed.
 DEFAULT_DRAWS, DEFAULT_SUPPORT_SIZE = 2, 8
-#: Slices less confident than this count towards stopping a front (docs/propagation.md).
-DEFAULT_STOP_CONFIDENCE = 0.6
+#: Slices less confident than this count towards stopping a front (0: off; docs/propagation.md).
+DEFAULT_STOP_CONFIDENCE = 0.0
+#: Slices less confident than this many times their front's first slice count towards stopping it.
+#: Chosen over absolute thresholds on the validation objects with the default file
+#: ``openseg-propagate`` (docs/propagation.md, *Stop rules*).
+DEFAULT_STOP_RATIO = 0.8
 DEFAULT_STOP_AFTER = 2
 DEFAULT_MIN_AREA = 0.02
 #: A predicted area more than this many times the front's last accepted area counts towards
@@ -53,11 +57,12 @@ class PropagationSettings:
     prompt_set
         Make the last of the ``draws`` sets the painted slice most similar to the slice being
         predicted (self-sorting and admit-all banks, ``draws`` > 1).
-    stop_after, min_area, stop_confidence, max_growth
+    stop_after, min_area, stop_confidence, stop_ratio, max_growth
         A front stops after ``stop_after`` consecutive slices where its object has vanished (less
         than ``min_area`` times its mean painted area) or is doubtful: its confidence is below
-        ``stop_confidence``, or its area is more than ``max_growth`` times the front's last
-        accepted area. The doubtful slices of that final run are left empty.
+        ``stop_confidence``, or below ``stop_ratio`` times the confidence of the front's first
+        slice, or its area is more than ``max_growth`` times the front's last accepted area. The
+        doubtful slices of that final run are left empty. 0 switches either threshold off.
     direction
         ``"both"``, ``"forward"`` (towards higher slice indices) or ``"backward"`` from each prompt.
     unordered
@@ -77,6 +82,7 @@ class PropagationSettings:
     stop_after: int = DEFAULT_STOP_AFTER
     min_area: float = DEFAULT_MIN_AREA
     stop_confidence: float = DEFAULT_STOP_CONFIDENCE
+    stop_ratio: float = DEFAULT_STOP_RATIO
     max_growth: float = DEFAULT_MAX_GROWTH
     direction: str = "both"
     unordered: bool = False
@@ -110,6 +116,11 @@ class PropagationSettings:
             raise OpenSegError(
                 f"min_area must lie in [0, 1), threshold and stop_confidence in [0, 1], "
                 f"got {self.min_area}, {self.threshold}, {self.stop_confidence}"
+            )
+        if not 0.0 <= self.stop_ratio < 1.0:
+            raise OpenSegError(
+                f"stop_ratio (of the confidence of a front's first slice) must lie in [0, 1), "
+                f"got {self.stop_ratio}"
             )
         if not 0.0 <= self.floor <= 1.0:
             raise OpenSegError(f"the confidence floor must lie in [0, 1], got {self.floor}")
