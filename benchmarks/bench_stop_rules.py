@@ -69,31 +69,19 @@ def validation_cases(groups=GROUPS, limit: int | None = None, split: str = "val"
     """The objects of ``groups``; ``split="test"`` takes the test subjects, patients and brain
     structures of ``bench_propagation.py`` instead (the sample and the large structures are
     validation only)."""
-    if split == "test":
-        yield from _test_cases(groups, limit)
-        return
-    if "sample" in groups:
+    if split == "val" and "sample" in groups:
         image, labels = load_sample()
         for value in (2, 1):
             yield Case("sample", f"sample {value}", image.data, labels.data == value)
-    if "large" in groups:
+    if split == "val" and "large" in groups:
         for case in brain_cases(LARGE_STRUCTURES):
             yield Case("large", case.name, case.image, case.truth)
     if "brain" in groups:
-        yield from brain_cases(VALIDATION_STRUCTURES)
+        yield from brain_cases(VALIDATION_STRUCTURES if split == "val" else BRAIN_STRUCTURES)
     if "hippocampus" in groups:
-        yield from hippocampus_cases("val", limit)
+        yield from hippocampus_cases(split, limit)
     if "lgg" in groups:
-        yield from lgg_cases("val", limit)
-
-
-def _test_cases(groups, limit):
-    if "brain" in groups:
-        yield from brain_cases(BRAIN_STRUCTURES)
-    if "hippocampus" in groups:
-        yield from hippocampus_cases("test", limit)
-    if "lgg" in groups:
-        yield from lgg_cases("test", limit)
+        yield from lgg_cases(split, limit)
 
 
 def record(case: Case, net, options: dict | None = None) -> dict:

@@ -9,6 +9,7 @@ from qtpy.QtCore import QEvent, QObject, QSize, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QDockWidget,
+    QDoubleSpinBox,
     QFormLayout,
     QFrame,
     QLabel,
@@ -143,6 +144,15 @@ def form_row(form: QFormLayout, label: str, widget: QWidget, tip: str) -> QWidge
     text.setToolTip(tip)
     form.addRow(text, widget)
     return widget
+
+
+def fraction_box(value: float, top: float = 1.0, step: float = 0.05) -> QDoubleSpinBox:
+    """A spin box for a value in [0, ``top``] (a threshold, a ratio), starting at ``value``."""
+    box = QDoubleSpinBox()
+    box.setRange(0.0, top)
+    box.setSingleStep(step)
+    box.setValue(value)
+    return box
 
 
 class AxisCombo(QComboBox):

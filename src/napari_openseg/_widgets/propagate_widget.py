@@ -20,7 +20,6 @@ from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -38,6 +37,7 @@ from napari_openseg._widgets._controls import (
     LayerCombo,
     dock_layout,
     form_row,
+    fraction_box,
     is_image,
     is_user_labels,
     parse_label_values,
@@ -165,22 +165,16 @@ class PropagationWidget(QWidget):
         self.stop_ratio = form_row(
             form,
             "Stop below × first slice",
-            QDoubleSpinBox(),
+            fraction_box(DEFAULT_STOP_RATIO, top=0.99),
             "an object ends after two slices whose confidence is below this fraction of the first "
             "slice its front predicted (0: off); lower it if a structure stops too early",
         )
-        self.stop_ratio.setRange(0.0, 0.99)
-        self.stop_ratio.setSingleStep(0.05)
-        self.stop_ratio.setValue(DEFAULT_STOP_RATIO)
         self.stop_confidence = form_row(
             form,
             "Stop below confidence",
-            QDoubleSpinBox(),
+            fraction_box(DEFAULT_STOP_CONFIDENCE),
             "an object also ends after two slices less confident than this (0: off)",
         )
-        self.stop_confidence.setRange(0.0, 1.0)
-        self.stop_confidence.setSingleStep(0.05)
-        self.stop_confidence.setValue(DEFAULT_STOP_CONFIDENCE)
         self.unordered = form_row(
             form,
             "",

@@ -19,7 +19,6 @@ from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
-    QDoubleSpinBox,
     QFormLayout,
     QHBoxLayout,
     QLabel,
@@ -35,6 +34,7 @@ from napari_openseg._widgets._controls import (
     LayerCombo,
     dock_layout,
     form_row,
+    fraction_box,
     is_image,
 )
 from napari_openseg._widgets._layers import layer_image, owned_roles, put_output_layer, remove_owned_layers
@@ -145,11 +145,11 @@ class SegmentationWidget(QWidget):
         self.expected.setWordWrap(True)
         form.addRow("", self.expected)
         self.threshold = form_row(
-            form, "Threshold", QDoubleSpinBox(), "minimum probability for a pixel to be labelled"
+            form,
+            "Threshold",
+            fraction_box(defaults.threshold),
+            "minimum probability for a pixel to be labelled",
         )
-        self.threshold.setRange(0.0, 1.0)
-        self.threshold.setSingleStep(0.05)
-        self.threshold.setValue(defaults.threshold)
         self.method_combo = form_row(
             form,
             "Method",
