@@ -74,7 +74,7 @@ BRAIN_STRUCTURES = (10, 11, 12, 17, 49, 50, 51, 53)  # thalamus, caudate, putame
 VALIDATION_STRUCTURES = (4, 43, 13, 52, 18, 54, 28, 60)
 BUNDLED = ("openseg-propagate", "openseg-default")
 #: The stop rule each bundled file was tuned to on the validation objects (docs/propagation.md):
-#: ``openseg-propagate`` is the library's default (0.8 x the front's first slice's confidence).
+#: ``openseg-propagate`` is the library's default (0.7 x the front's first slice's confidence).
 STOP_RULES = {
     "openseg-propagate": {},
     "openseg-default": {"stop_confidence": 0.5, "stop_ratio": 0.0},

@@ -73,7 +73,7 @@ def test_stop_confidence_control_ends_objects_at_the_painted_slice(viewer, qtbot
     widget, _, _, painted, _ = scene
     assert widget.stop_confidence.value() == pytest.approx(DEFAULT_STOP_CONFIDENCE)
     assert widget.stop_ratio.value() == pytest.approx(DEFAULT_STOP_RATIO)
-    assert widget.settings_section.button.text() == "Settings: bank 4, stop below 0.80 x first slice"
+    assert widget.settings_section.button.text() == "Settings: bank 4, stop below 0.70 x first slice"
     widget.stop_ratio.setValue(0.0)
     widget.stop_confidence.setValue(1.0)  # every prediction is doubtful: each front ends, undone
     assert widget.settings_section.button.text() == "Settings: bank 4, stop below 1.00"

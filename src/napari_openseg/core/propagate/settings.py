@@ -28,9 +28,9 @@ DEFAULT_DRAWS, DEFAULT_SUPPORT_SIZE = 2, 8
 #: Slices less confident than this count towards stopping a front (0: off; docs/propagation.md).
 DEFAULT_STOP_CONFIDENCE = 0.0
 #: Slices less confident than this many times their front's first slice count towards stopping it.
-#: Chosen over absolute thresholds on the validation objects with the default file
-#: ``openseg-propagate`` (docs/propagation.md, *Stop rules*).
-DEFAULT_STOP_RATIO = 0.8
+#: Chosen among ratios and absolute thresholds on five groups of validation objects with the
+#: default file ``openseg-propagate`` (docs/propagation.md, *Stop rules*).
+DEFAULT_STOP_RATIO = 0.7
 DEFAULT_STOP_AFTER = 2
 DEFAULT_MIN_AREA = 0.02
 #: A predicted area more than this many times the front's last accepted area counts towards
