@@ -16,8 +16,8 @@ resampled to equal counts (weighted binning in boosting is slow).
 Prediction (:meth:`PixelClassifier.predict_map`): maps of more than :data:`EXACT_MAX_PIXELS` pixels
 coarse to fine (:func:`coarse_to_fine`). Boosting's predict of every pixel was most of what
 ``method="auto"`` added to the network on 256 x 256 slices (0.196 s per slice and task on one
-thread). Measured on 2026-12-07 (docs/performance.md, docs/evaluation.md): ``auto`` took 1.38 times
-the network's CPU time on the 256 x 256 volume of ``bench_segment.py --volume`` (2.05 times
+thread). Measured on 2026-12-07 (docs/performance.md, docs/evaluation.md): ``auto`` took 1.37 times
+the network's CPU time on the 256 x 256 volume of ``bench_segment.py --volume`` (1.89 times
 before); on the val split of the task bank no set's Dice moved by more than 0.01 point. Up to
 :data:`EXACT_MAX_PIXELS` nothing changes (every pixel, as before).
 """
