@@ -12,11 +12,15 @@ from napari_openseg.core.segment.expected_time import (
     CHECK_RUNS_NETWORK,
     CHECK_SUPPORT_SIZE,
     CPU_CHECK_SECONDS_PER_TASK,
+    CPU_CLASSIFIER_SECONDS,
     CPU_SECONDS_PER_TASK,
+    GRID_PIXELS,
     check_seconds,
     check_seconds_per_task,
+    classifier_seconds,
     describe_expected_time,
     format_duration,
+    pixels_per_slice,
     seconds_per_slice,
     seconds_per_task,
 )
@@ -46,27 +50,27 @@ def test_k_costs_nothing_where_a_task_has_no_more_entries_than_s():
     assert seconds_per_slice(few, 16, 5) == pytest.approx(seconds_per_slice(few, 16, 1))
     assert seconds_per_slice(few, 16, 1) == pytest.approx(seconds_per_task(4) + seconds_per_task(3))
     assert seconds_per_slice(many, 16, 5) == pytest.approx(2 * seconds_per_task(16, 5))
-    text = describe_expected_time(10, few, 16, 5)
+    text = describe_expected_time(10, few, 16, 5, method="network")
     assert (
         "S=16 (here 3-4), K=5" in text and "K=5 changes nothing here: no task has more than S entries" in text
     )
 
 
 def test_the_sentence_names_the_slices_and_a_gpu_for_long_runs(monkeypatch):
-    short = describe_expected_time(20, {1: 40}, 16, 1)
+    short = describe_expected_time(20, {1: 40}, 16, 1, method="network")
     per_slice = seconds_per_task(16)
     assert short.startswith(f"expected about {format_duration(per_slice)} per slice (1 task, S=16, K=1")
     assert f"about {format_duration(20 * per_slice)} for 20 slices" in short and "GPU" not in short
     monkeypatch.setattr(expected_time, "LONG_RUN_SECONDS", 1.0)
-    long = describe_expected_time(200, {1: 40}, 16, 1)
+    long = describe_expected_time(200, {1: 40}, 16, 1, method="network")
     assert "a CUDA GPU ran this architecture about 100 times faster" in long
     assert describe_expected_time(200, {1: 40}, 16, 1, on_gpu=True).startswith("on a GPU: no measured time")
 
 
 def test_auto_and_stacked_add_the_support_check_once_to_the_run():
     tasks, slices = {1: 8, 2: 8}, 10
-    per_slice = seconds_per_slice(tasks, 16, 1)
     for method in ("auto", "stacked"):
+        per_slice = seconds_per_slice(tasks, 16, 1, method)
         once = check_seconds_per_task(8, 16, method)
         assert once == pytest.approx(CPU_CHECK_SECONDS_PER_TASK[method][8]) and once > 1.0
         assert check_seconds(tasks, 16, method) == pytest.approx(2 * once)
@@ -79,9 +83,53 @@ def test_auto_and_stacked_add_the_support_check_once_to_the_run():
         slices, tasks, 16, 1, method="auto"
     )
     fitted = describe_expected_time(slices, tasks, 16, 1, fitted=True)
+    per_slice = seconds_per_slice(tasks, 16, 1, "auto")
     assert "once" not in fitted and fitted.endswith(
         f"about {format_duration(slices * per_slice)} for 10 slices"
     )
+
+
+def test_the_classifier_table_is_measured_and_grows_with_the_slice():
+    sides = sorted(CPU_CLASSIFIER_SECONDS)
+    for part in ("features", "pixel-classifier", "stacked"):
+        times = [CPU_CLASSIFIER_SECONDS[side][part] for side in sides]
+        assert all(t > 0 for t in times) and max(times) == times[-1] and min(times) == times[0], part
+    features = [CPU_CLASSIFIER_SECONDS[side]["features"] for side in sides]
+    assert features == sorted(features)  # the predictions are coarse to fine above 128 x 128
+    # between rows by pixel count: a 192 x 192 slice lies between 128 x 128 and 256 x 256
+    low, high = CPU_CLASSIFIER_SECONDS[128]["stacked"], CPU_CLASSIFIER_SECONDS[256]["stacked"]
+    assert classifier_seconds("stacked", 192 * 192) == pytest.approx(
+        low + (high - low) * (192**2 - 128**2) / (256**2 - 128**2)
+    )
+    assert pixels_per_slice((40, 256, 320), axis=0) == 256 * 320
+    assert pixels_per_slice((40, 256, 320), axis=2) == 40 * 256
+    assert pixels_per_slice((256, 320)) == 256 * 320
+
+
+def test_the_time_per_slice_follows_what_each_task_runs():
+    tasks, big = {1: 8, 2: 2}, 512 * 512  # task 1 is checked, task 2 is too small to be
+    network = seconds_per_slice(tasks, 16, 1, "network", big)
+    assert network == pytest.approx(seconds_per_task(8) + seconds_per_task(2))  # no classifier
+    assert network == pytest.approx(seconds_per_slice(tasks, 16, 1, "network", GRID_PIXELS))
+    features = classifier_seconds("features", big)
+    # stacked (and auto, counted as stacked): the small task runs the network alone
+    stacked = network + classifier_seconds("stacked", big) + features
+    assert seconds_per_slice(tasks, 16, 1, "stacked", big) == pytest.approx(stacked)
+    assert seconds_per_slice(tasks, 16, 1, "auto", big) == pytest.approx(stacked)
+    # the pixel classifier runs no network at all, on every task, its features once
+    alone = 2 * classifier_seconds("pixel-classifier", big) + features
+    assert seconds_per_slice(tasks, 16, 1, "pixel-classifier", big) == pytest.approx(alone)
+    # no task checked: auto runs the network only, and its time is then not an upper bound
+    assert seconds_per_slice({1: 2}, 16, 1, "auto", big) == pytest.approx(seconds_per_task(2))
+    assert describe_expected_time(10, {1: 2}, 16, 1).startswith("expected about ")
+    # with 3-11 entries auto runs the stacked method; from 12 on it may choose a cheaper one
+    assert describe_expected_time(10, tasks, 16, 1, pixels=big).startswith("expected about ")
+    assert describe_expected_time(10, {1: 12}, 16, 1).startswith("expected up to about ")
+    assert describe_expected_time(10, {1: 12}, 16, 1, method="stacked").startswith("expected about ")
+    small = seconds_per_slice(tasks, 16, 1, "stacked", GRID_PIXELS)
+    assert small < seconds_per_slice(tasks, 16, 1, "stacked", big)
+    with pytest.raises(OpenSegError, match="method must be one of"):
+        seconds_per_slice(tasks, 16, 1, "unet")
 
 
 def test_the_check_grows_with_entries_up_to_the_fitting_sample_and_with_s():

@@ -412,6 +412,25 @@ def test_run_waits_for_a_support_set_and_says_what_to_expect(viewer, qtbot, tiny
     assert not widget.run_button.isEnabled()
 
 
+def test_the_expected_time_follows_the_method_and_the_size_of_the_query_slices(viewer, qtbot, tiny_weights):
+    from napari_openseg.core.segment.expected_time import format_duration, seconds_per_slice
+
+    image, mask = disc_volume(depth=6, size=32)
+    small = viewer.add_image(image, name="small")
+    large = viewer.add_image(np.zeros((3, 512, 512), np.float32), name="large")
+    widget = make_segmenter(viewer, qtbot, tiny_weights)
+    get_session(viewer).replace_support(build_support_set(image, mask, slice_indices=[1, 2, 3, 4]))
+    counts = get_session(viewer).support.counts()
+    widget.method_combo.setCurrentText("pixel-classifier")
+    for layer, pixels in ((small, 32 * 32), (large, 512 * 512)):
+        widget.query_combo.select(layer)  # the line follows the chosen image
+        per_slice = seconds_per_slice(counts, widget.support_size.value(), 1, "pixel-classifier", pixels)
+        assert widget.expected.text().startswith(f"about {format_duration(per_slice)} per slice")
+    assert seconds_per_slice(counts, 16, 1, "pixel-classifier", 512 * 512) > 5 * seconds_per_slice(
+        counts, 16, 1, "pixel-classifier", 32 * 32
+    )
+
+
 def test_closing_the_query_image_during_a_run_cancels_it(viewer, qtbot, tiny_weights, threaded):
     image, mask = disc_volume(depth=30, size=32)
     layer = viewer.add_image(image, name="vol")

@@ -17,6 +17,7 @@ import numpy as np
 
 from napari_openseg.core.cohort.tasks import SegmentTask
 from napari_openseg.core.progress import Progress
+from napari_openseg.core.segment.expected_time import pixels_per_slice
 from napari_openseg.core.segment.inference import SegmentationResult
 from napari_openseg.core.support import SupportSet
 
@@ -38,6 +39,12 @@ class Query:
         if spatial == 2:
             return 1
         return self.slices[1] - self.slices[0] if self.slices else int(np.shape(self.image)[self.axis])
+
+    @property
+    def pixels(self) -> int:
+        """Pixels in one of its slices."""
+        shape = np.shape(self.image)
+        return pixels_per_slice(shape[:-1] if self.rgb else shape, self.axis)
 
 
 def iter_segment_queries(

@@ -46,10 +46,12 @@ from napari_openseg._widgets._session import connect_widget, get_session, unwrap
 from napari_openseg._widgets._threading import WorkHandle
 from napari_openseg.core.engine_settings import CHOICES, EXTENTS, SegmentSettings
 from napari_openseg.core.segment.expected_time import (
+    GRID_PIXELS,
     describe_check,
     describe_expected_time,
     format_duration,
     seconds_per_slice,
+    upper_bound,
 )
 from napari_openseg.core.segment.extent import RANGE_MARGIN, painted_range
 from napari_openseg.core.support import SupportSet
@@ -116,6 +118,7 @@ class SegmentationWidget(QWidget):
         self._title_settings()
         connect_widget(self.session.support_changed, self, self._support_changed)
         self.query_combo.selection_changed.connect(self.reset_range)
+        self.query_combo.selection_changed.connect(self._show_expected)
         self.axis_combo.currentIndexChanged.connect(self.reset_range)
         self._support_changed(self.session.support)
 
@@ -301,11 +304,16 @@ class SegmentationWidget(QWidget):
         if not counts:
             self.expected.setText("")
             return
-        size = self.support_size.value()
-        per_slice = seconds_per_slice(counts, size, self.ensemble.value())
-        once = describe_check(counts, size, self.method_combo.currentText())
+        size, method = self.support_size.value(), self.method_combo.currentText()
+        try:
+            pixels = _mean_pixels(self._queries()[1])
+        except OpenSegError:  # no image to segment yet: slices the size of the model's grid
+            pixels = GRID_PIXELS
+        per_slice = seconds_per_slice(counts, size, self.ensemble.value(), method, pixels)
+        once = describe_check(counts, size, method)
+        bound = "up to " if upper_bound(counts, method) else ""
         self.expected.setText(
-            f"about {format_duration(per_slice)} per slice on one CPU thread (measured)"
+            f"{bound}about {format_duration(per_slice)} per slice on one CPU thread (measured)"
             + (f", plus {once}" if once else "")
         )
 
@@ -344,6 +352,7 @@ class SegmentationWidget(QWidget):
             settings.ensemble,
             on_gpu=on_gpu,
             method=settings.method,
+            pixels=_mean_pixels(queries),
         )
         self._sources = layers
         self.session.segmenting.update(str(layer.unique_id) for layer in layers)
@@ -452,3 +461,9 @@ def _resolved_type(device: str) -> str:
     from napari_openseg.core.device import resolve_device
 
     return resolve_device(device).type
+
+
+def _mean_pixels(queries: list[Query]) -> int:
+    """Pixels per slice over the queries' slices (what the classifier's time per slice follows)."""
+    slices = sum(query.n_slices for query in queries)
+    return round(sum(query.n_slices * query.pixels for query in queries) / max(1, slices))

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from napari_openseg.core.axes import axis_text
     from napari_openseg.core.device import resolve_device
     from napari_openseg.core.metrics import dice_per_label
-    from napari_openseg.core.segment.expected_time import describe_expected_time
+    from napari_openseg.core.segment.expected_time import describe_expected_time, pixels_per_slice
     from napari_openseg.core.segment.inference import iter_segment
     from napari_openseg.core.support import build_support_set
     from napari_openseg.errors import OpenSegError
@@ -67,7 +67,13 @@ def run(args: argparse.Namespace) -> int:
     )
     on_gpu = resolve_device(args.device).type != "cpu"
     expected = describe_expected_time(
-        n_slices, support.counts(), args.support_size, args.ensemble, on_gpu, method=args.method
+        n_slices,
+        support.counts(),
+        args.support_size,
+        args.ensemble,
+        on_gpu,
+        method=args.method,
+        pixels=pixels_per_slice(image.data.shape, args.axis),
     )
     print(f"sample: {expected}", file=sys.stderr)
     result = with_progress_bar(

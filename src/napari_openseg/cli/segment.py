@@ -163,7 +163,7 @@ def segment_all(args: argparse.Namespace, support, options: dict[str, Any]) -> i
     from napari_openseg.cli._progress import with_progress_bar
     from napari_openseg.core.cohort.tasks import SegmentTask
     from napari_openseg.core.device import resolve_device
-    from napari_openseg.core.segment.expected_time import describe_expected_time
+    from napari_openseg.core.segment.expected_time import describe_expected_time, pixels_per_slice
     from napari_openseg.io import atomic_path, check_writable, read_image, write_image
 
     outputs = output_paths(args)
@@ -191,6 +191,7 @@ def segment_all(args: argparse.Namespace, support, options: dict[str, Any]) -> i
             on_gpu,
             method=args.method,
             fitted=number > 0,  # the engine checked the support for the first image
+            pixels=pixels_per_slice(spatial, args.axis),
         )
         print(f"{image.name}: {expected}", file=sys.stderr)
         result = with_progress_bar(

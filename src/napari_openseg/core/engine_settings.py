@@ -24,7 +24,7 @@ DEFAULT_THRESHOLD = 0.5
 #: How a task is segmented: the in-context network, the pixel classifier, or both stacked.
 METHODS: tuple[str, ...] = ("network", "pixel-classifier", "stacked")
 #: ``"auto"``: per task, the method with the best cross-validated Dice on the support set (stacked
-#: for tasks with too few entries to choose by, :data:`~napari_openseg.core.stacking.MIN_CHOICE_ENTRIES`).
+#: for tasks with too few entries to choose by, :data:`MIN_CHOICE_ENTRIES`).
 CHOICES: tuple[str, ...] = ("auto", *METHODS)
 DEFAULT_METHOD = "auto"
 #: Support cross-validation (:mod:`~napari_openseg.core.stacking`): folds per task; tasks with fewer
@@ -33,6 +33,10 @@ DEFAULT_METHOD = "auto"
 DEFAULT_FOLDS = 4
 MIN_CV_ENTRIES = 3
 MAX_FIT_ENTRIES = 32
+#: ``auto`` chooses by the cross-validated estimates from this many entries on (4 folds of >= 3
+#: held-out entries each); below it runs the stacked method. Chosen on the task bank's validation
+#: split (docs/evaluation.md): 10, 12 and 16 tie there, and 12 is the smallest with 3 entries a fold.
+MIN_CHOICE_ENTRIES = 12
 #: The network's number format (float16 only on GPUs, see :func:`~napari_openseg.core.device.resolve_precision`).
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
 DEFAULT_PRECISION = "float32"

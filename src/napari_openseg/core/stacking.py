@@ -41,6 +41,7 @@ from napari_openseg.core.engine_settings import (
     DEFAULT_THRESHOLD,
     MAX_FIT_ENTRIES,
     METHODS,
+    MIN_CHOICE_ENTRIES,
     MIN_CV_ENTRIES,
     check_choice,
 )
@@ -59,10 +60,6 @@ from napari_openseg.errors import OpenSegError
 
 log = logging.getLogger(__name__)
 
-#: ``auto`` chooses by the cross-validated estimates from this many entries on (4 folds of >= 3
-#: held-out entries each); below it runs the stacked method. Chosen on the task bank's validation
-#: split (docs/evaluation.md): 10, 12 and 16 tie there, and 12 is the smallest with 3 entries a fold.
-MIN_CHOICE_ENTRIES = 12
 #: Pixels a held-out entry is scored on (a weighted sample of each class past this; see :class:`ScoredPixels`).
 MAX_SCORED_PIXELS = 16_384
 #: Feature maps of a task's entries are kept between steps while they take less than this.

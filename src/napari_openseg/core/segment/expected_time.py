@@ -18,18 +18,25 @@ The figures are the reference machine's: another CPU, more threads or other weig
 which is why the widgets and the command line also show the pace they measure once the run has
 started.
 
+Methods that run the pixel classifier add its features and predictions to every slice, by slice
+size: a third table, ``bench_classifier_slices.py`` (:func:`seconds_per_slice`). ``auto`` is
+counted as ``stacked``: what it runs on tasks of 3 to 11 entries, and the dearest method it may
+choose for larger ones (where the sentence then says "up to").
+
 Torch-free: the command line and the widgets call it before any weights are loaded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Mapping, Sequence
 
 from napari_openseg.core.engine_settings import (
     CHOICES,
     DEFAULT_FOLDS,
     DEFAULT_METHOD,
     MAX_FIT_ENTRIES,
+    MIN_CHOICE_ENTRIES,
     MIN_CV_ENTRIES,
     check_choice,
 )
@@ -43,6 +50,20 @@ CPU_SECONDS_PER_TASK: dict[int, dict[int, float]] = {
     16: {1: 0.131, 2: 0.246, 5: 0.616},
     64: {1: 0.510, 2: 0.934, 5: 2.592},
 }
+
+#: CPU seconds per slice that the pixel classifier adds, by the side of a square slice: the filter
+#: features (once per slice) and one task's prediction by the plain and the stacked classifier
+#: (coarse to fine above 128 x 128, hence about the same at 256 x 256 as at 128 x 128), on one
+#: thread (``bench_classifier_slices.py --sizes 64 128 256 512 --slices 8``, synthetic slices, quiet
+#: machine, 2026-12-07; docs/performance.md). Between and beyond the rows it follows the pixel count.
+CPU_CLASSIFIER_SECONDS: dict[int, dict[str, float]] = {
+    64: {"features": 0.004, "pixel-classifier": 0.011, "stacked": 0.016},
+    128: {"features": 0.013, "pixel-classifier": 0.061, "stacked": 0.054},
+    256: {"features": 0.033, "pixel-classifier": 0.059, "stacked": 0.071},
+    512: {"features": 0.161, "pixel-classifier": 0.217, "stacked": 0.267},
+}
+#: The slice size the expected time assumes when the caller does not know it: the model grid.
+GRID_PIXELS = 128 * 128
 
 #: CPU seconds of the one-off support check per task, by method and entries per task, at S =
 #: :data:`CHECK_SUPPORT_SIZE`, synthetic 128 x 128 slices, on one thread (``bench_segment.py --fit 3 8
@@ -95,18 +116,56 @@ def seconds_per_task(support_size: int, ensemble: int = 1) -> float:
     return _between(by_size, size)
 
 
+def slice_method(entries: int, method: str) -> str:
+    """What a task of ``entries`` entries runs on each slice, as far as it is known before the run:
+    tasks too small to check run the network unless the pixel classifier was asked for, and
+    ``auto`` counts as ``stacked``: what it runs on tasks too small to choose by, the dearest
+    method it may choose on larger ones (:func:`upper_bound`)."""
+    check_choice("method", method, CHOICES)
+    if method == "pixel-classifier":
+        return method
+    return "network" if method == "network" or entries < MIN_CV_ENTRIES else "stacked"
+
+
+def pixels_per_slice(spatial: Sequence[int], axis: int = 0) -> int:
+    """Pixels in one slice of an image of ``spatial`` shape: a 2D image whole, a volume without its
+    slice ``axis``."""
+    dims = list(spatial)
+    if len(dims) == 3:
+        del dims[axis]
+    return math.prod(dims)
+
+
+def classifier_seconds(part: str, pixels: int) -> float:
+    """CPU seconds per slice of ``part`` of :data:`CPU_CLASSIFIER_SECONDS` (``"features"``,
+    ``"pixel-classifier"`` or ``"stacked"``) on slices of ``pixels`` pixels."""
+    by_pixels = {side * side: row[part] for side, row in CPU_CLASSIFIER_SECONDS.items()}
+    return _between(by_pixels, max(1, int(pixels)))
+
+
 def seconds_per_slice(
-    task_entries: Mapping[int, int] | Iterable[int], support_size: int, ensemble: int
+    task_entries: Mapping[int, int] | Iterable[int],
+    support_size: int,
+    ensemble: int,
+    method: str = "network",
+    pixels: int = GRID_PIXELS,
 ) -> float:
     """Expected CPU seconds per slice for tasks with these entry counts (``{label: entries}`` or the
-    counts alone), at support size S and ensemble size K (one thread of the reference CPU)."""
+    counts alone), at support size S and ensemble size K, with ``method`` on slices of ``pixels``
+    pixels (one thread of the reference CPU): the network's time for the tasks that run it, the
+    classifier's prediction for those that run one, and its features once (:func:`slice_method`)."""
     counts = task_entries.values() if isinstance(task_entries, Mapping) else task_entries
-    total = 0.0
+    total, features = 0.0, False
     for entries in counts:
-        drawn = min(int(support_size), int(entries))
-        members = int(ensemble) if entries > support_size else 1  # one draw when it is the whole task
-        total += seconds_per_task(drawn, members)
-    return total
+        runs = slice_method(int(entries), method)
+        if runs != "pixel-classifier":
+            drawn = min(int(support_size), int(entries))
+            members = int(ensemble) if entries > support_size else 1  # one draw when it is the whole task
+            total += seconds_per_task(drawn, members)
+        if runs != "network":
+            total += classifier_seconds(runs, pixels)
+            features = True
+    return total + (classifier_seconds("features", pixels) if features else 0.0)
 
 
 def _out_of_fold_network(entries: int, support_size: int) -> float:
@@ -170,13 +229,14 @@ def describe_expected_time(
     *,
     method: str = DEFAULT_METHOD,
     fitted: bool = False,
+    pixels: int = GRID_PIXELS,
 ) -> str:
-    """One sentence for before a run: time per slice, the one-off support check of ``method``
-    (none when the tasks are ``fitted`` already: a later image of one run), the time in all, and
-    when a GPU would help."""
+    """One sentence for before a run: time per slice (on slices of ``pixels`` pixels), the one-off
+    support check of ``method`` (none when the tasks are ``fitted`` already: a later image of one
+    run), the time in all, and when a GPU would help."""
     if on_gpu:
         return "on a GPU: no measured time for these weights; the progress bar shows the pace"
-    per_slice = seconds_per_slice(task_entries, support_size, ensemble)
+    per_slice = seconds_per_slice(task_entries, support_size, ensemble, method, pixels)
     on_slices = per_slice * max(1, int(n_slices))
     check = 0.0 if fitted else check_seconds(task_entries, support_size, method)
     total = on_slices + check
@@ -187,8 +247,9 @@ def describe_expected_time(
         if drawn == [support_size]
         else f" (here {drawn[0]}" + (f"-{drawn[-1]})" if len(drawn) > 1 else ")")
     )
+    bound = "up to " if upper_bound(task_entries, method) else ""
     text = (
-        f"expected about {format_duration(per_slice)} per slice ({tasks} task{'s' if tasks != 1 else ''}, "
+        f"expected {bound}about {format_duration(per_slice)} per slice ({tasks} task{'s' if tasks != 1 else ''}, "
         f"S={support_size}{used}, K={ensemble}, one thread of the reference CPU), about "
         f"{format_duration(on_slices)} for {n_slices} slice{'s' if n_slices != 1 else ''}"
     )
@@ -201,6 +262,12 @@ def describe_expected_time(
     if total > LONG_RUN_SECONDS:
         text += f"; a CUDA GPU ran this architecture about {GPU_SPEED_UP} times faster (docs/performance.md)"
     return text
+
+
+def upper_bound(task_entries: Mapping[int, int], method: str) -> bool:
+    """Whether the time per slice is an upper bound: ``auto`` with a task large enough for it to
+    choose a method, maybe one cheaper than the stacked one counted (:func:`slice_method`)."""
+    return method == "auto" and any(n >= MIN_CHOICE_ENTRIES for n in task_entries.values())
 
 
 def format_duration(seconds: float) -> str:
