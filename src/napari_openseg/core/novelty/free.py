@@ -243,7 +243,7 @@ def iter_training_free_novelty(
     n = stack.shape[0]
     # Slices without a voxel of the body are never scored (every map is 0 outside it): skip them.
     inside = np.flatnonzero(_slices(mask, axis).any(axis=(1, 2)))
-    sampled = list(range(0, n, ADAPT_SLICE_STRIDE)) if adapt_unknown else []
+    sampled = list(inside[::ADAPT_SLICE_STRIDE]) if adapt_unknown else []
     adapt_batches = range(0, len(sampled), embedder.batch_size)
     total = n + len(adapt_batches)
     yield Progress(0, total, "training-free novelty")
