@@ -50,8 +50,8 @@ from napari_openseg.core.segment.expected_time import (
     describe_check,
     describe_expected_time,
     format_duration,
+    per_slice_phrase,
     seconds_per_slice,
-    upper_bound,
 )
 from napari_openseg.core.segment.extent import RANGE_MARGIN, painted_range
 from napari_openseg.core.support import SupportSet
@@ -311,9 +311,8 @@ class SegmentationWidget(QWidget):
             pixels = GRID_PIXELS
         per_slice = seconds_per_slice(counts, size, self.ensemble.value(), method, pixels)
         once = describe_check(counts, size, method)
-        bound = "up to " if upper_bound(counts, method) else ""
         self.expected.setText(
-            f"{bound}about {format_duration(per_slice)} per slice on one CPU thread (measured)"
+            f"{per_slice_phrase(per_slice, counts, method)} on one CPU thread (measured)"
             + (f", plus {once}" if once else "")
         )
 

@@ -120,7 +120,7 @@ def slice_method(entries: int, method: str) -> str:
     """What a task of ``entries`` entries runs on each slice, as far as it is known before the run:
     tasks too small to check run the network unless the pixel classifier was asked for, and
     ``auto`` counts as ``stacked``: what it runs on tasks too small to choose by, the dearest
-    method it may choose on larger ones (:func:`upper_bound`)."""
+    method it may choose on larger ones (:func:`per_slice_phrase`)."""
     check_choice("method", method, CHOICES)
     if method == "pixel-classifier":
         return method
@@ -247,9 +247,8 @@ def describe_expected_time(
         if drawn == [support_size]
         else f" (here {drawn[0]}" + (f"-{drawn[-1]})" if len(drawn) > 1 else ")")
     )
-    bound = "up to " if upper_bound(task_entries, method) else ""
     text = (
-        f"expected {bound}about {format_duration(per_slice)} per slice ({tasks} task{'s' if tasks != 1 else ''}, "
+        f"expected {per_slice_phrase(per_slice, task_entries, method)} ({tasks} task{'s' if tasks != 1 else ''}, "
         f"S={support_size}{used}, K={ensemble}, one thread of the reference CPU), about "
         f"{format_duration(on_slices)} for {n_slices} slice{'s' if n_slices != 1 else ''}"
     )
@@ -264,10 +263,12 @@ def describe_expected_time(
     return text
 
 
-def upper_bound(task_entries: Mapping[int, int], method: str) -> bool:
-    """Whether the time per slice is an upper bound: ``auto`` with a task large enough for it to
-    choose a method, maybe one cheaper than the stacked one counted (:func:`slice_method`)."""
-    return method == "auto" and any(n >= MIN_CHOICE_ENTRIES for n in task_entries.values())
+def per_slice_phrase(per_slice: float, task_entries: Mapping[int, int], method: str) -> str:
+    """``"about 0.13 s per slice"``, or ``"up to about ..."`` when :func:`seconds_per_slice` gave an
+    upper bound: ``auto`` with a task large enough for it to choose a method, maybe one cheaper than
+    the stacked one counted (:func:`slice_method`)."""
+    bound = method == "auto" and any(n >= MIN_CHOICE_ENTRIES for n in task_entries.values())
+    return f"{'up to ' if bound else ''}about {format_duration(per_slice)} per slice"
 
 
 def format_duration(seconds: float) -> str:
