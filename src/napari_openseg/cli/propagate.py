@@ -69,12 +69,14 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--stop-confidence",
         type=float,
+        default=DEFAULT_STOP_CONFIDENCE,
         metavar="C",
         help=f"slices less confident than C count towards ending an object (default {DEFAULT_STOP_CONFIDENCE}; 0 = off)",
     )
     parser.add_argument(
         "--stop-ratio",
         type=float,
+        default=DEFAULT_STOP_RATIO,
         metavar="R",
         help="slices less confident than R times the first slice of their front count towards ending "
         f"an object (default {DEFAULT_STOP_RATIO}; 0 = off; lower it if an object stops too early)",
@@ -97,15 +99,13 @@ def run(args: argparse.Namespace) -> int:
 
     from napari_openseg.cli._progress import with_progress_bar
     from napari_openseg.core.propagate.propagation import iter_propagate
-    from napari_openseg.core.propagate.settings import PropagationSettings
     from napari_openseg.errors import OpenSegError
     from napari_openseg.io import atomic_path, check_writable, read_image, write_image
     from napari_openseg.model.registry import propagation_weights
 
     inputs = [args.image, args.prompt]
     check_writable(args.out, args.overwrite, image=True, inputs=inputs)  # refuse before any work is done
-    stops = {"stop_confidence": args.stop_confidence, "stop_ratio": args.stop_ratio}
-    options = {k: v for k, v in stops.items() if v is not None}
+    options = {"stop_confidence": args.stop_confidence, "stop_ratio": args.stop_ratio}
     if args.json:
         check_writable(args.json, args.overwrite, inputs=inputs)
         if Path(args.json).resolve() == Path(args.out).resolve():
@@ -150,9 +150,8 @@ def run(args: argparse.Namespace) -> int:
             f"mean confidence {summary['mean_confidence']:.3f}; least confident slice {weakest} "
             f"({summary['slices'][weakest]['confidence']:.3f}): check it first"
         )
-    used = PropagationSettings(**options)
     hint = result.confidence_stop_hint(
-        {"--stop-ratio": used.stop_ratio, "--stop-confidence": used.stop_confidence}
+        {"--stop-ratio": args.stop_ratio, "--stop-confidence": args.stop_confidence}
     )
     if hint:
         print(hint)
