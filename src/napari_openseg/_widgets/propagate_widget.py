@@ -56,6 +56,8 @@ from napari_openseg.errors import OpenSegError
 from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, propagation_weights
 
 ROLE, PREVIEW_ROLE = "propagation", "propagation-preview"
+#: The stop controls' labels, also named in the hint after a run that stopped on low confidence.
+STOP_RATIO_LABEL, STOP_CONFIDENCE_LABEL = "Stop below × first slice", "Stop below confidence"
 
 
 class PropagationWidget(QWidget):
@@ -164,14 +166,14 @@ class PropagationWidget(QWidget):
         self.direction_combo.addItems(list(DIRECTIONS))
         self.stop_ratio = form_row(
             form,
-            "Stop below × first slice",
+            STOP_RATIO_LABEL,
             fraction_box(DEFAULT_STOP_RATIO, top=0.99),
             "an object ends after two slices whose confidence is below this fraction of the first "
             "slice its front predicted (0: off); lower it if a structure stops too early",
         )
         self.stop_confidence = form_row(
             form,
-            "Stop below confidence",
+            STOP_CONFIDENCE_LABEL,
             fraction_box(DEFAULT_STOP_CONFIDENCE),
             "an object also ends after two slices less confident than this (0: off)",
         )
@@ -327,8 +329,8 @@ class PropagationWidget(QWidget):
             )
         hint = result.confidence_stop_hint(
             {
-                "'Stop below × first slice'": self.stop_ratio.value(),
-                "'Stop below confidence'": self.stop_confidence.value(),
+                f"'{STOP_RATIO_LABEL}'": self.stop_ratio.value(),
+                f"'{STOP_CONFIDENCE_LABEL}'": self.stop_confidence.value(),
             }
         )
         if hint:
