@@ -65,7 +65,7 @@ LENIENT = (0.3, 0.4)
 GROUPS = ("sample", "large", "brain", "hippocampus", "lgg")
 
 
-def validation_cases(groups=GROUPS, limit: int | None = None, split: str = "val"):
+def objects_of(groups=GROUPS, limit: int | None = None, split: str = "val"):
     """The objects of ``groups``; ``split="test"`` takes the test subjects, patients and brain
     structures of ``bench_propagation.py`` instead (the sample and the large structures are
     validation only)."""
@@ -243,7 +243,7 @@ def main() -> None:
     for weights in args.weights:
         net, began = load_model(weights), time.perf_counter()
         objects = []
-        for case in validation_cases(args.data, args.subjects, args.split):
+        for case in objects_of(args.data, args.subjects, args.split):
             objects.append(record(case, net, json.loads(args.options)))
             if args.json:  # after every object: a long recording that is cut short keeps what it did
                 write_run(Path(f"{args.json}.{Path(weights).stem}.json"), objects)
