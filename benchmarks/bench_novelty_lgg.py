@@ -281,6 +281,7 @@ def threshold(args) -> None:
     """Stage ``lgg-threshold``: the novel region (fused map above a level) against the tumour, per rule."""
     from skimage.filters import threshold_multiotsu
 
+    from napari_openseg.core.metrics import dice_score
     from napari_openseg.core.novelty.scores import maps_from_raw, otsu_threshold
     from napari_openseg.core.novelty.settings import NoveltySettings
     from napari_openseg.core.preprocess import normalize_intensity
@@ -314,7 +315,7 @@ def threshold(args) -> None:
             }
             for rule, level in rules.items():
                 region = (fused > level) & head
-                dice = 2 * (region & positive).sum() / max(1, region.sum() + positive.sum())
+                dice = dice_score(region, positive, empty=0.0)
                 row = found.setdefault(f"{source}: {rule}", {"dice": [], "share": [], "level": []})
                 row["dice"].append(float(dice))
                 row["share"].append(float(region.sum() / head.sum()))
