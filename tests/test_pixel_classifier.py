@@ -8,6 +8,7 @@ import pytest
 from scipy import ndimage
 
 from napari_openseg.core import pixel_classifier
+from napari_openseg.core.metrics import dice_score
 from napari_openseg.core.pixel_classifier import (
     COARSE_SPREAD,
     EXACT_MAX_PIXELS,
@@ -108,10 +109,7 @@ def test_predict_map_of_a_large_map_matches_the_full_prediction(classifier):
     assert out.shape == (1, 256, 256)
     assert ((out >= 0.5) != (full >= 0.5)).mean() < 1e-3
 
-    def dice(p):
-        return 2 * ((p[0] >= 0.5) & mask).sum() / ((p[0] >= 0.5).sum() + mask.sum())
-
-    assert abs(dice(out) - dice(full)) < 1e-3
+    assert abs(dice_score(out[0] >= 0.5, mask) - dice_score(full[0] >= 0.5, mask)) < 1e-3
 
 
 def test_the_size_limit_decides_between_exact_and_coarse_to_fine(classifier, monkeypatch):
