@@ -15,6 +15,10 @@ pixels outside the structure and three random lines) and ``auto`` runs on those.
 volumes (the bundled MNI152 sample and a hippocampus test volume) at S = 16, K = 1 with the network
 alone and with ``auto`` (fit once per task, predict per slice in batches).
 
+The classifiers' cuts are tuned on the support as users run them; ``--no-tune`` cuts at 0.5 (as
+ilastik and the engine before 2026-12-07 did), and ``--baseline-from RUN.json`` compares ``auto``
+with the network and pixel classifier of such a run (same draws).
+
 Run: ``python benchmarks/bench_engine.py --split test --seeds 0 1 2 --strokes --threads 1 --json OUT``;
 prints Markdown tables (docs/evaluation.md, docs/model-card.md). Needs ../shared. Runs over different
 ``--sets`` (side by side, one per core) print one table with ``--tables-from A.json B.json``.
@@ -121,7 +125,12 @@ def stroke_tasks(tasks, share: float, seed: int):
 
 
 def evaluate_set(tasks, nets, grid, args, seed: int, methods) -> dict[str, dict]:
-    stacking = {"classifier": args.classifier, "balance": not args.no_balance, "folds": args.folds}
+    stacking = {
+        "classifier": args.classifier,
+        "balance": not args.no_balance,
+        "folds": args.folds,
+        "tune": not args.no_tune,
+    }
     return run_to_end(
         iter_evaluate_tasks(
             tasks,
@@ -185,9 +194,19 @@ def save(args, results: dict) -> None:
 
 def merged(files: list[str]) -> tuple[argparse.Namespace, dict]:
     """The settings and results of runs written with ``--json`` over different sets, as one run."""
-    same = ("split", "seeds", "support_size", "max_queries", "classifier", "no_balance", "folds", "strokes")
+    same = (
+        "split",
+        "seeds",
+        "support_size",
+        "max_queries",
+        "classifier",
+        "no_balance",
+        "no_tune",
+        "folds",
+        "strokes",
+    )
     runs, results = merge_runs(files, same, lambda run: run["args"])
-    return argparse.Namespace(**runs[0]["args"]), results
+    return argparse.Namespace(**{"no_tune": True, **runs[0]["args"]}), results  # older runs: untuned
 
 
 def set_means(entry: dict) -> dict[str, float]:
@@ -200,7 +219,8 @@ def print_quality(results: dict, args) -> None:
     strokes = " | strokes auto | kept" if args.strokes else ""
     print(
         f"split: {args.split}; S = {args.support_size}, K = 1; seeds {args.seeds}; up to {args.max_queries} "
-        f"queries per task; classifier {args.classifier}, balance {not args.no_balance}, {args.folds} folds; "
+        f"queries per task; classifier {args.classifier}, balance {not args.no_balance}, "
+        f"tuned cuts {not args.no_tune}, {args.folds} folds; "
         "Dice in points, mean over tasks of the mean over seeds; est = auto's cross-validated estimate\n"
     )
     print(
@@ -259,6 +279,27 @@ def print_quality(results: dict, args) -> None:
         )
 
 
+def print_against(results: dict, args, files: list[str]) -> None:
+    """``auto`` of ``results`` against the better of network and pixel classifier of the runs in
+    ``files`` (the same sets and draws, run another way: ``--no-tune``, the peers' cut at 0.5)."""
+    base_args, base = merged(files)
+    same = ("split", "seeds", "support_size", "max_queries", "classifier", "no_balance", "folds")
+    differs = [k for k in same if getattr(base_args, k, None) != getattr(args, k, None)]
+    if differs:
+        raise SystemExit(f"{files[0]} differs from this run in {', '.join(differs)}")
+    margins = []
+    for name, entry in results.items():
+        if name in base:
+            m = set_means(base[name])
+            margins.append(set_means(entry)["model"] - max(m["network"], m["pixel_classifier"]))
+    tuned = "tuned" if not getattr(base_args, "no_tune", True) else "0.5"
+    print(
+        f"against network and pixel classifier cut at {tuned} ({', '.join(files)}, {len(margins)} sets): "
+        f"auto >= max - 1 point on {sum(x >= -0.01 for x in margins)}; worst {100 * min(margins):+.1f}; "
+        f"mean auto - max {100 * np.mean(margins):+.1f} points"
+    )
+
+
 def timing(args, data: Path) -> None:
     """CPU seconds to segment 3D volumes with the network alone and with auto (S = 16, K = 1)."""
     from napari_openseg.core.segment.inference import segment
@@ -311,6 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--classifier", default="boosting", choices=("boosting", "forest"))
     parser.add_argument("--no-balance", action="store_true")
     parser.add_argument(
+        "--no-tune",
+        action="store_true",
+        help="the classifiers cut at 0.5 (as before 2026-12-07's tuned cuts)",
+    )
+    parser.add_argument(
         "--boosting",
         type=int,
         nargs=2,
@@ -326,10 +372,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tables-from", nargs="+", metavar="JSON", help="print the tables of earlier --json runs (merged)"
     )
+    parser.add_argument(
+        "--baseline-from",
+        nargs="+",
+        metavar="JSON",
+        help="also compare auto with network and pixel classifier of these runs (same draws, e.g. --no-tune)",
+    )
     args = parser.parse_args(argv)
     if args.tables_from:
         settings, results = merged(args.tables_from)
         print_quality(results, settings)
+        if args.baseline_from:
+            print_against(results, settings, args.baseline_from)
         return 0
     torch.set_num_threads(args.threads)
     if args.boosting:
@@ -346,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results = quality(args, data)
     print_quality(results, args)
+    if args.baseline_from:
+        print_against(results, args, args.baseline_from)
     print(f"\nbenchmark run time: {(time.perf_counter() - started) / 60:.1f} min")
     if args.json:
         save(args, results)

@@ -96,8 +96,9 @@ class Engine:
         Fields of :class:`~napari_openseg.core.engine_settings.SegmentSettings`, over ``settings``
         (``support_size=8``, ``method="network"``, ...), and of
         :class:`~napari_openseg.core.stacking.StackingSettings`: ``folds``, ``classifier``
-        (``"boosting"`` or ``"forest"``), ``balance``, ``max_entries``, and ``fit_all`` (every method
-        fitted, for evaluation, rather than only the chosen one).
+        (``"boosting"`` or ``"forest"``), ``balance``, ``max_entries``, ``fit_all`` (every method
+        fitted, for evaluation, rather than only the chosen one) and ``tune`` (``False``: the
+        classifiers cut at 0.5 rather than at their tuned cut).
     """
 
     def __init__(

@@ -37,6 +37,12 @@ MAX_FIT_ENTRIES = 32
 #: held-out entries each); below it runs the stacked method. Chosen on the task bank's validation
 #: split (docs/evaluation.md): 10, 12 and 16 tie there, and 12 is the smallest with 3 entries a fold.
 MIN_CHOICE_ENTRIES = 12
+#: The classifiers' probabilities are recalibrated per task so that the threshold with the best
+#: cross-validated Dice (one of ``CUT_GRID``) becomes 0.5, from ``MIN_CHOICE_ENTRIES`` entries on
+#: (with 9 entries it cost EM axons 31 points on the val split; docs/evaluation.md). The network
+#: keeps its own probabilities: propagation, extents and novelty read them.
+TUNED_METHODS: tuple[str, ...] = ("pixel-classifier", "stacked")
+CUT_GRID: tuple[float, ...] = tuple(round(0.2 + 0.05 * i, 2) for i in range(16))
 #: The network's number format (float16 only on GPUs, see :func:`~napari_openseg.core.device.resolve_precision`).
 PRECISIONS: tuple[str, ...] = ("float32", "bfloat16", "float16")
 DEFAULT_PRECISION = "float32"

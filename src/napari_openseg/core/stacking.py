@@ -11,14 +11,19 @@ For a task with entries E (at most ``max_entries``, a seeded sample):
    the other folds and predicts the fold; the stacked classifier does the same with the out-of-fold
    network probability as one more feature: it learns how far to trust the network, image by image
    and pixel by pixel.
-4. **Estimates** (:class:`Estimate`): each held-out entry's Dice, on its painted pixels only, per
-   method; mean and standard deviation over the entries.
-5. **Choice** (``method="auto"``): the method with the highest estimated Dice, once the task has
+4. **Cuts** (:func:`best_cut`, from :data:`MIN_CHOICE_ENTRIES` entries on): for the classifiers
+   (:data:`TUNED_METHODS`), the threshold of :data:`CUT_GRID` with the best mean Dice of the held-out
+   probabilities; their probabilities are then :func:`recalibrate`-d so that it reads as 0.5. Balanced
+   classes make a classifier call too much foreground for a rare or thin structure (vessels,
+   synapses), and the cut mends that; the network's probabilities stay as they are.
+5. **Estimates** (:class:`Estimate`): each held-out entry's Dice, on its painted pixels only, per
+   method, at its cut; mean and standard deviation over the entries.
+6. **Choice** (``method="auto"``): the method with the highest estimated Dice, once the task has
    :data:`MIN_CHOICE_ENTRIES` entries; with fewer, the estimates are too noisy to choose by and
    ``auto`` runs the stacked method (which learns how far to trust the network), still reporting the
    estimates. Tasks with fewer than :data:`MIN_CV_ENTRIES` entries are not cross-validated: ``auto``
    runs the network and says so.
-6. **Final fits** on every entry, for the chosen method (for every method with ``fit_all``).
+7. **Final fits** on every entry, for the chosen method (for every method with ``fit_all``).
 
 Strokes: entries with a ``known`` mask (painted pixels; see :mod:`.support`) are fitted and scored on
 those pixels only. The network needs whole masks, so it gets dense ones: painted pixels as painted,
@@ -33,6 +38,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from napari_openseg.core.cuts import CENTRE, best_cut, recalibrate
 from napari_openseg.core.engine_settings import (
     CHOICES,
     DEFAULT_ASPECT,
@@ -43,6 +49,7 @@ from napari_openseg.core.engine_settings import (
     METHODS,
     MIN_CHOICE_ENTRIES,
     MIN_CV_ENTRIES,
+    TUNED_METHODS,
     check_choice,
 )
 from napari_openseg.core.network import Network, with_masks
@@ -68,7 +75,8 @@ FEATURE_CACHE_BYTES = 256 * 1024**2
 
 @dataclass
 class StackingSettings:
-    """How a task is fitted: ``method`` (one of :data:`CHOICES`), folds, classifier and balance."""
+    """How a task is fitted: ``method`` (one of :data:`CHOICES`), folds, classifier and balance;
+    ``tune``: the classifiers' cuts are tuned (:func:`best_cut`)."""
 
     method: str = DEFAULT_METHOD
     folds: int = DEFAULT_FOLDS
@@ -76,6 +84,7 @@ class StackingSettings:
     balance: bool = True
     max_entries: int = MAX_FIT_ENTRIES
     fit_all: bool = False
+    tune: bool = True
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, CHOICES)
@@ -89,13 +98,15 @@ class StackingSettings:
 @dataclass
 class Estimate:
     """The cross-validated Dice of one task: per method ``(mean, std)`` over ``examples`` held-out
-    entries, the ``method`` that runs, and a ``note`` when there is something to know."""
+    entries, the ``method`` that runs, a ``note`` when there is something to know, and the ``cuts``
+    of the tuned methods (the probability that :func:`recalibrate` makes 0.5)."""
 
     label: int
     method: str
     examples: int
     dice: dict[str, tuple[float, float]] = field(default_factory=dict)
     note: str = ""
+    cuts: dict[str, float] = field(default_factory=dict)
 
     @property
     def expected(self) -> tuple[float, float] | None:
@@ -120,7 +131,10 @@ class Estimate:
             "examples": self.examples,
             "expected_dice": None if self.expected is None else round(self.expected[0], 4),
             "expected_dice_std": None if self.expected is None else round(self.expected[1], 4),
-            "per_method": {m: {"mean": round(d[0], 4), "std": round(d[1], 4)} for m, d in self.dice.items()},
+            "per_method": {
+                m: {"mean": round(d[0], 4), "std": round(d[1], 4), "cut": self.cuts.get(m, CENTRE)}
+                for m, d in self.dice.items()
+            },
             "note": self.note,
         }
 
@@ -207,9 +221,11 @@ class TaskModel:
         if method == "network" or (method == "stacked" and self.stacked is None and not self.estimate.dice):
             return network  # stacking needs cross-validation: with too few entries it is the network
         if method == "pixel-classifier":
-            return _require(self.pixel, method, self.label).predict_map(features)
-        stacked = np.concatenate([features, network[..., None]], axis=-1)
-        return _require(self.stacked, method, self.label).predict_map(stacked)
+            found = _require(self.pixel, method, self.label).predict_map(features)
+        else:
+            stacked = np.concatenate([features, network[..., None]], axis=-1)
+            found = _require(self.stacked, method, self.label).predict_map(stacked)
+        return recalibrate(found, self.estimate.cuts.get(method, CENTRE))
 
 
 def _require(classifier: PixelClassifier | None, method: str, label: int) -> PixelClassifier:
@@ -382,16 +398,11 @@ def iter_fit_task(
                 net_oof[i] = p
         for i in held if fold_pixel is not None else []:
             pixel_oof[i] = data.predict_scored(fold_pixel, i)
-    scored = data.scored
-    scores: dict[str, list[float]] = {}
+    held_out: dict[str, list] = {}
     if run_network:
-        scores["network"] = [
-            scored[i].dice(p, e.mask, threshold) for i, (p, e) in enumerate(zip(net_oof, entries))
-        ]
+        held_out["network"] = net_oof
     if classifiers:
-        scores["pixel-classifier"] = [
-            scored[i].dice(p, e.mask, threshold) for i, (p, e) in enumerate(zip(pixel_oof, entries))
-        ]
+        held_out["pixel-classifier"] = pixel_oof
     if "stacked" in wanted:
         stacked_oof = [None] * n
         for f in range(k):
@@ -399,10 +410,15 @@ def iter_fit_task(
             fold_stacked = data.fit(train, settings, seed, net_oof)
             for i in held:
                 stacked_oof[i] = data.predict_scored(fold_stacked, i, net_oof[i])
-        scores["stacked"] = [
-            scored[i].dice(p, e.mask, threshold) for i, (p, e) in enumerate(zip(stacked_oof, entries))
-        ]
-    dice = {m: (float(np.mean(s)), float(np.std(s))) for m, s in scores.items()}
+        held_out["stacked"] = stacked_oof
+    masks, scored = [e.mask for e in entries], data.scored
+    tune = settings.tune and n >= MIN_CHOICE_ENTRIES
+    cuts = {m: best_cut(held_out[m], masks, scored) for m in TUNED_METHODS if tune and m in held_out}
+    dice = {}
+    for m, found in held_out.items():
+        cut = cuts.get(m, CENTRE)
+        values = [s.dice(recalibrate(p, cut), mask, threshold) for p, mask, s in zip(found, masks, scored)]
+        dice[m] = (float(np.mean(values)), float(np.std(values)))
     note = _note(entries, sparse)
     if method == "auto":
         method, why = _choose(dice, n)
@@ -416,7 +432,7 @@ def iter_fit_task(
         if ("stacked" in wanted and (settings.fit_all or method == "stacked"))
         else None
     )
-    estimate = Estimate(label, method, n, dice, note)
+    estimate = Estimate(label, method, n, dice, note, {m: c for m, c in cuts.items() if c != CENTRE})
     model = TaskModel(
         label,
         method,

@@ -298,7 +298,7 @@ def iter_evaluate_tasks(
 
     ``ensemble_rule`` combines the random network's K predictions (:mod:`~napari_openseg.core.ensemble`);
     ``queries_per_draw``: see :func:`task_episodes` (the engine is fitted once per draw);
-    ``stacking`` goes to the :class:`~napari_openseg.core.engine.Engine` (folds, classifier, balance)."""
+    ``stacking`` goes to the :class:`~napari_openseg.core.engine.Engine` (folds, classifier, balance, tune)."""
     engine_methods = [m for m in methods if m in ENGINE_METHODS]
     results: dict[str, dict] = {}
     for number, task in enumerate(tasks):
@@ -424,7 +424,7 @@ def iter_evaluate(
     its methods, and the baselines.
 
     ``max_queries`` caps the queries per task (a seeded sample); ``label_values`` and ``axes`` restrict
-    the tasks; ``stacking`` goes to the engine (folds, classifier, balance). Yields progress per case
+    the tasks; ``stacking`` goes to the engine (folds, classifier, balance, tune). Yields progress per case
     read and per task; returns an :class:`EvaluationReport`.
     """
     from napari_openseg.core.device import resolve_device

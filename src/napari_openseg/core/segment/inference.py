@@ -102,7 +102,7 @@ def iter_segment(
         ``"pixel-classifier"`` or ``"stacked"``; see :class:`~napari_openseg.core.engine.Engine`),
         ``precision``, ``aspect``, ``seed``, ``formulation`` (``"fast"`` or ``"direct"``, the paper's,
         one slice at a time; same result, slower) and ``extent`` (below); and the stacking options of
-        the :class:`~napari_openseg.core.engine.Engine` (folds, classifier, balance).
+        the :class:`~napari_openseg.core.engine.Engine` (folds, classifier, balance, tune).
     batch_size
         Query slices per forward pass; ``None`` picks one from S and the device.
     slices, extent
