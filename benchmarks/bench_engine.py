@@ -192,20 +192,13 @@ def save(args, results: dict) -> None:
     write_run(args.json, {"args": vars(args), "results": results})
 
 
+#: Settings two runs must share for their sets' support draws and queries to be the same.
+SAME_DRAWS = ("split", "seeds", "support_size", "max_queries", "classifier", "no_balance", "folds")
+
+
 def merged(files: list[str]) -> tuple[argparse.Namespace, dict]:
     """The settings and results of runs written with ``--json`` over different sets, as one run."""
-    same = (
-        "split",
-        "seeds",
-        "support_size",
-        "max_queries",
-        "classifier",
-        "no_balance",
-        "no_tune",
-        "folds",
-        "strokes",
-    )
-    runs, results = merge_runs(files, same, lambda run: run["args"])
+    runs, results = merge_runs(files, (*SAME_DRAWS, "no_tune", "strokes"), lambda run: run["args"])
     return argparse.Namespace(**{"no_tune": True, **runs[0]["args"]}), results  # older runs: untuned
 
 
@@ -267,10 +260,7 @@ def print_quality(results: dict, args) -> None:
         f"label prior {100 * mean['label_prior']:.1f}; mean of the per-set max(network, pixel classifier) "
         f"{100 * best_mean:.1f}"
     )
-    print(
-        f"auto >= max - 1 point on {sum(x >= -0.01 for x in margins)} of {len(margins)} sets; worst "
-        f"{100 * min(margins):+.1f}; mean auto - max {100 * np.mean(margins):+.1f} points"
-    )
+    print(margin_line(margins))
     print(f"estimate of auto: mean absolute error {np.mean(errors):.3f} over {len(errors)} tasks")
     if args.strokes:
         print(
@@ -279,12 +269,19 @@ def print_quality(results: dict, args) -> None:
         )
 
 
+def margin_line(margins: list[float]) -> str:
+    """How ``auto`` stands against the per-set better of network and pixel classifier."""
+    return (
+        f"auto >= max - 1 point on {sum(x >= -0.01 for x in margins)} of {len(margins)} sets; worst "
+        f"{100 * min(margins):+.1f}; mean auto - max {100 * np.mean(margins):+.1f} points"
+    )
+
+
 def print_against(results: dict, args, files: list[str]) -> None:
     """``auto`` of ``results`` against the better of network and pixel classifier of the runs in
     ``files`` (the same sets and draws, run another way: ``--no-tune``, the peers' cut at 0.5)."""
     base_args, base = merged(files)
-    same = ("split", "seeds", "support_size", "max_queries", "classifier", "no_balance", "folds")
-    differs = [k for k in same if getattr(base_args, k, None) != getattr(args, k, None)]
+    differs = [k for k in SAME_DRAWS if getattr(base_args, k) != getattr(args, k)]
     if differs:
         raise SystemExit(f"{files[0]} differs from this run in {', '.join(differs)}")
     margins = []
@@ -292,12 +289,8 @@ def print_against(results: dict, args, files: list[str]) -> None:
         if name in base:
             m = set_means(base[name])
             margins.append(set_means(entry)["model"] - max(m["network"], m["pixel_classifier"]))
-    tuned = "tuned" if not getattr(base_args, "no_tune", True) else "0.5"
-    print(
-        f"against network and pixel classifier cut at {tuned} ({', '.join(files)}, {len(margins)} sets): "
-        f"auto >= max - 1 point on {sum(x >= -0.01 for x in margins)}; worst {100 * min(margins):+.1f}; "
-        f"mean auto - max {100 * np.mean(margins):+.1f} points"
-    )
+    cut = "0.5" if base_args.no_tune else "tuned"
+    print(f"against network and pixel classifier cut at {cut} ({', '.join(files)}): {margin_line(margins)}")
 
 
 def timing(args, data: Path) -> None:

@@ -12,18 +12,14 @@ methods of :data:`~napari_openseg.core.engine_settings.TUNED_METHODS` from
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from napari_openseg.core.engine_settings import CUT_GRID
 
-
-class Scores(Protocol):
-    """What :func:`best_cut` needs of a held-out entry's scorer (:class:`.stacking.ScoredPixels`)."""
-
-    def dice(self, probabilities: np.ndarray, mask: np.ndarray, threshold: float) -> float: ...
-
+if TYPE_CHECKING:
+    from napari_openseg.core.stacking import ScoredPixels
 
 #: The probability that a tuned cut becomes (:func:`recalibrate`).
 CENTRE = 0.5
@@ -41,7 +37,7 @@ def recalibrate(probabilities: np.ndarray, cut: float) -> np.ndarray:
 
 
 def best_cut(
-    probabilities: Sequence[np.ndarray], masks: Sequence[np.ndarray], scored: Sequence[Scores]
+    probabilities: Sequence[np.ndarray], masks: Sequence[np.ndarray], scored: Sequence[ScoredPixels]
 ) -> float:
     """The cut of :data:`CUT_GRID` with the highest mean Dice of held-out ``probabilities`` over the
     entries (their ``masks``, at their ``scored`` pixels); ties go to the cut nearest :data:`CENTRE`."""

@@ -432,7 +432,7 @@ def iter_fit_task(
         if ("stacked" in wanted and (settings.fit_all or method == "stacked"))
         else None
     )
-    estimate = Estimate(label, method, n, dice, note, {m: c for m, c in cuts.items() if c != CENTRE})
+    estimate = Estimate(label, method, n, dice, note, cuts)
     model = TaskModel(
         label,
         method,
