@@ -26,8 +26,10 @@ For a task with entries E (at most ``max_entries``, a seeded sample):
 7. **Final fits** on every entry, for the chosen method (for every method with ``fit_all``).
 
 Strokes: entries with a ``known`` mask (painted pixels; see :mod:`.support`) are fitted and scored on
-those pixels only. The network needs whole masks, so it gets dense ones: painted pixels as painted,
-the rest as the pixel classifier (fitted to the painted pixels of the same folds) predicts them.
+those pixels only. The network needs whole masks, so it gets them filled (:mod:`.fill`): painted
+pixels as painted, the rest from a random walk between the strokes and a classifier's probability.
+In the folds the classifier is the pixel classifier fitted to the same folds; for the final model it
+is the better-estimated of the pixel classifier and the stacked one, at its tuned cut.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from napari_openseg.core.engine_settings import (
     TUNED_METHODS,
     check_choice,
 )
+from napari_openseg.core.fill import filled, walk
 from napari_openseg.core.network import Network, with_masks
 from napari_openseg.core.pixel_classifier import (
     DEFAULT_CLASSIFIER,
@@ -243,6 +246,7 @@ class _Entries:
             sum(e.image.size for e in entries) * 4 * (feature_count(colour) + 1) <= FEATURE_CACHE_BYTES
         )
         self.maps: dict[int, np.ndarray] = {}
+        self.walks: dict[int, np.ndarray | None] = {}
         self.pixels = sample_pixels([e.mask for e in entries], [e.known for e in entries], rng)
         self.rows = []
         for i, picked in enumerate(self.pixels):
@@ -255,7 +259,7 @@ class _Entries:
     def plain(cls, entries: list[SupportEntry]) -> _Entries:
         """Entries without features (nothing to fit: the network alone)."""
         data = cls.__new__(cls)
-        data.entries, data.colour, data.keep, data.maps = entries, False, False, {}
+        data.entries, data.colour, data.keep, data.maps, data.walks = entries, False, False, {}, {}
         rng = np.random.default_rng(0)
         data.scored = [ScoredPixels.of(e, rng, MAX_SCORED_PIXELS) for e in entries]
         return data
@@ -304,18 +308,35 @@ class _Entries:
             rows = np.concatenate([rows, network.reshape(-1)[index, None]], axis=1)
         return classifier.predict(rows)
 
-    def dense(self, which: Sequence[int], classifier: PixelClassifier | None) -> list[SupportEntry]:
-        """Entries ``which`` with whole masks for the network: painted pixels as painted, the rest
-        as ``classifier`` predicts them (entries without strokes as they are)."""
+    def dense(self, which: Sequence[int], filler: _Filler | None) -> list[SupportEntry]:
+        """Entries ``which`` with whole masks for the network (:mod:`.fill`; entries without
+        strokes as they are)."""
         out = []
         for i in which:
             entry = self.entries[i]
-            if entry.known is None or classifier is None:
+            if entry.known is None or filler is None:
                 out.append(entry)
                 continue
-            guess = self.predict(classifier, i) >= 0.5
-            out.append(with_masks([entry], [np.where(entry.known, entry.mask, guess)])[0])
+            network = None if filler.network is None else filler.network[i]
+            probability = recalibrate(self.predict(filler.classifier, i, network), filler.cut)
+            out.append(with_masks([entry], [filled(entry, probability, self.walk(i))])[0])
         return out
+
+    def walk(self, i: int) -> np.ndarray | None:
+        """Entry ``i``'s random walk between its strokes (once per entry: every fold reads it)."""
+        if i not in self.walks:
+            self.walks[i] = walk(self.entries[i])
+        return self.walks[i]
+
+
+@dataclass
+class _Filler:
+    """What fills stroke entries for the network: a ``classifier`` at its ``cut``, with each entry's
+    out-of-fold ``network`` probability when it is the stacked one."""
+
+    classifier: PixelClassifier
+    cut: float = CENTRE
+    network: list[np.ndarray] | None = None
 
 
 def _draw(entries: list[SupportEntry], size: int, rng: np.random.Generator) -> list[SupportEntry]:
@@ -388,7 +409,7 @@ def iter_fit_task(
         fold_pixel = data.fit(train, settings, seed) if classifiers else None
         if run_network:
             subset = _draw(
-                data.dense(train, fold_pixel if sparse else None),
+                data.dense(train, _Filler(fold_pixel) if sparse else None),
                 support_size,
                 np.random.default_rng([seed, label, f]),
             )
@@ -433,11 +454,17 @@ def iter_fit_task(
         else None
     )
     estimate = Estimate(label, method, n, dice, note, cuts)
+    filler = None
+    if sparse:
+        filler = _Filler(pixel, cuts.get("pixel-classifier", CENTRE))
+        if "stacked" in dice and dice["stacked"][0] > dice.get("pixel-classifier", (-1.0,))[0]:
+            fitted = stacked if stacked is not None else data.fit(everything, settings, seed, net_oof)
+            filler = _Filler(fitted, cuts.get("stacked", CENTRE), net_oof)
     model = TaskModel(
         label,
         method,
         estimate,
-        _dense_subsets(subsets, data, pixel if sparse else None),
+        _dense_subsets(subsets, data, filler, pixel),
         colour,
         pixel if keep_pixel else None,
         stacked,
@@ -459,9 +486,12 @@ def _note(entries: list[SupportEntry], sparse: bool) -> str:
     return "scored on painted pixels only" if sparse else ""
 
 
-def _dense_subsets(subsets: list[list[SupportEntry]], data: _Entries, classifier: PixelClassifier | None):
-    """The network's query subsets with dense masks for stroke entries (``classifier`` fills them)."""
-    if classifier is None:
+def _dense_subsets(
+    subsets: list[list[SupportEntry]], data: _Entries, filler: _Filler | None, pixel: PixelClassifier | None
+):
+    """The network's query subsets with whole masks for stroke entries (``filler`` fills them; an
+    entry left out of the fitting sample has no network probability: ``pixel`` fills it)."""
+    if filler is None:
         return subsets
     index = {id(e): i for i, e in enumerate(data.entries)}
     out = []
@@ -471,12 +501,12 @@ def _dense_subsets(subsets: list[list[SupportEntry]], data: _Entries, classifier
             if entry.known is None:
                 dense.append(entry)
             elif id(entry) in index:
-                dense.extend(data.dense([index[id(entry)]], classifier))
-            else:  # an entry left out of the fitting sample: its own features, the same classifier
-                guess = classifier.predict_map(
+                dense.extend(data.dense([index[id(entry)]], filler))
+            else:  # an entry left out of the fitting sample: its own features, the pixel classifier
+                probability = pixel.predict_map(
                     pixel_features(entry.image, entry.colour if data.colour else None)
                 )
-                dense.extend(with_masks([entry], [np.where(entry.known, entry.mask, guess >= 0.5)]))
+                dense.extend(with_masks([entry], [filled(entry, probability, walk(entry))]))
         out.append(dense)
     return out
 
@@ -496,7 +526,11 @@ def _fit_without_cv(entries, label, subsets, settings, seed, colour, rng, sparse
         "the pixel classifier as asked" if method == "pixel-classifier" else "the network alone"
     )
     estimate = Estimate(label, method, n, {}, note)
-    dense = _dense_subsets(subsets, data, pixel if sparse else None) if data is not None else subsets
+    dense = (
+        _dense_subsets(subsets, data, _Filler(pixel) if sparse else None, pixel)
+        if data is not None
+        else subsets
+    )
     yield Progress(1, 1, f"fitted label {label}")
     return TaskModel(
         label,
