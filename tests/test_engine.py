@@ -10,9 +10,9 @@ import torch
 
 from napari_openseg.core import stacking
 from napari_openseg.core.engine import Engine, prepare_network
+from napari_openseg.core.estimates import assign_folds
 from napari_openseg.core.metrics import dice_score
 from napari_openseg.core.preprocess import normalize_intensity
-from napari_openseg.core.stacking import assign_folds
 from napari_openseg.core.support import SupportEntry, build_support_set
 
 pytest.importorskip("sklearn")
@@ -253,7 +253,7 @@ def test_every_method_segments_a_volume_in_batches_the_same_way(tiny_net, method
 
 
 def test_scoring_a_sample_of_pixels_gives_the_whole_entrys_dice():
-    from napari_openseg.core.stacking import ScoredPixels
+    from napari_openseg.core.estimates import ScoredPixels
 
     rng = np.random.default_rng(7)
     mask = np.zeros((300, 300), bool)

@@ -8,9 +8,9 @@ import pytest
 
 from napari_openseg.core.cuts import CENTRE, best_cut, recalibrate
 from napari_openseg.core.engine import Engine
+from napari_openseg.core.estimates import ScoredPixels
 from napari_openseg.core.metrics import dice_score
 from napari_openseg.core.preprocess import normalize_intensity
-from napari_openseg.core.stacking import ScoredPixels
 from napari_openseg.core.support import SupportEntry
 
 pytest.importorskip("sklearn")

@@ -19,7 +19,7 @@ import numpy as np
 from napari_openseg.core.engine_settings import CUT_GRID
 
 if TYPE_CHECKING:
-    from napari_openseg.core.stacking import ScoredPixels
+    from napari_openseg.core.estimates import ScoredPixels
 
 #: The probability that a tuned cut becomes (:func:`recalibrate`).
 CENTRE = 0.5

@@ -30,6 +30,7 @@ from napari_openseg.core.engine_settings import (
     METHODS,
     SegmentSettings,
 )
+from napari_openseg.core.estimates import Estimate
 from napari_openseg.core.network import (
     ENCODED_SUPPORT_BUDGET,
     EnsemblePredictor,
@@ -46,7 +47,7 @@ from napari_openseg.core.network import (
 from napari_openseg.core.pixel_classifier import pixel_features
 from napari_openseg.core.preprocess import from_grid
 from napari_openseg.core.progress import Progress, run_to_end
-from napari_openseg.core.stacking import Estimate, StackingSettings, TaskModel, iter_fit_task
+from napari_openseg.core.stacking import StackingSettings, TaskModel, iter_fit_task
 from napari_openseg.core.support import SupportEntry, SupportSet
 from napari_openseg.errors import OpenSegError
 
