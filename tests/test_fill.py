@@ -2,6 +2,7 @@
 intensity alone cannot tell the structure from its surroundings."""
 
 import numpy as np
+import pytest
 from scipy import ndimage
 
 from napari_openseg.core.fill import WALK_MAX_SIDE, filled, walk
@@ -64,10 +65,10 @@ def test_no_walk_without_strokes_of_both_kinds_or_for_whole_masks():
     assert walk(flat) is None  # no edge to follow
 
 
-def test_a_large_entry_is_walked_smaller_and_given_back_at_its_own_size():
-    size = 2 * WALK_MAX_SIDE + 40
+@pytest.mark.parametrize("size", [2 * WALK_MAX_SIDE + 40, 5 * WALK_MAX_SIDE])
+def test_a_large_entry_is_walked_smaller_and_given_back_at_its_own_size(size):
     image, inside = ringed_head(size)
-    entry = stroke_entry(image, inside)
+    entry = stroke_entry(image, inside)  # one-pixel strokes: they must survive the shrinking
     walked = walk(entry)
     assert walked.shape == (size, size)
     assert dice_score(walked >= 0.5, inside) > 0.9
