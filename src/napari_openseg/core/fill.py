@@ -7,8 +7,9 @@ pixels. Each unpainted pixel is called structure where the mean of two probabili
   chance that a walk set off at the pixel meets a painted structure pixel before a painted background
   one, its steps weighted down across the image's edges. It fills what the strokes enclose and stops
   at boundaries. It needs strokes of both kinds; without them only the classifier fills.
-* **A classifier's probability**, at its tuned cut: :mod:`.stacking` passes the task's pixel
-  classifier, or the stacked classifier where its cross-validated estimate is the higher.
+* **A classifier's probability**: :mod:`.stacking` passes, in its folds, the pixel classifier of the
+  same folds; for the final model, the better-estimated of the pixel and the stacked classifier, at
+  its tuned cut.
 
 Chosen on the val split's stroke tasks (``docs/evaluation.md``): the classifier alone filled fetal
 heads from their centre lines poorly (it sees intensity, not the enclosing strokes), the walk alone
@@ -27,7 +28,7 @@ from napari_openseg.core.support import SupportEntry
 #: by the image's spread, so this does not depend on the intensity range).
 WALK_BETA = 130.0
 #: Entries larger than this on a side are walked at this size (the cost grows faster than the pixels:
-#: about 0.3 s of one core at 256 x 256, 2-3 s at 512 x 512).
+#: about 0.1-0.3 s of one core at 256 x 256, about 2 s at 512 x 512).
 WALK_MAX_SIDE = 256
 
 
