@@ -240,7 +240,7 @@ class _Filler:
     network: list[np.ndarray] | None = None
 
 
-def _draw(entries: list[SupportEntry], size: int, rng: np.random.Generator) -> list[SupportEntry]:
+def _draw(entries: list, size: int, rng: np.random.Generator) -> list:
     if len(entries) <= size:
         return entries
     return [entries[i] for i in sorted(rng.choice(len(entries), size, replace=False))]
@@ -309,11 +309,8 @@ def iter_fit_task(
         train, held = np.flatnonzero(folds != f).tolist(), np.flatnonzero(folds == f).tolist()
         fold_pixel = data.fit(train, settings, seed) if classifiers else None
         if run_network:
-            subset = _draw(
-                data.dense(train, _Filler(fold_pixel) if sparse else None),
-                support_size,
-                np.random.default_rng([seed, label, f]),
-            )
+            drawn = _draw(train, support_size, np.random.default_rng([seed, label, f]))
+            subset = data.dense(drawn, _Filler(fold_pixel) if sparse else None)  # only those drawn
             for i, p in zip(
                 held, _network_on(network, [entries[i] for i in held], subset, threshold, aspect)
             ):
@@ -395,21 +392,22 @@ def _dense_subsets(
     if filler is None:
         return subsets
     index = {id(e): i for i, e in enumerate(data.entries)}
-    out = []
-    for subset in subsets:
-        dense = []
-        for entry in subset:
-            if entry.known is None:
-                dense.append(entry)
-            elif id(entry) in index:
-                dense.extend(data.dense([index[id(entry)]], filler))
+    done: dict[int, SupportEntry] = {}  # an entry in several subsets is filled once
+
+    def whole(entry: SupportEntry) -> SupportEntry:
+        if entry.known is None:
+            return entry
+        if id(entry) not in done:
+            if id(entry) in index:
+                done[id(entry)] = data.dense([index[id(entry)]], filler)[0]
             else:  # an entry left out of the fitting sample: its own features, the pixel classifier
                 probability = pixel.predict_map(
                     pixel_features(entry.image, entry.colour if data.colour else None)
                 )
-                dense.extend(with_masks([entry], [filled(entry, probability, walk(entry))]))
-        out.append(dense)
-    return out
+                done[id(entry)] = with_masks([entry], [filled(entry, probability, walk(entry))])[0]
+        return done[id(entry)]
+
+    return [[whole(entry) for entry in subset] for subset in subsets]
 
 
 def _fit_without_cv(entries, label, subsets, settings, seed, colour, rng, sparse):
