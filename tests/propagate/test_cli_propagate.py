@@ -68,7 +68,11 @@ def test_propagate_writes_labels_with_the_image_geometry_and_a_confidence_report
     weakest = data["least_confident_slice"]
     finite = [s["confidence"] for s in data["slices"] if s["confidence"] is not None]
     assert finite and data["slices"][weakest]["confidence"] == min(finite)
-    assert f"least confident slice {weakest}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"least confident slice {weakest}" in printed
+    # the volume is a bright disc: its pixel classifier passes the half-split test and joins
+    assert data["pixel_classifier"]["1"]["joined"] and data["pixel_classifier"]["1"]["half_split_dice"] > 0.65
+    assert "Pixel classifier: label 1: joined the network (half-split Dice" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "conf.json",
         "out.nii.gz",

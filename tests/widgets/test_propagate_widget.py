@@ -67,6 +67,16 @@ def test_run_writes_a_new_labels_layer_and_plots_the_confidence(viewer, qtbot, s
     weakest = widget.result.least_confident_slice()
     assert widget.plot.weakest() == weakest
     assert f"Least confident: slice {weakest}" in widget.status.text()
+    # the bright disc passes the half-split test: its pixel classifier joined, and the status says so
+    assert widget.pixel_classifier.currentText() == "auto" and widget.result.classifier_joined == [1]
+    assert "Pixel classifier: label 1: joined the network" in widget.status.text()
+
+
+def test_the_pixel_classifier_can_be_left_out(viewer, qtbot, scene, inline):
+    widget = scene[0]
+    widget.pixel_classifier.setCurrentText("never")
+    assert run_and_wait(qtbot, widget) == "done"
+    assert widget.result.classifier_dice == {} and "Pixel classifier" not in widget.status.text()
 
 
 def test_stop_confidence_control_ends_objects_at_the_painted_slice(viewer, qtbot, scene, inline):

@@ -50,7 +50,12 @@ from napari_openseg._widgets._threading import WorkHandle, report_error
 from napari_openseg.core.propagate.fronts import DIRECTIONS
 from napari_openseg.core.propagate.memory import DEFAULT_CAPACITY
 from napari_openseg.core.propagate.propagation import PropagationResult, iter_propagate
-from napari_openseg.core.propagate.settings import DEFAULT_STOP_CONFIDENCE, DEFAULT_STOP_RATIO
+from napari_openseg.core.propagate.settings import (
+    DEFAULT_PIXEL_CLASSIFIER,
+    DEFAULT_STOP_CONFIDENCE,
+    DEFAULT_STOP_RATIO,
+    PIXEL_CLASSIFIER_MODES,
+)
 from napari_openseg.core.segment.expected_time import format_duration
 from napari_openseg.errors import OpenSegError
 from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, propagation_weights
@@ -177,6 +182,15 @@ class PropagationWidget(QWidget):
             fraction_box(DEFAULT_STOP_CONFIDENCE),
             "an object also ends after two slices less confident than this (0: off)",
         )
+        self.pixel_classifier = form_row(
+            form,
+            "Pixel classifier",
+            QComboBox(),
+            "join a pixel classifier fitted to the painted slices to the network: auto = where it "
+            "segments held-out halves of the painted slices well (objects defined by their intensity)",
+        )
+        self.pixel_classifier.addItems(list(PIXEL_CLASSIFIER_MODES))
+        self.pixel_classifier.setCurrentText(DEFAULT_PIXEL_CLASSIFIER)
         self.unordered = form_row(
             form,
             "",
@@ -251,6 +265,7 @@ class PropagationWidget(QWidget):
             "direction": self.direction_combo.currentText(),
             "stop_confidence": self.stop_confidence.value(),
             "stop_ratio": self.stop_ratio.value(),
+            "pixel_classifier": self.pixel_classifier.currentText(),
             "unordered": self.unordered.isChecked(),
             "device": self.picker.device(),
             "rgb": run["rgb"],
@@ -333,8 +348,9 @@ class PropagationWidget(QWidget):
                 f"'{STOP_CONFIDENCE_LABEL}'": self.stop_confidence.value(),
             }
         )
-        if hint:
-            text += " " + hint
+        for note in (result.classifier_note(), hint):
+            if note:
+                text += " " + note
         self.panel.set_status(text)
 
     def _finished(self, outcome: str) -> None:

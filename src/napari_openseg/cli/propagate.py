@@ -16,9 +16,11 @@ from napari_openseg.cli import AXIS_HELP
 def register(subparsers) -> None:
     from napari_openseg.core.propagate.settings import (
         DEFAULT_CAPACITY,
+        DEFAULT_PIXEL_CLASSIFIER,
         DEFAULT_SHORT_TERM,
         DEFAULT_STOP_CONFIDENCE,
         DEFAULT_STOP_RATIO,
+        PIXEL_CLASSIFIER_MODES,
         PropagationSettings,
     )
 
@@ -82,6 +84,14 @@ def register(subparsers) -> None:
         f"an object (default {DEFAULT_STOP_RATIO}; 0 = off; lower it if an object stops too early)",
     )
     parser.add_argument(
+        "--pixel-classifier",
+        choices=PIXEL_CLASSIFIER_MODES,
+        default=DEFAULT_PIXEL_CLASSIFIER,
+        help="join each object's pixel classifier, fitted to its painted slices, to the network: auto = "
+        "where it segments held-out halves of the painted slices well (objects defined by intensity); "
+        "default %(default)s",
+    )
+    parser.add_argument(
         "--unordered",
         action="store_true",
         help="the slices are an unordered stack of 2D images (one-prompt segmentation)",
@@ -122,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
             complete_slices=args.complete_slices,
             bank_size=args.bank_size,
             short_term=args.short_term,
+            pixel_classifier=args.pixel_classifier,
             unordered=args.unordered,
             device=args.device,
             seed=args.seed,
@@ -150,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
             f"mean confidence {summary['mean_confidence']:.3f}; least confident slice {weakest} "
             f"({summary['slices'][weakest]['confidence']:.3f}): check it first"
         )
+    if result.classifier_note():
+        print(result.classifier_note())
     hint = result.confidence_stop_hint(
         {"--stop-ratio": args.stop_ratio, "--stop-confidence": args.stop_confidence}
     )

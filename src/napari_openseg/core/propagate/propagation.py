@@ -7,7 +7,8 @@ they are pinned in its long-term bank. Fronts move away from each prompt slice b
 accepted. For each slice the network predicts the slice from ``draws`` support sets drawn from the
 long-term bank by similarity (the last one is the most similar painted slice, see ``prompt_set``)
 and from the front's short-term memory as one more set; their combination (:mod:`.ensemble`) is the
-prediction. Its confidence (:mod:`.confidence`) and area decide, by the front's
+prediction. Where an object's pixel classifier passes its test (:mod:`.classifier`), the mean of
+the two probabilities is what is written; the memories keep the network's own mask. Its confidence (:mod:`.confidence`) and area decide, by the front's
 :class:`~.fronts.StopRule`, whether the slice is accepted (it joins the short-term memory), doubtful
 or vanished; every prediction is offered to the long-term bank, whose rules decide whether it stays.
 A run of ``stop_after`` doubtful or vanished slices stops the front and the doubtful ones are undone.
@@ -38,6 +39,7 @@ from napari_openseg.core.engine_settings import DEFAULT_PRECISION
 from napari_openseg.core.ensemble import combine_members
 from napari_openseg.core.preprocess import Aspect, from_grid, masks_to_grid, normalize_intensity, to_grid
 from napari_openseg.core.progress import Progress, run_to_end
+from napari_openseg.core.propagate.classifier import ObjectClassifier, SliceFeatures, fit_objects
 from napari_openseg.core.propagate.confidence import combine, consistency, draw_measures
 from napari_openseg.core.propagate.fronts import (
     Front,
@@ -209,6 +211,8 @@ class _Run:
     confidence: np.ndarray
     keep: bool
     rng: np.random.Generator
+    features: SliceFeatures | None  # None once no object's classifier joins (frees the volume's copy)
+    classifiers: dict[int, ObjectClassifier] = field(default_factory=dict)
     prompt_slices: dict[int, list[int]] = field(default_factory=dict)
     painted_area: dict[int, float] = field(default_factory=dict)
     fronts: list[Front] = field(default_factory=list)
@@ -238,6 +242,8 @@ class _Run:
             prompt_slices=self.prompt_slices,
             complete_slices=self.complete,
             confidence_stops={v: sorted(stops) for v, stops in self.confidence_stops.items()},
+            classifier_dice={v: c.dice for v, c in self.classifiers.items()},
+            classifier_joined=[v for v, c in self.classifiers.items() if c.joins],
         )
 
 
@@ -297,6 +303,7 @@ def _setup(
         confidence=np.full((len(values), n_slices), np.nan, np.float32),
         keep=len(values) * entries * entry_bytes <= ENCODED_SUPPORT_BUDGET,  # else recomputed per slice
         rng=np.random.default_rng(settings.seed),
+        features=SliceFeatures(stack),
     )
     for value in values:
         painted = prompt_stack == value
@@ -319,6 +326,9 @@ def _setup(
             if front.origin in pinned:
                 front.recent.accept(pinned[front.origin])
             run.fronts.append(front)
+    run.classifiers = fit_objects(run.features, prompt_stack, run.prompt_slices, settings)
+    if not any(c.joins for c in run.classifiers.values()):
+        run.features = None
     return run
 
 
@@ -326,9 +336,9 @@ def _setup(
 class _Prediction:
     """One slice's prediction for one object: probabilities at full size and its masks."""
 
-    full: np.ndarray  # "H W" probabilities
+    full: np.ndarray  # "H W" probabilities (with a joined pixel classifier: the mean of the two)
     mask: np.ndarray  # "H W" bool
-    grid_mask: torch.Tensor  # "g g" {0, 1}
+    grid_mask: torch.Tensor  # "g g" {0, 1}: the network's own mask, for the memories
     measures: dict[str, float]
 
 
@@ -357,6 +367,10 @@ def _predict_slice(run: _Run, value: int, s: int, front: Front | None) -> _Predi
     mean = combine_members(probs, threshold)
     full = from_grid(mean[None, None], run.mapping)[0, 0].clamp(0, 1).cpu().numpy()
     grid_mask = (mean > threshold).to(run.grid_images.dtype)
+    classifier = run.classifiers.get(value)
+    if classifier is not None and classifier.joins:
+        # what is written; the bank keeps the network's own mask (docs/propagation.md says why)
+        full = classifier.fuse(full, run.features(s))
     return _Prediction(full, full >= threshold, grid_mask, _measure(run, value, s, probs, grid_mask))
 
 
@@ -449,7 +463,7 @@ def iter_propagate(
         Slices whose labels are complete (corrections): an object absent there stops there.
     **options
         Fields of :class:`~napari_openseg.core.propagate.settings.PropagationSettings`
-        (memories, draws, stop rule, direction, unordered, threshold, aspect, seed).
+        (memories, draws, stop rule, direction, unordered, pixel classifier, threshold, aspect, seed).
 
     Yields progress per predicted slice (``payload``: ``slice``, ``label``, ``mask "H W"`` as
     written, ``confidence``, ``measures``, ``bank`` (what the long-term bank did with it),

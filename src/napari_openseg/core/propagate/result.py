@@ -29,6 +29,10 @@ class PropagationResult:
     #: Per label, the slices where a front stopped because its confidence fell below the stop
     #: threshold while the object was still drawn; a large structure may go on past them.
     confidence_stops: dict[int, list[int]] = field(default_factory=dict)
+    #: Per label, the half-split Dice of its pixel classifier on the painted slices
+    #: (core/propagate/classifier.py); the labels whose classifier joined the network.
+    classifier_dice: dict[int, float] = field(default_factory=dict)
+    classifier_joined: list[int] = field(default_factory=list)
 
     def slice_confidence(self) -> np.ndarray:
         """``"N"``: the weakest object's confidence on each slice (NaN where none was predicted)."""
@@ -56,6 +60,17 @@ class PropagationResult:
         )
         return f"Fronts ended on low confidence ({where}). If an object goes on past there, lower {setting} and run again."
 
+    def classifier_note(self) -> str | None:
+        """A sentence on each label's pixel classifier: joined or left out, and its half-split Dice."""
+        if not self.classifier_dice:
+            return None
+        parts = [
+            f"label {v}: {'joined the network' if v in self.classifier_joined else 'left out'} "
+            f"(half-split Dice {d:.2f})"
+            for v, d in self.classifier_dice.items()
+        ]
+        return "Pixel classifier: " + "; ".join(parts) + "."
+
     def summary(self) -> dict:
         """A JSON-ready description: per-slice confidences, prompts, the weakest slice."""
         per_slice = self.slice_confidence()
@@ -67,6 +82,10 @@ class PropagationResult:
             "complete_slices": self.complete_slices,
             "least_confident_slice": self.least_confident_slice(),
             "confidence_stops": {str(v): s for v, s in self.confidence_stops.items()},
+            "pixel_classifier": {
+                str(v): {"half_split_dice": round(d, 4), "joined": v in self.classifier_joined}
+                for v, d in self.classifier_dice.items()
+            },
             "mean_confidence": None
             if np.all(np.isnan(per_slice))
             else round(float(np.nanmean(per_slice)), 4),

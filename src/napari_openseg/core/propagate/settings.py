@@ -37,6 +37,12 @@ DEFAULT_MIN_AREA = 0.02
 #: stopping (an object does not double from one slice to the next; a leak into its surroundings
 #: does). ``inf`` switches it off.
 DEFAULT_MAX_GROWTH = math.inf
+#: When an object's pixel classifier joins its propagation (core/propagate/classifier.py): "auto"
+#: where its half-split Dice on the painted slices reaches ``classifier_gate``.
+PIXEL_CLASSIFIER_MODES: tuple[str, ...] = ("auto", "always", "never")
+DEFAULT_PIXEL_CLASSIFIER = "auto"
+#: Chosen on the validation objects (docs/propagation.md, *The pixel classifier*).
+DEFAULT_CLASSIFIER_GATE = 0.7
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,10 @@ class PropagationSettings:
         ``"both"``, ``"forward"`` (towards higher slice indices) or ``"backward"`` from each prompt.
     unordered
         Treat the slices as an unordered stack of 2D images (one-prompt segmentation).
+    pixel_classifier, classifier_gate
+        Whether each object's pixel classifier, fitted to its painted slices, joins the network
+        (the mean of the two probabilities): ``"auto"`` where it segments held-out halves of the
+        painted slices with a Dice of at least ``classifier_gate``, ``"always"``, ``"never"``.
     threshold, aspect, seed
         Probability threshold of a mask, how slices are fitted to the model grid, the draws' seed.
     """
@@ -86,6 +96,8 @@ class PropagationSettings:
     max_growth: float = DEFAULT_MAX_GROWTH
     direction: str = "both"
     unordered: bool = False
+    pixel_classifier: str = DEFAULT_PIXEL_CLASSIFIER
+    classifier_gate: float = DEFAULT_CLASSIFIER_GATE
     threshold: float = DEFAULT_THRESHOLD
     aspect: str = DEFAULT_ASPECT
     seed: int = 0
@@ -129,6 +141,9 @@ class PropagationSettings:
         if not self.max_growth > 1.0:
             raise OpenSegError(f"max_growth must be > 1 (inf: off), got {self.max_growth}")
         check_choice("aspect", self.aspect, ASPECTS)
+        check_choice("pixel_classifier", self.pixel_classifier, PIXEL_CLASSIFIER_MODES)
+        if not 0.0 <= self.classifier_gate <= 1.0:
+            raise OpenSegError(f"classifier_gate (a Dice) must lie in [0, 1], got {self.classifier_gate}")
 
     @classmethod
     def from_options(cls, **options) -> PropagationSettings:
