@@ -17,24 +17,17 @@ earlier ``--json`` runs.
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import time
-from pathlib import Path
 
 import numpy as np
-import torch
 
 from bench_propagation import BUNDLED, STOP_RULES, prompt_of
-from bench_stop_rules import GROUPS, objects_of
+from bench_stop_rules import GROUPS, run_objects
 from napari_openseg.core.metrics import dice_score
 from napari_openseg.core.preprocess import normalize_intensity
 from napari_openseg.core.propagate.classifier import SliceFeatures, fit_object
 from napari_openseg.core.propagate.propagation import propagate
 from napari_openseg.core.propagate.settings import DEFAULT_CLASSIFIER_GATE
-from napari_openseg.model.registry import load_model
-from napari_openseg.training.splits import shared_data_dir
-from saved_runs import write_run
 
 GATES = (0.0, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 1.01)
 
@@ -110,24 +103,7 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, help="only the first N hippocampus subjects and LGG patients")
     parser.add_argument("--json", help="write the rows to this file (a suffix per weights)")
     parser.add_argument("--records", nargs="+", help="print the tables of earlier --json files")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    if args.records:
-        for path in args.records:
-            print(f"\n### {path}\n\n{report(json.loads(Path(path).read_text()))}")
-        return
-    if shared_data_dir() is None:
-        raise SystemExit("../shared/data is not present")
-    torch.set_num_threads(args.threads)
-    for weights in args.weights:
-        net, began, rows = load_model(weights), time.perf_counter(), []
-        for case in objects_of(args.data, args.subjects, args.split):
-            rows.append(measure(case, net, weights))
-            if args.json:
-                write_run(Path(f"{args.json}.{Path(weights).stem}.json"), rows)
-        minutes = (time.perf_counter() - began) / 60
-        print(f"\n### weights {weights}, {args.split}: {len(rows)} objects in {minutes:.1f} min\n")
-        print(report(rows))
+    run_objects(parser.parse_args(), measure, report)
 
 
 if __name__ == "__main__":

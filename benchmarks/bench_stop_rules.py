@@ -231,26 +231,32 @@ def main() -> None:
         help="val (choices) or test (report; brain, hippocampus and lgg only)",
     )
     args = parser.parse_args()
+    options = json.loads(args.options)
+    run_objects(args, lambda case, net, weights: record(case, net, options), report)
+
+
+def run_objects(args, measure, report) -> None:
+    """The shared loop of the propagation benchmarks: with ``args.records``, print the ``report`` of
+    each saved file; otherwise, per weights in ``args.weights``, ``measure(case, net, weights)`` each
+    object of ``args.data`` (``--subjects``, ``--split``), save the rows after every object (a run
+    cut short keeps what it did) and print their ``report``."""
     logging.basicConfig(level=logging.WARNING)
     if args.records:
         for path in args.records:
-            with open(path) as handle:
-                print(f"\n### {path}\n\n{report(json.load(handle))}")
+            print(f"\n### {path}\n\n{report(json.loads(Path(path).read_text()))}")
         return
     if shared_data_dir() is None:
         raise SystemExit("../shared/data is not present")
     torch.set_num_threads(args.threads)
     for weights in args.weights:
-        net, began = load_model(weights), time.perf_counter()
-        objects = []
+        net, began, rows = load_model(weights), time.perf_counter(), []
         for case in objects_of(args.data, args.subjects, args.split):
-            objects.append(record(case, net, json.loads(args.options)))
-            if args.json:  # after every object: a long recording that is cut short keeps what it did
-                write_run(Path(f"{args.json}.{Path(weights).stem}.json"), objects)
-        print(
-            f"\n### weights {weights}: {len(objects)} objects recorded in {(time.perf_counter() - began) / 60:.1f} min\n"
-        )
-        print(report(objects))
+            rows.append(measure(case, net, weights))
+            if args.json:
+                write_run(Path(f"{args.json}.{Path(weights).stem}.json"), rows)
+        minutes = (time.perf_counter() - began) / 60
+        print(f"\n### weights {weights}, {args.split}: {len(rows)} objects in {minutes:.1f} min\n")
+        print(report(rows))
 
 
 if __name__ == "__main__":
