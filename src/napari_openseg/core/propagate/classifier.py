@@ -9,7 +9,7 @@ Dice of at least ``classifier_gate``. An object defined by its brightness (a tum
 one defined by its shape among tissue that looks the same (the hippocampus) does not, and is
 propagated by the network alone. Where it joins, the probability written on each slice is the mean
 of the network's and the classifier's; the memories keep the network's own mask, and the network's
-members give the slice's confidence, so the fronts move and stop as the network alone has them do.
+members give the slice's confidence (the stop rule reads the written mask only for its area).
 Measured and chosen in docs/propagation.md (*The pixel classifier*).
 """
 
