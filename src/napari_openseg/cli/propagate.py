@@ -161,8 +161,9 @@ def run(args: argparse.Namespace) -> int:
             f"mean confidence {summary['mean_confidence']:.3f}; least confident slice {weakest} "
             f"({summary['slices'][weakest]['confidence']:.3f}): check it first"
         )
-    if result.classifier_note():
-        print(result.classifier_note())
+    note = result.classifier_note()
+    if note:
+        print(note)
     hint = result.confidence_stop_hint(
         {"--stop-ratio": args.stop_ratio, "--stop-confidence": args.stop_confidence}
     )

@@ -38,6 +38,8 @@ CLASSIFIERS = ("boosting", "forest")
 DEFAULT_CLASSIFIER = "boosting"
 FOREST_TREES, FOREST_DEPTH = 50, 12
 BOOSTING_ITERATIONS, BOOSTING_LEAVES = 60, 31
+#: Feature maps are kept between uses (a task's entries, a propagation's slices) up to this size.
+FEATURE_CACHE_BYTES = 256 * 1024**2
 #: Maps of up to this many pixels are predicted at every pixel; larger ones coarse to fine.
 EXACT_MAX_PIXELS = 128 * 128
 #: Coarse to fine: a pixel is predicted exactly where the coarse probabilities around it span more

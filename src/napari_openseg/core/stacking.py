@@ -59,6 +59,7 @@ from napari_openseg.core.fill import filled, walk
 from napari_openseg.core.network import Network, with_masks
 from napari_openseg.core.pixel_classifier import (
     DEFAULT_CLASSIFIER,
+    FEATURE_CACHE_BYTES,
     PixelClassifier,
     feature_count,
     pixel_features,
@@ -70,9 +71,6 @@ from napari_openseg.core.support import SupportEntry
 from napari_openseg.errors import OpenSegError
 
 log = logging.getLogger(__name__)
-
-#: Feature maps of a task's entries are kept between steps while they take less than this.
-FEATURE_CACHE_BYTES = 256 * 1024**2
 
 
 @dataclass

@@ -23,12 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from napari_openseg.core.metrics import dice_score
-from napari_openseg.core.pixel_classifier import PixelClassifier, feature_count, pixel_features, sample_pixels
+from napari_openseg.core.pixel_classifier import (
+    FEATURE_CACHE_BYTES,
+    PixelClassifier,
+    feature_count,
+    pixel_features,
+    sample_pixels,
+)
 
 log = logging.getLogger(__name__)
-
-#: Feature maps kept for slices still in use (fronts revisit the slices around them).
-FEATURE_CACHE_BYTES = 256 * 2**20
 
 
 class SliceFeatures:
