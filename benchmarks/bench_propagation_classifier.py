@@ -2,7 +2,8 @@
 
 Each object (the groups of ``bench_stop_rules.py``; prompt = the true mask on the slice where it is
 largest) is propagated twice with the weights' own stop rule (``bench_propagation.STOP_RULES``):
-with its pixel classifier joined (``pixel_classifier="always"``) and without (``"never"``). The
+with its pixel classifier joined (``pixel_classifier="always"``; its fronts then end by the
+library's ``classifier_stop``, the two masks' agreement) and without (``"never"``). The
 classifier's half-split Dice on the painted slice does not depend on the network, so every gate
 is replayed from these two runs: an object whose half-split Dice reaches the gate takes the first
 run's Dice, the others the second's. The table gives the 3D Dice (%) per group for each gate, the
@@ -29,7 +30,7 @@ from napari_openseg.core.propagate.classifier import SliceFeatures, fit_object
 from napari_openseg.core.propagate.propagation import propagate
 from napari_openseg.core.propagate.settings import DEFAULT_CLASSIFIER_GATE
 
-GATES = (0.0, 0.5, 0.6, 0.65, 0.7, 0.75, 0.8, 1.01)
+GATES = (0.0, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 1.01)
 
 
 def measure(case, net, weights: str) -> dict:

@@ -44,6 +44,7 @@ from bench_propagation import (
 )
 from napari_openseg.core.propagate.fronts import Front, StopRule
 from napari_openseg.core.propagate.propagation import iter_propagate
+from napari_openseg.core.propagate.settings import DEFAULT_MIN_AREA
 from napari_openseg.model.registry import load_model
 from napari_openseg.sample import load_sample
 from napari_openseg.training.splits import shared_data_dir
@@ -85,25 +86,30 @@ def objects_of(groups=GROUPS, limit: int | None = None, split: str = "val"):
 
 
 def record(case: Case, net, options: dict | None = None) -> dict:
-    """Propagate ``case`` with the confidence stop off; per predicted slice: confidence and areas."""
+    """Propagate ``case`` with the confidence stops off; per predicted slice: confidence and areas
+    (where a pixel classifier joins, also the network's own mask and the two masks' agreement)."""
     prompt, z = prompt_of(case.truth)
-    generator = iter_propagate(
-        case.image,
-        prompt,
-        net,
-        device="cpu",
-        **{**(options or {}), "stop_confidence": 0.0, "stop_ratio": 0.0},
-    )
+    stops_off = {"stop_confidence": 0.0, "stop_ratio": 0.0, "classifier_stop": 0.0}
+    generator = iter_propagate(case.image, prompt, net, device="cpu", **{**(options or {}), **stops_off})
     slices = []
-    for step in generator:
+    while True:
+        try:
+            step = next(generator)
+        except StopIteration as end:
+            result = end.value
+            break
         if step.payload:
-            s, mask = step.payload["slice"], step.payload["mask"]
+            s, mask, network = step.payload["slice"], step.payload["mask"], step.payload["network_mask"]
+            truth = case.truth[s]
             slices.append(
                 {
                     "slice": s,
                     "confidence": step.payload["confidence"],
                     "predicted": int(mask.sum()),
-                    "overlap": int((mask & case.truth[s]).sum()),
+                    "overlap": int((mask & truth).sum()),
+                    "network_predicted": int(network.sum()),
+                    "network_overlap": int((network & truth).sum()),
+                    "classifier_agreement": step.payload["measures"].get("classifier_agreement"),
                 }
             )
     return {
@@ -112,6 +118,7 @@ def record(case: Case, net, options: dict | None = None) -> dict:
         "prompt_slice": z,
         "truth": int(case.truth.sum()),
         "prompt_area": int(case.truth[z].sum()),
+        "half_split": result.classifier_dice.get(1),
         "slices": slices,
     }
 
@@ -123,15 +130,21 @@ def replay(
     max_growth: float = float("inf"),
     lenient: float | None = None,
     stop_ratio: float = 0.0,
+    joined: bool = True,
+    classifier_stop: float = 0.0,
 ) -> float:
     """3D Dice of ``obj`` had each front stopped by the rule ``threshold_of(front slices) -> float``,
     the area trend ``max_growth`` and, with ``lenient``, a second threshold: a slice between the two
-    thresholds counts as doubtful only if its area also broke the trend."""
+    thresholds counts as doubtful only if its area also broke the trend. In a recording made with
+    a pixel classifier, ``joined=False`` replays the network alone, and ``classifier_stop`` the
+    agreement rule of a joined classifier (``StopRule``)."""
+    if not joined:
+        obj = network_alone(obj)
     overlap = predicted = obj["prompt_area"]
     for sign in (-1, 1):
         records = [r for r in obj["slices"] if np.sign(r["slice"] - obj["prompt_slice"]) == sign]
         threshold = threshold_of(records)
-        strict = StopRule(stop_after, 0.0, threshold, max_growth, stop_ratio)
+        strict = StopRule(stop_after, 0.0, threshold, max_growth, stop_ratio, classifier_stop)
         first = records[0]["confidence"] if records else None
         front, kept, last_area = Front(0, [r["slice"] for r in records]), [], float(obj["prompt_area"])
         for r in records:
@@ -141,7 +154,8 @@ def replay(
             elif threshold == ORACLE:  # ends where the prediction first misses the object entirely
                 verdict = "doubtful" if r["overlap"] == 0 else "accepted"
             elif lenient is None:
-                verdict = strict.judge(r["predicted"], r["confidence"], 1.0, last_area, first)
+                agreement = r.get("classifier_agreement")
+                verdict = strict.judge(r["predicted"], r["confidence"], 1.0, last_area, first, agreement)
             elif r["confidence"] < lenient:
                 verdict = "doubtful"
             else:
@@ -158,6 +172,25 @@ def replay(
         overlap += sum(r["overlap"] for r in kept)
         predicted += sum(r["predicted"] for r in kept)
     return 2 * overlap / (predicted + obj["truth"])
+
+
+def network_alone(obj: dict) -> dict:
+    """A recording as the network alone would have written it (no classifier's areas or agreement;
+    slices where its mask vanished are emptied, as ``iter_propagate`` empties them)."""
+    least = max(1.0, DEFAULT_MIN_AREA * obj["prompt_area"])
+    slices = []
+    for r in obj["slices"]:
+        area = r.get("network_predicted", r["predicted"])
+        kept = area >= least
+        slices.append(
+            {
+                **r,
+                "predicted": area if kept else 0,
+                "overlap": r.get("network_overlap", r["overlap"]) if kept else 0,
+                "classifier_agreement": None,
+            }
+        )
+    return {**obj, "slices": slices}
 
 
 def rules():

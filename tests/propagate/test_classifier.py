@@ -56,8 +56,12 @@ def test_the_mode_and_gate_decide_whether_the_classifier_joins():
     assert fitted.joins and fitted.dice >= 0.65
     network = np.full((40, 48), 0.2, np.float32)
     maps = pixel_features(bright_disc()[0][4])
-    expected = (0.2 + fitted.classifier.predict_map(maps)) / 2
-    np.testing.assert_allclose(fitted.fuse(network, maps), expected, rtol=1e-6)
+    classified = fitted.classifier.predict_map(maps)
+    fused, agreement = fitted.fuse(network, maps, 0.5)
+    np.testing.assert_allclose(fused, (0.2 + classified) / 2, rtol=1e-6)
+    assert agreement == 0.0  # the network's mask is empty, the classifier's is the disc
+    fused, agreement = fitted.fuse(classified, maps, 0.5)
+    assert agreement == 1.0 and dice_score(fused >= 0.5, bright_disc()[1][4]) > 0.9
 
 
 def test_slice_features_are_kept_up_to_the_budget(monkeypatch):
@@ -100,6 +104,44 @@ def test_where_the_network_is_unsure_a_joined_classifier_decides(tiny_net, unsur
     assert summary["joined"] and summary["half_split_dice"] > 0.9
 
 
+@pytest.fixture
+def copying_network(monkeypatch):
+    """The network copies its first support entry's mask, sure of itself: past the object's end
+    it keeps drawing the painted blob, the failure the classifier's agreement catches."""
+    from napari_openseg.core.propagate import propagation
+
+    def copy(net, entries, sets, image, keep):
+        return torch.stack([entries[row[0]].mask.float() for row in sets])
+
+    monkeypatch.setattr(propagation, "_predict", copy)
+
+
+def test_a_joined_classifier_ends_the_fronts_where_the_object_ends(tiny_net, copying_network):
+    image, truth = disc_volume((16, 40, 48), first=5, last=10)
+    truth = truth.astype(bool)
+    z = largest_slice(truth)
+    prompt = np.zeros(truth.shape, np.uint8)
+    prompt[z] = truth[z]
+    # Every confidence stop off: what stops the fronts is the classifier's agreement, or nothing.
+    # At threshold 0.4 the mean of the network's 1 and the classifier's 0 is written.
+    options = dict(device="cpu", threshold=0.4, stop_ratio=0.0, stop_confidence=0.0, pixel_classifier="always")
+    agreeing = propagate(image, prompt, tiny_net, classifier_stop=0.3, **options)
+    confident = propagate(image, prompt, tiny_net, classifier_stop=0.0, **options)
+    drawn = lambda result: set(np.flatnonzero((result.labels == 1).any(axis=(1, 2))))  # noqa: E731
+    assert drawn(confident) == set(range(16))  # the blob, written on every slice
+    assert drawn(agreeing) <= set(range(4, 12)) and set(range(6, 10)) <= drawn(agreeing)
+    assert dice_score(agreeing.labels == 1, truth) > dice_score(confident.labels == 1, truth) + 0.2
+    # Both fronts ended on the classifier's disagreement, at the disc's ends, and the hint says so.
+    assert agreeing.confidence_stops == {} and agreeing.classifier_stops == {1: [5, 10]}
+    assert agreeing.summary()["classifier_stops"] == {"1": [5, 10]}
+    hint = agreeing.confidence_stop_hint({"--stop-ratio": 0.0}, "--classifier-stop")
+    assert "pixel classifier disagreed" in hint and "label 1: slice 5, 10" in hint and "--classifier-stop" in hint
+    # The confidence rule no longer ends a joined object's fronts: at stop_confidence 1 every slice
+    # is doubtful by it, yet the slices where the classifier agrees are drawn.
+    sure = propagate(image, prompt, tiny_net, classifier_stop=0.3, **{**options, "stop_confidence": 1.0})
+    assert set(range(6, 10)) <= drawn(sure)
+
+
 def test_a_classifier_that_fails_the_test_is_left_out(tiny_net, unsure_network):
     image, truth = square_in_noise()
     prompt = np.zeros(truth.shape, np.uint8)
@@ -115,6 +157,7 @@ def test_a_classifier_that_fails_the_test_is_left_out(tiny_net, unsure_network):
     [
         ({"pixel_classifier": "sometimes"}, "pixel_classifier must be one of auto, always, never"),
         ({"classifier_gate": 1.5}, r"classifier_gate \(a Dice\) must lie in \[0, 1\]"),
+        ({"classifier_stop": 1.0}, r"classifier_stop \(a Dice; 0: off\) must lie in \[0, 1\)"),
     ],
 )
 def test_bad_classifier_settings_say_what_is_wrong(tiny_net, options, message):

@@ -176,7 +176,8 @@ def test_stop_confidence_one_leaves_only_the_painted_slice(tmp_path, volume_file
         "--device",
         "cpu",
     ]
-    assert main([*args, "--stop-confidence", "1.0", "--stop-ratio", "0"]) == 0
+    # (the blob's pixel classifier joins: --classifier-stop 0 keeps the confidence rule for it)
+    assert main([*args, "--stop-confidence", "1.0", "--stop-ratio", "0", "--classifier-stop", "0"]) == 0
     assert np.array_equal(np.load(out), prompt)  # every front ended on its first two, undone, slices
     printed = capsys.readouterr().out
     assert "Fronts ended on low confidence (label" in printed and "lower --stop-confidence and" in printed

@@ -20,7 +20,9 @@ from tests._blobs import disc_volume, largest_slice, one_thread, train_blob_net
 
 pytestmark = pytest.mark.usefixtures(one_thread.__name__)
 
-FAST = {"device": "cpu", "bank_size": 6, "draws": 2}
+#: The bright discs' pixel classifier joins; ``classifier_stop=0`` keeps the confidence rule for
+#: them, which these tests are about (tests/propagate/test_classifier.py tests the agreement rule).
+FAST = {"device": "cpu", "bank_size": 6, "draws": 2, "classifier_stop": 0.0}
 
 
 @pytest.fixture(scope="module")
@@ -520,6 +522,18 @@ def test_the_stop_rule_judges_a_slice_by_its_area_and_confidence():
     both = StopRule(stop_after=2, min_area=0.1, stop_confidence=0.6, max_growth=1.5, stop_ratio=0.8)
     assert both.judge(50, 0.58, 100, 50, first_confidence=0.5) == "doubtful"  # 0.58 < 0.6, > 0.4
     assert both.judge(50, 0.7, 100, 50, first_confidence=0.95) == "doubtful"  # 0.7 < 0.76
+    # Where a pixel classifier joins (its agreement given), the agreement takes the confidence's
+    # place: a sure slice the classifier disagrees with is doubtful, an unsure one it confirms is
+    # accepted; the area rules still apply, and classifier_stop=0 keeps the confidence rule.
+    agreeing = StopRule(2, 0.1, 0.6, 1.5, stop_ratio=0.8, classifier_stop=0.3)
+    assert agreeing.judge(50, 0.99, 100, 50, 0.99, classifier_agreement=0.25) == "doubtful"
+    assert agreeing.judge(50, 0.05, 100, 50, 0.99, classifier_agreement=0.35) == "accepted"
+    assert agreeing.judge(80, 0.99, 100, 50, 0.99, classifier_agreement=0.9) == "doubtful"  # grew
+    assert agreeing.judge(5, 0.99, 100, 50, 0.99, classifier_agreement=0.9) == "vanished"
+    assert agreeing.judge(50, 0.05, 100, 50, 0.99, classifier_agreement=None) == "doubtful"  # not joined
+    off = StopRule(2, 0.1, 0.6, 1.5, classifier_stop=0.0)
+    assert off.judge(50, 0.99, 100, 50, classifier_agreement=0.0) == "accepted"
+    assert off.judge(50, 0.5, 100, 50, classifier_agreement=1.0) == "doubtful"
 
 
 def test_a_set_of_one_entry_repeated_is_predicted_as_that_entry_alone():

@@ -12,7 +12,11 @@ from napari_openseg._widgets import propagate_widget
 from napari_openseg._widgets._layers import current_slice, owner_info
 from napari_openseg._widgets._session import get_session
 from napari_openseg._widgets.propagate_widget import PropagationWidget
-from napari_openseg.core.propagate.settings import DEFAULT_STOP_CONFIDENCE, DEFAULT_STOP_RATIO
+from napari_openseg.core.propagate.settings import (
+    DEFAULT_CLASSIFIER_STOP,
+    DEFAULT_STOP_CONFIDENCE,
+    DEFAULT_STOP_RATIO,
+)
 from tests._blobs import disc_volume, largest_slice, one_thread
 
 pytestmark = [pytest.mark.qt, pytest.mark.usefixtures(one_thread.__name__)]
@@ -86,11 +90,23 @@ def test_stop_confidence_control_ends_objects_at_the_painted_slice(viewer, qtbot
     assert widget.settings_section.button.text() == "Settings: bank 4, stop below 0.70 x first slice"
     widget.stop_ratio.setValue(0.0)
     widget.stop_confidence.setValue(1.0)  # every prediction is doubtful: each front ends, undone
+    widget.classifier_stop.setValue(0.0)  # (the disc's classifier joins: keep the confidence rule)
     assert widget.settings_section.button.text() == "Settings: bank 4, stop below 1.00"
     assert run_and_wait(qtbot, widget) == "done"
     assert np.array_equal(viewer.layers["vol propagated"].data, painted)
     assert "Fronts ended on low confidence" in widget.status.text()
     assert "lower 'Stop below confidence' and run again" in widget.status.text()  # the one in use
+
+
+def test_the_classifier_stop_control_ends_objects_where_the_classifier_disagrees(viewer, qtbot, scene, inline):
+    widget, _, _, painted, _ = scene
+    assert widget.classifier_stop.value() == pytest.approx(DEFAULT_CLASSIFIER_STOP)
+    widget.classifier_stop.setValue(0.99)  # the two masks never agree that well: each front ends, undone
+    assert run_and_wait(qtbot, widget) == "done"
+    assert widget.result.classifier_joined == [1] and widget.result.confidence_stops == {}
+    assert np.array_equal(viewer.layers["vol propagated"].data, painted)
+    assert "pixel classifier disagreed with the network" in widget.status.text()
+    assert "lower 'Stop below classifier agreement'" in widget.status.text()
 
 
 def test_go_to_least_confident_slice_then_correct_it_and_run_again(viewer, qtbot, scene, inline, errors):

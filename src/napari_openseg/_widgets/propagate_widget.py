@@ -51,6 +51,7 @@ from napari_openseg.core.propagate.fronts import DIRECTIONS
 from napari_openseg.core.propagate.memory import DEFAULT_CAPACITY
 from napari_openseg.core.propagate.propagation import PropagationResult, iter_propagate
 from napari_openseg.core.propagate.settings import (
+    DEFAULT_CLASSIFIER_STOP,
     DEFAULT_PIXEL_CLASSIFIER,
     DEFAULT_STOP_CONFIDENCE,
     DEFAULT_STOP_RATIO,
@@ -63,6 +64,7 @@ from napari_openseg.model.registry import DEFAULT_WEIGHTS, PROPAGATION_WEIGHTS, 
 ROLE, PREVIEW_ROLE = "propagation", "propagation-preview"
 #: The stop controls' labels, also named in the hint after a run that stopped on low confidence.
 STOP_RATIO_LABEL, STOP_CONFIDENCE_LABEL = "Stop below × first slice", "Stop below confidence"
+CLASSIFIER_STOP_LABEL = "Stop below classifier agreement"
 
 
 class PropagationWidget(QWidget):
@@ -191,6 +193,13 @@ class PropagationWidget(QWidget):
         )
         self.pixel_classifier.addItems(list(PIXEL_CLASSIFIER_MODES))
         self.pixel_classifier.setCurrentText(DEFAULT_PIXEL_CLASSIFIER)
+        self.classifier_stop = form_row(
+            form,
+            CLASSIFIER_STOP_LABEL,
+            fraction_box(DEFAULT_CLASSIFIER_STOP, top=0.99),
+            "where the pixel classifier joins, an object ends after two slices where its mask and the "
+            "network's agree less than this (Dice), in place of the confidence stops (0: off)",
+        )
         self.unordered = form_row(
             form,
             "",
@@ -266,6 +275,7 @@ class PropagationWidget(QWidget):
             "stop_confidence": self.stop_confidence.value(),
             "stop_ratio": self.stop_ratio.value(),
             "pixel_classifier": self.pixel_classifier.currentText(),
+            "classifier_stop": self.classifier_stop.value(),
             "unordered": self.unordered.isChecked(),
             "device": self.picker.device(),
             "rgb": run["rgb"],
@@ -346,7 +356,8 @@ class PropagationWidget(QWidget):
             {
                 f"'{STOP_RATIO_LABEL}'": self.stop_ratio.value(),
                 f"'{STOP_CONFIDENCE_LABEL}'": self.stop_confidence.value(),
-            }
+            },
+            f"'{CLASSIFIER_STOP_LABEL}'",
         )
         for note in (result.classifier_note(), hint):
             if note:

@@ -16,6 +16,7 @@ from napari_openseg.cli import AXIS_HELP
 def register(subparsers) -> None:
     from napari_openseg.core.propagate.settings import (
         DEFAULT_CAPACITY,
+        DEFAULT_CLASSIFIER_STOP,
         DEFAULT_PIXEL_CLASSIFIER,
         DEFAULT_SHORT_TERM,
         DEFAULT_STOP_CONFIDENCE,
@@ -92,6 +93,15 @@ def register(subparsers) -> None:
         "default %(default)s",
     )
     parser.add_argument(
+        "--classifier-stop",
+        type=float,
+        default=DEFAULT_CLASSIFIER_STOP,
+        metavar="A",
+        help="where an object's pixel classifier joins, slices whose network and classifier masks agree "
+        "with a Dice below A count towards ending the object, in place of --stop-confidence and "
+        f"--stop-ratio (default {DEFAULT_CLASSIFIER_STOP}; 0 = off: the confidence rule for every object)",
+    )
+    parser.add_argument(
         "--unordered",
         action="store_true",
         help="the slices are an unordered stack of 2D images (one-prompt segmentation)",
@@ -133,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
             bank_size=args.bank_size,
             short_term=args.short_term,
             pixel_classifier=args.pixel_classifier,
+            classifier_stop=args.classifier_stop,
             unordered=args.unordered,
             device=args.device,
             seed=args.seed,
@@ -165,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
     if note:
         print(note)
     hint = result.confidence_stop_hint(
-        {"--stop-ratio": args.stop_ratio, "--stop-confidence": args.stop_confidence}
+        {"--stop-ratio": args.stop_ratio, "--stop-confidence": args.stop_confidence}, "--classifier-stop"
     )
     if hint:
         print(hint)

@@ -9,7 +9,9 @@ Dice of at least ``classifier_gate``. An object defined by its brightness (a tum
 one defined by its shape among tissue that looks the same (the hippocampus) does not, and is
 propagated by the network alone. Where it joins, the probability written on each slice is the mean
 of the network's and the classifier's; the memories keep the network's own mask, and the network's
-members give the slice's confidence (the stop rule reads the written mask only for its area).
+members give the slice's confidence. The stop rule reads the written mask for its area and, in place
+of the confidence, the agreement of the two masks: beyond a tumour's end the network keeps drawing a
+blob of the painted size, confidently, while the classifier finds nothing there.
 Measured and chosen in docs/propagation.md (*The pixel classifier*).
 """
 
@@ -99,9 +101,12 @@ class ObjectClassifier:
     dice: float
     joins: bool
 
-    def fuse(self, network: np.ndarray, features: np.ndarray) -> np.ndarray:
-        """The mean of the network's ``"H W"`` probabilities and the classifier's."""
-        return (network + self.classifier.predict_map(features)) / 2
+    def fuse(self, network: np.ndarray, features: np.ndarray, threshold: float) -> tuple[np.ndarray, float]:
+        """The mean of the network's ``"H W"`` probabilities and the classifier's, and how well
+        their masks at ``threshold`` agree (Dice; 1 when both are empty)."""
+        classified = self.classifier.predict_map(features)
+        agreement = dice_score(network >= threshold, classified >= threshold)
+        return (network + classified) / 2, agreement
 
 
 def fit_object(

@@ -34,7 +34,10 @@ class StopRule:
     (and at least one pixel), ``"doubtful"`` when it is drawn but its confidence is below
     ``stop_confidence`` or below ``stop_ratio`` times ``first_confidence`` (that of the front's
     first slice; ``None`` while the first slice itself is judged), or its area is more than
-    ``max_growth`` times the front's last accepted area, and ``"accepted"`` otherwise.
+    ``max_growth`` times the front's last accepted area, and ``"accepted"`` otherwise. Where the
+    object's pixel classifier joins (``classifier_agreement`` given) and ``classifier_stop`` is on,
+    the two confidence thresholds give way to it: the slice is doubtful when the network's and the
+    classifier's masks agree with a Dice below ``classifier_stop``.
     """
 
     stop_after: int
@@ -42,6 +45,7 @@ class StopRule:
     stop_confidence: float
     max_growth: float
     stop_ratio: float = 0.0
+    classifier_stop: float = 0.0
 
     @classmethod
     def of(cls, settings: PropagationSettings) -> StopRule:
@@ -51,6 +55,7 @@ class StopRule:
             settings.stop_confidence,
             settings.max_growth,
             settings.stop_ratio,
+            settings.classifier_stop,
         )
 
     def judge(
@@ -60,12 +65,17 @@ class StopRule:
         painted_area: float,
         last_area: float | None,
         first_confidence: float | None = None,
+        classifier_agreement: float | None = None,
     ) -> str:
         if area < max(1.0, self.min_area * painted_area):
             return "vanished"
-        relative = self.stop_ratio * (confidence if first_confidence is None else first_confidence)
-        if confidence < max(self.stop_confidence, relative):
-            return "doubtful"
+        if classifier_agreement is not None and self.classifier_stop > 0:
+            if classifier_agreement < self.classifier_stop:
+                return "doubtful"
+        else:
+            relative = self.stop_ratio * (confidence if first_confidence is None else first_confidence)
+            if confidence < max(self.stop_confidence, relative):
+                return "doubtful"
         if last_area is not None and area > self.max_growth * last_area:
             return "doubtful"
         return "accepted"

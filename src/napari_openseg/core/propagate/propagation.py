@@ -8,9 +8,10 @@ accepted. For each slice the network predicts the slice from ``draws`` support s
 long-term bank by similarity (the last one is the most similar painted slice, see ``prompt_set``)
 and from the front's short-term memory as one more set; their combination (:mod:`.ensemble`) is the
 prediction. Where an object's pixel classifier passes its test (:mod:`.classifier`), the mean of
-the two probabilities is what is written; the memories keep the network's own mask. Its confidence (:mod:`.confidence`) and area decide, by the front's
-:class:`~.fronts.StopRule`, whether the slice is accepted (it joins the short-term memory), doubtful
-or vanished; every prediction is offered to the long-term bank, whose rules decide whether it stays.
+the two probabilities is what is written; the memories keep the network's own mask. Its confidence
+(:mod:`.confidence`) and area decide, by the front's :class:`~.fronts.StopRule`, whether the slice is
+accepted (it joins the short-term memory), doubtful or vanished (where the classifier joins, the
+agreement of its mask with the network's takes the confidence's place: ``classifier_stop``); every prediction is offered to the long-term bank, whose rules decide whether it stays.
 A run of ``stop_after`` doubtful or vanished slices stops the front and the doubtful ones are undone.
 Objects are combined by the highest probability; painted voxels are kept as painted.
 
@@ -218,6 +219,7 @@ class _Run:
     fronts: list[Front] = field(default_factory=list)
     remaining: dict[int, list[int]] = field(default_factory=dict)
     confidence_stops: dict[int, list[int]] = field(default_factory=dict)
+    classifier_stops: dict[int, list[int]] = field(default_factory=dict)
     undone: dict[int, list[_Written]] = field(default_factory=dict)
 
     @property
@@ -242,6 +244,7 @@ class _Run:
             prompt_slices=self.prompt_slices,
             complete_slices=self.complete,
             confidence_stops={v: sorted(stops) for v, stops in self.confidence_stops.items()},
+            classifier_stops={v: sorted(stops) for v, stops in self.classifier_stops.items()},
             classifier_dice={v: c.dice for v, c in self.classifiers.items()},
             classifier_joined=[v for v, c in self.classifiers.items() if c.joins],
         )
@@ -338,6 +341,7 @@ class _Prediction:
 
     full: np.ndarray  # "H W" probabilities (with a joined pixel classifier: the mean of the two)
     mask: np.ndarray  # "H W" bool
+    network_mask: np.ndarray  # "H W" bool: the network's alone (what benchmarks compare with)
     grid_mask: torch.Tensor  # "g g" {0, 1}: the network's own mask, for the memories
     measures: dict[str, float]
 
@@ -367,11 +371,12 @@ def _predict_slice(run: _Run, value: int, s: int, front: Front | None) -> _Predi
     mean = combine_members(probs, threshold)
     full = from_grid(mean[None, None], run.mapping)[0, 0].clamp(0, 1).cpu().numpy()
     grid_mask = (mean > threshold).to(run.grid_images.dtype)
+    measures, network_mask = _measure(run, value, s, probs, grid_mask), full >= threshold
     classifier = run.classifiers.get(value)
     if classifier is not None and classifier.joins:
         # what is written; the bank keeps the network's own mask (docs/propagation.md says why)
-        full = classifier.fuse(full, run.features(s))
-    return _Prediction(full, full >= threshold, grid_mask, _measure(run, value, s, probs, grid_mask))
+        full, measures["classifier_agreement"] = classifier.fuse(full, run.features(s), threshold)
+    return _Prediction(full, full >= threshold, network_mask, grid_mask, measures)
 
 
 def _measure(run: _Run, value: int, s: int, probs: torch.Tensor, grid_mask: torch.Tensor) -> dict[str, float]:
@@ -397,7 +402,12 @@ def _record(run: _Run, value: int, s: int, front: Front | None, predicted: _Pred
         if front.first_confidence is None:
             front.first_confidence = conf
         verdict = StopRule.of(settings).judge(
-            float(mask.sum()), conf, run.painted_area[value], front.last_area, front.first_confidence
+            float(mask.sum()),
+            conf,
+            run.painted_area[value],
+            front.last_area,
+            front.first_confidence,
+            predicted.measures.get("classifier_agreement"),
         )
         if verdict == "vanished":
             mask = np.zeros_like(mask)
@@ -417,8 +427,10 @@ def _record(run: _Run, value: int, s: int, front: Front | None, predicted: _Pred
             front.last_area = float(mask.sum())
             front.recent.accept(entry)
         if front.stopped:
-            if front.stopped_on_confidence:
-                run.confidence_stops.setdefault(value, []).append(front.doubtful[0][0])
+            if front.stopped_on_confidence:  # on the classifier's agreement where that is the rule
+                by_classifier = settings.classifier_stop > 0 and "classifier_agreement" in predicted.measures
+                stops = run.classifier_stops if by_classifier else run.confidence_stops
+                stops.setdefault(value, []).append(front.doubtful[0][0])
             for _, doubtful_write in front.doubtful:  # the object had ended there after all
                 _undo(doubtful_write, labels, best, run.undone)
             skipped = len(front.slices) - front.slices.index(s) - 1
@@ -427,6 +439,7 @@ def _record(run: _Run, value: int, s: int, front: Front | None, predicted: _Pred
         "slice": s,
         "label": value,
         "mask": take,
+        "network_mask": predicted.network_mask,
         "confidence": conf,
         "measures": predicted.measures,
         "bank": action,
@@ -466,7 +479,9 @@ def iter_propagate(
         (memories, draws, stop rule, direction, unordered, pixel classifier, threshold, aspect, seed).
 
     Yields progress per predicted slice (``payload``: ``slice``, ``label``, ``mask "H W"`` as
-    written, ``confidence``, ``measures``, ``bank`` (what the long-term bank did with it),
+    written, ``network_mask`` (the network's alone, before a joined pixel classifier), ``confidence``,
+    ``measures`` (with ``classifier_agreement`` where the classifier joins), ``bank`` (what the
+    long-term bank did with it),
     ``verdict`` (``"accepted"``, ``"doubtful"``, ``"vanished"``; ``"unordered"`` for stacks));
     returns a :class:`PropagationResult`.
     """

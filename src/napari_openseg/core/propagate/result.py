@@ -29,6 +29,9 @@ class PropagationResult:
     #: Per label, the slices where a front stopped because its confidence fell below the stop
     #: threshold while the object was still drawn; a large structure may go on past them.
     confidence_stops: dict[int, list[int]] = field(default_factory=dict)
+    #: The same for labels whose pixel classifier joined: where a front stopped because the
+    #: classifier's mask disagreed with the network's (``classifier_stop``).
+    classifier_stops: dict[int, list[int]] = field(default_factory=dict)
     #: Per label, the half-split Dice of its pixel classifier on the painted slices
     #: (core/propagate/classifier.py); the labels whose classifier joined the network.
     classifier_dice: dict[int, float] = field(default_factory=dict)
@@ -48,17 +51,26 @@ class PropagationResult:
             return None
         return int(np.nanargmin(per_slice))
 
-    def confidence_stop_hint(self, settings: dict[str, float]) -> str | None:
-        """A sentence naming the slices where fronts ended on low confidence, or None. ``settings``
-        maps what the caller's user knows each stop threshold as (a widget control, a CLI option)
-        to its value; the hint names those in use (above 0)."""
-        if not self.confidence_stops:
-            return None
-        setting = " or ".join(name for name, value in settings.items() if value > 0) or "the stop"
-        where = "; ".join(
-            f"label {v}: slice {', '.join(map(str, s))}" for v, s in self.confidence_stops.items()
-        )
-        return f"Fronts ended on low confidence ({where}). If an object goes on past there, lower {setting} and run again."
+    def confidence_stop_hint(self, settings: dict[str, float], classifier_setting: str = "classifier_stop") -> str | None:
+        """Sentences naming the slices where fronts ended while the object was still drawn, or None:
+        on low confidence, or where the pixel classifier joined, on its disagreement with the
+        network. ``settings`` maps what the caller's user knows each confidence threshold as (a
+        widget control, a CLI option) to its value; the hint names those in use (above 0);
+        ``classifier_setting`` is the agreement threshold's name."""
+        sentences = []
+        if self.confidence_stops:
+            setting = " or ".join(name for name, value in settings.items() if value > 0) or "the stop"
+            sentences.append(
+                f"Fronts ended on low confidence ({_where(self.confidence_stops)}). "
+                f"If an object goes on past there, lower {setting} and run again."
+            )
+        if self.classifier_stops:
+            sentences.append(
+                f"Fronts ended where the pixel classifier disagreed with the network "
+                f"({_where(self.classifier_stops)}). If an object goes on past there, lower "
+                f"{classifier_setting} (0: stop on confidence) and run again."
+            )
+        return " ".join(sentences) or None
 
     def classifier_note(self) -> str | None:
         """A sentence on each label's pixel classifier: joined or left out, and its half-split Dice."""
@@ -82,6 +94,7 @@ class PropagationResult:
             "complete_slices": self.complete_slices,
             "least_confident_slice": self.least_confident_slice(),
             "confidence_stops": {str(v): s for v, s in self.confidence_stops.items()},
+            "classifier_stops": {str(v): s for v, s in self.classifier_stops.items()},
             "pixel_classifier": {
                 str(v): {"half_split_dice": round(d, 4), "joined": v in self.classifier_joined}
                 for v, d in self.classifier_dice.items()
@@ -131,6 +144,10 @@ class PropagationResult:
         others = (painted != 0) & ~np.isin(painted, self.label_values)
         new_stack[slices] = np.where(others & (fixes == 0), painted, fixes)
         return new_prompt, sorted(set(self.complete_slices) | set(slices))
+
+
+def _where(stops: dict[int, list[int]]) -> str:
+    return "; ".join(f"label {v}: slice {', '.join(map(str, s))}" for v, s in stops.items())
 
 
 def check_slices(slices: Sequence[int], n_slices: int, what: str) -> list[int]:

@@ -41,8 +41,11 @@ DEFAULT_MAX_GROWTH = math.inf
 #: where its half-split Dice on the painted slices reaches ``classifier_gate``.
 PIXEL_CLASSIFIER_MODES: tuple[str, ...] = ("auto", "always", "never")
 DEFAULT_PIXEL_CLASSIFIER = "auto"
-#: Chosen on the validation objects (docs/propagation.md, *The pixel classifier*).
-DEFAULT_CLASSIFIER_GATE = 0.7
+DEFAULT_CLASSIFIER_GATE = 0.5
+#: Where an object's classifier joins, a slice whose network and classifier masks agree with a Dice
+#: below this is doubtful, in place of the confidence thresholds (0: off). The gate and this were
+#: chosen together on the validation objects (docs/propagation.md, *The pixel classifier*).
+DEFAULT_CLASSIFIER_STOP = 0.4
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,10 @@ class PropagationSettings:
         Whether each object's pixel classifier, fitted to its painted slices, joins the network
         (the mean of the two probabilities): ``"auto"`` where it segments held-out halves of the
         painted slices with a Dice of at least ``classifier_gate``, ``"always"``, ``"never"``.
+    classifier_stop
+        Where the classifier joins, a slice is doubtful when the network's mask and the
+        classifier's agree with a Dice below this; the confidence thresholds then do not apply to
+        that object (0: off, the confidence rule for every object).
     threshold, aspect, seed
         Probability threshold of a mask, how slices are fitted to the model grid, the draws' seed.
     """
@@ -98,6 +105,7 @@ class PropagationSettings:
     unordered: bool = False
     pixel_classifier: str = DEFAULT_PIXEL_CLASSIFIER
     classifier_gate: float = DEFAULT_CLASSIFIER_GATE
+    classifier_stop: float = DEFAULT_CLASSIFIER_STOP
     threshold: float = DEFAULT_THRESHOLD
     aspect: str = DEFAULT_ASPECT
     seed: int = 0
@@ -144,6 +152,10 @@ class PropagationSettings:
         check_choice("pixel_classifier", self.pixel_classifier, PIXEL_CLASSIFIER_MODES)
         if not 0.0 <= self.classifier_gate <= 1.0:
             raise OpenSegError(f"classifier_gate (a Dice) must lie in [0, 1], got {self.classifier_gate}")
+        if not 0.0 <= self.classifier_stop < 1.0:
+            raise OpenSegError(
+                f"classifier_stop (a Dice; 0: off) must lie in [0, 1), got {self.classifier_stop}"
+            )
 
     @classmethod
     def from_options(cls, **options) -> PropagationSettings:
