@@ -13,7 +13,7 @@ before); the others write the network's mask and stop by the confidence rule. As
 bank; ``bench_propagation_classifier.py`` runs the chosen rule for real.
 
 Run: ``python benchmarks/bench_classifier_stop.py [--split val|test] [--weights W ...] [--data GROUP
-...] [--json OUT] [--threads 1]`` (both bundled files by default; about 20 minutes per file for the
+...] [--json OUT] [--threads 1]`` (both bundled files by default; about 15 minutes per file for the
 validation objects on 2 quiet cores, whose fronts run to the volume's ends); ``--records FILE ...``
 prints the tables of earlier ``--json`` runs.
 """
@@ -25,7 +25,7 @@ import argparse
 import numpy as np
 
 from bench_propagation import BUNDLED, STOP_RULES
-from bench_stop_rules import GROUPS, record, replay, run_objects
+from bench_stop_rules import GROUPS, record, replay, run_objects, table_head
 from napari_openseg.core.propagate.settings import DEFAULT_STOP_CONFIDENCE, DEFAULT_STOP_RATIO
 
 GATES = (0.0, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8)
@@ -55,16 +55,13 @@ def dice(obj: dict, gate: float, agreement: float) -> float:
 
 def report(rows: list[dict]) -> str:
     groups = sorted({r["dataset"] for r in rows})
-    lines = [
-        "| gate | classifier_stop | "
-        + " | ".join(f"{g} ({sum(r['dataset'] == g for r in rows)})" for g in groups)
-        + " | mean | joined |",
-        "|---" * (len(groups) + 4) + "|",
-    ]
+    lines = table_head(rows, ["gate", "classifier_stop"], ["mean", "joined"])
     for gate in GATES:
         joined = sum(r["half_split"] >= gate for r in rows)
         for agreement in AGREEMENTS:
-            cells = [100 * np.mean([dice(r, gate, agreement) for r in rows if r["dataset"] == g]) for g in groups]
+            cells = [
+                100 * np.mean([dice(r, gate, agreement) for r in rows if r["dataset"] == g]) for g in groups
+            ]
             name = f"{agreement}" if agreement else "0 (the confidence rule)"
             lines.append(
                 f"| {gate} | {name} | "
@@ -72,7 +69,9 @@ def report(rows: list[dict]) -> str:
                 + f" | {np.mean(cells):.1f} | {joined} |"
             )
     cells = [100 * np.mean([dice(r, 2.0, 0.0) for r in rows if r["dataset"] == g]) for g in groups]
-    lines.append("| never joins | - | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {np.mean(cells):.1f} | 0 |")
+    lines.append(
+        "| never joins | - | " + " | ".join(f"{c:.1f}" for c in cells) + f" | {np.mean(cells):.1f} | 0 |"
+    )
     return "\n".join(lines) + "\n\n3D Dice (%), mean per group of objects; mean: of the groups (replayed)."
 
 

@@ -223,14 +223,17 @@ def rules():
                     )
 
 
+def table_head(rows: list[dict], before: list[str], after: list[str]) -> list[str]:
+    """The first two lines of a Markdown table: the ``before`` columns, one per group of ``rows``
+    (its name and count), then the ``after`` columns."""
+    groups = sorted({r["dataset"] for r in rows})
+    columns = [*before, *(f"{g} ({sum(r['dataset'] == g for r in rows)})" for g in groups), *after]
+    return ["| " + " | ".join(columns) + " |", "|---" * len(columns) + "|"]
+
+
 def report(objects: list[dict]) -> str:
     groups = sorted({o["dataset"] for o in objects})
-    lines = [
-        "| stop rule | "
-        + " | ".join(f"{g} ({sum(o['dataset'] == g for o in objects)})" for g in groups)
-        + " | mean |",
-        "|---" * (len(groups) + 2) + "|",
-    ]
+    lines = table_head(objects, ["stop rule"], ["mean"])
     for name, rule, keywords in rules():
         cells = [
             100 * np.mean([replay(o, rule, **keywords) for o in objects if o["dataset"] == g]) for g in groups

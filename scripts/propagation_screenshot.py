@@ -4,9 +4,9 @@
     xvfb-run -a -s "-screen 0 1600x1000x24" python scripts/propagation_screenshot.py [--weights PATH]
 
 It opens the bundled sample, "paints" the white matter on one axial slice (copied from the sample's
-labels, standing in for brush strokes), lowers "Stop below × first slice" as the docs advise for a
-large structure, runs the Propagate widget, goes to the least confident slice
-and saves ``docs/images/propagation-result.png`` and ``propagation-weakest.png``.
+labels, standing in for brush strokes), runs the Propagate widget with its defaults (the white
+matter's pixel classifier joins, and its agreement with the network ends the fronts), goes to the
+least confident slice and saves ``docs/images/propagation-result.png`` and ``propagation-weakest.png``.
 """
 
 from __future__ import annotations
@@ -20,8 +20,6 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 PAINTED_SLICE = 45
-#: White matter is a large structure: docs/propagation.md advises a lower stop ratio for those.
-LARGE_STRUCTURE_RATIO = 0.6
 
 
 def shoot(viewer, path: Path) -> None:
@@ -59,8 +57,7 @@ def main() -> None:
     _, widget = viewer.window.add_plugin_dock_widget("napari-openseg", "Propagate")
     get_session(viewer).set_model(weights=args.weights, device="cpu")
     widget.axis_combo.setCurrentText("0")
-    widget.stop_ratio.setValue(LARGE_STRUCTURE_RATIO)
-    widget.settings_section.set_expanded(True)  # the picture shows the lowered stop threshold
+    widget.settings_section.set_expanded(True)  # the picture shows the stop settings
     began = time.perf_counter()
     widget.run()
     print(f"propagated in {time.perf_counter() - began:.1f} s: {widget.status.text()}")

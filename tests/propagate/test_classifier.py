@@ -124,7 +124,9 @@ def test_a_joined_classifier_ends_the_fronts_where_the_object_ends(tiny_net, cop
     prompt[z] = truth[z]
     # Every confidence stop off: what stops the fronts is the classifier's agreement, or nothing.
     # At threshold 0.4 the mean of the network's 1 and the classifier's 0 is written.
-    options = dict(device="cpu", threshold=0.4, stop_ratio=0.0, stop_confidence=0.0, pixel_classifier="always")
+    options = dict(
+        device="cpu", threshold=0.4, stop_ratio=0.0, stop_confidence=0.0, pixel_classifier="always"
+    )
     agreeing = propagate(image, prompt, tiny_net, classifier_stop=0.3, **options)
     confident = propagate(image, prompt, tiny_net, classifier_stop=0.0, **options)
     drawn = lambda result: set(np.flatnonzero((result.labels == 1).any(axis=(1, 2))))  # noqa: E731
@@ -135,7 +137,11 @@ def test_a_joined_classifier_ends_the_fronts_where_the_object_ends(tiny_net, cop
     assert agreeing.confidence_stops == {} and agreeing.classifier_stops == {1: [5, 10]}
     assert agreeing.summary()["classifier_stops"] == {"1": [5, 10]}
     hint = agreeing.confidence_stop_hint({"--stop-ratio": 0.0}, "--classifier-stop")
-    assert "pixel classifier disagreed" in hint and "label 1: slice 5, 10" in hint and "--classifier-stop" in hint
+    assert (
+        "pixel classifier disagreed" in hint
+        and "label 1: slice 5, 10" in hint
+        and "--classifier-stop" in hint
+    )
     # The confidence rule no longer ends a joined object's fronts: at stop_confidence 1 every slice
     # is doubtful by it, yet the slices where the classifier agrees are drawn.
     sure = propagate(image, prompt, tiny_net, classifier_stop=0.3, **{**options, "stop_confidence": 1.0})

@@ -98,7 +98,9 @@ def test_stop_confidence_control_ends_objects_at_the_painted_slice(viewer, qtbot
     assert "lower 'Stop below confidence' and run again" in widget.status.text()  # the one in use
 
 
-def test_the_classifier_stop_control_ends_objects_where_the_classifier_disagrees(viewer, qtbot, scene, inline):
+def test_the_classifier_stop_control_ends_objects_where_the_classifier_disagrees(
+    viewer, qtbot, scene, inline
+):
     widget, _, _, painted, _ = scene
     assert widget.classifier_stop.value() == pytest.approx(DEFAULT_CLASSIFIER_STOP)
     widget.classifier_stop.setValue(0.99)  # the two masks never agree that well: each front ends, undone

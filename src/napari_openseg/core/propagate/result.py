@@ -51,7 +51,9 @@ class PropagationResult:
             return None
         return int(np.nanargmin(per_slice))
 
-    def confidence_stop_hint(self, settings: dict[str, float], classifier_setting: str = "classifier_stop") -> str | None:
+    def confidence_stop_hint(
+        self, settings: dict[str, float], classifier_setting: str = "classifier_stop"
+    ) -> str | None:
         """Sentences naming the slices where fronts ended while the object was still drawn, or None:
         on low confidence, or where the pixel classifier joined, on its disagreement with the
         network. ``settings`` maps what the caller's user knows each confidence threshold as (a
