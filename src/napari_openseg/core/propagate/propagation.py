@@ -11,8 +11,9 @@ prediction. Where an object's pixel classifier passes its test (:mod:`.classifie
 the two probabilities is what is written; the memories keep the network's own mask. Its confidence
 (:mod:`.confidence`) and area decide, by the front's :class:`~.fronts.StopRule`, whether the slice is
 accepted (it joins the short-term memory), doubtful or vanished (where the classifier joins, the
-agreement of its mask with the network's takes the confidence's place: ``classifier_stop``); every prediction is offered to the long-term bank, whose rules decide whether it stays.
-A run of ``stop_after`` doubtful or vanished slices stops the front and the doubtful ones are undone.
+agreement of its mask with the network's takes the confidence's place: ``classifier_stop``); every
+prediction is offered to the long-term bank, whose rules decide whether it stays. A run of
+``stop_after`` doubtful or vanished slices stops the front and the doubtful ones are undone.
 Objects are combined by the highest probability; painted voxels are kept as painted.
 
 ``complete_slices`` are slices whose labels are complete (a corrected slice): an object absent
