@@ -87,7 +87,10 @@ def test_stop_confidence_control_ends_objects_at_the_painted_slice(viewer, qtbot
     widget, _, _, painted, _ = scene
     assert widget.stop_confidence.value() == pytest.approx(DEFAULT_STOP_CONFIDENCE)
     assert widget.stop_ratio.value() == pytest.approx(DEFAULT_STOP_RATIO)
-    assert widget.settings_section.button.text() == "Settings: bank 4, stop below 0.70 x first slice"
+    title = (
+        f"Settings: bank 4, stop below 0.70 x first slice, classifier agreement {DEFAULT_CLASSIFIER_STOP:.2f}"
+    )
+    assert widget.settings_section.button.text() == title
     widget.stop_ratio.setValue(0.0)
     widget.stop_confidence.setValue(1.0)  # every prediction is doubtful: each front ends, undone
     widget.classifier_stop.setValue(0.0)  # (the disc's classifier joins: keep the confidence rule)
@@ -103,6 +106,9 @@ def test_the_classifier_stop_control_ends_objects_where_the_classifier_disagrees
 ):
     widget, _, _, painted, _ = scene
     assert widget.classifier_stop.value() == pytest.approx(DEFAULT_CLASSIFIER_STOP)
+    widget.pixel_classifier.setCurrentText("never")  # no classifier: the title leaves its stop out
+    assert widget.settings_section.button.text() == "Settings: bank 4, stop below 0.70 x first slice"
+    widget.pixel_classifier.setCurrentText("auto")
     widget.classifier_stop.setValue(0.99)  # the two masks never agree that well: each front ends, undone
     assert run_and_wait(qtbot, widget) == "done"
     assert widget.result.classifier_joined == [1] and widget.result.confidence_stops == {}

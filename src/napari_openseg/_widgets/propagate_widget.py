@@ -133,6 +133,8 @@ class PropagationWidget(QWidget):
         self.bank_size.valueChanged.connect(self._title_settings)
         self.stop_confidence.valueChanged.connect(self._title_settings)
         self.stop_ratio.valueChanged.connect(self._title_settings)
+        self.classifier_stop.valueChanged.connect(self._title_settings)
+        self.pixel_classifier.currentTextChanged.connect(self._title_settings)
         self._title_settings()
         napari_viewer.dims.events.current_step.connect(self._follow_slider)
         self.destroyed.connect(
@@ -149,6 +151,8 @@ class PropagationWidget(QWidget):
         if self.stop_confidence.value() > 0:
             stops.append(f"{self.stop_confidence.value():.2f}")
         stop = f"stop below {' or '.join(stops)}" if stops else "no confidence stop"
+        if self.classifier_stop.value() > 0 and self.pixel_classifier.currentText() != "never":
+            stop += f", classifier agreement {self.classifier_stop.value():.2f}"
         self.settings_section.set_title(f"Settings: bank {self.bank_size.value()}, {stop}")
 
     def _settings_form(self) -> QFormLayout:
