@@ -137,21 +137,29 @@ def true_ends(truth: np.ndarray) -> list[int]:
     return [s for s in (int(present.min()) - 1, int(present.max()) + 1) if 0 <= s < truth.shape[0]]
 
 
+def each_payload(generator, visit):
+    """Run a propagation generator to its end, passing each predicted slice's payload to ``visit``;
+    returns the generator's result."""
+    while True:
+        try:
+            step = next(generator)
+        except StopIteration as stop:
+            return stop.value
+        if step.payload:
+            visit(step.payload)
+
+
 def run(image, prompt, net, settings, **kwargs):
     """Propagate; returns (result, per-slice records, predicted slice count, seconds)."""
     began = time.perf_counter()
     generator = iter_propagate(image, prompt, net, device="cpu", **{**settings, **kwargs})
     records = []
-    while True:
-        try:
-            step = next(generator)
-        except StopIteration as stop:
-            result = stop.value
-            break
-        if step.payload:
-            records.append(
-                {"slice": step.payload["slice"], "bank": step.payload["bank"], **step.payload["measures"]}
-            )
+    result = each_payload(
+        generator,
+        lambda payload: records.append(
+            {"slice": payload["slice"], "bank": payload["bank"], **payload["measures"]}
+        ),
+    )
     return result, records, len(records), time.perf_counter() - began
 
 

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from bench_propagation import BUNDLED, STOP_RULES, prompt_of
-from bench_stop_rules import GROUPS, run_objects
+from bench_stop_rules import GROUPS, run_objects, table_head
 from napari_openseg.core.metrics import dice_score
 from napari_openseg.core.preprocess import normalize_intensity
 from napari_openseg.core.propagate.classifier import SliceFeatures, fit_object
@@ -65,8 +65,7 @@ def gated(row: dict, gate: float) -> float:
 
 def report(rows: list[dict]) -> str:
     groups = sorted({r["dataset"] for r in rows})
-    head = " | ".join(f"{g} ({sum(r['dataset'] == g for r in rows)})" for g in groups)
-    lines = [f"| gate (half-split Dice) | {head} | mean | objects joined |", "|---" * (len(groups) + 3) + "|"]
+    lines = table_head(rows, ["gate (half-split Dice)"], ["mean", "objects joined"])
     for gate in GATES:
         cells = [100 * np.mean([gated(r, gate) for r in rows if r["dataset"] == g]) for g in groups]
         name = "always" if gate == 0 else "never" if gate > 1 else f"{gate:.2f}"

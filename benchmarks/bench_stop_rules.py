@@ -38,6 +38,7 @@ from bench_propagation import (
     VALIDATION_STRUCTURES,
     Case,
     brain_cases,
+    each_payload,
     hippocampus_cases,
     lgg_cases,
     prompt_of,
@@ -92,26 +93,27 @@ def record(case: Case, net, options: dict | None = None) -> dict:
     stops_off = {"stop_confidence": 0.0, "stop_ratio": 0.0, "classifier_stop": 0.0}
     generator = iter_propagate(case.image, prompt, net, device="cpu", **{**(options or {}), **stops_off})
     slices = []
-    while True:
-        try:
-            step = next(generator)
-        except StopIteration as end:
-            result = end.value
-            break
-        if step.payload:
-            s, mask, network = step.payload["slice"], step.payload["mask"], step.payload["network_mask"]
-            truth = case.truth[s]
-            slices.append(
-                {
-                    "slice": s,
-                    "confidence": step.payload["confidence"],
-                    "predicted": int(mask.sum()),
-                    "overlap": int((mask & truth).sum()),
-                    "network_predicted": int(network.sum()),
-                    "network_overlap": int((network & truth).sum()),
-                    "classifier_agreement": step.payload["measures"].get("classifier_agreement"),
-                }
-            )
+
+    def visit(payload: dict) -> None:
+        s, mask, network, truth = (
+            payload["slice"],
+            payload["mask"],
+            payload["network_mask"],
+            case.truth[payload["slice"]],
+        )
+        slices.append(
+            {
+                "slice": s,
+                "confidence": payload["confidence"],
+                "predicted": int(mask.sum()),
+                "overlap": int((mask & truth).sum()),
+                "network_predicted": int(network.sum()),
+                "network_overlap": int((network & truth).sum()),
+                "classifier_agreement": payload["measures"].get("classifier_agreement"),
+            }
+        )
+
+    result = each_payload(generator, visit)
     return {
         "dataset": case.dataset,
         "case": case.name,

@@ -58,6 +58,10 @@ class StopRule:
             settings.classifier_stop,
         )
 
+    def by_agreement(self, classifier_agreement: float | None) -> bool:
+        """Whether a slice with this agreement (None: no classifier joined) is judged by it."""
+        return classifier_agreement is not None and self.classifier_stop > 0
+
     def judge(
         self,
         area: float,
@@ -69,7 +73,7 @@ class StopRule:
     ) -> str:
         if area < max(1.0, self.min_area * painted_area):
             return "vanished"
-        if classifier_agreement is not None and self.classifier_stop > 0:
+        if self.by_agreement(classifier_agreement):
             if classifier_agreement < self.classifier_stop:
                 return "doubtful"
         else:

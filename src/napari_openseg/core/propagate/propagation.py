@@ -373,11 +373,13 @@ def _predict_slice(run: _Run, value: int, s: int, front: Front | None) -> _Predi
     full = from_grid(mean[None, None], run.mapping)[0, 0].clamp(0, 1).cpu().numpy()
     grid_mask = (mean > threshold).to(run.grid_images.dtype)
     measures, network_mask = _measure(run, value, s, probs, grid_mask), full >= threshold
+    mask = network_mask
     classifier = run.classifiers.get(value)
     if classifier is not None and classifier.joins:
         # what is written; the bank keeps the network's own mask (docs/propagation.md says why)
         full, measures["classifier_agreement"] = classifier.fuse(full, run.features(s), threshold)
-    return _Prediction(full, full >= threshold, network_mask, grid_mask, measures)
+        mask = full >= threshold
+    return _Prediction(full, mask, network_mask, grid_mask, measures)
 
 
 def _measure(run: _Run, value: int, s: int, probs: torch.Tensor, grid_mask: torch.Tensor) -> dict[str, float]:
@@ -402,13 +404,14 @@ def _record(run: _Run, value: int, s: int, front: Front | None, predicted: _Pred
     if front is not None:
         if front.first_confidence is None:
             front.first_confidence = conf
-        verdict = StopRule.of(settings).judge(
+        rule, agreement = StopRule.of(settings), predicted.measures.get("classifier_agreement")
+        verdict = rule.judge(
             float(mask.sum()),
             conf,
             run.painted_area[value],
             front.last_area,
             front.first_confidence,
-            predicted.measures.get("classifier_agreement"),
+            agreement,
         )
         if verdict == "vanished":
             mask = np.zeros_like(mask)
@@ -429,8 +432,7 @@ def _record(run: _Run, value: int, s: int, front: Front | None, predicted: _Pred
             front.recent.accept(entry)
         if front.stopped:
             if front.stopped_on_confidence:  # on the classifier's agreement where that is the rule
-                by_classifier = settings.classifier_stop > 0 and "classifier_agreement" in predicted.measures
-                stops = run.classifier_stops if by_classifier else run.confidence_stops
+                stops = run.classifier_stops if rule.by_agreement(agreement) else run.confidence_stops
                 stops.setdefault(value, []).append(front.doubtful[0][0])
             for _, doubtful_write in front.doubtful:  # the object had ended there after all
                 _undo(doubtful_write, labels, best, run.undone)
